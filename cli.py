@@ -1,0 +1,252 @@
+"""The `lpo` command line: parse options, build a config, call a library function, print a summary."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional  # noqa: UP035 - Typer reads Optional/List at runtime
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from curate.config import help_of
+from curate.errors import InputError
+from curate.filter import FilterConfig
+from curate.ingest import IngestConfig
+from curate.score import ScoreConfig
+
+app = typer.Typer(help="Curate preference pairs, train latent reward models and run latent preference optimisation.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+curate_app = typer.Typer(help="Pick-a-Pic ingest, image scoring and MPCF filtering into parquet manifests.",
+                         no_args_is_help=True)
+dev_app = typer.Typer(help="Developer tools: tiny offline models and sample data.", no_args_is_help=True)
+app.add_typer(curate_app, name="curate")
+app.add_typer(dev_app, name="dev")
+
+console = Console(stderr=True)
+out_console = Console()
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages.")] = False) -> None:
+    # Our packages log progress at INFO; third-party libraries only speak up with warnings (or with --verbose).
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for ours in ("curate", "reward", "cli"):
+        logging.getLogger(ours).setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def handles_input_errors(func: Callable) -> Callable:
+    """Bad input -> a one-line message naming the problem and the fix, and exit code 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except InputError as err:
+            console.print(f"[bold red]error:[/] {err}")
+            raise typer.Exit(code=2) from None
+
+    return wrapper
+
+
+def _split(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def _model_overrides(**by_metric: str | None) -> dict[str, str]:
+    return {metric: spec for metric, spec in by_metric.items() if spec}
+
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML/JSON file with config fields.")]  # noqa: UP045
+PickscoreOpt = Annotated[Optional[str], typer.Option(help="PickScore model: hub id or local directory.")]  # noqa: UP045
+ClipOpt = Annotated[Optional[str], typer.Option(help="CLIP model: hf-hub:ID, ARCH:TAG or local open_clip directory.")]  # noqa: UP045
+VqaOpt = Annotated[Optional[str], typer.Option(help="VQA model: vision-language hub id or directory, or t2v:MODEL.")]  # noqa: UP045
+AestheticOpt = Annotated[Optional[str], typer.Option(help="Aesthetic predictor: hub id or local directory.")]  # noqa: UP045
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# lpo curate
+
+
+@curate_app.command("ingest")
+@handles_input_errors
+def curate_ingest(
+    source: Annotated[str, typer.Argument(help=help_of(IngestConfig, "source"))],
+    out: Annotated[Path, typer.Option(help=help_of(IngestConfig, "out"))],
+    split: Annotated[Optional[str], typer.Option(help=help_of(IngestConfig, "split"))] = None,  # noqa: UP045
+    limit: Annotated[Optional[int], typer.Option(help=help_of(IngestConfig, "limit"))] = None,  # noqa: UP045
+    chunk_rows: Annotated[Optional[int], typer.Option(help=help_of(IngestConfig, "chunk_rows"))] = None,  # noqa: UP045
+    config: ConfigOpt = None,
+) -> None:
+    """Read Pick-a-Pic pairs into DIR/pairs.parquet and DIR/images/ (each unique image once). Resumable."""
+    from curate import config as cfg
+    from curate import ingest
+
+    conf = cfg.build(IngestConfig, config, source=source, out=out, split=split, limit=limit, chunk_rows=chunk_rows)
+    summary = ingest.run(conf)
+    cfg.save(conf, Path(conf.out) / "ingest" / "config.json")
+    table = Table(title=f"ingest -> {conf.out}")
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    table.add_row("source rows read", str(summary.rows_read))
+    table.add_row("pairs", str(summary.pairs))
+    table.add_row("unique images", str(summary.unique_images))
+    for reason, count in sorted(summary.skipped.items()):
+        table.add_row(f"skipped: {reason}", str(count))
+    out_console.print(table)
+
+
+@curate_app.command("score")
+@handles_input_errors
+def curate_score(
+    work_dir: Annotated[Path, typer.Argument(help=help_of(ScoreConfig, "work_dir"))],
+    metrics: Annotated[Optional[str], typer.Option(help=help_of(ScoreConfig, "metrics"))] = None,  # noqa: UP045
+    pickscore_model: PickscoreOpt = None,
+    clip_model: ClipOpt = None,
+    vqa_model: VqaOpt = None,
+    aesthetic_model: AestheticOpt = None,
+    models_dir: Annotated[Optional[Path], typer.Option(help=help_of(ScoreConfig, "models_dir"))] = None,  # noqa: UP045
+    batch_size: Annotated[Optional[int], typer.Option(help=help_of(ScoreConfig, "batch_size"))] = None,  # noqa: UP045
+    device: Annotated[Optional[str], typer.Option(help=help_of(ScoreConfig, "device"))] = None,  # noqa: UP045
+    dtype: Annotated[Optional[str], typer.Option(help=help_of(ScoreConfig, "dtype"))] = None,  # noqa: UP045
+    decode_workers: Annotated[Optional[int], typer.Option(help=help_of(ScoreConfig, "decode_workers"))] = None,  # noqa: UP045
+    flush_every: Annotated[Optional[int], typer.Option(help=help_of(ScoreConfig, "flush_every"))] = None,  # noqa: UP045
+    config: ConfigOpt = None,
+) -> None:
+    """Score each unique image once per metric into DIR/scores.parquet. Resumable; shard with `accelerate launch`."""
+    from curate import config as cfg
+    from curate import score
+
+    models = _model_overrides(pickscore=pickscore_model, clip=clip_model, vqa=vqa_model, aesthetic=aesthetic_model)
+    conf = cfg.build(ScoreConfig, config, work_dir=work_dir, metrics=_split(metrics), models=models or None,
+                     models_dir=models_dir, batch_size=batch_size, device=device, dtype=dtype,
+                     decode_workers=decode_workers, flush_every=flush_every)
+    report = score.run(conf)
+    if "scored_total" in report:
+        cfg.save(conf, Path(conf.work_dir) / "scores" / "config.json")
+        table = Table(title=f"scores -> {Path(conf.work_dir) / 'scores.parquet'}")
+        for column in ("metric", "model", "scored now (rank 0)", "scored in total"):
+            table.add_column(column)
+        for metric, info in report["metrics"].items():
+            table.add_row(metric, info["model"], str(info["scored_now"]), str(report["scored_total"][metric]))
+        out_console.print(table)
+        out_console.print(f"{report['images']} unique images; {report['scored_total']['errors']} with errors; "
+                          f"{report['processes']} process(es)")
+
+
+@curate_app.command("filter")
+@handles_input_errors
+def curate_filter(
+    source: Annotated[str, typer.Argument(help=help_of(FilterConfig, "source"))],
+    out: Annotated[Path, typer.Option(help=help_of(FilterConfig, "out"))],
+    rule: Annotated[Optional[str], typer.Option(help=help_of(FilterConfig, "rule"))] = None,  # noqa: UP045
+    metrics: Annotated[Optional[str], typer.Option(help=help_of(FilterConfig, "metrics"))] = None,  # noqa: UP045
+    min_gap: Annotated[Optional[list[str]], typer.Option(  # noqa: UP045
+        help="metric=value: keep a labelled pair only if its gap on metric is > value. Repeatable.")] = None,
+    keep_ties: Annotated[Optional[bool], typer.Option(  # noqa: UP045
+        "--keep-ties/--drop-ties", help=help_of(FilterConfig, "keep_ties"))] = None,
+    tie_max_gap: Annotated[Optional[list[str]], typer.Option(  # noqa: UP045
+        help="metric=value: keep a tie only if its |gap| on metric is < value. Repeatable.")] = None,
+    plot: Annotated[bool, typer.Option(help=help_of(FilterConfig, "plot"))] = False,
+    split: Annotated[Optional[str], typer.Option(help=help_of(FilterConfig, "split"))] = None,  # noqa: UP045
+    limit: Annotated[Optional[int], typer.Option(help=help_of(FilterConfig, "limit"))] = None,  # noqa: UP045
+    pickscore_model: PickscoreOpt = None,
+    clip_model: ClipOpt = None,
+    vqa_model: VqaOpt = None,
+    aesthetic_model: AestheticOpt = None,
+    models_dir: Annotated[Optional[Path], typer.Option(help=help_of(FilterConfig, "models_dir"))] = None,  # noqa: UP045
+    batch_size: Annotated[Optional[int], typer.Option(help=help_of(FilterConfig, "batch_size"))] = None,  # noqa: UP045
+    device: Annotated[Optional[str], typer.Option(help=help_of(FilterConfig, "device"))] = None,  # noqa: UP045
+    dtype: Annotated[Optional[str], typer.Option(help=help_of(FilterConfig, "dtype"))] = None,  # noqa: UP045
+    config: ConfigOpt = None,
+) -> None:
+    """Ingest and score what is missing, then keep the pairs every selected metric agrees with (MPCF)."""
+    from curate import config as cfg
+    from curate import filter as curate_filter_lib
+    from curate.mpcf import parse_thresholds
+
+    models = _model_overrides(pickscore=pickscore_model, clip=clip_model, vqa=vqa_model, aesthetic=aesthetic_model)
+    conf = cfg.build(
+        FilterConfig, config, source=source, out=out, rule=rule, metrics=_split(metrics),
+        min_gap=parse_thresholds(min_gap, "--min-gap") or None, keep_ties=keep_ties,
+        tie_max_gap=parse_thresholds(tie_max_gap, "--tie-max-gap") or None, plot=plot or None, split=split,
+        limit=limit, models=models or None, models_dir=models_dir, batch_size=batch_size, device=device, dtype=dtype,
+    )
+    summary = curate_filter_lib.run(conf)
+    print_filter_summary(summary, Path(conf.out))
+
+
+def print_filter_summary(summary: dict[str, Any], out: Path) -> None:
+    table = Table(title=f"MPCF rule '{summary['rule']}' -> {out}")
+    table.add_column("what")
+    table.add_column("pairs", justify="right")
+    table.add_column("share", justify="right")
+    total = max(summary["pairs"], 1)
+    table.add_row("all pairs", str(summary["pairs"]), "100.0%")
+    table.add_row("[green]kept[/]", str(summary["kept"]), f"{100 * summary['kept'] / total:.1f}%")
+    if summary["keep_ties"]:
+        table.add_row("  of which ties", str(summary["kept_ties"]), f"{100 * summary['kept_ties'] / total:.1f}%")
+    for reason, count in summary["rejected_by_reason"].items():
+        table.add_row(f"[red]rejected[/]: {reason}", str(count), f"{100 * count / total:.1f}%")
+    out_console.print(table)
+    agree = Table(title="Human label agreement per metric (labelled, non-tie pairs)")
+    for column in ("metric", "pairs", "metric prefers the human winner"):
+        agree.add_column(column)
+    for metric, info in summary["agreement"].items():
+        rate = "n/a" if info["rate"] is None else f"{100 * info['rate']:.1f}%"
+        agree.add_row(metric, str(info["pairs"]), rate)
+    out_console.print(agree)
+    out_console.print(f"{summary['rule_description']}. Images with errors: {summary['images_with_errors']}.")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# lpo dev
+
+
+@dev_app.command("tiny-models")
+@handles_input_errors
+def dev_tiny_models(
+    out: Annotated[Path, typer.Argument(help="Directory to write one tiny model folder per role into.")],
+    roles: Annotated[Optional[str], typer.Option(help="Comma-separated roles (default: all).")] = None,  # noqa: UP045
+    seed: Annotated[int, typer.Option(help="Seed for the random weights.")] = 0,
+) -> None:
+    """Write tiny random-weight models in the real on-disk formats (pickscore, clip, vqa, aesthetic, sd15, sdxl)."""
+    from curate.tiny_models import ROLES, build_tiny_models
+
+    chosen = _split(roles) or list(ROLES)
+    unknown = [r for r in chosen if r not in ROLES]
+    if unknown:
+        raise InputError(f"unknown role(s) {unknown}; choose from {list(ROLES)}.")
+    written = build_tiny_models(out, chosen, seed=seed)
+    for role, path in written.items():
+        out_console.print(f"{role:10s} {path}")
+
+
+@dev_app.command("sample-data")
+@handles_input_errors
+def dev_sample_data(
+    out: Annotated[Path, typer.Argument(help="Parquet file to write, in Pick-a-Pic's schema.")],
+    prompts: Annotated[int, typer.Option(help="Number of prompts (each gives 4 images and 6 pairs).")] = 12,
+    flip_rate: Annotated[float, typer.Option(help="Share of labels flipped against the oracle.")] = 0.3,
+    corrupt_images: Annotated[int, typer.Option(help="Images given undecodable bytes.")] = 1,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Write synthetic toy-world preference pairs (shapes and colours, with a known oracle) in Pick-a-Pic's schema."""
+    from curate.synthetic import write_pickapic_parquet
+
+    if prompts < 1 or not 0 <= flip_rate <= 1:
+        raise InputError("--prompts must be at least 1 and --flip-rate in [0, 1].")
+    path = write_pickapic_parquet(out, num_prompts=prompts, flip_rate=flip_rate, corrupt_images=corrupt_images,
+                                  seed=seed)
+    out_console.print(json.dumps({"written": str(path)}))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app()

@@ -1,0 +1,142 @@
+"""`lpo curate filter`: ingest and score whatever is missing, then apply an MPCF rule and write the manifests."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from curate import config as cfg
+from curate import ingest, mpcf, score
+from curate.config import option
+from curate.errors import InputError
+from curate.manifest import PAIRS_SCHEMA, scan, scored_pairs_schema, scores_schema, write_atomic, write_text_atomic
+
+logger = logging.getLogger(__name__)
+
+FILTERED_FILE = "filtered.parquet"
+REJECTED_FILE = "rejected.parquet"
+SUMMARY_FILE = "summary.json"
+PLOT_FILE = "gaps.png"
+
+
+@dataclass
+class FilterConfig:
+    source: str = option(None, "A curation directory (from `lpo curate ingest`) or any SOURCE that ingest accepts.")
+    out: Path = option(None, "Output directory for filtered.parquet, rejected.parquet and summary.json.")
+    rule: str = option("all", "Rule: all (every metric agrees), lpo-paper, lpo-paper-strict, lpo-paper-loose.")
+    metrics: list[str] | None = option(None, "Metrics the rule uses (default: the rule's own; `all` uses "
+                                             "pickscore,clip,vqa).")
+    min_gap: dict[str, float] = option(help="Per-metric minimum winner-minus-loser gap (keep iff gap > value).",
+                                       factory=dict)
+    tie_max_gap: dict[str, float] = option(help="Per-metric maximum |gap| for a tie to be kept (keep iff < value).",
+                                           factory=dict)
+    keep_ties: bool | None = option(None, "Keep ties whose gaps are all under the tie thresholds (default: off "
+                                          "for `all`, on for the lpo-paper rules).")
+    plot: bool = option(False, "Also save a PNG of the per-metric gap histograms.")
+    split: str = option("train", "Dataset split, when SOURCE is ingested.")
+    limit: int | None = option(None, "Read at most this many source rows, when SOURCE is ingested.")
+    models: dict[str, str] = option(help="Model per metric (hub id or local directory).", factory=dict)
+    models_dir: Path | None = option(None, "A directory with one model folder per metric (`lpo dev tiny-models`).")
+    batch_size: int = option(32, "Images per model forward when scoring.")
+    device: str = option("auto", "Scoring device: auto, cpu, cuda, cuda:N.")
+    dtype: str = option("auto", "Scoring dtype: auto, float32, float16, bfloat16.")
+    decode_workers: int = option(4, "Image-decoding threads when scoring.")
+
+
+def _score_config(config: FilterConfig, work_dir: Path, rule: mpcf.Rule) -> score.ScoreConfig:
+    return score.ScoreConfig(
+        work_dir=work_dir, metrics=list(rule.metrics), models=dict(config.models), models_dir=config.models_dir,
+        batch_size=config.batch_size, device=config.device, dtype=config.dtype, decode_workers=config.decode_workers,
+    )
+
+
+def run(config: FilterConfig) -> dict[str, Any]:
+    """Run the whole curation: ingest (if SOURCE is not yet a curation dir), score missing metrics, filter."""
+    if config.out is None:
+        raise InputError("no output directory given; pass --out DIR.")
+    rule = mpcf.build_rule(config.rule, config.metrics, config.min_gap, config.tie_max_gap, config.keep_ties)
+    out = Path(config.out)
+    source_is_dir = config.source is not None and ingest.is_curation_dir(config.source)
+    work_dir = Path(config.source) if source_is_dir else out
+    if not source_is_dir:
+        if not config.source:
+            raise InputError("no SOURCE given; pass a curation directory, parquet files or a dataset id.")
+        ingest.open_source(config.source, config.split)  # fail on a bad source before any model loads
+        score.validate_models(_score_config(config, work_dir, rule))
+        ingest.run(ingest.IngestConfig(source=config.source, out=out, split=config.split, limit=config.limit))
+    score.run(_score_config(config, work_dir, rule))
+    summary = filter_dir(work_dir, out, rule, plot=config.plot)
+    cfg.save(config, out / "filter_config.json")
+    return summary
+
+
+def filter_dir(work_dir: Path, out: Path, rule: mpcf.Rule, plot: bool = False) -> dict[str, Any]:
+    """Apply `rule` to the scored pairs of `work_dir`; write filtered/rejected manifests and the summary to `out`."""
+    pairs = scan(work_dir / ingest.PAIRS_FILE, PAIRS_SCHEMA, "pairs")
+    scores = scan(work_dir / score.SCORES_FILE, scores_schema([]), "scores")
+    scored = mpcf.apply(mpcf.with_gaps(pairs, scores, rule.metrics), rule).collect()
+    metadata = {"lpo.curation_dir": str(work_dir.resolve()), "lpo.rule": rule.describe(),
+                "lpo.schema": "filtered/v1"}
+    kept_schema = scored_pairs_schema(rule.metrics).with_metadata(metadata)
+    rejected_schema = scored_pairs_schema(rule.metrics, rejected=True).with_metadata(metadata)
+    kept = scored.filter(pl.col("reason").is_null())
+    rejected = scored.filter(pl.col("reason").is_not_null())
+    write_atomic(kept, out / FILTERED_FILE, kept_schema)
+    write_atomic(rejected, out / REJECTED_FILE, rejected_schema)
+    summary = summarise(scored, rule, work_dir)
+    write_text_atomic(json.dumps(summary, indent=2) + "\n", out / SUMMARY_FILE)
+    if plot:
+        plot_gaps(scored, rule, out / PLOT_FILE)
+    return summary
+
+
+def summarise(scored: pl.DataFrame, rule: mpcf.Rule, work_dir: Path) -> dict[str, Any]:
+    kept = scored.filter(pl.col("reason").is_null())
+    reasons = scored.filter(pl.col("reason").is_not_null()).group_by("reason").len().sort(["len", "reason"],
+                                                                                          descending=[True, False])
+    images_with_errors = pl.concat([scored.select(pl.col("image_0_uid").alias("u"), pl.col("_error_0").alias("e")),
+                                    scored.select(pl.col("image_1_uid").alias("u"), pl.col("_error_1").alias("e"))])
+    return {
+        "rule": rule.name,
+        "rule_description": rule.describe(),
+        "metrics": list(rule.metrics),
+        "min_gap": rule.min_gap,
+        "tie_max_gap": rule.tie_max_gap,
+        "keep_ties": rule.keep_ties,
+        "curation_dir": str(work_dir.resolve()),
+        "pairs": scored.height,
+        "kept": kept.height,
+        "kept_ties": kept.filter(pl.col("is_tie")).height,
+        "rejected": scored.height - kept.height,
+        "rejected_by_reason": dict(reasons.rows()),
+        "images_with_errors": images_with_errors.filter(pl.col("e").is_not_null()).select("u").n_unique(),
+        "agreement": mpcf.agreement(scored, rule.metrics),
+    }
+
+
+def plot_gaps(scored: pl.DataFrame, rule: mpcf.Rule, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labelled = scored.filter(pl.col("winner").is_not_null())
+    fig, axes = plt.subplots(1, len(rule.metrics), figsize=(4 * len(rule.metrics), 3), squeeze=False)
+    for ax, m in zip(axes[0], rule.metrics):
+        gaps = labelled.get_column(f"{m}_gap").drop_nulls().to_numpy()
+        ax.hist(gaps, bins=40, color="#4c72b0")
+        ax.axvline(rule.min_gap[m], color="#c44e52", linestyle="--", label=f"keep if > {rule.min_gap[m]:g}")
+        ax.set_title(f"{m}: winner minus loser")
+        ax.set_xlabel("gap")
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("labelled pairs")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,144 @@
+"""Manifest schemas (the contract documented in manifests/README.md), checked reads and atomic writes."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curate.errors import InputError
+
+SCHEMA_VERSION = 1
+
+PAIRS_SCHEMA = pa.schema(
+    [
+        ("pair_id", pa.string()),
+        ("caption", pa.string()),
+        ("image_0_uid", pa.string()),
+        ("image_1_uid", pa.string()),
+        ("label_0", pa.float64()),
+        ("label_1", pa.float64()),
+        ("winner", pa.int8()),
+        ("is_tie", pa.bool_()),
+        ("num_example_per_prompt", pa.int64()),
+        ("source", pa.string()),
+    ]
+)
+
+IMAGES_SCHEMA = pa.schema([("image_uid", pa.string()), ("caption", pa.string()), ("image", pa.binary())])
+
+
+def scores_schema(metrics: Iterable[str]) -> pa.Schema:
+    """`image_uid`, one float64 column per metric, `error`."""
+    return pa.schema([("image_uid", pa.string())] + [(m, pa.float64()) for m in metrics] + [("error", pa.string())])
+
+
+def scored_pairs_schema(metrics: Iterable[str], rejected: bool = False) -> pa.Schema:
+    """The pairs columns plus `<metric>_0`, `<metric>_1`, `<metric>_gap` per metric (and `reason` when rejected)."""
+    fields = list(PAIRS_SCHEMA)
+    for m in metrics:
+        fields += [(f"{m}_0", pa.float64()), (f"{m}_1", pa.float64()), (f"{m}_gap", pa.float64())]
+    if rejected:
+        fields.append(("reason", pa.string()))
+    return pa.schema(fields)
+
+
+def _polars_dtype(arrow_type: pa.DataType) -> pl.DataType:
+    return pl.from_arrow(pa.table({"c": pa.array([], arrow_type)})).schema["c"]
+
+
+def check_schema(path: str | Path, expected: pa.Schema, kind: str, strict_extra: bool = False) -> None:
+    """Raise InputError naming the file, the column and the expected type when `path` does not match."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{kind} manifest {path} does not exist; run the step that writes it first.")
+    try:
+        actual = pq.read_schema(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise InputError(
+            f"{kind} manifest {path} is not a readable parquet file ({err}); delete it and rerun."
+        ) from err
+    for field in expected:
+        if field.name not in actual.names:
+            raise InputError(
+                f"{kind} manifest {path} lacks column '{field.name}' (expected {field.type}); "
+                f"see manifests/README.md for the {kind} schema."
+            )
+        got = actual.field(field.name).type
+        if _polars_dtype(got) != _polars_dtype(field.type):
+            raise InputError(
+                f"{kind} manifest {path}: column '{field.name}' has type {got}, expected {field.type}; "
+                f"see manifests/README.md for the {kind} schema."
+            )
+    if strict_extra:
+        extra = [n for n in actual.names if n not in expected.names]
+        if extra:
+            raise InputError(f"{kind} manifest {path} has unexpected columns {extra}; see manifests/README.md.")
+
+
+def scan(path: str | Path, expected: pa.Schema, kind: str) -> pl.LazyFrame:
+    """A lazy, schema-checked view of a manifest."""
+    check_schema(path, expected, kind)
+    return pl.scan_parquet(path)
+
+
+def to_arrow(df: pl.DataFrame, schema: pa.Schema) -> pa.Table:
+    """Select and cast `df` to `schema` exactly (column order and types)."""
+    table = df.select(schema.names).to_arrow()
+    return table.cast(schema)
+
+
+def write_atomic(table: pa.Table | pl.DataFrame, path: str | Path, schema: pa.Schema | None = None) -> Path:
+    """Write a parquet file so that readers only ever see a complete file (temp file in the same dir, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(table, pl.DataFrame):
+        table = to_arrow(table, schema) if schema is not None else table.to_arrow()
+    elif schema is not None:
+        table = table.select(schema.names).cast(schema)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text_atomic(text: str, path: str | Path) -> Path:
+    """Write a small text file (JSON summary, config) atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+    return path
+
+
+def curation_dir_of(path: str | Path) -> Path:
+    """Where the image bytes of a pairs/filtered manifest live: its `lpo.curation_dir` metadata, or its own
+    directory when it is a curation directory's pairs.parquet."""
+    path = Path(path)
+    metadata = pq.read_schema(path).metadata or {}
+    if b"lpo.curation_dir" in metadata:
+        directory = Path(metadata[b"lpo.curation_dir"].decode())
+    else:
+        directory = path.parent
+    if not (directory / "images").is_dir():
+        raise InputError(f"the images of {path} are not found: {directory / 'images'} does not exist; point to a "
+                         "manifest written by `lpo curate filter` whose curation directory is still in place.")
+    return directory
+
+
+def read_pairs(path: str | Path, kind: str = "filtered") -> pl.DataFrame:
+    """Read a pairs-shaped manifest (pairs, filtered or rejected), checking the pairs columns."""
+    check_schema(path, PAIRS_SCHEMA, kind)
+    return pl.read_parquet(path)

@@ -1,0 +1,161 @@
+"""Multi-Preference Consistent Filtering (MPCF): keep a pair only when the metrics agree with its human label.
+
+A rule is a set of metrics with, per metric, a minimum gap for labelled pairs (keep iff winner minus loser is
+strictly greater) and a maximum gap for ties (keep iff |image_0 minus image_1| is strictly smaller). Filtering is
+one polars expression that names, for every rejected pair, the first test it fails.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import polars as pl
+
+from curate.errors import InputError
+
+ALL_METRICS = ("pickscore", "clip", "vqa", "aesthetic")
+
+# Tie thresholds: clip, vqa and aesthetic are the reference filter's; pickscore's is ours, on PickScore's
+# ~100x-cosine scale (0.5 points is well inside the spread between images of one prompt).
+TIE_MAX_GAP = {"pickscore": 0.5, "clip": 0.03, "vqa": 0.07, "aesthetic": 0.2}
+PAPER_METRICS = ("aesthetic", "clip", "vqa")
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    metrics: tuple[str, ...]
+    min_gap: dict[str, float] = field(default_factory=dict)
+    tie_max_gap: dict[str, float] = field(default_factory=dict)
+    keep_ties: bool = False
+
+    def describe(self) -> str:
+        tests = " and ".join(f"{m}_gap > {self.min_gap[m]:g}" for m in self.metrics)
+        ties = " and ".join(f"|{m}_gap| < {self.tie_max_gap[m]:g}" for m in self.metrics)
+        return f"labelled pairs kept iff {tests}; " + (f"ties kept iff {ties}" if self.keep_ties else "ties rejected")
+
+
+def _paper(name: str, aesthetic_min: float) -> Rule:
+    return Rule(name, PAPER_METRICS, {"aesthetic": aesthetic_min, "clip": 0.0, "vqa": 0.0},
+                {m: TIE_MAX_GAP[m] for m in PAPER_METRICS}, keep_ties=True)
+
+
+PRESETS: dict[str, Rule] = {
+    "all": Rule("all", ("pickscore", "clip", "vqa"), {m: 0.0 for m in ALL_METRICS}, dict(TIE_MAX_GAP)),
+    "lpo-paper": _paper("lpo-paper", -0.5),  # the reference filter's strategy 2, used for the released models
+    "lpo-paper-strict": _paper("lpo-paper-strict", 0.0),  # strategy 1
+    "lpo-paper-loose": _paper("lpo-paper-loose", -1.0),  # strategy 3
+}
+
+
+def build_rule(
+    name: str = "all",
+    metrics: list[str] | tuple[str, ...] | None = None,
+    min_gap: dict[str, float] | None = None,
+    tie_max_gap: dict[str, float] | None = None,
+    keep_ties: bool | None = None,
+) -> Rule:
+    """A preset rule with the user's overrides; every override is checked against the rule's metrics."""
+    if name not in PRESETS:
+        raise InputError(f"unknown rule '{name}'; choose one of {list(PRESETS)}.")
+    preset = PRESETS[name]
+    chosen = tuple(metrics) if metrics else preset.metrics
+    unknown = [m for m in chosen if m not in ALL_METRICS]
+    if unknown:
+        raise InputError(f"unknown metric(s) {unknown}; choose from {list(ALL_METRICS)}.")
+    if len(set(chosen)) != len(chosen):
+        raise InputError(f"--metrics lists a metric twice: {list(chosen)}.")
+    if name != "all" and set(chosen) != set(preset.metrics):
+        raise InputError(f"rule '{name}' is defined on {list(preset.metrics)}; drop --metrics, or use --rule all "
+                         "to choose metrics yourself.")
+    for label, given in (("--min-gap", min_gap or {}), ("--tie-max-gap", tie_max_gap or {})):
+        stray = [m for m in given if m not in chosen]
+        if stray:
+            raise InputError(f"{label} names {stray}, which the rule does not use (metrics: {list(chosen)}).")
+    return Rule(
+        name,
+        chosen,
+        {m: (min_gap or {}).get(m, preset.min_gap.get(m, 0.0)) for m in chosen},
+        {m: (tie_max_gap or {}).get(m, preset.tie_max_gap.get(m, TIE_MAX_GAP[m])) for m in chosen},
+        preset.keep_ties if keep_ties is None else keep_ties,
+    )
+
+
+def parse_thresholds(values: list[str] | None, option_name: str) -> dict[str, float]:
+    """Parse repeated `metric=value` options."""
+    out: dict[str, float] = {}
+    for item in values or []:
+        metric, sep, number = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            out[metric.strip()] = float(number)
+        except ValueError:
+            raise InputError(
+                f"{option_name} '{item}' is not of the form metric=value, e.g. {option_name} clip=0.01."
+            ) from None
+    return out
+
+
+def with_gaps(pairs: pl.LazyFrame, scores: pl.LazyFrame, metrics: tuple[str, ...]) -> pl.LazyFrame:
+    """Join each pair with both images' scores and add `<m>_0`, `<m>_1`, `<m>_gap` and `_error_0/1`.
+
+    gap = winner minus loser for labelled pairs; |image_0 minus image_1| for ties; null without a label.
+    """
+    available = set(scores.collect_schema().names())
+    cols = [pl.col("image_uid")] + [
+        (pl.col(m) if m in available else pl.lit(None, pl.Float64)).alias(m) for m in metrics
+    ] + [pl.col("error")]
+    side = scores.select(cols)
+    out = pairs
+    for k in (0, 1):
+        names = {"image_uid": f"image_{k}_uid", "error": f"_error_{k}", **{m: f"{m}_{k}" for m in metrics}}
+        renamed = side.rename(names)
+        out = out.join(renamed, on=f"image_{k}_uid", how="left", maintain_order="left")
+    gaps = []
+    for m in metrics:
+        a, b = pl.col(f"{m}_0"), pl.col(f"{m}_1")
+        gaps.append(
+            pl.when(pl.col("is_tie")).then((a - b).abs())
+            .when(pl.col("winner") == 0).then(a - b)
+            .when(pl.col("winner") == 1).then(b - a)
+            .otherwise(None).alias(f"{m}_gap")
+        )
+    return out.with_columns(gaps)
+
+
+def reason_expr(rule: Rule) -> pl.Expr:
+    """Null for a kept pair, else the first failing test, in order: label, tie, image error, missing score,
+    then the gap tests in the rule's metric order."""
+    no_label = pl.col("winner").is_null() & ~pl.col("is_tie")
+    expr = pl.when(no_label).then(pl.lit("no_label"))
+    if not rule.keep_ties:
+        expr = expr.when(pl.col("is_tie")).then(pl.lit("tie"))
+    expr = expr.when(pl.col("_error_0").is_not_null() | pl.col("_error_1").is_not_null()).then(pl.lit("image_error"))
+    for m in rule.metrics:
+        expr = expr.when(pl.col(f"{m}_0").is_null() | pl.col(f"{m}_1").is_null()).then(pl.lit(f"missing_{m}"))
+    for m in rule.metrics:
+        gap = pl.col(f"{m}_gap")
+        expr = expr.when(~pl.col("is_tie") & ~(gap > rule.min_gap[m])).then(pl.lit(f"{m}_gap<={rule.min_gap[m]:g}"))
+        if rule.keep_ties:
+            expr = expr.when(pl.col("is_tie") & ~(gap < rule.tie_max_gap[m])).then(
+                pl.lit(f"{m}_gap>={rule.tie_max_gap[m]:g}")
+            )
+    return expr.otherwise(pl.lit(None, pl.String)).alias("reason")
+
+
+def apply(scored_pairs: pl.LazyFrame, rule: Rule) -> pl.LazyFrame:
+    """Add the `reason` column (null = kept)."""
+    return scored_pairs.with_columns(reason_expr(rule))
+
+
+def agreement(scored_pairs: pl.DataFrame, metrics: tuple[str, ...]) -> dict[str, dict[str, float | int]]:
+    """Per metric: of the labelled, non-tie pairs with both scores, the share where the metric prefers the winner."""
+    labelled = scored_pairs.filter(pl.col("winner").is_not_null())
+    out = {}
+    for m in metrics:
+        have = labelled.filter(pl.col(f"{m}_gap").is_not_null())
+        n = have.height
+        agree = have.filter(pl.col(f"{m}_gap") > 0).height
+        out[m] = {"pairs": n, "agree": agree, "rate": (agree / n) if n else None}
+    return out

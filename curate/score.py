@@ -1,0 +1,266 @@
+"""Score every unique image of a curation directory once per metric.
+
+Layout under the curation directory:
+- `scores/<metric>/part-<run>-r<rank>-<seq>.parquet`: scores written as they are produced (atomic files), so an
+  interrupted run loses at most one flush of work; a rerun scores only the images no part file holds yet.
+- `scores.parquet`: the merged manifest (`image_uid`, one column per metric, `error`), rebuilt from the parts.
+
+Run under `accelerate launch`, each process scores a disjoint shard of the images (a stable hash of `image_uid`)
+and writes its own part files; the main process merges once all are done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curate import images
+from curate.config import option
+from curate.errors import InputError
+from curate.ingest import image_parts, is_curation_dir
+from curate.manifest import scores_schema, write_atomic, write_text_atomic
+
+logger = logging.getLogger(__name__)
+
+SCORES_FILE = "scores.parquet"
+SCORES_DIR = "scores"
+DEFAULT_METRICS = ("pickscore", "clip", "vqa")
+
+
+@dataclass
+class ScoreConfig:
+    work_dir: Path = option(None, "Curation directory written by `lpo curate ingest`.")
+    metrics: list[str] = option(help="Metrics to compute.", factory=lambda: list(DEFAULT_METRICS))
+    models: dict[str, str] = option(
+        help="Model per metric (hub id or local directory); unset metrics use the registry default.", factory=dict)
+    models_dir: Path | None = option(None, "A directory with one model folder per metric (as `lpo dev tiny-models` "
+                                           "writes); used for metrics without an explicit model.")
+    batch_size: int = option(32, "Images per model forward.")
+    device: str = option("auto", "Device: auto, cpu, cuda, cuda:N (under accelerate launch each process uses its "
+                                 "own).")
+    dtype: str = option("auto", "Model dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, float16, bfloat16.")
+    decode_workers: int = option(4, "Threads that read and decode images while the model runs.")
+    flush_every: int = option(1024, "Write a part file after this many images (the most work an interruption loses).")
+
+
+def resolve_models(config: ScoreConfig) -> dict[str, str | None]:
+    """The model spec per metric: explicit, else `models_dir/<metric>`, else the registry default (None)."""
+    specs: dict[str, str | None] = {}
+    for metric in config.metrics:
+        if metric in config.models:
+            specs[metric] = config.models[metric]
+        elif config.models_dir is not None:
+            specs[metric] = str(Path(config.models_dir) / metric)
+        else:
+            specs[metric] = None
+    unknown = sorted(set(config.models) - set(config.metrics))
+    if unknown:
+        raise InputError(f"models given for {unknown}, which are not among --metrics {config.metrics}; add them to "
+                         "--metrics or drop those model options.")
+    return specs
+
+
+def validate_models(config: ScoreConfig) -> dict[str, str | None]:
+    """Check metrics, batch options and model specs (no weights load); return the resolved model specs."""
+    from curate.scorers import METRICS, check_model_spec
+
+    if not config.metrics:
+        raise InputError("no metrics selected; pass --metrics, e.g. pickscore,clip,vqa.")
+    unknown = [m for m in config.metrics if m not in METRICS]
+    if unknown:
+        raise InputError(f"unknown metric(s) {unknown}; choose from {list(METRICS)}.")
+    if config.batch_size < 1 or config.flush_every < 1 or config.decode_workers < 1:
+        raise InputError("--batch-size, --flush-every and --decode-workers must be at least 1.")
+    specs = resolve_models(config)
+    for metric, spec in specs.items():
+        if spec is not None:
+            check_model_spec(metric, spec)
+    return specs
+
+
+def validate(config: ScoreConfig) -> dict[str, str | None]:
+    """Check everything that can be checked before a model loads; return the resolved model specs."""
+    if config.work_dir is None or not is_curation_dir(config.work_dir):
+        raise InputError(f"{config.work_dir} is not a curation directory (no pairs.parquet and images/); "
+                         "run `lpo curate ingest SOURCE --out DIR` first.")
+    return validate_models(config)
+
+
+def shard_of(uid: str, world: int) -> int:
+    """A stable shard index for an image uid (the same on every machine and Python run)."""
+    return int.from_bytes(hashlib.blake2b(uid.encode(), digest_size=8).digest(), "little") % world
+
+
+def scored_uids(work_dir: Path, metric: str) -> set[str]:
+    done: set[str] = set()
+    for part in sorted((work_dir / SCORES_DIR / metric).glob("part-*.parquet")):
+        done.update(pq.read_table(part, columns=["image_uid"]).column("image_uid").to_pylist())
+    return done
+
+
+class _PartWriter:
+    """Collects scores and flushes them to atomic part files."""
+
+    def __init__(self, directory: Path, metric: str, rank: int, flush_every: int):
+        self.directory = directory
+        self.metric = metric
+        self.prefix = f"part-{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:6]}-r{rank:04d}"
+        self.flush_every = flush_every
+        self.rows: dict[str, list] = {"image_uid": [], metric: [], "error": []}
+        self.seq = 0
+        self.written = 0
+
+    def add(self, uids: list[str], scores: list[float | None], errors: list[str | None]) -> None:
+        self.rows["image_uid"] += uids
+        self.rows[self.metric] += scores
+        self.rows["error"] += errors
+        if len(self.rows["image_uid"]) >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.rows["image_uid"]:
+            return
+        table = pa.table(self.rows, schema=scores_schema([self.metric]))
+        write_atomic(table, self.directory / f"{self.prefix}-{self.seq:06d}.parquet")
+        self.written += table.num_rows
+        self.seq += 1
+        self.rows = {k: [] for k in self.rows}
+
+
+def _resolve_device(requested: str, state: Any) -> str:
+    import torch
+
+    if state.num_processes > 1 or requested == "auto":
+        return str(state.device)
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {requested} was asked for but CUDA is not available; use --device cpu.")
+    return requested
+
+
+def _resolve_dtype(name: str, device: str) -> Any:
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if name not in table:
+        raise InputError(f"--dtype {name} is not one of auto, {', '.join(table)}.")
+    return table[name]
+
+
+def score_metric(work_dir: Path, metric: str, scorer: Any, todo: set[str], config: ScoreConfig, rank: int,
+                 progress: Any = None) -> int:
+    """Score the images in `todo` with `scorer`, writing part files as it goes. Returns the number scored."""
+    writer = _PartWriter(work_dir / SCORES_DIR / metric, metric, rank, config.flush_every)
+    try:
+        batches = images.prefetch(images.iter_images(work_dir, todo, config.batch_size, config.decode_workers))
+        for batch in batches:
+            good = [i for i, image in enumerate(batch.images) if image is not None]
+            scores: list[float | None] = [None] * len(batch.uids)
+            errors = list(batch.errors)
+            if good:
+                try:
+                    values = scorer.score([batch.images[i] for i in good], [batch.captions[i] for i in good])
+                    for i, value in zip(good, values):
+                        scores[i] = float(value)
+                except Exception as err:  # a batch the model rejects: score one by one to isolate the bad image
+                    logger.warning("%s: batch failed (%s); retrying one image at a time", metric, err)
+                    for i in good:
+                        try:
+                            scores[i] = float(scorer.score([batch.images[i]], [batch.captions[i]])[0])
+                        except Exception as single:
+                            errors[i] = f"{metric} failed: {type(single).__name__}: {single}"
+            writer.add(batch.uids, scores, errors)
+            if progress is not None:
+                progress(len(batch.uids))
+    finally:
+        writer.flush()
+    return writer.written
+
+
+def merge_scores(work_dir: Path) -> Path:
+    """Rebuild `scores.parquet` from every metric's part files (one row per image, outer-joined by uid)."""
+    metric_dirs = sorted(p for p in (work_dir / SCORES_DIR).glob("*") if p.is_dir())
+    frames = []
+    metrics = []
+    for directory in metric_dirs:
+        parts = sorted(directory.glob("part-*.parquet"))
+        if not parts:
+            continue
+        metric = directory.name
+        metrics.append(metric)
+        frame = pl.concat([pl.read_parquet(p) for p in parts]).unique("image_uid", keep="first", maintain_order=True)
+        frames.append(frame.rename({"error": f"_error_{metric}"}))
+    if not frames:
+        merged = pl.DataFrame(schema={"image_uid": pl.String, "error": pl.String})
+    else:
+        merged = frames[0]
+        for frame in frames[1:]:
+            merged = merged.join(frame, on="image_uid", how="full", coalesce=True)
+        error_cols = [f"_error_{m}" for m in metrics]
+        # An image's errors are usually identical across metrics (a decode failure): keep each message once.
+        merged = merged.with_columns(
+            pl.concat_list(error_cols).list.drop_nulls().list.unique(maintain_order=True).list.join("; ")
+            .replace("", None).alias("error")
+        ).drop(error_cols)
+    return write_atomic(merged.sort("image_uid"), work_dir / SCORES_FILE, scores_schema(metrics))
+
+
+def run(config: ScoreConfig) -> dict[str, Any]:
+    """Score the images of `config.work_dir` with each metric; resumable and shardable across processes."""
+    from accelerate import PartialState
+
+    specs = validate(config)
+    work_dir = Path(config.work_dir)
+    cpu = config.device == "cpu"
+    state = PartialState(cpu=cpu)
+    device = _resolve_device(config.device, state)
+    dtype = _resolve_dtype(config.dtype, device)
+    all_uids: list[str] = []
+    for part in image_parts(work_dir):
+        all_uids += pq.read_table(part, columns=["image_uid"]).column("image_uid").to_pylist()
+    mine = {u for u in all_uids if shard_of(u, state.num_processes) == state.process_index}
+    report: dict[str, Any] = {"images": len(all_uids), "processes": state.num_processes, "metrics": {}}
+    for metric in config.metrics:
+        todo = mine - scored_uids(work_dir, metric)
+        scored = 0
+        if todo:
+            scored = _score_with_progress(work_dir, metric, specs[metric], todo, config, state, device, dtype)
+        report["metrics"][metric] = {"scored_now": scored, "model": specs[metric] or "default"}
+        logger.info("%s: scored %d images on rank %d", metric, scored, state.process_index)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        merge_scores(work_dir)
+        counts = pl.scan_parquet(work_dir / SCORES_FILE).select(
+            [pl.col(m).is_not_null().sum().alias(m) for m in config.metrics]
+            + [pl.col("error").is_not_null().sum().alias("errors")]
+        ).collect().row(0, named=True)
+        report["scored_total"] = counts
+        write_text_atomic(json.dumps(report, indent=2) + "\n", work_dir / SCORES_DIR / "last_run.json")
+    state.wait_for_everyone()
+    return report
+
+
+def _score_with_progress(work_dir, metric, spec, todo, config, state, device, dtype) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from curate.scorers import load_scorer
+
+    scorer = load_scorer(metric, spec, device=device, dtype=dtype)
+    if not state.is_main_process:
+        return score_metric(work_dir, metric, scorer, todo, config, state.process_index)
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, transient=True) as progress:
+        task = progress.add_task(f"{metric} (rank 0)", total=len(todo))
+        return score_metric(work_dir, metric, scorer, todo, config, state.process_index,
+                            progress=lambda n: progress.advance(task, n))

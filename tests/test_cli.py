@@ -1,0 +1,129 @@
+"""The `lpo` command line end to end on the bundled sample with tiny models, and its exit code 2 on bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+from curate import mpcf, scorers
+from curate.manifest import PAIRS_SCHEMA
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "manifests" / "sample" / "pickapic_sample.parquet"
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def filtered(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("filter") / "sample"
+    result = invoke("curate", "filter", SAMPLE, "--out", out, "--models-dir", tiny_models_dir,
+                    "--metrics", "pickscore,clip,vqa,aesthetic", "--keep-ties", "--plot", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "MPCF rule 'all'" in result.output
+    return out
+
+
+def test_filter_end_to_end_on_the_bundled_sample(filtered: Path) -> None:
+    kept = pl.read_parquet(filtered / "filtered.parquet")
+    rejected = pl.read_parquet(filtered / "rejected.parquet")
+    summary = json.loads((filtered / "summary.json").read_text())
+    source_rows = pq.read_metadata(SAMPLE).num_rows
+    assert kept.height + rejected.height == summary["pairs"] == source_rows
+    assert summary["kept"] == kept.height
+    assert summary["rejected_by_reason"] == dict(rejected.group_by("reason").len().rows())
+    assert summary["images_with_errors"] == 1 and summary["rejected_by_reason"]["image_error"] == 3
+    assert (filtered / "gaps.png").stat().st_size > 0
+    for column in PAIRS_SCHEMA.names + [f"{m}_{s}" for m in scorers.METRICS for s in ("0", "1", "gap")]:
+        assert column in kept.columns
+    assert pq.read_schema(filtered / "filtered.parquet").metadata[b"lpo.curation_dir"] == str(filtered).encode()
+    # every kept pair passes the rule, checked directly on the written columns
+    rule = mpcf.build_rule("all", metrics=list(scorers.METRICS), keep_ties=True)
+    for row in kept.iter_rows(named=True):
+        for m in rule.metrics:
+            if row["is_tie"]:
+                assert abs(row[f"{m}_0"] - row[f"{m}_1"]) < rule.tie_max_gap[m]
+            else:
+                winner, loser = (row[f"{m}_0"], row[f"{m}_1"])[:: 1 if row["winner"] == 0 else -1]
+                assert winner - loser > 0
+    config = json.loads((filtered / "filter_config.json").read_text())
+    assert config["metrics"] == list(scorers.METRICS) and config["keep_ties"] is True
+
+
+def test_refilter_of_a_curation_dir_reuses_its_scores(filtered: Path, tmp_path: Path, tiny_models_dir: Path) -> None:
+    before = sorted((filtered / "scores").rglob("part-*.parquet"))
+    out = tmp_path / "paper"
+    result = invoke("curate", "filter", filtered, "--out", out, "--rule", "lpo-paper", "--models-dir", tiny_models_dir,
+                    "--min-gap", "clip=0.001", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert sorted((filtered / "scores").rglob("part-*.parquet")) == before  # nothing rescored
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["metrics"] == ["aesthetic", "clip", "vqa"] and summary["min_gap"]["clip"] == 0.001
+    assert summary["keep_ties"] is True and summary["pairs"] == pq.read_metadata(SAMPLE).num_rows
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--metrics", "pickscore,hps"], "unknown metric(s) ['hps']"),
+        (["--rule", "everything"], "unknown rule 'everything'"),
+        (["--min-gap", "clip:0.1"], "metric=value"),
+        (["--pickscore-model", "{tiny}/sd15"], "sd15"),
+        (["--clip-model", "/no/such/model"], "/no/such/model"),
+    ],
+)
+def test_bad_options_exit_2_before_any_work(args, needle, tiny_models_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = [a.format(tiny=tiny_models_dir) for a in args]
+    result = invoke("curate", "filter", SAMPLE, "--out", out, "--models-dir", tiny_models_dir, *args)
+    assert result.exit_code == 2
+    assert needle in result.output
+    assert not out.exists()  # validated before ingest or any model load
+
+
+def test_source_without_required_columns_exits_2(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pq.read_table(SAMPLE).drop_columns(["jpg_1"]), bad)
+    result = invoke("curate", "ingest", bad, "--out", tmp_path / "cur")
+    assert result.exit_code == 2
+    assert "jpg_1" in result.output and "bad.parquet" in result.output
+
+
+def test_ingest_and_score_commands(tmp_path: Path, tiny_models_dir: Path) -> None:
+    work = tmp_path / "cur"
+    result = invoke("curate", "ingest", SAMPLE, "--out", work, "--limit", "12")
+    assert result.exit_code == 0, result.output
+    assert pl.read_parquet(work / "pairs.parquet").height == 12
+    result = invoke("curate", "score", work, "--metrics", "clip", "--clip-model", tiny_models_dir / "clip",
+                    "--device", "cpu", "--batch-size", "3")
+    assert result.exit_code == 0, result.output
+    scores = pl.read_parquet(work / "scores.parquet")
+    assert scores.columns == ["image_uid", "clip", "error"]
+
+
+def test_every_command_has_help() -> None:
+    commands = (["curate", "ingest"], ["curate", "score"], ["curate", "filter"], ["dev", "tiny-models"],
+                ["dev", "sample-data"], ["curate"], [])
+    for command in commands:
+        result = invoke(*command, "--help")
+        assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_sample_data_command_writes_pickapic_schema(tmp_path: Path) -> None:
+    out = tmp_path / "toy.parquet"
+    result = invoke("dev", "sample-data", out, "--prompts", "3", "--flip-rate", "0")
+    assert result.exit_code == 0, result.output
+    table = pl.read_parquet(out)
+    assert table.height == 18  # 4 images per prompt, 6 pairs each
+    labelled = table.filter(pl.col("label_0") != pl.col("label_1"))
+    agree = labelled.filter((pl.col("label_0") > pl.col("label_1")) == (pl.col("oracle_0") > pl.col("oracle_1")))
+    assert agree.height == labelled.height  # no flips: labels follow the oracle
