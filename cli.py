@@ -19,13 +19,17 @@ from curate.errors import InputError
 from curate.filter import FilterConfig
 from curate.ingest import IngestConfig
 from curate.score import ScoreConfig
+from reward.configs import RewardEvalConfig, RewardTrainConfig
 
 app = typer.Typer(help="Curate preference pairs, train latent reward models and run latent preference optimisation.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 curate_app = typer.Typer(help="Pick-a-Pic ingest, image scoring and MPCF filtering into parquet manifests.",
                          no_args_is_help=True)
 dev_app = typer.Typer(help="Developer tools: tiny offline models and sample data.", no_args_is_help=True)
+reward_app = typer.Typer(help="Latent reward model (LRM): train, evaluate per timestep, score images.",
+                         no_args_is_help=True)
 app.add_typer(curate_app, name="curate")
+app.add_typer(reward_app, name="reward")
 app.add_typer(dev_app, name="dev")
 
 console = Console(stderr=True)
@@ -206,6 +210,143 @@ def print_filter_summary(summary: dict[str, Any], out: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# lpo reward
+
+
+def _ints(value: str | None) -> list[int] | None:
+    try:
+        return [int(v) for v in _split(value)] if value else None
+    except ValueError:
+        raise InputError(f"'{value}' is not a comma-separated list of integers, e.g. 1,251,501.") from None
+
+
+@reward_app.command("train")
+@handles_input_errors
+def reward_train(
+    manifest: Annotated[Path, typer.Option(help=help_of(RewardTrainConfig, "manifest"))],
+    base: Annotated[str, typer.Option(help=help_of(RewardTrainConfig, "base"))],
+    out: Annotated[Path, typer.Option(help=help_of(RewardTrainConfig, "out"))],
+    val_manifest: Annotated[Optional[Path], typer.Option(help=help_of(RewardTrainConfig, "val_manifest"))] = None,  # noqa: UP045
+    val_fraction: Annotated[Optional[float], typer.Option(help=help_of(RewardTrainConfig, "val_fraction"))] = None,  # noqa: UP045
+    vae: Annotated[Optional[str], typer.Option(help=help_of(RewardTrainConfig, "vae"))] = None,  # noqa: UP045
+    timesteps: Annotated[Optional[str], typer.Option(help=help_of(RewardTrainConfig, "timesteps"))] = None,  # noqa: UP045
+    batch_size: Annotated[Optional[int], typer.Option(help=help_of(RewardTrainConfig, "batch_size"))] = None,  # noqa: UP045
+    grad_accum: Annotated[Optional[int], typer.Option(help=help_of(RewardTrainConfig, "grad_accum"))] = None,  # noqa: UP045
+    max_steps: Annotated[Optional[int], typer.Option(help=help_of(RewardTrainConfig, "max_steps"))] = None,  # noqa: UP045
+    lr: Annotated[Optional[float], typer.Option(help=help_of(RewardTrainConfig, "lr"))] = None,  # noqa: UP045
+    weight_decay: Annotated[Optional[float], typer.Option(help=help_of(RewardTrainConfig, "weight_decay"))] = None,  # noqa: UP045
+    warmup_steps: Annotated[Optional[int], typer.Option(help=help_of(RewardTrainConfig, "warmup_steps"))] = None,  # noqa: UP045
+    max_grad_norm: Annotated[Optional[float], typer.Option(help=help_of(RewardTrainConfig, "max_grad_norm"))] = None,  # noqa: UP045
+    mixed_precision: Annotated[Optional[str], typer.Option(help=help_of(RewardTrainConfig, "mixed_precision"))] = None,  # noqa: UP045
+    gradient_checkpointing: Annotated[Optional[bool], typer.Option(  # noqa: UP045
+        help=help_of(RewardTrainConfig, "gradient_checkpointing"))] = None,
+    multi_scale: Annotated[Optional[bool], typer.Option(help=help_of(RewardTrainConfig, "multi_scale"))] = None,  # noqa: UP045
+    vfe_scale: Annotated[Optional[float], typer.Option(help=help_of(RewardTrainConfig, "vfe_scale"))] = None,  # noqa: UP045
+    vfe_down: Annotated[Optional[bool], typer.Option(help=help_of(RewardTrainConfig, "vfe_down"))] = None,  # noqa: UP045
+    text_projection_init: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        help=help_of(RewardTrainConfig, "text_projection_init"))] = None,
+    eval_every: Annotated[Optional[int], typer.Option(help=help_of(RewardTrainConfig, "eval_every"))] = None,  # noqa: UP045
+    save_every: Annotated[Optional[int], typer.Option(help=help_of(RewardTrainConfig, "save_every"))] = None,  # noqa: UP045
+    seed: Annotated[Optional[int], typer.Option(help=help_of(RewardTrainConfig, "seed"))] = None,  # noqa: UP045
+    resume: Annotated[bool, typer.Option(help=help_of(RewardTrainConfig, "resume"))] = False,
+    log_with: Annotated[Optional[str], typer.Option(help=help_of(RewardTrainConfig, "log_with"))] = None,  # noqa: UP045
+    device: Annotated[Optional[str], typer.Option(help=help_of(RewardTrainConfig, "device"))] = None,  # noqa: UP045
+    config: ConfigOpt = None,
+) -> None:
+    """Train a latent reward model on kept pairs (soft-label Bradley-Terry on noisy latents). Resumable."""
+    from curate import config as cfg
+    from reward import train
+
+    conf = cfg.build(
+        RewardTrainConfig, config, manifest=manifest, base=base, out=out, val_manifest=val_manifest,
+        val_fraction=val_fraction, vae=vae, timesteps=_ints(timesteps), batch_size=batch_size, grad_accum=grad_accum,
+        max_steps=max_steps, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, max_grad_norm=max_grad_norm,
+        mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing, multi_scale=multi_scale,
+        vfe_scale=vfe_scale, vfe_down=vfe_down, text_projection_init=text_projection_init, eval_every=eval_every,
+        save_every=save_every, seed=seed, resume=resume or None, log_with=_split(log_with), device=device,
+    )
+    try:
+        summary = train.run(conf)
+    except train.TrainingDiverged as err:
+        console.print(f"[bold red]training stopped:[/] {err}")
+        raise typer.Exit(code=1) from None
+    table = Table(title=f"LRM training -> {conf.out}")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for key in ("steps", "effective_batch_size", "train_pairs", "validation_pairs", "best_step", "best_accuracy"):
+        value = summary[key]
+        table.add_row(key.replace("_", " "), f"{value:.3f}" if isinstance(value, float) else str(value))
+    if summary["history"]:
+        for t, acc in summary["history"][-1]["accuracy"].items():
+            table.add_row(f"last validation accuracy, t={t}", f"{acc:.3f}")
+    out_console.print(table)
+    out_console.print(f"best model: {summary['best']}   last model: {summary['last']}")
+
+
+@reward_app.command("eval")
+@handles_input_errors
+def reward_eval(
+    lrm: Annotated[Path, typer.Option(help=help_of(RewardEvalConfig, "lrm"))],
+    manifest: Annotated[Path, typer.Option(help=help_of(RewardEvalConfig, "manifest"))],
+    out: Annotated[Optional[Path], typer.Option(help=help_of(RewardEvalConfig, "out"))] = None,  # noqa: UP045
+    timesteps: Annotated[Optional[str], typer.Option(help=help_of(RewardEvalConfig, "timesteps"))] = None,  # noqa: UP045
+    seed: Annotated[Optional[int], typer.Option(help=help_of(RewardEvalConfig, "seed"))] = None,  # noqa: UP045
+    batch_size: Annotated[Optional[int], typer.Option(help=help_of(RewardEvalConfig, "batch_size"))] = None,  # noqa: UP045
+    device: Annotated[Optional[str], typer.Option(help=help_of(RewardEvalConfig, "device"))] = None,  # noqa: UP045
+    config: ConfigOpt = None,
+) -> None:
+    """Pairwise accuracy of an LRM per timestep (fixed noise seeds; ties count 0.5): JSON and a PNG plot."""
+    from curate import config as cfg
+    from reward import lrm_eval
+
+    conf = cfg.build(RewardEvalConfig, config, lrm=lrm, manifest=manifest, out=out, timesteps=_ints(timesteps),
+                     seed=seed, batch_size=batch_size, device=device)
+    result = lrm_eval.run_eval(conf)
+    table = Table(title=f"LRM accuracy on {result['pairs']} pairs -> {result['out']}")
+    table.add_column("timestep", justify="right")
+    table.add_column("pairwise accuracy", justify="right")
+    for t, acc in result["accuracy"].items():
+        table.add_row(t, f"{acc:.3f}")
+    out_console.print(table)
+
+
+@reward_app.command("score")
+@handles_input_errors
+def reward_score(
+    lrm: Annotated[Path, typer.Option(help="Latent reward model directory.")],
+    images: Annotated[list[Path], typer.Option("--images", help="Image files to score. Repeatable.")],
+    prompt: Annotated[list[str], typer.Option(help="One prompt for all images, or one per image. Repeatable.")],
+    t: Annotated[int, typer.Option(help="Timestep to noise the encoded images to before scoring.")] = 1,
+    seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Score image files against prompts with an LRM (encode, noise to t, score)."""
+    from PIL import Image
+
+    from reward.lrm import LatentRewardModel, read_lrm_config, resolve_device
+
+    read_lrm_config(lrm)
+    if len(prompt) not in (1, len(images)):
+        raise InputError(f"{len(images)} images but {len(prompt)} prompts: give one prompt, or one per image.")
+    if not 0 <= t < 1000:
+        raise InputError(f"--t {t} is outside [0, 999].")
+    missing = [str(p) for p in images if not p.is_file()]
+    if missing:
+        raise InputError(f"image file(s) not found: {missing}.")
+    opened = []
+    for path in images:
+        try:
+            opened.append(Image.open(path).convert("RGB"))
+        except OSError as err:
+            raise InputError(f"{path} is not a readable image ({err}).") from None
+    prompts = prompt * len(images) if len(prompt) == 1 else prompt
+    model = LatentRewardModel.from_pretrained(lrm).to(resolve_device(device))
+    scores = model.score_images(opened, prompts, t=t, seed=seed)
+    for path, text, value in zip(images, prompts, scores.tolist()):
+        typer.echo(json.dumps({"image": str(path), "prompt": text, "t": t, "score": round(value, 6)}))
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # lpo dev
 
 
@@ -244,7 +385,7 @@ def dev_sample_data(
         raise InputError("--prompts must be at least 1 and --flip-rate in [0, 1].")
     path = write_pickapic_parquet(out, num_prompts=prompts, flip_rate=flip_rate, corrupt_images=corrupt_images,
                                   seed=seed)
-    out_console.print(json.dumps({"written": str(path)}))
+    typer.echo(json.dumps({"written": str(path)}))
 
 
 if __name__ == "__main__":

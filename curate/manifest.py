@@ -61,7 +61,8 @@ def check_schema(path: str | Path, expected: pa.Schema, kind: str, strict_extra:
         actual = pq.read_schema(path)
     except (pa.ArrowInvalid, OSError) as err:
         raise InputError(
-            f"{kind} manifest {path} is not a readable parquet file ({err}); delete it and rerun."
+            f"{kind} manifest {path} is not a readable parquet file ({err}); pass the parquet manifest written by "
+            "lpo (schemas in manifests/README.md)."
         ) from err
     for field in expected:
         if field.name not in actual.names:
