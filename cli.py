@@ -19,18 +19,34 @@ from curate.errors import InputError
 from curate.filter import FilterConfig
 from curate.ingest import IngestConfig
 from curate.score import ScoreConfig
-from reward.configs import RewardEvalConfig, RewardTrainConfig
+from reward.configs import (
+    EvalCompareConfig,
+    EvalConfig,
+    EvalScoreConfig,
+    LPOConfig,
+    RewardEvalConfig,
+    RewardTrainConfig,
+    SampleConfig,
+)
+from reward.serve import ServeConfig
 
 app = typer.Typer(help="Curate preference pairs, train latent reward models and run latent preference optimisation.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 curate_app = typer.Typer(help="Pick-a-Pic ingest, image scoring and MPCF filtering into parquet manifests.",
                          no_args_is_help=True)
 dev_app = typer.Typer(help="Developer tools: tiny offline models and sample data.", no_args_is_help=True)
-reward_app = typer.Typer(help="Latent reward model (LRM): train, evaluate per timestep, score images.",
+reward_app = typer.Typer(help="Latent reward model (LRM): train, evaluate per timestep, score images, serve rewards.",
                          no_args_is_help=True)
+optimize_app = typer.Typer(help="Latent Preference Optimization: step-level preference fine-tuning with an LRM.",
+                           no_args_is_help=True)
 app.add_typer(curate_app, name="curate")
 app.add_typer(reward_app, name="reward")
+app.add_typer(optimize_app, name="optimize")
 app.add_typer(dev_app, name="dev")
+eval_app = typer.Typer(help="Generate with per-image seeds and score every image (lpo eval --base ... --prompts ... "
+                            "--out DIR), score existing images (lpo eval score), compare two runs (lpo eval compare).",
+                       invoke_without_command=True)
+app.add_typer(eval_app, name="eval")
 
 console = Console(stderr=True)
 out_console = Console()
@@ -346,6 +362,325 @@ def reward_score(
         typer.echo(json.dumps({"image": str(path), "prompt": text, "t": t, "score": round(value, 6)}))
 
 
+@reward_app.command("serve")
+@handles_input_errors
+def reward_serve(
+    lrm: Annotated[Optional[Path], typer.Option(help=help_of(ServeConfig, "lrm"))] = None,  # noqa: UP045
+    metrics: Annotated[Optional[str], typer.Option(help=help_of(ServeConfig, "metrics"))] = None,  # noqa: UP045
+    pickscore_model: PickscoreOpt = None,
+    clip_model: ClipOpt = None,
+    vqa_model: VqaOpt = None,
+    aesthetic_model: AestheticOpt = None,
+    models_dir: Annotated[Optional[Path], typer.Option(help=help_of(ServeConfig, "models_dir"))] = None,  # noqa: UP045
+    host: Annotated[Optional[str], typer.Option(help=help_of(ServeConfig, "host"))] = None,  # noqa: UP045
+    port: Annotated[Optional[int], typer.Option(help=help_of(ServeConfig, "port"))] = None,  # noqa: UP045
+    token: Annotated[Optional[str], typer.Option(help=help_of(ServeConfig, "token"))] = None,  # noqa: UP045
+    max_batch_size: Annotated[Optional[int], typer.Option(help=help_of(ServeConfig, "max_batch_size"))] = None,  # noqa: UP045
+    batch_timeout_ms: Annotated[Optional[float], typer.Option(  # noqa: UP045
+        help=help_of(ServeConfig, "batch_timeout_ms"))] = None,
+    workers_per_device: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        help=help_of(ServeConfig, "workers_per_device"))] = None,
+    device: Annotated[Optional[str], typer.Option(help=help_of(ServeConfig, "device"))] = None,  # noqa: UP045
+    dtype: Annotated[Optional[str], typer.Option(help=help_of(ServeConfig, "dtype"))] = None,  # noqa: UP045
+    max_items_per_request: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        help=help_of(ServeConfig, "max_items_per_request"))] = None,
+    max_request_mb: Annotated[Optional[float], typer.Option(help=help_of(ServeConfig, "max_request_mb"))] = None,  # noqa: UP045
+    request_timeout_s: Annotated[Optional[float], typer.Option(  # noqa: UP045
+        help=help_of(ServeConfig, "request_timeout_s"))] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Serve the LRM and the curation scorers over HTTP (LitServe: dynamic batching, one worker per device)."""
+    from curate import config as cfg
+    from reward import serve
+
+    models = _model_overrides(pickscore=pickscore_model, clip=clip_model, vqa=vqa_model, aesthetic=aesthetic_model)
+    conf = cfg.build(ServeConfig, config, lrm=lrm, metrics=_split(metrics), models=models or None,
+                     models_dir=models_dir, host=host, port=port, token=token, max_batch_size=max_batch_size,
+                     batch_timeout_ms=batch_timeout_ms, workers_per_device=workers_per_device, device=device,
+                     dtype=dtype, max_items_per_request=max_items_per_request, max_request_mb=max_request_mb,
+                     request_timeout_s=request_timeout_s)
+    try:
+        serve.run(conf)
+    except serve.ServeFailed as err:
+        console.print(f"[bold red]reward service failed:[/] {err}")
+        raise typer.Exit(code=1) from None
+    console.print("reward service stopped")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# lpo optimize, lpo sample
+
+
+def _floats(value: str | None) -> list[float] | None:
+    try:
+        return [float(v) for v in _split(value)] if value else None
+    except ValueError:
+        raise InputError(f"'{value}' is not a comma-separated list of numbers, e.g. 0.35,0.5.") from None
+
+
+def _optimize_command(family: str) -> Callable:
+    def command(
+        base: Annotated[str, typer.Option(help=help_of(LPOConfig, "base"))],
+        lrm: Annotated[Path, typer.Option(help=help_of(LPOConfig, "lrm"))],
+        prompts: Annotated[Path, typer.Option(help=help_of(LPOConfig, "prompts"))],
+        out: Annotated[Path, typer.Option(help=help_of(LPOConfig, "out"))],
+        epochs: Annotated[Optional[int], typer.Option(help=help_of(LPOConfig, "epochs"))] = None,  # noqa: UP045
+        sample_batch_size: Annotated[Optional[int], typer.Option(  # noqa: UP045
+            help=help_of(LPOConfig, "sample_batch_size"))] = None,
+        train_batch_size: Annotated[Optional[int], typer.Option(  # noqa: UP045
+            help=help_of(LPOConfig, "train_batch_size"))] = None,
+        candidates: Annotated[Optional[int], typer.Option(help=help_of(LPOConfig, "candidates"))] = None,  # noqa: UP045
+        steps: Annotated[Optional[int], typer.Option(help=help_of(LPOConfig, "steps"))] = None,  # noqa: UP045
+        guidance: Annotated[Optional[float], typer.Option(help=help_of(LPOConfig, "guidance"))] = None,  # noqa: UP045
+        eta: Annotated[Optional[float], typer.Option(help=help_of(LPOConfig, "eta"))] = None,  # noqa: UP045
+        beta: Annotated[Optional[float], typer.Option(help=help_of(LPOConfig, "beta"))] = None,  # noqa: UP045
+        clip_eps: Annotated[Optional[float], typer.Option(help=help_of(LPOConfig, "clip_eps"))] = None,  # noqa: UP045
+        threshold: Annotated[Optional[str], typer.Option(help=help_of(LPOConfig, "threshold"))] = None,  # noqa: UP045
+        score_timestep: Annotated[Optional[str], typer.Option(  # noqa: UP045
+            help=help_of(LPOConfig, "score_timestep"))] = None,
+        logprob_reduction: Annotated[Optional[str], typer.Option(  # noqa: UP045
+            help=help_of(LPOConfig, "logprob_reduction"))] = None,
+        lora_rank: Annotated[Optional[int], typer.Option(help=help_of(LPOConfig, "lora_rank"))] = None,  # noqa: UP045
+        lr: Annotated[Optional[float], typer.Option(help=help_of(LPOConfig, "lr"))] = None,  # noqa: UP045
+        weight_decay: Annotated[Optional[float], typer.Option(help=help_of(LPOConfig, "weight_decay"))] = None,  # noqa: UP045
+        max_grad_norm: Annotated[Optional[float], typer.Option(help=help_of(LPOConfig, "max_grad_norm"))] = None,  # noqa: UP045
+        mixed_precision: Annotated[Optional[str], typer.Option(  # noqa: UP045
+            help=help_of(LPOConfig, "mixed_precision"))] = None,
+        gradient_checkpointing: Annotated[Optional[bool], typer.Option(  # noqa: UP045
+            help=help_of(LPOConfig, "gradient_checkpointing"))] = None,
+        save_every_rounds: Annotated[Optional[int], typer.Option(  # noqa: UP045
+            help=help_of(LPOConfig, "save_every_rounds"))] = None,
+        validation_prompt: Annotated[Optional[list[str]], typer.Option(  # noqa: UP045
+            help=help_of(LPOConfig, "validation_prompts"))] = None,
+        merge: Annotated[bool, typer.Option(help=help_of(LPOConfig, "merge"))] = False,
+        seed: Annotated[Optional[int], typer.Option(help=help_of(LPOConfig, "seed"))] = None,  # noqa: UP045
+        resume: Annotated[bool, typer.Option(help=help_of(LPOConfig, "resume"))] = False,
+        log_with: Annotated[Optional[str], typer.Option(help=help_of(LPOConfig, "log_with"))] = None,  # noqa: UP045
+        device: Annotated[Optional[str], typer.Option(help=help_of(LPOConfig, "device"))] = None,  # noqa: UP045
+        config: ConfigOpt = None,
+    ) -> None:
+        from curate import config as cfg
+        from reward import lpo_train
+
+        conf = cfg.build(
+            LPOConfig, config, family=family, base=base, lrm=lrm, prompts=prompts, out=out, epochs=epochs,
+            sample_batch_size=sample_batch_size, train_batch_size=train_batch_size, candidates=candidates,
+            steps=steps, guidance=guidance, eta=eta, beta=beta, clip_eps=clip_eps, threshold=_floats(threshold),
+            score_timestep=score_timestep, logprob_reduction=logprob_reduction, lora_rank=lora_rank, lr=lr,
+            weight_decay=weight_decay, max_grad_norm=max_grad_norm, mixed_precision=mixed_precision,
+            gradient_checkpointing=gradient_checkpointing, save_every_rounds=save_every_rounds,
+            validation_prompts=validation_prompt, merge=merge or None, seed=seed, resume=resume or None,
+            log_with=_split(log_with), device=device,
+        )
+        summary = lpo_train.run(conf)
+        table = Table(title=f"LPO ({family}) -> {conf.out}")
+        table.add_column("round", justify="right")
+        for column in ("valid pairs", "trained", "implicit acc", "loss", "final LRM score"):
+            table.add_column(column, justify="right")
+        for record in summary["history"][-10:]:
+            table.add_row(str(record["round"]), str(record["valid_pairs"]), str(record["tuples_trained"]),
+                          f"{record.get('implicit_accuracy', float('nan')):.2f}",
+                          f"{record.get('loss', float('nan')):.4f}", f"{record['final_lrm_score']:.3f}")
+        out_console.print(table)
+        for name in ("lora", "merged_unet", "unet"):
+            if name in summary:
+                out_console.print(f"{name}: {summary[name]}")
+
+    command.__doc__ = (f"Fine-tune an {'SD1.x/2.x' if family == 'sd15' else 'SDXL'} model with LPO: at every DDIM "
+                       "step sample K children, let the LRM pick winner and loser, train a DPO-style loss on the "
+                       "step's log-probability. Resumable.")
+    return handles_input_errors(command)
+
+
+optimize_app.command("sd15")(_optimize_command("sd15"))
+optimize_app.command("sdxl")(_optimize_command("sdxl"))
+
+
+@app.command("sample")
+@handles_input_errors
+def sample_command(
+    base: Annotated[str, typer.Option(help=help_of(SampleConfig, "base"))],
+    prompt: Annotated[list[str], typer.Option(help="Prompt to generate. Repeatable.")],
+    out: Annotated[Path, typer.Option(help=help_of(SampleConfig, "out"))],
+    lora: Annotated[Optional[Path], typer.Option(help=help_of(SampleConfig, "lora"))] = None,  # noqa: UP045
+    lrm: Annotated[Optional[Path], typer.Option(help=help_of(SampleConfig, "lrm"))] = None,  # noqa: UP045
+    candidates: Annotated[Optional[int], typer.Option(help=help_of(SampleConfig, "candidates"))] = None,  # noqa: UP045
+    images_per_prompt: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        help=help_of(SampleConfig, "images_per_prompt"))] = None,
+    steps: Annotated[Optional[int], typer.Option(help=help_of(SampleConfig, "steps"))] = None,  # noqa: UP045
+    guidance: Annotated[Optional[float], typer.Option(help=help_of(SampleConfig, "guidance"))] = None,  # noqa: UP045
+    eta: Annotated[Optional[float], typer.Option(help=help_of(SampleConfig, "eta"))] = None,  # noqa: UP045
+    seed: Annotated[Optional[int], typer.Option(help=help_of(SampleConfig, "seed"))] = None,  # noqa: UP045
+    device: Annotated[Optional[str], typer.Option(help=help_of(SampleConfig, "device"))] = None,  # noqa: UP045
+    config: ConfigOpt = None,
+) -> None:
+    """Generate images (DDIM); with --lrm and --candidates K, LRM-guided: continue from the best of K at each step."""
+    from curate import config as cfg
+    from reward import generate
+
+    conf = cfg.build(SampleConfig, config, base=base, prompts=prompt, out=out, lora=lora, lrm=lrm,
+                     candidates=candidates, images_per_prompt=images_per_prompt, steps=steps, guidance=guidance,
+                     eta=eta, seed=seed, device=device)
+    summary = generate.run(conf)
+    out_console.print(f"{len(summary['images'])} images -> {conf.out} (samples.json lists prompt, seed and path)")
+    if "lrm_score_gain" in summary:
+        mean = summary["mean_lrm_score"]
+        out_console.print(f"mean LRM score: guided (K={conf.candidates}) {mean['guided']:.4f}, plain "
+                          f"{mean['plain']:.4f}, gain {summary['lrm_score_gain']:+.4f} (same seeds)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# lpo eval
+
+Hpsv2Opt = Annotated[Optional[str], typer.Option(help="HPS v2 model: hub repo with HPS_v2_compressed.pt, a folder "  # noqa: UP045
+                                                      "holding it, or the file.")]
+Hpsv21Opt = Annotated[Optional[str], typer.Option(help="HPS v2.1 model: hub repo with HPS_v2.1_compressed.pt, a "  # noqa: UP045
+                                                       "folder holding it, or the file.")]
+ImageRewardOpt = Annotated[Optional[str], typer.Option(  # noqa: UP045
+    help="ImageReward model: hub id or a folder with ImageReward.pt and med_config.json.")]
+
+
+def print_eval_summary(summary: dict[str, Any], out: Path) -> None:
+    table = Table(title=f"{summary['images']} images over {summary['prompts']} prompts -> {out}")
+    for column in ("metric", "mean", "95% CI", "std", "images", "model"):
+        table.add_column(column, justify="left" if column in ("metric", "model") else "right")
+    for metric, s in summary["metrics"].items():
+        ci = "n/a" if s["ci95"] is None else f"[{s['ci95'][0]:.4f}, {s['ci95'][1]:.4f}]"
+        mean = "n/a" if s["mean"] is None else f"{s['mean']:.4f}"
+        std = "n/a" if s["std"] is None else f"{s['std']:.4f}"
+        table.add_row(metric, mean, ci, std, str(s["n_images"]), s["model_id"])
+    out_console.print(table)
+    if summary["images_with_errors"]:
+        out_console.print(f"[yellow]{summary['images_with_errors']} image(s) could not be scored (see the error "
+                          "column of images.parquet)[/]")
+    out_console.print(f"per image: {out / 'images.parquet'}; summary: {out / 'summary.json'}, {out / 'summary.md'}")
+
+
+@eval_app.callback()
+@handles_input_errors
+def eval_run(
+    ctx: typer.Context,
+    base: Annotated[Optional[str], typer.Option(help=help_of(EvalConfig, "base"))] = None,  # noqa: UP045
+    prompts: Annotated[Optional[Path], typer.Option(help=help_of(EvalConfig, "prompts"))] = None,  # noqa: UP045
+    out: Annotated[Optional[Path], typer.Option(help=help_of(EvalConfig, "out"))] = None,  # noqa: UP045
+    lora: Annotated[Optional[Path], typer.Option(help=help_of(EvalConfig, "lora"))] = None,  # noqa: UP045
+    lrm: Annotated[Optional[Path], typer.Option(help=help_of(EvalConfig, "lrm"))] = None,  # noqa: UP045
+    candidates: Annotated[Optional[int], typer.Option(help=help_of(EvalConfig, "candidates"))] = None,  # noqa: UP045
+    metrics: Annotated[Optional[str], typer.Option(help=help_of(EvalConfig, "metrics"))] = None,  # noqa: UP045
+    images_per_prompt: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        help=help_of(EvalConfig, "images_per_prompt"))] = None,
+    max_prompts: Annotated[Optional[int], typer.Option(help=help_of(EvalConfig, "max_prompts"))] = None,  # noqa: UP045
+    steps: Annotated[Optional[int], typer.Option(help=help_of(EvalConfig, "steps"))] = None,  # noqa: UP045
+    guidance: Annotated[Optional[float], typer.Option(  # noqa: UP045
+        "--cfg", "--guidance", help=help_of(EvalConfig, "guidance"))] = None,
+    eta: Annotated[Optional[float], typer.Option(help=help_of(EvalConfig, "eta"))] = None,  # noqa: UP045
+    seed: Annotated[Optional[int], typer.Option(help=help_of(EvalConfig, "seed"))] = None,  # noqa: UP045
+    batch_size: Annotated[Optional[int], typer.Option(help=help_of(EvalConfig, "batch_size"))] = None,  # noqa: UP045
+    score_batch_size: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        help=help_of(EvalConfig, "score_batch_size"))] = None,
+    grid_prompts: Annotated[Optional[int], typer.Option(help=help_of(EvalConfig, "grid_prompts"))] = None,  # noqa: UP045
+    pickscore_model: PickscoreOpt = None,
+    hpsv2_model: Hpsv2Opt = None,
+    hpsv21_model: Hpsv21Opt = None,
+    imagereward_model: ImageRewardOpt = None,
+    aesthetic_model: AestheticOpt = None,
+    clip_model: ClipOpt = None,
+    vqa_model: VqaOpt = None,
+    models_dir: Annotated[Optional[Path], typer.Option(help=help_of(EvalConfig, "models_dir"))] = None,  # noqa: UP045
+    device: Annotated[Optional[str], typer.Option(help=help_of(EvalConfig, "device"))] = None,  # noqa: UP045
+    dtype: Annotated[Optional[str], typer.Option(help=help_of(EvalConfig, "dtype"))] = None,  # noqa: UP045
+    score_dtype: Annotated[Optional[str], typer.Option(help=help_of(EvalConfig, "score_dtype"))] = None,  # noqa: UP045
+    config: ConfigOpt = None,
+) -> None:
+    """Generate every (prompt, image) with its own seed, score every image, write images.parquet, summary.json,
+    summary.md and grid.png. Resumable: finished images are not generated again."""
+    from curate import config as cfg
+    from reward import evaluate
+
+    if ctx.invoked_subcommand is not None:
+        return
+    given = {k: v for k, v in ctx.params.items() if v is not None}
+    if not given:
+        typer.echo(ctx.get_help())
+        raise typer.Exit(0)
+    models = _model_overrides(pickscore=pickscore_model, hpsv2=hpsv2_model, hpsv21=hpsv21_model,
+                              imagereward=imagereward_model, aesthetic=aesthetic_model, clip=clip_model,
+                              vqa=vqa_model)
+    conf = cfg.build(EvalConfig, config, base=base, prompts=prompts, out=out, lora=lora, lrm=lrm,
+                     candidates=candidates, metrics=_split(metrics), models=models or None, models_dir=models_dir,
+                     images_per_prompt=images_per_prompt, max_prompts=max_prompts, steps=steps, guidance=guidance,
+                     eta=eta, seed=seed, batch_size=batch_size, score_batch_size=score_batch_size,
+                     grid_prompts=grid_prompts, device=device, dtype=dtype, score_dtype=score_dtype)
+    summary = evaluate.run(conf)
+    print_eval_summary(summary, Path(conf.out))
+
+
+@eval_app.command("score")
+@handles_input_errors
+def eval_score(
+    images: Annotated[Path, typer.Option(help=help_of(EvalScoreConfig, "images"))],
+    out: Annotated[Path, typer.Option(help=help_of(EvalScoreConfig, "out"))],
+    prompts: Annotated[Optional[Path], typer.Option(help=help_of(EvalScoreConfig, "prompts"))] = None,  # noqa: UP045
+    metrics: Annotated[Optional[str], typer.Option(help=help_of(EvalScoreConfig, "metrics"))] = None,  # noqa: UP045
+    score_batch_size: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        help=help_of(EvalScoreConfig, "score_batch_size"))] = None,
+    grid_prompts: Annotated[Optional[int], typer.Option(help=help_of(EvalScoreConfig, "grid_prompts"))] = None,  # noqa: UP045
+    pickscore_model: PickscoreOpt = None,
+    hpsv2_model: Hpsv2Opt = None,
+    hpsv21_model: Hpsv21Opt = None,
+    imagereward_model: ImageRewardOpt = None,
+    aesthetic_model: AestheticOpt = None,
+    clip_model: ClipOpt = None,
+    vqa_model: VqaOpt = None,
+    models_dir: Annotated[Optional[Path], typer.Option(help=help_of(EvalScoreConfig, "models_dir"))] = None,  # noqa: UP045
+    device: Annotated[Optional[str], typer.Option(help=help_of(EvalScoreConfig, "device"))] = None,  # noqa: UP045
+    score_dtype: Annotated[Optional[str], typer.Option(help=help_of(EvalScoreConfig, "score_dtype"))] = None,  # noqa: UP045
+    config: ConfigOpt = None,
+) -> None:
+    """Score images that already exist: a manifest pairs each file with its prompt, or files named
+    <prompt index>_<image index>.png are matched to --prompts. Mismatches exit 2."""
+    from curate import config as cfg
+    from reward import evaluate
+
+    models = _model_overrides(pickscore=pickscore_model, hpsv2=hpsv2_model, hpsv21=hpsv21_model,
+                              imagereward=imagereward_model, aesthetic=aesthetic_model, clip=clip_model,
+                              vqa=vqa_model)
+    conf = cfg.build(EvalScoreConfig, config, images=images, out=out, prompts=prompts, metrics=_split(metrics),
+                     models=models or None, models_dir=models_dir, score_batch_size=score_batch_size,
+                     grid_prompts=grid_prompts, device=device, score_dtype=score_dtype)
+    summary = evaluate.score_existing(conf)
+    print_eval_summary(summary, Path(conf.out))
+
+
+@eval_app.command("compare")
+@handles_input_errors
+def eval_compare(
+    run_a: Annotated[Path, typer.Argument(help=help_of(EvalCompareConfig, "run_a"))],
+    run_b: Annotated[Path, typer.Argument(help=help_of(EvalCompareConfig, "run_b"))],
+    out: Annotated[Optional[Path], typer.Option(help=help_of(EvalCompareConfig, "out"))] = None,  # noqa: UP045
+) -> None:
+    """Per-metric means of two runs, the paired difference (by prompt and image index) with a 95% interval, and the
+    per-prompt win rate; a rich table and markdown."""
+    from reward import evaluate
+
+    result = evaluate.compare(EvalCompareConfig(run_a=run_a, run_b=run_b, out=out))
+    table = Table(title=f"{run_b.name} vs {run_a.name}: {result['pairs']} paired images, {result['prompts']} prompts")
+    for column in ("metric", f"A: {run_a.name}", f"B: {run_b.name}", "delta (B - A)", "95% CI", "B wins (prompts)"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for metric, m in result["metrics"].items():
+        ci = "n/a" if m["ci95"] is None else f"[{m['ci95'][0]:+.4f}, {m['ci95'][1]:+.4f}]"
+        significant = m["ci95"] is not None and (m["ci95"][0] > 0 or m["ci95"][1] < 0)
+        delta = f"{m['delta']:+.4f}" if m["delta"] is not None else "n/a"
+        win = "n/a" if m["win_rate"] is None else f"{100 * m['win_rate']:.1f}%"
+        table.add_row(metric, f"{m['mean_a']:.4f}", f"{m['mean_b']:.4f}",
+                      f"[bold]{delta}[/]" if significant else delta, ci, win)
+    out_console.print(table)
+    out_console.print(result["statistics"] + ".")
+    out_console.print(evaluate.compare_markdown(result), markup=False, highlight=False)
+    if out is not None:
+        out_console.print(f"written: {out} and {out.with_suffix('.json')}")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # lpo dev
 
@@ -357,7 +692,8 @@ def dev_tiny_models(
     roles: Annotated[Optional[str], typer.Option(help="Comma-separated roles (default: all).")] = None,  # noqa: UP045
     seed: Annotated[int, typer.Option(help="Seed for the random weights.")] = 0,
 ) -> None:
-    """Write tiny random-weight models in the real on-disk formats (pickscore, clip, vqa, aesthetic, sd15, sdxl)."""
+    """Write tiny random-weight models in the real on-disk formats (pickscore, clip, vqa, aesthetic, sd15, sdxl,
+    hpsv2, hpsv21, imagereward)."""
     from curate.tiny_models import ROLES, build_tiny_models
 
     chosen = _split(roles) or list(ROLES)

@@ -1,7 +1,8 @@
 """Tiny random-weight models in the real on-disk formats, for offline tests and smoke runs.
 
 `build_tiny_models(out_dir)` writes one folder per role, each loadable by the loader that takes the real model:
-``load_scorer("pickscore", dir/"pickscore")`` (and clip, vqa, aesthetic), ``StableDiffusionPipeline.from_pretrained(
+``load_scorer("pickscore", dir/"pickscore")`` (and clip, vqa, aesthetic), ``load_metric("hpsv2", dir/"hpsv2")`` (and
+hpsv21, imagereward; `curate.eval_metrics`), ``StableDiffusionPipeline.from_pretrained(
 dir/"sd15")``, ``StableDiffusionXLPipeline.from_pretrained(dir/"sdxl")``. Weights are random from a fixed seed, the
 structures are those of the real models at tiny widths, and the tokenizers are built here, so nothing is downloaded.
 """
@@ -20,7 +21,7 @@ from curate.errors import InputError
 
 logger = logging.getLogger(__name__)
 
-ROLES: tuple[str, ...] = ("pickscore", "clip", "vqa", "aesthetic", "sd15", "sdxl")
+ROLES: tuple[str, ...] = ("pickscore", "clip", "vqa", "aesthetic", "sd15", "sdxl", "hpsv2", "hpsv21", "imagereward")
 SCORER_IMAGE_SIZE = 32  # pixels seen by the tiny CLIP towers
 PATCH_SIZE = 8
 SD_SAMPLE_SIZE = 8  # latents; the VAE's 8x downsampling makes 64-pixel images
@@ -112,10 +113,7 @@ def _build_pickscore(path: Path) -> None:
     _save_transformers_clip(path, projection_dim=16)
 
 
-def _build_clip(path: Path) -> None:
-    import open_clip
-    from safetensors.torch import save_file
-
+def _open_clip_configs() -> tuple[dict[str, Any], dict[str, Any]]:
     # open_clip's default SimpleTokenizer (bundled BPE, 49408 tokens) is used, as for the real ViT-H-14.
     model_cfg = {
         "embed_dim": 16,
@@ -125,6 +123,14 @@ def _build_clip(path: Path) -> None:
     }
     preprocess_cfg = {"mean": OPENAI_CLIP_MEAN, "std": OPENAI_CLIP_STD, "interpolation": "bicubic",
                       "resize_mode": "shortest"}
+    return model_cfg, preprocess_cfg
+
+
+def _build_clip(path: Path) -> None:
+    import open_clip
+    from safetensors.torch import save_file
+
+    model_cfg, preprocess_cfg = _open_clip_configs()
     model = open_clip.CLIP(**model_cfg)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, path / "open_clip_model.safetensors")
@@ -211,6 +217,86 @@ def _build_aesthetic(path: Path) -> None:
         head[f"layers.{index}.bias"] = layer.bias.detach().contiguous()
     save_file(head, path / AESTHETIC_HEAD_FILE)
     config = {"lpo_scorer": "aesthetic", "clip_model": "clip", "head_file": AESTHETIC_HEAD_FILE}
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def _build_hps(path: Path, checkpoint: str) -> None:
+    """An open_clip folder whose weights are an HPS-format checkpoint ({"state_dict": ...} in a .pt file)."""
+    import open_clip
+    import torch
+
+    model_cfg, preprocess_cfg = _open_clip_configs()
+    model = open_clip.CLIP(**model_cfg)
+    torch.save({"state_dict": model.state_dict()}, path / checkpoint)
+    (path / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg},
+                                                           indent=2))
+
+
+def _build_hpsv21(path: Path) -> None:
+    import torch
+
+    torch.rand(1)  # other weights than hpsv2's from the same seed, so tests can tell the two versions apart
+    _build_hps(path, "HPS_v2.1_compressed.pt")
+
+
+def _bert_tokenizer(path: Path) -> Any:
+    """A BERT WordPiece tokenizer over single characters (any lower-case ASCII caption tokenises)."""
+    import string
+
+    from transformers import BertTokenizer
+
+    chars = string.ascii_lowercase + string.digits + string.punctuation
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *(f"##{c}" for c in chars)]
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizer(vocab_file=str(path / "vocab.txt"), do_lower_case=True)
+    tokenizer.save_pretrained(path)
+    return tokenizer
+
+
+def _build_imagereward(path: Path) -> None:
+    """ImageReward's on-disk format: ImageReward.pt (blip.visual_encoder.*, blip.text_encoder.*, mlp.layers.*) and
+    BLIP's med_config.json, plus a config.json naming the tiny ViT and a local BERT tokenizer."""
+    from functools import partial
+
+    import torch
+    from timm.models.vision_transformer import VisionTransformer
+    from transformers import BlipTextConfig, BlipTextModel
+
+    tokenizer = _bert_tokenizer(path / "tokenizer")
+    vision_cfg = {"image_size": SCORER_IMAGE_SIZE, "patch_size": PATCH_SIZE, "embed_dim": 32, "depth": 2,
+                  "num_heads": 2}
+    med = {"architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
+           "hidden_dropout_prob": 0.1, "hidden_size": 32, "initializer_range": 0.02, "intermediate_size": 64,
+           "layer_norm_eps": 1e-12, "max_position_embeddings": 64, "model_type": "bert", "num_attention_heads": 2,
+           "num_hidden_layers": 2, "pad_token_id": 0, "type_vocab_size": 2, "vocab_size": len(tokenizer),
+           "encoder_width": vision_cfg["embed_dim"], "add_cross_attention": True}
+    vision = VisionTransformer(img_size=vision_cfg["image_size"], patch_size=vision_cfg["patch_size"],
+                               embed_dim=vision_cfg["embed_dim"], depth=vision_cfg["depth"],
+                               num_heads=vision_cfg["num_heads"], num_classes=0, global_pool="",
+                               norm_layer=partial(torch.nn.LayerNorm, eps=1e-6))
+    text = BlipTextModel(BlipTextConfig(
+        vocab_size=med["vocab_size"], hidden_size=med["hidden_size"], intermediate_size=med["intermediate_size"],
+        num_hidden_layers=med["num_hidden_layers"], num_attention_heads=med["num_attention_heads"],
+        max_position_embeddings=med["max_position_embeddings"], encoder_hidden_size=vision_cfg["embed_dim"],
+        pad_token_id=0, bos_token_id=None, eos_token_id=None, sep_token_id=None, is_decoder=True,
+    ), add_pooling_layer=False)
+    state = {f"blip.visual_encoder.{k}": v for k, v in vision.state_dict().items()}
+    state.update({f"blip.text_encoder.{k}": v for k, v in text.state_dict().items()})
+    # As in the real file: BLIP's persistent position_ids buffer and its unused contrastive projections.
+    state["blip.text_encoder.embeddings.position_ids"] = torch.arange(med["max_position_embeddings"])[None]
+    for name, width in (("vision_proj", vision_cfg["embed_dim"]), ("text_proj", med["hidden_size"])):
+        layer = torch.nn.Linear(width, 16)
+        state[f"blip.{name}.weight"], state[f"blip.{name}.bias"] = layer.weight.detach(), layer.bias.detach()
+    widths = [med["hidden_size"], 32, 16, 8, 4, 1]  # the real MLP is 768, 1024, 128, 64, 16, 1
+    for index, (width_in, width_out) in zip((0, 2, 4, 6, 7), pairwise(widths), strict=True):
+        layer = torch.nn.Linear(width_in, width_out)
+        state[f"mlp.layers.{index}.weight"] = layer.weight.detach()
+        state[f"mlp.layers.{index}.bias"] = layer.bias.detach()
+    torch.save({k: v.contiguous() for k, v in state.items()}, path / "ImageReward.pt")
+    (path / "med_config.json").write_text(json.dumps(med, indent=2))
+    config = {"lpo_scorer": "imagereward", "checkpoint": "ImageReward.pt", "med_config": "med_config.json",
+              "tokenizer": "tokenizer", "vision": vision_cfg}
     (path / "config.json").write_text(json.dumps(config, indent=2))
 
 
@@ -320,6 +406,9 @@ _BUILDERS: dict[str, Callable[[Path], None]] = {
     "aesthetic": _build_aesthetic,
     "sd15": _build_sd15,
     "sdxl": _build_sdxl,
+    "hpsv2": lambda path: _build_hps(path, "HPS_v2_compressed.pt"),
+    "hpsv21": _build_hpsv21,
+    "imagereward": _build_imagereward,
 }
 
 

@@ -59,3 +59,141 @@ class RewardEvalConfig:
     seed: int = option(1234, "Noise seed (the same seed gives the same noise for every model).")
     batch_size: int = option(32, "Pairs per forward.")
     device: str = option("auto", "Device: auto, cpu, cuda.")
+
+
+# Per-family defaults of the released LPO runs (method: section 9.2), applied where a field is left at None.
+LPO_FAMILY_DEFAULTS = {
+    "sd15": {"lora_rank": 4, "lr": 6e-5, "threshold": [0.35, 0.5], "sample_batch_size": 5, "train_batch_size": 10,
+             "gradient_checkpointing": False},
+    "sdxl": {"lora_rank": 64, "lr": 1e-5, "threshold": [0.45, 0.6], "sample_batch_size": 4, "train_batch_size": 4,
+             "gradient_checkpointing": True},
+}
+
+
+@dataclass
+class LPOConfig:
+    family: str = option("sd15", "Base model family: sd15 (SD1.x/2.x) or sdxl.")
+    base: str = option(None, "Diffusers pipeline to fine-tune (hub id or local directory).")
+    lrm: Path = option(None, "Latent reward model directory (from `lpo reward train`), same latent space as --base.")
+    prompts: Path = option(None, "Training prompts: .txt (one per line), .json list, or a manifest with `caption`.")
+    out: Path = option(None, "Run directory: checkpoints, validation grids, the LoRA (or full UNet) output.")
+    epochs: int = option(5, "Passes over the prompts.")
+    sample_batch_size: int | None = option(None, "Prompts per process per sampling round (sd15 5, sdxl 4).")
+    train_batch_size: int | None = option(None, "Preference tuples per optimizer step (sd15 10, sdxl 4).")
+    candidates: int = option(4, "K: children sampled from each x_t and scored by the LRM.")
+    steps: int = option(20, "DDIM steps per trajectory.")
+    guidance: float = option(5.0, "Classifier-free guidance in sampling and in the loss.")
+    eta: float = option(1.0, "DDIM eta (must be > 0: the step must be stochastic to have a likelihood).")
+    beta: float = option(500.0, "DPO inverse temperature on the log-ratio difference.")
+    clip_eps: float = option(0.1, "Ratio clip: r is clamped to [1 - eps, 1 + eps].")
+    threshold: list[float] | None = option(None, "Softmax-gap threshold range [least noisy, noisiest step], "
+                                                 "interpolated on the step's sigma (sd15 0.35,0.5; sdxl 0.45,0.6).")
+    score_timestep: str = option("parent", "Timestep the LRM scores a child at: parent (reference) or child.")
+    logprob_reduction: str = option("mean", "Reduce the step log-density over latent elements: mean (reference) "
+                                            "or sum.")
+    lora_rank: int | None = option(None, "LoRA rank on attention q/k/v/out (sd15 4, sdxl 64); 0 = full fine-tuning.")
+    lr: float | None = option(None, "AdamW learning rate (sd15 6e-5, sdxl 1e-5).")
+    weight_decay: float = option(1e-4, "AdamW weight decay.")
+    max_grad_norm: float = option(1.0, "Gradient clipping that really clips (the reference runs had it silently "
+                                       "off); 0 disables.")
+    mixed_precision: str = option("auto", "auto (fp16 on CUDA, none on CPU), no, fp16, bf16.")
+    gradient_checkpointing: bool | None = option(None, "Gradient checkpointing in the UNet (sd15 off, sdxl on).")
+    save_every_rounds: int = option(0, "Also save_state every N sampling rounds (0: only each epoch).")
+    validation_prompts: list[str] = option(help="Prompts of the per-epoch validation grid (default: the first "
+                                                "3 training prompts).", factory=list)
+    validation_images: int = option(2, "Images per validation prompt.")
+    merge: bool = option(False, "Also write a full UNet with the LoRA merged in (out/merged_unet).")
+    seed: int = option(42, "Seed for prompt order, sampling noise and child choice.")
+    resume: bool = option(False, "Continue from the latest checkpoint in --out.")
+    log_with: list[str] = option(help="accelerate trackers (tensorboard, wandb, ...).", factory=list)
+    device: str = option("auto", "auto, cpu or cuda (under accelerate launch, each process's own).")
+
+    def resolved(self) -> LPOConfig:
+        """A copy with the family defaults filled in."""
+        import dataclasses
+
+        defaults = LPO_FAMILY_DEFAULTS[self.family]
+        return dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
+
+
+@dataclass
+class SampleConfig:
+    base: str = option(None, "Diffusers pipeline (hub id or local directory).")
+    prompts: list[str] = option(help="Prompts to generate.", factory=list)
+    out: Path = option(None, "Directory for the images and samples.json.")
+    lora: Path | None = option(None, "A LoRA directory to load into the pipeline (e.g. `lpo optimize`'s out/lora).")
+    lrm: Path | None = option(None, "Latent reward model for guided sampling (with --candidates K > 1).")
+    candidates: int = option(1, "K: candidates per step for LRM-guided sampling (continue from the best).")
+    images_per_prompt: int = option(1, "Images per prompt; image i of prompt p uses seed + 1000 * p + i.")
+    steps: int = option(20, "DDIM steps.")
+    guidance: float = option(5.0, "Classifier-free guidance scale.")
+    eta: float | None = option(None, "DDIM eta (default: 1.0 with --lrm, which needs a stochastic step; 0.0 without).")
+    score_timestep: str = option("parent", "Timestep the LRM scores candidates at: parent or child.")
+    seed: int = option(0, "Base seed.")
+    device: str = option("auto", "auto, cpu or cuda.")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# lpo eval (metric names live in curate.eval_metrics, which imports nothing heavy)
+
+EVAL_METRICS_HELP = "Comma-separated metrics, from: pickscore, hpsv2, hpsv21, imagereward, aesthetic, clip, vqa."
+
+
+def _default_eval_metrics() -> list[str]:
+    from curate.eval_metrics import DEFAULT_EVAL_METRICS
+
+    return list(DEFAULT_EVAL_METRICS)
+
+
+@dataclass
+class EvalConfig:
+    base: str = option(None, "Diffusers SD1.x/2.x or SDXL pipeline (hub id or local directory) to generate with.")
+    prompts: Path = option(None, "Prompts: .txt, .json, a manifest with `caption` or a curation directory (e.g. "
+                                 "`lpo curate ingest ID --split validation_unique --out DIR`).")
+    out: Path = option(None, "Run directory: images/, images.parquet, summary.json, summary.md, grid.png.")
+    lora: Path | None = option(None, "A LoRA directory to load into the pipeline (e.g. `lpo optimize`'s out/lora).")
+    lrm: Path | None = option(None, "Latent reward model for LRM-guided sampling (with --candidates K > 1).")
+    candidates: int = option(1, "K: candidates per step for LRM-guided sampling.")
+    metrics: list[str] = option(help=EVAL_METRICS_HELP, factory=_default_eval_metrics)
+    models: dict[str, str] = option(help="Model per metric (hub id or local directory); unset metrics use the "
+                                         "registry default.", factory=dict)
+    models_dir: Path | None = option(None, "A directory with one model folder per metric (as `lpo dev tiny-models` "
+                                           "writes); used for metrics without an explicit model.")
+    images_per_prompt: int = option(4, "Images per prompt; image i of prompt p uses seed + 1000 * p + i.")
+    max_prompts: int | None = option(None, "Use only the first N prompts (default: all).")
+    steps: int = option(20, "DDIM steps.")
+    guidance: float = option(5.0, "Classifier-free guidance scale (the reference used 7.5 for the SD1.5 base and "
+                                  "Diffusion-DPO-1.5, 5.0 otherwise).")
+    eta: float | None = option(None, "DDIM eta (default: 0.0, as the reference; 1.0 with --lrm).")
+    seed: int = option(42, "Base seed.")
+    batch_size: int = option(4, "Images per generation batch (a seed gives the same image in any batch).")
+    score_batch_size: int = option(16, "Images per scorer forward.")
+    grid_prompts: int = option(4, "Prompts shown in grid.png (one row each).")
+    device: str = option("auto", "auto, cpu or cuda.")
+    dtype: str = option("auto", "Generation dtype: auto (float16 on CUDA with the VAE in float32; float32 on CPU), "
+                                "float32, float16, bfloat16.")
+    score_dtype: str = option("float32", "Scorer dtype: float32, float16, bfloat16.")
+
+
+@dataclass
+class EvalScoreConfig:
+    images: Path = option(None, "Images: a manifest (.json/.csv/.parquet with `path` and `prompt` columns, a "
+                                "samples.json of `lpo sample`, or an eval run directory), or a folder of files "
+                                "named <prompt index>_<image index>.png or <prompt index>.png matched to --prompts.")
+    out: Path = option(None, "Run directory: images.parquet, summary.json, summary.md, grid.png.")
+    prompts: Path | None = option(None, "Prompts of an images folder (index = line / item, from 0); with a "
+                                        "manifest, a check that every image's prompt is in this set.")
+    metrics: list[str] = option(help=EVAL_METRICS_HELP, factory=_default_eval_metrics)
+    models: dict[str, str] = option(help="Model per metric (hub id or local directory).", factory=dict)
+    models_dir: Path | None = option(None, "A directory with one model folder per metric.")
+    score_batch_size: int = option(16, "Images per scorer forward.")
+    grid_prompts: int = option(4, "Prompts shown in grid.png (one row each).")
+    device: str = option("auto", "auto, cpu or cuda.")
+    score_dtype: str = option("float32", "Scorer dtype: float32, float16, bfloat16.")
+
+
+@dataclass
+class EvalCompareConfig:
+    run_a: Path = option(None, "Baseline run directory (`lpo eval` or `lpo eval score` output).")
+    run_b: Path = option(None, "Run to compare against the baseline.")
+    out: Path | None = option(None, "Write the comparison here as markdown (and JSON beside it, same stem).")

@@ -163,7 +163,9 @@ class LatentRewardModel(nn.Module):
 
         unet_config = read_unet_config(base)
         family = family_of(unet_config)
-        unet = truncate_unet(UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=dtype))
+        from reward.diffusion import diffusers_dtype
+
+        unet = truncate_unet(UNet2DConditionModel.from_pretrained(base, subfolder="unet", **diffusers_dtype(dtype)))
         tokenizer = AutoTokenizer.from_pretrained(base, subfolder="tokenizer")
         text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", torch_dtype=dtype)
         text_encoder_2 = tokenizer_2 = None

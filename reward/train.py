@@ -22,11 +22,12 @@ import polars as pl
 import torch
 
 from curate.errors import InputError
+from reward import checkpoints
+from reward.checkpoints import CHECKPOINTS
 from reward.configs import RewardTrainConfig
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"
 # Fields that may change between a run and its resume; any other change makes it a different run.
 RESUMABLE_FIELDS = {"resume", "max_steps", "eval_every", "save_every", "log_with", "device"}
 
@@ -77,8 +78,7 @@ def validate(config: RewardTrainConfig) -> dict[str, Any]:
 
 
 def latest_checkpoint(out: Path) -> Path | None:
-    steps = sorted((out / CHECKPOINTS).glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    return steps[-1] if steps else None
+    return checkpoints.latest(out, "step")
 
 
 def split_validation(pairs: pl.DataFrame, fraction: float, seed: int) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -199,7 +199,7 @@ def run(config: RewardTrainConfig) -> dict[str, Any]:
         checkpoint = latest_checkpoint(out)
         if checkpoint is not None:
             accelerator.load_state(str(checkpoint))
-            state = json.loads((checkpoint / "trainer_state.json").read_text())
+            state = checkpoints.load_state(checkpoint)
             logger.info("resumed from %s (update %d)", checkpoint, state["step"])
 
     world = accelerator.num_processes
@@ -286,7 +286,7 @@ def _loop(config, accelerator, model, optimizer, schedule, cache, noise_schedule
                 _validate(config, accelerator, model, cache, noise_scheduler, val_pairs, state, out,
                           accuracy_per_timestep, export_components)
             if state["step"] % config.save_every == 0 or final:
-                _save(accelerator, out, state, config.keep_checkpoints)
+                checkpoints.save(accelerator, out, "step", state["step"], state, config.keep_checkpoints)
     if accelerator.is_main_process:
         last = out / "last"
         accelerator.unwrap_model(model).save_pretrained(last)
@@ -325,11 +325,3 @@ def _validate(config, accelerator, model, cache, noise_scheduler, val_pairs, sta
     state.update(broadcast_object_list(payload, from_process=0)[0])
 
 
-def _save(accelerator, out: Path, state: dict[str, Any], keep: int) -> None:
-    checkpoint = out / CHECKPOINTS / f"step-{state['step']}"
-    accelerator.save_state(str(checkpoint))
-    if accelerator.is_main_process:
-        (checkpoint / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
-        for old in sorted((out / CHECKPOINTS).glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()

@@ -11,6 +11,14 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # The test models are tiny: one thread is as fast as two on a quiet machine, and many times faster when the
+    # cores are shared (a second thread then mostly waits for its turn).
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder with one tiny random-weight model per role (pickscore, clip, vqa, aesthetic, sd15, sdxl)."""

@@ -18,7 +18,7 @@ from cli import app
 from curate import ingest
 from curate.errors import InputError
 from curate.synthetic import write_pickapic_parquet
-from reward import train
+from reward import checkpoints, train
 from reward.configs import RewardTrainConfig
 from reward.lrm import LatentRewardModel
 
@@ -69,16 +69,16 @@ def test_resume_continues_the_same_run(manifest, tiny_models_dir, tmp_path, monk
     straight = tmp_path / "straight"
     train.run(_config(manifest, tiny_models_dir / "sd15", straight, max_steps=4))
     split = tmp_path / "split"
-    real_save = train._save
+    real_save = checkpoints.save
 
-    def killed_after_first_checkpoint(accelerator, out, state, keep):
-        real_save(accelerator, out, state, keep)
+    def killed_after_first_checkpoint(*args, **kwargs):
+        real_save(*args, **kwargs)
         raise KeyboardInterrupt("simulated kill")
 
-    monkeypatch.setattr(train, "_save", killed_after_first_checkpoint)
+    monkeypatch.setattr(checkpoints, "save", killed_after_first_checkpoint)
     with pytest.raises(KeyboardInterrupt):
         train.run(_config(manifest, tiny_models_dir / "sd15", split, max_steps=4))
-    monkeypatch.setattr(train, "_save", real_save)
+    monkeypatch.setattr(checkpoints, "save", real_save)
     assert train.latest_checkpoint(split).name == "step-2" and not (split / "last").exists()
     encoded_before = sorted(p.name for p in (split / "latent_cache").rglob("part-*"))
     train.run(_config(manifest, tiny_models_dir / "sd15", split, max_steps=4, resume=True))

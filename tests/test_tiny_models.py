@@ -25,13 +25,20 @@ EXPECTED_FILES = {
     "sdxl": ["model_index.json", "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
              "text_encoder/model.safetensors", "text_encoder_2/model.safetensors", "tokenizer/tokenizer.json",
              "tokenizer_2/tokenizer.json", "scheduler/scheduler_config.json"],
+    "hpsv2": ["open_clip_config.json", "HPS_v2_compressed.pt"],
+    "hpsv21": ["open_clip_config.json", "HPS_v2.1_compressed.pt"],
+    "imagereward": ["config.json", "ImageReward.pt", "med_config.json", "tokenizer/vocab.txt"],
 }
 
 
 def _weights(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
-    return {str(p.relative_to(folder)): load_file(p) for p in sorted(folder.rglob("*.safetensors"))}
+    found = {str(p.relative_to(folder)): load_file(p) for p in sorted(folder.rglob("*.safetensors"))}
+    for path in sorted(folder.rglob("*.pt")):  # HPS and ImageReward checkpoints are torch state dicts
+        state = torch.load(path, weights_only=True)
+        found[str(path.relative_to(folder))] = state.get("state_dict", state)
+    return found
 
 
 def test_build_writes_every_role_folder(tiny_models_dir: Path) -> None:

@@ -1,0 +1,30 @@
+"""The LPO loss: a DPO-style loss on one denoising step's log-probability ratio, with an SPO-style ratio clip.
+
+    r(x)  = clamp(exp(log p_theta(x | x_t) - log p_ref(x | x_t)), 1 - eps, 1 + eps)
+    loss  = -log sigmoid(beta * (log r(x_w) - log r(x_l)))
+
+Outside the clamp the ratio is constant, so its gradient is zero: the policy stops moving a sample once it is
+already eps more (or less) likely than under the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def clipped_log_ratio(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, eps: float) -> torch.Tensor:
+    ratio = torch.exp(log_prob - ref_log_prob.detach())
+    return torch.log(torch.clamp(ratio, 1 - eps, 1 + eps))
+
+
+def lpo_loss(log_prob_w: torch.Tensor, log_prob_l: torch.Tensor, ref_log_prob_w: torch.Tensor,
+             ref_log_prob_l: torch.Tensor, beta: float = 500.0, eps: float = 0.1) -> dict[str, torch.Tensor]:
+    """Mean loss over the batch, plus what the trainer logs (implicit accuracy = share with r_w > r_l)."""
+    log_r_w = clipped_log_ratio(log_prob_w, ref_log_prob_w, eps)
+    log_r_l = clipped_log_ratio(log_prob_l, ref_log_prob_l, eps)
+    margin = beta * (log_r_w - log_r_l)
+    loss = -F.logsigmoid(margin).mean()
+    return {"loss": loss, "implicit_accuracy": (log_r_w > log_r_l).float().mean().detach(),
+            "margin": margin.mean().detach(), "ratio_w": log_r_w.exp().mean().detach(),
+            "ratio_l": log_r_l.exp().mean().detach()}
