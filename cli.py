@@ -421,9 +421,10 @@ def _floats(value: str | None) -> list[float] | None:
 def _optimize_command(family: str) -> Callable:
     def command(
         base: Annotated[str, typer.Option(help=help_of(LPOConfig, "base"))],
-        lrm: Annotated[Path, typer.Option(help=help_of(LPOConfig, "lrm"))],
         prompts: Annotated[Path, typer.Option(help=help_of(LPOConfig, "prompts"))],
         out: Annotated[Path, typer.Option(help=help_of(LPOConfig, "out"))],
+        lrm: Annotated[Optional[Path], typer.Option(help=help_of(LPOConfig, "lrm"))] = None,  # noqa: UP045
+        reward_url: Annotated[Optional[str], typer.Option(help=help_of(LPOConfig, "reward_url"))] = None,  # noqa: UP045
         epochs: Annotated[Optional[int], typer.Option(help=help_of(LPOConfig, "epochs"))] = None,  # noqa: UP045
         sample_batch_size: Annotated[Optional[int], typer.Option(  # noqa: UP045
             help=help_of(LPOConfig, "sample_batch_size"))] = None,
@@ -463,7 +464,8 @@ def _optimize_command(family: str) -> Callable:
         from reward import lpo_train
 
         conf = cfg.build(
-            LPOConfig, config, family=family, base=base, lrm=lrm, prompts=prompts, out=out, epochs=epochs,
+            LPOConfig, config, family=family, base=base, lrm=lrm, reward_url=reward_url, prompts=prompts, out=out,
+            epochs=epochs,
             sample_batch_size=sample_batch_size, train_batch_size=train_batch_size, candidates=candidates,
             steps=steps, guidance=guidance, eta=eta, beta=beta, clip_eps=clip_eps, threshold=_floats(threshold),
             score_timestep=score_timestep, logprob_reduction=logprob_reduction, lora_rank=lora_rank, lr=lr,
@@ -587,6 +589,7 @@ def eval_run(
     clip_model: ClipOpt = None,
     vqa_model: VqaOpt = None,
     models_dir: Annotated[Optional[Path], typer.Option(help=help_of(EvalConfig, "models_dir"))] = None,  # noqa: UP045
+    reward_url: Annotated[Optional[str], typer.Option(help=help_of(EvalConfig, "reward_url"))] = None,  # noqa: UP045
     device: Annotated[Optional[str], typer.Option(help=help_of(EvalConfig, "device"))] = None,  # noqa: UP045
     dtype: Annotated[Optional[str], typer.Option(help=help_of(EvalConfig, "dtype"))] = None,  # noqa: UP045
     score_dtype: Annotated[Optional[str], typer.Option(help=help_of(EvalConfig, "score_dtype"))] = None,  # noqa: UP045
@@ -610,7 +613,8 @@ def eval_run(
                      candidates=candidates, metrics=_split(metrics), models=models or None, models_dir=models_dir,
                      images_per_prompt=images_per_prompt, max_prompts=max_prompts, steps=steps, guidance=guidance,
                      eta=eta, seed=seed, batch_size=batch_size, score_batch_size=score_batch_size,
-                     grid_prompts=grid_prompts, device=device, dtype=dtype, score_dtype=score_dtype)
+                     grid_prompts=grid_prompts, reward_url=reward_url, device=device, dtype=dtype,
+                     score_dtype=score_dtype)
     summary = evaluate.run(conf)
     print_eval_summary(summary, Path(conf.out))
 
@@ -633,6 +637,7 @@ def eval_score(
     clip_model: ClipOpt = None,
     vqa_model: VqaOpt = None,
     models_dir: Annotated[Optional[Path], typer.Option(help=help_of(EvalScoreConfig, "models_dir"))] = None,  # noqa: UP045
+    reward_url: Annotated[Optional[str], typer.Option(help=help_of(EvalScoreConfig, "reward_url"))] = None,  # noqa: UP045
     device: Annotated[Optional[str], typer.Option(help=help_of(EvalScoreConfig, "device"))] = None,  # noqa: UP045
     score_dtype: Annotated[Optional[str], typer.Option(help=help_of(EvalScoreConfig, "score_dtype"))] = None,  # noqa: UP045
     config: ConfigOpt = None,
@@ -647,7 +652,7 @@ def eval_score(
                               vqa=vqa_model)
     conf = cfg.build(EvalScoreConfig, config, images=images, out=out, prompts=prompts, metrics=_split(metrics),
                      models=models or None, models_dir=models_dir, score_batch_size=score_batch_size,
-                     grid_prompts=grid_prompts, device=device, score_dtype=score_dtype)
+                     grid_prompts=grid_prompts, reward_url=reward_url, device=device, score_dtype=score_dtype)
     summary = evaluate.score_existing(conf)
     print_eval_summary(summary, Path(conf.out))
 

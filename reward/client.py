@@ -231,3 +231,58 @@ def _encode_image(image: Any) -> bytes:
         buffer = io.BytesIO()
         image.convert("RGB").save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Drop-in stand-ins for the in-process models, used by `--reward-url`
+
+
+class RemoteScorer:
+    """A served metric with the interface of `curate.scorers.Scorer` (`score`, `name`, `model_id`, `scale`)."""
+
+    def __init__(self, client: RewardClient, metric: str, info: dict[str, Any]) -> None:
+        self.client = client
+        self.name = metric
+        self.model_id = f"{info.get('model_id')} (served at {client.url})"
+        self.scale = info.get("scale", "")
+
+    def score(self, images: Sequence[Any], captions: Sequence[str]) -> Any:
+        return self.client.score_images(self.name, list(images), list(captions))
+
+
+class RemoteLatentRewardModel:
+    """The served LRM with the part of `LatentRewardModel`'s interface that sampling and LPO use."""
+
+    def __init__(self, client: RewardClient, info: dict[str, Any]) -> None:
+        import torch
+
+        self.client = client
+        self.family = info["family"]
+        self.model_id = f"{info.get('model_id')} (served at {client.url})"
+        self.device = torch.device("cpu")  # latents travel as CPU tensors
+        self.dtype = torch.float32
+
+    def encode_text(self, prompts: Sequence[str]) -> None:
+        return None  # the server encodes prompts itself
+
+    def score(self, latents: Any, timesteps: Any, prompts: Sequence[str], text: Any = None) -> Any:
+        return self.client.score_latents(latents, timesteps, list(prompts)).float()
+
+
+def connect(url: str, need_lrm: bool = False, metrics: Sequence[str] = ()) -> tuple[RewardClient, dict[str, Any]]:
+    """A client for `url` and the served models by name (`lrm` for the latent reward model), after checking that
+    the service answers and serves what the caller needs; raises `RewardServiceError` with the fix otherwise."""
+    client = RewardClient(url, retries=2)
+    try:
+        listing = client.models()
+    except RewardServiceError as err:
+        raise RewardServiceError(f"could not reach the reward service at {url} ({err}); start it with "
+                                 "`lpo reward serve` or fix --reward-url.") from None
+    models = {entry["name"]: entry for entry in listing.get("models", [])}
+    if need_lrm and "lrm" not in models:
+        raise RewardServiceError(f"the reward service at {url} serves no latent reward model; start it with --lrm.")
+    missing = [m for m in metrics if m not in models]
+    if missing:
+        raise RewardServiceError(f"the reward service at {url} does not serve {missing}; it serves "
+                                 f"{sorted(models)}.")
+    return client, models

@@ -75,6 +75,8 @@ class LPOConfig:
     family: str = option("sd15", "Base model family: sd15 (SD1.x/2.x) or sdxl.")
     base: str = option(None, "Diffusers pipeline to fine-tune (hub id or local directory).")
     lrm: Path = option(None, "Latent reward model directory (from `lpo reward train`), same latent space as --base.")
+    reward_url: str | None = option(None, "Use the LRM of a running `lpo reward serve` at this URL instead of "
+                                          "--lrm (token from LPO_REWARD_TOKEN).")
     prompts: Path = option(None, "Training prompts: .txt (one per line), .json list, or a manifest with `caption`.")
     out: Path = option(None, "Run directory: checkpoints, validation grids, the LoRA (or full UNet) output.")
     epochs: int = option(5, "Passes over the prompts.")
@@ -159,6 +161,8 @@ class EvalConfig:
                                          "registry default.", factory=dict)
     models_dir: Path | None = option(None, "A directory with one model folder per metric (as `lpo dev tiny-models` "
                                            "writes); used for metrics without an explicit model.")
+    reward_url: str | None = option(None, "Score the metrics that a running `lpo reward serve` at this URL serves "
+                                          "there (and guide with its LRM when --candidates > 1 and no --lrm).")
     images_per_prompt: int = option(4, "Images per prompt; image i of prompt p uses seed + 1000 * p + i.")
     max_prompts: int | None = option(None, "Use only the first N prompts (default: all).")
     steps: int = option(20, "DDIM steps.")
@@ -186,6 +190,7 @@ class EvalScoreConfig:
     metrics: list[str] = option(help=EVAL_METRICS_HELP, factory=_default_eval_metrics)
     models: dict[str, str] = option(help="Model per metric (hub id or local directory).", factory=dict)
     models_dir: Path | None = option(None, "A directory with one model folder per metric.")
+    reward_url: str | None = option(None, "Score the metrics a running `lpo reward serve` at this URL serves there.")
     score_batch_size: int = option(16, "Images per scorer forward.")
     grid_prompts: int = option(4, "Prompts shown in grid.png (one row each).")
     device: str = option("auto", "auto, cpu or cuda.")

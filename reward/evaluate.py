@@ -203,8 +203,8 @@ def validate(config: EvalConfig) -> tuple[list[str], dict[str, str]]:
                          "of prompt p uses seed + 1000 * p + i, so more would share seeds).")
     if config.grid_prompts < 0:
         raise InputError(f"--grid-prompts {config.grid_prompts} must be 0 or more.")
-    if config.candidates > 1 and config.lrm is None:
-        raise InputError("--candidates > 1 needs --lrm to choose between the candidates.")
+    if config.candidates > 1 and config.lrm is None and config.reward_url is None:
+        raise InputError("--candidates > 1 needs --lrm (or --reward-url) to choose between the candidates.")
     eta = generation_settings(config)["eta"]
     if config.lrm is not None and eta <= 0:
         raise InputError(f"--eta {eta}: LRM-guided sampling needs eta > 0 (with eta 0 every candidate is the same).")
@@ -218,6 +218,8 @@ def validate(config: EvalConfig) -> tuple[list[str], dict[str, str]]:
         read_lrm_config(Path(config.lrm))
         check_lrm_matches(family, config.lrm, config.base)
     specs = resolve_metric_specs(config.metrics, config.models, config.models_dir)
+    if config.reward_url is not None:
+        remote_scorers(config.reward_url, list(specs))  # reachable, before anything is generated
     _check_same_run(Path(config.out), generation_settings(config))
     return prompts, specs
 
@@ -313,7 +315,14 @@ def load_generator(config: EvalConfig, device: str) -> tuple[Any, Any]:
         model.vae.to(torch.float32)  # decoding in half precision overflows on the SDXL VAE
     if config.lora is not None:
         model.pipeline.load_lora_weights(str(config.lora))
-    lrm = LatentRewardModel.from_pretrained(config.lrm).to(device) if config.lrm is not None else None
+    if config.lrm is not None:
+        lrm = LatentRewardModel.from_pretrained(config.lrm).to(device)
+    elif config.reward_url is not None and config.candidates > 1:
+        from reward.lpo_train import remote_lrm
+
+        lrm = remote_lrm(config.reward_url, model.family, config.base)
+    else:
+        lrm = None
     return model, lrm
 
 
@@ -400,8 +409,25 @@ def _score_batch(scorer: Any, metric: str, batch: Sequence[EvalItem]) -> list[tu
     return list(zip(scores, errors, strict=True))
 
 
+def remote_scorers(url: str | None, metrics: Sequence[str]) -> dict[str, Any]:
+    """The metrics a running reward service serves, as scorers; the others stay local."""
+    if url is None:
+        return {}
+    from reward.client import RemoteScorer, RewardServiceError, connect
+
+    try:
+        client, models = connect(url)
+    except RewardServiceError as err:
+        raise InputError(str(err)) from None
+    served = {m: RemoteScorer(client, m, models[m]) for m in metrics if m in models}
+    logger.info("scoring %s at %s; %s locally", sorted(served) or "nothing", url,
+                sorted(set(metrics) - set(served)) or "nothing")
+    return served
+
+
 def score_items(items: Sequence[EvalItem], specs: dict[str, str], out: Path, batch_size: int, device: str,
-                dtype: Any) -> tuple[dict[str, dict[str, tuple[float | None, str | None]]], dict[str, dict]]:
+                dtype: Any, remote: dict[str, Any] | None = None,
+                ) -> tuple[dict[str, dict[str, tuple[float | None, str | None]]], dict[str, dict]]:
     """Score every item with every metric (one model in memory at a time), resuming from scores/<metric>.jsonl.
     Returns the scores per metric by item key, and each metric's spec, model id and scale."""
     import gc
@@ -417,7 +443,7 @@ def score_items(items: Sequence[EvalItem], specs: dict[str, str], out: Path, bat
         todo = [item for item in items if item.key not in scores]
         header = out / SCORES_DIR / f"{metric}.json"
         if todo:
-            scorer = load_metric(metric, spec, device=device, dtype=dtype)
+            scorer = (remote or {}).get(metric) or load_metric(metric, spec, device=device, dtype=dtype)
             info = {"spec": spec, "model_id": scorer.model_id, "scale": scorer.scale}
             write_text_atomic(json.dumps(info, indent=2) + "\n", header)
             with open(out / SCORES_DIR / f"{metric}.jsonl", "a") as lines, _progress(metric, len(todo)) as advance:
@@ -589,7 +615,8 @@ def run(config: EvalConfig) -> dict[str, Any]:
     with Image.open(items[0].path) as first:
         resolution = list(first.size)
     score_device, score_dtype = _score_device_dtype(config.device, config.score_dtype)
-    scores, models = score_items(items, specs, out, config.score_batch_size, score_device, score_dtype)
+    scores, models = score_items(items, specs, out, config.score_batch_size, score_device, score_dtype,
+                                 remote_scorers(config.reward_url, list(specs)))
     auto = torch.float16 if device.startswith("cuda") else torch.float32
     generation = {"sampler": "DDIM", **settings,
                   "torch_dtype": str(_torch_dtype(config.dtype, "--dtype", auto=auto)).removeprefix("torch."),
@@ -729,7 +756,8 @@ def score_existing(config: EvalScoreConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     cfg.save(config, out / "config.json")
     device, dtype = _score_device_dtype(config.device, config.score_dtype)
-    scores, models = score_items(items, specs, out, config.score_batch_size, device, dtype)
+    scores, models = score_items(items, specs, out, config.score_batch_size, device, dtype,
+                                 remote_scorers(config.reward_url, list(specs)))
     meta = {"generation": None, "source": str(config.images), "versions": _versions()}
     return write_outputs(items, scores, models, out, meta, config.grid_prompts)
 

@@ -82,7 +82,7 @@ def run(config: SampleConfig) -> dict[str, Any]:
             scores = None
             if lrm is not None:
                 steps = torch.ones(n, dtype=torch.long, device=device)
-                scores = lrm.score(latents.to(device, lrm.logit_scale.dtype), steps, [prompt] * n).tolist()
+                scores = lrm.score(latents.to(lrm.device, lrm.dtype), steps, [prompt] * n).tolist()
             for i, image in enumerate(model.decode(latents)):
                 path = out / f"{name}-p{p:04d}-i{i:02d}.png"
                 image.save(path)

@@ -42,16 +42,21 @@ def validate(config: LPOConfig) -> list[str]:
     from reward.diffusion import check_lrm_matches
     from reward.lrm import family_of, read_lrm_config, read_unet_config
 
-    for name in ("base", "lrm", "prompts", "out"):
+    for name in ("base", "prompts", "out"):
         if not getattr(config, name):
             raise InputError(f"--{name} is required.")
+    if (config.lrm is None) == (config.reward_url is None):
+        raise InputError("give the latent reward model as either --lrm DIR or --reward-url URL (one of them).")
     if config.family not in ("sd15", "sdxl"):
         raise InputError(f"family {config.family!r} is not sd15 or sdxl.")
     found = family_of(read_unet_config(config.base))
     if found != config.family:
         raise InputError(f"{config.base} is an {found} pipeline; run `lpo optimize {found}` instead.")
-    read_lrm_config(Path(config.lrm))
-    check_lrm_matches(found, config.lrm, config.base)
+    if config.lrm is not None:
+        read_lrm_config(Path(config.lrm))
+        check_lrm_matches(found, config.lrm, config.base)
+    else:
+        remote_lrm(config.reward_url, found, config.base)
     prompts = read_prompts(config.prompts)
     if config.eta <= 0:
         raise InputError("--eta must be > 0: LPO needs a stochastic DDIM step to have a likelihood.")
@@ -77,6 +82,21 @@ def validate(config: LPOConfig) -> list[str]:
     elif (Path(config.out) / CHECKPOINTS).is_dir() and any((Path(config.out) / CHECKPOINTS).iterdir()):
         raise InputError(f"{config.out} already holds checkpoints; pass --resume to continue, or a new --out.")
     return prompts
+
+
+def remote_lrm(url: str, family: str, base: str) -> Any:
+    """The served LRM, after checking that it serves one of `family`'s latent space."""
+    from reward.client import RemoteLatentRewardModel, RewardServiceError, connect
+
+    try:
+        client, models = connect(url, need_lrm=True)
+    except RewardServiceError as err:
+        raise InputError(str(err)) from None
+    remote = RemoteLatentRewardModel(client, models["lrm"])
+    if remote.family != family:
+        raise InputError(f"the latent reward model served at {url} was built on an {remote.family} backbone, but "
+                         f"{base} is an {family} pipeline: their latent spaces differ.")
+    return remote
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -158,8 +178,11 @@ def run(config: LPOConfig) -> dict[str, Any]:
     set_seed(config.seed)
     frozen_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
     model = DiffusionModel.load(config.base, config.family, dtype=frozen_dtype, device=str(accelerator.device))
-    lrm = LatentRewardModel.from_pretrained(config.lrm, dtype=frozen_dtype).to(accelerator.device)
-    lrm.requires_grad_(False)
+    if config.reward_url is not None:
+        lrm = remote_lrm(config.reward_url, config.family, config.base)
+    else:
+        lrm = LatentRewardModel.from_pretrained(config.lrm, dtype=frozen_dtype).to(accelerator.device)
+        lrm.requires_grad_(False)
     unet = model.unet
     lora = config.lora_rank > 0
     if lora:
@@ -248,7 +271,7 @@ def _round(config, accelerator, model, unet, reference, lrm, optimizer, prompts,
     cond = model.encode_prompts(batch_prompts)
     result = rollout(model, cond, batch_prompts, lrm, generators, thresholds, config.steps, config.guidance,
                      config.eta, config.candidates, config.score_timestep, unet=policy)
-    final_scores = lrm.score(result.final.to(lrm.device, lrm.logit_scale.dtype),
+    final_scores = lrm.score(result.final.to(lrm.device, lrm.dtype),
                              torch.ones(len(batch_prompts), dtype=torch.long, device=lrm.device),
                              batch_prompts).float()
     local = [{"x_t": result.x_t[i], "t": result.timesteps[i], "prompt": batch_prompts[result.prompt_index[i]],

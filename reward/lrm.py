@@ -263,6 +263,10 @@ class LatentRewardModel(nn.Module):
     def device(self) -> torch.device:
         return self.logit_scale.device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.logit_scale.dtype
+
     def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         def ids(tokenizer: Any, encoder: nn.Module) -> torch.Tensor:
             length = min(tokenizer.model_max_length, encoder.config.max_position_embeddings)

@@ -39,7 +39,7 @@ def score_candidates(lrm: Any, candidates: torch.Tensor, timestep: int, prompts:
                      text: dict[str, torch.Tensor] | None) -> torch.Tensor:
     """LRM scores [K, B] of candidates [K, B, C, H, W], all K x B in one batch."""
     k, b = candidates.shape[:2]
-    flat = candidates.reshape(k * b, *candidates.shape[2:]).to(lrm.device, lrm.logit_scale.dtype)
+    flat = candidates.reshape(k * b, *candidates.shape[2:]).to(lrm.device, lrm.dtype)
     steps = torch.full((k * b,), int(timestep), dtype=torch.long, device=lrm.device)
     repeated = None if text is None else {name: value.repeat(k, *([1] * (value.dim() - 1)))
                                           for name, value in text.items()}

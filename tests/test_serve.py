@@ -580,3 +580,61 @@ def test_the_client_does_not_retry_a_4xx_and_gives_up_on_a_dead_server() -> None
     with pytest.raises(RewardServiceError, match="after 3 attempts") as unreachable:
         _stub_client(_free_port(), retries=2).score_images("clip", _images(1), ["a"])
     assert unreachable.value.status is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --reward-url: trainers and evaluation use the service instead of loading the models, with the same results
+
+
+def test_lpo_with_reward_url_matches_the_local_lrm(url: str, lrm_dir: Path, tiny_models_dir: Path, tmp_path: Path):
+    from safetensors.torch import load_file
+
+    from reward import lpo_train
+    from reward.configs import LPOConfig
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle on a blue background\na green square on a white background\n")
+    common = dict(family="sd15", base=str(tiny_models_dir / "sd15"), prompts=prompts, epochs=1, sample_batch_size=2,
+                  train_batch_size=4, candidates=3, steps=3, threshold=[0.0, 0.0], lora_rank=4, lr=1e-3,
+                  device="cpu", validation_images=1)
+    local = lpo_train.run(LPOConfig(lrm=lrm_dir, out=tmp_path / "local", **common))
+    remote = lpo_train.run(LPOConfig(reward_url=url, out=tmp_path / "remote", **common))
+    assert [r["valid_pairs"] for r in remote["history"]] == [r["valid_pairs"] for r in local["history"]]
+    assert remote["history"][0]["final_lrm_score"] == pytest.approx(local["history"][0]["final_lrm_score"], abs=1e-4)
+    a = load_file(tmp_path / "local" / "lora" / "pytorch_lora_weights.safetensors")
+    b = load_file(tmp_path / "remote" / "lora" / "pytorch_lora_weights.safetensors")
+    for key in a:  # the same winners and losers were chosen, so training took the same steps
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+def test_eval_with_reward_url_matches_local_scoring(url: str, tiny_models_dir: Path, tmp_path: Path):
+    import polars as pl
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    base = ["eval", "--base", str(tiny_models_dir / "sd15"), "--prompts", str(prompts), "--metrics",
+            "pickscore,clip,aesthetic", "--models-dir", str(tiny_models_dir), "--images-per-prompt", "2",
+            "--steps", "2", "--device", "cpu"]
+    runner = CliRunner()
+    local = runner.invoke(app, [*base, "--out", str(tmp_path / "local")])
+    assert local.exit_code == 0, local.output
+    remote = runner.invoke(app, [*base, "--out", str(tmp_path / "remote"), "--reward-url", url])
+    assert remote.exit_code == 0, remote.output
+    a = pl.read_parquet(tmp_path / "local" / "images.parquet")
+    b = pl.read_parquet(tmp_path / "remote" / "images.parquet")
+    for metric in ("pickscore", "clip", "aesthetic"):
+        assert b[metric].to_list() == pytest.approx(a[metric].to_list(), rel=1e-5, abs=1e-5)
+    summary = json.loads((tmp_path / "remote" / "summary.json").read_text())
+    assert "served at" in json.dumps(summary)  # the summary says where each score came from
+
+
+def test_reward_url_that_does_not_answer_exits_2(tiny_models_dir: Path, tmp_path: Path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    dead = f"http://127.0.0.1:{_free_port()}"
+    result = CliRunner().invoke(app, ["optimize", "sd15", "--base", str(tiny_models_dir / "sd15"), "--prompts",
+                                      str(prompts), "--out", str(tmp_path / "out"), "--reward-url", dead])
+    assert result.exit_code == 2 and "could not reach the reward service" in result.output
+    both = CliRunner().invoke(app, ["optimize", "sd15", "--base", str(tiny_models_dir / "sd15"), "--prompts",
+                                    str(prompts), "--out", str(tmp_path / "out")])
+    assert both.exit_code == 2 and "either --lrm DIR or --reward-url URL" in both.output
