@@ -4,9 +4,12 @@ keeping the newest few."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -36,3 +39,13 @@ def save(accelerator: Any, out: Path, prefix: str, index: int, state: dict[str, 
 
 def load_state(checkpoint: Path) -> dict[str, Any]:
     return json.loads((checkpoint / STATE_FILE).read_text())
+
+
+def resume(accelerator: Any, out: Path, prefix: str, fresh: dict[str, Any]) -> dict[str, Any]:
+    """Load the newest checkpoint into the prepared objects and return its trainer state (`fresh` if none)."""
+    checkpoint = latest(out, prefix)
+    if checkpoint is None:
+        return fresh
+    accelerator.load_state(str(checkpoint))
+    logger.info("resumed from %s", checkpoint)
+    return load_state(checkpoint)

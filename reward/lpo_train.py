@@ -209,11 +209,7 @@ def run(config: LPOConfig) -> dict[str, Any]:
 
     state = {"round": 0, "tuples_trained": 0, "rounds": []}
     if config.resume:
-        checkpoint = latest_checkpoint(out)
-        if checkpoint is not None:
-            accelerator.load_state(str(checkpoint))
-            state = checkpoints.load_state(checkpoint)
-            logger.info("resumed from %s (round %d)", checkpoint, state["round"])
+        state = checkpoints.resume(accelerator, out, "round", state)
     world, rank = accelerator.num_processes, accelerator.process_index
     per_epoch = rounds_per_epoch(len(prompts), config.sample_batch_size, world)
     total_rounds = per_epoch * config.epochs

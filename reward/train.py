@@ -196,11 +196,7 @@ def run(config: RewardTrainConfig) -> dict[str, Any]:
 
     state = {"step": 0, "best_accuracy": -1.0, "best_step": None, "history": []}
     if config.resume:
-        checkpoint = latest_checkpoint(out)
-        if checkpoint is not None:
-            accelerator.load_state(str(checkpoint))
-            state = checkpoints.load_state(checkpoint)
-            logger.info("resumed from %s (update %d)", checkpoint, state["step"])
+        state = checkpoints.resume(accelerator, out, "step", state)
 
     world = accelerator.num_processes
     effective = config.batch_size * config.grad_accum * world
