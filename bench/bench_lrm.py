@@ -12,9 +12,10 @@
 
 Every model is built from its SD1.5 (or open_clip) config with random weights, so nothing is downloaded; the CLIP
 tokenizer is a byte-level stand-in, since only its 77-token length matters for the timing. Each contender gets a
-warm-up call, then the repeats alternate between contenders and the fastest of each is kept. The default run takes
-about 5 minutes on 2 cores, most of it in section 3 (backward through the down and mid blocks at UNet batch 4, and
-the VAE encoder at 512 px) and in the VAE decoder of section 1.
+warm-up call, then the repeats alternate between contenders and the fastest of each is kept; `--sections` reruns
+only some parts. The default run takes about 7.5 minutes on 2 cores (peak memory about 12 GB): half of it is
+section 3's five training steps (backward through the down and mid blocks at UNet batch 4, AdamW over 476M
+parameters, the VAE encoder at 512 px), a fifth is section 1's three VAE decodes to 512 px.
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ def scoring_section(lrm, vae, scheduler, batch: int, repeats: int) -> None:
 
     clip = open_clip.create_model("ViT-H-14", pretrained=None).eval()
     noisy, t, prompts = noisy_latents(scheduler, batch)
+    # CLIP's input stands in for the decoded image: pixel values do not change its time, and a decode costs ~20 s
     decoded = torch.rand(batch, 3, 512, 512) * 2 - 1
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
@@ -116,7 +118,6 @@ def scoring_section(lrm, vae, scheduler, batch: int, repeats: int) -> None:
 
     with torch.inference_mode():
         s = fastest({"vfe": lrm_score(7.5), "plain": lrm_score(1.0), "decode": decode, "clip": clip_image}, repeats)
-    lrm.config.vfe_scale = 7.5
     pixel = s["decode"] + s["clip"]
     print(f"1. Scoring {batch} noisy 64x64x4 latent(s)")
     print(f"  LRM score, VFE 7.5 (UNet batch x2):     {s['vfe']:7.2f} s")
@@ -194,7 +195,8 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=1, help="pairs per training step (section 3)")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per contender; the fastest is kept")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--sections", type=int, nargs="+", choices=(1, 2, 3), default=[1, 2, 3])
+    parser.add_argument("--sections", type=int, nargs="+", choices=(1, 2, 3), default=[1, 2, 3],
+                        help="parts to run, to rerun one alone (3 drops the UNet's up blocks, so it runs last)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
