@@ -1,6 +1,6 @@
 """LPO cost at Stable Diffusion 1.5's real size, on the CPU, with random weights (nothing is downloaded).
 
-    python bench/bench_lpo.py [--tuples 1] [--candidates 4] [--steps 4] [--repeats 2] [--threads N]
+    python bench/bench_lpo.py [--tuples 1] [--candidates 4] [--steps 4] [--repeats 2] [--threads N] [--sections 1 2 3]
 
 1. The loss step (forward + backward over a batch of preference tuples, LoRA rank 4): one policy and one reference
    CFG forward per batch, as `reward.lpo_train.step_log_probs` does, against the reference code's four (policy and
@@ -82,15 +82,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="DDIM steps of the timed round (real runs: 20)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--sections", type=int, nargs="+", default=[1, 2, 3], help="which parts to run")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from reward import sampler
     from reward.configs import LPOConfig
-    from reward.ddim import threshold_schedule
     from reward.lpo_loss import lpo_loss
-    from reward.lpo_train import step_log_probs
     from reward.lrm import truncate_unet
 
     torch.manual_seed(0)
@@ -114,6 +112,18 @@ def main() -> None:
         return run
 
     print(f"LPO at SD1.5 size on the CPU ({torch.get_num_threads()} threads), random weights, 64x64 latents")
+    if 1 in args.sections:
+        loss_section(args, loss_step, model, reference, batch, cond, config)
+    k = args.candidates
+    if 2 in args.sections:
+        scoring_section(args, lrm, prompt, generator, k)
+    if 3 in args.sections:
+        round_section(args, model, reference, lrm, prompt, config, k)
+
+
+def loss_section(args, loss_step, model, reference, batch, cond, config) -> None:
+    from reward.lpo_train import step_log_probs
+
     steps = fastest({
         "2 passes": loss_step(lambda: step_log_probs(model, model.unet, reference, batch, cond, config)),
         "4 passes": loss_step(lambda: four_pass_log_probs(model, reference, batch, cond, config)),
@@ -123,7 +133,10 @@ def main() -> None:
     print(f"   reference code's four forwards:      {steps['4 passes']:8.2f} s")
     print(f"   speed-up:                            {steps['4 passes'] / steps['2 passes']:8.2f}x")
 
-    k = args.candidates
+
+def scoring_section(args, lrm, prompt, generator, k) -> None:
+    from reward import sampler
+
     children = torch.randn(k, 1, 4, 64, 64, generator=generator)
     with torch.inference_mode():
         text = lrm.encode_text([prompt])
@@ -140,6 +153,13 @@ def main() -> None:
     print(f"   one batch of K:                      {scoring['batched']:8.2f} s")
     print(f"   one at a time:                       {scoring['single']:8.2f} s")
     print(f"   speed-up:                            {scoring['single'] / scoring['batched']:8.2f}x")
+
+
+def round_section(args, model, reference, lrm, prompt, config, k) -> None:
+    from reward import sampler
+    from reward.ddim import threshold_schedule
+    from reward.lpo_loss import lpo_loss
+    from reward.lpo_train import step_log_probs
 
     timers = {"sampling": 0.0, "scoring": 0.0}
     real_predict, real_score = model.predict_noise, sampler.score_candidates
@@ -159,7 +179,7 @@ def main() -> None:
     thresholds = {t: 0.0 for t in threshold_schedule(model.scheduler, 1.0, 0.35, 0.5)}  # keep every step's pair
     start = time.perf_counter()
     result = sampler.rollout(model, model.encode_prompts([prompt]), [prompt], lrm,
-                             [torch.Generator().manual_seed(1)], thresholds, steps=args.steps, candidates=k)
+                             [torch.Generator().manual_seed(1)], thresholds, steps=args.steps, k=k)
     rollout_s = time.perf_counter() - start
     model.predict_noise, sampler.score_candidates = real_predict, real_score
     tuples = result.tensors()
