@@ -49,3 +49,22 @@ def resume(accelerator: Any, out: Path, prefix: str, fresh: dict[str, Any]) -> d
     accelerator.load_state(str(checkpoint))
     logger.info("resumed from %s", checkpoint)
     return load_state(checkpoint)
+
+
+def check_run_dir(config: Any, out: Path, config_file: str, resumable: set[str], prefix: str) -> None:
+    """Before any model loads: `--resume` needs a run in `out` made with the same settings (bar the `resumable`
+    fields); without it, `out` must not hold checkpoints already."""
+    from curate.config import to_dict
+    from curate.errors import InputError
+
+    path = Path(out) / config_file
+    if config.resume:
+        if not path.exists():
+            raise InputError(f"--resume: {out} holds no run (no {config_file}); drop --resume.")
+        saved, now = json.loads(path.read_text()), to_dict(config)
+        changed = sorted(k for k in saved if k not in resumable and saved[k] != now.get(k))
+        if changed:
+            raise InputError(f"--resume: {out} was run with different {changed}; resume with the same settings, or "
+                             "use a new --out.")
+    elif latest(out, prefix) is not None:
+        raise InputError(f"{out} already holds checkpoints; pass --resume to continue, or a new --out.")

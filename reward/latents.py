@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+import polars as pl
 import torch
 
 from curate import images as curate_images
@@ -101,8 +102,9 @@ class LatentCache:
 
 def build_cache(directory: Path, curation_dir: Path, uids: Iterable[str], vae_source: str, resolution: int,
                 device: str = "cpu", batch_size: int = 16, subfolder: str | None = "vae",
-                flush_every: int = 512) -> tuple[LatentCache, dict[str, str]]:
-    """Encode every uid not yet cached; return the cache and the uids that could not be decoded (with why)."""
+                flush_every: int = 512) -> LatentCache:
+    """Encode every uid not yet cached and return the cache; an image that cannot be decoded or found stays out of
+    it (logged), so its pairs are left out by `only_encoded`."""
     cache = LatentCache(directory)
     todo = set(uids) - set(cache.index)
     failures: dict[str, str] = {}
@@ -111,7 +113,7 @@ def build_cache(directory: Path, curation_dir: Path, uids: Iterable[str], vae_so
         if json.loads((directory / META_FILE).read_text()) != meta:
             raise InputError(f"latent cache {directory} was made with another VAE or resolution; delete it.")
     if not todo:
-        return cache, failures
+        return cache
     from diffusers import AutoencoderKL
 
     logger.info("encoding %d images with the VAE of %s at %d px (cached in %s)", len(todo), vae_source, resolution,
@@ -144,5 +146,14 @@ def build_cache(directory: Path, curation_dir: Path, uids: Iterable[str], vae_so
     flush()
     missing = todo - set(cache.index) - set(failures)
     failures.update((uid, "image not found in the curation directory") for uid in missing)
-    del vae
-    return cache, failures
+    if failures:
+        uid, why = next(iter(failures.items()))
+        logger.warning("%d images could not be encoded (e.g. %s: %s); their pairs are left out", len(failures), uid,
+                       why)
+    return cache
+
+
+def only_encoded(pairs: pl.DataFrame, cache: LatentCache) -> pl.DataFrame:
+    """The pairs whose two images are both in the cache."""
+    cached = list(cache.index)
+    return pairs.filter(pl.col("image_0_uid").is_in(cached) & pl.col("image_1_uid").is_in(cached))

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from curate import config as cfg
 from curate.errors import InputError
 from reward import checkpoints
 from reward.checkpoints import CHECKPOINTS
@@ -28,12 +29,8 @@ from reward.configs import LPOConfig
 logger = logging.getLogger(__name__)
 
 RESUMABLE_FIELDS = {"resume", "epochs", "save_every_rounds", "log_with", "device", "merge"}
+CONFIG_FILE = "lpo_config.json"
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
-
-
-def _identity(config: LPOConfig) -> dict[str, Any]:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items()
-            if k not in RESUMABLE_FIELDS}
 
 
 def validate(config: LPOConfig) -> list[str]:
@@ -70,17 +67,7 @@ def validate(config: LPOConfig) -> list[str]:
     for name in ("epochs", "steps", "sample_batch_size", "train_batch_size"):
         if getattr(resolved, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1.")
-    state_file = Path(config.out) / "lpo_config.json"
-    if config.resume:
-        if not state_file.exists():
-            raise InputError(f"--resume: {config.out} holds no LPO run (no lpo_config.json); drop --resume.")
-        saved = {k: v for k, v in json.loads(state_file.read_text()).items() if k not in RESUMABLE_FIELDS}
-        changed = sorted(k for k in saved if saved[k] != _identity(resolved).get(k))
-        if changed:
-            raise InputError(f"--resume: {config.out} was run with different {changed}; resume with the same "
-                             "settings, or use a new --out.")
-    elif (Path(config.out) / CHECKPOINTS).is_dir() and any((Path(config.out) / CHECKPOINTS).iterdir()):
-        raise InputError(f"{config.out} already holds checkpoints; pass --resume to continue, or a new --out.")
+    checkpoints.check_run_dir(resolved, Path(config.out), CONFIG_FILE, RESUMABLE_FIELDS, "round")
     return prompts
 
 
@@ -173,8 +160,7 @@ def run(config: LPOConfig) -> dict[str, Any]:
                               project_dir=str(out))
     out.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
-        saved = _identity(config) | {k: getattr(config, k) for k in RESUMABLE_FIELDS}
-        (out / "lpo_config.json").write_text(json.dumps(saved, indent=2, default=str) + "\n")
+        cfg.save(config, out / CONFIG_FILE)
     set_seed(config.seed)
     frozen_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
     model = DiffusionModel.load(config.base, config.family, dtype=frozen_dtype, device=str(accelerator.device))

@@ -80,7 +80,7 @@ def plot_accuracy(accuracy: dict[int, float], path: Path, title: str = "LRM pair
 def run_eval(config: RewardEvalConfig) -> dict[str, Any]:
     """`lpo reward eval`: accuracy per timestep as JSON plus a PNG plot."""
     from curate.manifest import curation_dir_of, read_pairs
-    from reward.latents import build_cache, cache_dir
+    from reward.latents import build_cache, cache_dir, only_encoded
     from reward.lrm import load_noise_scheduler, read_lrm_config, resolve_device
 
     lrm_config = read_lrm_config(Path(config.lrm))
@@ -95,16 +95,14 @@ def run_eval(config: RewardEvalConfig) -> dict[str, Any]:
     device = resolve_device(config.device)
     out = Path(config.out) if config.out else Path(config.lrm) / "eval"
     uids = set(pairs["image_0_uid"]) | set(pairs["image_1_uid"])
-    cache, failures = build_cache(cache_dir(out / "latent_cache", str(Path(config.lrm).resolve()),
-                                            lrm_config.resolution),
-                                  curation_dir_of(config.manifest), uids, str(config.lrm), lrm_config.resolution,
-                                  device=device)
-    pairs = pairs.filter(~pl.col("image_0_uid").is_in(list(failures)) & ~pl.col("image_1_uid").is_in(list(failures)))
+    cache = build_cache(cache_dir(out / "latent_cache", str(Path(config.lrm).resolve()), lrm_config.resolution),
+                        curation_dir_of(config.manifest), uids, str(config.lrm), lrm_config.resolution, device=device)
+    encoded = only_encoded(pairs, cache)
     model = LatentRewardModel.from_pretrained(config.lrm).to(device)
-    accuracy = accuracy_per_timestep(model, cache, pairs, load_noise_scheduler(config.lrm), config.timesteps,
+    accuracy = accuracy_per_timestep(model, cache, encoded, load_noise_scheduler(config.lrm), config.timesteps,
                                      config.seed, config.batch_size)
-    result = {"lrm": str(config.lrm), "manifest": str(config.manifest), "pairs": pairs.height,
-              "skipped_pairs_with_undecodable_images": len(failures), "seed": config.seed,
+    result = {"lrm": str(config.lrm), "manifest": str(config.manifest), "pairs": encoded.height,
+              "skipped_pairs_with_undecodable_images": pairs.height - encoded.height, "seed": config.seed,
               "accuracy": {str(t): a for t, a in accuracy.items()}}
     out.mkdir(parents=True, exist_ok=True)
     (out / "accuracy.json").write_text(json.dumps(result, indent=2) + "\n")

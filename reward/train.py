@@ -21,6 +21,7 @@ from typing import Any
 import polars as pl
 import torch
 
+from curate import config as cfg
 from curate.errors import InputError
 from reward import checkpoints
 from reward.checkpoints import CHECKPOINTS
@@ -30,15 +31,11 @@ logger = logging.getLogger(__name__)
 
 # Fields that may change between a run and its resume; any other change makes it a different run.
 RESUMABLE_FIELDS = {"resume", "max_steps", "eval_every", "save_every", "log_with", "device"}
+CONFIG_FILE = "train_config.json"
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is left as it was."""
-
-
-def _identity(config: RewardTrainConfig) -> dict[str, Any]:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items()
-            if k not in RESUMABLE_FIELDS}
 
 
 def validate(config: RewardTrainConfig) -> dict[str, Any]:
@@ -62,18 +59,7 @@ def validate(config: RewardTrainConfig) -> dict[str, Any]:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1.")
     if not 0 <= config.val_fraction < 1:
         raise InputError("--val-fraction must be in [0, 1).")
-    state_file = Path(config.out) / "train_config.json"
-    if config.resume:
-        if not state_file.exists():
-            raise InputError(f"--resume: {config.out} holds no run (no train_config.json); drop --resume.")
-        saved = json.loads(state_file.read_text())
-        saved_identity = {k: v for k, v in saved.items() if k not in RESUMABLE_FIELDS}
-        changed = sorted(k for k in saved_identity if saved_identity[k] != _identity(config).get(k))
-        if changed:
-            raise InputError(f"--resume: {config.out} was trained with different {changed}; resume with the same "
-                             "settings, or use a new --out.")
-    elif latest_checkpoint(Path(config.out)) is not None:
-        raise InputError(f"{config.out} already holds checkpoints; pass --resume to continue, or a new --out.")
+    checkpoints.check_run_dir(config, Path(config.out), CONFIG_FILE, RESUMABLE_FIELDS, "step")
     return unet_config
 
 
@@ -122,7 +108,7 @@ def run(config: RewardTrainConfig) -> dict[str, Any]:
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
     from curate.manifest import curation_dir_of, read_pairs
-    from reward.latents import LatentCache, build_cache, cache_dir
+    from reward.latents import LatentCache, build_cache, cache_dir, only_encoded
     from reward.lrm import LatentRewardModel, export_components, family_of, load_noise_scheduler, pixel_resolution
     from reward.lrm_eval import accuracy_per_timestep, plot_accuracy, usable_pairs
 
@@ -150,9 +136,7 @@ def run(config: RewardTrainConfig) -> dict[str, Any]:
     )
     out.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
-        (out / "train_config.json").write_text(json.dumps(_identity(config) | {
-            k: getattr(config, k) if not isinstance(getattr(config, k), Path) else str(getattr(config, k))
-            for k in RESUMABLE_FIELDS}, indent=2, default=str) + "\n")
+        cfg.save(config, out / CONFIG_FILE)
 
     # 1. latents, once per unique image (main process encodes, the others wait and read)
     resolution = pixel_resolution(unet_config, config.base, config.vae)
@@ -160,22 +144,17 @@ def run(config: RewardTrainConfig) -> dict[str, Any]:
     latent_dir = cache_dir(out / "latent_cache", vae_source, resolution)
     uids = set(pairs["image_0_uid"]) | set(pairs["image_1_uid"]) | set(val_pairs["image_0_uid"]) | set(
         val_pairs["image_1_uid"])
-    failures: dict[str, str] = {}
     with accelerator.main_process_first():
         if accelerator.is_main_process:
             curation = {curation_dir_of(config.manifest)}
             if config.val_manifest is not None:
                 curation.add(curation_dir_of(config.val_manifest))
             for directory in curation:
-                _, failed = build_cache(latent_dir, directory, uids, vae_source, resolution,
-                                        device=str(accelerator.device), subfolder=None if config.vae else "vae")
-                failures.update(failed)
-    cache = LatentCache(latent_dir)
+                build_cache(latent_dir, directory, uids, vae_source, resolution, device=str(accelerator.device),
+                            subfolder=None if config.vae else "vae")
+    cache = LatentCache(latent_dir)  # what could not be encoded is absent from it
     missing = [u for u in uids if u not in cache]
-    if missing:
-        logger.warning("%d images could not be encoded (e.g. %s); their pairs are skipped", len(missing), missing[:3])
-        train_pairs = train_pairs.filter(~pl.col("image_0_uid").is_in(missing) & ~pl.col("image_1_uid").is_in(missing))
-        val_pairs = val_pairs.filter(~pl.col("image_0_uid").is_in(missing) & ~pl.col("image_1_uid").is_in(missing))
+    train_pairs, val_pairs = only_encoded(train_pairs, cache), only_encoded(val_pairs, cache)
 
     # 2. model, optimizer, schedule
     set_seed(config.seed)
