@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from reward.ddim import step_stats
+from reward.ddim import StepStats, step_stats
 from reward.diffusion import Conditioning, DiffusionModel
 
 NOISE_BANDS = ((751, 1000, "t>751"), (501, 751, "501-751"), (251, 501, "251-501"), (0, 251, "1-251"))
@@ -44,6 +44,22 @@ def score_candidates(lrm: Any, candidates: torch.Tensor, timestep: int, prompts:
     repeated = None if text is None else {name: value.repeat(k, *([1] * (value.dim() - 1)))
                                           for name, value in text.items()}
     return lrm.score(flat, steps, prompts * k, text=repeated).float().view(k, b).cpu()
+
+
+def branch(model: DiffusionModel, latents: torch.Tensor, t: int, cond: Conditioning, guidance: float, eta: float,
+           generators: list[torch.Generator], k: int, unet: Any = None) -> tuple[StepStats, torch.Tensor]:
+    """The DDIM step from x_t at `t` and k children drawn from it ([k, B, ...]; with eta 0, the mean alone)."""
+    timesteps = torch.full((latents.shape[0],), t, dtype=torch.long)
+    eps = model.predict_noise(latents, timesteps, cond, guidance, unet=unet)
+    stats = step_stats(model.scheduler, eps, timesteps, latents, eta)
+    if eta == 0:
+        return stats, stats.mean[None]
+    return stats, stats.mean[None] + stats.std[None] * _noise(generators, k, model.latent_shape).to(stats.mean)
+
+
+def scoring_timestep(t: int, stats: StepStats, score_timestep: str) -> int:
+    """The timestep the LRM scores children at: the parent's (as the reference) or the child's own."""
+    return t if score_timestep == "parent" else max(int(stats.prev_timestep[0]), 0)
 
 
 @dataclass
@@ -79,12 +95,8 @@ def rollout(model: DiffusionModel, cond: Conditioning, prompts: list[str], lrm: 
     text = lrm.encode_text(prompts)
     result = Rollout()
     for t in scheduler.timesteps.tolist():
-        timesteps = torch.full((latents.shape[0],), t, dtype=torch.long)
-        eps = model.predict_noise(latents, timesteps, cond, guidance, unet=unet)
-        stats = step_stats(scheduler, eps, timesteps, latents, eta)
-        children = stats.mean[None] + stats.std[None] * _noise(generators, k, model.latent_shape).to(stats.mean)
-        score_t = t if score_timestep == "parent" else max(int(stats.prev_timestep[0]), 0)
-        scores = score_candidates(lrm, children, score_t, prompts, text)
+        stats, children = branch(model, latents, t, cond, guidance, eta, generators, k, unet)
+        scores = score_candidates(lrm, children, scoring_timestep(t, stats, score_timestep), prompts, text)
         best, worst = scores.argmax(0), scores.argmin(0)
         gap = scores.gather(0, best[None])[0] - scores.gather(0, worst[None])[0]
         # softmax([s_w, s_l])[0] - softmax(...)[1] = tanh(gap / 2)
@@ -116,17 +128,9 @@ def sample(model: DiffusionModel, cond: Conditioning, generators: list[torch.Gen
     text = lrm.encode_text(prompts) if guided else None
     chosen = []
     for t in scheduler.timesteps.tolist():
-        timesteps = torch.full((latents.shape[0],), t, dtype=torch.long)
-        eps = model.predict_noise(latents, timesteps, cond, guidance, unet=unet)
-        stats = step_stats(scheduler, eps, timesteps, latents, eta)
-        if eta == 0:
-            latents = stats.mean
-            continue
-        children = stats.mean[None] + stats.std[None] * _noise(generators, candidates, model.latent_shape).to(
-            stats.mean)
+        stats, children = branch(model, latents, t, cond, guidance, eta, generators, candidates, unet)
         if guided:
-            score_t = t if score_timestep == "parent" else max(int(stats.prev_timestep[0]), 0)
-            best = score_candidates(lrm, children, score_t, prompts, text).argmax(0)
+            best = score_candidates(lrm, children, scoring_timestep(t, stats, score_timestep), prompts, text).argmax(0)
             chosen.append(best)
         else:
             best = torch.zeros(latents.shape[0], dtype=torch.long)
