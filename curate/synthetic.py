@@ -25,6 +25,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle")
 ORACLE_WEIGHTS = {"fg": 0.5, "shape": 0.3, "bg": 0.2}
+WORDS = ("a", "on", "background", *COLOURS, *SHAPES)
+TOKENIZER_MAX_LENGTH = 16  # a caption is 9 words, 11 tokens with the start and end tokens
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,17 @@ class Scene:
     def from_caption(cls, caption: str) -> Scene:
         words = caption.split()
         return cls(fg=words[1], shape=words[2], bg=words[5])
+
+
+def all_scenes() -> list[Scene]:
+    """Every scene of the world (6 x 5 colour pairs x 3 shapes = 90 captions), in a fixed order."""
+    return [Scene(fg, shape, bg) for fg in COLOURS for bg in COLOURS if bg != fg for shape in SHAPES]
+
+
+def agreement(want: Scene, seen: Scene) -> float:
+    """The oracle's weighting of the attributes two scenes share: 1 for the same scene."""
+    return (ORACLE_WEIGHTS["fg"] * (want.fg == seen.fg) + ORACLE_WEIGHTS["shape"] * (want.shape == seen.shape)
+            + ORACLE_WEIGHTS["bg"] * (want.bg == seen.bg))
 
 
 def random_scene(rng: np.random.Generator) -> Scene:
@@ -94,9 +107,40 @@ def perceive(image: np.ndarray) -> Scene:
 
 def oracle(image: np.ndarray, caption: str) -> float:
     """How well `image` matches `caption`, in [0, 1]: 0.5 colour of the shape, 0.3 shape, 0.2 background."""
-    want, seen = Scene.from_caption(caption), perceive(image)
-    return (ORACLE_WEIGHTS["fg"] * (want.fg == seen.fg) + ORACLE_WEIGHTS["shape"] * (want.shape == seen.shape)
-            + ORACLE_WEIGHTS["bg"] * (want.bg == seen.bg))
+    return agreement(Scene.from_caption(caption), perceive(image))
+
+
+def toy_tokenizer(max_length: int = TOKENIZER_MAX_LENGTH):
+    """A CLIPTokenizer whose byte-level BPE merges make each word of the world one token ("red</w>", ...); any
+    other text still tokenises, byte by byte. Built here, so nothing is downloaded; the end token has the highest
+    id, as in CLIP (open_clip's argmax pooling finds it)."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
+    chars = sorted(ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    merges: list[tuple[str, str]] = []
+    for word in WORDS:
+        # Add merges until BPE (lowest rank first) ends at one token. A new merge has the lowest priority, so it
+        # never changes how an earlier word is merged.
+        while len(parts := _bpe(word, merges)) > 1:
+            merges.append((parts[0], parts[1]))
+            vocab.setdefault(parts[0] + parts[1], len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+
+
+def _bpe(word: str, merges: list[tuple[str, str]]) -> list[str]:
+    parts = [*word[:-1], word[-1] + "</w>"]
+    ranks = {pair: rank for rank, pair in enumerate(merges)}
+    while len(parts) > 1:
+        rank, i = min((ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(parts, parts[1:])))
+        if rank == len(ranks):
+            break
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return parts
 
 
 def corrupt(scene: Scene, rng: np.random.Generator) -> Scene:

@@ -40,6 +40,8 @@ class RewardTrainConfig:
     vfe_down: bool = option(False, "Also guide the down-block features.")
     text_projection_init: str | None = option("openai/clip-vit-large-patch14", "CLIP model whose text projection "
                                               "initialises the SD1.x/2.x one ('' for random).")
+    init: str = option("diffusion", "Backbone init: diffusion (the base's trained UNet and text encoder, as the "
+                                    "paper) or random (the same architecture with fresh weights, for ablations).")
     eval_every: int = option(100, "Validate every N updates.")
     save_every: int = option(500, "save_state every N updates.")
     keep_checkpoints: int = option(2, "How many save_state checkpoints to keep.")
@@ -202,3 +204,48 @@ class EvalCompareConfig:
     run_a: Path = option(None, "Baseline run directory (`lpo eval` or `lpo eval score` output).")
     run_b: Path = option(None, "Run to compare against the baseline.")
     out: Path | None = option(None, "Write the comparison here as markdown (and JSON beside it, same stem).")
+
+
+@dataclass
+class ToyModelsConfig:
+    out: Path = option(None, "Directory to write sd15/, pickscore/, clip/ and toy_models.json into.")
+    seed: int = option(0, "Seed for the renders, the initial weights and the training noise.")
+    batch_size: int = option(128, "Images per training step of the diffusion model and the scorers.")
+    vae_batch_size: int = option(64, "Images per VAE training step.")
+    vae_steps: int = option(300, "VAE training steps.")
+    diffusion_images: int = option(16384, "Rendered images whose VAE latents the diffusion model trains on.")
+    diffusion_steps: int = option(700, "UNet + text encoder training steps.")
+    clip_steps: int = option(400, "Training steps of each CLIP-style scorer.")
+    pickscore_temperature: float = option(0.1, "Soft-target temperature of the pickscore model (oracle ordering).")
+    clip_temperature: float = option(0.03, "Soft-target temperature of the clip model (near-exact caption matching).")
+
+
+@dataclass
+class DemoConfig:
+    out: Path = option(Path("runs/demo"), "Run directory: data, curation, LRMs, LPO, samples, demo.md, demo.png.")
+    models: Path = option(Path("manifests/toy-models"), "Toy world models (sd15/, pickscore/, clip/), as "
+                                                        "`lpo dev toy-models` writes them.")
+    train_prompts: int = option(1000, "Toy prompts of the training pairs (4 images and 6 pairs each).")
+    val_prompts: int = option(150, "Toy prompts of the clean held-out pairs the LRMs are evaluated on.")
+    flip_rate: float = option(0.3, "Share of training labels flipped against the oracle (noisy raters).")
+    tie_rate: float = option(0.05, "Share of training pairs labelled as ties.")
+    lrm_steps: int = option(400, "Optimizer updates of each of the three LRMs (the same budget for all).")
+    lrm_batch_size: int = option(64, "Pairs per LRM update.")
+    lrm_lr: float = option(1e-3, "LRM learning rate (tiny models learn fast).")
+    vfe_scale: float = option(1.0, "LRM Visual Feature Enhancement scale (1 = off, which halves the cost).")
+    held_out_prompts: int = option(18, "Captions kept out of LPO training and used to compare the generators.")
+    lpo_epochs: int = option(2, "LPO passes over the training captions.")
+    lpo_sample_batch_size: int = option(24, "Prompts per LPO sampling round.")
+    lpo_train_batch_size: int = option(64, "Preference tuples per LPO optimizer step.")
+    lpo_lr: float = option(1e-3, "LPO learning rate.")
+    lpo_lora_rank: int = option(8, "LPO LoRA rank (0 = full fine-tuning).")
+    lpo_beta: float = option(500.0, "LPO beta.")
+    lpo_threshold: list[float] = option(help="LPO softmax-gap threshold range [least noisy, noisiest step].",
+                                        factory=lambda: [0.35, 0.5])
+    score_timestep: str = option("parent", "Timestep the LRM scores candidates at in LPO and guided sampling: "
+                                           "parent or child.")
+    candidates: int = option(4, "K: candidates per step in LPO and in LRM-guided sampling.")
+    steps: int = option(10, "DDIM steps of every sampler in the demo.")
+    guidance: float = option(2.0, "Classifier-free guidance of every sampler in the demo.")
+    images_per_prompt: int = option(4, "Images per held-out prompt and generator.")
+    seed: int = option(0, "Seed of the data, the training runs and the sampling noise.")
