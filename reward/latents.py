@@ -153,6 +153,11 @@ def build_cache(directory: Path, curation_dir: Path, uids: Iterable[str], vae_so
     return cache
 
 
+def pair_uids(pairs: pl.DataFrame) -> set[str]:
+    """Every image uid of a pairs manifest."""
+    return set(pairs["image_0_uid"]) | set(pairs["image_1_uid"])
+
+
 def only_encoded(pairs: pl.DataFrame, cache: LatentCache) -> pl.DataFrame:
     """The pairs whose two images are both in the cache."""
     cached = list(cache.index)

@@ -156,8 +156,10 @@ class LatentRewardModel(nn.Module):
     def from_base(cls, base: str, *, taps: list[int] | None = None, multi_scale: bool = True,
                   vfe_scale: float = 7.5, vfe_down: bool = False, projection_dim: int | None = None,
                   text_projection_init: str | None = DEFAULT_TEXT_PROJECTION_INIT,
-                  dtype: torch.dtype = torch.float32) -> LatentRewardModel:
-        """Build an untrained LRM from a diffusers SD1.x/2.x or SDXL pipeline (hub id or local directory)."""
+                  dtype: torch.dtype = torch.float32, pretrained: bool = True) -> LatentRewardModel:
+        """Build an untrained LRM from a diffusers SD1.x/2.x or SDXL pipeline (hub id or local directory).
+        With `pretrained=False` the UNet and text encoders keep the base's architecture but start from fresh
+        random weights (the ablation against a diffusion-initialised backbone)."""
         from diffusers import UNet2DConditionModel
         from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -165,14 +167,22 @@ class LatentRewardModel(nn.Module):
         family = family_of(unet_config)
         from reward.diffusion import diffusers_dtype
 
-        unet = truncate_unet(UNet2DConditionModel.from_pretrained(base, subfolder="unet", **diffusers_dtype(dtype)))
+        def load(cls: Any, subfolder: str) -> nn.Module:
+            if pretrained:
+                return cls.from_pretrained(base, subfolder=subfolder, torch_dtype=dtype)
+            return cls(cls.config_class.from_pretrained(base, subfolder=subfolder)).to(dtype)
+
+        if pretrained:
+            unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", **diffusers_dtype(dtype))
+        else:
+            unet = UNet2DConditionModel.from_config(unet_config).to(dtype)
+        unet = truncate_unet(unet)
         tokenizer = AutoTokenizer.from_pretrained(base, subfolder="tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", torch_dtype=dtype)
+        text_encoder = load(CLIPTextModel, "text_encoder")
         text_encoder_2 = tokenizer_2 = None
         if family == "sdxl":
             tokenizer_2 = AutoTokenizer.from_pretrained(base, subfolder="tokenizer_2")
-            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder_2",
-                                                                         torch_dtype=dtype)
+            text_encoder_2 = load(CLIPTextModelWithProjection, "text_encoder_2")
             proj = text_encoder_2.config.projection_dim
         else:
             proj = projection_dim or text_encoder.config.hidden_size

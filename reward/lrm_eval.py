@@ -80,7 +80,7 @@ def plot_accuracy(accuracy: dict[int, float], path: Path, title: str = "LRM pair
 def run_eval(config: RewardEvalConfig) -> dict[str, Any]:
     """`lpo reward eval`: accuracy per timestep as JSON plus a PNG plot."""
     from curate.manifest import curation_dir_of, read_pairs
-    from reward.latents import build_cache, cache_dir, only_encoded
+    from reward.latents import build_cache, cache_dir, only_encoded, pair_uids
     from reward.lrm import load_noise_scheduler, read_lrm_config, resolve_device
 
     lrm_config = read_lrm_config(Path(config.lrm))
@@ -94,7 +94,7 @@ def run_eval(config: RewardEvalConfig) -> dict[str, Any]:
 
     device = resolve_device(config.device)
     out = Path(config.out) if config.out else Path(config.lrm) / "eval"
-    uids = set(pairs["image_0_uid"]) | set(pairs["image_1_uid"])
+    uids = pair_uids(pairs)
     cache = build_cache(cache_dir(out / "latent_cache", str(Path(config.lrm).resolve()), lrm_config.resolution),
                         curation_dir_of(config.manifest), uids, str(config.lrm), lrm_config.resolution, device=device)
     encoded = only_encoded(pairs, cache)

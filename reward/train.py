@@ -59,6 +59,8 @@ def validate(config: RewardTrainConfig) -> dict[str, Any]:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1.")
     if not 0 <= config.val_fraction < 1:
         raise InputError("--val-fraction must be in [0, 1).")
+    if config.init not in ("diffusion", "random"):
+        raise InputError(f"--init {config.init!r} is not diffusion or random.")
     checkpoints.check_run_dir(config, Path(config.out), CONFIG_FILE, RESUMABLE_FIELDS, "step")
     return unet_config
 
@@ -108,7 +110,7 @@ def run(config: RewardTrainConfig) -> dict[str, Any]:
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
     from curate.manifest import curation_dir_of, read_pairs
-    from reward.latents import LatentCache, build_cache, cache_dir, only_encoded
+    from reward.latents import LatentCache, build_cache, cache_dir, only_encoded, pair_uids
     from reward.lrm import LatentRewardModel, export_components, family_of, load_noise_scheduler, pixel_resolution
     from reward.lrm_eval import accuracy_per_timestep, plot_accuracy, usable_pairs
 
@@ -142,15 +144,15 @@ def run(config: RewardTrainConfig) -> dict[str, Any]:
     resolution = pixel_resolution(unet_config, config.base, config.vae)
     vae_source = config.vae or config.base
     latent_dir = cache_dir(out / "latent_cache", vae_source, resolution)
-    uids = set(pairs["image_0_uid"]) | set(pairs["image_1_uid"]) | set(val_pairs["image_0_uid"]) | set(
-        val_pairs["image_1_uid"])
+    uids = pair_uids(pairs) | pair_uids(val_pairs)
     with accelerator.main_process_first():
         if accelerator.is_main_process:
-            curation = {curation_dir_of(config.manifest)}
+            # each manifest's images live in its own curation directory: encode them from there
+            sources = {curation_dir_of(config.manifest): pair_uids(pairs)}
             if config.val_manifest is not None:
-                curation.add(curation_dir_of(config.val_manifest))
-            for directory in curation:
-                build_cache(latent_dir, directory, uids, vae_source, resolution, device=str(accelerator.device),
+                sources.setdefault(curation_dir_of(config.val_manifest), set()).update(pair_uids(val_pairs))
+            for directory, wanted in sources.items():
+                build_cache(latent_dir, directory, wanted, vae_source, resolution, device=str(accelerator.device),
                             subfolder=None if config.vae else "vae")
     cache = LatentCache(latent_dir)  # what could not be encoded is absent from it
     missing = [u for u in uids if u not in cache]
@@ -160,7 +162,7 @@ def run(config: RewardTrainConfig) -> dict[str, Any]:
     set_seed(config.seed)
     model = LatentRewardModel.from_base(
         config.base, multi_scale=config.multi_scale, vfe_scale=config.vfe_scale, vfe_down=config.vfe_down,
-        text_projection_init=config.text_projection_init or None)
+        text_projection_init=config.text_projection_init or None, pretrained=config.init == "diffusion")
     if config.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
         for encoder in (model.text_encoder, model.text_encoder_2):

@@ -185,3 +185,22 @@ def test_pairwise_correct_counts_ties_as_half() -> None:
     labels = pair_labels(torch.tensor([0, 1, -1, 0]), torch.tensor([False, False, True, False]))
     correct = pairwise_correct(torch.tensor([2.0, 2.0, 5.0, 1.0]), torch.tensor([1.0, 1.0, 0.0, 1.0]), labels)
     assert correct.tolist() == [1.0, 0.0, 0.5, 0.0]  # an exact score tie on a decided pair earns nothing
+
+
+def test_random_init_keeps_the_architecture_with_fresh_weights(tiny_models_dir: Path) -> None:
+    from diffusers import UNet2DConditionModel
+
+    base = str(tiny_models_dir / "sd15")
+    torch.manual_seed(0)
+    trained = LatentRewardModel.from_base(base, text_projection_init=None)
+    torch.manual_seed(0)
+    fresh = LatentRewardModel.from_base(base, text_projection_init=None, pretrained=False)
+    shapes = {k: v.shape for k, v in trained.state_dict().items()}
+    assert shapes == {k: v.shape for k, v in fresh.state_dict().items()}
+    saved = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    assert torch.equal(trained.unet.conv_in.weight, saved.conv_in.weight)
+    assert not torch.equal(fresh.unet.conv_in.weight, saved.conv_in.weight)
+    assert not torch.equal(fresh.text_encoder.get_input_embeddings().weight,
+                           trained.text_encoder.get_input_embeddings().weight)
+    latents, t, prompts = _inputs(fresh)
+    assert torch.isfinite(fresh.score(latents, t, prompts)).all()

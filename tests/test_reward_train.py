@@ -123,6 +123,8 @@ def test_bad_inputs_are_input_errors(manifest, tiny_models_dir, tmp_path):
         train.run(_config(tiny_models_dir / "sd15" / "model_index.json", tiny_models_dir / "sd15", tmp_path / "b"))
     with pytest.raises(InputError, match="unet/config.json"):
         train.run(_config(manifest, tiny_models_dir / "pickscore", tmp_path / "c"))
+    with pytest.raises(InputError, match="--init 'scratch' is not diffusion or random"):
+        train.run(_config(manifest, tiny_models_dir / "sd15", tmp_path / "e", init="scratch"))
     out = tmp_path / "d"
     train.run(_config(manifest, tiny_models_dir / "sd15", out, max_steps=2))
     with pytest.raises(InputError, match="already holds checkpoints"):
@@ -181,3 +183,14 @@ def test_eval_and_score_commands(manifest, tiny_models_dir, tmp_path):
     bad = runner.invoke(app, ["reward", "score", "--lrm", str(out / "best"), "--images", str(paths[0]),
                               "--images", str(paths[1]), "--prompt", "a", "--prompt", "b", "--prompt", "c"])
     assert bad.exit_code == 2 and "2 images but 3 prompts" in bad.output
+
+
+def test_val_manifest_from_another_curation_dir_is_encoded_from_there(manifest, tiny_models_dir, tmp_path, caplog):
+    """Each manifest's images come from its own curation directory; none is reported missing."""
+    source = write_pickapic_parquet(tmp_path / "val.parquet", num_prompts=2, flip_rate=0.0, seed=99)
+    ingest.run(ingest.IngestConfig(source=str(source), out=tmp_path / "val"))
+    with caplog.at_level("WARNING", logger="reward.latents"):
+        summary = train.run(_config(manifest, tiny_models_dir / "sd15", tmp_path / "run", max_steps=2,
+                                    val_manifest=tmp_path / "val" / "pairs.parquet"))
+    assert "could not be encoded" not in caplog.text
+    assert summary["validation_pairs"] == 12 and summary["skipped_images"] == 0
