@@ -20,6 +20,7 @@ from curate.filter import FilterConfig
 from curate.ingest import IngestConfig
 from curate.score import ScoreConfig
 from reward.configs import (
+    DemoConfig,
     EvalCompareConfig,
     EvalConfig,
     EvalScoreConfig,
@@ -27,6 +28,7 @@ from reward.configs import (
     RewardEvalConfig,
     RewardTrainConfig,
     SampleConfig,
+    ToyModelsConfig,
 )
 from reward.serve import ServeConfig
 
@@ -34,7 +36,8 @@ app = typer.Typer(help="Curate preference pairs, train latent reward models and 
                   no_args_is_help=True, pretty_exceptions_enable=False)
 curate_app = typer.Typer(help="Pick-a-Pic ingest, image scoring and MPCF filtering into parquet manifests.",
                          no_args_is_help=True)
-dev_app = typer.Typer(help="Developer tools: tiny offline models and sample data.", no_args_is_help=True)
+dev_app = typer.Typer(help="Developer tools: tiny offline models, the toy world's trained models, sample data.",
+                      no_args_is_help=True)
 reward_app = typer.Typer(help="Latent reward model (LRM): train, evaluate per timestep, score images, serve rewards.",
                          no_args_is_help=True)
 optimize_app = typer.Typer(help="Latent Preference Optimization: step-level preference fine-tuning with an LRM.",
@@ -261,6 +264,7 @@ def reward_train(
     vfe_down: Annotated[Optional[bool], typer.Option(help=help_of(RewardTrainConfig, "vfe_down"))] = None,  # noqa: UP045
     text_projection_init: Annotated[Optional[str], typer.Option(  # noqa: UP045
         help=help_of(RewardTrainConfig, "text_projection_init"))] = None,
+    init: Annotated[Optional[str], typer.Option(help=help_of(RewardTrainConfig, "init"))] = None,  # noqa: UP045
     eval_every: Annotated[Optional[int], typer.Option(help=help_of(RewardTrainConfig, "eval_every"))] = None,  # noqa: UP045
     save_every: Annotated[Optional[int], typer.Option(help=help_of(RewardTrainConfig, "save_every"))] = None,  # noqa: UP045
     seed: Annotated[Optional[int], typer.Option(help=help_of(RewardTrainConfig, "seed"))] = None,  # noqa: UP045
@@ -278,7 +282,8 @@ def reward_train(
         val_fraction=val_fraction, vae=vae, timesteps=_ints(timesteps), batch_size=batch_size, grad_accum=grad_accum,
         max_steps=max_steps, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, max_grad_norm=max_grad_norm,
         mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing, multi_scale=multi_scale,
-        vfe_scale=vfe_scale, vfe_down=vfe_down, text_projection_init=text_projection_init, eval_every=eval_every,
+        vfe_scale=vfe_scale, vfe_down=vfe_down, text_projection_init=text_projection_init, init=init,
+        eval_every=eval_every,
         save_every=save_every, seed=seed, resume=resume or None, log_with=_split(log_with), device=device,
     )
     try:
@@ -687,6 +692,49 @@ def eval_compare(
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# lpo demo
+
+
+@app.command("demo")
+@handles_input_errors
+def demo(
+    out: Annotated[Optional[Path], typer.Option(help=help_of(DemoConfig, "out"))] = None,  # noqa: UP045
+    models: Annotated[Optional[Path], typer.Option(help=help_of(DemoConfig, "models"))] = None,  # noqa: UP045
+    train_prompts: Annotated[Optional[int], typer.Option(help=help_of(DemoConfig, "train_prompts"))] = None,  # noqa: UP045
+    val_prompts: Annotated[Optional[int], typer.Option(help=help_of(DemoConfig, "val_prompts"))] = None,  # noqa: UP045
+    flip_rate: Annotated[Optional[float], typer.Option(help=help_of(DemoConfig, "flip_rate"))] = None,  # noqa: UP045
+    tie_rate: Annotated[Optional[float], typer.Option(help=help_of(DemoConfig, "tie_rate"))] = None,  # noqa: UP045
+    lrm_steps: Annotated[Optional[int], typer.Option(help=help_of(DemoConfig, "lrm_steps"))] = None,  # noqa: UP045
+    lpo_epochs: Annotated[Optional[int], typer.Option(help=help_of(DemoConfig, "lpo_epochs"))] = None,  # noqa: UP045
+    held_out_prompts: Annotated[Optional[int], typer.Option(help=help_of(DemoConfig, "held_out_prompts"))] = None,  # noqa: UP045
+    steps: Annotated[Optional[int], typer.Option(help=help_of(DemoConfig, "steps"))] = None,  # noqa: UP045
+    guidance: Annotated[Optional[float], typer.Option(help=help_of(DemoConfig, "guidance"))] = None,  # noqa: UP045
+    seed: Annotated[Optional[int], typer.Option(help=help_of(DemoConfig, "seed"))] = None,  # noqa: UP045
+    config: ConfigOpt = None,
+) -> None:
+    """Show on the toy world, in minutes on a CPU, that MPCF, the latent reward model and LPO learn: curation, three
+    LRMs, LPO fine-tuning, guided sampling and a before/after comparison, ending in one table and one figure.
+    Rerun with the same options to continue an interrupted run."""
+    from curate import config as cfg
+    from reward import demo as demo_run
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo loads only local models
+    conf = cfg.build(DemoConfig, config, out=out, models=models, train_prompts=train_prompts, val_prompts=val_prompts,
+                     flip_rate=flip_rate, tie_rate=tie_rate, lrm_steps=lrm_steps, lpo_epochs=lpo_epochs,
+                     held_out_prompts=held_out_prompts, steps=steps, guidance=guidance, seed=seed)
+    summary = demo_run.run(conf)
+    table = Table(title=f"lpo demo -> {conf.out}")
+    table.add_column("claim")
+    table.add_column("measured")
+    table.add_column("holds", justify="center")
+    for claim in summary["claims"]:
+        table.add_row(claim["claim"], claim["measured"], "[green]yes[/]" if claim["holds"] else "[red]no[/]")
+    out_console.print(table)
+    out_console.print(f"written: {Path(conf.out) / 'demo.md'}, {Path(conf.out) / 'demo.png'}, "
+                      f"{Path(conf.out) / demo_run.SUMMARY_FILE}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # lpo dev
 
 
@@ -708,6 +756,29 @@ def dev_tiny_models(
     written = build_tiny_models(out, chosen, seed=seed)
     for role, path in written.items():
         out_console.print(f"{role:10s} {path}")
+
+
+@dev_app.command("toy-models")
+@handles_input_errors
+def dev_toy_models(
+    out: Annotated[Path, typer.Argument(help=help_of(ToyModelsConfig, "out"))],
+    seed: Annotated[Optional[int], typer.Option(help=help_of(ToyModelsConfig, "seed"))] = None,  # noqa: UP045
+    vae_steps: Annotated[Optional[int], typer.Option(help=help_of(ToyModelsConfig, "vae_steps"))] = None,  # noqa: UP045
+    diffusion_steps: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        help=help_of(ToyModelsConfig, "diffusion_steps"))] = None,
+    clip_steps: Annotated[Optional[int], typer.Option(help=help_of(ToyModelsConfig, "clip_steps"))] = None,  # noqa: UP045
+    config: ConfigOpt = None,
+) -> None:
+    """Train the toy world's models from scratch (the seeded script behind manifests/toy-models): an SD1.5-format
+    pipeline, a pickscore CLIP and an open_clip clip model. About 9 minutes on 2 CPU cores."""
+    from curate import config as cfg
+    from reward import toy_models
+
+    conf = cfg.build(ToyModelsConfig, config, out=out, seed=seed, vae_steps=vae_steps,
+                     diffusion_steps=diffusion_steps, clip_steps=clip_steps)
+    summary = toy_models.run(conf)
+    out_console.print_json(json.dumps({k: summary[k] for k in ("seconds", "vae", "samples",
+                                                                "scorer_agreement_with_oracle")}))
 
 
 @dev_app.command("sample-data")

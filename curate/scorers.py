@@ -133,8 +133,8 @@ class Scorer:
         raise NotImplementedError
 
 
-def _pooled(output: Any) -> torch.Tensor:
-    # transformers 5 returns a ModelOutput from get_*_features, transformers 4 a tensor.
+def pooled_features(output: Any) -> torch.Tensor:
+    """The tensor of a CLIP get_*_features call: transformers 5 returns a ModelOutput, transformers 4 a tensor."""
     return getattr(output, "pooler_output", output)
 
 
@@ -157,11 +157,11 @@ class PickScoreScorer(Scorer):
         tokens = self.processor(
             text=captions, padding=True, truncation=True, max_length=PICKSCORE_MAX_LENGTH, return_tensors="pt"
         ).to(self.device)
-        return _normalise(_pooled(self.model.get_text_features(**tokens)))
+        return _normalise(pooled_features(self.model.get_text_features(**tokens)))
 
     def _score(self, images: list[PIL.Image.Image], captions: list[str]) -> torch.Tensor:
         pixels = self.processor(images=images, return_tensors="pt")["pixel_values"].to(self.device, self.dtype)
-        image_features = _normalise(_pooled(self.model.get_image_features(pixel_values=pixels)))
+        image_features = _normalise(pooled_features(self.model.get_image_features(pixel_values=pixels)))
         text_features = self.text_features(captions)
         return self.model.logit_scale.exp().float() * (image_features * text_features).sum(-1)
 
@@ -269,7 +269,7 @@ class AestheticScorer(Scorer):
 
     def _score(self, images: list[PIL.Image.Image], captions: list[str]) -> torch.Tensor:
         pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"].to(self.device, self.dtype)
-        embedding = _normalise(_pooled(self.clip_model.get_image_features(pixel_values=pixels)))
+        embedding = _normalise(pooled_features(self.clip_model.get_image_features(pixel_values=pixels)))
         return self.head(embedding)[:, 0]
 
 

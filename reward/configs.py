@@ -234,18 +234,20 @@ class DemoConfig:
     lrm_lr: float = option(1e-3, "LRM learning rate (tiny models learn fast).")
     vfe_scale: float = option(1.0, "LRM Visual Feature Enhancement scale (1 = off, which halves the cost).")
     held_out_prompts: int = option(18, "Captions kept out of LPO training and used to compare the generators.")
-    lpo_epochs: int = option(2, "LPO passes over the training captions.")
+    lpo_epochs: int = option(20, "LPO passes over the training captions.")
     lpo_sample_batch_size: int = option(24, "Prompts per LPO sampling round.")
-    lpo_train_batch_size: int = option(64, "Preference tuples per LPO optimizer step.")
+    lpo_train_batch_size: int = option(16, "Preference tuples per LPO optimizer step.")
     lpo_lr: float = option(1e-3, "LPO learning rate.")
     lpo_lora_rank: int = option(8, "LPO LoRA rank (0 = full fine-tuning).")
     lpo_beta: float = option(500.0, "LPO beta.")
-    lpo_threshold: list[float] = option(help="LPO softmax-gap threshold range [least noisy, noisiest step].",
-                                        factory=lambda: [0.35, 0.5])
+    lpo_threshold: list[float] = option(help="LPO softmax-gap threshold range [least noisy, noisiest step]; lower "
+                                             "than SD1.5's 0.35..0.5, as the toy LRM's score gaps are smaller.",
+                                        factory=lambda: [0.05, 0.3])
     score_timestep: str = option("parent", "Timestep the LRM scores candidates at in LPO and guided sampling: "
                                            "parent or child.")
     candidates: int = option(4, "K: candidates per step in LPO and in LRM-guided sampling.")
     steps: int = option(10, "DDIM steps of every sampler in the demo.")
-    guidance: float = option(2.0, "Classifier-free guidance of every sampler in the demo.")
-    images_per_prompt: int = option(4, "Images per held-out prompt and generator.")
+    guidance: float = option(1.5, "Classifier-free guidance of every sampler in the demo (low enough to leave the "
+                                  "base model room to improve).")
+    images_per_prompt: int = option(8, "Images per held-out prompt and generator.")
     seed: int = option(0, "Seed of the data, the training runs and the sampling noise.")

@@ -135,7 +135,7 @@ def build_unet() -> Any:
 
 
 def train_diffusion(config: ToyModelsConfig, vae: Any, rng: np.random.Generator) -> tuple[Any, Any, Any, dict]:
-    """UNet and text encoder trained together on cached VAE latents; returns (unet, text_encoder, tokenizer)."""
+    """UNet and text encoder trained together on cached VAE latents; returns them, the tokenizer and a summary."""
     from diffusers import DDPMScheduler
     from transformers import CLIPTextModel
 
@@ -251,14 +251,14 @@ def _vision_config() -> dict[str, Any]:
 def train_pickscore(config: ToyModelsConfig, path: Path, rng: np.random.Generator) -> None:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from curate.scorers import _pooled
+    from curate.scorers import pooled_features
 
     tokenizer = toy_tokenizer()
     model = CLIPModel(CLIPConfig(text_config=_text_config(tokenizer).to_dict(), vision_config=_vision_config(),
                                  projection_dim=TEXT_WIDTH))
-    train_clip(config, model, lambda x: _pooled(model.get_image_features(pixel_values=x)),
-               lambda ids: _pooled(model.get_text_features(input_ids=ids)), lambda: model.logit_scale, tokenizer,
-               config.pickscore_temperature, rng, "pickscore")
+    train_clip(config, model, lambda x: pooled_features(model.get_image_features(pixel_values=x)),
+               lambda ids: pooled_features(model.get_text_features(input_ids=ids)), lambda: model.logit_scale,
+               tokenizer, config.pickscore_temperature, rng, "pickscore")
     model.save_pretrained(path)
     processor = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
                                    crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=CLIP_MEAN,
