@@ -770,7 +770,7 @@ def dev_toy_models(
     config: ConfigOpt = None,
 ) -> None:
     """Train the toy world's models from scratch (the seeded script behind manifests/toy-models): an SD1.5-format
-    pipeline, a pickscore CLIP and an open_clip clip model. About 9 minutes on 2 CPU cores."""
+    pipeline, a pickscore CLIP and an open_clip clip model. About 11 minutes on 2 CPU cores; not resumable."""
     from curate import config as cfg
     from reward import toy_models
 

@@ -314,8 +314,24 @@ def scorer_agreement(metric: str, path: Path, pairs: int = 300, seed: int = 7) -
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def validate(config: ToyModelsConfig) -> None:
+    from curate.errors import InputError
+
+    if not config.out:
+        raise InputError("an output directory is required.")
+    for name in ("batch_size", "vae_batch_size", "vae_steps", "diffusion_steps", "clip_steps"):
+        if getattr(config, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1.")
+    if config.diffusion_images < 512:
+        raise InputError("--diffusion-images must be at least 512 (images are rendered in batches of 512).")
+    for name in ("pickscore_temperature", "clip_temperature"):
+        if getattr(config, name) <= 0:
+            raise InputError(f"{name} must be positive.")
+
+
 def run(config: ToyModelsConfig) -> dict[str, Any]:
     """Train every toy model into `config.out` (sd15/, pickscore/, clip/) and write toy_models.json."""
+    validate(config)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)

@@ -114,3 +114,14 @@ def test_shipped_generator_draws_the_colours_it_is_asked_for(shipped: Path) -> N
     # chance is 1/6 for either colour
     assert stats["bg_colour_correct"] >= 0.8
     assert stats["fg_colour_correct"] >= 0.6
+
+
+def test_cli_rejects_bad_training_settings_before_training(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    result = CliRunner().invoke(app, ["dev", "toy-models", str(tmp_path / "out"), "--vae-steps", "0"])
+    assert result.exit_code == 2
+    assert "--vae-steps must be at least 1" in result.output
+    assert not (tmp_path / "out").exists()
