@@ -98,7 +98,7 @@ def run(config: DemoConfig) -> dict[str, Any]:
     stages: list[tuple[str, Callable[[], dict[str, Any]]]] = [
         ("data", lambda: make_data(config, out)),
         ("curate", lambda: curate(config, out, results["data"])),
-        *[(name, lambda name=name: train_lrm(config, out, name, results)) for name in LRM_RUNS],
+        *[(name, lambda name=name: train_lrm(config, out, name)) for name in LRM_RUNS],
         ("lpo", lambda: optimize(config, out)),
         ("samples", lambda: compare_generators(config, out, results["lpo"])),
     ]
@@ -176,7 +176,7 @@ def _manifest(out: Path, which: str) -> Path:
     return out / "curate" / (ingest.PAIRS_FILE if which == "raw" else curate_filter.FILTERED_FILE)
 
 
-def train_lrm(config: DemoConfig, out: Path, name: str, results: dict[str, Any]) -> dict[str, Any]:
+def train_lrm(config: DemoConfig, out: Path, name: str) -> dict[str, Any]:
     """`lpo reward train` (no validation split: every pair trains), then `lpo reward eval` of the final model on the
     held-out pairs, so nothing is selected on them."""
     from reward import train

@@ -175,7 +175,9 @@ class LatentRewardModel(nn.Module):
         if pretrained:
             unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", **diffusers_dtype(dtype))
         else:
-            unet = UNet2DConditionModel.from_config(unet_config).to(dtype)
+            unet = UNet2DConditionModel.from_config(unet_config)
+            if dtype != torch.float32:  # diffusers warns about a cast even when there is nothing to cast
+                unet = unet.to(dtype)
         unet = truncate_unet(unet)
         tokenizer = AutoTokenizer.from_pretrained(base, subfolder="tokenizer")
         text_encoder = load(CLIPTextModel, "text_encoder")
