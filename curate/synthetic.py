@@ -56,6 +56,15 @@ def agreement(want: Scene, seen: Scene) -> float:
             + ORACLE_WEIGHTS["bg"] * (want.bg == seen.bg))
 
 
+def match_rates(wanted: list[Scene], seen: list[Scene]) -> dict[str, float]:
+    """Shares of images whose shape colour, shape and background were read back as asked, and the mean oracle."""
+    pairs = list(zip(wanted, seen))
+    return {"fg_colour_correct": float(np.mean([w.fg == s.fg for w, s in pairs])),
+            "shape_correct": float(np.mean([w.shape == s.shape for w, s in pairs])),
+            "bg_colour_correct": float(np.mean([w.bg == s.bg for w, s in pairs])),
+            "oracle": float(np.mean([agreement(w, s) for w, s in pairs]))}
+
+
 def random_scene(rng: np.random.Generator) -> Scene:
     fg, bg = rng.choice(list(COLOURS), size=2, replace=False)
     return Scene(str(fg), str(rng.choice(SHAPES)), str(bg))

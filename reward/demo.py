@@ -248,7 +248,7 @@ def _load_generator(base: str, lpo: dict[str, Any] | None) -> Any:
 def compare_generators(config: DemoConfig, out: Path, lpo: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from curate.synthetic import Scene, agreement, perceive
+    from curate.synthetic import Scene, match_rates, perceive
     from reward.diffusion import save_image_grid
     from reward.generate import image_seed
     from reward.lrm import LatentRewardModel
@@ -274,14 +274,10 @@ def compare_generators(config: DemoConfig, out: Path, lpo: dict[str, Any]) -> di
         with torch.no_grad():
             reward = lrm.score(latents.to(lrm.dtype), torch.ones(len(prompts), dtype=torch.long), prompts).tolist()
         images = model.decode(latents)
-        seen = [perceive(np.asarray(image)) for image in images]
-        wanted = [Scene.from_caption(p) for p in prompts]
+        rates = match_rates([Scene.from_caption(p) for p in prompts], [perceive(np.asarray(i)) for i in images])
         save_image_grid(images[: GRID_PROMPTS * n], min(GRID_PROMPTS, len(held_out)), samples_dir / f"{variant}.png")
         result[variant] = {
-            "oracle": float(np.mean([agreement(w, s) for w, s in zip(wanted, seen)])),
-            "fg_colour_correct": float(np.mean([w.fg == s.fg for w, s in zip(wanted, seen)])),
-            "shape_correct": float(np.mean([w.shape == s.shape for w, s in zip(wanted, seen)])),
-            "bg_colour_correct": float(np.mean([w.bg == s.bg for w, s in zip(wanted, seen)])),
+            **{k: rates[k] for k in ("oracle", "fg_colour_correct", "shape_correct", "bg_colour_correct")},
             "lrm_reward": float(np.mean(reward)),
             "grid": str(samples_dir / f"{variant}.png"),
         }

@@ -33,6 +33,7 @@ from curate.synthetic import (
     Scene,
     agreement,
     all_scenes,
+    match_rates,
     perceive,
     random_scene,
     render,
@@ -112,10 +113,9 @@ def train_vae(config: ToyModelsConfig, rng: np.random.Generator) -> tuple[Any, d
         recon = vae.decode(latents).sample
     scaling = float(1.0 / latents.pow(2).mean().sqrt())
     vae.register_to_config(scaling_factor=scaling)
-    seen = [perceive(image) for image in to_uint8(recon)]
-    stats = {"scaling_factor": scaling,
-             "fg_colour_correct": float(np.mean([s.fg == p.fg for s, p in zip(scenes, seen)])),
-             "bg_colour_correct": float(np.mean([s.bg == p.bg for s, p in zip(scenes, seen)]))}
+    rates = match_rates(scenes, [perceive(image) for image in to_uint8(recon)])
+    stats = {"scaling_factor": scaling, "fg_colour_correct": rates["fg_colour_correct"],
+             "bg_colour_correct": rates["bg_colour_correct"]}
     logger.info("vae: scaling factor %.4f, reconstructions keep the shape colour in %.0f%% and the background in "
                 "%.0f%%", scaling, 100 * stats["fg_colour_correct"], 100 * stats["bg_colour_correct"])
     return vae, stats
@@ -195,12 +195,9 @@ def sample_accuracy(pipeline_dir: Path, guidance: float, n: int = 64, steps: int
     generators = [torch.Generator().manual_seed(seed * 1000 + i) for i in range(n)]
     cond = model.encode_prompts([s.caption for s in scenes])
     latents = sample(model, cond, generators, steps=steps, guidance=guidance, eta=0.0)["latents"]
-    seen = [perceive(np.asarray(image)) for image in model.decode(latents)]
-    return {"guidance": guidance,
-            "fg_colour_correct": float(np.mean([s.fg == p.fg for s, p in zip(scenes, seen)])),
-            "bg_colour_correct": float(np.mean([s.bg == p.bg for s, p in zip(scenes, seen)])),
-            "shape_correct": float(np.mean([s.shape == p.shape for s, p in zip(scenes, seen)])),
-            "oracle": float(np.mean([agreement(s, p) for s, p in zip(scenes, seen)]))}
+    rates = match_rates(scenes, [perceive(np.asarray(image)) for image in model.decode(latents)])
+    return {"guidance": guidance, **{k: rates[k] for k in ("fg_colour_correct", "bg_colour_correct",
+                                                            "shape_correct", "oracle")}}
 
 
 # ---------------------------------------------------------------------------------------------------------------

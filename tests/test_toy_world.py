@@ -37,6 +37,16 @@ def test_world_has_every_caption_once_and_agreement_weights_the_attributes() -> 
     assert agreement(want, Scene("red", "circle", "white")) == pytest.approx(0.8)
 
 
+def test_match_rates_count_each_attribute_and_average_the_oracle() -> None:
+    from curate.synthetic import match_rates
+
+    wanted = [Scene("red", "circle", "blue"), Scene("green", "square", "white")]
+    seen = [Scene("red", "square", "blue"), Scene("green", "square", "red")]
+    rates = match_rates(wanted, seen)
+    assert rates == pytest.approx({"fg_colour_correct": 1.0, "shape_correct": 0.5, "bg_colour_correct": 0.5,
+                                   "oracle": (0.7 + 0.8) / 2})
+
+
 def test_clip_loss_matches_a_loop_over_rows_and_columns() -> None:
     from reward.toy_models import clip_loss
 
