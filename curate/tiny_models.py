@@ -29,6 +29,8 @@ TEXT_WIDTH = 32
 CONTEXT_LENGTH = 77
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+OPEN_CLIP_PREPROCESS = {"mean": OPENAI_CLIP_MEAN, "std": OPENAI_CLIP_STD, "interpolation": "bicubic",
+                        "resize_mode": "shortest"}
 AESTHETIC_HEAD_FILE = "aesthetic_head.safetensors"
 VQA_SPECIAL_TOKENS = ("<unk>", "<pad>", "<s>", "</s>", "<image>", "<|im_start|>", "<|im_end|>")
 # A ChatML template that takes transformers' structured content (image and text items).
@@ -85,12 +87,13 @@ def _clip_vision_config() -> Any:
     )
 
 
-def _clip_image_processor() -> Any:
+def clip_image_processor(size: int = SCORER_IMAGE_SIZE) -> Any:
+    """A CLIP image processor for `size` x `size` inputs with OpenAI CLIP's normalisation."""
     from transformers import CLIPImageProcessor
 
     return CLIPImageProcessor(
-        size={"shortest_edge": SCORER_IMAGE_SIZE},
-        crop_size={"height": SCORER_IMAGE_SIZE, "width": SCORER_IMAGE_SIZE},
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
         image_mean=OPENAI_CLIP_MEAN,
         image_std=OPENAI_CLIP_STD,
     )
@@ -106,7 +109,7 @@ def _save_transformers_clip(path: Path, projection_dim: int) -> None:
         projection_dim=projection_dim,
     )
     CLIPModel(config).save_pretrained(path)
-    CLIPProcessor(image_processor=_clip_image_processor(), tokenizer=tokenizer).save_pretrained(path)
+    CLIPProcessor(image_processor=clip_image_processor(), tokenizer=tokenizer).save_pretrained(path)
 
 
 def _build_pickscore(path: Path) -> None:
@@ -121,9 +124,7 @@ def _open_clip_configs() -> tuple[dict[str, Any], dict[str, Any]]:
                        "patch_size": PATCH_SIZE},
         "text_cfg": {"context_length": CONTEXT_LENGTH, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 2},
     }
-    preprocess_cfg = {"mean": OPENAI_CLIP_MEAN, "std": OPENAI_CLIP_STD, "interpolation": "bicubic",
-                      "resize_mode": "shortest"}
-    return model_cfg, preprocess_cfg
+    return model_cfg, dict(OPEN_CLIP_PREPROCESS)
 
 
 def _build_clip(path: Path) -> None:
@@ -193,7 +194,7 @@ def _build_vqa(path: Path) -> None:
     )
     LlavaForConditionalGeneration(config).save_pretrained(path)
     processor = LlavaProcessor(
-        image_processor=_clip_image_processor(),
+        image_processor=clip_image_processor(),
         tokenizer=tokenizer,
         patch_size=PATCH_SIZE,
         vision_feature_select_strategy="default",

@@ -130,8 +130,12 @@ class DiffusionModel:
 
         vae = self.vae
         images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-        array = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        return [Image.fromarray(a) for a in array]
+        return [Image.fromarray(a) for a in to_uint8(images)]
+
+
+def to_uint8(images: torch.Tensor) -> Any:
+    """[n, 3, H, W] in [-1, 1] -> a numpy array [n, H, W, 3] of uint8."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def check_lrm_matches(model_family: str, lrm_dir: str | Path, base: str) -> None:

@@ -39,15 +39,15 @@ from curate.synthetic import (
     render,
     toy_tokenizer,
 )
+from curate.tiny_models import OPEN_CLIP_PREPROCESS, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_image_processor
 from reward.configs import ToyModelsConfig
+from reward.diffusion import to_uint8
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SIZE = 32
 TEXT_WIDTH = 64
 SUMMARY_FILE = "toy_models.json"
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 NOISE_SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
                   "num_train_timesteps": 1000}
 
@@ -57,11 +57,6 @@ def render_batch(rng: np.random.Generator, n: int) -> tuple[list[Scene], torch.T
     scenes = [random_scene(rng) for _ in range(n)]
     pixels = np.stack([render(scene, rng, IMAGE_SIZE) for scene in scenes])
     return scenes, torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255.0
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[n, 3, H, W] in [-1, 1] -> [n, H, W, 3] uint8."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def _text_config(tokenizer: Any) -> Any:
@@ -219,7 +214,7 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
 
 
 def _normalise_pixels(pixels: torch.Tensor) -> torch.Tensor:
-    return (pixels - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (pixels - torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
 
 
 def train_clip(config: ToyModelsConfig, model: Any, encode_image: Any, encode_text: Any, logit_scale: Any,
@@ -246,7 +241,7 @@ def _vision_config() -> dict[str, Any]:
 
 
 def train_pickscore(config: ToyModelsConfig, path: Path, rng: np.random.Generator) -> None:
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
 
     from curate.scorers import pooled_features
 
@@ -257,10 +252,7 @@ def train_pickscore(config: ToyModelsConfig, path: Path, rng: np.random.Generato
                lambda ids: pooled_features(model.get_text_features(input_ids=ids)), lambda: model.logit_scale,
                tokenizer, config.pickscore_temperature, rng, "pickscore")
     model.save_pretrained(path)
-    processor = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
-                                   crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=CLIP_MEAN,
-                                   image_std=CLIP_STD)
-    CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(path)
+    CLIPProcessor(image_processor=clip_image_processor(IMAGE_SIZE), tokenizer=tokenizer).save_pretrained(path)
 
 
 def train_open_clip(config: ToyModelsConfig, path: Path, rng: np.random.Generator) -> None:
@@ -280,9 +272,8 @@ def train_open_clip(config: ToyModelsConfig, path: Path, rng: np.random.Generato
                config.clip_temperature, rng, "clip")
     path.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path / "open_clip_model.safetensors")
-    preprocess_cfg = {"mean": CLIP_MEAN, "std": CLIP_STD, "interpolation": "bicubic", "resize_mode": "shortest"}
     (path / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg,
-                                                            "preprocess_cfg": preprocess_cfg}, indent=2) + "\n")
+                                                            "preprocess_cfg": OPEN_CLIP_PREPROCESS}, indent=2) + "\n")
     tokenizer.save_pretrained(path)
 
 
