@@ -3,9 +3,10 @@
     python bench/bench_lpo.py [--tuples 1] [--candidates 4] [--steps 4] [--repeats 2] [--threads N] [--sections 1 2 3]
 
 1. The loss step (forward + backward over a batch of preference tuples, LoRA rank 4): one policy and one reference
-   CFG forward per batch, as `reward.lpo_train.step_log_probs` does, against the reference code's four (policy and
+   CFG forward per batch, as `lpo.reward.lpo.train.step_log_probs` does, against the reference code's four (policy and
    reference each run again for the loser, on the same x_t, t and prompt).
-2. LRM scoring of K candidates of a step in one batch (`reward.sampler.score_candidates`) against one at a time.
+2. LRM scoring of K candidates of a step in one batch (`lpo.reward.lpo.sampler.score_candidates`) against one at a
+   time.
 3. One LPO round for one prompt (`--steps` DDIM steps of the branching sampler, then training on its tuples), split
    into sampling (policy UNet), scoring (LRM) and training time, so the cost structure is visible. The real runs use
    20 steps; every part scales linearly with the step count.
@@ -31,8 +32,8 @@ def build_model():
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from curate.tiny_models import clip_tokenizer
-    from reward.diffusion import DiffusionModel
+    from lpo.reward.backbones.unet import UNetGenerator
+    from lpo.reward.toy.random_models import clip_tokenizer
 
     scheduler = DDIMScheduler(**SD15_SCHEDULER, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
@@ -45,31 +46,30 @@ def build_model():
     pipeline.set_progress_bar_config(disable=True)
     pipeline.vae.requires_grad_(False)
     pipeline.text_encoder.requires_grad_(False)
-    return DiffusionModel(pipeline, "sd15", "random SD1.5-sized pipeline")
+    return UNetGenerator(pipeline, "random SD1.5-sized pipeline")
 
 
 def add_lora(model, rank: int = 4):
     from peft import LoraConfig
 
-    from reward.lpo_train import LORA_TARGETS, ReferenceUNet
+    from lpo.reward.lpo.train import Reference
 
     model.unet.requires_grad_(False)
     model.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                      target_modules=LORA_TARGETS))
-    return ReferenceUNet(model.unet, lora=True)
+                                      target_modules=list(model.family.lora_targets)))
+    return Reference(model.unet, lora=True)
 
 
 def four_pass_log_probs(model, reference, batch, cond, config):
     """The reference implementation's way: policy and reference each run once for the winner and once for the
     loser, although both share x_t, t and the prompt."""
-    from reward.ddim import gaussian_log_prob, step_stats
+    from lpo.reward.lpo.step import gaussian_log_prob
 
     x_t, t = batch["x_t"], batch["t"]
     out = {}
     for name, target in (("w", batch["x_w"]), ("l", batch["x_l"])):
-        policy = step_stats(model.scheduler, model.predict_noise(x_t, t, cond, config.guidance), t, x_t, config.eta)
-        ref = step_stats(model.scheduler, model.predict_noise(x_t, t, cond, config.guidance, unet=reference), t, x_t,
-                         config.eta)
+        policy = model.step(model.predict(x_t, t, cond, config.guidance), t, x_t, config.eta)
+        ref = model.step(model.predict(x_t, t, cond, config.guidance, denoiser=reference), t, x_t, config.eta)
         out[name] = gaussian_log_prob(target, policy.mean, policy.std)
         out[f"ref_{name}"] = gaussian_log_prob(target, ref.mean, ref.std)
     return out
@@ -87,17 +87,15 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from reward.configs import LPOConfig
-    from reward.lpo_loss import lpo_loss
-    from reward.lrm import truncate_unet
+    from lpo.reward.lpo.config import LPOConfig
+    from lpo.reward.lpo.loss import lpo_loss
 
     torch.manual_seed(0)
     model = build_model()
     reference = add_lora(model)
-    lrm = build_lrm(vfe_scale=7.5).eval().requires_grad_(False)
-    truncate_unet(lrm.unet)  # as a saved LRM holds it: no up blocks (and 1.7 GB less memory)
+    lrm = build_lrm(vfe_scale=7.5, keep_full_unet=False)[0].eval().requires_grad_(False)
     config = LPOConfig(guidance=5.0, eta=1.0)
-    model.scheduler.set_timesteps(20)
+    model.timesteps(20)
     prompt = "a photo of a red fox in the snow"
     generator = torch.Generator().manual_seed(0)
     shape = (args.tuples, 4, 64, 64)
@@ -122,7 +120,7 @@ def main() -> None:
 
 
 def loss_section(args, loss_step, model, reference, batch, cond, config) -> None:
-    from reward.lpo_train import step_log_probs
+    from lpo.reward.lpo.train import step_log_probs
 
     steps = fastest({
         "2 passes": loss_step(lambda: step_log_probs(model, model.unet, reference, batch, cond, config)),
@@ -135,7 +133,7 @@ def loss_section(args, loss_step, model, reference, batch, cond, config) -> None
 
 
 def scoring_section(args, lrm, prompt, generator, k) -> None:
-    from reward import sampler
+    from lpo.reward.lpo import sampler
 
     children = torch.randn(k, 1, 4, 64, 64, generator=generator)
     with torch.inference_mode():
@@ -156,13 +154,12 @@ def scoring_section(args, lrm, prompt, generator, k) -> None:
 
 
 def round_section(args, model, reference, lrm, prompt, config, k) -> None:
-    from reward import sampler
-    from reward.ddim import threshold_schedule
-    from reward.lpo_loss import lpo_loss
-    from reward.lpo_train import step_log_probs
+    from lpo.reward.lpo import sampler
+    from lpo.reward.lpo.loss import lpo_loss
+    from lpo.reward.lpo.train import step_log_probs
 
     timers = {"sampling": 0.0, "scoring": 0.0}
-    real_predict, real_score = model.predict_noise, sampler.score_candidates
+    real_predict, real_score = model.predict, sampler.score_candidates
 
     def timed(name, func):
         def wrapper(*a, **kw):
@@ -173,15 +170,14 @@ def round_section(args, model, reference, lrm, prompt, config, k) -> None:
                 timers[name] += time.perf_counter() - start
         return wrapper
 
-    model.predict_noise = timed("sampling", real_predict)
+    model.predict = timed("sampling", real_predict)
     sampler.score_candidates = timed("scoring", real_score)
-    model.scheduler.set_timesteps(args.steps)
-    thresholds = {t: 0.0 for t in threshold_schedule(model.scheduler, 1.0, 0.35, 0.5)}  # keep every step's pair
+    thresholds = {t: 0.0 for t in model.timesteps(args.steps)}  # keep every step's pair
     start = time.perf_counter()
     result = sampler.rollout(model, model.encode_prompts([prompt]), [prompt], lrm,
                              [torch.Generator().manual_seed(1)], thresholds, steps=args.steps, k=k)
     rollout_s = time.perf_counter() - start
-    model.predict_noise, sampler.score_candidates = real_predict, real_score
+    model.predict, sampler.score_candidates = real_predict, real_score
     tuples = result.tensors()
     start = time.perf_counter()
     for i in range(len(result)):

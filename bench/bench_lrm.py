@@ -5,7 +5,7 @@
 1. Scoring a noisy 64x64x4 latent with the LRM (`score`: text encoder, conv_in, time embedding, down and mid blocks;
    with VFE 7.5 the UNet runs the empty prompt too, 2x batch; and with VFE off) against decoding it with the VAE to
    512 px and running an open_clip ViT-H-14 image tower at 224 px.
-2. The truncated UNet (down + mid, `LatentRewardModel.unet_features`) against the full UNet forward, same inputs.
+2. The truncated UNet (down + mid, `UNetLRMBackbone.unet_features`) against the full UNet forward, same inputs.
 3. One training step (forward + backward over a pair batch with VFE 7.5, AdamW step) on latents drawn from cached
    VAE posteriors (`LatentCache.sample`) against one that VAE-encodes both 512 px images of every pair each step, as
    the paper's reference code does.
@@ -45,18 +45,18 @@ SD15_VAE = {
 }
 SD15_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
                   "beta_schedule": "scaled_linear"}
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def build_lrm(vfe_scale: float):
-    """An SD1.5-sized LRM around a full (untruncated) UNet, so section 2 can time the full forward on the same
-    weights; `unet_features` never runs the up blocks."""
+def build_lrm(vfe_scale: float, keep_full_unet: bool):
+    """An SD1.5-sized LRM (random weights) and, for section 2, the full UNet it was truncated from."""
+    import copy
+
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from curate.tiny_models import clip_tokenizer
-    from reward.lrm import LatentRewardModel, LRMConfig, default_taps
+    from lpo.reward.backbones.unet import UNetLRMBackbone, default_taps
+    from lpo.reward.lrm.model import LatentRewardModel
+    from lpo.reward.toy.random_models import clip_tokenizer
 
     tokenizer = clip_tokenizer()
     text_encoder = CLIPTextModel(CLIPTextConfig(
@@ -64,10 +64,12 @@ def build_lrm(vfe_scale: float):
         max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
     unet = UNet2DConditionModel(**SD15_UNET)
-    config = LRMConfig(family="sd15", base="random-sd15", taps=default_taps(dict(unet.config)), projection_dim=768,
-                       resolution=512, vfe_scale=vfe_scale, unet_config=dict(unet.config),
-                       text_encoder_config=text_encoder.config.to_dict())
-    return LatentRewardModel(config, unet, text_encoder, tokenizer)
+    full = copy.deepcopy(unet).eval() if keep_full_unet else None
+    backbone = UNetLRMBackbone(unet, [text_encoder], resolution=512, tokenizers=[tokenizer])
+    lrm = LatentRewardModel(family="sd15", base="random-sd15", taps=default_taps(dict(unet.config)),
+                            projection_dim=768, resolution=512, components=backbone.components, vfe_scale=vfe_scale,
+                            latent_shape=[4, 64, 64], backbone=backbone)
+    return lrm, full
 
 
 def fastest(contenders: dict[str, Callable[[], object]], repeats: int,
@@ -99,12 +101,14 @@ def scoring_section(lrm, vae, scheduler, batch: int, repeats: int) -> None:
     noisy, t, prompts = noisy_latents(scheduler, batch)
     # CLIP's input stands in for the decoded image: pixel values do not change its time, and a decode costs ~20 s
     decoded = torch.rand(batch, 3, 512, 512) * 2 - 1
-    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    from lpo.curate.scorers.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    mean = torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
 
     def lrm_score(vfe: float) -> Callable[[], torch.Tensor]:
         def run() -> torch.Tensor:
-            lrm.config.vfe_scale = vfe
+            lrm.register_to_config(vfe_scale=vfe)
             return lrm.score(noisy, t, prompts)
 
         return run
@@ -128,13 +132,13 @@ def scoring_section(lrm, vae, scheduler, batch: int, repeats: int) -> None:
           f"{pixel / s['plain']:.1f}x without", flush=True)
 
 
-def unet_section(lrm, scheduler, batch: int, repeats: int) -> None:
-    """2. The LRM's down + mid forward against the full UNet on the same inputs."""
+def unet_section(lrm, full_unet, scheduler, batch: int, repeats: int) -> None:
+    """2. The LRM's down + mid forward against the full UNet (the same weights) on the same inputs."""
     noisy, t, prompts = noisy_latents(scheduler, batch)
     with torch.inference_mode():
-        context = lrm.encode_text(prompts)["context"]
-        s = fastest({"truncated": lambda: lrm.unet_features(noisy, t, context),
-                     "full": lambda: lrm.unet(noisy, t, encoder_hidden_states=context).sample}, repeats)
+        cond = lrm.encode_text(prompts)
+        s = fastest({"truncated": lambda: lrm.backbone.unet_features(noisy, t, cond),
+                     "full": lambda: full_unet(noisy, t, encoder_hidden_states=cond["context"]).sample}, repeats)
     print(f"2. UNet forward at batch {batch}")
     print(f"  down + mid (truncated):                 {s['truncated']:7.2f} s")
     print(f"  full UNet:                              {s['full']:7.2f} s")
@@ -143,13 +147,11 @@ def unet_section(lrm, scheduler, batch: int, repeats: int) -> None:
 
 def training_section(lrm, vae, scheduler, n: int, repeats: int) -> None:
     """3. A training step on cached posteriors against one that VAE-encodes the pair's images every step."""
-    from reward.configs import CANDIDATE_TIMESTEPS
-    from reward.latents import LatentCache
-    from reward.lrm import truncate_unet
-    from reward.lrm_loss import bradley_terry_loss, pair_labels, pair_weights
+    from lpo.reward.lrm.config import CANDIDATE_TIMESTEPS
+    from lpo.reward.lrm.latents import LatentCache
+    from lpo.reward.lrm.loss import bradley_terry_loss, pair_labels, pair_weights
 
-    truncate_unet(lrm.unet)
-    lrm.config.vfe_scale = 7.5
+    lrm.register_to_config(vfe_scale=7.5)
     lrm.train()
     params = [p for p in lrm.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.3)
@@ -196,14 +198,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per contender; the fastest is kept")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--sections", type=int, nargs="+", choices=(1, 2, 3), default=[1, 2, 3],
-                        help="parts to run, to rerun one alone (3 drops the UNet's up blocks, so it runs last)")
+                        help="parts to run, to rerun one alone")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     from diffusers import AutoencoderKL, DDPMScheduler
 
     torch.manual_seed(0)
-    lrm = build_lrm(vfe_scale=7.5).eval()
+    lrm, full_unet = build_lrm(vfe_scale=7.5, keep_full_unet=2 in args.sections)
+    lrm.eval()
     vae = AutoencoderKL(**SD15_VAE).eval()
     scheduler = DDPMScheduler(**SD15_SCHEDULER)
     print(f"LRM at SD1.5 size, random weights, CPU ({torch.get_num_threads()} threads), fastest of {args.repeats} "
@@ -211,7 +214,7 @@ def main() -> None:
     if 1 in args.sections:
         scoring_section(lrm, vae, scheduler, args.batch, args.repeats)
     if 2 in args.sections:
-        unet_section(lrm, scheduler, args.batch, args.repeats)
+        unet_section(lrm, full_unet, scheduler, args.batch, args.repeats)
     if 3 in args.sections:
         training_section(lrm, vae, scheduler, args.pairs, args.repeats)
 

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import polars as pl
 
-from curate import mpcf
+from lpo.curate import mpcf
 
 
 def synthetic(n_pairs: int, seed: int = 0) -> tuple[pl.DataFrame, pl.DataFrame]:

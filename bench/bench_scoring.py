@@ -38,7 +38,7 @@ def upscale_to_jpeg(png: bytes, size: int) -> bytes:
 
 
 def write_source(path: Path, prompts: int, size: int) -> Path:
-    from curate.synthetic import make_pickapic_table
+    from lpo.reward.toy.world import make_pickapic_table
 
     table = make_pickapic_table(num_prompts=prompts, seed=5)
     for column in ("jpg_0", "jpg_1"):
@@ -73,7 +73,7 @@ def main() -> None:
 
     from PIL import Image
 
-    from curate import ingest, score, scorers
+    from lpo.curate import ingest, score, scorers
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

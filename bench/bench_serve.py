@@ -30,14 +30,14 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from reward.client import RewardClient  # noqa: E402 - after the offline switch
+from lpo.reward.serve.client import RewardClient  # noqa: E402 - after the offline switch
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_models(root: Path) -> tuple[Path, Path]:
-    from curate.tiny_models import build_tiny_models
-    from reward.lrm import LatentRewardModel
+    from lpo.reward.lrm.model import LatentRewardModel
+    from lpo.reward.toy.random_models import build_tiny_models
 
     build_tiny_models(root / "models", ["pickscore", "sd15"], seed=0)
     torch.manual_seed(0)
@@ -56,7 +56,7 @@ def start_server(models: Path, lrm: Path, max_batch_size: int, batch_timeout_ms:
     port = free_port()
     with open(log, "wb") as sink:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cli", "reward", "serve", "--lrm", str(lrm), "--metrics", "pickscore",
+            [sys.executable, "-m", "lpo", "reward", "serve", "--lrm", str(lrm), "--metrics", "pickscore",
              "--models-dir", str(models), "--device", "cpu", "--port", str(port), "--max-batch-size",
              str(max_batch_size), "--batch-timeout-ms", str(batch_timeout_ms)],
             cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
@@ -133,8 +133,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp:
         models, lrm = tiny_models(Path(tmp))
-        from curate.scorers import load_scorer
-        from reward.lrm import LatentRewardModel
+        from lpo.curate.scorers import load_scorer
+        from lpo.reward.lrm.model import LatentRewardModel
 
         calls = workloads(args.items)
         local = {"/score/images": load_scorer("pickscore", str(models / "pickscore")),

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any, TypeVar
 
-from curate.errors import InputError
+from lpo.curate.errors import InputError
 
 T = TypeVar("T")
 
@@ -86,6 +86,6 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 def save(config: Any, path: str | Path) -> Path:
     """Write the resolved config next to an output, so every run says how it was made."""
-    from curate.manifest import write_text_atomic
+    from lpo.curate.manifest import write_text_atomic
 
     return write_text_atomic(json.dumps(to_dict(config), indent=2, default=str) + "\n", path)

@@ -10,11 +10,11 @@ from typing import Any
 
 import polars as pl
 
-from curate import config as cfg
-from curate import ingest, mpcf, score
-from curate.config import option
-from curate.errors import InputError
-from curate.manifest import PAIRS_SCHEMA, scan, scored_pairs_schema, scores_schema, write_atomic, write_text_atomic
+from lpo.curate import config as cfg
+from lpo.curate import ingest, mpcf, score
+from lpo.curate.config import option
+from lpo.curate.errors import InputError
+from lpo.curate.manifest import PAIRS_SCHEMA, scan, scored_pairs_schema, scores_schema, write_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 

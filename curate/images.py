@@ -14,7 +14,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from curate.ingest import image_parts
+from lpo.curate.ingest import image_parts
 
 
 @dataclass

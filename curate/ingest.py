@@ -22,9 +22,10 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate.config import option
-from curate.errors import InputError
-from curate.manifest import IMAGES_SCHEMA, PAIRS_SCHEMA, write_atomic, write_text_atomic
+from lpo.curate import config as cfg
+from lpo.curate.config import option
+from lpo.curate.errors import InputError
+from lpo.curate.manifest import IMAGES_SCHEMA, PAIRS_SCHEMA, write_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -382,4 +383,6 @@ def run(config: IngestConfig) -> IngestSummary:
     if config.limit is not None and config.limit < 1:
         raise InputError(f"--limit must be at least 1, got {config.limit}.")
     source = open_source(config.source, config.split)
-    return _Ingester(config, source).run()
+    summary = _Ingester(config, source).run()
+    cfg.save(config, Path(config.out) / STATE_DIR / "config.json")
+    return summary

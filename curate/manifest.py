@@ -11,7 +11,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate.errors import InputError
+from lpo.curate.errors import InputError
 
 SCHEMA_VERSION = 1
 

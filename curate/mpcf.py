@@ -11,9 +11,8 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
-from curate.errors import InputError
-
-ALL_METRICS = ("pickscore", "clip", "vqa", "aesthetic")
+from lpo.curate.errors import InputError
+from lpo.curate.scorers.specs import CURATION_METRICS, DEFAULT_CURATION_METRICS
 
 # Tie thresholds: clip, vqa and aesthetic are the reference filter's; pickscore's is ours, on PickScore's
 # ~100x-cosine scale (0.5 points is well inside the spread between images of one prompt).
@@ -41,7 +40,7 @@ def _paper(name: str, aesthetic_min: float) -> Rule:
 
 
 PRESETS: dict[str, Rule] = {
-    "all": Rule("all", ("pickscore", "clip", "vqa"), {m: 0.0 for m in ALL_METRICS}, dict(TIE_MAX_GAP)),
+    "all": Rule("all", DEFAULT_CURATION_METRICS, {m: 0.0 for m in CURATION_METRICS}, dict(TIE_MAX_GAP)),
     "lpo-paper": _paper("lpo-paper", -0.5),  # the reference filter's strategy 2, used for the released models
     "lpo-paper-strict": _paper("lpo-paper-strict", 0.0),  # strategy 1
     "lpo-paper-loose": _paper("lpo-paper-loose", -1.0),  # strategy 3
@@ -60,9 +59,9 @@ def build_rule(
         raise InputError(f"unknown rule '{name}'; choose one of {list(PRESETS)}.")
     preset = PRESETS[name]
     chosen = tuple(metrics) if metrics else preset.metrics
-    unknown = [m for m in chosen if m not in ALL_METRICS]
+    unknown = [m for m in chosen if m not in CURATION_METRICS]
     if unknown:
-        raise InputError(f"unknown metric(s) {unknown}; choose from {list(ALL_METRICS)}.")
+        raise InputError(f"unknown metric(s) {unknown}; choose from {list(CURATION_METRICS)}.")
     if len(set(chosen)) != len(chosen):
         raise InputError(f"--metrics lists a metric twice: {list(chosen)}.")
     if name != "all" and set(chosen) != set(preset.metrics):

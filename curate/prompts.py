@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from curate.errors import InputError
+from lpo.curate.errors import InputError
 
 
 def read_prompts(path: str | Path) -> list[str]:

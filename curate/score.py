@@ -24,23 +24,24 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate import images
-from curate.config import option
-from curate.errors import InputError
-from curate.ingest import image_parts, is_curation_dir
-from curate.manifest import scores_schema, write_atomic, write_text_atomic
+from lpo.curate import config as cfg
+from lpo.curate import images
+from lpo.curate.config import option
+from lpo.curate.errors import InputError
+from lpo.curate.ingest import image_parts, is_curation_dir
+from lpo.curate.manifest import scores_schema, write_atomic, write_text_atomic
+from lpo.curate.scorers.specs import DEFAULT_CURATION_METRICS
 
 logger = logging.getLogger(__name__)
 
 SCORES_FILE = "scores.parquet"
 SCORES_DIR = "scores"
-DEFAULT_METRICS = ("pickscore", "clip", "vqa")
 
 
 @dataclass
 class ScoreConfig:
     work_dir: Path = option(None, "Curation directory written by `lpo curate ingest`.")
-    metrics: list[str] = option(help="Metrics to compute.", factory=lambda: list(DEFAULT_METRICS))
+    metrics: list[str] = option(help="Metrics to compute.", factory=lambda: list(DEFAULT_CURATION_METRICS))
     models: dict[str, str] = option(
         help="Model per metric (hub id or local directory); unset metrics use the registry default.", factory=dict)
     models_dir: Path | None = option(None, "A directory with one model folder per metric (as `lpo dev tiny-models` "
@@ -53,35 +54,19 @@ class ScoreConfig:
     flush_every: int = option(1024, "Write a part file after this many images (the most work an interruption loses).")
 
 
-def resolve_models(config: ScoreConfig) -> dict[str, str | None]:
-    """The model spec per metric: explicit, else `models_dir/<metric>`, else the registry default (None)."""
-    specs: dict[str, str | None] = {}
-    for metric in config.metrics:
-        if metric in config.models:
-            specs[metric] = config.models[metric]
-        elif config.models_dir is not None:
-            specs[metric] = str(Path(config.models_dir) / metric)
-        else:
-            specs[metric] = None
-    unknown = sorted(set(config.models) - set(config.metrics))
-    if unknown:
-        raise InputError(f"models given for {unknown}, which are not among --metrics {config.metrics}; add them to "
-                         "--metrics or drop those model options.")
-    return specs
-
-
 def validate_models(config: ScoreConfig) -> dict[str, str | None]:
-    """Check metrics, batch options and model specs (no weights load); return the resolved model specs."""
-    from curate.scorers import METRICS, check_model_spec
+    """Check metrics, batch options and model specs (no weights load); return the resolved model specs (None: the
+    registry default)."""
+    from lpo.curate.scorers import CURATION_METRICS, check_model_spec, resolve_specs
 
     if not config.metrics:
         raise InputError("no metrics selected; pass --metrics, e.g. pickscore,clip,vqa.")
-    unknown = [m for m in config.metrics if m not in METRICS]
+    unknown = [m for m in config.metrics if m not in CURATION_METRICS]
     if unknown:
-        raise InputError(f"unknown metric(s) {unknown}; choose from {list(METRICS)}.")
+        raise InputError(f"unknown metric(s) {unknown}; choose from {list(CURATION_METRICS)}.")
     if config.batch_size < 1 or config.flush_every < 1 or config.decode_workers < 1:
         raise InputError("--batch-size, --flush-every and --decode-workers must be at least 1.")
-    specs = resolve_models(config)
+    specs = resolve_specs(config.metrics, config.models, config.models_dir, default=lambda metric: None)
     for metric, spec in specs.items():
         if spec is not None:
             check_model_spec(metric, spec)
@@ -137,49 +122,25 @@ class _PartWriter:
         self.rows = {k: [] for k in self.rows}
 
 
-def _resolve_device(requested: str, state: Any) -> str:
-    import torch
+def _process_device(requested: str, state: Any) -> str:
+    """Under accelerate launch each process scores on its own device; alone, the one asked for."""
+    from lpo.curate.device import resolve_device
 
     if state.num_processes > 1 or requested == "auto":
         return str(state.device)
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {requested} was asked for but CUDA is not available; use --device cpu.")
-    return requested
-
-
-def _resolve_dtype(name: str, device: str) -> Any:
-    import torch
-
-    if name == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    if name not in table:
-        raise InputError(f"--dtype {name} is not one of auto, {', '.join(table)}.")
-    return table[name]
+    return resolve_device(requested)
 
 
 def score_metric(work_dir: Path, metric: str, scorer: Any, todo: set[str], config: ScoreConfig, rank: int,
                  progress: Any = None) -> int:
     """Score the images in `todo` with `scorer`, writing part files as it goes. Returns the number scored."""
+    from lpo.curate.scorers.base import score_each
+
     writer = _PartWriter(work_dir / SCORES_DIR / metric, metric, rank, config.flush_every)
     try:
         batches = images.prefetch(images.iter_images(work_dir, todo, config.batch_size, config.decode_workers))
         for batch in batches:
-            good = [i for i, image in enumerate(batch.images) if image is not None]
-            scores: list[float | None] = [None] * len(batch.uids)
-            errors = list(batch.errors)
-            if good:
-                try:
-                    values = scorer.score([batch.images[i] for i in good], [batch.captions[i] for i in good])
-                    for i, value in zip(good, values):
-                        scores[i] = float(value)
-                except Exception as err:  # a batch the model rejects: score one by one to isolate the bad image
-                    logger.warning("%s: batch failed (%s); retrying one image at a time", metric, err)
-                    for i in good:
-                        try:
-                            scores[i] = float(scorer.score([batch.images[i]], [batch.captions[i]])[0])
-                        except Exception as single:
-                            errors[i] = f"{metric} failed: {type(single).__name__}: {single}"
+            scores, errors = score_each(scorer, batch.images, batch.captions, batch.errors)
             writer.add(batch.uids, scores, errors)
             if progress is not None:
                 progress(len(batch.uids))
@@ -220,12 +181,14 @@ def run(config: ScoreConfig) -> dict[str, Any]:
     """Score the images of `config.work_dir` with each metric; resumable and shardable across processes."""
     from accelerate import PartialState
 
+    from lpo.curate.device import resolve_dtype
+
     specs = validate(config)
     work_dir = Path(config.work_dir)
     cpu = config.device == "cpu"
     state = PartialState(cpu=cpu)
-    device = _resolve_device(config.device, state)
-    dtype = _resolve_dtype(config.dtype, device)
+    device = _process_device(config.device, state)
+    dtype = resolve_dtype(config.dtype, device)
     all_uids: list[str] = []
     for part in image_parts(work_dir):
         all_uids += pq.read_table(part, columns=["image_uid"]).column("image_uid").to_pylist()
@@ -247,6 +210,7 @@ def run(config: ScoreConfig) -> dict[str, Any]:
         ).collect().row(0, named=True)
         report["scored_total"] = counts
         write_text_atomic(json.dumps(report, indent=2) + "\n", work_dir / SCORES_DIR / "last_run.json")
+        cfg.save(config, work_dir / SCORES_DIR / "config.json")
     state.wait_for_everyone()
     return report
 
@@ -254,7 +218,7 @@ def run(config: ScoreConfig) -> dict[str, Any]:
 def _score_with_progress(work_dir, metric, spec, todo, config, state, device, dtype) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from curate.scorers import load_scorer
+    from lpo.curate.scorers import load_scorer
 
     scorer = load_scorer(metric, spec, device=device, dtype=dtype)
     if not state.is_main_process:

@@ -1,1 +1,3 @@
-"""Latent reward model (LRM) on SD1.x/2.x and SDXL backbones, and the latent preference optimisation built on it."""
+"""Everything after curation, one subpackage per step of the method: model families (`backbones`), the latent
+reward model (`lrm`), latent preference optimisation (`lpo`), evaluation (`eval`), the reward service (`serve`),
+and the toy world with `lpo demo` (`toy`)."""

@@ -54,8 +54,8 @@ def resume(accelerator: Any, out: Path, prefix: str, fresh: dict[str, Any]) -> d
 def check_run_dir(config: Any, out: Path, config_file: str, resumable: set[str], prefix: str) -> None:
     """Before any model loads: `--resume` needs a run in `out` made with the same settings (bar the `resumable`
     fields); without it, `out` must not hold checkpoints already."""
-    from curate.config import to_dict
-    from curate.errors import InputError
+    from lpo.curate.config import to_dict
+    from lpo.curate.errors import InputError
 
     path = Path(out) / config_file
     if config.resume:

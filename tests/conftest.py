@@ -22,7 +22,7 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture(scope="session")
 def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder with one tiny random-weight model per role (pickscore, clip, vqa, aesthetic, sd15, sdxl)."""
-    from curate.tiny_models import build_tiny_models
+    from lpo.reward.toy.random_models import build_tiny_models
 
     out = tmp_path_factory.mktemp("tiny_models")
     build_tiny_models(out, seed=0)

@@ -8,11 +8,13 @@ from pathlib import Path
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
+import typer
 from typer.testing import CliRunner
 
-from cli import app
-from curate import mpcf, scorers
-from curate.manifest import PAIRS_SCHEMA
+from lpo.cli import app
+from lpo.curate import mpcf
+from lpo.curate.manifest import PAIRS_SCHEMA
+from lpo.curate.scorers import CURATION_METRICS
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "manifests" / "sample" / "pickapic_sample.parquet"
@@ -43,11 +45,11 @@ def test_filter_end_to_end_on_the_bundled_sample(filtered: Path) -> None:
     assert summary["rejected_by_reason"] == dict(rejected.group_by("reason").len().rows())
     assert summary["images_with_errors"] == 1 and summary["rejected_by_reason"]["image_error"] == 3
     assert (filtered / "gaps.png").stat().st_size > 0
-    for column in PAIRS_SCHEMA.names + [f"{m}_{s}" for m in scorers.METRICS for s in ("0", "1", "gap")]:
+    for column in PAIRS_SCHEMA.names + [f"{m}_{s}" for m in CURATION_METRICS for s in ("0", "1", "gap")]:
         assert column in kept.columns
     assert pq.read_schema(filtered / "filtered.parquet").metadata[b"lpo.curation_dir"] == str(filtered).encode()
     # every kept pair passes the rule, checked directly on the written columns
-    rule = mpcf.build_rule("all", metrics=list(scorers.METRICS), keep_ties=True)
+    rule = mpcf.build_rule("all", metrics=list(CURATION_METRICS), keep_ties=True)
     for row in kept.iter_rows(named=True):
         for m in rule.metrics:
             if row["is_tie"]:
@@ -56,7 +58,7 @@ def test_filter_end_to_end_on_the_bundled_sample(filtered: Path) -> None:
                 winner, loser = (row[f"{m}_0"], row[f"{m}_1"])[:: 1 if row["winner"] == 0 else -1]
                 assert winner - loser > 0
     config = json.loads((filtered / "filter_config.json").read_text())
-    assert config["metrics"] == list(scorers.METRICS) and config["keep_ties"] is True
+    assert config["metrics"] == list(CURATION_METRICS) and config["keep_ties"] is True
 
 
 def test_refilter_of_a_curation_dir_reuses_its_scores(filtered: Path, tmp_path: Path, tiny_models_dir: Path) -> None:
@@ -110,12 +112,34 @@ def test_ingest_and_score_commands(tmp_path: Path, tiny_models_dir: Path) -> Non
     assert scores.columns == ["image_uid", "clip", "error"]
 
 
+def _commands(group: typer.core.TyperGroup, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    found = [path]
+    for name, sub in group.commands.items():
+        found += _commands(sub, (*path, name)) if isinstance(sub, typer.core.TyperGroup) else [(*path, name)]
+    return found
+
+
 def test_every_command_has_help() -> None:
-    commands = (["curate", "ingest"], ["curate", "score"], ["curate", "filter"], ["dev", "tiny-models"],
-                ["dev", "sample-data"], ["curate"], [])
+    commands = _commands(typer.main.get_command(app))
+    assert ("reward", "train") in commands and ("optimize", "sdxl") in commands and ("eval", "compare") in commands
+    assert len(commands) >= 22
     for command in commands:
         result = invoke(*command, "--help")
-        assert result.exit_code == 0 and "Usage" in result.output
+        assert result.exit_code == 0 and "Usage" in result.output, command
+        assert "--help" in result.output
+
+
+def test_options_are_the_config_fields() -> None:
+    """Every field of a command's config is an option (or an argument), its help and default from the field."""
+    import dataclasses
+
+    from lpo.reward.lrm.config import RewardTrainConfig
+
+    result = runner.invoke(app, ["reward", "train", "--help"], env={"COLUMNS": "300"})
+    text = " ".join(result.output.split())
+    for field in dataclasses.fields(RewardTrainConfig):
+        assert f"--{field.name.replace('_', '-')}" in text, field.name
+    assert "(default: 4000)" in text and "--no-gradient-checkpointing" in text
 
 
 def test_sample_data_command_writes_pickapic_schema(tmp_path: Path) -> None:

@@ -1,0 +1,112 @@
+"""The scorer registry: every image-text metric behind one `score(images, captions)` call, one float64 per image
+(image i against caption i), on the scale of the published tables (design/field.md section 5).
+
+| metric | module | score |
+|---|---|---|
+| pickscore | clip | exp(logit_scale) * cos of PickScore_v1 (about 20-23) |
+| clip | clip | raw cosine of open_clip LAION ViT-H-14, as LPO's filter |
+| hpsv2, hpsv21 | clip | 100 * cos with the HPS v2 / v2.1 checkpoint |
+| vqa | vqa | VQAScore, P("Yes") |
+| aesthetic | aesthetic | LAION improved aesthetic MLP, 1-10 |
+| imagereward | imagereward | ImageReward, standardised MLP(BLIP) |
+
+Curation (`lpo curate score`, MPCF, the reward service's image route) uses `CURATION_METRICS`; evaluation
+(`lpo eval`) all of them. `check_model_spec` validates a spec without reading weights; `load_scorer` loads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from lpo.curate.errors import InputError
+from lpo.curate.scorers import aesthetic, clip, imagereward, vqa
+from lpo.curate.scorers.base import Scorer, TextFeatureCache, pooled_features
+from lpo.curate.scorers.specs import (
+    CURATION_METRICS,
+    DEFAULT_EVAL_METRICS,
+    DEFAULT_MODELS,
+    METRICS,
+    check_metric,
+    resolve_specs,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["CURATION_METRICS", "DEFAULT_EVAL_METRICS", "DEFAULT_MODELS", "METRICS", "Scorer", "TextFeatureCache",
+           "check_model_spec", "load_scorer", "pooled_features", "prefetch", "resolve_specs"]
+
+_CHECKS: dict[str, Callable[[str], None]] = {
+    "pickscore": clip.check_pickscore,
+    "clip": clip.check_clip,
+    "hpsv2": lambda spec: clip.check_hps("hpsv2", spec),
+    "hpsv21": lambda spec: clip.check_hps("hpsv21", spec),
+    "vqa": vqa.check_vqa,
+    "aesthetic": aesthetic.check_aesthetic,
+    "imagereward": imagereward.check_imagereward,
+}
+_LOADERS: dict[str, Callable[..., Scorer]] = {
+    "pickscore": clip.load_pickscore,
+    "clip": clip.load_clip,
+    "hpsv2": lambda spec, **kw: clip.load_hps("hpsv2", spec, **kw),
+    "hpsv21": lambda spec, **kw: clip.load_hps("hpsv21", spec, **kw),
+    "vqa": vqa.load_vqa,
+    "aesthetic": aesthetic.load_aesthetic,
+    "imagereward": imagereward.load_imagereward,
+}
+# Loader options per metric (see load_scorer).
+_OPTIONS: dict[str, set[str]] = {
+    "pickscore": {"processor", "text_cache_size"},
+    "clip": {"text_cache_size"},
+    "vqa": {"question_template", "answer"},
+    "aesthetic": {"clip_model", "head_file"},
+    "hpsv2": set(),
+    "hpsv21": set(),
+    "imagereward": set(),
+}
+
+
+def check_model_spec(metric: str, spec: str) -> None:
+    """Validate a metric name and model spec before any weights load; raise InputError when unusable.
+
+    Local folders are checked from their config files; for a hub id at most a config file is fetched (the check is
+    skipped with a warning when the hub cannot be reached).
+    """
+    check_metric(metric)
+    if not isinstance(spec, str) or not spec.strip():
+        raise InputError(
+            f"{metric} model spec {spec!r} is empty: expected a local path or a hub id such as "
+            f"{DEFAULT_MODELS[metric]!r}"
+        )
+    _CHECKS[metric](spec)
+
+
+def prefetch(metric: str, spec: str) -> None:
+    """Download the hub files an HPS or ImageReward spec needs now, so an unavailable checkpoint stops a run before
+    its images are generated rather than after (the other metrics load from the hub's cache when scoring)."""
+    if metric in clip.HPS_CHECKPOINTS:
+        clip.prefetch_hps(metric, spec)
+    elif metric == "imagereward":
+        imagereward.prefetch_imagereward(spec)
+
+
+def load_scorer(metric: str, spec: str | None = None, *, device: str = "cpu", dtype: torch.dtype | None = None,
+                **options: Any) -> Scorer:
+    """Load the scorer for `metric` from `spec` (default DEFAULT_MODELS[metric]) on `device` in `dtype`.
+
+    Options: pickscore ``processor``, ``text_cache_size``; clip ``text_cache_size``; vqa ``question_template``
+    (with ``{}`` for the caption), ``answer``; aesthetic ``clip_model``, ``head_file``.
+    """
+    check_metric(metric)
+    unknown = sorted(set(options) - _OPTIONS[metric])
+    if unknown:
+        raise InputError(
+            f"unknown {metric} scorer option(s) {', '.join(unknown)}: expected "
+            f"{', '.join(sorted(_OPTIONS[metric])) or 'none'}; remove or rename them"
+        )
+    spec = spec or DEFAULT_MODELS[metric]
+    check_model_spec(metric, spec)
+    import torch
+
+    return _LOADERS[metric](spec, device=device, dtype=dtype or torch.float32, **options)

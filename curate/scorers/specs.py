@@ -1,0 +1,185 @@
+"""The metrics, their default models, and the checks of a model spec (a hub id or a local folder) that run before
+any weights load: a wrong folder, a missing file or a model of another type stops a run with a message naming it.
+
+Local folders are checked from their config files; for a hub id at most a config file is fetched (the check is
+skipped with a warning when the hub cannot be reached)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from lpo.curate.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+# Every metric of the registry, in the order tables list them; curation (scoring, MPCF, the reward service) uses the
+# first four, evaluation all of them.
+CURATION_METRICS: tuple[str, ...] = ("pickscore", "clip", "vqa", "aesthetic")
+DEFAULT_CURATION_METRICS: tuple[str, ...] = ("pickscore", "clip", "vqa")  # scoring's default and the `all` rule's
+METRICS: tuple[str, ...] = ("pickscore", "hpsv2", "hpsv21", "imagereward", "aesthetic", "clip", "vqa")
+# The metrics of the LPO paper's Pick-a-Pic table (design/field.md section 6).
+DEFAULT_EVAL_METRICS: tuple[str, ...] = ("pickscore", "hpsv2", "hpsv21", "imagereward", "aesthetic")
+HPS_REPO = "xswu/HPSv2"
+IMAGEREWARD_REPO = "THUDM/ImageReward"
+DEFAULT_MODELS: dict[str, str] = {
+    "pickscore": "yuvalkirstain/PickScore_v1",
+    "clip": "hf-hub:laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+    "vqa": "Qwen/Qwen2.5-VL-7B-Instruct",
+    "aesthetic": "trl-lib/ddpo-aesthetic-predictor",
+    "hpsv2": HPS_REPO,
+    "hpsv21": HPS_REPO,
+    "imagereward": IMAGEREWARD_REPO,
+}
+
+
+def check_metric(metric: str, metrics: tuple[str, ...] = METRICS) -> None:
+    if metric not in metrics:
+        raise InputError(f"unknown metric {metric!r}: expected one of {', '.join(metrics)}; fix the metric name")
+
+
+def resolve_specs(metrics: list[str] | tuple[str, ...], models: dict[str, str], models_dir: str | Path | None,
+                  default: Callable[[str], str | None] = DEFAULT_MODELS.get) -> dict[str, str | None]:
+    """The model spec of each metric: explicit (`models`), else `models_dir/<metric>`, else `default(metric)`."""
+    unknown = sorted(set(models) - set(metrics))
+    if unknown:
+        raise InputError(f"models given for {unknown}, which are not among --metrics {list(metrics)}; add them to "
+                         "--metrics or drop those model options.")
+    if len(set(metrics)) != len(metrics):
+        raise InputError(f"--metrics {','.join(metrics)} names a metric twice; list each once.")
+    specs: dict[str, str | None] = {}
+    for metric in metrics:
+        if metric in models:
+            specs[metric] = models[metric]
+        elif models_dir is not None:
+            specs[metric] = str(Path(models_dir) / metric)
+        else:
+            specs[metric] = default(metric)
+    return specs
+
+
+def is_path_like(spec: str) -> bool:
+    return spec.startswith(("/", "./", "../", "~", ".\\")) or "\\" in spec or spec.count("/") > 1
+
+
+def local_path(metric: str, spec: str) -> Path | None:
+    """The local path `spec` names, None when it reads as a hub id; a path-like spec that does not exist fails."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path
+    if is_path_like(spec):
+        raise InputError(
+            f"{metric} model path {spec!r} does not exist: it is neither an existing path nor a hub id (ORG/NAME) "
+            f"such as {DEFAULT_MODELS[metric]!r}; fix the path"
+        )
+    return None
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(f"cannot read {path}: {err}; expected a JSON model config, fix or rewrite the file") from err
+
+
+def describe_dir(path: Path) -> str:
+    if (path / "model_index.json").is_file():
+        return "a diffusers pipeline (model_index.json)"
+    if (path / "open_clip_config.json").is_file():
+        return "an open_clip model (open_clip_config.json)"
+    if (path / "config.json").is_file():
+        config = read_json(path / "config.json")
+        if "lpo_scorer" in config:
+            return f"an lpo {config['lpo_scorer']!r} scorer folder"
+        if "model_type" in config:
+            return f"a transformers model of type {config['model_type']!r}"
+        if "_class_name" in config:
+            return f"a diffusers {config['_class_name']} folder"
+        return "a config.json without model_type"
+    return "no model config (config.json, open_clip_config.json or model_index.json)"
+
+
+def hub_json(metric: str, repo_id: str, filename: str) -> dict | None:
+    """`filename` of a hub repo, parsed; None when the hub cannot be reached (the load reports it later)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        path = hf_hub_download(repo_id, filename)
+    except GatedRepoError as err:
+        raise InputError(
+            f"{metric} model {repo_id!r} is gated on the Hugging Face Hub: accept its licence on the model page, "
+            "then log in with `hf auth login`"
+        ) from err
+    except (RepositoryNotFoundError, RevisionNotFoundError, HFValidationError) as err:
+        raise InputError(
+            f"{metric} model {repo_id!r} is neither an existing local path nor a model on the Hub: "
+            f"expected e.g. {DEFAULT_MODELS[metric]!r}; fix the name (or log in for a private repo)"
+        ) from err
+    except RemoteEntryNotFoundError as err:
+        raise InputError(
+            f"{metric} model {repo_id!r} has no {filename} on the Hugging Face Hub, so it is not a model of the "
+            f"expected type; pass a model such as {DEFAULT_MODELS[metric]!r}"
+        ) from err
+    except (LocalEntryNotFoundError, OSError) as err:
+        logger.warning("could not fetch %s of %s to check it (%s); check skipped", filename, repo_id, err)
+        return None
+    return read_json(Path(path))
+
+
+def hub_file(metric: str, repo: str, filename: str) -> Path:
+    """A file of a hub repo from the local cache or the Hub; InputError naming the download when unavailable."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo, filename))
+    except Exception as err:  # offline, missing file, gated, bad id: all mean the same fix
+        raise InputError(
+            f"{metric} needs {filename} from the Hub repo {repo!r}, which could not be read ({type(err).__name__}); "
+            f"download it (`hf download {repo} {filename}`) or pass a local folder with --{metric}-model"
+        ) from None
+
+
+def check_model_type(metric: str, spec: str, config: dict | None, where: str, expected: str,
+                      accept: Callable[[str], bool]) -> None:
+    if config is None:
+        return
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or not accept(model_type):
+        found = f"model_type {model_type!r}" if model_type else "no model_type"
+        raise InputError(
+            f"{metric} model {spec!r}: expected {expected}, found {found} in {where}; "
+            f"pass a model such as {DEFAULT_MODELS[metric]!r}"
+        )
+
+
+def transformers_config(metric: str, spec: str, expected: str, accept: Callable[[str], bool]) -> Path | None:
+    """Check that `spec` (local dir or hub id) is a transformers model whose model_type `accept`s."""
+    path = local_path(metric, spec)
+    if path is None:
+        check_model_type(metric, spec, hub_json(metric, spec, "config.json"), "its hub config.json", expected,
+                          accept)
+        return None
+    config_file = path / "config.json"
+    if not path.is_dir() or not config_file.is_file() or "model_type" not in read_json(config_file):
+        found = describe_dir(path) if path.is_dir() else "a file"
+        raise InputError(
+            f"{metric} model {str(path)!r}: expected {expected} (a folder with config.json), found {found}; "
+            f"pass a model such as {DEFAULT_MODELS[metric]!r}"
+        )
+    check_model_type(metric, str(path), read_json(config_file), str(config_file), expected, accept)
+    return path
+
+
+def resolve_relative(base: Path, value: str) -> str:
+    candidate = base / value
+    return str(candidate) if candidate.exists() else value

@@ -1,0 +1,231 @@
+"""What a model family is: the interface every backbone adapter implements.
+
+The method needs a family (SD1.x/2.x, SDXL; flow-matching transformers such as SD3 and FLUX.1 next) in two roles:
+
+- `Generator`: the text-to-image model as sampling, LPO and evaluation use it: prompt conditioning, the guided
+  denoiser output, the sampler's timestep grid, and each step as a Gaussian transition (its mean and std, so a
+  child can be drawn and its likelihood computed), VAE decoding, LoRA in and out.
+- `LRMBackbone`: the family's own denoiser, truncated, and text encoders as the latent reward model reads them:
+  pooled features of a noisy latent at the tapped layers, the prompt conditioning and the pooled text feature.
+
+A `Family` (`family.py`, the registry) names both, with the family's defaults. Everything else
+(the LRM's projections and loss, the LPO sampler, loss and trainer, evaluation) is written once against these
+interfaces. A new family is one module with a `Generator`, an `LRMBackbone` and a registry entry.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from lpo.reward.backbones.family import Family
+
+
+def load_lora_quietly(pipeline: Any, path: str | Path) -> None:
+    """`pipeline.load_lora_weights(path)` without diffusers' warning that a denoiser-only LoRA (what LPO writes) has
+    no text-encoder keys."""
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        pipeline.load_lora_weights(str(path))
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
+@dataclass
+class Conditioning:
+    """Conditional and unconditional text conditioning for a batch of prompts (what the family's denoiser takes:
+    a token sequence, optionally a pooled vector and extra conditioning such as SDXL's size ids)."""
+
+    context: torch.Tensor
+    uncond_context: torch.Tensor
+    pooled: torch.Tensor | None = None
+    uncond_pooled: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+
+    def select(self, index: torch.Tensor) -> Conditioning:
+        """The conditioning of a subset (or a repetition) of the batch."""
+        pick = (lambda x: None if x is None else x[index])  # noqa: E731
+        return Conditioning(self.context[index], self.uncond_context[index], pick(self.pooled),
+                            pick(self.uncond_pooled), pick(self.time_ids))
+
+    def repeat(self, k: int) -> Conditioning:
+        """The batch repeated k times, in [batch, batch, ...] order."""
+        index = torch.arange(self.context.shape[0]).repeat(k)
+        return self.select(index)
+
+
+@dataclass
+class StepStats:
+    """One sampler step from x_t as a Gaussian transition N(mean, std^2 I), per batch element."""
+
+    mean: torch.Tensor
+    std: torch.Tensor  # [B, 1, ..., 1]
+    x0: torch.Tensor  # the clean-latent prediction
+    prev_timestep: torch.Tensor  # [B]: the timestep the child is at
+
+
+class Generator(ABC):
+    """A family's text-to-image model as sampling, LPO and evaluation use it. `denoiser` is the network LPO adapts
+    (a UNet or a transformer); `vae` decodes; the step maths follow the family's sampler."""
+
+    family: Family
+
+    def __init__(self, pipeline: Any, base: str):
+        self.pipeline = pipeline
+        self.base = base
+        self.vae = pipeline.vae
+
+    @classmethod
+    def load(cls, base: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Generator:
+        """The base pipeline with frozen VAE and text encoders, on `device` in `dtype`."""
+        pipeline = cls.family.load_pipeline(base, dtype)
+        for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+            module = getattr(pipeline, name, None)
+            if module is not None:
+                module.requires_grad_(False)
+        return cls(pipeline.to(device), base)
+
+    @property
+    def denoiser(self) -> nn.Module:
+        return getattr(self.pipeline, self.family.denoiser)
+
+    def set_denoiser(self, module: nn.Module) -> None:
+        """Swap in another denoiser (e.g. a fully fine-tuned one)."""
+        setattr(self.pipeline, self.family.denoiser, module)
+
+    @property
+    def device(self) -> torch.device:
+        return self.denoiser.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.denoiser.dtype
+
+    @property
+    @abstractmethod
+    def latent_shape(self) -> tuple[int, ...]:
+        """[C, H, W] of one latent at the model's native resolution."""
+
+    @property
+    @abstractmethod
+    def resolution(self) -> int:
+        """The native image side in pixels."""
+
+    @abstractmethod
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        """The pipeline's own prompt encoding (conditional and unconditional), so sampling matches `pipe(prompt)`."""
+
+    @abstractmethod
+    def predict(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning, guidance: float,
+                denoiser: Any = None) -> torch.Tensor:
+        """The (guided) denoiser output the step maths take (noise for DDIM families, velocity for flow ones);
+        `denoiser` replaces the model's own (the LPO policy or its reference)."""
+
+    @abstractmethod
+    def timesteps(self, steps: int) -> list:
+        """Set the sampler's grid for `steps` steps and return its timesteps, noisiest first."""
+
+    @abstractmethod
+    def initial_latents(self, generators: list[torch.Generator]) -> torch.Tensor:
+        """[B, *latent_shape] starting noise on the CPU, image b's from generators[b]."""
+
+    @abstractmethod
+    def step(self, output: torch.Tensor, timesteps: torch.Tensor, sample: torch.Tensor,
+             noise_level: float) -> StepStats:
+        """The stochastic step from `sample` at `timesteps` as a Gaussian transition; `noise_level` is the
+        sampler's stochasticity (DDIM's eta)."""
+
+    @abstractmethod
+    def step_stds(self, noise_level: float) -> tuple[list, torch.Tensor]:
+        """(timesteps, float64 std of each step) of the grid the last `timesteps` call set."""
+
+    @abstractmethod
+    def decode(self, latents: torch.Tensor) -> list[Any]:
+        """VAE-decode latents to PIL images."""
+
+    def load_lora(self, path: str | Path) -> None:
+        load_lora_quietly(self.pipeline, path)
+
+    @abstractmethod
+    def save_lora(self, directory: str | Path, layers: dict[str, torch.Tensor]) -> None:
+        """Write denoiser LoRA layers (diffusers naming) where `pipe.load_lora_weights(directory)` reads them."""
+
+
+class LRMBackbone(nn.Module, ABC):
+    """A family's denoiser, truncated to the layers the latent reward model taps, with its text encoders.
+
+    `components` maps each pipeline subfolder the backbone holds to that module's config, so `from_components`
+    rebuilds it (with fresh weights) for loading a saved reward model; `resolution` is the image side it reads."""
+
+    family: Family
+    resolution: int
+    text_projected: bool  # whether the pooled text feature is already in a joint image-text space (else projected)
+    unused_parameters: bool = False  # some parameters never get a gradient (DDP must be told to look for them)
+
+    @classmethod
+    @abstractmethod
+    def from_base(cls, base: str, dtype: torch.dtype = torch.float32, pretrained: bool = True) -> LRMBackbone:
+        """The backbone of a pipeline (hub id or folder); `pretrained=False` keeps the architecture with fresh
+        weights."""
+
+    @classmethod
+    @abstractmethod
+    def from_components(cls, components: dict[str, dict[str, Any]], resolution: int) -> LRMBackbone:
+        """The backbone's architecture from its components' configs (weights to be loaded by the caller)."""
+
+    @staticmethod
+    @abstractmethod
+    def noise_schedule(source: str | Path, subfolder: str = "scheduler") -> Any:
+        """The forward process of the family (`add_noise(clean, noise, timesteps)`), read from `source`."""
+
+    @property
+    @abstractmethod
+    def components(self) -> dict[str, dict[str, Any]]:
+        """Pipeline subfolder -> config of each module held."""
+
+    @property
+    @abstractmethod
+    def latent_shape(self) -> tuple[int, ...]:
+        """[C, H, W] of the latents it reads."""
+
+    @abstractmethod
+    def default_taps(self) -> list[int]:
+        """The paper's feature taps on this architecture."""
+
+    @abstractmethod
+    def feature_channels(self, taps: list[int]) -> list[int]:
+        """Widths of the pooled features `pooled_features(..., taps)` returns."""
+
+    @property
+    @abstractmethod
+    def text_width(self) -> int:
+        """Width of the pooled text feature `encode_text` returns under "text"."""
+
+
+    @abstractmethod
+    def encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """The denoiser's conditioning for `prompts` (one tensor per key, batch first) and, under "text", the
+        pooled text feature the score compares with."""
+
+    @abstractmethod
+    def pooled_features(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor],
+                        taps: list[int]) -> list[torch.Tensor]:
+        """Pooled [B, width] features at `taps`, then the deepest feature the backbone computes (always last)."""
+
+    @abstractmethod
+    def enable_gradient_checkpointing(self) -> None: ...
+
+    @abstractmethod
+    def save_tokenizers(self, directory: Path) -> None: ...
+
+    @abstractmethod
+    def load_tokenizers(self, source: str | Path, subfolder: str | None = None) -> None: ...

@@ -1,0 +1,196 @@
+"""The family registry: what each family is, how a pipeline's family is found from its own files, and the one
+loader of a generator (a LoRA loaded, or a fine-tuned denoiser swapped in).
+
+This module imports nothing heavy (the command line reads the registry); a family's adapters load on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lpo.curate.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family: how to recognise its pipelines, its adapters, and its defaults."""
+
+    name: str  # the command-line name: `lpo optimize <name>`
+    title: str  # for messages: "SD1.x/2.x"
+    denoiser: str  # the pipeline subfolder of the denoising network: "unet" or "transformer"
+    pipeline: str  # the diffusers pipeline class
+    sampler: str  # the stochastic sampler LPO and sampling use, by name
+    accepts: Callable[[dict[str, Any]], bool]  # given the denoiser's config.json
+    adapters: tuple[str, str]  # "module:class" of the family's Generator and LRMBackbone
+    lora_targets: tuple[str, ...]  # module names LoRA adapts in LPO
+    lpo_defaults: dict[str, Any] = field(default_factory=dict)  # LPOConfig fields the family sets when left unset
+    pipeline_kwargs: dict[str, Any] = field(default_factory=dict)  # extra from_pretrained arguments
+
+    @property
+    def generator(self) -> type:
+        """The family's `Generator` class."""
+        return _load(self.adapters[0])
+
+    @property
+    def lrm_backbone(self) -> type:
+        """The family's `LRMBackbone` class."""
+        return _load(self.adapters[1])
+
+    def load_pipeline(self, base: str, dtype: torch.dtype | None = None) -> Any:
+        import diffusers
+
+        pipeline_class = getattr(diffusers, self.pipeline)
+        kwargs = diffusers_dtype(dtype) if dtype is not None else {}
+        pipeline = pipeline_class.from_pretrained(base, **kwargs, **self.pipeline_kwargs)
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
+
+    def noise_schedule(self, source: str | Path, subfolder: str = "scheduler") -> Any:
+        """The forward process (`add_noise(clean, noise, timesteps)`) of a pipeline or a saved LRM (folder or hub
+        id; `subfolder` where its scheduler config is)."""
+        return self.lrm_backbone.noise_schedule(source, subfolder)
+
+
+def diffusers_dtype(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """The dtype keyword of diffusers' from_pretrained: `dtype` where `torch_dtype` is deprecated, else the old one."""
+    from diffusers.utils import deprecation_utils
+
+    renamed = hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE")
+    return {"dtype": dtype} if renamed else {"torch_dtype": dtype}
+
+
+def _load(path: str) -> type:
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _is_sd15(unet_config: dict[str, Any]) -> bool:
+    return unet_config.get("addition_embed_type") is None and unet_config.get("class_embed_type") is None
+
+
+def _is_sdxl(unet_config: dict[str, Any]) -> bool:
+    return unet_config.get("addition_embed_type") == "text_time"
+
+
+UNET_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
+FAMILIES: dict[str, Family] = {family.name: family for family in (
+    # LPO defaults are those of the released runs (design/method.md section 9.2).
+    Family(name="sd15", title="SD1.x/2.x", denoiser="unet", pipeline="StableDiffusionPipeline", sampler="DDIM",
+           accepts=_is_sd15,
+           adapters=("lpo.reward.backbones.unet:UNetGenerator", "lpo.reward.backbones.unet:UNetLRMBackbone"),
+           lora_targets=UNET_LORA_TARGETS,
+           lpo_defaults={"lora_rank": 4, "lr": 6e-5, "threshold": [0.35, 0.5], "sample_batch_size": 5,
+                         "train_batch_size": 10, "gradient_checkpointing": False},
+           pipeline_kwargs={"safety_checker": None, "requires_safety_checker": False}),
+    Family(name="sdxl", title="SDXL", denoiser="unet", pipeline="StableDiffusionXLPipeline", sampler="DDIM",
+           accepts=_is_sdxl,
+           adapters=("lpo.reward.backbones.unet:SDXLGenerator", "lpo.reward.backbones.unet:SDXLLRMBackbone"),
+           lora_targets=UNET_LORA_TARGETS,
+           lpo_defaults={"lora_rank": 64, "lr": 1e-5, "threshold": [0.45, 0.6], "sample_batch_size": 4,
+                         "train_batch_size": 4, "gradient_checkpointing": True}),
+)}
+
+
+def get_family(name: str) -> Family:
+    if name not in FAMILIES:
+        raise InputError(f"family {name!r} is not one of {', '.join(FAMILIES)}.")
+    return FAMILIES[name]
+
+
+def _supported() -> str:
+    return ", ".join(f"{family.title} ({family.name})" for family in FAMILIES.values())
+
+
+def read_subfolder_config(base: str, subfolder: str) -> dict[str, Any]:
+    """A diffusers component's config.json from a local pipeline directory or a hub id (config only)."""
+    local = Path(base) / subfolder / CONFIG_FILE
+    if Path(base).is_dir():
+        if not local.is_file():
+            raise InputError(f"{base} has no {subfolder}/{CONFIG_FILE}; give a diffusers pipeline directory of a "
+                             f"supported family ({_supported()}) with {subfolder}/, vae/, text_encoder/, tokenizer/.")
+        return json.loads(local.read_text())
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return json.loads(Path(hf_hub_download(base, f"{subfolder}/{CONFIG_FILE}")).read_text())
+    except Exception as err:  # hub errors come in many types; all mean "not a usable pipeline id"
+        raise InputError(f"could not read {subfolder}/{CONFIG_FILE} of '{base}' ({type(err).__name__}); give a "
+                         "diffusers pipeline directory or a reachable hub id.") from err
+
+
+def family_of(base: str) -> Family:
+    """The family of a diffusers pipeline (hub id or local directory), from its denoiser's config alone."""
+    denoisers = list(dict.fromkeys(family.denoiser for family in FAMILIES.values()))
+    if Path(base).is_dir() and not any((Path(base) / d).is_dir() for d in denoisers) \
+            and (Path(base) / "transformer").is_dir():
+        raise InputError(f"{base} is a transformer-based pipeline (e.g. SD3/Flux); the supported families are "
+                         f"{_supported()}.")
+    config = read_subfolder_config(base, denoisers[0])
+    for family in FAMILIES.values():
+        if family.accepts(config):
+            return family
+    raise InputError(
+        f"{base}: a {config.get('_class_name', 'denoiser')} with addition_embed_type="
+        f"{config.get('addition_embed_type')!r} and class_embed_type={config.get('class_embed_type')!r} belongs to "
+        f"none of the supported families ({_supported()})."
+    )
+
+
+def pixel_resolution(denoiser_config: dict[str, Any], base: str, vae: str | None = None) -> int:
+    """The image side the model was trained at: latent sample_size times the VAE's downscaling factor."""
+    if vae:
+        from diffusers import AutoencoderKL
+
+        vae_config = dict(AutoencoderKL.load_config(vae))
+    else:
+        vae_config = read_subfolder_config(base, "vae")
+    return int(denoiser_config["sample_size"]) * 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def resolve_lora(path: str | Path) -> Path:
+    """The folder of a LoRA saved by `lpo optimize`: the folder itself, or the `lora/` of its run directory."""
+    path = Path(path)
+    if (path / LORA_WEIGHTS).is_file():
+        return path
+    if (path / "lora" / LORA_WEIGHTS).is_file():
+        logger.info("%s is an LPO run: using its lora/", path)
+        return path / "lora"
+    raise InputError(f"{path} holds no LoRA ({LORA_WEIGHTS}, here or in lora/); pass the lora/ folder `lpo optimize` "
+                     "wrote, or its run directory.")
+
+
+def load_generator(base: str, *, family: Family | None = None, lora: str | Path | None = None,
+                   denoiser: str | Path | None = None, dtype: torch.dtype | None = None,
+                   device: str = "cpu") -> Any:
+    """The generator of `base` (its family found from its files, or checked against `family`), with a LoRA loaded
+    or its denoiser replaced by a fine-tuned one (a folder saved with `save_pretrained`). The VAE stays in float32:
+    decoding in half precision overflows on the SDXL VAE."""
+    import torch
+
+    dtype = dtype or torch.float32
+    found = family_of(base)
+    if family is not None and family is not found:
+        raise InputError(f"{base} is an {found.name} pipeline, not {family.name}; use `lpo optimize {found.name}`.")
+    model = found.generator.load(base, dtype=dtype, device=device)
+    if dtype != torch.float32:
+        model.vae.to(torch.float32)
+    if lora is not None:
+        model.load_lora(resolve_lora(lora))
+    if denoiser is not None:
+        module_class = type(model.denoiser)
+        model.set_denoiser(module_class.from_pretrained(denoiser, **diffusers_dtype(dtype)).to(device).eval())
+    return model

@@ -1,0 +1,349 @@
+"""The UNet families: SD1.x/2.x (`sd15`) and SDXL (`sdxl`), sampled with DDIM.
+
+Generator: the pipeline's own prompt encoding (SDXL adds the pooled embedding and the size ids), classifier-free
+guidance in one UNet forward, the DDIM step as a Gaussian transition (`lpo.reward.backbones.ddim`).
+
+LRM backbone: the stock diffusers UNet's conv_in, time (and SDXL added) embeddings, down blocks and mid block; the
+up blocks and conv_out are dropped. Taps are the outputs of each down block's last resnet (the paper's: 2, 5, 8, 11
+on SD1.5, 2, 5, 8 on SDXL) and the mid block. The pooled text feature is the first encoder's pooler output
+(SD1.x/2.x: projected by the reward model) or the second encoder's own projection (SDXL).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lpo.reward.backbones import ddim
+from lpo.reward.backbones.base import Conditioning, Generator, LRMBackbone, StepStats
+from lpo.reward.backbones.family import diffusers_dtype, get_family
+from lpo.reward.images import to_pil
+
+# ---------------------------------------------------------------------------------------------------------------
+# generator
+
+
+class UNetGenerator(Generator):
+    """An SD1.x/2.x or SDXL pipeline with a DDIM scheduler."""
+
+    def __init__(self, pipeline: Any, base: str):
+        from diffusers import DDIMScheduler
+
+        super().__init__(pipeline, base)
+        self.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
+
+    @property
+    def unet(self) -> nn.Module:
+        return self.pipeline.unet
+
+    @property
+    def resolution(self) -> int:
+        return int(self.unet.config.sample_size) * self.pipeline.vae_scale_factor
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        size = int(self.unet.config.sample_size)
+        return (int(self.unet.config.in_channels), size, size)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        cond, uncond = self.pipeline.encode_prompt(prompts, self.device, 1, True, negative_prompt=None)
+        return Conditioning(cond, uncond)
+
+    def predict(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning, guidance: float,
+                denoiser: Any = None) -> torch.Tensor:
+        """eps_uncond + guidance * (eps_cond - eps_uncond), both halves in one UNet forward."""
+        unet = denoiser if denoiser is not None else self.unet
+        n = latents.shape[0]
+        timesteps = timesteps.to(latents.device).expand(n)
+        if guidance == 1.0:
+            kwargs = {}
+            if cond.pooled is not None:
+                kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
+            return unet(latents, timesteps, encoder_hidden_states=cond.context, **kwargs).sample
+        kwargs = {}
+        if cond.pooled is not None:
+            kwargs["added_cond_kwargs"] = {"text_embeds": torch.cat([cond.uncond_pooled, cond.pooled]),
+                                           "time_ids": torch.cat([cond.time_ids, cond.time_ids])}
+        out = unet(torch.cat([latents, latents]), torch.cat([timesteps, timesteps]),
+                   encoder_hidden_states=torch.cat([cond.uncond_context, cond.context]), **kwargs).sample
+        uncond, conditional = out[:n], out[n:]
+        return uncond + guidance * (conditional - uncond)
+
+    def timesteps(self, steps: int) -> list[int]:
+        self.scheduler.set_timesteps(steps)
+        return self.scheduler.timesteps.tolist()
+
+    def initial_latents(self, generators: list[torch.Generator]) -> torch.Tensor:
+        shape = self.latent_shape
+        return torch.stack([torch.randn(shape, generator=g) for g in generators]) * self.scheduler.init_noise_sigma
+
+    def step(self, output: torch.Tensor, timesteps: torch.Tensor, sample: torch.Tensor,
+             noise_level: float) -> StepStats:
+        return ddim.step_stats(self.scheduler, output, timesteps, sample, noise_level)
+
+    def step_stds(self, noise_level: float) -> tuple[list[int], torch.Tensor]:
+        timesteps = self.scheduler.timesteps.to(torch.long)
+        return timesteps.tolist(), ddim.step_std(self.scheduler, timesteps, noise_level)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> list[Any]:
+        vae = self.vae
+        return to_pil(vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample)
+
+    def save_lora(self, directory: str | Path, layers: dict[str, torch.Tensor]) -> None:
+        type(self.pipeline).save_lora_weights(directory, unet_lora_layers=layers, safe_serialization=True)
+
+
+class SDXLGenerator(UNetGenerator):
+    """SDXL: two text encoders, the pooled embedding and the size ids as added conditioning."""
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        """Exactly the pipeline's own prompt encoding (zeros for the empty negative prompt, as its config asks)."""
+        cond, uncond, pooled, uncond_pooled = self.pipeline.encode_prompt(
+            prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=True)
+        time_ids = size_ids(self.resolution, cond.dtype, self.device)
+        return Conditioning(cond, uncond, pooled, uncond_pooled, time_ids.expand(len(prompts), 6))
+
+
+def size_ids(resolution: int, dtype: torch.dtype, device: Any) -> torch.Tensor:
+    """SDXL's micro-conditioning for an uncropped square image: original size, crop top-left, target size."""
+    size = float(resolution)
+    return torch.tensor([[size, size, 0.0, 0.0, size, size]], device=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# latent reward model backbone
+
+
+def _layers(unet_config: dict[str, Any]) -> list[int]:
+    layers = unet_config["layers_per_block"]
+    n = len(unet_config["down_block_types"])
+    return [layers] * n if isinstance(layers, int) else list(layers)
+
+
+def res_channels(unet_config: dict[str, Any]) -> list[int]:
+    """Channels of each entry of `down_block_res_samples`: conv_in's output, then per down block one entry per
+    resnet and one for the downsampler, which every block but the last has."""
+    blocks = unet_config["block_out_channels"]
+    layers = _layers(unet_config)
+    out = [blocks[0]]
+    for i, n in enumerate(layers):
+        out += [blocks[i]] * (n + (1 if i < len(layers) - 1 else 0))
+    return out
+
+
+def default_taps(unet_config: dict[str, Any]) -> list[int]:
+    """Index in `down_block_res_samples` of each down block's last resnet output (before its downsampler).
+    On SD1.5 this gives [2, 5, 8, 11], on SDXL [2, 5, 8]: the paper's taps."""
+    layers = _layers(unet_config)
+    taps, index = [], 0
+    for i, n in enumerate(layers):
+        taps.append(index + n)
+        index += n + (1 if i < len(layers) - 1 else 0)
+    return taps
+
+
+def truncate_unet(unet: nn.Module) -> nn.Module:
+    """Drop what the reward model never runs: the up blocks and the output head."""
+    unet.up_blocks = nn.ModuleList()
+    unet.conv_norm_out = None
+    unet.conv_act = None
+    unet.conv_out = None
+    return unet
+
+
+class UNetLRMBackbone(LRMBackbone):
+    """SD1.x/2.x: the truncated UNet and the CLIP text encoder; the pooled text is its pooler output."""
+
+    text_encoders = ("text_encoder",)
+    text_projected = False
+
+    def __init__(self, unet: nn.Module, text_encoders: list[nn.Module], resolution: int,
+                 tokenizers: list[Any] | None = None):
+        super().__init__()
+        self.unet = truncate_unet(unet)
+        self.text_encoder = text_encoders[0]
+        if len(text_encoders) > 1:
+            self.text_encoder_2 = text_encoders[1]
+        self.resolution = resolution
+        self.tokenizers = tokenizers or []
+
+    # construction -------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_base(cls, base: str, dtype: torch.dtype = torch.float32, pretrained: bool = True) -> UNetLRMBackbone:
+        from diffusers import UNet2DConditionModel
+        from transformers import AutoTokenizer
+
+        from lpo.reward.backbones.family import pixel_resolution, read_subfolder_config
+
+        if pretrained:
+            unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", **diffusers_dtype(dtype))
+        else:
+            unet = UNet2DConditionModel.from_config(read_subfolder_config(base, "unet"))
+            if dtype != torch.float32:  # diffusers warns about a cast even when there is nothing to cast
+                unet = unet.to(dtype)
+        encoders = []
+        for subfolder, encoder_class in zip(cls.text_encoders, cls._encoder_classes()):
+            if pretrained:
+                encoders.append(encoder_class.from_pretrained(base, subfolder=subfolder, torch_dtype=dtype))
+            else:
+                config = encoder_class.config_class.from_pretrained(base, subfolder=subfolder)
+                encoders.append(encoder_class(config).to(dtype))
+        tokenizers = [AutoTokenizer.from_pretrained(base, subfolder=name.replace("text_encoder", "tokenizer"))
+                      for name in cls.text_encoders]
+        return cls(unet, encoders, pixel_resolution(dict(unet.config), base), tokenizers)
+
+    @classmethod
+    def from_components(cls, components: dict[str, dict[str, Any]], resolution: int) -> UNetLRMBackbone:
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel.from_config(components["unet"])
+        encoders = [encoder_class(encoder_class.config_class.from_dict(components[name]))
+                    for name, encoder_class in zip(cls.text_encoders, cls._encoder_classes())]
+        return cls(unet, encoders, resolution)
+
+    @staticmethod
+    def _encoder_classes() -> list[type]:
+        from transformers import CLIPTextModel
+
+        return [CLIPTextModel]
+
+    @staticmethod
+    def noise_schedule(source: str | Path, subfolder: str = "scheduler") -> Any:
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler.from_pretrained(source, subfolder=subfolder)
+
+    @property
+    def components(self) -> dict[str, dict[str, Any]]:
+        out = {"unet": dict(self.unet.config)}
+        for name in self.text_encoders:
+            out[name] = getattr(self, name).config.to_dict()
+        return out
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.unet.enable_gradient_checkpointing()
+        for name in self.text_encoders:
+            getattr(self, name).gradient_checkpointing_enable()
+
+    def save_tokenizers(self, directory: Path) -> None:
+        for name, tokenizer in zip(self.text_encoders, self.tokenizers):
+            tokenizer.save_pretrained(Path(directory) / name.replace("text_encoder", "tokenizer"))
+
+    def load_tokenizers(self, source: str | Path, subfolder: str | None = None) -> None:
+        from transformers import AutoTokenizer
+
+        prefix = f"{subfolder}/" if subfolder else ""
+        self.tokenizers = [AutoTokenizer.from_pretrained(source, subfolder=prefix + name.replace("text_encoder",
+                                                                                                  "tokenizer"))
+                           for name in self.text_encoders]
+
+    # shapes -------------------------------------------------------------------------------------------------
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        side = int(self.unet.config.sample_size)
+        return (int(self.unet.config.in_channels), side, side)
+
+    def default_taps(self) -> list[int]:
+        return default_taps(self.unet.config)
+
+    def feature_channels(self, taps: list[int]) -> list[int]:
+        from lpo.curate.errors import InputError
+
+        available = res_channels(self.unet.config)
+        for tap in taps:
+            if not 0 <= tap < len(available):
+                raise InputError(f"feature tap {tap} is outside the UNet's down_block_res_samples "
+                                 f"(0..{len(available) - 1}); choose taps in that range.")
+        return [available[tap] for tap in taps] + [self.unet.config.block_out_channels[-1]]
+
+    @property
+    def text_width(self) -> int:
+        return self.text_encoder.config.hidden_size
+
+    # forward ------------------------------------------------------------------------------------------------
+
+    def _token_ids(self, prompts: list[str]) -> list[torch.Tensor]:
+        ids = []
+        for name, tokenizer in zip(self.text_encoders, self.tokenizers):
+            length = min(tokenizer.model_max_length, getattr(self, name).config.max_position_embeddings)
+            ids.append(tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
+                                 return_tensors="pt").input_ids.to(self.unet.device))
+        return ids
+
+    def encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Cross-attention context and the pooled text feature (the reward model projects it)."""
+        (ids,) = self._token_ids(prompts)
+        out = self.text_encoder(ids)
+        return {"context": out.last_hidden_state, "text": out.pooler_output}
+
+    def _added_cond(self, cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {}
+
+    def unet_features(self, latents: torch.Tensor, timesteps: torch.Tensor,
+                      cond: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The stock UNet's down_block_res_samples and mid-block output, computed without the up blocks."""
+        unet, context = self.unet, cond["context"]
+        emb = unet.time_embedding(unet.get_time_embed(sample=latents, timestep=timesteps))
+        aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=context, added_cond_kwargs=self._added_cond(cond))
+        if aug is not None:
+            emb = emb + aug
+        if unet.time_embed_act is not None:
+            emb = unet.time_embed_act(emb)
+        sample = unet.conv_in(latents)
+        res = [sample]
+        for block in unet.down_blocks:
+            if getattr(block, "has_cross_attention", False):
+                sample, out = block(hidden_states=sample, temb=emb, encoder_hidden_states=context)
+            else:
+                sample, out = block(hidden_states=sample, temb=emb)
+            res.extend(out)
+        mid = unet.mid_block(sample, emb, encoder_hidden_states=context)
+        return res, mid
+
+    def pooled_features(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor],
+                        taps: list[int]) -> list[torch.Tensor]:
+        res, mid = self.unet_features(latents, timesteps, cond)
+        return [res[i].mean(dim=(2, 3)) for i in taps] + [mid.mean(dim=(2, 3))]
+
+
+class SDXLLRMBackbone(UNetLRMBackbone):
+    """SDXL: both text encoders' penultimate states as context; the second's projected embedding is the pooled text
+    feature and, with the size ids, the UNet's added conditioning."""
+
+    text_encoders = ("text_encoder", "text_encoder_2")
+    text_projected = True
+    unused_parameters = True  # the first text encoder feeds only its penultimate layer: its last gets no gradient
+
+    @staticmethod
+    def _encoder_classes() -> list[type]:
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+        return [CLIPTextModel, CLIPTextModelWithProjection]
+
+    @property
+    def text_width(self) -> int:
+        return self.text_encoder_2.config.projection_dim
+
+    def encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        ids, ids_2 = self._token_ids(prompts)
+        first = self.text_encoder(ids, output_hidden_states=True)
+        second = self.text_encoder_2(ids_2, output_hidden_states=True)
+        context = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+        return {"context": context, "text": second.text_embeds, "text_embeds": second.text_embeds}
+
+    def _added_cond(self, cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        embeds = cond["text_embeds"]
+        time_ids = size_ids(self.resolution, embeds.dtype, embeds.device)[0]
+        return {"text_embeds": embeds, "time_ids": time_ids.expand(embeds.shape[0], 6)}
+
+
+UNetGenerator.family = UNetLRMBackbone.family = get_family("sd15")
+SDXLGenerator.family = SDXLLRMBackbone.family = get_family("sdxl")

@@ -1,0 +1,76 @@
+"""Configs of `lpo eval`, `lpo eval score` and `lpo eval compare` (light imports only)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from lpo.curate.config import option
+
+EVAL_METRICS_HELP = "Comma-separated metrics, from: pickscore, hpsv2, hpsv21, imagereward, aesthetic, clip, vqa."
+
+
+def _default_eval_metrics() -> list[str]:
+    from lpo.curate.scorers.specs import DEFAULT_EVAL_METRICS
+
+    return list(DEFAULT_EVAL_METRICS)
+
+
+@dataclass
+class EvalConfig:
+    base: str = option(None, "Diffusers pipeline of a supported family (SD1.x/2.x, SDXL; hub id or local "
+                             "directory) to generate with.")
+    prompts: Path = option(None, "Prompts: .txt, .json, a manifest with `caption` or a curation directory (e.g. "
+                                 "`lpo curate ingest ID --split validation_unique --out DIR`).")
+    out: Path = option(None, "Run directory: images/, images.parquet, summary.json, summary.md, grid.png.")
+    lora: Path | None = option(None, "A LoRA to load into the pipeline: `lpo optimize`'s out/lora (or its run "
+                                        "directory).")
+    lrm: Path | None = option(None, "Latent reward model for LRM-guided sampling (with --candidates K > 1): a "
+                                       "folder or run directory of `lpo reward train`, or a hub id.")
+    candidates: int = option(1, "K: candidates per step for LRM-guided sampling.")
+    metrics: list[str] = option(help=EVAL_METRICS_HELP, factory=_default_eval_metrics)
+    models: dict[str, str] = option(help="Model per metric (hub id or local directory); unset metrics use the "
+                                         "registry default.", factory=dict)
+    models_dir: Path | None = option(None, "A directory with one model folder per metric (as `lpo dev tiny-models` "
+                                           "writes); used for metrics without an explicit model.")
+    reward_url: str | None = option(None, "Score the metrics that a running `lpo reward serve` at this URL serves "
+                                          "there (and guide with its LRM when --candidates > 1 and no --lrm).")
+    images_per_prompt: int = option(4, "Images per prompt; image i of prompt p uses seed + 1000 * p + i.")
+    max_prompts: int | None = option(None, "Use only the first N prompts (default: all).")
+    steps: int = option(20, "DDIM steps.")
+    guidance: float = option(5.0, "Classifier-free guidance scale (the reference used 7.5 for the SD1.5 base and "
+                                  "Diffusion-DPO-1.5, 5.0 otherwise).")
+    eta: float | None = option(None, "DDIM eta (default: 0.0, as the reference; 1.0 with --lrm).")
+    seed: int = option(42, "Base seed.")
+    batch_size: int = option(4, "Images per generation batch (a seed gives the same image in any batch).")
+    score_batch_size: int = option(16, "Images per scorer forward.")
+    grid_prompts: int = option(4, "Prompts shown in grid.png (one row each).")
+    device: str = option("auto", "auto, cpu or cuda.")
+    dtype: str = option("auto", "Generation dtype: auto (float16 on CUDA with the VAE in float32; float32 on CPU), "
+                                "float32, float16, bfloat16.")
+    score_dtype: str = option("float32", "Scorer dtype: float32, float16, bfloat16.")
+
+
+@dataclass
+class EvalScoreConfig:
+    images: Path = option(None, "Images: a manifest (.json/.csv/.parquet with `path` and `prompt` columns, a "
+                                "samples.json of `lpo sample`, or an eval run directory), or a folder of files "
+                                "named <prompt index>_<image index>.png or <prompt index>.png matched to --prompts.")
+    out: Path = option(None, "Run directory: images.parquet, summary.json, summary.md, grid.png.")
+    prompts: Path | None = option(None, "Prompts of an images folder (index = line / item, from 0); with a "
+                                        "manifest, a check that every image's prompt is in this set.")
+    metrics: list[str] = option(help=EVAL_METRICS_HELP, factory=_default_eval_metrics)
+    models: dict[str, str] = option(help="Model per metric (hub id or local directory).", factory=dict)
+    models_dir: Path | None = option(None, "A directory with one model folder per metric.")
+    reward_url: str | None = option(None, "Score the metrics a running `lpo reward serve` at this URL serves there.")
+    score_batch_size: int = option(16, "Images per scorer forward.")
+    grid_prompts: int = option(4, "Prompts shown in grid.png (one row each).")
+    device: str = option("auto", "auto, cpu or cuda.")
+    score_dtype: str = option("float32", "Scorer dtype: float32, float16, bfloat16.")
+
+
+@dataclass
+class EvalCompareConfig:
+    run_a: Path = option(None, "Baseline run directory (`lpo eval` or `lpo eval score` output).")
+    run_b: Path = option(None, "Run to compare against the baseline.")
+    out: Path | None = option(None, "Write the comparison here as markdown (and JSON beside it, same stem).")

@@ -1,0 +1,77 @@
+"""Configs of `lpo optimize <family>` and `lpo sample` (light imports only, so `lpo --help` stays fast)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from lpo.curate.config import option
+
+
+@dataclass
+class LPOConfig:
+    family: str = option("sd15", "Base model family (`lpo optimize <family>`): sd15 (SD1.x/2.x) or sdxl.")
+    base: str = option(None, "Diffusers pipeline to fine-tune (hub id or local directory).")
+    lrm: Path = option(None, "Latent reward model of the same latent space as --base: a folder or run "
+                             "directory of `lpo reward train`, or a hub id.")
+    reward_url: str | None = option(None, "Use the LRM of a running `lpo reward serve` at this URL instead of "
+                                          "--lrm (token from LPO_REWARD_TOKEN).")
+    prompts: Path = option(None, "Training prompts: .txt (one per line), .json list, or a manifest with `caption`.")
+    out: Path = option(None, "Run directory: checkpoints, validation grids, the LoRA (or full UNet) output.")
+    epochs: int = option(5, "Passes over the prompts.")
+    sample_batch_size: int | None = option(None, "Prompts per process per sampling round (sd15 5, sdxl 4).")
+    train_batch_size: int | None = option(None, "Preference tuples per optimizer step (sd15 10, sdxl 4).")
+    candidates: int = option(4, "K: children sampled from each x_t and scored by the LRM.")
+    steps: int = option(20, "DDIM steps per trajectory.")
+    guidance: float = option(5.0, "Classifier-free guidance in sampling and in the loss.")
+    eta: float = option(1.0, "DDIM eta (must be > 0: the step must be stochastic to have a likelihood).")
+    beta: float = option(500.0, "DPO inverse temperature on the log-ratio difference.")
+    clip_eps: float = option(0.1, "Ratio clip: r is clamped to [1 - eps, 1 + eps].")
+    threshold: list[float] | None = option(None, "Softmax-gap threshold range [least noisy, noisiest step], "
+                                                 "interpolated on the step's sigma (sd15 0.35,0.5; sdxl 0.45,0.6).")
+    score_timestep: str = option("parent", "Timestep the LRM scores a child at: parent (reference) or child.")
+    logprob_reduction: str = option("mean", "Reduce the step log-density over latent elements: mean (reference) "
+                                            "or sum.")
+    lora_rank: int | None = option(None, "LoRA rank on attention q/k/v/out (sd15 4, sdxl 64); 0 = full fine-tuning.")
+    lr: float | None = option(None, "AdamW learning rate (sd15 6e-5, sdxl 1e-5).")
+    weight_decay: float = option(1e-4, "AdamW weight decay.")
+    max_grad_norm: float = option(1.0, "Gradient clipping that really clips (the reference runs had it silently "
+                                       "off); 0 disables.")
+    mixed_precision: str = option("auto", "auto (fp16 on CUDA, none on CPU), no, fp16, bf16.")
+    gradient_checkpointing: bool | None = option(None, "Gradient checkpointing in the UNet (sd15 off, sdxl on).")
+    save_every_rounds: int = option(0, "Also save_state every N sampling rounds (0: only each epoch).")
+    validation_prompts: list[str] = option(help="Prompts of the per-epoch validation grid (default: the first "
+                                                "3 training prompts).", factory=list)
+    validation_images: int = option(2, "Images per validation prompt.")
+    merge: bool = option(False, "Also write a full UNet with the LoRA merged in (out/merged_unet).")
+    seed: int = option(42, "Seed for prompt order, sampling noise and child choice.")
+    resume: bool = option(False, "Continue from the latest checkpoint in --out.")
+    log_with: list[str] = option(help="accelerate trackers (tensorboard, wandb, ...).", factory=list)
+    device: str = option("auto", "auto, cpu or cuda (under accelerate launch, each process's own).")
+
+    def resolved(self) -> LPOConfig:
+        """A copy with the family's defaults filled in where a field is left at None."""
+        from lpo.reward.backbones import get_family
+
+        defaults = get_family(self.family).lpo_defaults
+        return dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
+
+
+@dataclass
+class SampleConfig:
+    base: str = option(None, "Diffusers pipeline (hub id or local directory).")
+    prompts: list[str] = option(help="Prompts to generate.", factory=list)
+    out: Path = option(None, "Directory for the images and samples.json.")
+    lora: Path | None = option(None, "A LoRA to load into the pipeline: `lpo optimize`'s out/lora (or its run "
+                                        "directory).")
+    lrm: Path | None = option(None, "Latent reward model for guided sampling (with --candidates K > 1): a folder "
+                                       "or run directory of `lpo reward train`, or a hub id.")
+    candidates: int = option(1, "K: candidates per step for LRM-guided sampling (continue from the best).")
+    images_per_prompt: int = option(1, "Images per prompt; image i of prompt p uses seed + 1000 * p + i.")
+    steps: int = option(20, "DDIM steps.")
+    guidance: float = option(5.0, "Classifier-free guidance scale.")
+    eta: float | None = option(None, "DDIM eta (default: 1.0 with --lrm, which needs a stochastic step; 0.0 without).")
+    score_timestep: str = option("parent", "Timestep the LRM scores candidates at: parent or child.")
+    seed: int = option(0, "Base seed.")
+    device: str = option("auto", "auto, cpu or cuda.")

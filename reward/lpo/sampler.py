@@ -1,0 +1,133 @@
+"""Sampling with K candidates per step, scored by a latent reward model, for any family's stochastic sampler
+(DDIM with eta > 0 for the UNet families).
+
+- `rollout` (LPO training): at every step draw K children of the same x_t, let the LRM pick the best and worst,
+  keep the pair when the softmax gap of their scores exceeds the step's threshold, and continue from a random child.
+- `sample` (inference): plain DDIM sampling (K = 1), or LRM-guided sampling that continues from the best of K
+  candidates at every step. With K = 1 it is plain sampling, draw for draw.
+
+Noise is drawn on the CPU from one generator per image, so a seed gives the same image on any device and in any
+batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lpo.reward.backbones.base import Conditioning, Generator, StepStats
+
+NOISE_BANDS = ((751, 1000, "t>751"), (501, 751, "501-751"), (251, 501, "251-501"), (0, 251, "1-251"))
+
+
+def band_of(t: int) -> str:
+    return next(name for low, high, name in NOISE_BANDS if low < t <= high or (low == 0 and t <= high))
+
+
+def _noise(generators: list[torch.Generator], k: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """[k, B, *shape] standard normal, image b's noise from generators[b]."""
+    return torch.stack([torch.randn((k, *shape), generator=g) for g in generators], dim=1)
+
+
+def score_candidates(lrm: Any, candidates: torch.Tensor, timestep: int, prompts: list[str],
+                     text: dict[str, torch.Tensor] | None) -> torch.Tensor:
+    """LRM scores [K, B] of candidates [K, B, C, H, W], all K x B in one batch."""
+    k, b = candidates.shape[:2]
+    flat = candidates.reshape(k * b, *candidates.shape[2:]).to(lrm.device, lrm.dtype)
+    steps = torch.full((k * b,), int(timestep), dtype=torch.long, device=lrm.device)
+    repeated = None if text is None else {name: value.repeat(k, *([1] * (value.dim() - 1)))
+                                          for name, value in text.items()}
+    return lrm.score(flat, steps, prompts * k, text=repeated).float().view(k, b).cpu()
+
+
+def branch(model: Generator, latents: torch.Tensor, t: int, cond: Conditioning, guidance: float, eta: float,
+           generators: list[torch.Generator], k: int, denoiser: Any = None) -> tuple[StepStats, torch.Tensor]:
+    """The step from x_t at `t` and k children drawn from it ([k, B, ...]; with eta 0, the mean alone)."""
+    timesteps = torch.full((latents.shape[0],), t)
+    output = model.predict(latents, timesteps, cond, guidance, denoiser=denoiser)
+    stats = model.step(output, timesteps, latents, eta)
+    if eta == 0:
+        return stats, stats.mean[None]
+    return stats, stats.mean[None] + stats.std[None] * _noise(generators, k, model.latent_shape).to(stats.mean)
+
+
+def scoring_timestep(t: int, stats: StepStats, score_timestep: str) -> int:
+    """The timestep the LRM scores children at: the parent's (as the reference) or the child's own."""
+    return t if score_timestep == "parent" else max(stats.prev_timestep[0].item(), 0)
+
+
+@dataclass
+class Rollout:
+    """Valid preference tuples of one sampling round (winner and loser share x_t, t and the prompt)."""
+
+    x_t: list[torch.Tensor] = field(default_factory=list)
+    timesteps: list[int] = field(default_factory=list)
+    prompt_index: list[int] = field(default_factory=list)
+    x_w: list[torch.Tensor] = field(default_factory=list)
+    x_l: list[torch.Tensor] = field(default_factory=list)
+    valid_per_band: dict[str, int] = field(default_factory=lambda: {name: 0 for *_, name in NOISE_BANDS})
+    final: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        if not self.timesteps:
+            return {}
+        return {"x_t": torch.stack(self.x_t), "t": torch.tensor(self.timesteps), "prompt": torch.tensor(
+            self.prompt_index), "x_w": torch.stack(self.x_w), "x_l": torch.stack(self.x_l)}
+
+
+@torch.no_grad()
+def rollout(model: Generator, cond: Conditioning, prompts: list[str], lrm: Any, generators: list[torch.Generator],
+            thresholds: dict[int, float], steps: int = 20, guidance: float = 5.0, eta: float = 1.0, k: int = 4,
+            score_timestep: str = "parent", denoiser: Any = None) -> Rollout:
+    """One LPO sampling round for a batch of prompts (see the module docstring)."""
+    timesteps = model.timesteps(steps)
+    latents = model.initial_latents(generators).to(model.device, model.dtype)
+    text = lrm.encode_text(prompts)
+    result = Rollout()
+    for t in timesteps:
+        stats, children = branch(model, latents, t, cond, guidance, eta, generators, k, denoiser)
+        scores = score_candidates(lrm, children, scoring_timestep(t, stats, score_timestep), prompts, text)
+        best, worst = scores.argmax(0), scores.argmin(0)
+        gap = scores.gather(0, best[None])[0] - scores.gather(0, worst[None])[0]
+        # softmax([s_w, s_l])[0] - softmax(...)[1] = tanh(gap / 2)
+        # a deterministic step (sigma_t = 0, e.g. the last step when alphas_cumprod ends at 1) has no likelihood
+        valid = (torch.tanh(gap / 2) > thresholds[int(t)]) & (stats.std.flatten().cpu() > 0)
+        for b in torch.nonzero(valid).flatten().tolist():
+            result.x_t.append(latents[b].cpu())
+            result.timesteps.append(int(t))
+            result.prompt_index.append(b)
+            result.x_w.append(children[best[b], b].cpu())
+            result.x_l.append(children[worst[b], b].cpu())
+            result.valid_per_band[band_of(int(t))] += 1
+        pick = torch.stack([torch.randint(k, (1,), generator=g) for g in generators]).flatten()
+        latents = children[pick, torch.arange(latents.shape[0])]
+    result.final = latents
+    return result
+
+
+@torch.no_grad()
+def sample(model: Generator, cond: Conditioning, generators: list[torch.Generator], steps: int = 20,
+           guidance: float = 5.0, eta: float = 1.0, lrm: Any = None, prompts: list[str] | None = None,
+           candidates: int = 1, score_timestep: str = "parent", denoiser: Any = None) -> dict[str, Any]:
+    """Sampling; with an LRM and K candidates, continue from the best-scored candidate at every step.
+    Returns the final latents and, when guided, the index of the chosen candidate at each step."""
+    timesteps = model.timesteps(steps)
+    latents = model.initial_latents(generators).to(model.device, model.dtype)
+    guided = lrm is not None
+    text = lrm.encode_text(prompts) if guided else None
+    chosen = []
+    for t in timesteps:
+        stats, children = branch(model, latents, t, cond, guidance, eta, generators, candidates, denoiser)
+        if guided:
+            best = score_candidates(lrm, children, scoring_timestep(t, stats, score_timestep), prompts, text).argmax(0)
+            chosen.append(best)
+        else:
+            best = torch.zeros(latents.shape[0], dtype=torch.long)
+        latents = children[best.to(children.device), torch.arange(latents.shape[0])]
+    return {"latents": latents, "chosen": torch.stack(chosen) if chosen else None}
+

@@ -1,0 +1,328 @@
+"""`lpo optimize <family>`: Latent Preference Optimization, step by step, in latent space.
+
+Each round samples trajectories for a batch of prompts with the current policy (`lpo.reward.lpo.sampler.rollout`):
+at every step K children of the same x_t are scored by the latent reward model, and the best and worst form a
+preference tuple when their softmax gap exceeds the step's threshold. Tuples are gathered across processes,
+shuffled, split evenly, and trained on once with the LPO loss (`lpo.reward.lpo.loss`). Winner and loser share x_t,
+t and the prompt, so one policy forward and one reference forward (the same denoiser with its LoRA adapter
+disabled) give both log-densities. The family's `Generator` gives the step maths; nothing here is family-specific.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lpo.curate import config as cfg
+from lpo.curate.errors import InputError
+from lpo.reward import checkpoints
+from lpo.reward.checkpoints import CHECKPOINTS
+from lpo.reward.lpo.config import LPOConfig
+
+logger = logging.getLogger(__name__)
+
+RESUMABLE_FIELDS = {"resume", "epochs", "save_every_rounds", "log_with", "device", "merge"}
+CONFIG_FILE = "lpo_config.json"
+
+
+def validate(config: LPOConfig) -> list[str]:
+    """Everything checkable before any model loads; returns the prompts."""
+    from lpo.curate.prompts import read_prompts
+    from lpo.reward.backbones import FAMILIES, family_of
+    from lpo.reward.lrm.model import check_lrm_matches
+    from lpo.reward.serve.client import remote_lrm
+
+    for name in ("base", "prompts", "out"):
+        if not getattr(config, name):
+            raise InputError(f"--{name} is required.")
+    if (config.lrm is None) == (config.reward_url is None):
+        raise InputError("give the latent reward model as either --lrm DIR or --reward-url URL (one of them).")
+    if config.family not in FAMILIES:
+        raise InputError(f"family {config.family!r} is not one of {', '.join(FAMILIES)}.")
+    found = family_of(config.base).name
+    if found != config.family:
+        raise InputError(f"{config.base} is an {found} pipeline; run `lpo optimize {found}` instead.")
+    if config.lrm is not None:
+        check_lrm_matches(config.lrm, found, config.base)
+    else:
+        remote_lrm(config.reward_url, found, config.base)
+    prompts = read_prompts(config.prompts)
+    if config.eta <= 0:
+        raise InputError("--eta must be > 0: LPO needs a stochastic step to have a likelihood.")
+    if config.candidates < 2:
+        raise InputError("--candidates must be at least 2 to form a winner and a loser.")
+    if config.score_timestep not in ("parent", "child") or config.logprob_reduction not in ("mean", "sum"):
+        raise InputError("--score-timestep is parent or child; --logprob-reduction is mean or sum.")
+    resolved = config.resolved()
+    if len(resolved.threshold) != 2 or not 0 <= resolved.threshold[0] <= resolved.threshold[1] < 1:
+        raise InputError(f"--threshold {resolved.threshold} must be two values 0 <= low <= high < 1.")
+    for name in ("epochs", "steps", "sample_batch_size", "train_batch_size"):
+        if getattr(resolved, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1.")
+    checkpoints.check_run_dir(resolved, Path(config.out), CONFIG_FILE, RESUMABLE_FIELDS, "round")
+    return prompts
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    return checkpoints.latest(out, "round")
+
+
+def round_prompts(prompts: list[str], round_index: int, rank: int, world: int, batch: int,
+                  seed: int) -> tuple[int, list[int]]:
+    """(epoch, prompt indices) of a round on a rank: each epoch is a seeded permutation split over ranks."""
+    per_epoch = max(1, math.ceil(len(prompts) / (batch * world)))
+    epoch, position = divmod(round_index, per_epoch)
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed * 7_919 + epoch)).tolist()
+    start = (position * world + rank) * batch
+    return epoch, [order[(start + j) % len(prompts)] for j in range(batch)]
+
+
+def rounds_per_epoch(n_prompts: int, batch: int, world: int) -> int:
+    return max(1, math.ceil(n_prompts / (batch * world)))
+
+
+class Reference:
+    """The frozen reference: the policy denoiser with its LoRA adapter disabled, or a frozen copy when the whole
+    denoiser is trained. Calls run without gradients."""
+
+    def __init__(self, denoiser: Any, lora: bool):
+        self.denoiser = denoiser if lora else copy.deepcopy(denoiser).requires_grad_(False).eval()
+        self.lora = lora
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.no_grad():
+            if not self.lora:
+                return self.denoiser(*args, **kwargs)
+            self.denoiser.disable_adapters()
+            try:
+                return self.denoiser(*args, **kwargs)
+            finally:
+                self.denoiser.enable_adapters()
+
+
+def step_log_probs(model: Any, policy: Any, reference: Reference, batch: dict[str, Any], cond: Any,
+                   config: LPOConfig) -> dict[str, torch.Tensor]:
+    """log p_theta and log p_ref of x_w and x_l: one policy forward and one reference forward for the batch."""
+    from lpo.reward.lpo.step import gaussian_log_prob
+
+    x_t, t = batch["x_t"], batch["t"]
+    policy = model.step(model.predict(x_t, t, cond, config.guidance, denoiser=policy), t, x_t, config.eta)
+    ref = model.step(model.predict(x_t, t, cond, config.guidance, denoiser=reference), t, x_t, config.eta)
+    reduce = config.logprob_reduction
+    return {
+        "w": gaussian_log_prob(batch["x_w"], policy.mean, policy.std, reduce),
+        "l": gaussian_log_prob(batch["x_l"], policy.mean, policy.std, reduce),
+        "ref_w": gaussian_log_prob(batch["x_w"], ref.mean, ref.std, reduce),
+        "ref_l": gaussian_log_prob(batch["x_l"], ref.mean, ref.std, reduce),
+    }
+
+
+def run(config: LPOConfig) -> dict[str, Any]:
+    """Fine-tune; returns a summary (rounds, tuples trained on, per-round logs, output paths)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from lpo.curate.device import mixed_precision, precision_dtype
+    from lpo.reward.backbones import get_family, load_generator
+    from lpo.reward.lpo.step import threshold_schedule
+    from lpo.reward.lrm.model import LatentRewardModel
+    from lpo.reward.serve.client import remote_lrm
+
+    prompts = validate(config)
+    config = config.resolved()
+    family = get_family(config.family)
+    out = Path(config.out)
+    cuda = torch.cuda.is_available() and config.device != "cpu"
+    precision = mixed_precision(config.mixed_precision, cuda, auto="fp16")
+    accelerator = Accelerator(cpu=not cuda, mixed_precision=precision, log_with=config.log_with or None,
+                              project_dir=str(out))
+    out.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        cfg.save(config, out / CONFIG_FILE)
+    set_seed(config.seed)
+    frozen_dtype = precision_dtype(precision)
+    model = load_generator(config.base, family=family, dtype=frozen_dtype, device=str(accelerator.device))
+    if config.reward_url is not None:
+        lrm = remote_lrm(config.reward_url, config.family, config.base)
+    else:
+        lrm = LatentRewardModel.from_pretrained(config.lrm, dtype=frozen_dtype).to(accelerator.device)
+        lrm.requires_grad_(False)
+    denoiser = model.denoiser
+    lora = config.lora_rank > 0
+    if lora:
+        from peft import LoraConfig
+
+        denoiser.requires_grad_(False)
+        denoiser.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_rank, init_lora_weights="gaussian",
+                                        target_modules=list(family.lora_targets)))
+        for param in denoiser.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()  # trainable LoRA weights in fp32, the frozen base in half
+    else:
+        denoiser.requires_grad_(True)
+        denoiser.to(torch.float32)
+    reference = Reference(denoiser, lora)
+    if config.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+    params = [p for p in denoiser.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.999),
+                                  eps=1e-8)
+    denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
+    model.timesteps(config.steps)
+    thresholds = threshold_schedule(*model.step_stds(config.eta), *config.threshold)
+
+    state = {"round": 0, "tuples_trained": 0, "rounds": []}
+    if config.resume:
+        state = checkpoints.resume(accelerator, out, "round", state)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per_epoch = rounds_per_epoch(len(prompts), config.sample_batch_size, world)
+    total_rounds = per_epoch * config.epochs
+    logger.info("LPO on %d prompts: %d prompts/process/round x %d processes, %d rounds per epoch, %d epochs; "
+                "K=%d, %d steps, CFG %.1f, beta %.0f, thresholds %.3f..%.3f", len(prompts),
+                config.sample_batch_size, world, per_epoch, config.epochs, config.candidates, config.steps,
+                config.guidance, config.beta, min(thresholds.values()), max(thresholds.values()))
+    if config.log_with:
+        accelerator.init_trackers("lpo-optimize", config={k: str(v) for k, v in dataclasses.asdict(config).items()})
+    validation_prompts = config.validation_prompts or prompts[:3]
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("[bold]LPO"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+               TimeRemainingColumn())
+    with Progress(*columns, disable=not accelerator.is_main_process) as progress:
+        task = progress.add_task("rounds", total=total_rounds, completed=state["round"], info="")
+        while state["round"] < total_rounds:
+            record = _round(config, accelerator, model, denoiser, reference, lrm, optimizer, prompts, thresholds,
+                            state, rank, world)
+            state["rounds"].append(record)
+            state["tuples_trained"] += record["tuples_trained"]
+            state["round"] += 1
+            accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=state["round"])
+            progress.update(task, completed=state["round"], info=f"pairs {record['valid_pairs']} acc "
+                            f"{record.get('implicit_accuracy', float('nan')):.2f}")
+            epoch_done = state["round"] % per_epoch == 0
+            if epoch_done or (config.save_every_rounds and state["round"] % config.save_every_rounds == 0):
+                checkpoints.save(accelerator, out, "round", state["round"], state)
+            if epoch_done and accelerator.is_main_process:
+                _validation_grid(model, accelerator.unwrap_model(denoiser), validation_prompts, config,
+                                 out / "validation" / f"epoch-{state['round'] // per_epoch}.png")
+            accelerator.wait_for_everyone()
+    outputs = _export(config, accelerator, model, denoiser, out)
+    if accelerator.is_main_process:
+        (out / "lpo_summary.json").write_text(json.dumps(state, indent=2) + "\n")
+    accelerator.end_training()
+    return {"rounds": state["round"], "tuples_trained": state["tuples_trained"], "history": state["rounds"],
+            "outputs": outputs, **outputs}
+
+
+def _round(config, accelerator, model, denoiser, reference, lrm, optimizer, prompts, thresholds, state, rank,
+           world) -> dict[str, Any]:
+    from accelerate.utils import gather_object
+
+    from lpo.reward.lpo.loss import lpo_loss
+    from lpo.reward.lpo.sampler import rollout
+
+    epoch, indices = round_prompts(prompts, state["round"], rank, world, config.sample_batch_size, config.seed)
+    batch_prompts = [prompts[i] for i in indices]
+    base_seed = (config.seed * 1_000_003 + state["round"]) * 1_009 + rank
+    generators = [torch.Generator().manual_seed(base_seed * 101 + j) for j in range(len(batch_prompts))]
+    policy = accelerator.unwrap_model(denoiser)
+    policy.eval()
+    cond = model.encode_prompts(batch_prompts)
+    result = rollout(model, cond, batch_prompts, lrm, generators, thresholds, config.steps, config.guidance,
+                     config.eta, config.candidates, config.score_timestep, denoiser=policy)
+    final_scores = lrm.score(result.final.to(lrm.device, lrm.dtype),
+                             torch.ones(len(batch_prompts), dtype=torch.long, device=lrm.device),
+                             batch_prompts).float()
+    local = [{"x_t": result.x_t[i], "t": result.timesteps[i], "prompt": batch_prompts[result.prompt_index[i]],
+              "x_w": result.x_w[i], "x_l": result.x_l[i]} for i in range(len(result))]
+    tuples = gather_object(local) if world > 1 else local
+    bands = {name: count for name, count in result.valid_per_band.items()}
+    if world > 1:
+        bands = {name: sum(counts) for name, counts in zip(bands, zip(*gather_object([list(bands.values())])))}
+    record: dict[str, Any] = {"round": state["round"], "epoch": epoch, "valid_pairs": len(tuples),
+                              "tuples_trained": 0, "final_lrm_score": accelerator.gather(final_scores).mean().item(),
+                              **{f"valid_{name}": count for name, count in bands.items()}}
+    share = len(tuples) // world
+    if share == 0:
+        return record
+    order = torch.randperm(len(tuples), generator=torch.Generator().manual_seed(base_seed - rank)).tolist()
+    mine = [tuples[i] for i in order[rank * share:(rank + 1) * share]]
+    denoiser.train()
+    logs: dict[str, list[float]] = {"loss": [], "implicit_accuracy": [], "margin": [], "ratio_w": [], "ratio_l": []}
+    for start in range(0, len(mine), config.train_batch_size):
+        chunk = mine[start:start + config.train_batch_size]
+        device, dtype = accelerator.device, model.dtype
+        batch = {"x_t": torch.stack([c["x_t"] for c in chunk]).to(device, dtype),
+                 "t": torch.tensor([c["t"] for c in chunk], dtype=torch.long),
+                 "x_w": torch.stack([c["x_w"] for c in chunk]).to(device),
+                 "x_l": torch.stack([c["x_l"] for c in chunk]).to(device)}
+        chunk_cond = model.encode_prompts([c["prompt"] for c in chunk])
+        with accelerator.autocast():
+            log_probs = step_log_probs(model, denoiser, reference, batch, chunk_cond, config)
+            losses = lpo_loss(log_probs["w"], log_probs["l"], log_probs["ref_w"], log_probs["ref_l"], config.beta,
+                              config.clip_eps)
+        if not torch.isfinite(losses["loss"]):
+            raise InputError(f"LPO loss became {losses['loss'].item()} in round {state['round']}; the last checkpoint "
+                             f"in {Path(config.out) / CHECKPOINTS} is intact. Lower --lr or --beta.")
+        accelerator.backward(losses["loss"])
+        if config.max_grad_norm > 0 and accelerator.sync_gradients:
+            accelerator.clip_grad_norm_([p for p in denoiser.parameters() if p.requires_grad], config.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad()
+        for key in logs:
+            logs[key].append(losses[key].item())
+    record["tuples_trained"] = share * world
+    record.update({key: sum(values) / len(values) for key, values in logs.items()})
+    return record
+
+
+def _validation_grid(model, denoiser, prompts: list[str], config: LPOConfig, path: Path) -> Path:
+    from lpo.reward.images import save_image_grid
+    from lpo.reward.lpo.sampler import sample
+
+    denoiser.eval()
+    images = []
+    for i, prompt in enumerate(prompts):
+        cond = model.encode_prompts([prompt] * config.validation_images)
+        generators = [torch.Generator().manual_seed(10_000 + 100 * i + j) for j in range(config.validation_images)]
+        latents = sample(model, cond, generators, config.steps, config.guidance, eta=0.0, denoiser=denoiser)["latents"]
+        images += model.decode(latents)
+    return save_image_grid(images, len(prompts), path)
+
+
+def _export(config: LPOConfig, accelerator, model, denoiser, out: Path) -> dict[str, str]:
+    """A diffusers LoRA (`pipe.load_lora_weights(out / "lora")` accepts it), or the full denoiser; optionally
+    merged into a full denoiser too."""
+    outputs: dict[str, str] = {}
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return outputs
+    policy = accelerator.unwrap_model(denoiser)
+    name = model.family.denoiser
+    if config.lora_rank > 0:
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        from lpo.reward.backbones.base import load_lora_quietly
+
+        model.save_lora(out / "lora", convert_state_dict_to_diffusers(get_peft_model_state_dict(policy)))
+        outputs["lora"] = str(out / "lora")
+        if config.merge:
+            merged = model.family.load_pipeline(config.base)
+            load_lora_quietly(merged, out / "lora")
+            merged.fuse_lora()
+            merged.unload_lora_weights()
+            getattr(merged, name).save_pretrained(out / f"merged_{name}")
+            outputs[f"merged_{name}"] = str(out / f"merged_{name}")
+    else:
+        policy.save_pretrained(out / name)
+        outputs[name] = str(out / name)
+    return outputs

@@ -1,0 +1,154 @@
+"""`lpo reward eval` and `lpo reward score`: an LRM's pairwise accuracy per timestep, with fixed noise seeds (ties
+count 0.5), and the scores of image files."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import torch
+
+from lpo.curate.errors import InputError
+from lpo.reward.lrm.config import EVAL_TIMESTEPS, RewardEvalConfig, RewardScoreConfig
+from lpo.reward.lrm.latents import LatentCache
+from lpo.reward.lrm.loss import pair_labels, pairwise_correct
+
+logger = logging.getLogger(__name__)
+
+
+def usable_pairs(pairs: pl.DataFrame) -> pl.DataFrame:
+    """Pairs with a decision: a winner, or a tie."""
+    return pairs.filter(pl.col("winner").is_not_null() | pl.col("is_tie"))
+
+
+@torch.no_grad()
+def accuracy_per_timestep(model: Any, cache: LatentCache, pairs: pl.DataFrame, noise_scheduler: Any,
+                          timesteps: tuple[int, ...] | list[int] = EVAL_TIMESTEPS, seed: int = 1234,
+                          batch_size: int = 32) -> dict[int, float]:
+    """Accuracy at each t: every pair is noised with the same seeds on every call, so runs compare exactly."""
+    model_was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    labels_all = pair_labels(torch.tensor(pairs["winner"].fill_null(-1).to_list()),
+                             torch.tensor(pairs["is_tie"].to_list()))
+    scaling = model.config.vae_scaling_factor
+    result = {}
+    for t in timesteps:
+        generator = torch.Generator().manual_seed(seed + int(t))
+        correct = 0.0
+        for start in range(0, pairs.height, batch_size):
+            chunk = pairs.slice(start, batch_size)
+            n = chunk.height
+            uids = chunk["image_0_uid"].to_list() + chunk["image_1_uid"].to_list()
+            clean = cache.sample(uids, scaling, generator)
+            noise = torch.randn(clean.shape, generator=generator)
+            steps = torch.full((2 * n,), int(t), dtype=torch.long)
+            noisy = noise_scheduler.add_noise(clean, noise, steps)
+            captions = chunk["caption"].to_list() * 2
+            scores = model.score(noisy.to(device), steps.to(device), captions).float().cpu()
+            correct += pairwise_correct(scores[:n], scores[n:], labels_all[start:start + n]).sum().item()
+        result[int(t)] = correct / max(pairs.height, 1)
+    model.train(model_was_training)
+    return result
+
+
+def plot_accuracy(accuracy: dict[int, float], path: Path, title: str = "LRM pairwise accuracy") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ts = sorted(accuracy)
+    ax.plot(ts, [accuracy[t] for t in ts], marker="o")
+    ax.axhline(0.5, color="grey", linestyle=":", label="chance")
+    ax.set_xlabel("timestep t (noise level)")
+    ax.set_ylabel("pairwise accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def run(config: RewardEvalConfig) -> dict[str, Any]:
+    """`lpo reward eval`: accuracy per timestep as JSON plus a PNG plot."""
+    from lpo.curate.device import resolve_device
+    from lpo.curate.manifest import curation_dir_of, read_pairs
+    from lpo.reward.backbones import get_family
+    from lpo.reward.lrm.latents import build_cache, cache_dir, only_encoded, pair_uids
+    from lpo.reward.lrm.model import LatentRewardModel, component, read_lrm_config, resolve_lrm
+
+    lrm_config = read_lrm_config(config.lrm)
+    pairs = usable_pairs(read_pairs(config.manifest))
+    if pairs.is_empty():
+        raise InputError(f"{config.manifest} has no pairs with a winner or a tie; evaluate on a filtered manifest.")
+    bad = [t for t in config.timesteps if not 0 <= t < 1000]
+    if bad:
+        raise InputError(f"timesteps {bad} are outside [0, 999].")
+    device = resolve_device(config.device)
+    source, subfolder = resolve_lrm(config.lrm)
+    model_dir = Path(source) / (subfolder or "")
+    out = Path(config.out) if config.out else model_dir / "eval"
+    resolution = lrm_config["resolution"]
+    vae_source, vae_subfolder = component(source, subfolder, "vae")
+    cache = build_cache(cache_dir(out / "latent_cache", f"{vae_source}/{vae_subfolder}", resolution),
+                        curation_dir_of(config.manifest), pair_uids(pairs), vae_source, resolution, device=device,
+                        subfolder=vae_subfolder)
+    encoded = only_encoded(pairs, cache)
+    model = LatentRewardModel.from_pretrained(source, subfolder).to(device)
+    noise = get_family(lrm_config["family"]).noise_schedule(*component(source, subfolder, "scheduler"))
+    accuracy = accuracy_per_timestep(model, cache, encoded, noise, config.timesteps, config.seed, config.batch_size)
+    result = {"lrm": str(model_dir), "manifest": str(config.manifest), "pairs": encoded.height,
+              "skipped_pairs_with_undecodable_images": pairs.height - encoded.height, "seed": config.seed,
+              "accuracy": {str(t): a for t, a in accuracy.items()}}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "accuracy.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot_accuracy(accuracy, out / "accuracy.png")
+    result["out"] = str(out)
+    return result
+
+
+def validate_score(config: RewardScoreConfig) -> list[Any]:
+    """Everything `lpo reward score` can check before a model loads; returns the opened images."""
+    from PIL import Image
+
+    from lpo.reward.lrm.model import read_lrm_config
+
+    read_lrm_config(config.lrm)
+    if not config.images:
+        raise InputError("give at least one image with --images FILE.")
+    if len(config.prompts) not in (1, len(config.images)):
+        raise InputError(f"{len(config.images)} images but {len(config.prompts)} prompts: give one prompt, or one "
+                         "per image.")
+    if not 0 <= config.t < 1000:
+        raise InputError(f"--t {config.t} is outside [0, 999].")
+    missing = [str(p) for p in config.images if not Path(p).is_file()]
+    if missing:
+        raise InputError(f"image file(s) not found: {missing}.")
+    opened = []
+    for path in config.images:
+        try:
+            opened.append(Image.open(path).convert("RGB"))
+        except OSError as err:
+            raise InputError(f"{path} is not a readable image ({err}).") from None
+    return opened
+
+
+def score(config: RewardScoreConfig) -> list[dict[str, Any]]:
+    """`lpo reward score`: encode each image with the VAE saved beside the LRM, noise it to t, score it."""
+    from lpo.curate.device import resolve_device
+    from lpo.reward.lrm.model import LatentRewardModel
+
+    images = validate_score(config)
+    prompts = list(config.prompts) * len(images) if len(config.prompts) == 1 else list(config.prompts)
+    model = LatentRewardModel.from_pretrained(config.lrm).to(resolve_device(config.device))
+    scores = model.score_images(images, prompts, t=config.t, seed=config.seed)
+    return [{"image": str(path), "prompt": text, "t": config.t, "score": round(value, 6)}
+            for path, text, value in zip(config.images, prompts, scores.tolist())]

@@ -1,0 +1,76 @@
+"""Configs of `lpo reward train | eval | score` (light imports only, so `lpo --help` stays fast)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from lpo.curate.config import option
+
+CANDIDATE_TIMESTEPS = list(range(1, 952, 50))  # the reference's training timesteps {1, 51, ..., 951}
+EVAL_TIMESTEPS = (1, 251, 501, 751, 951)
+
+
+@dataclass
+class RewardTrainConfig:
+    manifest: Path = option(None, "Kept pairs to train on: filtered.parquet from `lpo curate filter`.")
+    base: str = option(None, "Diffusers pipeline of a supported family (SD1.x/2.x, SDXL; hub id or local directory) "
+                             "to build the LRM from.")
+    out: Path = option(None, "Run directory: checkpoints, latent cache, best/ and last/ exports, logs.")
+    val_manifest: Path | None = option(None, "Validation pairs (e.g. filtered from validation_unique); default: "
+                                             "hold out --val-fraction of the captions of --manifest.")
+    val_fraction: float = option(0.05, "Share of captions held out for validation when no --val-manifest is given.")
+    vae: str | None = option(None, "VAE to encode images with (default: the base's vae/; for SDXL the paper used "
+                                   "madebyollin/sdxl-vae-fp16-fix).")
+    timesteps: list[int] = option(help="Candidate timesteps, one drawn uniformly per pair.",
+                                  factory=lambda: list(CANDIDATE_TIMESTEPS))
+    eval_timesteps: list[int] = option(help="Timesteps of the validation accuracy.",
+                                       factory=lambda: list(EVAL_TIMESTEPS))
+    select_timestep: int = option(1, "Validation timestep whose accuracy picks the best checkpoint.")
+    batch_size: int = option(16, "Pairs per process per micro-step.")
+    grad_accum: int = option(1, "Micro-steps per optimizer update.")
+    max_steps: int = option(4000, "Optimizer updates.")
+    lr: float = option(1e-5, "AdamW learning rate.")
+    weight_decay: float = option(0.3, "AdamW weight decay.")
+    warmup_steps: int = option(500, "Linear warmup updates, then linear decay to 0 at max_steps.")
+    max_grad_norm: float = option(1.0, "Gradient clipping norm (0 disables).")
+    mixed_precision: str = option("auto", "auto (bf16 on CUDA, none on CPU), no, bf16, fp16.")
+    gradient_checkpointing: bool = option(False, "Trade compute for memory in the UNet and text encoders.")
+    multi_scale: bool = option(True, "Pool the down-block taps as well as the mid block.")
+    vfe_scale: float = option(7.5, "Visual Feature Enhancement guidance on the mid feature (1 disables).")
+    vfe_down: bool = option(False, "Also guide the down-block features.")
+    text_projection_init: str | None = option("openai/clip-vit-large-patch14", "CLIP model whose text projection "
+                                              "initialises the SD1.x/2.x one ('' for random).")
+    init: str = option("diffusion", "Backbone init: diffusion (the base's trained UNet and text encoder, as the "
+                                    "paper) or random (the same architecture with fresh weights, for ablations).")
+    eval_every: int = option(100, "Validate every N updates.")
+    save_every: int = option(500, "save_state every N updates.")
+    keep_checkpoints: int = option(2, "How many save_state checkpoints to keep.")
+    seed: int = option(42, "Seed for init, data order, timesteps and noise.")
+    resume: bool = option(False, "Continue from the latest checkpoint in --out.")
+    log_with: list[str] = option(help="accelerate trackers (tensorboard, wandb, ...).", factory=list)
+    device: str = option("auto", "auto, cpu or cuda (under accelerate launch, each process's own).")
+
+
+@dataclass
+class RewardEvalConfig:
+    lrm: Path = option(None, "Latent reward model: the folder `lpo reward train` wrote (its run directory, best/ or "
+                             "last/) or a hub id.")
+    manifest: Path = option(None, "Pairs manifest to evaluate on (filtered.parquet, or a curation dir's "
+                                  "pairs.parquet).")
+    out: Path | None = option(None, "Where to write accuracy.json and accuracy.png (default: next to the LRM).")
+    timesteps: list[int] = option(help="Timesteps to evaluate.", factory=lambda: list(EVAL_TIMESTEPS))
+    seed: int = option(1234, "Noise seed (the same seed gives the same noise for every model).")
+    batch_size: int = option(32, "Pairs per forward.")
+    device: str = option("auto", "Device: auto, cpu, cuda.")
+
+
+@dataclass
+class RewardScoreConfig:
+    lrm: Path = option(None, "Latent reward model: the folder `lpo reward train` wrote (its run directory, best/ or "
+                             "last/) or a hub id.")
+    images: list[Path] = option(help="Image files to score.", factory=list)
+    prompts: list[str] = option(help="One prompt for all images, or one per image.", factory=list)
+    t: int = option(1, "Timestep to noise the encoded images to before scoring.")
+    seed: int = option(0, "Noise seed.")
+    device: str = option("auto", "auto, cpu or cuda.")

@@ -1,0 +1,319 @@
+"""The Latent Reward Model (LRM): a latent diffusion model's own denoiser and text encoders as a noise-aware reward
+model that scores noisy latents at any timestep.
+
+The family's backbone (`lpo.reward.backbones`) reads a noisy latent x_t at timestep t through its denoiser,
+truncated after the last tapped layer, and returns pooled features at the taps and at the deepest layer it runs
+(UNets: the down blocks' last resnets and the mid block). They are concatenated and projected; the text side is the
+pooled text feature (projected here when the family's is not already in a joint space). The score is
+exp(logit_scale) * cos(visual, text).
+
+Visual Feature Enhancement (VFE): the backbone also runs with the empty prompt and the deepest feature is guided,
+m = m_uncond + g * (m_cond - m_uncond); the tapped features come from the conditional branch (or are guided the same
+way with `vfe_down=True`). One rule, used the same way in training and scoring.
+
+Saved as a diffusers model (`config.json` + `diffusion_pytorch_model.safetensors`, only the parts that run) with
+its tokenizers, and beside them the VAE and noise schedule it was trained with (`vae/`, `scheduler/`), so
+`LatentRewardModel.from_pretrained(folder or hub id)` needs nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from torch import nn
+
+from lpo.curate.errors import InputError
+from lpo.reward.backbones import diffusers_dtype, family_of, get_family, read_subfolder_config
+from lpo.reward.backbones.base import LRMBackbone
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+CLASS_NAME = "LatentRewardModel"
+DEFAULT_TEXT_PROJECTION_INIT = "openai/clip-vit-large-patch14"
+RUN_SUBFOLDERS = ("best", "last")  # where `lpo reward train` exports the model in its run directory
+
+
+class LatentRewardModel(ModelMixin, ConfigMixin):
+    """Scores noisy latents against prompts. Build with `from_base` (a diffusers pipeline of a supported family) or
+    `from_pretrained` (a saved LRM: a local folder or a hub id)."""
+
+    config_name = CONFIG_FILE
+    ignore_for_config = ["backbone"]
+
+    @register_to_config
+    def __init__(self, family: str, base: str, taps: list[int], projection_dim: int, resolution: int,
+                 components: dict[str, dict[str, Any]], multi_scale: bool = True, vfe_scale: float = 7.5,
+                 vfe_down: bool = False, logit_scale_init: float = math.log(1 / 0.07),
+                 latent_shape: tuple[int, ...] = (4, 64, 64), vae_scaling_factor: float = 0.18215,
+                 backbone: LRMBackbone | None = None):
+        super().__init__()
+        family_adapter = get_family(family).lrm_backbone
+        self.backbone = backbone if backbone is not None else family_adapter.from_components(components, resolution)
+        channels = self.backbone.feature_channels(self.feature_taps)
+        self.visual_projection = nn.Linear(sum(channels), projection_dim, bias=False)
+        nn.init.normal_(self.visual_projection.weight, std=0.02)
+        if self.backbone.text_projected:
+            self.text_projection = None
+        else:
+            width = self.backbone.text_width
+            self.text_projection = nn.Linear(width, projection_dim, bias=False)
+            nn.init.normal_(self.text_projection.weight, std=width**-0.5)
+        self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))
+        self.source: tuple[str, str | None] | None = None  # (folder or hub id, subfolder) it was loaded from
+        self._pixel_side: dict[str, Any] = {}  # VAE and noise schedule for score_images, loaded on first use
+
+    @property
+    def feature_taps(self) -> list[int]:
+        """The taps whose pooled features enter the score besides the deepest one (none without multi-scale)."""
+        return list(self.config.taps) if self.config.multi_scale else []
+
+    # ----------------------------------------------------------------------------------------------------------
+    # construction
+
+    @classmethod
+    def from_base(cls, base: str, *, taps: list[int] | None = None, multi_scale: bool = True,
+                  vfe_scale: float = 7.5, vfe_down: bool = False, projection_dim: int | None = None,
+                  text_projection_init: str | None = DEFAULT_TEXT_PROJECTION_INIT,
+                  dtype: torch.dtype = torch.float32, pretrained: bool = True) -> LatentRewardModel:
+        """Build an untrained LRM from a diffusers pipeline (hub id or local directory). With `pretrained=False` the
+        backbone keeps the base's architecture but starts from fresh random weights (the ablation against a
+        diffusion-initialised backbone). `text_projection_init` initialises a text projection (families whose pooled
+        text is not projected: SD1.x/2.x) from a CLIP model's (the paper used CLIP ViT-L/14's)."""
+        family = family_of(base)
+        backbone = family.lrm_backbone.from_base(base, dtype=dtype, pretrained=pretrained)
+        vae_config = read_subfolder_config(base, "vae")
+        text_dim = backbone.text_width if backbone.text_projected else (projection_dim or backbone.text_width)
+        model = cls(
+            family=family.name, base=base, taps=list(taps) if taps is not None else backbone.default_taps(),
+            projection_dim=text_dim, resolution=backbone.resolution, components=backbone.components,
+            multi_scale=multi_scale, vfe_scale=vfe_scale, vfe_down=vfe_down,
+            latent_shape=list(backbone.latent_shape),
+            vae_scaling_factor=float(vae_config.get("scaling_factor", 0.18215)), backbone=backbone,
+        )
+        if dtype != torch.float32:  # diffusers warns about a cast even when nothing is kept in float32
+            model = model.to(dtype)
+        if model.text_projection is not None and text_projection_init:
+            model.init_text_projection(text_projection_init)
+        return model
+
+    def init_text_projection(self, clip_id: str) -> None:
+        """Initialise the text projection from a CLIP model's (the paper used CLIP ViT-L/14's)."""
+        from transformers import CLIPModel
+
+        try:
+            weight = CLIPModel.from_pretrained(clip_id).text_projection.weight
+        except OSError as err:
+            raise InputError(f"could not load the CLIP model '{clip_id}' to initialise the text projection ({err}); "
+                             "pass a reachable hub id or local CLIPModel directory with --text-projection-init, or "
+                             "--text-projection-init '' for a random init.") from err
+        if tuple(weight.shape) != tuple(self.text_projection.weight.shape):
+            logger.warning("text projection of %s has shape %s, the LRM needs %s: keeping a random init",
+                           clip_id, tuple(weight.shape), tuple(self.text_projection.weight.shape))
+            return
+        with torch.no_grad():
+            self.text_projection.weight.copy_(weight.to(self.text_projection.weight))
+
+    # ----------------------------------------------------------------------------------------------------------
+    # save / load
+
+    def save_pretrained(self, directory: str | Path, **kwargs: Any) -> Path:
+        """config.json + diffusion_pytorch_model.safetensors (only the parts the model runs) + tokenizer(s)."""
+        super().save_pretrained(directory, **kwargs)
+        self.backbone.save_tokenizers(Path(directory))
+        return Path(directory)
+
+    @classmethod
+    def from_pretrained(cls, source: str | Path, subfolder: str | None = None, dtype: torch.dtype = torch.float32,
+                        **kwargs: Any) -> LatentRewardModel:
+        """Load a saved LRM (a folder, a run directory of `lpo reward train`, or a hub id); needs nothing else."""
+        read_lrm_config(source, subfolder)  # a clear refusal for a folder that holds no reward model
+        source, subfolder = resolve_lrm(source, subfolder)
+        model = super().from_pretrained(source, subfolder=subfolder, **diffusers_dtype(dtype), **kwargs)
+        model.backbone.load_tokenizers(source, subfolder)
+        model.source = (source, subfolder)
+        return model.eval()
+
+    # ----------------------------------------------------------------------------------------------------------
+    # forward
+
+    def encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """The backbone's conditioning for `prompts` and, under "text", the pooled text feature in the joint space."""
+        out = self.backbone.encode_text(prompts)
+        if self.text_projection is not None:
+            out["text"] = self.text_projection(out["text"])
+        return out
+
+    def visual_features(self, latents: torch.Tensor, timesteps: torch.Tensor, text: dict[str, torch.Tensor],
+                        empty: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        """Pooled, concatenated, projected visual feature (with VFE when `empty` is given)."""
+        n = latents.shape[0]
+        guided = empty is not None
+        cond = {key: value for key, value in text.items() if key != "text"}
+        if guided:
+            latents = torch.cat([latents, latents])
+            timesteps = torch.cat([timesteps, timesteps])
+            cond = {key: torch.cat([value, empty[key].expand(n, *value.shape[1:])]) for key, value in cond.items()}
+        feats = self.backbone.pooled_features(latents, timesteps, cond, self.feature_taps)
+        g = self.config.vfe_scale
+
+        def guide(x: torch.Tensor, on: bool) -> torch.Tensor:
+            if not guided:
+                return x
+            conditional, unconditional = x[:n], x[n:]
+            return unconditional + g * (conditional - unconditional) if on else conditional
+
+        *tapped, deepest = feats
+        out = [guide(f, self.config.vfe_down) for f in tapped] + [guide(deepest, True)]
+        return self.visual_projection(torch.cat(out, dim=-1))
+
+    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor | int, prompts: list[str]) -> torch.Tensor:
+        """exp(logit_scale) * cos(visual(x_t, t), text(prompt)), one logit per latent."""
+        return self.score(latents, timesteps, prompts)
+
+    def score(self, latents: torch.Tensor, timesteps: torch.Tensor | int, prompts: list[str],
+              text: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Score noisy latents (already VAE-scaled) at `timesteps`. `text` may hold a precomputed `encode_text`."""
+        if len(prompts) != latents.shape[0]:
+            raise ValueError(f"{latents.shape[0]} latents but {len(prompts)} prompts")
+        if not torch.is_tensor(timesteps):
+            timesteps = torch.full((latents.shape[0],), int(timesteps), dtype=torch.long, device=latents.device)
+        timesteps = timesteps.to(latents.device).expand(latents.shape[0])
+        text = text if text is not None else self.encode_text(prompts)
+        empty = self.encode_text([""]) if self.config.vfe_scale != 1.0 else None
+        visual = self.visual_features(latents.to(self.logit_scale.dtype), timesteps, text, empty)
+        visual = visual / visual.norm(dim=-1, keepdim=True)
+        textual = text["text"] / text["text"].norm(dim=-1, keepdim=True)
+        return self.logit_scale.exp() * (visual * textual).sum(-1)
+
+    @torch.no_grad()
+    def score_images(self, images: list[Any], prompts: list[str], t: int = 1, seed: int = 0) -> torch.Tensor:
+        """Encode images with the VAE saved beside the model, noise them to timestep `t` (seeded), and score."""
+        from diffusers import AutoencoderKL
+
+        from lpo.reward.images import image_to_tensor
+
+        if not self._pixel_side:
+            if self.source is None:
+                raise InputError("score_images needs the VAE saved beside the model (vae/ in the folder given to "
+                                 "from_pretrained); export the model with `lpo reward train`.")
+            vae_source, vae_subfolder = component(*self.source, "vae")
+            try:
+                vae = AutoencoderKL.from_pretrained(vae_source, subfolder=vae_subfolder)
+            except OSError as err:
+                raise InputError(f"{self.source[0]} has no VAE beside the model (vae/); export the model with "
+                                 "`lpo reward train`.") from err
+            self._pixel_side["vae"] = vae.to(self.device).eval()
+            self._pixel_side["noise"] = get_family(self.config.family).noise_schedule(*component(*self.source,
+                                                                                                 "scheduler"))
+        vae, noise_scheduler = self._pixel_side["vae"], self._pixel_side["noise"]
+        generator = torch.Generator().manual_seed(seed)
+        pixels = torch.stack([image_to_tensor(image, self.config.resolution) for image in images])
+        posterior = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
+        eps = torch.randn(posterior.mean.shape, generator=generator).to(self.device)
+        latents = (posterior.mean + posterior.std * eps.to(posterior.mean.dtype)) * self.config.vae_scaling_factor
+        steps = torch.full((len(images),), int(t), dtype=torch.long)
+        noise = torch.randn(latents.shape, generator=generator).to(latents)
+        noisy = noise_scheduler.add_noise(latents.cpu().float(), noise.cpu().float(), steps)
+        return self.score(noisy.to(self.device), steps.to(self.device), list(prompts))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# a saved model on disk or on the hub
+
+
+def resolve_lrm(source: str | Path, subfolder: str | None = None) -> tuple[str, str | None]:
+    """(folder or hub id, subfolder) of a saved LRM. A run directory of `lpo reward train` gives its `best/` export
+    (else `last/`), and says so."""
+    path = Path(source) / (subfolder or "")
+    if path.is_dir() and not (path / CONFIG_FILE).is_file():
+        for name in RUN_SUBFOLDERS:
+            if (path / name / CONFIG_FILE).is_file():
+                logger.info("%s is a training run: using its %s/ model", path, name)
+                return str(Path(source)), f"{subfolder}/{name}" if subfolder else name
+    return str(source), subfolder
+
+
+def component(source: str, subfolder: str | None, name: str) -> tuple[str, str | None]:
+    """(path or hub id, subfolder) of a component saved beside an LRM (`vae`, `scheduler`). A local one is named by
+    its own folder: diffusers would otherwise read the LRM's weights file beside it for the component's."""
+    path = Path(source) / (subfolder or "") / name
+    if path.is_dir():
+        return str(path), None
+    return source, f"{subfolder}/{name}" if subfolder else name
+
+
+def read_lrm_config(source: str | Path, subfolder: str | None = None) -> dict[str, Any]:
+    """The config of a saved LRM (a folder, a run directory or a hub id), checked without loading weights."""
+    source, subfolder = resolve_lrm(source, subfolder)
+    path = Path(source) / (subfolder or "") / CONFIG_FILE
+    if not Path(source).exists():
+        from huggingface_hub import hf_hub_download
+
+        from lpo.curate.scorers.specs import is_path_like
+
+        if is_path_like(source):
+            raise InputError(f"{source} does not exist: pass a latent reward model directory (the folder "
+                             "`lpo reward train` wrote, or its run directory) or a hub id.")
+
+        try:
+            path = Path(hf_hub_download(source, CONFIG_FILE, subfolder=subfolder))
+        except Exception as err:  # offline, missing, gated, bad id: the same fix
+            raise InputError(f"{source} is neither a latent reward model directory nor a reachable hub repo "
+                             f"({type(err).__name__}); pass the folder `lpo reward train` wrote (or its run "
+                             "directory).") from None
+    if not path.is_file():
+        raise InputError(f"{path.parent} is not a latent reward model directory (no {CONFIG_FILE}, and no best/ or "
+                         "last/ model in it); pass the folder `lpo reward train --out` wrote, or its best/ or last/.")
+    config = json.loads(path.read_text())
+    if config.get("_class_name") != CLASS_NAME:
+        raise InputError(f"{path} is not a latent reward model config (_class_name={config.get('_class_name')!r}); "
+                         "pass a folder written by `lpo reward train`.")
+    get_family(config.get("family", "?"))
+    return config
+
+
+def check_text_projection_init(family_name: str, clip_id: str | None) -> None:
+    """Before training: the CLIP model whose text projection initialises the LRM's is readable (where the family's
+    pooled text needs a projection), so a missing download stops the run before any image is encoded."""
+    if not clip_id or get_family(family_name).lrm_backbone.text_projected:
+        return
+    fix = ("pass a reachable hub id or a local CLIPModel folder with --text-projection-init, or "
+           "--text-projection-init '' to start the projection at random")
+    if Path(clip_id).is_dir():
+        if not (Path(clip_id) / CONFIG_FILE).is_file():
+            raise InputError(f"--text-projection-init {clip_id} has no {CONFIG_FILE}; {fix}.")
+        return
+    from huggingface_hub import hf_hub_download
+
+    try:
+        hf_hub_download(clip_id, CONFIG_FILE)
+    except Exception as err:  # offline, missing, gated, bad id: the same fix
+        raise InputError(f"could not read the CLIP model '{clip_id}' whose text projection initialises the LRM's "
+                         f"({type(err).__name__}); {fix}.") from None
+
+
+def export_components(directory: str | Path, base: str, vae: str | None = None) -> None:
+    """Copy the VAE and the noise schedule beside a saved LRM, so scoring images needs nothing else."""
+    from diffusers import AutoencoderKL
+
+    directory = Path(directory)
+    model = AutoencoderKL.from_pretrained(vae) if vae else AutoencoderKL.from_pretrained(base, subfolder="vae")
+    model.save_pretrained(directory / "vae")
+    family_of(base).noise_schedule(base).save_pretrained(directory / "scheduler")
+
+
+def check_lrm_matches(lrm: str | Path, family_name: str, base: str) -> None:
+    """An LRM scores latents of one latent space: refuse a base of another family."""
+    config = read_lrm_config(lrm)
+    if config["family"] != family_name:
+        raise InputError(f"the latent reward model {lrm} was built on an {config['family']} backbone, but {base} is "
+                         f"an {family_name} pipeline: their latent spaces differ. Use an LRM trained on the same "
+                         "family (SD1.x and SD2.x share one).")

@@ -1,0 +1,304 @@
+"""`lpo reward train`: train a latent reward model on MPCF-filtered pairs with a soft-label Bradley-Terry loss.
+
+A plain accelerate loop: per pair one timestep drawn uniformly from the candidates ({1, 51, ..., 951} by default),
+independent noise for the two images, AdamW with warmup then linear decay, explicit gradient accumulation. VAE
+latents come from an on-disk cache built once before training. Checkpoints (`save_state`) every N updates;
+`--resume` continues from the latest; the best model by validation accuracy and the last are exported in the
+loadable format. Data order and noise are functions of (seed, step, rank), so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import torch
+
+from lpo.curate import config as cfg
+from lpo.curate.errors import InputError
+from lpo.reward import checkpoints
+from lpo.reward.checkpoints import CHECKPOINTS
+from lpo.reward.lrm.config import RewardTrainConfig
+
+logger = logging.getLogger(__name__)
+
+# Fields that may change between a run and its resume; any other change makes it a different run.
+RESUMABLE_FIELDS = {"resume", "max_steps", "eval_every", "save_every", "log_with", "device"}
+CONFIG_FILE = "train_config.json"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is left as it was."""
+
+
+def validate(config: RewardTrainConfig) -> Any:
+    """Everything checkable before a model loads; returns the base's family."""
+    from lpo.curate.manifest import PAIRS_SCHEMA, check_schema
+    from lpo.reward.backbones import family_of
+    from lpo.reward.lrm.model import check_text_projection_init
+
+    for name in ("manifest", "base", "out"):
+        if not getattr(config, name):
+            raise InputError(f"--{name} is required.")
+    check_schema(config.manifest, PAIRS_SCHEMA, "filtered")
+    if config.val_manifest is not None:
+        check_schema(config.val_manifest, PAIRS_SCHEMA, "validation")
+    family = family_of(config.base)
+    bad = [t for t in config.timesteps + config.eval_timesteps if not 0 <= t < 1000]
+    if bad or not config.timesteps:
+        raise InputError(f"timesteps must be non-empty and in [0, 999]; got {bad or config.timesteps}.")
+    for name in ("batch_size", "grad_accum", "max_steps"):
+        if getattr(config, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1.")
+    if not 0 <= config.val_fraction < 1:
+        raise InputError("--val-fraction must be in [0, 1).")
+    if config.init not in ("diffusion", "random"):
+        raise InputError(f"--init {config.init!r} is not diffusion or random.")
+    if config.init == "diffusion":
+        check_text_projection_init(family.name, config.text_projection_init)
+    checkpoints.check_run_dir(config, Path(config.out), CONFIG_FILE, RESUMABLE_FIELDS, "step")
+    return family
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    return checkpoints.latest(out, "step")
+
+
+def split_validation(pairs: pl.DataFrame, fraction: float, seed: int) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Hold out whole captions (so no prompt is in both sets), chosen by a stable hash."""
+    if fraction == 0:
+        return pairs, pairs.clear()
+
+    def held_out(caption: str) -> bool:
+        digest = hashlib.blake2b(f"{seed}|{caption}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little") / 2**64 < fraction
+
+    captions = pairs["caption"].unique().sort().to_list()
+    val_captions = [c for c in captions if held_out(c)]
+    if not val_captions and len(captions) > 1:
+        val_captions = captions[:1]
+    mask = pl.col("caption").is_in(val_captions)
+    return pairs.filter(~mask), pairs.filter(mask)
+
+
+def batch_indices(step: int, rank: int, world: int, n: int, batch_size: int, seed: int) -> list[int]:
+    """Pairs of micro-step `step` on `rank`: epochs are seeded permutations, split across ranks, cycling."""
+    per_epoch = max(1, math.ceil(n / (batch_size * world)))
+    epoch, position = divmod(step, per_epoch)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    start = (position * world + rank) * batch_size
+    return [order[(start + j) % n] for j in range(batch_size)]
+
+
+def lr_lambda(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return factor
+
+
+def run(config: RewardTrainConfig) -> dict[str, Any]:
+    """Train; returns a summary (steps, effective batch, best validation accuracy, export paths)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+
+    from lpo.curate.device import mixed_precision
+    from lpo.curate.manifest import curation_dir_of, read_pairs
+    from lpo.reward.backbones import pixel_resolution, read_subfolder_config
+    from lpo.reward.lrm.accuracy import accuracy_per_timestep, plot_accuracy, usable_pairs
+    from lpo.reward.lrm.latents import LatentCache, build_cache, cache_dir, only_encoded, pair_uids
+    from lpo.reward.lrm.model import LatentRewardModel, export_components
+
+    family = validate(config)
+    out = Path(config.out)
+    pairs = usable_pairs(read_pairs(config.manifest))
+    if pairs.is_empty():
+        raise InputError(f"{config.manifest} has no kept pairs (none with a winner or a kept tie); loosen the "
+                         "filter rule or check the curation summary.")
+    if config.val_manifest is not None:
+        train_pairs, val_pairs = pairs, usable_pairs(read_pairs(config.val_manifest, "validation"))
+    else:
+        train_pairs, val_pairs = split_validation(pairs, config.val_fraction, config.seed)
+    if train_pairs.is_empty():
+        raise InputError("no training pairs are left after holding out validation captions; lower --val-fraction.")
+
+    cuda = torch.cuda.is_available() and config.device != "cpu"
+    precision = mixed_precision(config.mixed_precision, cuda, auto="bf16")
+    accelerator = Accelerator(
+        cpu=not cuda, mixed_precision=precision, gradient_accumulation_steps=config.grad_accum,
+        log_with=config.log_with or None, project_dir=str(out),
+        kwargs_handlers=[DistributedDataParallelKwargs(
+            find_unused_parameters=family.lrm_backbone.unused_parameters)],
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        cfg.save(config, out / CONFIG_FILE)
+
+    # 1. latents, once per unique image (main process encodes, the others wait and read)
+    resolution = pixel_resolution(read_subfolder_config(config.base, family.denoiser), config.base, config.vae)
+    vae_source = config.vae or config.base
+    latent_dir = cache_dir(out / "latent_cache", vae_source, resolution)
+    uids = pair_uids(pairs) | pair_uids(val_pairs)
+    with accelerator.main_process_first():
+        if accelerator.is_main_process:
+            # each manifest's images live in its own curation directory: encode them from there
+            sources = {curation_dir_of(config.manifest): pair_uids(pairs)}
+            if config.val_manifest is not None:
+                sources.setdefault(curation_dir_of(config.val_manifest), set()).update(pair_uids(val_pairs))
+            for directory, wanted in sources.items():
+                build_cache(latent_dir, directory, wanted, vae_source, resolution, device=str(accelerator.device),
+                            subfolder=None if config.vae else "vae")
+    cache = LatentCache(latent_dir)  # what could not be encoded is absent from it
+    missing = [u for u in uids if u not in cache]
+    train_pairs, val_pairs = only_encoded(train_pairs, cache), only_encoded(val_pairs, cache)
+
+    # 2. model, optimizer, schedule
+    set_seed(config.seed)
+    model = LatentRewardModel.from_base(
+        config.base, multi_scale=config.multi_scale, vfe_scale=config.vfe_scale, vfe_down=config.vfe_down,
+        text_projection_init=config.text_projection_init or None, pretrained=config.init == "diffusion")
+    if config.gradient_checkpointing:
+        model.backbone.enable_gradient_checkpointing()
+    model.train()
+    noise_scheduler = family.noise_schedule(config.base)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
+                                  weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.warmup_steps, config.max_steps))
+    model, optimizer, schedule = accelerator.prepare(model, optimizer, schedule)
+
+    state = {"step": 0, "best_accuracy": -1.0, "best_step": None, "history": []}
+    if config.resume:
+        state = checkpoints.resume(accelerator, out, "step", state)
+
+    world = accelerator.num_processes
+    effective = config.batch_size * config.grad_accum * world
+    logger.info("training on %d pairs (validation %d): %d pairs/process/micro-step x %d accumulation x %d processes "
+                "= effective batch %d pairs; %d optimizer updates", train_pairs.height, val_pairs.height,
+                config.batch_size, config.grad_accum, world, effective, config.max_steps)
+    if config.log_with:
+        accelerator.init_trackers("lpo-reward", config={k: str(v) for k, v in dataclasses.asdict(config).items()})
+
+    train = {
+        "uid0": train_pairs["image_0_uid"].to_list(), "uid1": train_pairs["image_1_uid"].to_list(),
+        "caption": train_pairs["caption"].to_list(),
+        "winner": torch.tensor(train_pairs["winner"].fill_null(-1).to_list()),
+        "tie": torch.tensor(train_pairs["is_tie"].to_list()),
+        "weight": torch.tensor(train_pairs["num_example_per_prompt"].fill_null(0).to_list()),
+    }
+    summary = _loop(config, accelerator, model, optimizer, schedule, cache, noise_scheduler, train, val_pairs, state,
+                    out, accuracy_per_timestep, plot_accuracy, export_components)
+    accelerator.end_training()
+    return summary | {"effective_batch_size": effective, "train_pairs": train_pairs.height,
+                      "validation_pairs": val_pairs.height, "skipped_images": len(missing)}
+
+
+def _loop(config, accelerator, model, optimizer, schedule, cache, noise_scheduler, train, val_pairs, state, out,
+          accuracy_per_timestep, plot_accuracy, export_components) -> dict[str, Any]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from lpo.reward.lrm.loss import bradley_terry_loss, pair_labels, pair_weights, pairwise_correct
+
+    n = len(train["caption"])
+    rank, world = accelerator.process_index, accelerator.num_processes
+    scaling = accelerator.unwrap_model(model).config.vae_scaling_factor
+    candidates = torch.tensor(config.timesteps)
+    micro = state["step"] * config.grad_accum
+    running = {"loss": 0.0, "correct": 0.0, "count": 0}
+    columns = (TextColumn("[bold]LRM"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+               TimeRemainingColumn())
+    progress = Progress(*columns, disable=not accelerator.is_main_process, transient=False)
+    with progress:
+        task = progress.add_task("train", total=config.max_steps, completed=state["step"], info="")
+        while state["step"] < config.max_steps:
+            idx = batch_indices(micro, rank, world, n, config.batch_size, config.seed)
+            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + micro * 1_009 + rank)
+            uids = [train["uid0"][i] for i in idx] + [train["uid1"][i] for i in idx]
+            clean = cache.sample(uids, scaling, generator)
+            t = candidates[torch.randint(len(candidates), (len(idx),), generator=generator)]
+            steps = torch.cat([t, t])
+            noisy = noise_scheduler.add_noise(clean, torch.randn(clean.shape, generator=generator), steps)
+            labels = pair_labels(train["winner"][idx], train["tie"][idx]).to(accelerator.device)
+            weights = pair_weights(train["weight"][idx]).to(accelerator.device)
+            total = accelerator.reduce(weights.sum().detach(), reduction="sum")
+            with accelerator.accumulate(model):
+                scores = model(noisy.to(accelerator.device), steps.to(accelerator.device),
+                               [train["caption"][i] for i in idx] * 2)
+                s0, s1 = scores[: len(idx)], scores[len(idx):]
+                # DDP averages gradients over processes; scale so the result is the global weighted mean
+                loss = bradley_terry_loss(s0, s1, labels, weights, total) * world
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(f"loss became {loss.item()} at update {state['step']}; the last "
+                                           f"checkpoint in {out / CHECKPOINTS} is intact. Lower --lr or check "
+                                           "the data.")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                optimizer.step()
+                schedule.step() if accelerator.sync_gradients else None
+                optimizer.zero_grad()
+            micro += 1
+            running["loss"] += loss.item() / world
+            running["correct"] += pairwise_correct(s0.detach(), s1.detach(), labels).sum().item()
+            running["count"] += len(idx)
+            if not accelerator.sync_gradients:
+                continue
+            state["step"] += 1
+            logs = {"loss": running["loss"] / config.grad_accum, "train_accuracy": running["correct"] /
+                    max(running["count"], 1), "lr": schedule.get_last_lr()[0]}
+            running = {"loss": 0.0, "correct": 0.0, "count": 0}
+            accelerator.log(logs, step=state["step"])
+            progress.update(task, completed=state["step"], info=f"loss {logs['loss']:.3f} acc "
+                            f"{logs['train_accuracy']:.2f}")
+            final = state["step"] == config.max_steps
+            if val_pairs.height and (state["step"] % config.eval_every == 0 or final):
+                _validate(config, accelerator, model, cache, noise_scheduler, val_pairs, state, out,
+                          accuracy_per_timestep, export_components)
+            if state["step"] % config.save_every == 0 or final:
+                checkpoints.save(accelerator, out, "step", state["step"], state, config.keep_checkpoints)
+    if accelerator.is_main_process:
+        last = out / "last"
+        accelerator.unwrap_model(model).save_pretrained(last)
+        export_components(last, config.base, config.vae)
+        if state["best_step"] is None:  # no validation set: the last model is the only candidate
+            shutil.copytree(last, out / "best", dirs_exist_ok=True)
+        if state["history"]:
+            plot_accuracy({int(t): a for t, a in state["history"][-1]["accuracy"].items()}, out / "accuracy.png")
+        (out / "train_summary.json").write_text(json.dumps(state, indent=2) + "\n")
+    accelerator.wait_for_everyone()
+    return {"steps": state["step"], "best_step": state["best_step"], "best_accuracy": state["best_accuracy"],
+            "history": state["history"], "best": str(out / "best"), "last": str(out / "last")}
+
+
+def _validate(config, accelerator, model, cache, noise_scheduler, val_pairs, state, out, accuracy_per_timestep,
+              export_components) -> None:
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        accuracy = accuracy_per_timestep(unwrapped, cache, val_pairs, noise_scheduler, config.eval_timesteps,
+                                         seed=config.seed, batch_size=config.batch_size)
+        record = {"step": state["step"], "accuracy": {str(t): a for t, a in accuracy.items()}}
+        state["history"].append(record)
+        accelerator.log({f"val_accuracy_t{t}": a for t, a in accuracy.items()}, step=state["step"])
+        logger.info("update %d: validation accuracy %s", state["step"],
+                    ", ".join(f"t={t}: {a:.3f}" for t, a in accuracy.items()))
+        selected = accuracy.get(config.select_timestep, next(iter(accuracy.values())))
+        if selected > state["best_accuracy"]:
+            state["best_accuracy"], state["best_step"] = selected, state["step"]
+            unwrapped.save_pretrained(out / "best")
+            export_components(out / "best", config.base, config.vae)
+    accelerator.wait_for_everyone()
+    # every process keeps the same bookkeeping, so any of them could save a consistent trainer state
+    payload = [state] if accelerator.is_main_process else [None]
+    from accelerate.utils import broadcast_object_list
+
+    state.update(broadcast_object_list(payload, from_process=0)[0])
+
+

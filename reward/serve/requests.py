@@ -1,0 +1,196 @@
+"""Request decoders of `lpo reward serve`: they run in the inference worker, one request at a time, and raise
+`Rejected` naming the first problem (the LitAPIs return it instead of failing the batch)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lpo.reward.serve.protocol import IMAGES_ROUTE, LATENT_DTYPES, LATENTS_ROUTE, Rejected
+
+TORCH_DTYPES = {name: getattr(torch, name) for name in LATENT_DTYPES}
+
+
+@dataclass
+class ImageRequest:
+    metric: str
+    images: list[Any]  # PIL images, as decoded from the sent files
+    prompts: list[str]
+
+
+@dataclass
+class LatentRequest:
+    latents: torch.Tensor  # [B, C, H, W] in the dtype sent
+    timesteps: torch.Tensor  # [B] int64
+    prompts: list[str]
+
+
+def _object(request: Any, fields: set[str], route: str) -> dict[str, Any]:
+    if not isinstance(request, dict):
+        raise Rejected(422, f"{route} takes a JSON object with fields {sorted(fields)}")
+    unknown = sorted(set(request) - fields)
+    if unknown:
+        raise Rejected(422, f"unknown field(s) {unknown} on {route}; the fields are {sorted(fields)}")
+    return request
+
+
+def _count(n: int, max_items: int, what: str) -> None:
+    if n < 1:
+        raise Rejected(422, f"no {what} in the request; send at least one")
+    if n > max_items:
+        raise Rejected(422, f"{n} {what} in one request, over the server's limit of {max_items} "
+                            "(--max-items-per-request); split the request (RewardClient does)")
+
+
+def _prompts(value: Any, n: int, what: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+        raise Rejected(422, f"prompts must be a list of strings, one per {what}")
+    if len(value) != n:
+        raise Rejected(422, f"{n} {what}s but {len(value)} prompts; send one prompt per {what}")
+    for i, prompt in enumerate(value):
+        if not prompt.strip():
+            raise Rejected(422, f"prompts[{i}] is empty; every {what} needs a non-empty prompt")
+    return value
+
+
+def _base64(value: Any, where: str) -> bytes:
+    if not isinstance(value, str):
+        raise Rejected(422, f"{where} must be a base64 string, not {type(value).__name__}")
+    if value.startswith("data:"):  # a data URL: data:image/png;base64,....
+        value = value.partition(",")[2]
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise Rejected(422, f"{where} is not valid base64 ({err})") from None
+
+
+def _image(data: bytes, where: str) -> Any:
+    from PIL import Image
+
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except Exception as err:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+        raise Rejected(422, f"{where} ({len(data)} bytes) is not an image PIL can decode ({type(err).__name__}: "
+                            f"{err}); send encoded image files (PNG, JPEG, WebP)") from None
+    return image
+
+
+def decode_images(request: Any, metrics: tuple[str, ...], max_items: int) -> ImageRequest:
+    """Validate and decode one /score/images request; raise Rejected naming the first problem."""
+    request = _object(request, {"metric", "images", "prompts"}, IMAGES_ROUTE)
+    metric = request.get("metric")
+    if not isinstance(metric, str) or not metric:
+        raise Rejected(422, f"metric is missing; this server scores {', '.join(metrics)}")
+    if metric not in metrics:
+        raise Rejected(422, f"unknown metric {metric!r}: this server scores {', '.join(metrics)} (GET /models)")
+    images = request.get("images")
+    if not isinstance(images, list):
+        raise Rejected(422, "images must be a list of base64-encoded image files")
+    _count(len(images), max_items, "images")
+    prompts = _prompts(request.get("prompts"), len(images), "image")
+    decoded = [_image(_base64(value, f"images[{i}]"), f"images[{i}]") for i, value in enumerate(images)]
+    return ImageRequest(metric, decoded, prompts)
+
+
+def _safetensors(data: bytes, where: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors.torch import load
+
+    try:
+        tensors = load(data)
+        header_size = int.from_bytes(data[:8], "little")
+        metadata = json.loads(data[8:8 + header_size]).get("__metadata__") or {}
+    except Exception as err:  # safetensors raises its own error type; any failure means "not a safetensors file"
+        raise Rejected(422, f"{where} is not a readable safetensors file ({type(err).__name__}: {err})") from None
+    return tensors, metadata
+
+
+def _raw_latents(spec: Any) -> torch.Tensor:
+    if not isinstance(spec, dict):
+        raise Rejected(422, "latents must be an object: {\"data\": base64, \"shape\": [B, C, H, W], \"dtype\": "
+                            "\"float32\"} or {\"safetensors\": base64}")
+    if set(spec) == {"safetensors"}:
+        tensors, _ = _safetensors(_base64(spec["safetensors"], "latents.safetensors"), "latents.safetensors")
+        if "latents" not in tensors and len(tensors) != 1:
+            raise Rejected(422, f"latents.safetensors holds {sorted(tensors)}; store one tensor named latents")
+        return tensors.get("latents") if "latents" in tensors else next(iter(tensors.values()))
+    if set(spec) != {"data", "shape", "dtype"}:
+        raise Rejected(422, f"latents has fields {sorted(spec)}; send data, shape and dtype (or safetensors)")
+    dtype = TORCH_DTYPES.get(spec["dtype"]) if isinstance(spec["dtype"], str) else None
+    if dtype is None:
+        raise Rejected(422, f"latents dtype {spec['dtype']!r} is not accepted; send {', '.join(LATENT_DTYPES)}")
+    shape = spec["shape"]
+    if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0
+                                              for s in shape):
+        raise Rejected(422, f"latents shape {shape!r} must be a list of positive integers, [B, C, H, W]")
+    data = _base64(spec["data"], "latents.data")
+    needed = dtype.itemsize * int(torch.Size(shape).numel())
+    if len(data) != needed:
+        raise Rejected(422, f"latents.data has {len(data)} bytes but shape {shape} in {spec['dtype']} needs {needed} "
+                            "(raw little-endian, C order)")
+    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
+
+
+def _timesteps(value: Any, n: int, num_timesteps: int) -> torch.Tensor:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value] * n
+    if torch.is_tensor(value):
+        if value.dtype.is_floating_point or value.dtype == torch.bool or value.dim() > 1:
+            raise Rejected(422, f"timesteps tensor is {value.dtype} of shape {list(value.shape)}; send [B] integers")
+        steps = value.to(torch.long).expand(n) if value.dim() == 0 else value.to(torch.long)
+    elif isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        steps = torch.tensor(value, dtype=torch.long)
+    else:
+        raise Rejected(422, "timesteps must be an integer or a list of integers, one per latent")
+    if steps.numel() != n:
+        raise Rejected(422, f"{n} latents but {steps.numel()} timesteps; send one timestep per latent")
+    if steps.numel() and not (0 <= int(steps.min()) and int(steps.max()) < num_timesteps):
+        raise Rejected(422, f"timesteps {steps.tolist()} go outside [0, {num_timesteps - 1}]")
+    return steps
+
+
+def decode_latents(request: Any, latent_shape: tuple[int, int, int], num_timesteps: int,
+                   max_items: int) -> LatentRequest:
+    """Validate and decode one /score/latents request; raise Rejected naming the first problem."""
+    request = _object(request, {"latents", "timesteps", "prompts", "safetensors"}, LATENTS_ROUTE)
+    if "safetensors" in request and "latents" in request:
+        raise Rejected(422, "the request has both safetensors and latents; send the latents one way")
+    if "safetensors" in request:
+        tensors, metadata = _safetensors(_base64(request["safetensors"], "the safetensors body"), "the body")
+        latents = tensors.get("latents")
+        timesteps = request.get("timesteps", tensors.get("timesteps"))
+        prompts = request.get("prompts")
+        if prompts is None and "prompts" in metadata:
+            try:
+                prompts = json.loads(metadata["prompts"])
+            except ValueError:
+                raise Rejected(422, "the safetensors metadata 'prompts' is not a JSON list of strings") from None
+        if latents is None:
+            raise Rejected(422, f"the safetensors body holds {sorted(tensors)}; store the latents as 'latents'")
+    elif "latents" in request:
+        latents = _raw_latents(request["latents"])
+        timesteps, prompts = request.get("timesteps"), request.get("prompts")
+    else:
+        raise Rejected(422, "latents are missing; send latents (data, shape, dtype) with timesteps and prompts, or a "
+                            "safetensors body")
+    if latents.dtype not in TORCH_DTYPES.values():
+        raise Rejected(422, f"latents dtype {str(latents.dtype).removeprefix('torch.')} is not accepted; send "
+                            f"{', '.join(LATENT_DTYPES)}")
+    if latents.dim() != 4 or tuple(latents.shape[1:]) != tuple(latent_shape):
+        expected = ", ".join(map(str, latent_shape))
+        raise Rejected(422, f"latents have shape {list(latents.shape)}; this model takes [B, {expected}] "
+                            "(GET /models)")
+    _count(latents.shape[0], max_items, "latents")
+    if timesteps is None:
+        raise Rejected(422, "timesteps are missing; send one integer timestep per latent")
+    steps = _timesteps(timesteps, latents.shape[0], num_timesteps)
+    prompts = _prompts(prompts, latents.shape[0], "latent")
+    if not bool(torch.isfinite(latents).all()):
+        raise Rejected(422, "latents hold NaN or infinite values")
+    return LatentRequest(latents, steps, prompts)

@@ -1,0 +1,72 @@
+"""Configs of `lpo demo` and `lpo dev tiny-models | toy-models | sample-data` (light imports only)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from lpo.curate.config import option
+
+
+@dataclass
+class DemoConfig:
+    out: Path = option(Path("runs/demo"), "Run directory: data, curation, LRMs, LPO, samples, demo.md, demo.png.")
+    models: Path = option(Path("manifests/toy-models"), "Toy world models (sd15/, pickscore/, clip/), as "
+                                                        "`lpo dev toy-models` writes them.")
+    train_prompts: int = option(1000, "Toy prompts of the training pairs (4 images and 6 pairs each).")
+    val_prompts: int = option(150, "Toy prompts of the clean held-out pairs the LRMs are evaluated on.")
+    flip_rate: float = option(0.3, "Share of training labels flipped against the oracle (noisy raters).")
+    tie_rate: float = option(0.05, "Share of training pairs labelled as ties.")
+    lrm_steps: int = option(400, "Optimizer updates of each of the three LRMs (the same budget for all).")
+    lrm_batch_size: int = option(64, "Pairs per LRM update.")
+    lrm_lr: float = option(1e-3, "LRM learning rate (tiny models learn fast).")
+    vfe_scale: float = option(1.0, "LRM Visual Feature Enhancement scale (1 = off, which halves the cost).")
+    held_out_prompts: int = option(18, "Captions kept out of LPO training and used to compare the generators.")
+    lpo_epochs: int = option(20, "LPO passes over the training captions.")
+    lpo_sample_batch_size: int = option(24, "Prompts per LPO sampling round.")
+    lpo_train_batch_size: int = option(16, "Preference tuples per LPO optimizer step.")
+    lpo_lr: float = option(1e-3, "LPO learning rate.")
+    lpo_lora_rank: int = option(8, "LPO LoRA rank (0 = full fine-tuning).")
+    lpo_beta: float = option(500.0, "LPO beta.")
+    lpo_threshold: list[float] = option(help="LPO softmax-gap threshold range [least noisy, noisiest step]; lower "
+                                             "than SD1.5's 0.35..0.5, as the toy LRM's score gaps are smaller.",
+                                        factory=lambda: [0.05, 0.3])
+    score_timestep: str = option("parent", "Timestep the LRM scores candidates at in LPO and guided sampling: "
+                                           "parent or child.")
+    candidates: int = option(4, "K: candidates per step in LPO and in LRM-guided sampling.")
+    steps: int = option(10, "DDIM steps of every sampler in the demo.")
+    guidance: float = option(1.5, "Classifier-free guidance of every sampler in the demo (low enough to leave the "
+                                  "base model room to improve).")
+    images_per_prompt: int = option(8, "Images per held-out prompt and generator.")
+    seed: int = option(0, "Seed of the data, the training runs and the sampling noise.")
+
+
+@dataclass
+class ToyModelsConfig:
+    out: Path = option(None, "Directory to write sd15/, pickscore/, clip/ and toy_models.json into.")
+    seed: int = option(0, "Seed for the renders, the initial weights and the training noise.")
+    batch_size: int = option(128, "Images per training step of the diffusion model and the scorers.")
+    vae_batch_size: int = option(64, "Images per VAE training step.")
+    vae_steps: int = option(300, "VAE training steps.")
+    diffusion_images: int = option(16384, "Rendered images whose VAE latents the diffusion model trains on.")
+    diffusion_steps: int = option(700, "UNet + text encoder training steps.")
+    clip_steps: int = option(400, "Training steps of each CLIP-style scorer.")
+    pickscore_temperature: float = option(0.1, "Soft-target temperature of the pickscore model (oracle ordering).")
+    clip_temperature: float = option(0.03, "Soft-target temperature of the clip model (near-exact caption matching).")
+
+
+@dataclass
+class TinyModelsConfig:
+    out: Path = option(None, "Directory to write one tiny model folder per role into.")
+    roles: list[str] = option(help="Roles to write (default: all): pickscore, clip, vqa, aesthetic, sd15, sdxl, "
+                                   "hpsv2, hpsv21, imagereward.", factory=list)
+    seed: int = option(0, "Seed for the random weights.")
+
+
+@dataclass
+class SampleDataConfig:
+    out: Path = option(None, "Parquet file to write, in Pick-a-Pic's schema.")
+    prompts: int = option(12, "Number of prompts (each gives 4 images and 6 pairs).")
+    flip_rate: float = option(0.3, "Share of labels flipped against the oracle.")
+    corrupt_images: int = option(1, "Images given undecodable bytes.")
+    seed: int = option(0, "Random seed.")

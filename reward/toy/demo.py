@@ -1,0 +1,383 @@
+"""`lpo demo`: the whole pipeline on the toy world, where the truth is known, through the real library functions.
+
+Stages (each writes its result to `OUT/stages/<name>.json`; a rerun with the same settings skips finished stages
+and resumes an interrupted trainer from its checkpoint):
+
+1. `data`: toy preference pairs in Pick-a-Pic's schema (a share of labels flipped against the oracle, some ties) and
+   a clean held-out set.
+2. `curate`: `lpo curate filter` (ingest, score with the toy `pickscore` and `clip` models, the all-metric MPCF
+   rule), then the label agreement with the oracle of the raw and of the kept pairs.
+3. `lrm-raw`, `lrm-mpcf`, `lrm-mpcf-fresh`: `lpo reward train` with the same budget on the raw pairs, on the kept
+   pairs, and on the kept pairs from a freshly initialised backbone; pairwise accuracy per timestep on the held-out
+   pairs (`lpo reward eval` of the final models).
+4. `lpo`: `lpo optimize sd15` with the MPCF-trained LRM on the captions not held out.
+5. `samples`: the base model, LRM-guided sampling and the LPO-tuned model on the held-out captions with the same
+   seeds and sampler settings; oracle alignment read from the pixels and the LRM reward of each image.
+6. the report: `demo_summary.json`, `demo.md` (one table) and `demo.png` (accuracy against t, sample grids).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from lpo.curate import config as cfg
+from lpo.curate.errors import InputError
+from lpo.reward.lrm.config import EVAL_TIMESTEPS
+from lpo.reward.toy.config import DemoConfig
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "demo_config.json"
+SUMMARY_FILE = "demo_summary.json"
+STAGES_DIR = "stages"
+METRICS = ["pickscore", "clip"]  # the toy world has no aesthetics and no VQA model: MPCF runs on these two
+LRM_RUNS = {  # name -> (training manifest, backbone init)
+    "lrm-raw": ("raw", "diffusion"),
+    "lrm-mpcf": ("mpcf", "diffusion"),
+    "lrm-mpcf-fresh": ("mpcf", "random"),
+}
+VARIANTS = ("base", "guided", "lpo")
+GRID_PROMPTS = 6  # held-out captions shown in the sample grids, one row each
+
+
+def validate(config: DemoConfig) -> None:
+    """Everything checkable before any model loads."""
+    from lpo.reward.toy.world import all_scenes
+
+    models = Path(config.models)
+    expected = {"sd15": "model_index.json", "pickscore": "config.json", "clip": "open_clip_config.json"}
+    missing = [f"{role}/{name}" for role, name in expected.items() if not (models / role / name).is_file()]
+    if missing:
+        raise InputError(f"{models} lacks {', '.join(missing)}: give the toy models folder (manifests/toy-models in "
+                         "the repository, or one written by `lpo dev toy-models DIR`).")
+    if not 0 <= config.flip_rate < 0.5 or not 0 <= config.tie_rate < 1:
+        raise InputError("--flip-rate must be in [0, 0.5) (above it the labels say the opposite of the oracle) and "
+                         "--tie-rate in [0, 1).")
+    if not 0 < config.held_out_prompts < len(all_scenes()):
+        raise InputError(f"--held-out-prompts must be between 1 and {len(all_scenes()) - 1} (the world has "
+                         f"{len(all_scenes())} captions).")
+    for name in ("train_prompts", "val_prompts", "lrm_steps", "lrm_batch_size", "lpo_epochs",
+                 "lpo_sample_batch_size", "lpo_train_batch_size", "steps", "images_per_prompt"):
+        if getattr(config, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1.")
+    if config.candidates < 2:
+        raise InputError("--candidates must be at least 2 (a winner and a loser).")
+    low_high = list(config.lpo_threshold)
+    if len(low_high) != 2 or not 0 <= low_high[0] <= low_high[1] < 1:
+        raise InputError(f"lpo_threshold {low_high} must be two values 0 <= low <= high < 1.")
+    if config.score_timestep not in ("parent", "child"):
+        raise InputError(f"score_timestep {config.score_timestep!r} is not parent or child.")
+    path = Path(config.out) / CONFIG_FILE
+    if path.is_file():
+        saved, now = json.loads(path.read_text()), cfg.to_dict(config)
+        changed = sorted(k for k in now if saved.get(k) != now[k])
+        if changed:
+            raise InputError(f"{config.out} holds a demo run with other settings ({', '.join(changed)}); rerun with "
+                             "the same settings to continue it, or pass a new --out.")
+
+
+def run(config: DemoConfig) -> dict[str, Any]:
+    """Run (or continue) the demo; returns the summary that demo.md and demo.png show."""
+    import torch
+
+    validate(config)
+    out = Path(config.out)
+    (out / STAGES_DIR).mkdir(parents=True, exist_ok=True)
+    cfg.save(config, out / CONFIG_FILE)
+    torch.set_num_threads(min(2, torch.get_num_threads()))  # tiny models: more threads only add overhead
+    _quiet_loading()
+    results: dict[str, Any] = {}
+    stages: list[tuple[str, Callable[[], dict[str, Any]]]] = [
+        ("data", lambda: make_data(config, out)),
+        ("curate", lambda: curate(config, out, results["data"])),
+        *[(name, lambda name=name: train_lrm(config, out, name)) for name in LRM_RUNS],
+        ("lpo", lambda: optimize(config, out)),
+        ("samples", lambda: compare_generators(config, out, results["lpo"])),
+    ]
+    for index, (name, stage) in enumerate(stages, 1):
+        path = out / STAGES_DIR / f"{name}.json"
+        if path.is_file():
+            results[name] = json.loads(path.read_text())
+            logger.info("stage %d/%d %s: done in an earlier run", index, len(stages), name)
+            continue
+        logger.info("stage %d/%d %s", index, len(stages), name)
+        start = time.perf_counter()
+        results[name] = stage() | {"seconds": round(time.perf_counter() - start, 1)}
+        path.write_text(json.dumps(results[name], indent=2) + "\n")
+    summary = report(config, out, results)
+    return summary
+
+
+def _quiet_loading() -> None:
+    """The demo loads dozens of tiny models: keep the libraries' per-load progress bars off the display."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# stages
+
+
+def make_data(config: DemoConfig, out: Path) -> dict[str, Any]:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from lpo.reward.toy.world import make_pickapic_table, write_pickapic_parquet
+
+    train = write_pickapic_parquet(out / "data" / "train.parquet", num_prompts=config.train_prompts,
+                                   flip_rate=config.flip_rate, tie_rate=config.tie_rate, seed=config.seed)
+    # the held-out pairs carry the oracle's labels; pairs the oracle calls a tie are left out, since any model
+    # scores 0.5 on a tie and they would only cap the accuracy
+    val = make_pickapic_table(config.val_prompts, flip_rate=0.0, tie_rate=0.0, seed=config.seed + 1)
+    val = val.filter(pc.not_equal(val["label_0"], val["label_1"]))
+    pq.write_table(val, out / "data" / "val.parquet")
+    return {"train": str(train), "val": str(out / "data" / "val.parquet")}
+
+
+def label_agreement(pairs: pl.DataFrame, oracle: pl.DataFrame) -> dict[str, float | int]:
+    """Share of the labelled pairs whose winner is the oracle's, over the pairs the oracle does not call a tie."""
+    joined = pairs.join(oracle, on=["image_0_uid", "image_1_uid"], how="inner")
+    decided = joined.filter(pl.col("winner").is_not_null() & (pl.col("oracle_0") != pl.col("oracle_1")))
+    truth = pl.when(pl.col("oracle_0") > pl.col("oracle_1")).then(0).otherwise(1)
+    agree = decided.select((pl.col("winner") == truth).mean()).item() if decided.height else float("nan")
+    return {"pairs": pairs.height, "decided": decided.height, "agreement": agree}
+
+
+def curate(config: DemoConfig, out: Path, data: dict[str, Any]) -> dict[str, Any]:
+    from lpo.curate import filter as curate_filter
+    from lpo.curate import ingest
+
+    summary = curate_filter.run(curate_filter.FilterConfig(
+        source=data["train"], out=out / "curate", rule="all", metrics=list(METRICS), models_dir=Path(config.models),
+        device="cpu", decode_workers=2, plot=True))
+    ingest.run(ingest.IngestConfig(source=data["val"], out=out / "val"))
+    oracle = pl.read_parquet(data["train"], columns=["image_0_uid", "image_1_uid", "oracle_0", "oracle_1"])
+    raw = pl.read_parquet(out / "curate" / ingest.PAIRS_FILE)
+    kept = pl.read_parquet(out / "curate" / curate_filter.FILTERED_FILE)
+    return {"raw": label_agreement(raw, oracle), "kept": label_agreement(kept, oracle),
+            "kept_share": kept.height / max(raw.height, 1), "filter": summary}
+
+
+def _manifest(out: Path, which: str) -> Path:
+    from lpo.curate import filter as curate_filter
+    from lpo.curate import ingest
+
+    return out / "curate" / (ingest.PAIRS_FILE if which == "raw" else curate_filter.FILTERED_FILE)
+
+
+def train_lrm(config: DemoConfig, out: Path, name: str) -> dict[str, Any]:
+    """`lpo reward train` (no validation split: every pair trains), then `lpo reward eval` of the final model on the
+    held-out pairs, so nothing is selected on them."""
+    from lpo.reward.lrm import accuracy, train
+    from lpo.reward.lrm.config import RewardEvalConfig, RewardTrainConfig
+
+    which, init = LRM_RUNS[name]
+    run_dir = out / name
+    summary = train.run(RewardTrainConfig(
+        manifest=_manifest(out, which), base=str(Path(config.models) / "sd15"), out=run_dir, val_fraction=0.0,
+        batch_size=config.lrm_batch_size, max_steps=config.lrm_steps, lr=config.lrm_lr, weight_decay=0.01,
+        warmup_steps=max(1, config.lrm_steps // 20), vfe_scale=config.vfe_scale, text_projection_init="", init=init,
+        save_every=max(1, config.lrm_steps // 4), seed=config.seed, device="cpu",
+        resume=train.latest_checkpoint(run_dir) is not None))
+    evaluation = accuracy.run(RewardEvalConfig(lrm=run_dir / "last", manifest=out / "val" / "pairs.parquet",
+                                           out=run_dir / "eval", timesteps=list(EVAL_TIMESTEPS), seed=config.seed,
+                                           batch_size=128, device="cpu"))
+    return {"pairs": which, "init": init, "train_pairs": summary["train_pairs"], "steps": summary["steps"],
+            "accuracy": evaluation["accuracy"], "eval_pairs": evaluation["pairs"], "model": str(run_dir / "last")}
+
+
+def split_prompts(config: DemoConfig) -> tuple[list[str], list[str]]:
+    """(LPO training captions, held-out captions): a seeded split of the world's captions."""
+    from lpo.reward.toy.world import all_scenes
+
+    captions = [scene.caption for scene in all_scenes()]
+    order = np.random.default_rng(config.seed).permutation(len(captions))
+    held = [captions[i] for i in order[:config.held_out_prompts]]
+    return [c for c in captions if c not in held], held
+
+
+def optimize(config: DemoConfig, out: Path) -> dict[str, Any]:
+    from lpo.reward.lpo import train as lpo_train
+    from lpo.reward.lpo.config import LPOConfig
+
+    train_prompts, held_out = split_prompts(config)
+    prompt_file = out / "lpo_prompts.txt"
+    prompt_file.write_text("\n".join(train_prompts) + "\n")
+    run_dir = out / "lpo"
+    summary = lpo_train.run(LPOConfig(
+        family="sd15", base=str(Path(config.models) / "sd15"), lrm=out / "lrm-mpcf" / "last", prompts=prompt_file,
+        out=run_dir, epochs=config.lpo_epochs, sample_batch_size=config.lpo_sample_batch_size,
+        train_batch_size=config.lpo_train_batch_size, candidates=config.candidates, steps=config.steps,
+        guidance=config.guidance, eta=1.0, beta=config.lpo_beta, lora_rank=config.lpo_lora_rank, lr=config.lpo_lr,
+        threshold=list(config.lpo_threshold), score_timestep=config.score_timestep,
+        validation_prompts=held_out[:3], seed=config.seed, device="cpu",
+        resume=lpo_train.latest_checkpoint(run_dir) is not None))
+    output = next(iter(summary["outputs"].values()))  # the LoRA, or the fully fine-tuned denoiser
+    history = summary["history"]
+    return {"rounds": summary["rounds"], "tuples_trained": summary["tuples_trained"], "output": output,
+            "lora": summary.get("lora") is not None,
+            "final_lrm_score_first_round": history[0]["final_lrm_score"] if history else None,
+            "final_lrm_score_last_round": history[-1]["final_lrm_score"] if history else None}
+
+
+def _load_generator(base: str, lpo: dict[str, Any] | None) -> Any:
+    """The base generator, or the LPO-tuned one (its LoRA loaded, or its fully fine-tuned denoiser swapped in)."""
+    from lpo.reward.backbones import load_generator
+
+    if lpo is None:
+        return load_generator(base)
+    return load_generator(base, lora=lpo["output"]) if lpo["lora"] else load_generator(base, denoiser=lpo["output"])
+
+
+def compare_generators(config: DemoConfig, out: Path, lpo: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from lpo.reward.images import save_image_grid
+    from lpo.reward.lpo.sample import image_seed
+    from lpo.reward.lpo.sampler import sample
+    from lpo.reward.lrm.model import LatentRewardModel
+    from lpo.reward.toy.world import Scene, match_rates, perceive
+
+    _, held_out = split_prompts(config)
+    n = config.images_per_prompt
+    prompts = [p for p in held_out for _ in range(n)]
+    seeds = [image_seed(config.seed, p, i) for p in range(len(held_out)) for i in range(n)]
+    base = str(Path(config.models) / "sd15")
+    lrm = LatentRewardModel.from_pretrained(out / "lrm-mpcf" / "last").requires_grad_(False)
+    result: dict[str, Any] = {"prompts": held_out, "images_per_prompt": n, "steps": config.steps,
+                              "guidance": config.guidance, "eta": 1.0, "candidates": config.candidates}
+    samples_dir = out / "samples"
+    for variant in VARIANTS:
+        model = _load_generator(base, lpo if variant == "lpo" else None)
+        cond = model.encode_prompts(prompts)
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        latents = sample(model, cond, generators, config.steps, config.guidance, eta=1.0,
+                         lrm=lrm if variant == "guided" else None, prompts=prompts,
+                         candidates=config.candidates if variant == "guided" else 1,
+                         score_timestep=config.score_timestep)["latents"]
+        with torch.no_grad():
+            reward = lrm.score(latents.to(lrm.dtype), torch.ones(len(prompts), dtype=torch.long), prompts).tolist()
+        images = model.decode(latents)
+        rates = match_rates([Scene.from_caption(p) for p in prompts], [perceive(np.asarray(i)) for i in images])
+        save_image_grid(images[: GRID_PROMPTS * n], min(GRID_PROMPTS, len(held_out)), samples_dir / f"{variant}.png")
+        result[variant] = {
+            **{k: rates[k] for k in ("oracle", "fg_colour_correct", "shape_correct", "bg_colour_correct")},
+            "lrm_reward": float(np.mean(reward)),
+            "grid": str(samples_dir / f"{variant}.png"),
+        }
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# report
+
+
+def claims(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The paper's claims in miniature, each with the measured numbers and whether this run shows it."""
+    cur, samples = results["curate"], results["samples"]
+    acc = {name: {int(t): a for t, a in results[name]["accuracy"].items()} for name in LRM_RUNS}
+    base, guided, lpo = samples["base"], samples["guided"], samples["lpo"]
+    return [
+        {"claim": "MPCF raises the labels' agreement with the oracle",
+         "measured": f"{cur['raw']['agreement']:.1%} raw -> {cur['kept']['agreement']:.1%} kept "
+                     f"({cur['kept_share']:.0%} of pairs kept)",
+         "holds": cur["kept"]["agreement"] > cur["raw"]["agreement"]},
+        {"claim": "an LRM trained on MPCF-kept pairs beats one trained on the raw pairs (t=1)",
+         "measured": f"{acc['lrm-mpcf'][1]:.1%} vs {acc['lrm-raw'][1]:.1%}",
+         "holds": acc["lrm-mpcf"][1] > acc["lrm-raw"][1]},
+        {"claim": "a diffusion-initialised backbone beats a fresh one at the same budget (t=1)",
+         "measured": f"{acc['lrm-mpcf'][1]:.1%} vs {acc['lrm-mpcf-fresh'][1]:.1%}",
+         "holds": acc["lrm-mpcf"][1] > acc["lrm-mpcf-fresh"][1]},
+        {"claim": "the LRM is noise-aware: accurate at low noise, less so at high noise",
+         "measured": f"{acc['lrm-mpcf'][1]:.1%} at t=1, {acc['lrm-mpcf'][951]:.1%} at t=951",
+         "holds": acc["lrm-mpcf"][1] > acc["lrm-mpcf"][951]},
+        {"claim": "LPO raises the oracle alignment of generated images on held-out captions",
+         "measured": f"{base['oracle']:.3f} base -> {lpo['oracle']:.3f} LPO",
+         "holds": lpo["oracle"] > base["oracle"]},
+        {"claim": "LRM-guided sampling raises the LRM reward over plain sampling",
+         "measured": f"{base['lrm_reward']:.2f} plain -> {guided['lrm_reward']:.2f} guided",
+         "holds": guided["lrm_reward"] > base["lrm_reward"]},
+        {"claim": "LRM-guided sampling raises the oracle alignment over plain sampling",
+         "measured": f"{base['oracle']:.3f} plain -> {guided['oracle']:.3f} guided",
+         "holds": guided["oracle"] > base["oracle"]},
+    ]
+
+
+def report(config: DemoConfig, out: Path, results: dict[str, Any]) -> dict[str, Any]:
+    summary = {"config": cfg.to_dict(config), "claims": claims(results),
+               "seconds": {name: r.get("seconds") for name, r in results.items()}, **results}
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "demo.md").write_text(markdown(summary))
+    figure(summary, out / "demo.png")
+    return summary
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    cur, samples = summary["curate"], summary["samples"]
+    lines = ["# lpo demo on the toy world", "",
+             "| what | measured | holds |", "|---|---|---|"]
+    lines += [f"| {c['claim']} | {c['measured']} | {'yes' if c['holds'] else 'no'} |" for c in summary["claims"]]
+    lines += ["", "| LRM (held-out pairs, accuracy) | " + " | ".join(f"t={t}" for t in EVAL_TIMESTEPS) + " |",
+              "|---|" + "---|" * len(EVAL_TIMESTEPS)]
+    for name, (pairs, init) in LRM_RUNS.items():
+        acc = summary[name]["accuracy"]
+        lines.append(f"| {pairs} pairs, {init} init | " + " | ".join(f"{acc[str(t)]:.3f}" for t in EVAL_TIMESTEPS)
+                     + " |")
+    lines += ["", "| generator (held-out captions) | oracle | shape colour | shape | background | LRM reward |",
+              "|---|---|---|---|---|---|"]
+    for variant in VARIANTS:
+        s = samples[variant]
+        lines.append(f"| {variant} | {s['oracle']:.3f} | {s['fg_colour_correct']:.3f} | {s['shape_correct']:.3f} | "
+                     f"{s['bg_colour_correct']:.3f} | {s['lrm_reward']:.2f} |")
+    lines += ["", f"Label agreement with the oracle: raw {cur['raw']['agreement']:.3f} over {cur['raw']['decided']} "
+                  f"decided pairs; kept {cur['kept']['agreement']:.3f} over {cur['kept']['decided']}.",
+              "Seconds per stage: " + ", ".join(f"{k} {v}" for k, v in summary["seconds"].items()), ""]
+    return "\n".join(lines)
+
+
+def figure(summary: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4.4), gridspec_kw={"width_ratios": [1.3, 1, 1, 1]})
+    ax = axes[0]
+    for name, (pairs, init) in LRM_RUNS.items():
+        acc = summary[name]["accuracy"]
+        ax.plot(EVAL_TIMESTEPS, [acc[str(t)] for t in EVAL_TIMESTEPS], marker="o", label=f"{pairs} pairs, {init}")
+    ax.axhline(0.5, color="grey", linestyle=":", label="chance")
+    ax.set_xlabel("timestep t (noise level)")
+    ax.set_ylabel("held-out pairwise accuracy")
+    ax.set_ylim(0.4, 1.0)
+    ax.set_title("LRM accuracy against noise")
+    ax.legend(fontsize=8)
+    titles = {"base": "base model", "guided": "LRM-guided sampling", "lpo": "LPO-tuned model"}
+    captions = summary["samples"]["prompts"][:GRID_PROMPTS]
+    for ax, variant in zip(axes[1:], VARIANTS):
+        s = summary["samples"][variant]
+        grid = Image.open(s["grid"])
+        ax.imshow(grid, interpolation="nearest")
+        ax.set_title(f"{titles[variant]}\noracle {s['oracle']:.3f}, LRM reward {s['lrm_reward']:.2f}", fontsize=10)
+        ax.set_xticks([])
+        row = grid.height / len(captions)
+        ax.set_yticks([(i + 0.5) * row for i in range(len(captions))])
+        ax.set_yticklabels([c.removeprefix("a ").replace(" background", "") for c in captions] if ax is axes[1]
+                           else [], fontsize=7)
+        ax.tick_params(length=0)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,445 @@
+"""Tiny random-weight models in the real on-disk formats, for offline tests and smoke runs.
+
+`build_tiny_models(out_dir)` writes one folder per role, each loadable by the loader that takes the real model:
+``load_scorer("pickscore", dir/"pickscore")`` (and every other metric of `lpo.curate.scorers`),
+``StableDiffusionPipeline.from_pretrained(dir/"sd15")``, ``StableDiffusionXLPipeline.from_pretrained(dir/"sdxl")``.
+Weights are random from a fixed seed, the structures are those of the real models at tiny widths, and the
+tokenizers are built here, so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Callable, Iterable
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+from lpo.curate.errors import InputError
+from lpo.curate.scorers.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from lpo.reward.toy.config import TinyModelsConfig
+
+logger = logging.getLogger(__name__)
+
+ROLES: tuple[str, ...] = ("pickscore", "clip", "vqa", "aesthetic", "sd15", "sdxl", "hpsv2", "hpsv21", "imagereward")
+SCORER_IMAGE_SIZE = 32  # pixels seen by the tiny CLIP towers
+PATCH_SIZE = 8
+SD_SAMPLE_SIZE = 8  # latents; the VAE's 8x downsampling makes 64-pixel images
+TEXT_WIDTH = 32
+CONTEXT_LENGTH = 77
+OPEN_CLIP_PREPROCESS = {"mean": list(OPENAI_CLIP_MEAN), "std": list(OPENAI_CLIP_STD), "interpolation": "bicubic",
+                        "resize_mode": "shortest"}
+AESTHETIC_HEAD_FILE = "aesthetic_head.safetensors"
+VQA_SPECIAL_TOKENS = ("<unk>", "<pad>", "<s>", "</s>", "<image>", "<|im_start|>", "<|im_end|>")
+# A ChatML template that takes transformers' structured content (image and text items).
+VQA_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def clip_tokenizer() -> Any:
+    """A CLIPTokenizer over single bytes (no merges): any caption tokenises, the vocabulary has 514 entries."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
+    chars = sorted(ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)  # the highest id, as in CLIP: open_clip-style argmax pooling finds it
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=CONTEXT_LENGTH)
+
+
+def _clip_text_config(tokenizer: Any, **extra: Any) -> Any:
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=TEXT_WIDTH,
+        intermediate_size=2 * TEXT_WIDTH,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=CONTEXT_LENGTH,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **extra,
+    )
+
+
+def _clip_vision_config() -> Any:
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=SCORER_IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+    )
+
+
+def clip_image_processor(size: int = SCORER_IMAGE_SIZE) -> Any:
+    """A CLIP image processor for `size` x `size` inputs with OpenAI CLIP's normalisation."""
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=list(OPENAI_CLIP_MEAN),
+        image_std=list(OPENAI_CLIP_STD),
+    )
+
+
+def _save_transformers_clip(path: Path, projection_dim: int) -> None:
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
+
+    tokenizer = clip_tokenizer()
+    config = CLIPConfig(
+        text_config=_clip_text_config(tokenizer).to_dict(),
+        vision_config=_clip_vision_config().to_dict(),
+        projection_dim=projection_dim,
+    )
+    CLIPModel(config).save_pretrained(path)
+    CLIPProcessor(image_processor=clip_image_processor(), tokenizer=tokenizer).save_pretrained(path)
+
+
+def _build_pickscore(path: Path) -> None:
+    _save_transformers_clip(path, projection_dim=16)
+
+
+def _open_clip_configs() -> tuple[dict[str, Any], dict[str, Any]]:
+    # open_clip's default SimpleTokenizer (bundled BPE, 49408 tokens) is used, as for the real ViT-H-14.
+    model_cfg = {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": SCORER_IMAGE_SIZE, "layers": 2, "width": 32, "head_width": 16,
+                       "patch_size": PATCH_SIZE},
+        "text_cfg": {"context_length": CONTEXT_LENGTH, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 2},
+    }
+    return model_cfg, dict(OPEN_CLIP_PREPROCESS)
+
+
+def _build_clip(path: Path) -> None:
+    import open_clip
+    from safetensors.torch import save_file
+
+    model_cfg, preprocess_cfg = _open_clip_configs()
+    model = open_clip.CLIP(**model_cfg)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, path / "open_clip_model.safetensors")
+    config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
+    (path / "open_clip_config.json").write_text(json.dumps(config, indent=2))
+
+
+def _vqa_tokenizer() -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(VQA_SPECIAL_TOKENS)}
+    for char in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[char] = len(vocab)
+    merges = [("Y", "e"), ("Ye", "s"), ("N", "o")]  # "Yes" and "No" are single tokens, as in real VLM vocabularies
+    for left, right in merges:
+        vocab[left + right] = len(vocab)
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.add_special_tokens(list(VQA_SPECIAL_TOKENS))
+    # Like Llama tokenizers, prepend BOS when special tokens are added (the chat template does not write it).
+    bpe.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="<|im_end|>",
+        extra_special_tokens={"image_token": "<image>"},
+        chat_template=VQA_CHAT_TEMPLATE,
+        model_max_length=512,
+    )
+
+
+def _build_vqa(path: Path) -> None:
+    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    tokenizer = _vqa_tokenizer()
+    text_config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    config = LlavaConfig(
+        vision_config=_clip_vision_config(),
+        text_config=text_config,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
+    LlavaForConditionalGeneration(config).save_pretrained(path)
+    processor = LlavaProcessor(
+        image_processor=clip_image_processor(),
+        tokenizer=tokenizer,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        chat_template=VQA_CHAT_TEMPLATE,
+        num_additional_image_tokens=1,  # the CLS token, dropped again by the "default" feature strategy
+    )
+    processor.save_pretrained(path)
+
+
+def _build_aesthetic(path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    projection_dim = 16
+    _save_transformers_clip(path / "clip", projection_dim=projection_dim)
+    widths = [projection_dim, 32, 16, 8, 4, 1]  # the real head is 768, 1024, 128, 64, 16, 1
+    head = {}
+    for index, (width_in, width_out) in zip((0, 2, 4, 6, 7), pairwise(widths), strict=True):
+        layer = torch.nn.Linear(width_in, width_out)
+        head[f"layers.{index}.weight"] = layer.weight.detach().contiguous()
+        head[f"layers.{index}.bias"] = layer.bias.detach().contiguous()
+    save_file(head, path / AESTHETIC_HEAD_FILE)
+    config = {"lpo_scorer": "aesthetic", "clip_model": "clip", "head_file": AESTHETIC_HEAD_FILE}
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def _build_hps(path: Path, checkpoint: str) -> None:
+    """An open_clip folder whose weights are an HPS-format checkpoint ({"state_dict": ...} in a .pt file)."""
+    import open_clip
+    import torch
+
+    model_cfg, preprocess_cfg = _open_clip_configs()
+    model = open_clip.CLIP(**model_cfg)
+    torch.save({"state_dict": model.state_dict()}, path / checkpoint)
+    (path / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg},
+                                                           indent=2))
+
+
+def _build_hpsv21(path: Path) -> None:
+    import torch
+
+    torch.rand(1)  # other weights than hpsv2's from the same seed, so tests can tell the two versions apart
+    _build_hps(path, "HPS_v2.1_compressed.pt")
+
+
+def _bert_tokenizer(path: Path) -> Any:
+    """A BERT WordPiece tokenizer over single characters (any lower-case ASCII caption tokenises)."""
+    import string
+
+    from transformers import BertTokenizer
+
+    chars = string.ascii_lowercase + string.digits + string.punctuation
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *(f"##{c}" for c in chars)]
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizer(vocab_file=str(path / "vocab.txt"), do_lower_case=True)
+    tokenizer.save_pretrained(path)
+    return tokenizer
+
+
+def _build_imagereward(path: Path) -> None:
+    """ImageReward's on-disk format: ImageReward.pt (blip.visual_encoder.*, blip.text_encoder.*, mlp.layers.*) and
+    BLIP's med_config.json, plus a config.json naming the tiny ViT and a local BERT tokenizer."""
+    from functools import partial
+
+    import torch
+    from timm.models.vision_transformer import VisionTransformer
+    from transformers import BlipTextConfig, BlipTextModel
+
+    tokenizer = _bert_tokenizer(path / "tokenizer")
+    vision_cfg = {"image_size": SCORER_IMAGE_SIZE, "patch_size": PATCH_SIZE, "embed_dim": 32, "depth": 2,
+                  "num_heads": 2}
+    med = {"architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
+           "hidden_dropout_prob": 0.1, "hidden_size": 32, "initializer_range": 0.02, "intermediate_size": 64,
+           "layer_norm_eps": 1e-12, "max_position_embeddings": 64, "model_type": "bert", "num_attention_heads": 2,
+           "num_hidden_layers": 2, "pad_token_id": 0, "type_vocab_size": 2, "vocab_size": len(tokenizer),
+           "encoder_width": vision_cfg["embed_dim"], "add_cross_attention": True}
+    vision = VisionTransformer(img_size=vision_cfg["image_size"], patch_size=vision_cfg["patch_size"],
+                               embed_dim=vision_cfg["embed_dim"], depth=vision_cfg["depth"],
+                               num_heads=vision_cfg["num_heads"], num_classes=0, global_pool="",
+                               norm_layer=partial(torch.nn.LayerNorm, eps=1e-6))
+    text = BlipTextModel(BlipTextConfig(
+        vocab_size=med["vocab_size"], hidden_size=med["hidden_size"], intermediate_size=med["intermediate_size"],
+        num_hidden_layers=med["num_hidden_layers"], num_attention_heads=med["num_attention_heads"],
+        max_position_embeddings=med["max_position_embeddings"], encoder_hidden_size=vision_cfg["embed_dim"],
+        pad_token_id=0, bos_token_id=None, eos_token_id=None, sep_token_id=None, is_decoder=True,
+    ), add_pooling_layer=False)
+    state = {f"blip.visual_encoder.{k}": v for k, v in vision.state_dict().items()}
+    state.update({f"blip.text_encoder.{k}": v for k, v in text.state_dict().items()})
+    # As in the real file: BLIP's persistent position_ids buffer and its unused contrastive projections.
+    state["blip.text_encoder.embeddings.position_ids"] = torch.arange(med["max_position_embeddings"])[None]
+    for name, width in (("vision_proj", vision_cfg["embed_dim"]), ("text_proj", med["hidden_size"])):
+        layer = torch.nn.Linear(width, 16)
+        state[f"blip.{name}.weight"], state[f"blip.{name}.bias"] = layer.weight.detach(), layer.bias.detach()
+    widths = [med["hidden_size"], 32, 16, 8, 4, 1]  # the real MLP is 768, 1024, 128, 64, 16, 1
+    for index, (width_in, width_out) in zip((0, 2, 4, 6, 7), pairwise(widths), strict=True):
+        layer = torch.nn.Linear(width_in, width_out)
+        state[f"mlp.layers.{index}.weight"] = layer.weight.detach()
+        state[f"mlp.layers.{index}.bias"] = layer.bias.detach()
+    torch.save({k: v.contiguous() for k, v in state.items()}, path / "ImageReward.pt")
+    (path / "med_config.json").write_text(json.dumps(med, indent=2))
+    config = {"lpo_scorer": "imagereward", "checkpoint": "ImageReward.pt", "med_config": "med_config.json",
+              "tokenizer": "tokenizer", "vision": vision_cfg}
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def _vae(scaling_factor: float) -> Any:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=SD_SAMPLE_SIZE * 8,
+        scaling_factor=scaling_factor,
+    )
+
+
+def _sd_scheduler_kwargs() -> dict[str, Any]:
+    return {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
+            "steps_offset": 1}
+
+
+def _build_sd15(path: Path) -> None:
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    tokenizer = clip_tokenizer()
+    text_encoder = CLIPTextModel(_clip_text_config(tokenizer))
+    # SD1.5 layout: 3 cross-attention down blocks + 1 plain, 2 layers each, so down_block_res_samples has 12
+    # entries (2, 5, 8, 11 end each resolution) and a cross-attention mid block.
+    unet = UNet2DConditionModel(
+        sample_size=SD_SAMPLE_SIZE,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(16, 16, 32, 32),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=TEXT_WIDTH,
+        attention_head_dim=2,
+        norm_num_groups=8,
+    )
+    scheduler = DDIMScheduler(**_sd_scheduler_kwargs(), set_alpha_to_one=False, clip_sample=False)
+    pipeline = StableDiffusionPipeline(
+        vae=_vae(scaling_factor=0.18215),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(path)
+
+
+def _build_sdxl(path: Path) -> None:
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = clip_tokenizer()
+    pooled_dim = 32
+    time_embed_dim = 8
+    text_encoder = CLIPTextModel(_clip_text_config(tokenizer))
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(tokenizer, projection_dim=pooled_dim))
+    # SDXL layout: DownBlock2D then two cross-attention blocks, text_time conditioning on the pooled text
+    # embedding plus 6 micro-conditioning values (original size, crop, target size).
+    unet = UNet2DConditionModel(
+        sample_size=SD_SAMPLE_SIZE,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(16, 32, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=2 * TEXT_WIDTH,
+        attention_head_dim=(2, 2, 2),
+        transformer_layers_per_block=(1, 1, 1),
+        norm_num_groups=8,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=pooled_dim + 6 * time_embed_dim,
+    )
+    scheduler = EulerDiscreteScheduler(
+        **_sd_scheduler_kwargs(), timestep_spacing="leading", interpolation_type="linear", prediction_type="epsilon"
+    )
+    pipeline = StableDiffusionXLPipeline(
+        vae=_vae(scaling_factor=0.13025),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=clip_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+    )
+    pipeline.save_pretrained(path)
+
+
+_BUILDERS: dict[str, Callable[[Path], None]] = {
+    "pickscore": _build_pickscore,
+    "clip": _build_clip,
+    "vqa": _build_vqa,
+    "aesthetic": _build_aesthetic,
+    "sd15": _build_sd15,
+    "sdxl": _build_sdxl,
+    "hpsv2": lambda path: _build_hps(path, "HPS_v2_compressed.pt"),
+    "hpsv21": _build_hpsv21,
+    "imagereward": _build_imagereward,
+}
+
+
+def build_tiny_models(out_dir: str | Path, roles: Iterable[str] = ROLES, seed: int = 0) -> dict[str, Path]:
+    """Write a tiny model folder per role under `out_dir` (replacing old ones); return role -> folder."""
+    import torch
+
+    roles = tuple(roles)
+    unknown = [role for role in roles if role not in _BUILDERS]
+    if unknown:
+        raise InputError(f"unknown tiny model role(s) {unknown}: expected some of {', '.join(ROLES)}")
+    paths = {}
+    for role in roles:
+        path = Path(out_dir) / role
+        if path.exists():
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+        torch.manual_seed(seed)  # per role, so a folder does not depend on which roles were built before it
+        _BUILDERS[role](path)
+        logger.info("wrote tiny %s model to %s", role, path)
+        paths[role] = path
+    return paths
+
+
+def run(config: TinyModelsConfig) -> dict[str, Path]:
+    """`lpo dev tiny-models`: check the roles, then write their folders."""
+    chosen = list(config.roles) or list(ROLES)
+    unknown = [r for r in chosen if r not in ROLES]
+    if unknown:
+        raise InputError(f"unknown role(s) {unknown}; choose from {list(ROLES)}.")
+    if config.out is None:
+        raise InputError("give the directory to write the models into.")
+    return build_tiny_models(config.out, chosen, seed=config.seed)

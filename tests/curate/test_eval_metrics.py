@@ -1,0 +1,127 @@
+"""The evaluation metrics of the scorer registry on hand-made weights: HPS v2 / v2.1 (100 x cosine of its own
+checkpoint, versions never mixed), ImageReward (the authors' normalisation, strict loading), PickScore's logit
+scale, and the messages for a missing extra or an unavailable checkpoint."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lpo.curate.errors import InputError
+from lpo.curate.scorers import check_model_spec, load_scorer
+from lpo.curate.scorers.clip import HPS_CHECKPOINTS
+from lpo.curate.scorers.imagereward import IMAGEREWARD_MEAN, IMAGEREWARD_STD
+
+
+@pytest.fixture(scope="module")
+def images() -> list[Image.Image]:
+    rng = np.random.default_rng(5)
+    return [Image.fromarray(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)),
+            Image.fromarray(rng.integers(0, 256, (30, 30), dtype=np.uint8), "L")]
+
+
+def test_hps_is_100_times_the_cosine_of_the_hps_checkpoint(tiny_models_dir: Path, images) -> None:
+    import open_clip
+
+    captions = ["a red cube", "two dogs"]
+    scores = {}
+    for metric, file in HPS_CHECKPOINTS.items():
+        folder = tiny_models_dir / metric
+        config = json.loads((folder / "open_clip_config.json").read_text())
+        model = open_clip.CLIP(**config["model_cfg"]).eval()
+        model.load_state_dict(torch.load(folder / file, weights_only=True)["state_dict"])
+        preprocess = open_clip.image_transform(config["model_cfg"]["vision_cfg"]["image_size"], is_train=False,
+                                               mean=config["preprocess_cfg"]["mean"],
+                                               std=config["preprocess_cfg"]["std"])
+        tokenizer = open_clip.get_tokenizer("ViT-H-14")
+        with torch.no_grad():
+            image = model.encode_image(torch.stack([preprocess(im.convert("RGB")) for im in images]))
+            text = model.encode_text(tokenizer(captions))
+        cosine = torch.nn.functional.cosine_similarity(image, text).double().numpy()
+        scores[metric] = load_scorer(metric, str(folder)).score(images, captions)
+        np.testing.assert_allclose(scores[metric], 100 * cosine, rtol=1e-5)
+    assert not np.allclose(scores["hpsv2"], scores["hpsv21"])  # two checkpoints, two metric names
+
+
+def test_hps_versions_are_never_mixed(tiny_models_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="looks like an HPS v2.1 checkpoint"):
+        check_model_spec("hpsv2", str(tiny_models_dir / "hpsv21" / "HPS_v2.1_compressed.pt"))
+    with pytest.raises(InputError, match="has no HPS_v2.1_compressed.pt"):
+        check_model_spec("hpsv21", str(tiny_models_dir / "hpsv2"))
+
+
+def _imagereward_with_head(tiny: Path, tmp_path: Path, head: dict[str, torch.Tensor]) -> Path:
+    folder = tmp_path / "imagereward"
+    shutil.copytree(tiny / "imagereward", folder)
+    state = torch.load(folder / "ImageReward.pt", weights_only=True)
+    state.update({f"mlp.{k}": v for k, v in head.items()})
+    torch.save(state, folder / "ImageReward.pt")
+    return folder
+
+
+def test_imagereward_normalises_the_mlp_output_with_the_authors_constants(tiny_models_dir, tmp_path, images):
+    width = 32  # the tiny text encoder's hidden size; layers 32 -> 32 -> 16 -> 8 -> 4 -> 1
+    shapes = {0: (32, width), 2: (16, 32), 4: (8, 16), 6: (4, 8), 7: (1, 4)}
+    # A head whose output is the constant c = mean + 2 std: the score must be exactly 2.
+    constant = {f"layers.{i}.weight": torch.zeros(s) for i, s in shapes.items()}
+    constant |= {f"layers.{i}.bias": torch.zeros(s[0]) for i, s in shapes.items()}
+    constant["layers.7.bias"] = torch.tensor([IMAGEREWARD_MEAN + 2 * IMAGEREWARD_STD])
+    scorer = load_scorer("imagereward", str(_imagereward_with_head(tiny_models_dir, tmp_path / "c", constant)))
+    np.testing.assert_allclose(scorer.score(images, ["a cat", "a dog"]), [2.0, 2.0], rtol=1e-6)
+    # A head that reads feature 0 of the text [CLS]: the score is (feature 0 - mean) / std.
+    readout = {f"layers.{i}.weight": torch.eye(*s) for i, s in shapes.items()}
+    readout |= {f"layers.{i}.bias": torch.zeros(s[0]) for i, s in shapes.items()}
+    scorer = load_scorer("imagereward", str(_imagereward_with_head(tiny_models_dir, tmp_path / "r", readout)))
+    captions = ["a cat", "a cat"]
+    with torch.no_grad():
+        features = scorer.features([im.convert("RGB") for im in images], captions)
+    expected = (features[:, 0].double().numpy() - 0.16717362830052426) / 1.0333394966054072
+    np.testing.assert_allclose(scorer.score(images, captions), expected, rtol=1e-6)
+    assert features[0, 0] != features[1, 0]  # the text encoder attends to the image
+
+
+def test_imagereward_refuses_a_checkpoint_of_another_shape(tiny_models_dir, tmp_path) -> None:
+    folder = _imagereward_with_head(tiny_models_dir, tmp_path, {"layers.0.weight": torch.zeros(32, 7)})
+    with pytest.raises(InputError, match="MLP"):
+        load_scorer("imagereward", str(folder))
+
+
+def test_pickscore_keeps_the_logit_scale(tiny_models_dir: Path, tmp_path: Path, images) -> None:
+    from transformers import CLIPModel
+
+    folder = tmp_path / "pickscore"
+    shutil.copytree(tiny_models_dir / "pickscore", folder)
+    model = CLIPModel.from_pretrained(folder)
+    model.logit_scale.data.fill_(math.log(100.0))  # PickScore_v1's value: scores are ~100 x cosine
+    model.save_pretrained(folder)
+    captions = ["a red cube", "two dogs"]
+    processor = load_scorer("pickscore", str(folder)).processor
+    with torch.no_grad():
+        pixels = processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
+        image = model.get_image_features(pixel_values=pixels)
+        text = model.get_text_features(**processor(text=captions, padding=True, return_tensors="pt"))
+    image, text = (getattr(x, "pooler_output", x) for x in (image, text))
+    cosine = torch.nn.functional.cosine_similarity(image, text).double().numpy()
+    np.testing.assert_allclose(load_scorer("pickscore", str(folder)).score(images, captions), 100 * cosine,
+                               rtol=1e-5)
+
+
+def test_missing_timm_names_the_eval_extra(monkeypatch, tiny_models_dir) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "timm" else real(name, *a))
+    with pytest.raises(InputError, match=r"pip install 'lpo\[eval\]'"):
+        check_model_spec("imagereward", str(tiny_models_dir / "imagereward"))
+
+
+def test_unavailable_hub_checkpoint_says_how_to_get_it() -> None:
+    with pytest.raises(InputError, match="hf download xswu/HPSv2 HPS_v2.1_compressed.pt"):
+        load_scorer("hpsv21")

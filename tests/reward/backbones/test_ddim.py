@@ -1,0 +1,29 @@
+"""The UNet families' DDIM step as a Gaussian transition, against diffusers' own `DDIMScheduler.step`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from lpo.reward.backbones.ddim import step_stats
+
+
+def sd_scheduler(steps: int = 20, prediction_type: str = "epsilon") -> DDIMScheduler:
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_step_matches_diffusers_ddim_with_eta_one(prediction_type: str) -> None:
+    scheduler = sd_scheduler(prediction_type=prediction_type)
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(1, 4, 8, 8, generator=generator)
+    model_output = torch.randn(1, 4, 8, 8, generator=generator)
+    noise = torch.randn(1, 4, 8, 8, generator=generator)
+    for t in (951, 501, 51, 1):
+        expected = scheduler.step(model_output, t, sample, eta=1.0, variance_noise=noise).prev_sample
+        stats = step_stats(scheduler, model_output, torch.tensor([t]), sample, eta=1.0)
+        torch.testing.assert_close(stats.mean + stats.std * noise, expected, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,65 @@
+"""The family registry: a pipeline's family from its own files, refusals that name the supported families, and the
+one generator loader (LoRA from a run directory, a fine-tuned denoiser swapped in)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lpo.curate.errors import InputError
+from lpo.reward.backbones import FAMILIES, family_of, get_family, load_generator, resolve_lora
+
+
+def test_the_family_is_read_from_the_pipeline_files(tiny_models_dir: Path, tmp_path: Path) -> None:
+    assert family_of(str(tiny_models_dir / "sd15")).name == "sd15"
+    assert family_of(str(tiny_models_dir / "sdxl")).name == "sdxl"
+    (tmp_path / "sd3" / "transformer").mkdir(parents=True)
+    with pytest.raises(InputError, match="transformer-based"):
+        family_of(str(tmp_path / "sd3"))
+    (tmp_path / "upscaler" / "unet").mkdir(parents=True)
+    (tmp_path / "upscaler" / "unet" / "config.json").write_text(json.dumps(
+        {"_class_name": "UNet2DConditionModel", "class_embed_type": "timestep"}))
+    with pytest.raises(InputError, match=r"none of the supported families \(SD1.x/2.x \(sd15\), SDXL \(sdxl\)\)"):
+        family_of(str(tmp_path / "upscaler"))
+    with pytest.raises(InputError, match="not one of sd15, sdxl"):
+        get_family("sd3")
+
+
+def test_every_family_names_both_adapters_and_its_lpo_defaults() -> None:
+    from lpo.reward.backbones.base import Generator, LRMBackbone
+    from lpo.reward.lpo.config import LPOConfig
+
+    fields = set(LPOConfig.__dataclass_fields__)
+    for family in FAMILIES.values():
+        assert issubclass(family.generator, Generator) and family.generator.family is family
+        assert issubclass(family.lrm_backbone, LRMBackbone) and family.lrm_backbone.family is family
+        assert set(family.lpo_defaults) <= fields
+        assert all(getattr(LPOConfig(), key) is None for key in family.lpo_defaults)  # left for the family to set
+
+
+def test_a_fine_tuned_denoiser_replaces_the_base_one(tiny_models_dir: Path, tmp_path: Path) -> None:
+    from diffusers import UNet2DConditionModel
+
+    base = str(tiny_models_dir / "sd15")
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    with torch.no_grad():
+        unet.conv_in.weight.add_(1.0)
+    unet.save_pretrained(tmp_path / "unet")
+    model = load_generator(base, denoiser=tmp_path / "unet")
+    assert model.denoiser is model.pipeline.unet
+    assert torch.equal(model.denoiser.conv_in.weight, unet.conv_in.weight)
+    assert not torch.equal(load_generator(base).denoiser.conv_in.weight, unet.conv_in.weight)
+    with pytest.raises(InputError, match="is an sd15 pipeline, not sdxl"):
+        load_generator(base, family=FAMILIES["sdxl"])
+
+
+def test_a_lora_is_found_in_its_run_directory(tmp_path: Path) -> None:
+    (tmp_path / "run" / "lora").mkdir(parents=True)
+    (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    assert resolve_lora(tmp_path / "run") == tmp_path / "run" / "lora"
+    assert resolve_lora(tmp_path / "run" / "lora") == tmp_path / "run" / "lora"
+    with pytest.raises(InputError, match="holds no LoRA"):
+        resolve_lora(tmp_path)

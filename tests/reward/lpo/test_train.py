@@ -1,0 +1,249 @@
+"""LPO fine-tuning and LRM-guided sampling end to end on the tiny SD1.5- and SDXL-style pipelines."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from lpo.cli import app
+from lpo.curate.errors import InputError
+from lpo.reward import checkpoints
+from lpo.reward.backbones import FAMILIES, load_generator
+from lpo.reward.lpo import sampler
+from lpo.reward.lpo import train as lpo_train
+from lpo.reward.lpo.config import LPOConfig
+from lpo.reward.lrm.model import LatentRewardModel, export_components
+
+REPO = Path(__file__).resolve().parents[3]
+PROMPTS = ["a red circle on a blue background", "a green square on a white background", "a white triangle"]
+
+
+@pytest.fixture(scope="module")
+def lrms(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = {}
+    for family in ("sd15", "sdxl"):
+        directory = tmp_path_factory.mktemp(f"lrm_{family}")
+        torch.manual_seed(0)
+        model = LatentRewardModel.from_base(str(tiny_models_dir / family), text_projection_init=None)
+        model.save_pretrained(directory)
+        export_components(directory, str(tiny_models_dir / family))
+        out[family] = directory
+    return out
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("\n".join(PROMPTS) + "\n")
+    return path
+
+
+def _config(family, tiny, lrms, prompts, out, **kw) -> LPOConfig:
+    defaults = dict(family=family, base=str(tiny / family), lrm=lrms[family], prompts=prompts, out=out, epochs=1,
+                    sample_batch_size=2, train_batch_size=4, candidates=2, steps=3, threshold=[0.0, 0.0],
+                    lora_rank=4, lr=1e-3, device="cpu", validation_images=1)
+    return LPOConfig(**(defaults | kw))
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_lpo_trains_a_lora_that_diffusers_loads_and_that_changes_images(family, tiny_models_dir, lrms, prompt_file,
+                                                                       tmp_path):
+    out = tmp_path / "run"
+    summary = lpo_train.run(_config(family, tiny_models_dir, lrms, prompt_file, out))
+    assert summary["rounds"] == 2  # 3 prompts, 2 per round
+    assert summary["tuples_trained"] > 0
+    first = summary["history"][0]
+    model = load_generator(str(tiny_models_dir / family))
+    model.timesteps(3)
+    stochastic = int((model.step_stds(1.0)[1] > 0).sum())  # SDXL's last step is deterministic
+    assert stochastic == (3 if family == "sd15" else 2)
+    assert first["valid_pairs"] == 2 * stochastic  # threshold 0: every stochastic step of both trajectories
+    assert sum(first[f"valid_{band}"] for band in ("t>751", "501-751", "251-501", "1-251")) == first["valid_pairs"]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in summary["history"] if "loss" in r)
+    assert (out / "validation" / "epoch-1.png").stat().st_size > 0
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").exists()
+
+    cond = model.encode_prompts(PROMPTS[:1])
+    before = sampler.sample(model, cond, [torch.Generator().manual_seed(3)], steps=3, eta=0.0)["latents"]
+    model.pipeline.load_lora_weights(str(out / "lora"))  # diffusers' own loader
+    after = sampler.sample(model, cond, [torch.Generator().manual_seed(3)], steps=3, eta=0.0)["latents"]
+    assert not torch.allclose(before, after)
+    # the run directory stands for its lora/
+    from_run = load_generator(str(tiny_models_dir / family), lora=out)
+    again = sampler.sample(from_run, cond, [torch.Generator().manual_seed(3)], steps=3, eta=0.0)["latents"]
+    torch.testing.assert_close(again, after)
+
+
+def test_one_policy_and_one_reference_forward_per_batch(tiny_models_dir, lrms):
+    from peft import LoraConfig
+
+    model = load_generator(str(tiny_models_dir / "sd15"))
+    base = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    model.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                      target_modules=list(FAMILIES["sd15"].lora_targets)))
+    with torch.no_grad():
+        for name, param in model.unet.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)  # make the adapter matter
+    reference = lpo_train.Reference(model.unet, lora=True)
+    calls = []
+    hook = model.unet.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    model.timesteps(3)
+    config = LPOConfig(guidance=5.0, eta=1.0)
+    generator = torch.Generator().manual_seed(0)
+    shape = (3, *model.latent_shape)
+    batch = {"x_t": torch.randn(shape, generator=generator), "t": torch.tensor([667, 334, 1]),
+             "x_w": torch.randn(shape, generator=generator), "x_l": torch.randn(shape, generator=generator)}
+    log_probs = lpo_train.step_log_probs(model, model.unet, reference, batch, model.encode_prompts(PROMPTS), config)
+    hook.remove()
+    assert calls == [6, 6]  # policy and reference, each one CFG forward (cond + uncond) for all 3 tuples
+    assert not torch.allclose(log_probs["w"], log_probs["ref_w"])
+    # the reference really is the base UNet: the same log-densities from a UNet without the adapter
+    plain = load_generator(str(tiny_models_dir / "sd15"))
+    plain.unet.load_state_dict(base)
+    plain.timesteps(3)
+    ref_again = lpo_train.step_log_probs(plain, plain.unet, lpo_train.Reference(plain.unet, lora=False), batch,
+                                         plain.encode_prompts(PROMPTS), config)
+    torch.testing.assert_close(log_probs["ref_w"], ref_again["ref_w"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(log_probs["ref_w"], ref_again["w"], rtol=1e-4, atol=1e-4)
+    assert model.unet.active_adapters()  # the adapter is back on after the reference forward
+
+
+def test_guided_sampling_continues_from_the_best_candidate(tiny_models_dir, lrms, monkeypatch):
+    model = load_generator(str(tiny_models_dir / "sd15"))
+    lrm = LatentRewardModel.from_pretrained(lrms["sd15"])
+    cond = model.encode_prompts(PROMPTS[:2])
+    scored, inputs = [], []
+    real_score, real_predict = sampler.score_candidates, model.predict
+
+    def record_scores(lrm_, children, t, prompts, text):
+        scores = real_score(lrm_, children, t, prompts, text)
+        scored.append((children.clone(), scores))
+        return scores
+
+    def record_inputs(latents, *args, **kwargs):
+        inputs.append(latents.clone())
+        return real_predict(latents, *args, **kwargs)
+
+    monkeypatch.setattr(sampler, "score_candidates", record_scores)
+    monkeypatch.setattr(model, "predict", record_inputs)
+    result = sampler.sample(model, cond, [torch.Generator().manual_seed(s) for s in (1, 2)], steps=4, eta=1.0,
+                            lrm=lrm, prompts=PROMPTS[:2], candidates=3)
+    assert len(scored) == 4
+    for step, (children, scores) in enumerate(scored):
+        best = scores.argmax(0)
+        assert torch.equal(result["chosen"][step], best)
+        chosen = children[best, torch.arange(2)]
+        following = inputs[step + 1] if step + 1 < len(inputs) else result["latents"]
+        torch.testing.assert_close(following, chosen)
+
+
+def test_guided_sampling_with_one_candidate_is_plain_sampling(tiny_models_dir, lrms):
+    model = load_generator(str(tiny_models_dir / "sd15"))
+    lrm = LatentRewardModel.from_pretrained(lrms["sd15"])
+    cond = model.encode_prompts(PROMPTS[:2])
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (5, 6)]  # noqa: E731
+    plain = sampler.sample(model, cond, gens(), steps=4, eta=1.0)["latents"]
+    guided = sampler.sample(model, cond, gens(), steps=4, eta=1.0, lrm=lrm, prompts=PROMPTS[:2], candidates=1)
+    assert torch.equal(plain, guided["latents"])
+    # and each image's seed fixes it whatever the batch: image 2 alone equals image 2 in the batch
+    alone = sampler.sample(model, model.encode_prompts(PROMPTS[1:2]), [torch.Generator().manual_seed(6)], steps=4,
+                           eta=1.0)["latents"]
+    torch.testing.assert_close(alone[0], plain[1], rtol=1e-4, atol=1e-5)
+
+
+def test_resume_continues_the_same_run(tiny_models_dir, lrms, prompt_file, tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    lpo_train.run(_config("sd15", tiny_models_dir, lrms, prompt_file, straight, save_every_rounds=1))
+    split = tmp_path / "split"
+    real_save = checkpoints.save
+
+    def killed_after_first_round(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(checkpoints, "save", killed_after_first_round)
+    with pytest.raises(KeyboardInterrupt):
+        lpo_train.run(_config("sd15", tiny_models_dir, lrms, prompt_file, split, save_every_rounds=1))
+    monkeypatch.setattr(checkpoints, "save", real_save)
+    assert lpo_train.latest_checkpoint(split).name == "round-1"
+    lpo_train.run(_config("sd15", tiny_models_dir, lrms, prompt_file, split, save_every_rounds=1, resume=True))
+    a = load_file(straight / "lora" / "pytorch_lora_weights.safetensors")
+    b = load_file(split / "lora" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_bad_inputs_exit_before_sampling(tiny_models_dir, lrms, prompt_file, tmp_path):
+    with pytest.raises(InputError, match="latent spaces differ"):
+        lpo_train.run(_config("sdxl", tiny_models_dir, {"sdxl": lrms["sd15"]}, prompt_file, tmp_path / "a"))
+    with pytest.raises(InputError, match="run `lpo optimize sd15`"):
+        lpo_train.run(_config("sdxl", tiny_models_dir, lrms, prompt_file, tmp_path / "b",
+                              base=str(tiny_models_dir / "sd15")))
+    with pytest.raises(InputError, match="not a latent reward model directory"):
+        lpo_train.run(_config("sd15", tiny_models_dir, {"sd15": tmp_path}, prompt_file, tmp_path / "c"))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(InputError, match="holds no prompts"):
+        lpo_train.run(_config("sd15", tiny_models_dir, lrms, empty, tmp_path / "d"))
+    out = tmp_path / "e"
+    lpo_train.run(_config("sd15", tiny_models_dir, lrms, prompt_file, out))
+    with pytest.raises(InputError, match=r"different \['beta'\]"):
+        lpo_train.run(_config("sd15", tiny_models_dir, lrms, prompt_file, out, beta=100.0, resume=True))
+    with pytest.raises(InputError, match="already holds checkpoints"):
+        lpo_train.run(_config("sd15", tiny_models_dir, lrms, prompt_file, out))
+
+
+def test_full_finetune_and_merge(tiny_models_dir, lrms, prompt_file, tmp_path):
+    full = lpo_train.run(_config("sd15", tiny_models_dir, lrms, prompt_file, tmp_path / "full", lora_rank=0))
+    assert (tmp_path / "full" / "unet" / "config.json").exists() and "unet" in full
+    merged = lpo_train.run(_config("sd15", tiny_models_dir, lrms, prompt_file, tmp_path / "merged", merge=True))
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(merged["merged_unet"])
+    stock = UNet2DConditionModel.from_pretrained(str(tiny_models_dir / "sd15"), subfolder="unet")
+    name = next(k for k in stock.state_dict() if k.endswith("attn1.to_q.weight"))
+    assert not torch.equal(unet.state_dict()[name], stock.state_dict()[name])
+
+
+def test_two_process_lpo(tiny_models_dir, lrms, prompt_file, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "lpo", "optimize", "sd15", "--base", str(tiny_models_dir / "sd15"), "--lrm",
+           str(lrms["sd15"]), "--prompts", str(prompt_file), "--out", str(out), "--epochs", "1",
+           "--sample-batch-size", "1", "--train-batch-size", "2", "--candidates", "2", "--steps", "2",
+           "--threshold", "0,0", "--lr", "1e-3", "--device", "cpu"]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "lpo_summary.json").read_text())
+    assert summary["round"] == 2  # 3 prompts over 2 processes x 1 prompt per round
+    assert summary["rounds"][0]["valid_pairs"] == 4  # gathered from both processes (2 steps x 2 trajectories)
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_sample_command_reports_the_guided_gain(tiny_models_dir, lrms, tmp_path):
+    out = tmp_path / "samples"
+    result = CliRunner().invoke(app, ["sample", "--base", str(tiny_models_dir / "sd15"), "--prompt", PROMPTS[0],
+                                      "--prompt", PROMPTS[1], "--out", str(out), "--lrm", str(lrms["sd15"]),
+                                      "--candidates", "4", "--steps", "4", "--images-per-prompt", "2"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "samples.json").read_text())
+    assert len(summary["images"]) == 8 and all(Path(r["path"]).exists() for r in summary["images"])
+    seeds = {(r["prompt_index"], r["image_index"]): r["seed"] for r in summary["images"] if r["kind"] == "plain"}
+    assert seeds == {(p, i): p * 1000 + i for p in range(2) for i in range(2)}
+    mean = summary["mean_lrm_score"]
+    assert summary["lrm_score_gain"] == pytest.approx(mean["guided"] - mean["plain"])
+    assert "gain" in result.output
+    bad = CliRunner().invoke(app, ["sample", "--base", str(tiny_models_dir / "sdxl"), "--prompt", "x", "--out",
+                                   str(tmp_path / "bad"), "--lrm", str(lrms["sd15"]), "--candidates", "2"])
+    assert bad.exit_code == 2 and "latent spaces differ" in bad.output

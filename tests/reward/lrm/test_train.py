@@ -1,0 +1,206 @@
+"""`lpo reward train | eval | score` on the tiny SD1.5- and SDXL-style backbones."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from lpo.cli import app
+from lpo.curate import ingest
+from lpo.curate.errors import InputError
+from lpo.reward import checkpoints
+from lpo.reward.lrm import train
+from lpo.reward.lrm.config import RewardTrainConfig
+from lpo.reward.lrm.model import LatentRewardModel
+from lpo.reward.toy.world import write_pickapic_parquet
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A curation directory's pairs.parquet (its images beside it): 8 prompts, 48 pairs, clean labels."""
+    base = tmp_path_factory.mktemp("pairs")
+    source = write_pickapic_parquet(base / "src.parquet", num_prompts=8, flip_rate=0.0, seed=21)
+    ingest.run(ingest.IngestConfig(source=str(source), out=base / "cur"))
+    return base / "cur" / "pairs.parquet"
+
+
+def _config(manifest: Path, base: Path, out: Path, **kw) -> RewardTrainConfig:
+    defaults = dict(manifest=manifest, base=str(base), out=out, batch_size=4, max_steps=4, warmup_steps=1, lr=1e-3,
+                    eval_every=2, save_every=2, text_projection_init="", val_fraction=0.25, device="cpu")
+    return RewardTrainConfig(**(defaults | kw))
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_training_updates_the_model_and_exports_best_and_last(family, manifest, tiny_models_dir, tmp_path):
+    out = tmp_path / "run"
+    summary = train.run(_config(manifest, tiny_models_dir / family, out))
+    assert summary["steps"] == 4 and summary["effective_batch_size"] == 4
+    assert summary["validation_pairs"] > 0 and len(summary["history"]) == 2
+    for accuracy in summary["history"][-1]["accuracy"].values():
+        assert 0.0 <= accuracy <= 1.0
+    trained = load_file(out / "last" / "diffusion_pytorch_model.safetensors")
+    from diffusers import UNet2DConditionModel
+
+    stock = UNet2DConditionModel.from_pretrained(str(tiny_models_dir / family), subfolder="unet").state_dict()
+    changed = [k for k, v in stock.items()
+               if f"backbone.unet.{k}" in trained and not torch.equal(v, trained[f"backbone.unet.{k}"])]
+    assert len(changed) > len(stock) // 4  # the UNet is trained, not frozen
+    assert all(torch.isfinite(v).all() for v in trained.values())
+    for export in ("best", "last"):
+        model = LatentRewardModel.from_pretrained(out / export)
+        assert (out / export / "vae" / "config.json").exists() and (out / export / "scheduler").is_dir()
+        assert model.config.family == family
+    state = json.loads((out / "train_summary.json").read_text())
+    assert state["best_step"] in (2, 4)
+    cache = list((out / "latent_cache").rglob("part-*.safetensors"))
+    assert cache  # latents were cached once, on disk
+
+
+def test_resume_continues_the_same_run(manifest, tiny_models_dir, tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    train.run(_config(manifest, tiny_models_dir / "sd15", straight, max_steps=4))
+    split = tmp_path / "split"
+    real_save = checkpoints.save
+
+    def killed_after_first_checkpoint(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(checkpoints, "save", killed_after_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(_config(manifest, tiny_models_dir / "sd15", split, max_steps=4))
+    monkeypatch.setattr(checkpoints, "save", real_save)
+    assert train.latest_checkpoint(split).name == "step-2" and not (split / "last").exists()
+    encoded_before = sorted(p.name for p in (split / "latent_cache").rglob("part-*"))
+    train.run(_config(manifest, tiny_models_dir / "sd15", split, max_steps=4, resume=True))
+    assert sorted(p.name for p in (split / "latent_cache").rglob("part-*")) == encoded_before  # no re-encoding
+    weights = "diffusion_pytorch_model.safetensors"
+    a, b = load_file(straight / "last" / weights), load_file(split / "last" / weights)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_nan_loss_stops_with_the_last_checkpoint_intact(manifest, tiny_models_dir, tmp_path, monkeypatch):
+    from lpo.reward.lrm import loss as lrm_loss
+
+    real = lrm_loss.bradley_terry_loss
+    calls = {"n": 0}
+
+    def explodes_on_third_update(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] >= 3 else loss
+
+    monkeypatch.setattr(lrm_loss, "bradley_terry_loss", explodes_on_third_update)
+    out = tmp_path / "nan"
+    with pytest.raises(train.TrainingDiverged, match="intact"):
+        train.run(_config(manifest, tiny_models_dir / "sd15", out, max_steps=5, save_every=1, eval_every=100))
+    checkpoint = train.latest_checkpoint(out)
+    assert checkpoint.name == "step-2"
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 2
+    weights = load_file(next(checkpoint.glob("*.safetensors")))
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_bad_inputs_are_input_errors(manifest, tiny_models_dir, tmp_path):
+    unlabelled = tmp_path / "cur" / "pairs.parquet"
+    unlabelled.parent.mkdir()
+    (tmp_path / "cur" / "images").mkdir()
+    pl.read_parquet(manifest).with_columns(pl.lit(None, pl.Int8).alias("winner"), pl.lit(False).alias("is_tie")) \
+        .write_parquet(unlabelled)
+    with pytest.raises(InputError, match="no kept pairs"):
+        train.run(_config(unlabelled, tiny_models_dir / "sd15", tmp_path / "a"))
+    with pytest.raises(InputError, match="not a readable parquet file"):
+        train.run(_config(tiny_models_dir / "sd15" / "model_index.json", tiny_models_dir / "sd15", tmp_path / "b"))
+    with pytest.raises(InputError, match="unet/config.json"):
+        train.run(_config(manifest, tiny_models_dir / "pickscore", tmp_path / "c"))
+    with pytest.raises(InputError, match="--init 'scratch' is not diffusion or random"):
+        train.run(_config(manifest, tiny_models_dir / "sd15", tmp_path / "e", init="scratch"))
+    # offline, the default CLIP that initialises the SD1.x text projection is unreachable: say which flag to use,
+    # before any image is encoded
+    with pytest.raises(InputError, match="--text-projection-init ''"):
+        train.run(_config(manifest, tiny_models_dir / "sd15", tmp_path / "f",
+                          text_projection_init="openai/clip-vit-large-patch14"))
+    assert not (tmp_path / "f").exists()
+    out = tmp_path / "d"
+    train.run(_config(manifest, tiny_models_dir / "sd15", out, max_steps=2))
+    with pytest.raises(InputError, match="already holds checkpoints"):
+        train.run(_config(manifest, tiny_models_dir / "sd15", out, max_steps=2))
+    with pytest.raises(InputError, match=r"different \['batch_size'\]"):
+        train.run(_config(manifest, tiny_models_dir / "sd15", out, max_steps=3, batch_size=2, resume=True))
+
+
+def test_two_process_training(manifest, tiny_models_dir, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "lpo", "reward", "train", "--manifest", str(manifest),
+           "--base", str(tiny_models_dir / "sd15"), "--out", str(out),
+           "--batch-size", "2", "--max-steps", "2", "--warmup-steps", "1", "--eval-every", "2", "--save-every", "2",
+           "--text-projection-init", "", "--device", "cpu"]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "effective batch 4 pairs" in result.stderr  # 2 pairs x 1 accumulation x 2 processes
+    assert LatentRewardModel.from_pretrained(out / "last").config.family == "sd15"
+    assert (out / "checkpoints" / "step-2").is_dir()
+
+
+def test_eval_and_score_commands(manifest, tiny_models_dir, tmp_path):
+    out = tmp_path / "run"
+    train.run(_config(manifest, tiny_models_dir / "sd15", out, max_steps=2))
+    runner = CliRunner()
+    # the run directory stands for its best/ model
+    result = runner.invoke(app, ["reward", "eval", "--lrm", str(out), "--manifest", str(manifest),
+                                 "--out", str(tmp_path / "eval"), "--timesteps", "1,501,951"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "eval" / "accuracy.json").read_text())
+    assert list(report["accuracy"]) == ["1", "501", "951"] and report["pairs"] == pl.read_parquet(manifest).filter(
+        pl.col("winner").is_not_null() | pl.col("is_tie")).height
+    again = runner.invoke(app, ["reward", "eval", "--lrm", str(out / "best"), "--manifest", str(manifest),
+                                "--out", str(tmp_path / "eval2"), "--timesteps", "1,501,951"])
+    assert again.exit_code == 0
+    assert json.loads((tmp_path / "eval2" / "accuracy.json").read_text())["accuracy"] == report["accuracy"]  # seeded
+    assert (tmp_path / "eval" / "accuracy.png").stat().st_size > 0
+
+    images = pl.concat([pl.read_parquet(p) for p in ingest.image_parts(manifest.parent)]).head(2)
+    paths = []
+    for i, data in enumerate(images["image"]):
+        paths.append(tmp_path / f"{i}.png")
+        paths[-1].write_bytes(data)
+    args = ["reward", "score", "--lrm", str(out / "best"), "--prompt", images["caption"][0], "--t", "1"]
+    for path in paths:
+        args += ["--images", str(path)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.output.strip().splitlines()]
+    from PIL import Image
+
+    model = LatentRewardModel.from_pretrained(out / "best")
+    expected = model.score_images([Image.open(p) for p in paths], [images["caption"][0]] * 2, t=1, seed=0)
+    assert [line["score"] for line in lines] == pytest.approx(expected.tolist(), abs=1e-5)
+    bad = runner.invoke(app, ["reward", "score", "--lrm", str(out / "best"), "--images", str(paths[0]),
+                              "--images", str(paths[1]), "--prompt", "a", "--prompt", "b", "--prompt", "c"])
+    assert bad.exit_code == 2 and "2 images but 3 prompts" in bad.output
+
+
+def test_val_manifest_from_another_curation_dir_is_encoded_from_there(manifest, tiny_models_dir, tmp_path, caplog):
+    """Each manifest's images come from its own curation directory; none is reported missing."""
+    source = write_pickapic_parquet(tmp_path / "val.parquet", num_prompts=2, flip_rate=0.0, seed=99)
+    ingest.run(ingest.IngestConfig(source=str(source), out=tmp_path / "val"))
+    with caplog.at_level("WARNING", logger="lpo.reward.lrm.latents"):
+        summary = train.run(_config(manifest, tiny_models_dir / "sd15", tmp_path / "run", max_steps=2,
+                                    val_manifest=tmp_path / "val" / "pairs.parquet"))
+    assert "could not be encoded" not in caplog.text
+    assert summary["validation_pairs"] == 12 and summary["skipped_images"] == 0

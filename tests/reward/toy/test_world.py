@@ -1,0 +1,139 @@
+"""The toy world's tokenizer, scorer loss and model trainer, and the trained models shipped in manifests/."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lpo.reward.toy.world import COLOURS, SHAPES, WORDS, Scene, agreement, all_scenes, toy_tokenizer
+
+SHIPPED = Path(__file__).resolve().parents[3] / "manifests" / "toy-models"
+
+
+def test_every_world_word_is_one_token_and_other_text_still_tokenises() -> None:
+    tokenizer = toy_tokenizer()
+    for word in WORDS:
+        ids = tokenizer(word).input_ids
+        assert len(ids) == 3, word  # start, the word, end
+        assert tokenizer.convert_ids_to_tokens(ids[1]) == word + "</w>"
+    caption = "a purple triangle on a white background"
+    assert tokenizer.convert_ids_to_tokens(tokenizer(caption).input_ids)[1:-1] == [w + "</w>" for w in
+                                                                                   caption.split()]
+    assert len(tokenizer("zebra").input_ids) == 2 + len("zebra")  # byte by byte
+    assert tokenizer.eos_token_id == max(tokenizer.get_vocab().values())  # argmax pooling finds the end token
+
+
+def test_world_has_every_caption_once_and_agreement_weights_the_attributes() -> None:
+    scenes = all_scenes()
+    assert len(scenes) == len({s.caption for s in scenes}) == len(COLOURS) * (len(COLOURS) - 1) * len(SHAPES)
+    want = Scene("red", "circle", "blue")
+    assert agreement(want, want) == 1.0
+    assert agreement(want, Scene("green", "circle", "blue")) == pytest.approx(0.5)
+    assert agreement(want, Scene("red", "square", "blue")) == pytest.approx(0.7)
+    assert agreement(want, Scene("red", "circle", "white")) == pytest.approx(0.8)
+
+
+def test_match_rates_count_each_attribute_and_average_the_oracle() -> None:
+    from lpo.reward.toy.world import match_rates
+
+    wanted = [Scene("red", "circle", "blue"), Scene("green", "square", "white")]
+    seen = [Scene("red", "square", "blue"), Scene("green", "square", "red")]
+    rates = match_rates(wanted, seen)
+    assert rates == pytest.approx({"fg_colour_correct": 1.0, "shape_correct": 0.5, "bg_colour_correct": 0.5,
+                                   "oracle": (0.7 + 0.8) / 2})
+
+
+def test_clip_loss_matches_a_loop_over_rows_and_columns() -> None:
+    from lpo.reward.toy.trainer import clip_loss
+
+    generator = torch.Generator().manual_seed(0)
+    scenes = [Scene("red", "circle", "blue"), Scene("green", "square", "white"), Scene("red", "square", "blue")]
+    captions = all_scenes()[:7] + [scenes[0]]
+    image = torch.randn(len(scenes), 5, generator=generator)
+    text = torch.randn(len(captions), 5, generator=generator)
+    scale = torch.tensor(math.log(10.0))
+    temperature = 0.1
+    loss = clip_loss(image, text, scale, scenes, captions, temperature)
+
+    def cos(a, b):
+        return float(a @ b / (a.norm() * b.norm()))
+
+    logits = [[10.0 * cos(image[i], text[j]) for j in range(len(captions))] for i in range(len(scenes))]
+    match = [[agreement(c, s) / temperature for c in captions] for s in scenes]
+
+    def cross_entropy(values, targets):
+        target = np.exp(targets - np.max(targets))
+        target /= target.sum()
+        log_p = values - np.log(np.exp(values - np.max(values)).sum()) - np.max(values)
+        return -(target * log_p).sum()
+
+    logits, match = np.array(logits), np.array(match)
+    rows = np.mean([cross_entropy(logits[i], match[i]) for i in range(len(scenes))])
+    cols = np.mean([cross_entropy(logits[:, j], match[:, j]) for j in range(len(captions))])
+    assert loss.item() == pytest.approx((rows + cols) / 2, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_trainer_writes_models_the_toolkit_loads(tmp_path: Path) -> None:
+    """A few steps of every model, then each output through the loader that takes the real model (slow: the
+    trainer's checks sample and score at their full sizes, about 20 s)."""
+    from PIL import Image
+
+    from lpo.curate.scorers import load_scorer
+    from lpo.reward.backbones import load_generator
+    from lpo.reward.lrm.model import LatentRewardModel
+    from lpo.reward.toy import trainer as toy_models
+    from lpo.reward.toy.config import ToyModelsConfig
+
+    config = ToyModelsConfig(out=tmp_path, batch_size=8, vae_batch_size=4, vae_steps=2, diffusion_images=512,
+                             diffusion_steps=2, clip_steps=2)
+    summary = toy_models.run(config)
+    assert set(summary["seconds"]) == {"vae", "diffusion", "pickscore", "clip", "checks"}
+    assert (tmp_path / toy_models.SUMMARY_FILE).is_file()
+    model = load_generator(str(tmp_path / "sd15"))
+    assert model.resolution == 32 and model.latent_shape == (4, 8, 8)
+    assert model.vae.config.scaling_factor == pytest.approx(summary["vae"]["scaling_factor"])
+    lrm = LatentRewardModel.from_base(str(tmp_path / "sd15"), text_projection_init=None)
+    assert lrm.config.resolution == 32
+    images = [Image.new("RGB", (32, 32), (220, 40, 40))] * 2
+    for metric in ("pickscore", "clip"):
+        scores = load_scorer(metric, str(tmp_path / metric)).score(images, ["a red circle on a blue background"] * 2)
+        assert np.isfinite(scores).all() and scores[0] == pytest.approx(scores[1])
+
+
+@pytest.fixture(scope="module")
+def shipped() -> Path:
+    if not (SHIPPED / "sd15" / "model_index.json").is_file():
+        pytest.fail(f"{SHIPPED} is missing: the trained toy models are part of the repository")
+    return SHIPPED
+
+
+@pytest.mark.parametrize("metric", ["pickscore", "clip"])
+def test_shipped_scorers_order_clean_pairs_as_the_oracle(shipped: Path, metric: str) -> None:
+    from lpo.reward.toy.trainer import scorer_agreement
+
+    assert scorer_agreement(metric, shipped / metric, pairs=200) >= 0.9
+
+
+def test_shipped_generator_draws_the_colours_it_is_asked_for(shipped: Path) -> None:
+    from lpo.reward.toy.trainer import sample_accuracy
+
+    stats = sample_accuracy(shipped / "sd15", guidance=3.0, n=48, steps=10)
+    # chance is 1/6 for either colour
+    assert stats["bg_colour_correct"] >= 0.8
+    assert stats["fg_colour_correct"] >= 0.6
+
+
+def test_cli_rejects_bad_training_settings_before_training(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from lpo.cli import app
+
+    result = CliRunner().invoke(app, ["dev", "toy-models", str(tmp_path / "out"), "--vae-steps", "0"])
+    assert result.exit_code == 2
+    assert "--vae-steps must be at least 1" in result.output
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,109 @@
+"""The install: one namespace `lpo` (nothing generic at the top of site-packages), `python -m lpo`, every package
+folder listed for wheels, and the import rules of the layout (curation knows no trainer, no module imports the CLI)."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import tomllib
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _outside(tmp_path: Path, code: str) -> subprocess.CompletedProcess:
+    """Run Python from a directory outside the checkout, so only what is installed can be imported."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_only_the_lpo_namespace_is_importable(tmp_path: Path) -> None:
+    result = _outside(tmp_path, "import importlib.util as u, lpo.reward.lrm, lpo.cli;"
+                                "assert u.find_spec('lpo.reward.lrm.model') is not None;"
+                                "print([n for n in ('cli', 'curate', 'reward') if u.find_spec(n) is not None])")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_python_dash_m_lpo_runs_the_cli(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-m", "lpo", "--help"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and "Usage: python -m lpo" in " ".join(result.stdout.split())
+    assert "optimize" in result.stdout
+
+
+def test_every_package_folder_is_listed_for_wheels() -> None:
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {"lpo"} | {"lpo." + ".".join(p.parent.relative_to(REPO).parts)
+                       for top in ("curate", "reward") for p in (REPO / top).rglob("__init__.py")}
+    assert listed == found
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    return names
+
+
+def test_imports_run_one_way() -> None:
+    """lpo.cli -> lpo.reward -> lpo.curate: curation imports no reward code, and no library module the CLI."""
+    for path in (REPO / "curate").rglob("*.py"):
+        assert not any(name.startswith("lpo.reward") for name in _imports(path)), path
+    for path in [*(REPO / "curate").rglob("*.py"), *(REPO / "reward").rglob("*.py")]:
+        assert "lpo.cli" not in _imports(path), path
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """lpo module -> the lpo modules it imports (anywhere in the file: lazy imports tie modules as much)."""
+    files = {}
+    for path in [REPO / "cli.py", *(REPO / "curate").rglob("*.py"), *(REPO / "reward").rglob("*.py")]:
+        parts = path.relative_to(REPO).with_suffix("").parts
+        files["lpo." + ".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for module, path in files.items():
+        names = _imports(path)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names.update(f"{node.module}.{alias.name}" for alias in node.names)
+        graph[module] = {name for name in names if name in files and name != module}
+    return graph
+
+
+def test_there_are_no_import_circles() -> None:
+    graph = _module_graph()
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> None:
+        if module in path:
+            raise AssertionError(f"import circle: {' -> '.join(path[path.index(module):] + [module])}")
+        if module in done:
+            return
+        for imported in sorted(graph[module]):
+            visit(imported, [*path, module])
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module, [])
+
+
+def test_no_module_is_over_500_lines() -> None:
+    long = [(str(p.relative_to(REPO)), n) for p in [REPO / "cli.py", *(REPO / "curate").rglob("*.py"),
+                                                   *(REPO / "reward").rglob("*.py")]
+            if (n := len(p.read_text().splitlines())) > 500]
+    assert not long, long
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    readme = (REPO / "README.md").read_text()
+    command = next(line for line in (REPO / ".ci" / "run").read_text().splitlines() if "pytest" in line)
+    assert f"\n{command}\n" in readme
+    assert "ruff check ." in command and '-m "not gpu"' in command  # lint first; slow tests included
