@@ -26,7 +26,7 @@ from lpo.curate.score import ScoreConfig
 from lpo.curate.scorers.specs import CURATION_METRICS, METRICS
 from lpo.reward.eval.config import EvalCompareConfig, EvalConfig, EvalScoreConfig
 from lpo.reward.lpo.config import LPOConfig, SampleConfig
-from lpo.reward.lrm.config import RewardEvalConfig, RewardScoreConfig, RewardTrainConfig
+from lpo.reward.lrm.config import RewardCacheConfig, RewardEvalConfig, RewardScoreConfig, RewardTrainConfig
 from lpo.reward.serve.server import ServeConfig
 from lpo.reward.toy.config import DemoConfig, SampleDataConfig, TinyModelsConfig, ToyModelsConfig
 
@@ -292,7 +292,16 @@ command(curate_app, "filter", FilterConfig, _lazy("lpo.curate.filter", "run"), r
 # lpo reward
 
 
+def report_plan(plan: Any) -> None:
+    _table(plan.title, ("what", "per process"), plan.rows, right=("per process",))
+    for warning in plan.warnings:
+        console.print(f"[bold yellow]warning:[/] {warning}")
+
+
 def report_reward_train(config: RewardTrainConfig, summary: dict[str, Any]) -> None:
+    if "plan" in summary:
+        report_plan(summary["plan"])
+        return
     rows = []
     for key in ("steps", "effective_batch_size", "train_pairs", "validation_pairs", "best_step", "best_accuracy"):
         value = summary[key]
@@ -319,6 +328,12 @@ command(reward_app, "train", RewardTrainConfig,
         report_reward_train,
         required=("manifest", "base", "out"),
         help="Train a latent reward model on kept pairs (soft-label Bradley-Terry on noisy latents). Resumable.")
+command(reward_app, "cache", RewardCacheConfig, _lazy("lpo.reward.lrm.latents", "run"),
+        lambda config, r: out_console.print(f"{r['cached']} of {r['images']} images cached ({r['encoded_now']} "
+                                            f"encoded now, {r['processes']} process(es)) in {r['directory']}"),
+        required=("manifests", "base", "out"), repeatable=("manifests",), flags={"manifests": ("--manifest",)},
+        help="Encode the images of pairs manifests with the VAE once (every process its shard, under accelerate "
+             "launch), into a cache `lpo reward train --latent-cache` reuses. Resumable.")
 command(reward_app, "eval", RewardEvalConfig, _lazy("lpo.reward.lrm.accuracy", "run"), report_reward_eval,
         required=("lrm", "manifest"),
         help="Pairwise accuracy of an LRM per timestep (fixed noise seeds; ties count 0.5): JSON and a PNG plot.")
@@ -336,6 +351,9 @@ command(reward_app, "serve", ServeConfig,
 
 
 def report_optimize(config: LPOConfig, summary: dict[str, Any]) -> None:
+    if "plan" in summary:
+        report_plan(summary["plan"])
+        return
     rows = [(record["round"], record["valid_pairs"], record["tuples_trained"],
              f"{record.get('implicit_accuracy', float('nan')):.2f}", f"{record.get('loss', float('nan')):.4f}",
              f"{record['final_lrm_score']:.3f}") for record in summary["history"][-10:]]

@@ -1,5 +1,5 @@
-"""Training checkpoints shared by the LRM and LPO trainers: accelerate `save_state` plus the trainer's own state,
-keeping the newest few."""
+"""What the LRM and LPO trainers keep of a run: accelerate `save_state` checkpoints plus the trainer's own state
+(the newest few), and the metrics log, one JSON line per optimizer update."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
+METRICS_FILE = "metrics.jsonl"
 
 
 def _index(path: Path) -> int:
@@ -68,3 +69,36 @@ def check_run_dir(config: Any, out: Path, config_file: str, resumable: set[str],
                              "use a new --out.")
     elif latest(out, prefix) is not None:
         raise InputError(f"{out} already holds checkpoints; pass --resume to continue, or a new --out.")
+
+
+class MetricsLog:
+    """`OUT/metrics.jsonl`: one JSON object per optimizer update (`update`, `lr`, `loss`, ...), written by the main
+    process. A resumed run first drops the lines after its checkpoint's update (written after the last save, they
+    are about to be made again), then appends."""
+
+    def __init__(self, out: Path, main_process: bool, resumed_at: int = 0):
+        self.path = Path(out) / METRICS_FILE
+        self.main_process = main_process
+        if main_process and self.path.is_file():
+            from lpo.curate.manifest import write_text_atomic
+
+            kept = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue  # a line torn by the interruption
+                if record.get("update", 0) <= resumed_at:
+                    kept.append(line)
+            write_text_atomic("".join(f"{line}\n" for line in kept), self.path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.main_process:
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+
+def read_metrics(out: Path) -> list[dict[str, Any]]:
+    """The records of `OUT/metrics.jsonl`, in order."""
+    path = Path(out) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []

@@ -152,6 +152,12 @@ class Generator(ABC):
     def decode(self, latents: torch.Tensor) -> list[Any]:
         """VAE-decode latents to PIL images."""
 
+    @classmethod
+    @abstractmethod
+    def trace(cls, denoiser: nn.Module, n: int) -> torch.Tensor:
+        """One forward of `denoiser` on n latents with conditioning of the right shapes, on the denoiser's own device
+        (the meta device when planning a run), to size a training step."""
+
     def load_lora(self, path: str | Path) -> None:
         load_lora_quietly(self.pipeline, path)
 
@@ -176,6 +182,11 @@ class LRMBackbone(nn.Module, ABC):
     def from_base(cls, base: str, dtype: torch.dtype = torch.float32, pretrained: bool = True) -> LRMBackbone:
         """The backbone of a pipeline (hub id or folder); `pretrained=False` keeps the architecture with fresh
         weights."""
+
+    @classmethod
+    @abstractmethod
+    def components_from_base(cls, base: str) -> dict[str, dict[str, Any]]:
+        """The configs of the modules the backbone takes from a pipeline (config files only)."""
 
     @classmethod
     @abstractmethod
@@ -220,6 +231,11 @@ class LRMBackbone(nn.Module, ABC):
     def pooled_features(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor],
                         taps: list[int]) -> list[torch.Tensor]:
         """Pooled [B, width] features at `taps`, then the deepest feature the backbone computes (always last)."""
+
+    @abstractmethod
+    def trace(self, n: int) -> list[torch.Tensor]:
+        """`pooled_features` of n latents with conditioning of the right shapes on the backbone's own device (the
+        meta device when planning a run), to size a training step."""
 
     @abstractmethod
     def enable_gradient_checkpointing(self) -> None: ...

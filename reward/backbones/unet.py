@@ -58,6 +58,7 @@ class UNetGenerator(Generator):
         """eps_uncond + guidance * (eps_cond - eps_uncond), both halves in one UNet forward."""
         unet = denoiser if denoiser is not None else self.unet
         n = latents.shape[0]
+        latents = latents.to(self.dtype)  # the step maths keep latents in float32; the UNet may run in half
         timesteps = timesteps.to(latents.device).expand(n)
         if guidance == 1.0:
             kwargs = {}
@@ -72,6 +73,20 @@ class UNetGenerator(Generator):
                    encoder_hidden_states=torch.cat([cond.uncond_context, cond.context]), **kwargs).sample
         uncond, conditional = out[:n], out[n:]
         return uncond + guidance * (conditional - uncond)
+
+    @classmethod
+    def trace(cls, denoiser: nn.Module, n: int) -> torch.Tensor:
+        config, device = denoiser.config, denoiser.device
+        side = int(config.sample_size)
+        kwargs = {}
+        if config.addition_embed_type == "text_time":  # SDXL: the pooled text and the six size ids
+            pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+            kwargs["added_cond_kwargs"] = {"text_embeds": torch.zeros(n, pooled, device=device),
+                                           "time_ids": torch.zeros(n, 6, device=device)}
+        return denoiser(torch.zeros(n, config.in_channels, side, side, device=device),
+                        torch.zeros(n, dtype=torch.long, device=device),
+                        encoder_hidden_states=torch.zeros(n, 77, config.cross_attention_dim, device=device),
+                        **kwargs).sample
 
     def timesteps(self, steps: int) -> list[int]:
         self.scheduler.set_timesteps(steps)
@@ -200,6 +215,12 @@ class UNetLRMBackbone(LRMBackbone):
         return cls(unet, encoders, pixel_resolution(dict(unet.config), base), tokenizers)
 
     @classmethod
+    def components_from_base(cls, base: str) -> dict[str, dict[str, Any]]:
+        from lpo.reward.backbones.family import read_subfolder_config
+
+        return {name: read_subfolder_config(base, name) for name in ("unet", *cls.text_encoders)}
+
+    @classmethod
     def from_components(cls, components: dict[str, dict[str, Any]], resolution: int) -> UNetLRMBackbone:
         from diffusers import UNet2DConditionModel
 
@@ -230,7 +251,9 @@ class UNetLRMBackbone(LRMBackbone):
     def enable_gradient_checkpointing(self) -> None:
         self.unet.enable_gradient_checkpointing()
         for name in self.text_encoders:
-            getattr(self, name).gradient_checkpointing_enable()
+            encoder = getattr(self, name)
+            # transformers 5.x renamed it and deprecates the old name; >=4.46 (our floor) has only the old one
+            getattr(encoder, "activation_checkpointing_enable", encoder.gradient_checkpointing_enable)()
 
     def save_tokenizers(self, directory: Path) -> None:
         for name, tokenizer in zip(self.text_encoders, self.tokenizers):
@@ -308,6 +331,16 @@ class UNetLRMBackbone(LRMBackbone):
         mid = unet.mid_block(sample, emb, encoder_hidden_states=context)
         return res, mid
 
+    def trace(self, n: int) -> list[torch.Tensor]:
+        device = self.unet.device
+        latents = torch.zeros(n, *self.latent_shape, device=device)
+        return self.pooled_features(latents, torch.zeros(n, dtype=torch.long, device=device),
+                                    self._blank_cond(n, device), self.default_taps())
+
+    def _blank_cond(self, n: int, device: torch.device) -> dict[str, torch.Tensor]:
+        tokens = self.text_encoder.config.max_position_embeddings
+        return {"context": torch.zeros(n, tokens, self.unet.config.cross_attention_dim, device=device)}
+
     def pooled_features(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor],
                         taps: list[int]) -> list[torch.Tensor]:
         res, mid = self.unet_features(latents, timesteps, cond)
@@ -338,6 +371,9 @@ class SDXLLRMBackbone(UNetLRMBackbone):
         second = self.text_encoder_2(ids_2, output_hidden_states=True)
         context = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
         return {"context": context, "text": second.text_embeds, "text_embeds": second.text_embeds}
+
+    def _blank_cond(self, n: int, device: torch.device) -> dict[str, torch.Tensor]:
+        return super()._blank_cond(n, device) | {"text_embeds": torch.zeros(n, self.text_width, device=device)}
 
     def _added_cond(self, cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         embeds = cond["text_embeds"]

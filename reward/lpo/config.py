@@ -26,13 +26,14 @@ class LPOConfig:
     steps: int = option(20, "DDIM steps per trajectory.")
     guidance: float = option(5.0, "Classifier-free guidance in sampling and in the loss.")
     eta: float = option(1.0, "DDIM eta (must be > 0: the step must be stochastic to have a likelihood).")
-    beta: float = option(500.0, "DPO inverse temperature on the log-ratio difference.")
+    beta: float = option(500.0, "DPO inverse temperature on the log-ratio difference (per latent element: with "
+                                "--logprob-reduction sum it is divided by the element count).")
     clip_eps: float = option(0.1, "Ratio clip: r is clamped to [1 - eps, 1 + eps].")
     threshold: list[float] | None = option(None, "Softmax-gap threshold range [least noisy, noisiest step], "
                                                  "interpolated on the step's sigma (sd15 0.35,0.5; sdxl 0.45,0.6).")
     score_timestep: str = option("parent", "Timestep the LRM scores a child at: parent (reference) or child.")
     logprob_reduction: str = option("mean", "Reduce the step log-density over latent elements: mean (reference) "
-                                            "or sum.")
+                                            "or sum (the sample's likelihood; the ratio clip then bounds it).")
     lora_rank: int | None = option(None, "LoRA rank on attention q/k/v/out (sd15 4, sdxl 64); 0 = full fine-tuning.")
     lr: float | None = option(None, "AdamW learning rate (sd15 6e-5, sdxl 1e-5).")
     weight_decay: float = option(1e-4, "AdamW weight decay.")
@@ -49,6 +50,12 @@ class LPOConfig:
     resume: bool = option(False, "Continue from the latest checkpoint in --out.")
     log_with: list[str] = option(help="accelerate trackers (tensorboard, wandb, ...).", factory=list)
     device: str = option("auto", "auto, cpu or cuda (under accelerate launch, each process's own).")
+    timeout_minutes: float = option(120.0, "Process-group timeout under accelerate launch.")
+    dry_run: bool = option(False, "Print the plan per process (parameters, memory, batch, rounds) from the configs "
+                                  "alone, and stop: no weights read, nothing sampled.")
+    processes: int | None = option(None, "--dry-run: processes to plan for (default: accelerate launch's, else 1).")
+    sharding: str = option("auto", "--dry-run: none, zero2 or fsdp to plan for (default: accelerate launch's).")
+    gpu_memory_gb: float = option(80.0, "--dry-run: warn when the estimate per process exceeds this.")
 
     def resolved(self) -> LPOConfig:
         """A copy with the family's defaults filled in where a field is left at None."""

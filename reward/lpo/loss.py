@@ -4,18 +4,22 @@
     loss  = -log sigmoid(beta * (log r(x_w) - log r(x_l)))
 
 Outside the clamp the ratio is constant, so its gradient is zero: the policy stops moving a sample once it is
-already eps more (or less) likely than under the reference.
+already eps more (or less) likely than under the reference. The clamp is applied to the log-ratio itself, between
+log(1 - eps) and log(1 + eps): exp of a summed log-density difference overflows (d > 88 in float32), and the
+clamp's backward would then be 0 * inf.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 
 
 def clipped_log_ratio(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, eps: float) -> torch.Tensor:
-    ratio = torch.exp(log_prob - ref_log_prob.detach())
-    return torch.log(torch.clamp(ratio, 1 - eps, 1 + eps))
+    """log clamp(p / p_ref, 1 - eps, 1 + eps), computed in log space (finite, with finite gradients, for any d)."""
+    return torch.clamp(log_prob - ref_log_prob.detach(), math.log(1 - eps), math.log(1 + eps))
 
 
 def lpo_loss(log_prob_w: torch.Tensor, log_prob_l: torch.Tensor, ref_log_prob_w: torch.Tensor,

@@ -86,7 +86,7 @@ def rollout(model: Generator, cond: Conditioning, prompts: list[str], lrm: Any, 
             score_timestep: str = "parent", denoiser: Any = None) -> Rollout:
     """One LPO sampling round for a batch of prompts (see the module docstring)."""
     timesteps = model.timesteps(steps)
-    latents = model.initial_latents(generators).to(model.device, model.dtype)
+    latents = model.initial_latents(generators).to(model.device)  # float32: the step maths' dtype
     text = lrm.encode_text(prompts)
     result = Rollout()
     for t in timesteps:
@@ -117,7 +117,7 @@ def sample(model: Generator, cond: Conditioning, generators: list[torch.Generato
     """Sampling; with an LRM and K candidates, continue from the best-scored candidate at every step.
     Returns the final latents and, when guided, the index of the chosen candidate at each step."""
     timesteps = model.timesteps(steps)
-    latents = model.initial_latents(generators).to(model.device, model.dtype)
+    latents = model.initial_latents(generators).to(model.device)  # float32: the step maths' dtype
     guided = lrm is not None
     text = lrm.encode_text(prompts) if guided else None
     chosen = []

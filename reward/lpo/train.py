@@ -28,7 +28,8 @@ from lpo.reward.lpo.config import LPOConfig
 
 logger = logging.getLogger(__name__)
 
-RESUMABLE_FIELDS = {"resume", "epochs", "save_every_rounds", "log_with", "device", "merge"}
+RESUMABLE_FIELDS = {"resume", "epochs", "save_every_rounds", "log_with", "device", "merge", "timeout_minutes",
+                    "dry_run", "processes", "sharding", "gpu_memory_gb"}
 CONFIG_FILE = "lpo_config.json"
 
 
@@ -66,7 +67,8 @@ def validate(config: LPOConfig) -> list[str]:
     for name in ("epochs", "steps", "sample_batch_size", "train_batch_size"):
         if getattr(resolved, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1.")
-    checkpoints.check_run_dir(resolved, Path(config.out), CONFIG_FILE, RESUMABLE_FIELDS, "round")
+    if not config.dry_run:
+        checkpoints.check_run_dir(resolved, Path(config.out), CONFIG_FILE, RESUMABLE_FIELDS, "round")
     return prompts
 
 
@@ -124,10 +126,18 @@ def step_log_probs(model: Any, policy: Any, reference: Reference, batch: dict[st
     }
 
 
+def effective_beta(config: LPOConfig, elements: int) -> float:
+    """beta per latent element: a summed log-density is `elements` times the mean, so beta is divided by it and one
+    --beta means one temperature under both reductions."""
+    return config.beta / elements if config.logprob_reduction == "sum" else config.beta
+
+
 def run(config: LPOConfig) -> dict[str, Any]:
     """Fine-tune; returns a summary (rounds, tuples trained on, per-round logs, output paths)."""
+    from datetime import timedelta
+
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import InitProcessGroupKwargs, set_seed
 
     from lpo.curate.device import mixed_precision, precision_dtype
     from lpo.reward.backbones import get_family, load_generator
@@ -138,11 +148,18 @@ def run(config: LPOConfig) -> dict[str, Any]:
     prompts = validate(config)
     config = config.resolved()
     family = get_family(config.family)
+    if config.dry_run:
+        from lpo.reward.plan import lpo_plan
+
+        return {"plan": lpo_plan(config, family, lambda world: rounds_per_epoch(len(prompts), config.sample_batch_size,
+                                                                                 world),
+                                 config.processes, config.sharding)}
     out = Path(config.out)
     cuda = torch.cuda.is_available() and config.device != "cpu"
     precision = mixed_precision(config.mixed_precision, cuda, auto="fp16")
     accelerator = Accelerator(cpu=not cuda, mixed_precision=precision, log_with=config.log_with or None,
-                              project_dir=str(out))
+                              project_dir=str(out),
+                              kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=config.timeout_minutes))])
     out.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
         cfg.save(config, out / CONFIG_FILE)
@@ -178,9 +195,10 @@ def run(config: LPOConfig) -> dict[str, Any]:
     model.timesteps(config.steps)
     thresholds = threshold_schedule(*model.step_stds(config.eta), *config.threshold)
 
-    state = {"round": 0, "tuples_trained": 0, "rounds": []}
+    state = {"round": 0, "updates": 0, "tuples_trained": 0, "rounds": []}
     if config.resume:
         state = checkpoints.resume(accelerator, out, "round", state)
+    metrics = checkpoints.MetricsLog(out, accelerator.is_main_process, state.get("updates", 0))
     world, rank = accelerator.num_processes, accelerator.process_index
     per_epoch = rounds_per_epoch(len(prompts), config.sample_batch_size, world)
     total_rounds = per_epoch * config.epochs
@@ -200,7 +218,7 @@ def run(config: LPOConfig) -> dict[str, Any]:
         task = progress.add_task("rounds", total=total_rounds, completed=state["round"], info="")
         while state["round"] < total_rounds:
             record = _round(config, accelerator, model, denoiser, reference, lrm, optimizer, prompts, thresholds,
-                            state, rank, world)
+                            state, rank, world, metrics)
             state["rounds"].append(record)
             state["tuples_trained"] += record["tuples_trained"]
             state["round"] += 1
@@ -223,7 +241,7 @@ def run(config: LPOConfig) -> dict[str, Any]:
 
 
 def _round(config, accelerator, model, denoiser, reference, lrm, optimizer, prompts, thresholds, state, rank,
-           world) -> dict[str, Any]:
+           world, metrics) -> dict[str, Any]:
     from accelerate.utils import gather_object
 
     from lpo.reward.lpo.loss import lpo_loss
@@ -259,15 +277,16 @@ def _round(config, accelerator, model, denoiser, reference, lrm, optimizer, prom
     logs: dict[str, list[float]] = {"loss": [], "implicit_accuracy": [], "margin": [], "ratio_w": [], "ratio_l": []}
     for start in range(0, len(mine), config.train_batch_size):
         chunk = mine[start:start + config.train_batch_size]
-        device, dtype = accelerator.device, model.dtype
-        batch = {"x_t": torch.stack([c["x_t"] for c in chunk]).to(device, dtype),
+        device = accelerator.device  # latents stay float32 for the step maths; the denoiser casts its input
+        batch = {"x_t": torch.stack([c["x_t"] for c in chunk]).to(device),
                  "t": torch.tensor([c["t"] for c in chunk], dtype=torch.long),
                  "x_w": torch.stack([c["x_w"] for c in chunk]).to(device),
                  "x_l": torch.stack([c["x_l"] for c in chunk]).to(device)}
         chunk_cond = model.encode_prompts([c["prompt"] for c in chunk])
         with accelerator.autocast():
             log_probs = step_log_probs(model, denoiser, reference, batch, chunk_cond, config)
-            losses = lpo_loss(log_probs["w"], log_probs["l"], log_probs["ref_w"], log_probs["ref_l"], config.beta,
+            losses = lpo_loss(log_probs["w"], log_probs["l"], log_probs["ref_w"], log_probs["ref_l"],
+                              effective_beta(config, batch["x_w"][0].numel()),
                               config.clip_eps)
         if not torch.isfinite(losses["loss"]):
             raise InputError(f"LPO loss became {losses['loss'].item()} in round {state['round']}; the last checkpoint "
@@ -275,10 +294,17 @@ def _round(config, accelerator, model, denoiser, reference, lrm, optimizer, prom
         accelerator.backward(losses["loss"])
         if config.max_grad_norm > 0 and accelerator.sync_gradients:
             accelerator.clip_grad_norm_([p for p in denoiser.parameters() if p.requires_grad], config.max_grad_norm)
+        lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         optimizer.zero_grad()
         for key in logs:
             logs[key].append(losses[key].item())
+        # every process trains the same number of chunks: the update's loss over all of them
+        shared = accelerator.reduce(torch.tensor([losses["loss"].item(), losses["implicit_accuracy"].item()],
+                                                 dtype=torch.float64, device=accelerator.device), "mean")
+        state["updates"] = state.get("updates", 0) + 1
+        metrics.write({"update": state["updates"], "round": state["round"], "lr": lr, "loss": shared[0].item(),
+                       "implicit_accuracy": shared[1].item(), "tuples": len(chunk) * world})
     record["tuples_trained"] = share * world
     record.update({key: sum(values) / len(values) for key, values in logs.items()})
     return record

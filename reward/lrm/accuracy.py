@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,34 +27,54 @@ def usable_pairs(pairs: pl.DataFrame) -> pl.DataFrame:
 
 
 @torch.no_grad()
+def pair_noise(seed: int, t: int, index: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(posterior draw, forward-process noise), each [2, *shape] (image 0, image 1), of pair `index` at timestep
+    `t`: a function of the three alone, so any batch size and any split over processes noise a pair alike."""
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + int(t)) * 1_000_033 + index)
+    return torch.randn((2, *shape), generator=generator), torch.randn((2, *shape), generator=generator)
+
+
+@torch.no_grad()
 def accuracy_per_timestep(model: Any, cache: LatentCache, pairs: pl.DataFrame, noise_scheduler: Any,
                           timesteps: tuple[int, ...] | list[int] = EVAL_TIMESTEPS, seed: int = 1234,
-                          batch_size: int = 32) -> dict[int, float]:
-    """Accuracy at each t: every pair is noised with the same seeds on every call, so runs compare exactly."""
+                          batch_size: int = 32, rank: int = 0, world: int = 1,
+                          total: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                          scaling: float | None = None) -> dict[int, float]:
+    """Accuracy at each t: every pair is noised by its own seeds (`pair_noise`), so runs compare exactly.
+
+    Under several processes each scores the pairs `rank::world` and `total` sums the counts over them; `model` may
+    then be the trainer's wrapped model (DDP, DeepSpeed, FSDP: pass `scaling`, the VAE scaling factor), which is only
+    called, and every process makes the same number of calls (FSDP gathers the weights at each)."""
     model_was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     labels_all = pair_labels(torch.tensor(pairs["winner"].fill_null(-1).to_list()),
                              torch.tensor(pairs["is_tie"].to_list()))
-    scaling = model.config.vae_scaling_factor
-    result = {}
-    for t in timesteps:
-        generator = torch.Generator().manual_seed(seed + int(t))
-        correct = 0.0
-        for start in range(0, pairs.height, batch_size):
-            chunk = pairs.slice(start, batch_size)
-            n = chunk.height
-            uids = chunk["image_0_uid"].to_list() + chunk["image_1_uid"].to_list()
-            clean = cache.sample(uids, scaling, generator)
-            noise = torch.randn(clean.shape, generator=generator)
+    scaling = model.config.vae_scaling_factor if scaling is None else scaling
+    mine = list(range(rank, pairs.height, world))
+    calls = math.ceil(math.ceil(pairs.height / world) / batch_size)  # the most chunks any process has
+    correct = torch.zeros(len(timesteps), dtype=torch.float64)
+    for chunk_index in range(calls):
+        rows = mine[chunk_index * batch_size:(chunk_index + 1) * batch_size]
+        padding = not rows  # this process is out of pairs: it still calls the model, on pair 0, and counts nothing
+        rows = rows or [0]
+        chunk = pairs[rows]
+        n = len(rows)
+        mean, std = cache.get(chunk["image_0_uid"].to_list() + chunk["image_1_uid"].to_list())
+        captions = chunk["caption"].to_list() * 2
+        for k, t in enumerate(timesteps):
+            draws = [pair_noise(seed, t, index, tuple(mean.shape[1:])) for index in rows]
+            eps = torch.cat([torch.stack([d[0][0] for d in draws]), torch.stack([d[0][1] for d in draws])])
+            noise = torch.cat([torch.stack([d[1][0] for d in draws]), torch.stack([d[1][1] for d in draws])])
             steps = torch.full((2 * n,), int(t), dtype=torch.long)
-            noisy = noise_scheduler.add_noise(clean, noise, steps)
-            captions = chunk["caption"].to_list() * 2
-            scores = model.score(noisy.to(device), steps.to(device), captions).float().cpu()
-            correct += pairwise_correct(scores[:n], scores[n:], labels_all[start:start + n]).sum().item()
-        result[int(t)] = correct / max(pairs.height, 1)
+            noisy = noise_scheduler.add_noise((mean + std * eps) * scaling, noise, steps)
+            scores = model(noisy.to(device), steps.to(device), captions).float().cpu()
+            if not padding:
+                correct[k] += pairwise_correct(scores[:n], scores[n:], labels_all[rows]).sum().item()
+    if total is not None:
+        correct = total(correct)
     model.train(model_was_training)
-    return result
+    return {int(t): correct[k].item() / max(pairs.height, 1) for k, t in enumerate(timesteps)}
 
 
 def plot_accuracy(accuracy: dict[int, float], path: Path, title: str = "LRM pairwise accuracy") -> Path:
@@ -82,7 +104,7 @@ def run(config: RewardEvalConfig) -> dict[str, Any]:
     from lpo.curate.device import resolve_device
     from lpo.curate.manifest import curation_dir_of, read_pairs
     from lpo.reward.backbones import get_family
-    from lpo.reward.lrm.latents import build_cache, cache_dir, only_encoded, pair_uids
+    from lpo.reward.lrm.latents import build_cache, only_encoded, pair_uids
     from lpo.reward.lrm.model import LatentRewardModel, component, read_lrm_config, resolve_lrm
 
     lrm_config = read_lrm_config(config.lrm)
@@ -98,8 +120,8 @@ def run(config: RewardEvalConfig) -> dict[str, Any]:
     out = Path(config.out) if config.out else model_dir / "eval"
     resolution = lrm_config["resolution"]
     vae_source, vae_subfolder = component(source, subfolder, "vae")
-    cache = build_cache(cache_dir(out / "latent_cache", f"{vae_source}/{vae_subfolder}", resolution),
-                        curation_dir_of(config.manifest), pair_uids(pairs), vae_source, resolution, device=device,
+    cache = build_cache(Path(config.latent_cache or out / "latent_cache"),
+                        {curation_dir_of(config.manifest): pair_uids(pairs)}, vae_source, resolution, device=device,
                         subfolder=vae_subfolder)
     encoded = only_encoded(pairs, cache)
     model = LatentRewardModel.from_pretrained(source, subfolder).to(device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +36,8 @@ class RewardTrainConfig:
     warmup_steps: int = option(500, "Linear warmup updates, then linear decay to 0 at max_steps.")
     max_grad_norm: float = option(1.0, "Gradient clipping norm (0 disables).")
     mixed_precision: str = option("auto", "auto (bf16 on CUDA, none on CPU), no, bf16, fp16.")
-    gradient_checkpointing: bool = option(False, "Trade compute for memory in the UNet and text encoders.")
+    gradient_checkpointing: bool | None = option(None, "Trade compute for memory in the UNet and text encoders "
+                                                       "(default: on for SDXL, off for SD1.x/2.x).")
     multi_scale: bool = option(True, "Pool the down-block taps as well as the mid block.")
     vfe_scale: float = option(7.5, "Visual Feature Enhancement guidance on the mid feature (1 disables).")
     vfe_down: bool = option(False, "Also guide the down-block features.")
@@ -48,7 +50,37 @@ class RewardTrainConfig:
     keep_checkpoints: int = option(2, "How many save_state checkpoints to keep.")
     seed: int = option(42, "Seed for init, data order, timesteps and noise.")
     resume: bool = option(False, "Continue from the latest checkpoint in --out.")
+    latent_cache: Path | None = option(None, "Root folder of VAE-latent caches to reuse and extend (e.g. `lpo reward "
+                                             "cache --out`), shared by runs; default: OUT/latent_cache.")
+    timeout_minutes: float = option(120.0, "Process-group timeout under accelerate launch: how long a process may "
+                                           "wait for the others at a collective.")
     log_with: list[str] = option(help="accelerate trackers (tensorboard, wandb, ...).", factory=list)
+    device: str = option("auto", "auto, cpu or cuda (under accelerate launch, each process's own).")
+    dry_run: bool = option(False, "Print the plan per process (parameters, memory, batch, updates, images to "
+                                  "encode) from the configs alone, and stop: no weights read, nothing encoded.")
+    processes: int | None = option(None, "--dry-run: processes to plan for (default: accelerate launch's, else 1).")
+    sharding: str = option("auto", "--dry-run: none, zero2 (DeepSpeed ZeRO-2) or fsdp (full shard) to plan for "
+                                   "(default: what accelerate launch's config sets).")
+    gpu_memory_gb: float = option(80.0, "--dry-run: warn when the estimate per process exceeds this.")
+
+    def resolved(self, family: str) -> RewardTrainConfig:
+        """A copy with the family's defaults filled in where a field is left at None."""
+        from lpo.reward.backbones import get_family
+
+        defaults = get_family(family).lrm_defaults
+        return dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
+
+
+@dataclass
+class RewardCacheConfig:
+    manifests: list[Path] = option(help="Pairs manifests whose images to encode (filtered.parquet, pairs.parquet). "
+                                        "Repeatable.", factory=list)
+    base: str = option(None, "Diffusers pipeline whose VAE and resolution the LRM will use (hub id or folder).")
+    out: Path = option(None, "Root folder of the caches (one subfolder per VAE and resolution); pass it to "
+                             "`lpo reward train --latent-cache`.")
+    vae: str | None = option(None, "VAE to encode with instead of the base's vae/ (as `lpo reward train --vae`).")
+    batch_size: int = option(16, "Images per VAE forward.")
+    timeout_minutes: float = option(120.0, "Process-group timeout under accelerate launch.")
     device: str = option("auto", "auto, cpu or cuda (under accelerate launch, each process's own).")
 
 
@@ -61,6 +93,8 @@ class RewardEvalConfig:
     out: Path | None = option(None, "Where to write accuracy.json and accuracy.png (default: next to the LRM).")
     timesteps: list[int] = option(help="Timesteps to evaluate.", factory=lambda: list(EVAL_TIMESTEPS))
     seed: int = option(1234, "Noise seed (the same seed gives the same noise for every model).")
+    latent_cache: Path | None = option(None, "Root folder of VAE-latent caches to reuse and extend; default: "
+                                             "OUT/latent_cache.")
     batch_size: int = option(32, "Pairs per forward.")
     device: str = option("auto", "Device: auto, cpu, cuda.")
 

@@ -69,6 +69,7 @@ class LatentRewardModel(ModelMixin, ConfigMixin):
         self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))
         self.source: tuple[str, str | None] | None = None  # (folder or hub id, subfolder) it was loaded from
         self._pixel_side: dict[str, Any] = {}  # VAE and noise schedule for score_images, loaded on first use
+        self._empty: dict[str, torch.Tensor] | None = None  # the empty prompt's encoding, while it cannot change
 
     @property
     def feature_taps(self) -> list[int]:
@@ -124,11 +125,23 @@ class LatentRewardModel(ModelMixin, ConfigMixin):
     # ----------------------------------------------------------------------------------------------------------
     # save / load
 
-    def save_pretrained(self, directory: str | Path, **kwargs: Any) -> Path:
-        """config.json + diffusion_pytorch_model.safetensors (only the parts the model runs) + tokenizer(s)."""
-        super().save_pretrained(directory, **kwargs)
-        self.backbone.save_tokenizers(Path(directory))
-        return Path(directory)
+    def save_pretrained(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None,
+                        **kwargs: Any) -> Path:
+        """config.json + diffusion_pytorch_model.safetensors (only the parts the model runs) + tokenizer(s).
+        `state_dict` is the full one when the module's own parameters are sharded (FSDP: `accelerator.
+        get_state_dict(model)` gathers it)."""
+        directory = Path(directory)
+        if state_dict is None:
+            super().save_pretrained(directory, **kwargs)
+        else:
+            from safetensors.torch import save_file
+
+            directory.mkdir(parents=True, exist_ok=True)
+            self.save_config(directory)
+            save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()},
+                      directory / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
+        self.backbone.save_tokenizers(directory)
+        return directory
 
     @classmethod
     def from_pretrained(cls, source: str | Path, subfolder: str | None = None, dtype: torch.dtype = torch.float32,
@@ -150,6 +163,34 @@ class LatentRewardModel(ModelMixin, ConfigMixin):
         if self.text_projection is not None:
             out["text"] = self.text_projection(out["text"])
         return out
+
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """`encode_text` with each distinct prompt encoded once (a training batch holds each caption twice, once per
+        image of its pair), gathered back to one row per prompt."""
+        rows: dict[str, int] = {}
+        index = [rows.setdefault(prompt, len(rows)) for prompt in prompts]
+        if len(rows) == len(prompts):
+            return self.encode_text(prompts)
+        encoded = self.encode_text(list(rows))
+        gather = torch.tensor(index, device=self.device)
+        return {key: value[gather] for key, value in encoded.items()}
+
+    def empty_text(self) -> dict[str, torch.Tensor]:
+        """The empty prompt's encoding (VFE's unconditional branch): once while the weights cannot change (eval mode,
+        no gradients), afresh at every call while training, as the text encoder learns."""
+        if self.training or torch.is_grad_enabled():
+            return self.encode_text([""])
+        if self._empty is None:
+            self._empty = self.encode_text([""])
+        return self._empty
+
+    def train(self, mode: bool = True) -> LatentRewardModel:
+        self._empty = None  # the weights may change from here on
+        return super().train(mode)
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> LatentRewardModel:
+        self._empty = None  # moved or cast: encode again on the new device or dtype
+        return super()._apply(fn, *args, **kwargs)
 
     def visual_features(self, latents: torch.Tensor, timesteps: torch.Tensor, text: dict[str, torch.Tensor],
                         empty: dict[str, torch.Tensor] | None) -> torch.Tensor:
@@ -174,9 +215,11 @@ class LatentRewardModel(ModelMixin, ConfigMixin):
         out = [guide(f, self.config.vfe_down) for f in tapped] + [guide(deepest, True)]
         return self.visual_projection(torch.cat(out, dim=-1))
 
-    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor | int, prompts: list[str]) -> torch.Tensor:
-        """exp(logit_scale) * cos(visual(x_t, t), text(prompt)), one logit per latent."""
-        return self.score(latents, timesteps, prompts)
+    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor | int, prompts: list[str],
+                text: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """exp(logit_scale) * cos(visual(x_t, t), text(prompt)), one logit per latent (the trainers call the model,
+        so that DDP, DeepSpeed and FSDP wrappers see every forward)."""
+        return self.score(latents, timesteps, prompts, text)
 
     def score(self, latents: torch.Tensor, timesteps: torch.Tensor | int, prompts: list[str],
               text: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -186,8 +229,8 @@ class LatentRewardModel(ModelMixin, ConfigMixin):
         if not torch.is_tensor(timesteps):
             timesteps = torch.full((latents.shape[0],), int(timesteps), dtype=torch.long, device=latents.device)
         timesteps = timesteps.to(latents.device).expand(latents.shape[0])
-        text = text if text is not None else self.encode_text(prompts)
-        empty = self.encode_text([""]) if self.config.vfe_scale != 1.0 else None
+        text = text if text is not None else self.encode_prompts(prompts)
+        empty = self.empty_text() if self.config.vfe_scale != 1.0 else None
         visual = self.visual_features(latents.to(self.logit_scale.dtype), timesteps, text, empty)
         visual = visual / visual.norm(dim=-1, keepdim=True)
         textual = text["text"] / text["text"].norm(dim=-1, keepdim=True)

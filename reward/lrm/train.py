@@ -30,7 +30,8 @@ from lpo.reward.lrm.config import RewardTrainConfig
 logger = logging.getLogger(__name__)
 
 # Fields that may change between a run and its resume; any other change makes it a different run.
-RESUMABLE_FIELDS = {"resume", "max_steps", "eval_every", "save_every", "log_with", "device"}
+RESUMABLE_FIELDS = {"resume", "max_steps", "eval_every", "save_every", "log_with", "device", "latent_cache",
+                    "timeout_minutes", "dry_run", "processes", "sharding", "gpu_memory_gb"}
 CONFIG_FILE = "train_config.json"
 
 
@@ -38,8 +39,8 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is left as it was."""
 
 
-def validate(config: RewardTrainConfig) -> Any:
-    """Everything checkable before a model loads; returns the base's family."""
+def validate(config: RewardTrainConfig) -> tuple[RewardTrainConfig, Any]:
+    """Everything checkable before a model loads; returns the config with the family's defaults, and the family."""
     from lpo.curate.manifest import PAIRS_SCHEMA, check_schema
     from lpo.reward.backbones import family_of
     from lpo.reward.lrm.model import check_text_projection_init
@@ -51,6 +52,7 @@ def validate(config: RewardTrainConfig) -> Any:
     if config.val_manifest is not None:
         check_schema(config.val_manifest, PAIRS_SCHEMA, "validation")
     family = family_of(config.base)
+    config = config.resolved(family.name)
     bad = [t for t in config.timesteps + config.eval_timesteps if not 0 <= t < 1000]
     if bad or not config.timesteps:
         raise InputError(f"timesteps must be non-empty and in [0, 999]; got {bad or config.timesteps}.")
@@ -63,8 +65,9 @@ def validate(config: RewardTrainConfig) -> Any:
         raise InputError(f"--init {config.init!r} is not diffusion or random.")
     if config.init == "diffusion":
         check_text_projection_init(family.name, config.text_projection_init)
-    checkpoints.check_run_dir(config, Path(config.out), CONFIG_FILE, RESUMABLE_FIELDS, "step")
-    return family
+    if not config.dry_run:
+        checkpoints.check_run_dir(config, Path(config.out), CONFIG_FILE, RESUMABLE_FIELDS, "step")
+    return config, family
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -88,6 +91,22 @@ def split_validation(pairs: pl.DataFrame, fraction: float, seed: int) -> tuple[p
     return pairs.filter(~mask), pairs.filter(mask)
 
 
+def _plan(config: RewardTrainConfig, family: Any, train_pairs: pl.DataFrame, uids: set[str]) -> Any:
+    """The --dry-run plan; the images to encode are those no cache folder of this VAE and resolution holds."""
+    from lpo.reward.backbones import pixel_resolution, read_subfolder_config
+    from lpo.reward.lrm.latents import LatentCache
+    from lpo.reward.plan import lrm_plan
+
+    resolution = pixel_resolution(read_subfolder_config(config.base, family.denoiser), config.base, config.vae)
+    vae, subfolder = (config.vae, None) if config.vae else (config.base, "vae")
+    cached: set[str] = set()
+    for meta in Path(config.latent_cache or Path(config.out) / "latent_cache").glob("vae-*/cache.json"):
+        found = json.loads(meta.read_text())
+        if (found.get("vae"), found.get("vae_subfolder"), found.get("resolution")) == (vae, subfolder, resolution):
+            cached |= set(LatentCache(meta.parent).index)
+    return lrm_plan(config, family, train_pairs.height, len(uids - cached), config.processes, config.sharding)
+
+
 def batch_indices(step: int, rank: int, world: int, n: int, batch_size: int, seed: int) -> list[int]:
     """Pairs of micro-step `step` on `rank`: epochs are seeded permutations, split across ranks, cycling."""
     per_epoch = max(1, math.ceil(n / (batch_size * world)))
@@ -108,17 +127,19 @@ def lr_lambda(warmup: int, total: int):
 
 def run(config: RewardTrainConfig) -> dict[str, Any]:
     """Train; returns a summary (steps, effective batch, best validation accuracy, export paths)."""
+    from datetime import timedelta
+
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
 
     from lpo.curate.device import mixed_precision
     from lpo.curate.manifest import curation_dir_of, read_pairs
     from lpo.reward.backbones import pixel_resolution, read_subfolder_config
     from lpo.reward.lrm.accuracy import accuracy_per_timestep, plot_accuracy, usable_pairs
-    from lpo.reward.lrm.latents import LatentCache, build_cache, cache_dir, only_encoded, pair_uids
+    from lpo.reward.lrm.latents import build_cache, only_encoded, pair_uids
     from lpo.reward.lrm.model import LatentRewardModel, export_components
 
-    family = validate(config)
+    config, family = validate(config)
     out = Path(config.out)
     pairs = usable_pairs(read_pairs(config.manifest))
     if pairs.is_empty():
@@ -130,34 +151,34 @@ def run(config: RewardTrainConfig) -> dict[str, Any]:
         train_pairs, val_pairs = split_validation(pairs, config.val_fraction, config.seed)
     if train_pairs.is_empty():
         raise InputError("no training pairs are left after holding out validation captions; lower --val-fraction.")
+    if config.dry_run:
+        return {"plan": _plan(config, family, train_pairs, pair_uids(pairs) | pair_uids(val_pairs))}
 
     cuda = torch.cuda.is_available() and config.device != "cpu"
     precision = mixed_precision(config.mixed_precision, cuda, auto="bf16")
     accelerator = Accelerator(
         cpu=not cuda, mixed_precision=precision, gradient_accumulation_steps=config.grad_accum,
         log_with=config.log_with or None, project_dir=str(out),
-        kwargs_handlers=[DistributedDataParallelKwargs(
-            find_unused_parameters=family.lrm_backbone.unused_parameters)],
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=family.lrm_backbone.unused_parameters),
+                         InitProcessGroupKwargs(timeout=timedelta(minutes=config.timeout_minutes))],
     )
     out.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
         cfg.save(config, out / CONFIG_FILE)
 
-    # 1. latents, once per unique image (main process encodes, the others wait and read)
+    # 1. latents, once per unique image: every process encodes its shard, then all read the whole cache
     resolution = pixel_resolution(read_subfolder_config(config.base, family.denoiser), config.base, config.vae)
-    vae_source = config.vae or config.base
-    latent_dir = cache_dir(out / "latent_cache", vae_source, resolution)
+    vae_source, subfolder = (config.vae, None) if config.vae else (config.base, "vae")
     uids = pair_uids(pairs) | pair_uids(val_pairs)
-    with accelerator.main_process_first():
-        if accelerator.is_main_process:
-            # each manifest's images live in its own curation directory: encode them from there
-            sources = {curation_dir_of(config.manifest): pair_uids(pairs)}
-            if config.val_manifest is not None:
-                sources.setdefault(curation_dir_of(config.val_manifest), set()).update(pair_uids(val_pairs))
-            for directory, wanted in sources.items():
-                build_cache(latent_dir, directory, wanted, vae_source, resolution, device=str(accelerator.device),
-                            subfolder=None if config.vae else "vae")
-    cache = LatentCache(latent_dir)  # what could not be encoded is absent from it
+    # each manifest's images live in its own curation directory: encode them from there
+    sources = {curation_dir_of(config.manifest): pair_uids(pairs)}
+    if config.val_manifest is not None:
+        sources.setdefault(curation_dir_of(config.val_manifest), set()).update(pair_uids(val_pairs))
+    cache = build_cache(Path(config.latent_cache or out / "latent_cache"), sources, vae_source, resolution,
+                        device=str(accelerator.device), subfolder=subfolder, rank=accelerator.process_index,
+                        world=accelerator.num_processes)
+    accelerator.wait_for_everyone()
+    cache.refresh()  # what could not be encoded is absent from it
     missing = [u for u in uids if u not in cache]
     train_pairs, val_pairs = only_encoded(train_pairs, cache), only_encoded(val_pairs, cache)
 
@@ -173,7 +194,10 @@ def run(config: RewardTrainConfig) -> dict[str, Any]:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
                                   weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.warmup_steps, config.max_steps))
-    model, optimizer, schedule = accelerator.prepare(model, optimizer, schedule)
+    # The schedule is stepped here once per optimizer update. Prepared by accelerate it would step once per update
+    # *per process* (its default when batches are not split): with 8 processes the warmup would end 8x too early.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(schedule)
 
     state = {"step": 0, "best_accuracy": -1.0, "best_step": None, "history": []}
     if config.resume:
@@ -216,6 +240,7 @@ def _loop(config, accelerator, model, optimizer, schedule, cache, noise_schedule
     columns = (TextColumn("[bold]LRM"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                TimeRemainingColumn())
     progress = Progress(*columns, disable=not accelerator.is_main_process, transient=False)
+    metrics = checkpoints.MetricsLog(out, accelerator.is_main_process, state["step"])
     with progress:
         task = progress.add_task("train", total=config.max_steps, completed=state["step"], info="")
         while state["step"] < config.max_steps:
@@ -242,6 +267,7 @@ def _loop(config, accelerator, model, optimizer, schedule, cache, noise_schedule
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                lr = optimizer.param_groups[0]["lr"]  # the rate this update applies
                 optimizer.step()
                 schedule.step() if accelerator.sync_gradients else None
                 optimizer.zero_grad()
@@ -252,10 +278,15 @@ def _loop(config, accelerator, model, optimizer, schedule, cache, noise_schedule
             if not accelerator.sync_gradients:
                 continue
             state["step"] += 1
-            logs = {"loss": running["loss"] / config.grad_accum, "train_accuracy": running["correct"] /
-                    max(running["count"], 1), "lr": schedule.get_last_lr()[0]}
+            # over every process: the loss of the global batch (each process's is its share times world) and the
+            # share of its pairs ranked as labelled
+            totals = accelerator.reduce(torch.tensor([running["loss"], running["correct"], running["count"]],
+                                                     dtype=torch.float64, device=accelerator.device), "sum")
+            logs = {"loss": totals[0].item() / config.grad_accum, "train_accuracy": totals[1].item() /
+                    max(totals[2].item(), 1), "lr": lr}
             running = {"loss": 0.0, "correct": 0.0, "count": 0}
             accelerator.log(logs, step=state["step"])
+            metrics.write({"update": state["step"], **logs})
             progress.update(task, completed=state["step"], info=f"loss {logs['loss']:.3f} acc "
                             f"{logs['train_accuracy']:.2f}")
             final = state["step"] == config.max_steps
@@ -264,10 +295,9 @@ def _loop(config, accelerator, model, optimizer, schedule, cache, noise_schedule
                           accuracy_per_timestep, export_components)
             if state["step"] % config.save_every == 0 or final:
                 checkpoints.save(accelerator, out, "step", state["step"], state, config.keep_checkpoints)
+    last = out / "last"
+    _export(accelerator, model, last, config, export_components)
     if accelerator.is_main_process:
-        last = out / "last"
-        accelerator.unwrap_model(model).save_pretrained(last)
-        export_components(last, config.base, config.vae)
         if state["best_step"] is None:  # no validation set: the last model is the only candidate
             shutil.copytree(last, out / "best", dirs_exist_ok=True)
         if state["history"]:
@@ -278,27 +308,32 @@ def _loop(config, accelerator, model, optimizer, schedule, cache, noise_schedule
             "history": state["history"], "best": str(out / "best"), "last": str(out / "last")}
 
 
+def _export(accelerator: Any, model: Any, directory: Path, config: RewardTrainConfig, export_components: Any) -> None:
+    """Save the model where `from_pretrained` loads it, with its VAE and noise schedule. Every process takes part:
+    under FSDP the full weights are gathered from the shards."""
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(directory, state_dict=state_dict)
+        export_components(directory, config.base, config.vae)
+    accelerator.wait_for_everyone()
+
+
 def _validate(config, accelerator, model, cache, noise_scheduler, val_pairs, state, out, accuracy_per_timestep,
               export_components) -> None:
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        accuracy = accuracy_per_timestep(unwrapped, cache, val_pairs, noise_scheduler, config.eval_timesteps,
-                                         seed=config.seed, batch_size=config.batch_size)
-        record = {"step": state["step"], "accuracy": {str(t): a for t, a in accuracy.items()}}
-        state["history"].append(record)
-        accelerator.log({f"val_accuracy_t{t}": a for t, a in accuracy.items()}, step=state["step"])
-        logger.info("update %d: validation accuracy %s", state["step"],
-                    ", ".join(f"t={t}: {a:.3f}" for t, a in accuracy.items()))
-        selected = accuracy.get(config.select_timestep, next(iter(accuracy.values())))
-        if selected > state["best_accuracy"]:
-            state["best_accuracy"], state["best_step"] = selected, state["step"]
-            unwrapped.save_pretrained(out / "best")
-            export_components(out / "best", config.base, config.vae)
+    """Every process scores its share of the validation pairs; the main process keeps the record and the best."""
+    unwrapped = accelerator.unwrap_model(model)
+    accuracy = accuracy_per_timestep(model, cache, val_pairs, noise_scheduler, config.eval_timesteps,
+                                     seed=config.seed, batch_size=config.batch_size, rank=accelerator.process_index,
+                                     world=accelerator.num_processes,
+                                     total=lambda x: accelerator.reduce(x.to(accelerator.device), "sum").cpu(),
+                                     scaling=unwrapped.config.vae_scaling_factor)
+    record = {"step": state["step"], "accuracy": {str(t): a for t, a in accuracy.items()}}
+    state["history"].append(record)
+    accelerator.log({f"val_accuracy_t{t}": a for t, a in accuracy.items()}, step=state["step"])
+    logger.info("update %d: validation accuracy %s", state["step"],
+                ", ".join(f"t={t}: {a:.3f}" for t, a in accuracy.items()))
+    selected = accuracy.get(config.select_timestep, next(iter(accuracy.values())))
+    if selected > state["best_accuracy"]:  # the same numbers on every process: the same bookkeeping
+        state["best_accuracy"], state["best_step"] = selected, state["step"]
+        _export(accelerator, model, out / "best", config, export_components)
     accelerator.wait_for_everyone()
-    # every process keeps the same bookkeeping, so any of them could save a consistent trainer state
-    payload = [state] if accelerator.is_main_process else [None]
-    from accelerate.utils import broadcast_object_list
-
-    state.update(broadcast_object_list(payload, from_process=0)[0])
-
-

@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 CONFIG_FILE = "demo_config.json"
 SUMMARY_FILE = "demo_summary.json"
 STAGES_DIR = "stages"
+LATENT_CACHE = "latent_cache"  # one VAE, so one cache for the three LRMs and their evaluations
 METRICS = ["pickscore", "clip"]  # the toy world has no aesthetics and no VQA model: MPCF runs on these two
 LRM_RUNS = {  # name -> (training manifest, backbone init)
     "lrm-raw": ("raw", "diffusion"),
@@ -188,11 +189,11 @@ def train_lrm(config: DemoConfig, out: Path, name: str) -> dict[str, Any]:
         manifest=_manifest(out, which), base=str(Path(config.models) / "sd15"), out=run_dir, val_fraction=0.0,
         batch_size=config.lrm_batch_size, max_steps=config.lrm_steps, lr=config.lrm_lr, weight_decay=0.01,
         warmup_steps=max(1, config.lrm_steps // 20), vfe_scale=config.vfe_scale, text_projection_init="", init=init,
-        save_every=max(1, config.lrm_steps // 4), seed=config.seed, device="cpu",
+        save_every=max(1, config.lrm_steps // 4), seed=config.seed, device="cpu", latent_cache=out / LATENT_CACHE,
         resume=train.latest_checkpoint(run_dir) is not None))
     evaluation = accuracy.run(RewardEvalConfig(lrm=run_dir / "last", manifest=out / "val" / "pairs.parquet",
-                                           out=run_dir / "eval", timesteps=list(EVAL_TIMESTEPS), seed=config.seed,
-                                           batch_size=128, device="cpu"))
+                                               out=run_dir / "eval", timesteps=list(EVAL_TIMESTEPS), seed=config.seed,
+                                               batch_size=128, latent_cache=out / LATENT_CACHE, device="cpu"))
     return {"pairs": which, "init": init, "train_pairs": summary["train_pairs"], "steps": summary["steps"],
             "accuracy": evaluation["accuracy"], "eval_pairs": evaluation["pairs"], "model": str(run_dir / "last")}
 

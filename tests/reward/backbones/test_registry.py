@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -63,3 +64,11 @@ def test_a_lora_is_found_in_its_run_directory(tmp_path: Path) -> None:
     assert resolve_lora(tmp_path / "run" / "lora") == tmp_path / "run" / "lora"
     with pytest.raises(InputError, match="holds no LoRA"):
         resolve_lora(tmp_path)
+
+
+def test_a_half_precision_generator_decodes_in_float32(tiny_models_dir: Path) -> None:
+    """The SDXL VAE overflows in float16 (black images): every generator keeps its VAE in float32."""
+    model = load_generator(str(tiny_models_dir / "sdxl"), dtype=torch.float16)
+    assert model.denoiser.dtype == torch.float16 and model.vae.dtype == torch.float32
+    images = model.decode(torch.randn(1, *model.latent_shape, generator=torch.Generator().manual_seed(0)))
+    assert np.asarray(images[0]).std() > 0

@@ -98,3 +98,25 @@ def test_loss_at_equal_policies_is_log_two() -> None:
     out = lpo_loss(same, same - 0.2, same, same - 0.2)
     assert out["loss"].item() == pytest.approx(math.log(2))
     assert out["implicit_accuracy"].item() == 0.0
+
+
+def test_a_summed_log_ratio_far_outside_the_clip_gives_finite_gradients() -> None:
+    """With --logprob-reduction sum the log-density difference is large (here 100): exp() of it overflows, so the
+    clip must act on the log-ratio itself."""
+    log_w = torch.tensor([100.0, -100.0, 1e-3], requires_grad=True)
+    log_l = torch.tensor([-100.0, 100.0, -1e-3], requires_grad=True)
+    zero = torch.zeros(3)
+    out = lpo_loss(log_w, log_l, zero, zero, beta=500.0, eps=0.1)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and torch.isfinite(log_w.grad).all() and torch.isfinite(log_l.grad).all()
+    assert log_w.grad[0] == 0 and log_w.grad[1] == 0 and log_w.grad[2] < 0  # clipped ones do not move
+    margins = 500.0 * torch.tensor([math.log(1.1) - math.log(0.9), math.log(0.9) - math.log(1.1), 2e-3])
+    assert out["loss"].item() == pytest.approx(torch.nn.functional.softplus(-margins).mean().item(), rel=1e-5)
+
+
+def test_beta_is_per_element_under_both_reductions() -> None:
+    from lpo.reward.lpo.config import LPOConfig
+    from lpo.reward.lpo.train import effective_beta
+
+    assert effective_beta(LPOConfig(beta=500.0), 256) == 500.0
+    assert effective_beta(LPOConfig(beta=500.0, logprob_reduction="sum"), 256) == pytest.approx(500.0 / 256)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -181,6 +182,9 @@ def test_resume_continues_the_same_run(tiny_models_dir, lrms, prompt_file, tmp_p
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    logged, expected = checkpoints.read_metrics(split), checkpoints.read_metrics(straight)
+    assert [r["update"] for r in logged] == [r["update"] for r in expected] == list(range(1, len(expected) + 1))
+    assert [r["loss"] for r in logged] == pytest.approx([r["loss"] for r in expected], rel=1e-5)
 
 
 def test_bad_inputs_exit_before_sampling(tiny_models_dir, lrms, prompt_file, tmp_path):
@@ -229,6 +233,10 @@ def test_two_process_lpo(tiny_models_dir, lrms, prompt_file, tmp_path):
     assert summary["round"] == 2  # 3 prompts over 2 processes x 1 prompt per round
     assert summary["rounds"][0]["valid_pairs"] == 4  # gathered from both processes (2 steps x 2 trajectories)
     assert (out / "lora" / "pytorch_lora_weights.safetensors").exists()
+    # one metrics line per optimizer update, written once (by the main process), with the global batch's numbers
+    logged = checkpoints.read_metrics(out)
+    assert [r["update"] for r in logged] == list(range(1, summary["updates"] + 1)) and logged
+    assert all(r["lr"] == 1e-3 and r["tuples"] == 4 and math.isfinite(r["loss"]) for r in logged)
 
 
 def test_sample_command_reports_the_guided_gain(tiny_models_dir, lrms, tmp_path):

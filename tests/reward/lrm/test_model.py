@@ -208,3 +208,26 @@ def test_random_init_keeps_the_architecture_with_fresh_weights(tiny_models_dir: 
                            trained.backbone.text_encoder.get_input_embeddings().weight)
     latents, t, prompts = _inputs(fresh)
     assert torch.isfinite(fresh.score(latents, t, prompts)).all()
+
+
+def test_each_prompt_is_encoded_once_and_the_empty_prompt_once_while_frozen(lrm: LatentRewardModel,
+                                                                            monkeypatch) -> None:
+    latents, steps, _ = _inputs(lrm, 2)
+    prompts = ["a red circle", "a red circle"]
+    lrm.eval()  # drops what earlier tests cached
+    assert lrm.config.vfe_scale != 1.0  # VFE on: the empty prompt is needed
+    calls: list[list[str]] = []
+    real = lrm.encode_text
+    monkeypatch.setattr(lrm, "encode_text", lambda p: calls.append(list(p)) or real(p))
+    with torch.no_grad():
+        deduplicated = lrm.score(latents, steps, prompts)
+        each = lrm.score(latents, steps, prompts, text=real(prompts))
+        lrm.score(latents, steps, prompts)
+    torch.testing.assert_close(deduplicated, each)
+    assert calls[0] == ["a red circle"] and calls.count([""]) == 1  # frozen: the empty prompt once
+    lrm.train()
+    calls.clear()
+    lrm.score(latents, steps, prompts)
+    lrm.score(latents, steps, prompts)
+    assert calls.count([""]) == 2  # training: the text encoder learns, so afresh every call
+    lrm.eval()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -90,6 +91,11 @@ def test_resume_continues_the_same_run(manifest, tiny_models_dir, tmp_path, monk
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    # the metrics log continues across the resume: one line per update, as the uninterrupted run's
+    logged, expected = checkpoints.read_metrics(split), checkpoints.read_metrics(straight)
+    assert [r["update"] for r in logged] == [1, 2, 3, 4]
+    assert [r["lr"] for r in logged] == [r["lr"] for r in expected]
+    assert [r["loss"] for r in logged] == pytest.approx([r["loss"] for r in expected], rel=1e-5)
 
 
 def test_nan_loss_stops_with_the_last_checkpoint_intact(manifest, tiny_models_dir, tmp_path, monkeypatch):
@@ -142,19 +148,29 @@ def test_bad_inputs_are_input_errors(manifest, tiny_models_dir, tmp_path):
         train.run(_config(manifest, tiny_models_dir / "sd15", out, max_steps=3, batch_size=2, resume=True))
 
 
-def test_two_process_training(manifest, tiny_models_dir, tmp_path):
+def test_two_process_training_follows_the_one_process_schedule(manifest, tiny_models_dir, tmp_path):
+    """The learning rate of update k is the same with 1 or 2 processes and with gradient accumulation (accelerate
+    would step a prepared schedule once per process: twice per update here)."""
+    settings = {"batch_size": 2, "max_steps": 4, "warmup_steps": 2, "eval_every": 4, "save_every": 4, "lr": 1e-3}
     out = tmp_path / "ddp"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "lpo", "reward", "train", "--manifest", str(manifest),
-           "--base", str(tiny_models_dir / "sd15"), "--out", str(out),
-           "--batch-size", "2", "--max-steps", "2", "--warmup-steps", "1", "--eval-every", "2", "--save-every", "2",
-           "--text-projection-init", "", "--device", "cpu"]
+           "-m", "lpo", "reward", "train", "--manifest", str(manifest), "--base", str(tiny_models_dir / "sd15"),
+           "--out", str(out), "--text-projection-init", "", "--device", "cpu"]
+    cmd += [arg for key, value in settings.items() for arg in (f"--{key.replace('_', '-')}", str(value))]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "effective batch 4 pairs" in result.stderr  # 2 pairs x 1 accumulation x 2 processes
     assert LatentRewardModel.from_pretrained(out / "last").config.family == "sd15"
-    assert (out / "checkpoints" / "step-2").is_dir()
+    assert (out / "checkpoints" / "step-4").is_dir()
+    one = tmp_path / "one"
+    train.run(_config(manifest, tiny_models_dir / "sd15", one, **(settings | {"grad_accum": 2})))
+    two_processes, accumulated = checkpoints.read_metrics(out), checkpoints.read_metrics(one)
+    expected = [1e-3 * f for f in (0.5, 1.0, 1.0, 0.5)]  # warmup 2, then linear decay to 0 at update 4
+    assert [r["lr"] for r in two_processes] == pytest.approx(expected, rel=1e-12)
+    assert [r["lr"] for r in accumulated] == pytest.approx(expected, rel=1e-12)
+    assert [r["update"] for r in two_processes] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["loss"]) and 0 <= r["train_accuracy"] <= 1 for r in two_processes)
 
 
 def test_eval_and_score_commands(manifest, tiny_models_dir, tmp_path):
@@ -204,3 +220,17 @@ def test_val_manifest_from_another_curation_dir_is_encoded_from_there(manifest, 
                                     val_manifest=tmp_path / "val" / "pairs.parquet"))
     assert "could not be encoded" not in caplog.text
     assert summary["validation_pairs"] == 12 and summary["skipped_images"] == 0
+
+
+def test_runs_sharing_a_latent_cache_encode_each_image_once(manifest, tiny_models_dir, tmp_path, caplog):
+    shared = tmp_path / "latents"
+    with caplog.at_level("INFO", logger="lpo.reward.lrm.latents"):
+        train.run(_config(manifest, tiny_models_dir / "sd15", tmp_path / "a", max_steps=1, latent_cache=shared))
+        assert "encoding" in caplog.text
+        parts = sorted(p.name for p in shared.rglob("part-*"))
+        caplog.clear()
+        train.run(_config(manifest, tiny_models_dir / "sd15", tmp_path / "b", max_steps=1, latent_cache=shared,
+                          init="random"))
+    assert "encoding" not in caplog.text  # the second run (another init, same VAE) reads what the first encoded
+    assert sorted(p.name for p in shared.rglob("part-*")) == parts
+    assert not (tmp_path / "b" / "latent_cache").exists()

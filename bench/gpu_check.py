@@ -1,0 +1,333 @@
+"""The prepared GPU check: the toolkit's costs at real size on one GPU, written to one JSON.
+
+    python bench/gpu_check.py --out bench/results/gpu_check.json            # one CUDA GPU, about 5 minutes
+    python bench/gpu_check.py --tiny --device cpu --out /tmp/gpu_check.json  # the tiny models (what the tests run)
+
+Random weights from the published SD1.5 and SDXL configs (`lpo.reward.backbones.published`; nothing is
+downloaded; the CLIP tokenizer is a byte-level stand-in of the same 77-token length), so the numbers are costs,
+not quality:
+
+1. `scoring`: the LRM's score of a batch of noisy latents (bf16, VFE 7.5) at batch 1, 8 and 32, against the pixel
+   route on the same batch: VAE decode to 512 px and an open_clip ViT-H-14 image forward at 224 px. SD1.5.
+2. `lrm_training`: one LRM training step (bf16 autocast, AdamW over every parameter) with and without gradient
+   checkpointing, SD1.5 (4 pairs) and SDXL (1 pair), with the peak memory of each.
+3. `lpo`: the LPO loss step (float16 base, float32 LoRA rank 4, 4 tuples: one policy and one reference forward),
+   and one SD1.5 LPO round (20 DDIM steps, K = 4, 5 prompts, then training on every tuple) split into sampling,
+   LRM scoring and training time, with its peak memory.
+
+Times are the fastest of `--repeats` after a warm-up, synchronised on the device; ratios are printed as the
+benchmarks in bench/ print them. `--tiny` runs every part on the tiny models of `lpo dev tiny-models`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+class Clock:
+    """Wall time of a call, the device synchronised before and after; peak memory of a section on CUDA."""
+
+    def __init__(self, device: str, repeats: int):
+        self.device = device
+        self.repeats = repeats
+
+    def sync(self) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def fastest(self, fn: Callable[[], Any]) -> float:
+        fn()  # warm-up: kernels, allocator, optimizer state
+        times = []
+        for _ in range(self.repeats):
+            self.sync()
+            start = time.perf_counter()
+            fn()
+            self.sync()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    def reset_peak(self) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_gb(self) -> float | None:
+        return torch.cuda.max_memory_allocated() / 1e9 if self.device.startswith("cuda") else None
+
+
+def generator(family: str, tiny: Path | None, device: str, dtype: torch.dtype) -> Any:
+    """A Generator of `family`: the tiny pipeline, or one built from the published configs with random weights."""
+    from lpo.reward.backbones import get_family, load_generator
+
+    if tiny is not None:
+        return load_generator(str(tiny / family), dtype=dtype, device=device)
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from lpo.reward.backbones.published import PIPELINES, SCHEDULER
+    from lpo.reward.toy.random_models import clip_tokenizer
+
+    configs, adapter = PIPELINES[family], get_family(family)
+    with torch.device(device):  # random init where the model runs: seconds on a GPU, not minutes on the CPU
+        parts = {"unet": diffusers.UNet2DConditionModel.from_config(configs["unet"]),
+                 "vae": diffusers.AutoencoderKL.from_config(configs["vae"]),
+                 "text_encoder": CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"])),
+                 "tokenizer": clip_tokenizer(), "scheduler": diffusers.DDIMScheduler.from_config(SCHEDULER)}
+        if "text_encoder_2" in configs:
+            parts |= {"tokenizer_2": clip_tokenizer(), "text_encoder_2": CLIPTextModelWithProjection(
+                CLIPTextConfig.from_dict(configs["text_encoder_2"]))}
+        else:
+            parts |= {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    pipeline = getattr(diffusers, adapter.pipeline)(**parts).to(device, dtype)
+    pipeline.vae.to(torch.float32)
+    pipeline.set_progress_bar_config(disable=True)
+    for module in (pipeline.vae, pipeline.text_encoder, getattr(pipeline, "text_encoder_2", None)):
+        if module is not None:
+            module.requires_grad_(False)
+    return adapter.generator(pipeline, f"random {family} (published config)")
+
+
+def reward_model(model: Any, vfe_scale: float = 7.5) -> Any:
+    """An LRM on a copy of the generator's UNet and its text encoders (random weights, as the generator's)."""
+    import copy
+
+    from lpo.reward.lrm.model import LatentRewardModel
+
+    family = model.family
+    pipeline = model.pipeline
+    encoders = [copy.deepcopy(getattr(pipeline, name)) for name in family.lrm_backbone.text_encoders]
+    tokenizers = [pipeline.tokenizer] + ([pipeline.tokenizer_2] if len(encoders) > 1 else [])
+    backbone = family.lrm_backbone(copy.deepcopy(pipeline.unet), encoders, model.resolution, tokenizers)
+    lrm = LatentRewardModel(family=family.name, base=model.base, taps=backbone.default_taps(),
+                            projection_dim=backbone.text_width, resolution=model.resolution,
+                            components=backbone.components, vfe_scale=vfe_scale,
+                            latent_shape=list(backbone.latent_shape), backbone=backbone)
+    return lrm.to(model.device, torch.float32).requires_grad_(True)
+
+
+def clip_tower(tiny: Path | None, device: str) -> tuple[Any, int]:
+    """open_clip's ViT-H-14 image tower with random weights (the tiny open_clip model with --tiny)."""
+    import open_clip
+
+    with torch.device(device):
+        name = f"local-dir:{tiny / 'clip'}" if tiny is not None else "ViT-H-14"
+        model = open_clip.create_model(name, pretrained=None, device=device)
+    size = model.visual.image_size
+    return model.to(device).eval(), size[0] if isinstance(size, (tuple, list)) else size
+
+
+def scoring(model: Any, clock: Clock, tiny: Path | None, batches: list[int]) -> dict[str, Any]:
+    import copy
+
+    import torch.nn.functional as F
+
+    dtype = torch.bfloat16  # every contender in bf16
+    lrm = reward_model(model).eval().to(dtype)
+    clip, side = clip_tower(tiny, model.device.type)
+    clip = clip.to(dtype)
+    vae = copy.deepcopy(model.vae).to(dtype)
+    out: dict[str, Any] = {"model": "SD1.5-sized LRM, VFE 7.5; VAE decode and CLIP ViT-H-14; all bf16", "batches": {}}
+    for batch in batches:
+        latents = torch.randn(batch, *model.latent_shape, device=model.device, dtype=dtype)
+        steps = torch.full((batch,), 501, device=model.device)
+        prompts = ["a photo of a red fox sitting in fresh snow, golden hour"] * batch
+        pixels = torch.rand(batch, 3, model.resolution, model.resolution, device=model.device, dtype=dtype)
+        with torch.inference_mode():
+            lrm_s = clock.fastest(lambda x=latents, t=steps, c=prompts: lrm.score(x, t, c))
+            decode_s = clock.fastest(lambda x=latents: vae.decode(x / vae.config.scaling_factor).sample)
+            clip_s = clock.fastest(lambda x=pixels: clip.encode_image(F.interpolate(x, size=side, mode="bicubic")))
+        out["batches"][str(batch)] = {"lrm_s": lrm_s, "decode_s": decode_s, "clip_s": clip_s,
+                                      "pixel_route_over_lrm": (decode_s + clip_s) / lrm_s,
+                                      "lrm_latents_per_s": batch / lrm_s}
+        print(f"scoring, batch {batch:3d}: LRM {lrm_s:8.4f} s, decode + CLIP {decode_s + clip_s:8.4f} s: "
+              f"{(decode_s + clip_s) / lrm_s:6.1f}x", flush=True)
+    return out
+
+
+def lrm_step(model: Any, clock: Clock, pairs: int, checkpointing: bool) -> dict[str, Any]:
+    from lpo.reward.lrm.loss import bradley_terry_loss, pair_labels, pair_weights
+
+    lrm = reward_model(model).train()
+    if checkpointing:
+        lrm.backbone.enable_gradient_checkpointing()
+    params = [p for p in lrm.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    latents = torch.randn(2 * pairs, *model.latent_shape, device=model.device)
+    steps = torch.full((2 * pairs,), 501, device=model.device)
+    captions = [f"caption {i}" for i in range(pairs)] * 2
+    labels = pair_labels(torch.zeros(pairs, dtype=torch.long), torch.zeros(pairs, dtype=torch.bool)).to(model.device)
+    weights = pair_weights(torch.ones(pairs)).to(model.device)
+    autocast = torch.autocast(model.device.type, dtype=torch.bfloat16)
+
+    def step() -> None:
+        with autocast:
+            scores = lrm(latents, steps, captions)
+        bradley_terry_loss(scores[:pairs], scores[pairs:], labels, weights).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    clock.reset_peak()
+    seconds = clock.fastest(step)
+    result = {"pairs": pairs, "gradient_checkpointing": checkpointing, "step_s": seconds,
+              "peak_memory_gb": clock.peak_gb(), "parameters_trained": sum(p.numel() for p in params)}
+    return result
+
+
+def lrm_training(sd15: Any, sdxl: Any, clock: Clock, tiny: bool) -> dict[str, Any]:
+    out = {}
+    for name, model, pairs in (("sd15", sd15, 4), ("sdxl", sdxl, 1)):
+        runs = [lrm_step(model, clock, pairs, checkpointing) for checkpointing in (False, True)]
+        out[name] = {"plain": runs[0], "checkpointed": runs[1],
+                     "checkpointing_time_cost": runs[1]["step_s"] / runs[0]["step_s"]}
+        peaks = [r["peak_memory_gb"] for r in runs]
+        if peaks[0] is not None:
+            out[name]["checkpointing_memory_saving"] = peaks[0] / peaks[1]
+        print(f"LRM step {name} ({pairs} pair(s)): {runs[0]['step_s']:.3f} s plain, {runs[1]['step_s']:.3f} s "
+              f"checkpointed; peak memory {peaks}", flush=True)
+    return out
+
+
+def lpo(model: Any, clock: Clock, steps: int, prompts: int, k: int) -> dict[str, Any]:
+    from peft import LoraConfig
+
+    from lpo.reward.lpo import sampler
+    from lpo.reward.lpo.config import LPOConfig
+    from lpo.reward.lpo.loss import lpo_loss
+    from lpo.reward.lpo.train import Reference, step_log_probs
+
+    lrm = reward_model(model).eval().requires_grad_(False).to(model.dtype)
+    unet = model.unet
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                target_modules=list(model.family.lora_targets)))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    for param in params:
+        param.data = param.data.float()
+    optimizer = torch.optim.AdamW(params, lr=6e-5)
+    reference = Reference(unet, lora=True)
+    config = LPOConfig(guidance=5.0, eta=1.0)
+    model.timesteps(steps)
+    texts = ["a photo of a red fox in the snow", "a castle on a hill at dawn", "two cats on a sofa",
+             "a bowl of ramen, studio light", "an astronaut riding a horse"][:prompts]
+
+    def train_on(batch: dict[str, torch.Tensor], cond: Any) -> None:
+        with torch.autocast(model.device.type, dtype=model.dtype, enabled=model.device.type == "cuda"):
+            log_probs = step_log_probs(model, unet, reference, batch, cond, config)
+            loss = lpo_loss(log_probs["w"], log_probs["l"], log_probs["ref_w"], log_probs["ref_l"])["loss"]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    shape = (4, *model.latent_shape)
+    batch = {"x_t": torch.randn(shape, device=model.device), "t": torch.tensor([501] * 4),
+             "x_w": torch.randn(shape, device=model.device), "x_l": torch.randn(shape, device=model.device)}
+    cond = model.encode_prompts([texts[0]] * 4)
+    clock.reset_peak()
+    loss_s = clock.fastest(lambda: train_on(batch, cond))
+    loss_peak = clock.peak_gb()
+    print(f"LPO loss step (4 tuples, fp16 base, fp32 LoRA): {loss_s:.3f} s, peak {loss_peak}", flush=True)
+
+    timers = {"sampling": 0.0, "scoring": 0.0}
+    real_predict, real_score = model.predict, sampler.score_candidates
+
+    def timed(name: str, fn: Callable) -> Callable:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            clock.sync()
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                clock.sync()
+                timers[name] += time.perf_counter() - start
+        return wrapper
+
+    model.predict, sampler.score_candidates = timed("sampling", real_predict), timed("scoring", real_score)
+    clock.reset_peak()
+    start = time.perf_counter()
+    try:
+        generators = [torch.Generator().manual_seed(i) for i in range(len(texts))]
+        keep_all = {t: -1.0 for t in model.timesteps(steps)}
+        result = sampler.rollout(model, model.encode_prompts(texts), texts, lrm, generators, keep_all, steps=steps,
+                                 k=k, denoiser=unet)
+        clock.sync()
+        rollout_s = time.perf_counter() - start
+    finally:
+        model.predict, sampler.score_candidates = real_predict, real_score
+    tuples = result.tensors()
+    start = time.perf_counter()
+    for first in range(0, len(result), 4):
+        rows = slice(first, first + 4)
+        chunk = {"x_t": tuples["x_t"][rows].to(model.device), "t": tuples["t"][rows],
+                 "x_w": tuples["x_w"][rows].to(model.device), "x_l": tuples["x_l"][rows].to(model.device)}
+        train_on(chunk, model.encode_prompts([texts[i] for i in tuples["prompt"][rows].tolist()]))
+    clock.sync()
+    training_s = time.perf_counter() - start
+    total = rollout_s + training_s
+    split = {"sampling_s": timers["sampling"], "scoring_s": timers["scoring"],
+             "step_maths_s": rollout_s - timers["sampling"] - timers["scoring"], "training_s": training_s}
+    print(f"LPO round ({len(texts)} prompts, {steps} steps, K={k}, {len(result)} tuples): {total:.2f} s = "
+          + ", ".join(f"{name.removesuffix('_s')} {100 * s / total:.0f}%" for name, s in split.items()), flush=True)
+    return {"loss_step": {"tuples": 4, "step_s": loss_s, "peak_memory_gb": loss_peak},
+            "round": {"prompts": len(texts), "steps": steps, "candidates": k, "tuples": len(result),
+                      "total_s": total, **split, "peak_memory_gb": clock.peak_gb()}}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="JSON file to write")
+    parser.add_argument("--device", default="cuda", help="cuda (the check) or cpu (with --tiny, for the tests)")
+    parser.add_argument("--tiny", action="store_true", help="the tiny models of `lpo dev tiny-models`")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement; the fastest is kept")
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("gpu_check: --device cuda was asked for but CUDA is not available; use --tiny --device cpu.")
+    import diffusers
+    import transformers
+
+    for library in (diffusers, transformers):  # progress bars and cast notices would bury the figures
+        library.utils.logging.set_verbosity_error()
+        library.utils.logging.disable_progress_bar()
+    torch.manual_seed(0)
+    clock = Clock(args.device, args.repeats)
+    report: dict[str, Any] = {
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
+        "tiny": args.tiny, "torch": torch.__version__, "repeats": args.repeats,
+    }
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny = None
+        if args.tiny:
+            from lpo.reward.toy.random_models import build_tiny_models
+
+            tiny = Path(tmp)
+            build_tiny_models(tiny, ["sd15", "sdxl", "clip"])
+        sd15 = generator("sd15", tiny, args.device, torch.float32)
+        report["scoring"] = scoring(sd15, clock, tiny, [1, 8, 32])
+        sdxl = generator("sdxl", tiny, args.device, torch.float32)
+        report["lrm_training"] = lrm_training(sd15, sdxl, clock, args.tiny)
+        del sdxl
+        half = torch.float16 if args.device.startswith("cuda") else torch.float32
+        report["lpo"] = lpo(generator("sd15", tiny, args.device, half), clock, steps=20, prompts=5, k=4)
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"written: {args.out} ({report['seconds']} s)")
+    return report
+
+
+if __name__ == "__main__":
+    main()

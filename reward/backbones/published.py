@@ -1,0 +1,78 @@
+"""The published configs of the SD1.5 and SDXL base pipelines (`sd-legacy/stable-diffusion-v1-5`,
+`stabilityai/stable-diffusion-xl-base-1.0`): the architectures at their real size, for planning, tests and
+benchmarks without a download. `write_pipeline_configs` writes them as a config-only pipeline folder (no weights),
+which `--dry-run` reads as it would the real pipeline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+CLIP_L_TEXT = {  # openai/clip-vit-large-patch14's text tower: SD1.x's text encoder, SDXL's first
+    "architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": 49408, "hidden_size": 768,
+    "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12, "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu", "projection_dim": 768, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
+}
+CLIP_BIGG_TEXT = {  # OpenCLIP ViT-bigG-14's text tower with its projection: SDXL's second text encoder
+    "architectures": ["CLIPTextModelWithProjection"], "model_type": "clip_text_model", "vocab_size": 49408,
+    "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20,
+    "max_position_embeddings": 77, "hidden_act": "gelu", "projection_dim": 1280, "bos_token_id": 0,
+    "eos_token_id": 2, "pad_token_id": 1,
+}
+SD_VAE = {
+    "_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": 4,
+    "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "norm_num_groups": 32,
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
+SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+             "beta_schedule": "scaled_linear", "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}
+
+PIPELINES: dict[str, dict[str, Any]] = {
+    "sd15": {
+        "model_index": {"_class_name": "StableDiffusionPipeline"},
+        "unet": {
+            "_class_name": "UNet2DConditionModel", "sample_size": 64, "in_channels": 4, "out_channels": 4,
+            "layers_per_block": 2, "block_out_channels": [320, 640, 1280, 1280], "cross_attention_dim": 768,
+            "attention_head_dim": 8, "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+            "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+        },
+        "vae": {**SD_VAE, "sample_size": 512, "scaling_factor": 0.18215},
+        "text_encoder": CLIP_L_TEXT,
+    },
+    "sdxl": {
+        "model_index": {"_class_name": "StableDiffusionXLPipeline"},
+        "unet": {
+            "_class_name": "UNet2DConditionModel", "sample_size": 128, "in_channels": 4, "out_channels": 4,
+            "layers_per_block": 2, "block_out_channels": [320, 640, 1280], "cross_attention_dim": 2048,
+            "attention_head_dim": [5, 10, 20], "transformer_layers_per_block": [1, 2, 10],
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+            "use_linear_projection": True, "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+            "projection_class_embeddings_input_dim": 2816,
+        },
+        "vae": {**SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025},
+        "text_encoder": CLIP_L_TEXT,
+        "text_encoder_2": CLIP_BIGG_TEXT,
+    },
+}
+
+
+def write_pipeline_configs(family: str, out: str | Path) -> Path:
+    """A pipeline folder holding the published configs of `family` (sd15 or sdxl) and no weights."""
+    out = Path(out)
+    components = PIPELINES[family]
+    out.mkdir(parents=True, exist_ok=True)
+    index = dict(components["model_index"])
+    for name, config in components.items():
+        if name == "model_index":
+            continue
+        (out / name).mkdir(exist_ok=True)
+        (out / name / "config.json").write_text(json.dumps(config, indent=2))
+        index[name] = ["diffusers", config["_class_name"]] if "_class_name" in config else \
+            ["transformers", config["architectures"][0]]
+    (out / "scheduler").mkdir(exist_ok=True)
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2))
+    index["scheduler"] = ["diffusers", "DDIMScheduler"]
+    (out / "model_index.json").write_text(json.dumps(index, indent=2))
+    return out

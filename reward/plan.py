@@ -1,0 +1,248 @@
+"""`--dry-run` of `lpo reward train` and `lpo optimize`: a plan before launch, per process, from configs alone.
+
+The models are built on the meta device from their config files (nothing else is downloaded, no weight is read, no
+image encoded), and one training forward is traced there to size the activations. Per process, the plan gives the
+parameters trained and frozen, the bytes of weights, gradients and AdamW's two moments under the precision and the
+sharding, the activations of one micro-batch, the effective batch, the number of updates, the images to encode and
+the latent cache's size on disk; and a warning when the total passes `--gpu-memory-gb`.
+
+Memory model (bytes per parameter): trained weights are float32 (mixed precision computes in half precision from
+float32 masters), frozen ones take the run's dtype; gradients 4 and AdamW's moments 8 per trained parameter.
+`zero2` (DeepSpeed ZeRO-2) shards gradients and moments over the processes, `fsdp` (full shard) the weights too.
+Activations: the sum of every leaf module's output in one forward (what autograd keeps, roughly), in the compute
+dtype; with gradient checkpointing, the checkpointed blocks' outputs plus the largest block's inside (recomputed
+one block at a time). The text encoders' activations, small next to the denoiser's, are not counted. It is an
+estimate: allocator slack and temporary buffers come on top.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lpo.curate.errors import InputError
+
+SHARDINGS = ("auto", "none", "zero2", "fsdp")
+GB = 1e9
+# the modules diffusers checkpoints one at a time under gradient checkpointing
+CHECKPOINTED = ("ResnetBlock2D", "Transformer2DModel", "DualTransformer2DModel")
+
+
+@dataclass
+class Plan:
+    """What one process will hold and do; `rows` are printed in order."""
+
+    title: str
+    rows: list[tuple[str, str]] = field(default_factory=list)
+    total_bytes: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+    def add(self, what: str, value: Any) -> None:
+        self.rows.append((what, str(value)))
+
+
+def size(n: float) -> str:
+    return f"{n / GB:.2f} GB"
+
+
+def launch_setup(processes: int | None, sharding: str) -> tuple[int, str]:
+    """The process count and sharding to plan for: given, else what `accelerate launch` set in the environment."""
+    if sharding not in SHARDINGS:
+        raise InputError(f"--sharding {sharding} is not one of {', '.join(SHARDINGS)}.")
+    world = processes or int(os.environ.get("WORLD_SIZE", os.environ.get("ACCELERATE_NUM_PROCESSES", "1")))
+    if world < 1:
+        raise InputError(f"--processes {world} must be at least 1.")
+    if sharding == "auto":
+        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+            sharding = "fsdp"
+        elif os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and \
+                os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2") in ("2", "3"):
+            sharding = "zero2"
+        else:
+            sharding = "none"
+    return world, sharding
+
+
+def count(module: nn.Module) -> tuple[int, int]:
+    """(trained, frozen) parameter counts."""
+    trained = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return trained, sum(p.numel() for p in module.parameters()) - trained
+
+
+def activation_bytes(module: nn.Module, forward: Callable[[], Any], element_bytes: int,
+                     checkpointing: bool) -> float:
+    """Bytes of the activations one `forward` leaves for backward (see the module docstring)."""
+    totals = {"leaves": 0, "boundaries": 0, "largest": 0}
+    inside: list[int] = []
+
+    def numel(output: Any) -> int:
+        outputs = output if isinstance(output, (tuple, list)) else [output]
+        return sum(t.numel() for t in outputs if torch.is_tensor(t))
+
+    def leaf(_module: nn.Module, _inputs: Any, output: Any) -> None:
+        totals["leaves"] += numel(output)
+        if inside:
+            inside[-1] += numel(output)
+
+    def enter(_module: nn.Module, _inputs: Any) -> None:
+        inside.append(0)
+
+    def leave(_module: nn.Module, _inputs: Any, output: Any) -> None:
+        totals["largest"] = max(totals["largest"], inside.pop())
+        totals["boundaries"] += numel(output)
+
+    hooks = []
+    for sub in module.modules():
+        if not list(sub.children()):
+            hooks.append(sub.register_forward_hook(leaf))
+        if type(sub).__name__ in CHECKPOINTED:
+            hooks += [sub.register_forward_pre_hook(enter), sub.register_forward_hook(leave)]
+    try:
+        with torch.no_grad():
+            forward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    elements = totals["boundaries"] + totals["largest"] if checkpointing else totals["leaves"]
+    return float(elements * element_bytes)
+
+
+def memory_rows(plan: Plan, trained: int, frozen: int, frozen_bytes: int, world: int, sharding: str,
+                activations: float, gpu_memory_gb: float) -> None:
+    """Add the per-process memory of the parameters, gradients, moments and activations, and the warning."""
+    shard = world if sharding in ("zero2", "fsdp") else 1
+    weights = (trained * 4 + frozen * frozen_bytes) / (world if sharding == "fsdp" else 1)
+    gradients = trained * 4 / shard
+    moments = trained * 8 / shard
+    plan.add("parameters trained / frozen", f"{trained / 1e6:,.1f}M / {frozen / 1e6:,.1f}M")
+    plan.add(f"weights (trained float32, frozen {frozen_bytes} B)", size(weights))
+    plan.add("gradients (float32)", size(gradients))
+    plan.add("AdamW moments (2 x float32)", size(moments))
+    plan.add("activations of one micro-batch", size(activations))
+    plan.total_bytes = weights + gradients + moments + activations
+    plan.add("total per process (estimate)", size(plan.total_bytes))
+    if plan.total_bytes > gpu_memory_gb * GB:
+        plan.warnings.append(f"the estimate, {size(plan.total_bytes)} per process, exceeds --gpu-memory-gb "
+                             f"{gpu_memory_gb:g}: turn on --gradient-checkpointing, lower --batch-size (with "
+                             "--grad-accum for the same effective batch), or shard (accelerate config with "
+                             "DeepSpeed ZeRO-2 or FSDP, see examples/accelerate/).")
+
+
+def _meta(build: Callable[[], nn.Module]) -> nn.Module:
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=True):
+        return build()
+
+
+def lrm_plan(config: Any, family: Any, train_pairs: int, images: int, processes: int | None, sharding: str) -> Plan:
+    """The plan of `lpo reward train`: the reward model on the meta device, one training micro-step traced."""
+    from lpo.reward.backbones import pixel_resolution
+    from lpo.reward.lrm.model import LatentRewardModel
+
+    world, sharding = launch_setup(processes, sharding)
+    backbone_class = family.lrm_backbone
+    components = backbone_class.components_from_base(config.base)
+    resolution = pixel_resolution(components[family.denoiser], config.base, config.vae)
+
+    def build() -> LatentRewardModel:
+        backbone = backbone_class.from_components(components, resolution)
+        return LatentRewardModel(family=family.name, base=config.base, taps=backbone.default_taps(),
+                                 projection_dim=backbone.text_width, resolution=resolution, components=components,
+                                 multi_scale=config.multi_scale, vfe_scale=config.vfe_scale, vfe_down=config.vfe_down,
+                                 latent_shape=list(backbone.latent_shape), backbone=backbone)
+
+    model = _meta(build)
+    trained, frozen = count(model)
+    half = config.mixed_precision in ("bf16", "fp16") or (config.mixed_precision == "auto")
+    latents = 2 * config.batch_size * (2 if config.vfe_scale != 1.0 else 1)  # both images; VFE doubles the UNet batch
+    activations = activation_bytes(model.backbone, lambda: model.backbone.trace(latents), 2 if half else 4,
+                                   config.gradient_checkpointing)
+    effective = config.batch_size * config.grad_accum * world
+    plan = Plan(f"lpo reward train --dry-run: {family.title} LRM, {world} process(es), sharding {sharding}")
+    plan.add("base", config.base)
+    plan.add("resolution / latent", f"{resolution} px / {list(model.config.latent_shape)}")
+    memory_rows(plan, trained, frozen, 4, world, sharding, activations, config.gpu_memory_gb)
+    plan.add("micro-batch per process", f"{config.batch_size} pairs ({latents} latents through the UNet)")
+    plan.add("effective batch", f"{config.batch_size} x {config.grad_accum} accumulation x {world} = {effective} "
+                                "pairs")
+    plan.add("optimizer updates", f"{config.max_steps} ({config.max_steps * effective / max(train_pairs, 1):.2f} "
+                                  f"epochs of {train_pairs:,} pairs)")
+    plan.add("gradient checkpointing", "on" if config.gradient_checkpointing else "off")
+    latent_bytes = 2 * 2 * int(torch.Size(model.config.latent_shape).numel())  # mean and std, float16
+    plan.add("images to encode", f"{images:,} (those not in the cache yet)")
+    plan.add("latent cache on disk", size(images * latent_bytes))
+    return plan
+
+
+def lora_parameters(denoiser: nn.Module, targets: tuple[str, ...], rank: int) -> int:
+    """Parameters of a rank-`rank` LoRA on the Linear layers named by `targets`: r x (in + out) each."""
+    return sum(rank * (module.in_features + module.out_features) for name, module in denoiser.named_modules()
+               if isinstance(module, nn.Linear) and any(name == t or name.endswith(f".{t}") for t in targets))
+
+
+def _frozen_parts(config: Any, family: Any) -> int:
+    """Parameters of what LPO keeps frozen besides the denoiser: text encoders, VAE, and the local LRM."""
+    import diffusers
+    import transformers
+
+    from lpo.reward.backbones import read_subfolder_config
+    from lpo.reward.lrm.model import LatentRewardModel, read_lrm_config
+
+    frozen = 0
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae"):
+        try:
+            part = read_subfolder_config(config.base, name)
+        except InputError:
+            continue  # the pipeline has no such component
+        if "_class_name" in part:
+            module = _meta(lambda part=part: getattr(diffusers, part["_class_name"]).from_config(part))
+        else:
+            architecture = (part.get("architectures") or ["CLIPTextModel"])[0]
+            config_class = getattr(transformers, architecture).config_class
+            module = _meta(lambda a=architecture, c=config_class, p=part: getattr(transformers, a)(c.from_dict(p)))
+        frozen += sum(p.numel() for p in module.parameters())
+    if config.lrm is not None:
+        lrm_config = {k: v for k, v in read_lrm_config(config.lrm).items() if not k.startswith("_")}
+        frozen += sum(p.numel() for p in _meta(lambda: LatentRewardModel(**lrm_config)).parameters())
+    return frozen
+
+
+def lpo_plan(config: Any, family: Any, rounds_per_epoch: Callable[[int], int], processes: int | None,
+             sharding: str) -> Plan:
+    """The plan of `lpo optimize <family>`: the denoiser on the meta device, one training forward traced;
+    `rounds_per_epoch(processes)` is the trainer's."""
+    import diffusers
+
+    from lpo.reward.backbones import read_subfolder_config
+
+    world, sharding = launch_setup(processes, sharding)
+    denoiser_config = read_subfolder_config(config.base, family.denoiser)
+    denoiser = _meta(lambda: getattr(diffusers, denoiser_config["_class_name"]).from_config(denoiser_config))
+    total = sum(p.numel() for p in denoiser.parameters())
+    if config.lora_rank > 0:
+        trained, frozen = lora_parameters(denoiser, family.lora_targets, config.lora_rank), total
+    else:
+        trained, frozen = total, total  # full fine-tuning: the reference is a frozen copy
+    frozen += _frozen_parts(config, family)
+    half = config.mixed_precision in ("fp16", "bf16") or config.mixed_precision == "auto"
+    batch = config.train_batch_size * (2 if config.guidance != 1.0 else 1)  # CFG runs both halves in one batch
+    activations = activation_bytes(denoiser, lambda: family.generator.trace(denoiser, batch), 2 if half else 4,
+                                   bool(config.gradient_checkpointing))
+    plan = Plan(f"lpo optimize {family.name} --dry-run: {world} process(es), sharding {sharding}")
+    plan.add("base", config.base)
+    memory_rows(plan, trained, frozen, 2 if half else 4, world, sharding, activations, config.gpu_memory_gb)
+    per_epoch = rounds_per_epoch(world)
+    plan.add("LoRA", f"rank {config.lora_rank} on {', '.join(family.lora_targets)}" if config.lora_rank else
+             "none: the whole denoiser is trained")
+    plan.add("micro-batch per process", f"{config.train_batch_size} tuples ({batch} latents through the denoiser)")
+    plan.add("sampling per round", f"{config.sample_batch_size} prompts x {world} processes, {config.steps} steps, "
+                                   f"K = {config.candidates}")
+    plan.add("rounds", f"{per_epoch} per epoch x {config.epochs} epochs = {per_epoch * config.epochs}")
+    plan.add("gradient checkpointing", "on" if config.gradient_checkpointing else "off")
+    return plan

@@ -1,0 +1,60 @@
+"""The prepared GPU check (bench/gpu_check.py): its real-size models, and a whole run on the tiny models."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("family, unet_millions, lrm_millions, resolution",
+                         [("sd15", 859.5, 476.0, 512), ("sdxl", 2567.5, 2065.6, 1024)])
+def test_the_check_builds_the_published_architectures(gpu_check, family: str, unet_millions: float,
+                                                      lrm_millions: float, resolution: int) -> None:
+    """On the meta device: no weights, the real shapes. The UNet sizes are the published models' (SD1.5 859.5M,
+    SDXL 2567.5M parameters); the LRM is the truncated UNet (down + mid) and the text encoder(s)."""
+    model = gpu_check.generator(family, None, "meta", torch.float32)
+    assert model.resolution == resolution
+    assert sum(p.numel() for p in model.unet.parameters()) / 1e6 == pytest.approx(unet_millions, abs=0.05)
+    lrm = gpu_check.reward_model(model)
+    truncated = sum(p.numel() for name, p in model.unet.named_parameters() if name.startswith(
+        ("conv_in.", "time_embedding.", "add_embedding.", "down_blocks.", "mid_block.")))
+    encoders = sum(p.numel() for name in lrm.backbone.text_encoders
+                   for p in getattr(model.pipeline, name).parameters())
+    heads = sum(p.numel() for name, p in lrm.named_parameters() if not name.startswith("backbone."))
+    assert sum(p.numel() for p in lrm.parameters()) == truncated + encoders + heads
+    assert sum(p.numel() for p in lrm.parameters()) / 1e6 == pytest.approx(lrm_millions, abs=0.05)
+
+
+@pytest.mark.slow
+def test_the_check_runs_on_the_tiny_models(gpu_check, tmp_path: Path) -> None:
+    out = tmp_path / "gpu_check.json"
+    report = gpu_check.main(["--tiny", "--device", "cpu", "--repeats", "1", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    for batch in ("1", "8", "32"):
+        row = report["scoring"]["batches"][batch]
+        assert min(row["lrm_s"], row["decode_s"], row["clip_s"]) > 0
+        assert row["pixel_route_over_lrm"] == pytest.approx((row["decode_s"] + row["clip_s"]) / row["lrm_s"])
+    for family, pairs in (("sd15", 4), ("sdxl", 1)):
+        runs = report["lrm_training"][family]
+        assert runs["plain"]["pairs"] == runs["checkpointed"]["pairs"] == pairs
+        assert runs["plain"]["parameters_trained"] == runs["checkpointed"]["parameters_trained"] > 0
+        assert not runs["plain"]["gradient_checkpointing"] and runs["checkpointed"]["gradient_checkpointing"]
+    lpo = report["lpo"]["round"]
+    assert lpo["tuples"] == lpo["prompts"] * lpo["steps"] == 100  # every step kept, one tuple each
+    parts = lpo["sampling_s"] + lpo["scoring_s"] + lpo["step_maths_s"] + lpo["training_s"]
+    assert parts == pytest.approx(lpo["total_s"]) and min(lpo["sampling_s"], lpo["scoring_s"], lpo["training_s"]) > 0
+    assert report["lpo"]["loss_step"]["step_s"] > 0
