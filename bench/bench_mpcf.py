@@ -3,8 +3,9 @@
     python bench/bench_mpcf.py [--pairs 1000000] [--pandas-pairs 200000]
 
 Builds synthetic scored pairs (Pick-a-Pic-like: 15% ties, 5% unlabelled, 1% missing scores), filters them with
-`curate.mpcf` (join with the scores table, gaps, reasons) and with `DataFrame.apply(axis=1)`, checks that both give
-the same reasons on the shared rows, and prints seconds and the per-pair speed ratio measured in this run.
+`curate.mpcf` (join with the scores table, gaps, reasons; the fastest of --repeats runs) and with
+`DataFrame.apply(axis=1)`, checks that both give the same reasons on the shared rows, and prints seconds and the
+per-pair speed ratio measured in this run.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def synthetic(n_pairs: int, seed: int = 0) -> tuple[pl.DataFrame, pl.DataFrame]:
     rng = np.random.default_rng(seed)
     n_images = n_pairs // 2
     uids = np.array([f"img{i:08d}" for i in range(n_images)])
-    scores = {"image_uid": uids, "error": np.full(n_images, None)}
+    scores = {"image_uid": uids, "error": pl.Series([None] * n_images, dtype=pl.String)}
     for metric, (loc, scale) in {"pickscore": (21, 1), "clip": (0.3, 0.05), "vqa": (0.6, 0.2)}.items():
         values = rng.normal(loc, scale, n_images)
         values[rng.random(n_images) < 0.01] = np.nan
@@ -56,7 +57,7 @@ def pandas_row_by_row(pairs: pd.DataFrame, scores: pd.DataFrame, rule: mpcf.Rule
         if row["is_tie"] and not rule.keep_ties:
             return "tie"
         s0, s1 = table[row["image_0_uid"]], table[row["image_1_uid"]]
-        if s0["error"] is not None or s1["error"] is not None:
+        if pd.notna(s0["error"]) or pd.notna(s1["error"]):
             return "image_error"
         for m in rule.metrics:
             if pd.isna(s0[m]) or pd.isna(s1[m]):
@@ -78,13 +79,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=1_000_000)
     parser.add_argument("--pandas-pairs", type=int, default=200_000, help="rows for the (slow) pandas baseline")
+    parser.add_argument("--repeats", type=int, default=3, help="polars runs; the fastest is reported")
     args = parser.parse_args()
     rule = mpcf.build_rule("all")
     pairs, scores = synthetic(args.pairs)
 
-    start = time.perf_counter()
-    result = polars_filter(pairs, scores, rule)
-    polars_s = time.perf_counter() - start
+    polars_s = float("inf")
+    for _ in range(args.repeats):  # the fastest run: the first also starts polars' thread pool
+        start = time.perf_counter()
+        result = polars_filter(pairs, scores, rule)
+        polars_s = min(polars_s, time.perf_counter() - start)
 
     subset = pairs.head(args.pandas_pairs)
     start = time.perf_counter()
@@ -99,7 +103,8 @@ def main() -> None:
     per_pair_pandas = pandas_s / args.pandas_pairs
     kept = result.filter(pl.col("reason").is_null()).height
     print(f"MPCF rule 'all' over {args.pairs:,} scored pairs ({kept:,} kept)")
-    print(f"  polars (curate.mpcf):     {polars_s:8.2f} s   {per_pair_polars * 1e6:8.3f} us/pair")
+    print(f"  polars (curate.mpcf):     {polars_s:8.2f} s   {per_pair_polars * 1e6:8.3f} us/pair (fastest of "
+          f"{args.repeats})")
     print(f"  pandas row by row:        {pandas_s:8.2f} s   {per_pair_pandas * 1e6:8.3f} us/pair "
           f"(on the first {args.pandas_pairs:,} pairs; same reasons)")
     print(f"  speed-up per pair:        {per_pair_pandas / per_pair_polars:8.1f}x")

@@ -14,11 +14,19 @@ from lpo.curate import config as cfg
 from lpo.curate import ingest, mpcf, score
 from lpo.curate.config import option
 from lpo.curate.errors import InputError
-from lpo.curate.manifest import PAIRS_SCHEMA, scan, scored_pairs_schema, scores_schema, write_atomic, write_text_atomic
+from lpo.curate.manifest import (
+    PAIRS_SCHEMA,
+    AtomicWriter,
+    scan,
+    scored_pairs_schema,
+    scores_schema,
+    write_text_atomic,
+)
 
 logger = logging.getLogger(__name__)
 
 FILTERED_FILE = "filtered.parquet"
+WRITE_ROWS = 100_000  # rows of the scored pairs per written piece
 REJECTED_FILE = "rejected.parquet"
 SUMMARY_FILE = "summary.json"
 PLOT_FILE = "gaps.png"
@@ -84,10 +92,13 @@ def filter_dir(work_dir: Path, out: Path, rule: mpcf.Rule, plot: bool = False) -
                 "lpo.schema": "filtered/v1"}
     kept_schema = scored_pairs_schema(rule.metrics).with_metadata(metadata)
     rejected_schema = scored_pairs_schema(rule.metrics, rejected=True).with_metadata(metadata)
-    kept = scored.filter(pl.col("reason").is_null())
-    rejected = scored.filter(pl.col("reason").is_not_null())
-    write_atomic(kept, out / FILTERED_FILE, kept_schema)
-    write_atomic(rejected, out / REJECTED_FILE, rejected_schema)
+    # slice by slice: at a million pairs, whole kept and rejected copies would double the filter's memory
+    with AtomicWriter(out / FILTERED_FILE, kept_schema) as kept, \
+            AtomicWriter(out / REJECTED_FILE, rejected_schema) as rejected:
+        for first in range(0, max(scored.height, 1), WRITE_ROWS):
+            piece = scored.slice(first, WRITE_ROWS)
+            kept.write(piece.filter(pl.col("reason").is_null()))
+            rejected.write(piece.filter(pl.col("reason").is_not_null()))
     summary = summarise(scored, rule, work_dir)
     write_text_atomic(json.dumps(summary, indent=2) + "\n", out / SUMMARY_FILE)
     if plot:
@@ -96,11 +107,13 @@ def filter_dir(work_dir: Path, out: Path, rule: mpcf.Rule, plot: bool = False) -
 
 
 def summarise(scored: pl.DataFrame, rule: mpcf.Rule, work_dir: Path) -> dict[str, Any]:
-    kept = scored.filter(pl.col("reason").is_null())
-    reasons = scored.filter(pl.col("reason").is_not_null()).group_by("reason").len().sort(["len", "reason"],
-                                                                                          descending=[True, False])
-    images_with_errors = pl.concat([scored.select(pl.col("image_0_uid").alias("u"), pl.col("_error_0").alias("e")),
-                                    scored.select(pl.col("image_1_uid").alias("u"), pl.col("_error_1").alias("e"))])
+    # counts from narrow selections: a filtered copy of the million-row wide table would double the memory
+    kept = scored.select("reason", "is_tie").filter(pl.col("reason").is_null())
+    reasons = scored.select("reason").group_by("reason").len().drop_nulls("reason").sort(
+        ["len", "reason"], descending=[True, False])
+    images_with_errors = pl.concat([
+        scored.select(pl.col(f"image_{k}_uid").alias("u"), pl.col(f"_error_{k}").alias("e")).filter(
+            pl.col("e").is_not_null()) for k in (0, 1)])
     return {
         "rule": rule.name,
         "rule_description": rule.describe(),
@@ -114,7 +127,7 @@ def summarise(scored: pl.DataFrame, rule: mpcf.Rule, work_dir: Path) -> dict[str
         "kept_ties": kept.filter(pl.col("is_tie")).height,
         "rejected": scored.height - kept.height,
         "rejected_by_reason": dict(reasons.rows()),
-        "images_with_errors": images_with_errors.filter(pl.col("e").is_not_null()).select("u").n_unique(),
+        "images_with_errors": images_with_errors["u"].n_unique(),
         "agreement": mpcf.agreement(scored, rule.metrics),
     }
 

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from lpo.curate import config as cfg
 from lpo.curate.config import option
 from lpo.curate.errors import InputError
-from lpo.curate.manifest import IMAGES_SCHEMA, PAIRS_SCHEMA, write_atomic, write_text_atomic
+from lpo.curate.manifest import IMAGES_SCHEMA, PAIRS_SCHEMA, concat_atomic, write_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -291,12 +291,14 @@ class _Ingester:
         state["identity"] = self.identity
         write_text_atomic(json.dumps(state, indent=2) + "\n", self.state_path)
 
-    def seen_images(self, chunks: int) -> dict[str, str]:
-        seen: dict[str, str] = {}
+    def seen_images(self, chunks: int) -> dict[str, int]:
+        """image_uid -> hash of its caption, for the images of the first `chunks` chunks (a hash, not the caption:
+        at a million pairs the captions' Python strings would be most of ingest's memory)."""
+        seen: dict[str, int] = {}
         for part in image_parts(self.out):
             if int(part.stem.split("-")[1]) < chunks:
                 table = pq.read_table(part, columns=["image_uid", "caption"])
-                seen.update(zip(table.column("image_uid").to_pylist(), table.column("caption").to_pylist()))
+                seen.update(zip(table.column("image_uid").to_pylist(), map(hash, table.column("caption").to_pylist())))
         return seen
 
     def run(self) -> IngestSummary:
@@ -335,19 +337,18 @@ class _Ingester:
         parts = sorted((self.out / STATE_DIR).glob("pairs-*.parquet"))
         if not parts:
             raise InputError(f"source {self.source.description} yielded no rows; check --split and --limit.")
-        merged = pl.concat([pl.read_parquet(p) for p in parts])
-        write_atomic(merged, self.out / PAIRS_FILE, PAIRS_SCHEMA)
+        pairs = concat_atomic(parts, self.out / PAIRS_FILE, PAIRS_SCHEMA)  # one chunk in memory at a time
         (self.out / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
         state["done"] = True
         self.save_state(state)
-        write_text_atomic(json.dumps(self.summary_dict(state, merged.height, len(seen)), indent=2) + "\n",
+        write_text_atomic(json.dumps(self.summary_dict(state, pairs, len(seen)), indent=2) + "\n",
                           self.out / STATE_DIR / "summary.json")
 
     def summary_dict(self, state: dict[str, Any], pairs: int, images: int) -> dict[str, Any]:
         return IngestSummary(state["rows_read"], pairs, images, Counter(state["skipped"])).to_dict()
 
     @staticmethod
-    def _new_rows(frame: pl.DataFrame, seen: dict[str, str], pair_ids: set[str]):
+    def _new_rows(frame: pl.DataFrame, seen: dict[str, int], pair_ids: set[str]):
         keep, image_rows, skipped = [], {"image_uid": [], "caption": [], "image": []}, Counter()
         for row in frame.select("pair_id", "caption", "image_0_uid", "image_1_uid", "jpg_0", "jpg_1").iter_rows():
             pair_id, caption, uid0, uid1, jpg0, jpg1 = row
@@ -355,7 +356,8 @@ class _Ingester:
                 skipped["duplicate_pair"] += 1
                 keep.append(False)
                 continue
-            if any(seen.get(uid, caption) != caption for uid in (uid0, uid1)):
+            caption_hash = hash(caption)
+            if any(seen.get(uid, caption_hash) != caption_hash for uid in (uid0, uid1)):
                 skipped["caption_conflict"] += 1
                 keep.append(False)
                 continue
@@ -363,7 +365,7 @@ class _Ingester:
             keep.append(True)
             for uid, data in ((uid0, jpg0), (uid1, jpg1)):
                 if uid not in seen:
-                    seen[uid] = caption
+                    seen[uid] = caption_hash
                     image_rows["image_uid"].append(uid)
                     image_rows["caption"].append(caption)
                     image_rows["image"].append(data)

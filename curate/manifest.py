@@ -6,6 +6,7 @@ import os
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pyarrow as pa
@@ -111,6 +112,47 @@ def write_atomic(table: pa.Table | pl.DataFrame, path: str | Path, schema: pa.Sc
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+class AtomicWriter:
+    """A parquet file written in pieces and renamed into place once complete, so readers never see a partial file;
+    an error leaves no file. Memory holds one piece at a time.
+
+        with AtomicWriter(path, schema) as out:
+            for frame in pieces:
+                out.write(frame)
+    """
+
+    def __init__(self, path: str | Path, schema: pa.Schema):
+        self.path, self.schema, self.rows = Path(path), schema, 0
+
+    def __enter__(self) -> AtomicWriter:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        os.close(fd)
+        self.writer = pq.ParquetWriter(self.tmp, self.schema, compression="zstd")
+        return self
+
+    def write(self, table: pa.Table | pl.DataFrame) -> None:
+        table = to_arrow(table, self.schema) if isinstance(table, pl.DataFrame) else \
+            table.select(self.schema.names).cast(self.schema)
+        self.writer.write_table(table)
+        self.rows += table.num_rows
+
+    def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
+        self.writer.close()
+        if exc_type is None:
+            os.replace(self.tmp, self.path)
+        else:
+            Path(self.tmp).unlink(missing_ok=True)
+
+
+def concat_atomic(parts: list[Path], path: str | Path, schema: pa.Schema) -> int:
+    """Write the rows of parquet `parts` into one file, atomically, one part in memory at a time; returns the rows."""
+    with AtomicWriter(path, schema) as out:
+        for part in parts:
+            out.write(pq.read_table(part))
+    return out.rows
 
 
 def write_text_atomic(text: str, path: str | Path) -> Path:

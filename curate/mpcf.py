@@ -96,21 +96,32 @@ def parse_thresholds(values: list[str] | None, option_name: str) -> dict[str, fl
     return out
 
 
-def with_gaps(pairs: pl.LazyFrame, scores: pl.LazyFrame, metrics: tuple[str, ...]) -> pl.LazyFrame:
+def with_gaps(pairs: pl.LazyFrame | pl.DataFrame, scores: pl.LazyFrame | pl.DataFrame,
+              metrics: tuple[str, ...]) -> pl.LazyFrame:
     """Join each pair with both images' scores and add `<m>_0`, `<m>_1`, `<m>_gap` and `_error_0/1`.
 
-    gap = winner minus loser for labelled pairs; |image_0 minus image_1| for ties; null without a label.
+    gap = winner minus loser for labelled pairs; |image_0 minus image_1| for ties; null without a label. An image
+    without a row in `scores` gets null scores. Each pair finds its images' rows by a hash join on the uid columns
+    alone (the pairs' order restored by their index), and the scores are gathered by row: joining the wide tables
+    with the order kept costs about 4x as much (`bench/bench_mpcf.py`).
     """
+    pairs = pairs.collect() if isinstance(pairs, pl.LazyFrame) else pairs
     available = set(scores.collect_schema().names())
-    cols = [pl.col("image_uid")] + [
-        (pl.col(m) if m in available else pl.lit(None, pl.Float64)).alias(m) for m in metrics
-    ] + [pl.col("error")]
-    side = scores.select(cols)
-    out = pairs
+    scores = scores.lazy().select(["image_uid", "error", *(m for m in metrics if m in available)]).collect()
+    ids = scores.lazy().select("image_uid").with_row_index("_row")
+    rows = pairs.lazy().select("image_0_uid", "image_1_uid").with_row_index("_pair")
     for k in (0, 1):
-        names = {"image_uid": f"image_{k}_uid", "error": f"_error_{k}", **{m: f"{m}_{k}" for m in metrics}}
-        renamed = side.rename(names)
-        out = out.join(renamed, on=f"image_{k}_uid", how="left", maintain_order="left")
+        rows = rows.join(ids.rename({"image_uid": f"image_{k}_uid", "_row": f"_row_{k}"}), on=f"image_{k}_uid",
+                         how="left")
+    rows = rows.sort("_pair").select("_row_0", "_row_1").collect()
+    if rows.height != pairs.height:
+        raise InputError("the scores table holds some image_uid more than once; rebuild it with `lpo curate score`.")
+    columns = []
+    for k in (0, 1):
+        row = rows[f"_row_{k}"]
+        columns += [scores[m].gather(row).alias(f"{m}_{k}") if m in available else
+                    pl.lit(None, pl.Float64).alias(f"{m}_{k}") for m in metrics]
+        columns.append(scores["error"].gather(row).alias(f"_error_{k}"))
     gaps = []
     for m in metrics:
         a, b = pl.col(f"{m}_0"), pl.col(f"{m}_1")
@@ -120,7 +131,7 @@ def with_gaps(pairs: pl.LazyFrame, scores: pl.LazyFrame, metrics: tuple[str, ...
             .when(pl.col("winner") == 1).then(b - a)
             .otherwise(None).alias(f"{m}_gap")
         )
-    return out.with_columns(gaps)
+    return pairs.lazy().with_columns(columns).with_columns(gaps)
 
 
 def reason_expr(rule: Rule) -> pl.Expr:
@@ -150,11 +161,10 @@ def apply(scored_pairs: pl.LazyFrame, rule: Rule) -> pl.LazyFrame:
 
 def agreement(scored_pairs: pl.DataFrame, metrics: tuple[str, ...]) -> dict[str, dict[str, float | int]]:
     """Per metric: of the labelled, non-tie pairs with both scores, the share where the metric prefers the winner."""
-    labelled = scored_pairs.filter(pl.col("winner").is_not_null())
     out = {}
-    for m in metrics:
-        have = labelled.filter(pl.col(f"{m}_gap").is_not_null())
-        n = have.height
-        agree = have.filter(pl.col(f"{m}_gap") > 0).height
+    for m in metrics:  # counted with expressions: no filtered copy of a million-row table
+        have = pl.col("winner").is_not_null() & pl.col(f"{m}_gap").is_not_null()
+        agrees = have & (pl.col(f"{m}_gap") > 0)
+        n, agree = scored_pairs.select(have.sum().alias("n"), agrees.sum().alias("a")).row(0)
         out[m] = {"pairs": n, "agree": agree, "rate": (agree / n) if n else None}
     return out

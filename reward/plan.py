@@ -222,6 +222,9 @@ def lpo_plan(config: Any, family: Any, rounds_per_epoch: Callable[[int], int], p
     from lpo.reward.backbones import read_subfolder_config
 
     world, sharding = launch_setup(processes, sharding)
+    if sharding == "fsdp":
+        raise InputError("lpo optimize does not run under FSDP (its sampler runs the policy outside the training "
+                         "wrapper); plan it with --sharding none or zero2.")
     denoiser_config = read_subfolder_config(config.base, family.denoiser)
     denoiser = _meta(lambda: getattr(diffusers, denoiser_config["_class_name"]).from_config(denoiser_config))
     total = sum(p.numel() for p in denoiser.parameters())

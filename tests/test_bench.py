@@ -58,3 +58,14 @@ def test_the_check_runs_on_the_tiny_models(gpu_check, tmp_path: Path) -> None:
     parts = lpo["sampling_s"] + lpo["scoring_s"] + lpo["step_maths_s"] + lpo["training_s"]
     assert parts == pytest.approx(lpo["total_s"]) and min(lpo["sampling_s"], lpo["scoring_s"], lpo["training_s"]) > 0
     assert report["lpo"]["loss_step"]["step_s"] > 0
+
+
+def test_the_curation_scale_bench_runs_small(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_curation_scale.py"), "--pairs", "4000",
+                          "--small", "2000", "--chunk-rows", "1000"], capture_output=True, text=True, check=True,
+                         cwd=tmp_path)
+    assert "4,000 pairs, 6,000 images" in out.stdout and "2,000 pairs, 3,000 images" in out.stdout
+    assert "ingest  peak RSS" in out.stdout and "filter  peak RSS" in out.stdout

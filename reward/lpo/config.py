@@ -54,7 +54,8 @@ class LPOConfig:
     dry_run: bool = option(False, "Print the plan per process (parameters, memory, batch, rounds) from the configs "
                                   "alone, and stop: no weights read, nothing sampled.")
     processes: int | None = option(None, "--dry-run: processes to plan for (default: accelerate launch's, else 1).")
-    sharding: str = option("auto", "--dry-run: none, zero2 or fsdp to plan for (default: accelerate launch's).")
+    sharding: str = option("auto", "--dry-run: none or zero2 to plan for (default: accelerate launch's; LPO does not "
+                                   "run under FSDP).")
     gpu_memory_gb: float = option(80.0, "--dry-run: warn when the estimate per process exceeds this.")
 
     def resolved(self) -> LPOConfig:

@@ -22,7 +22,7 @@ import torch
 
 from lpo.curate import config as cfg
 from lpo.curate.errors import InputError
-from lpo.reward import checkpoints
+from lpo.reward import checkpoints, engine
 from lpo.reward.checkpoints import CHECKPOINTS
 from lpo.reward.lpo.config import LPOConfig
 
@@ -160,6 +160,9 @@ def run(config: LPOConfig) -> dict[str, Any]:
     accelerator = Accelerator(cpu=not cuda, mixed_precision=precision, log_with=config.log_with or None,
                               project_dir=str(out),
                               kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=config.timeout_minutes))])
+    engine.agree(accelerator, config.train_batch_size, 1, config.max_grad_norm)  # one update per micro-batch
+    engine.no_fsdp(accelerator, "lpo optimize", "the sampler runs the policy outside the training wrapper, and a "
+                   "LoRA's few weights gain nothing from sharding (the frozen half-precision base fits every GPU).")
     out.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
         cfg.save(config, out / CONFIG_FILE)

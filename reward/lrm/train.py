@@ -23,7 +23,7 @@ import torch
 
 from lpo.curate import config as cfg
 from lpo.curate.errors import InputError
-from lpo.reward import checkpoints
+from lpo.reward import checkpoints, engine
 from lpo.reward.checkpoints import CHECKPOINTS
 from lpo.reward.lrm.config import RewardTrainConfig
 
@@ -162,6 +162,7 @@ def run(config: RewardTrainConfig) -> dict[str, Any]:
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=family.lrm_backbone.unused_parameters),
                          InitProcessGroupKwargs(timeout=timedelta(minutes=config.timeout_minutes))],
     )
+    engine.agree(accelerator, config.batch_size, config.grad_accum, config.max_grad_norm)
     out.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
         cfg.save(config, out / CONFIG_FILE)

@@ -137,3 +137,7 @@ def test_optimize_dry_run_through_the_command_line(tiny_models_dir: Path, tmp_pa
     text = " ".join(result.output.split())
     assert "parameters trained / frozen" in text and "rank 4 on to_k, to_q, to_v, to_out.0" in text
     assert not (tmp_path / "run").exists()
+    fsdp = CliRunner().invoke(app, ["optimize", "sd15", "--base", str(tiny_models_dir / "sd15"), "--lrm", str(lrm),
+                                    "--prompts", str(prompts), "--out", str(tmp_path / "run"), "--dry-run",
+                                    "--sharding", "fsdp", "--device", "cpu"], env={"COLUMNS": "200"})
+    assert fsdp.exit_code == 2 and "does not run under FSDP" in " ".join(fsdp.output.split())

@@ -140,6 +140,11 @@ def test_bad_inputs_are_input_errors(manifest, tiny_models_dir, tmp_path):
         train.run(_config(manifest, tiny_models_dir / "sd15", tmp_path / "f",
                           text_projection_init="openai/clip-vit-large-patch14"))
     assert not (tmp_path / "f").exists()
+    with pytest.MonkeyPatch.context() as patch:  # as `accelerate launch --gradient_accumulation_steps 4` sets it
+        patch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")
+        with pytest.raises(InputError, match="gradient accumulation to 4, but this run's is 1"):
+            train.run(_config(manifest, tiny_models_dir / "sd15", tmp_path / "g"))
+    assert not (tmp_path / "g" / "latent_cache").exists()  # refused before anything was encoded
     out = tmp_path / "d"
     train.run(_config(manifest, tiny_models_dir / "sd15", out, max_steps=2))
     with pytest.raises(InputError, match="already holds checkpoints"):
