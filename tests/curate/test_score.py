@@ -149,6 +149,7 @@ def test_bad_inputs_fail_before_any_model_loads(curated, tiny_models_dir, tmp_pa
     assert made == []
 
 
+@pytest.mark.slow  # several processes (or a server) started: in the full run, not the quick loop
 def test_two_process_sharded_run_matches_one_process(curated, tiny_models_dir, tmp_path):
     single = _fresh_copy(curated, tmp_path / "one")
     score.run(_config(single, tiny_models_dir))

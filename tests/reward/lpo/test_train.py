@@ -219,6 +219,7 @@ def test_full_finetune_and_merge(tiny_models_dir, lrms, prompt_file, tmp_path):
     assert not torch.equal(unet.state_dict()[name], stock.state_dict()[name])
 
 
+@pytest.mark.slow  # several processes (or a server) started: in the full run, not the quick loop
 def test_two_process_lpo(tiny_models_dir, lrms, prompt_file, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

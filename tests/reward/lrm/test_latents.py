@@ -60,6 +60,7 @@ print(before, rss())
 """
 
 
+@pytest.mark.slow  # several processes (or a server) started: in the full run, not the quick loop
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads resident memory from /proc")
 def test_resident_memory_does_not_grow_with_the_cache(tmp_path: Path) -> None:
     writer = textwrap.dedent("""
@@ -108,6 +109,7 @@ def curated(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return base / "cur" / "pairs.parquet"
 
 
+@pytest.mark.slow  # several processes (or a server) started: in the full run, not the quick loop
 def test_two_processes_encode_each_image_exactly_once(curated: Path, tiny_models_dir: Path, tmp_path: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     base = str(tiny_models_dir / "sd15")

@@ -153,6 +153,7 @@ def test_bad_inputs_are_input_errors(manifest, tiny_models_dir, tmp_path):
         train.run(_config(manifest, tiny_models_dir / "sd15", out, max_steps=3, batch_size=2, resume=True))
 
 
+@pytest.mark.slow  # several processes (or a server) started: in the full run, not the quick loop
 def test_two_process_training_follows_the_one_process_schedule(manifest, tiny_models_dir, tmp_path):
     """The learning rate of update k is the same with 1 or 2 processes and with gradient accumulation (accelerate
     would step a prepared schedule once per process: twice per update here)."""

@@ -452,6 +452,7 @@ def test_bad_serve_options_exit_2_before_loading_models(args: list[str], needle:
     assert needle in " ".join(result.output.split())
 
 
+@pytest.mark.slow  # several processes (or a server) started: in the full run, not the quick loop
 def test_a_model_that_fails_to_load_stops_the_server_with_exit_code_1(lrm_dir: Path, tmp_path: Path) -> None:
     broken = tmp_path / "lrm"
     broken.mkdir()
