@@ -69,7 +69,10 @@ def test_lpo_trains_a_lora_that_diffusers_loads_and_that_changes_images(family, 
     assert first["valid_pairs"] == 2 * stochastic  # threshold 0: every stochastic step of both trajectories
     assert sum(first[f"valid_{band}"] for band in ("t>751", "501-751", "251-501", "1-251")) == first["valid_pairs"]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in summary["history"] if "loss" in r)
-    assert (out / "validation" / "epoch-1.png").stat().st_size > 0
+    from PIL import Image
+
+    grid = torch.tensor(list(Image.open(out / "validation" / "epoch-1.png").convert("L").getdata()), dtype=torch.float)
+    assert grid.mean() > 5 and grid.std() > 1  # not black (the float16 SDXL VAE's overflow); the VAE runs in float32
     assert (out / "lora" / "pytorch_lora_weights.safetensors").exists()
 
     cond = model.encode_prompts(PROMPTS[:1])
