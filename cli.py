@@ -432,9 +432,9 @@ def report_compare(config: EvalCompareConfig, result: dict[str, Any]) -> None:
         out_console.print(f"written: {config.out} and {Path(config.out).with_suffix('.json')}")
 
 
-EVAL_MODELS = dict(model_metrics=METRICS)
+EVAL_MODELS, DENOISER_FLAGS = dict(model_metrics=METRICS), ("--denoiser", "--unet", "--transformer")
 command(eval_app, None, EvalConfig, _lazy("lpo.reward.eval.run", "run"), report_eval, callback=True,
-        flags={"guidance": ("--cfg", "--guidance")}, **EVAL_MODELS,
+        flags={"guidance": ("--cfg", "--guidance"), "denoiser": DENOISER_FLAGS}, **EVAL_MODELS,
         help="Generate every (prompt, image) with its own seed, score every image, write images.parquet, "
              "summary.json, summary.md and grid.png. Resumable: finished images are not generated again.")
 command(eval_app, "score", EvalScoreConfig, _lazy("lpo.reward.eval.score", "score_existing"), report_eval,

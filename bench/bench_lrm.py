@@ -182,7 +182,7 @@ def training_section(lrm, vae, scheduler, n: int, repeats: int) -> None:
         cache = LatentCache(tmp)
         cache.write_part(uids, torch.randn(2 * n, 4, 64, 64), torch.rand(2 * n, 4, 64, 64) * 0.1)
         # one step with encoding warms the encoder, the forward/backward and AdamW's state for both contenders
-        s = fastest({"cached": lambda: step(cache.sample(uids, scaling, generator)), "encode": encode_each_step},
+        s = fastest({"cached": lambda: step(cache.sample(uids, generator) * scaling), "encode": encode_each_step},
                     repeats, warm_up=encode_each_step)
     print(f"3. Training step, {n} pair(s) (UNet batch {4 * n} with VFE), AdamW over "
           f"{sum(p.numel() for p in params) / 1e6:.0f}M parameters")

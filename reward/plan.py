@@ -151,16 +151,19 @@ def lrm_plan(config: Any, family: Any, train_pairs: int, images: int, processes:
     resolution = pixel_resolution(components[family.denoiser], config.base, config.vae)
 
     def build() -> LatentRewardModel:
-        backbone = backbone_class.from_components(components, resolution)
+        backbone = backbone_class.from_components(components, resolution, config.depth, config.base)
+        width = backbone.text_width if backbone.text_projected else backbone.projection_dim
         return LatentRewardModel(family=family.name, base=config.base, taps=backbone.default_taps(),
-                                 projection_dim=backbone.text_width, resolution=resolution, components=components,
+                                 projection_dim=width, resolution=resolution, components=components,
                                  multi_scale=config.multi_scale, vfe_scale=config.vfe_scale, vfe_down=config.vfe_down,
-                                 latent_shape=list(backbone.latent_shape), backbone=backbone)
+                                 latent_shape=list(backbone.latent_shape), depth=backbone.depth, backbone=backbone)
 
     model = _meta(build)
     trained, frozen = count(model)
+    # frozen parts the reward model holds outside its module (SD3's text encoders), on every process
+    frozen += sum(component_parameters(part) for part in model.backbone.external_components().values())
     half = config.mixed_precision in ("bf16", "fp16") or (config.mixed_precision == "auto")
-    latents = 2 * config.batch_size * (2 if config.vfe_scale != 1.0 else 1)  # both images; VFE doubles the UNet batch
+    latents = 2 * config.batch_size * (2 if config.vfe_scale != 1.0 else 1)  # both images; VFE doubles the batch
     activations = activation_bytes(model.backbone, lambda: model.backbone.trace(latents), 2 if half else 4,
                                    config.gradient_checkpointing)
     effective = config.batch_size * config.grad_accum * world
@@ -168,7 +171,8 @@ def lrm_plan(config: Any, family: Any, train_pairs: int, images: int, processes:
     plan.add("base", config.base)
     plan.add("resolution / latent", f"{resolution} px / {list(model.config.latent_shape)}")
     memory_rows(plan, trained, frozen, 4, world, sharding, activations, config.gpu_memory_gb)
-    plan.add("micro-batch per process", f"{config.batch_size} pairs ({latents} latents through the UNet)")
+    plan.add("micro-batch per process", f"{config.batch_size} pairs ({latents} latents through the "
+                                        f"{family.denoiser})")
     plan.add("effective batch", f"{config.batch_size} x {config.grad_accum} accumulation x {world} = {effective} "
                                 "pairs")
     plan.add("optimizer updates", f"{config.max_steps} ({config.max_steps * effective / max(train_pairs, 1):.2f} "
@@ -186,11 +190,22 @@ def lora_parameters(denoiser: nn.Module, targets: tuple[str, ...], rank: int) ->
                if isinstance(module, nn.Linear) and any(name == t or name.endswith(f".{t}") for t in targets))
 
 
-def _frozen_parts(config: Any, family: Any) -> int:
-    """Parameters of what LPO keeps frozen besides the denoiser: text encoders, VAE, and the local LRM."""
+def component_parameters(part: dict[str, Any]) -> int:
+    """Parameters of a pipeline component (a diffusers or transformers model) from its config, built on meta."""
     import diffusers
     import transformers
 
+    if "_class_name" in part:
+        module = _meta(lambda: getattr(diffusers, part["_class_name"]).from_config(part))
+    else:
+        architecture = (part.get("architectures") or ["CLIPTextModel"])[0]
+        config_class = getattr(transformers, architecture).config_class
+        module = _meta(lambda: getattr(transformers, architecture)(config_class.from_dict(part)))
+    return sum(p.numel() for p in module.parameters())
+
+
+def _frozen_parts(config: Any, family: Any) -> int:
+    """Parameters of what LPO keeps frozen besides the denoiser: text encoders, VAE, and the local LRM."""
     from lpo.reward.backbones import read_subfolder_config
     from lpo.reward.lrm.model import LatentRewardModel, read_lrm_config
 
@@ -200,16 +215,12 @@ def _frozen_parts(config: Any, family: Any) -> int:
             part = read_subfolder_config(config.base, name)
         except InputError:
             continue  # the pipeline has no such component
-        if "_class_name" in part:
-            module = _meta(lambda part=part: getattr(diffusers, part["_class_name"]).from_config(part))
-        else:
-            architecture = (part.get("architectures") or ["CLIPTextModel"])[0]
-            config_class = getattr(transformers, architecture).config_class
-            module = _meta(lambda a=architecture, c=config_class, p=part: getattr(transformers, a)(c.from_dict(p)))
-        frozen += sum(p.numel() for p in module.parameters())
+        frozen += component_parameters(part)
     if config.lrm is not None:
         lrm_config = {k: v for k, v in read_lrm_config(config.lrm).items() if not k.startswith("_")}
-        frozen += sum(p.numel() for p in _meta(lambda: LatentRewardModel(**lrm_config)).parameters())
+        lrm = _meta(lambda: LatentRewardModel(**lrm_config))
+        frozen += sum(p.numel() for p in lrm.parameters())
+        frozen += sum(component_parameters(part) for part in lrm.backbone.external_components().values())
     return frozen
 
 

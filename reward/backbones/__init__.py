@@ -1,7 +1,7 @@
 """Model families, one adapter each: a `Generator` (sampling and LPO) and an `LRMBackbone` (the latent reward
-model's view of the denoiser), the interfaces of `base.py`, named in the registry of `family.py`. Today: `sd15`
-(SD1.x/2.x) and `sdxl`, both UNets sampled with DDIM (`unet.py`, `ddim.py`); a flow-matching family (SD3, FLUX.1)
-is one more adapter module and one more entry in `FAMILIES`."""
+model's view of the denoiser), the interfaces of `base.py`, named in the registry of `family.py`: `sd15`
+(SD1.x/2.x) and `sdxl`, UNets sampled with DDIM (`unet.py`, `ddim.py`), and `sd3` (SD3/SD3.5), an MMDiT sampled
+with the SDE form of the flow-matching Euler step (`mmdit.py`, `flow.py`)."""
 
 from lpo.reward.backbones.family import (
     FAMILIES,

@@ -135,6 +135,10 @@ class Generator(ABC):
         """Set the sampler's grid for `steps` steps and return its timesteps, noisiest first."""
 
     @abstractmethod
+    def clean_timestep(self) -> float:
+        """The least noisy timestep the family's reward models are trained at: where a finished image is scored."""
+
+    @abstractmethod
     def initial_latents(self, generators: list[torch.Generator]) -> torch.Tensor:
         """[B, *latent_shape] starting noise on the CPU, image b's from generators[b]."""
 
@@ -163,7 +167,8 @@ class Generator(ABC):
 
     @abstractmethod
     def save_lora(self, directory: str | Path, layers: dict[str, torch.Tensor]) -> None:
-        """Write denoiser LoRA layers (diffusers naming) where `pipe.load_lora_weights(directory)` reads them."""
+        """Write the denoiser's LoRA layers (PEFT's `get_peft_model_state_dict`) in the naming the family's pipeline
+        reads, where `pipe.load_lora_weights(directory)` finds them."""
 
 
 class LRMBackbone(nn.Module, ABC):
@@ -176,12 +181,16 @@ class LRMBackbone(nn.Module, ABC):
     resolution: int
     text_projected: bool  # whether the pooled text feature is already in a joint image-text space (else projected)
     unused_parameters: bool = False  # some parameters never get a gradient (DDP must be told to look for them)
+    frozen_text: bool = False  # the text encoders do not train (their encoding of a prompt never changes)
+    own_text_projection: bool = False  # the text projection starts from `text_projection_init`, not a CLIP model's
+    depth: int | None = None  # transformer families: the blocks the backbone runs (UNets: fixed by their taps)
 
     @classmethod
     @abstractmethod
-    def from_base(cls, base: str, dtype: torch.dtype = torch.float32, pretrained: bool = True) -> LRMBackbone:
+    def from_base(cls, base: str, dtype: torch.dtype = torch.float32, pretrained: bool = True,
+                  depth: int | None = None) -> LRMBackbone:
         """The backbone of a pipeline (hub id or folder); `pretrained=False` keeps the architecture with fresh
-        weights."""
+        weights; `depth` (transformer families) the blocks it runs."""
 
     @classmethod
     @abstractmethod
@@ -190,13 +199,27 @@ class LRMBackbone(nn.Module, ABC):
 
     @classmethod
     @abstractmethod
-    def from_components(cls, components: dict[str, dict[str, Any]], resolution: int) -> LRMBackbone:
-        """The backbone's architecture from its components' configs (weights to be loaded by the caller)."""
+    def from_components(cls, components: dict[str, dict[str, Any]], resolution: int, depth: int | None = None,
+                        base: str | None = None) -> LRMBackbone:
+        """The backbone's architecture from its components' configs (weights to be loaded by the caller; parts that
+        never train and are not saved, such as SD3's text encoders, come from `base` on first use)."""
 
     @staticmethod
     @abstractmethod
     def noise_schedule(source: str | Path, subfolder: str = "scheduler") -> Any:
         """The forward process of the family (`add_noise(clean, noise, timesteps)`), read from `source`."""
+
+    @classmethod
+    @abstractmethod
+    def default_timesteps(cls, source: str | Path, subfolder: str | None,
+                          latent_shape: tuple[int, ...]) -> tuple[list, list]:
+        """(training, evaluation) timesteps of a reward model of this family, given where its noise schedule is
+        (a pipeline or a saved LRM, and the subfolder) and its latent shape."""
+
+    @staticmethod
+    @abstractmethod
+    def check_timesteps(values: list[float]) -> list:
+        """The timesteps as the family's models take them (integers for DDPM schedules), or an InputError."""
 
     @property
     @abstractmethod
@@ -221,6 +244,19 @@ class LRMBackbone(nn.Module, ABC):
     def text_width(self) -> int:
         """Width of the pooled text feature `encode_text` returns under "text"."""
 
+    def external_components(self) -> dict[str, dict[str, Any]]:
+        """Configs of frozen parts the backbone uses but does not hold as submodules (not saved, not wrapped)."""
+        return {}
+
+    @property
+    def projection_dim(self) -> int:
+        """The default width of the joint space the reward model projects into."""
+        return self.text_width
+
+    def text_projection_init(self, projection_dim: int) -> torch.Tensor | None:
+        """The family's own initial text projection [projection_dim, text_width], or None (then a CLIP model's
+        text projection or a random one)."""
+        return None
 
     @abstractmethod
     def encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:

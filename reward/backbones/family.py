@@ -40,6 +40,12 @@ class Family:
     lpo_defaults: dict[str, Any] = field(default_factory=dict)  # LPOConfig fields the family sets when left unset
     lrm_defaults: dict[str, Any] = field(default_factory=dict)  # RewardTrainConfig fields, likewise
     pipeline_kwargs: dict[str, Any] = field(default_factory=dict)  # extra from_pretrained arguments
+    optional_components: tuple[str, ...] = ()  # pipeline parts a saved pipeline may leave out (SD3: T5)
+
+    @property
+    def flow_matching(self) -> bool:
+        """Whether the family's timesteps are sigma x 1000 of a flow-matching schedule (else DDPM's integers)."""
+        return self.sampler == "flow-SDE"
 
     @property
     def generator(self) -> type:
@@ -56,6 +62,8 @@ class Family:
 
         pipeline_class = getattr(diffusers, self.pipeline)
         kwargs = diffusers_dtype(dtype) if dtype is not None else {}
+        # a part saved as absent must be passed as None (diffusers' from_pretrained refuses to load it otherwise)
+        kwargs |= {name: None for name in self.optional_components if not has_subfolder(base, name)}
         pipeline = pipeline_class.from_pretrained(base, **kwargs, **self.pipeline_kwargs)
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
@@ -87,7 +95,13 @@ def _is_sdxl(unet_config: dict[str, Any]) -> bool:
     return unet_config.get("addition_embed_type") == "text_time"
 
 
+def _is_sd3(transformer_config: dict[str, Any]) -> bool:
+    return transformer_config.get("_class_name") == "SD3Transformer2DModel"
+
+
 UNET_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
+# both streams of the joint attention; bare names also reach SD3.5's image-only second attention (attn2)
+MMDIT_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out")
 FAMILIES: dict[str, Family] = {family.name: family for family in (
     # LPO defaults are those of the released runs (design/method.md section 9.2).
     Family(name="sd15", title="SD1.x/2.x", denoiser="unet", pipeline="StableDiffusionPipeline", sampler="DDIM",
@@ -95,7 +109,7 @@ FAMILIES: dict[str, Family] = {family.name: family for family in (
            adapters=("lpo.reward.backbones.unet:UNetGenerator", "lpo.reward.backbones.unet:UNetLRMBackbone"),
            lora_targets=UNET_LORA_TARGETS,
            lpo_defaults={"lora_rank": 4, "lr": 6e-5, "threshold": [0.35, 0.5], "sample_batch_size": 5,
-                         "train_batch_size": 10, "gradient_checkpointing": False},
+                         "train_batch_size": 10, "gradient_checkpointing": False, "eta": 1.0, "guidance": 5.0},
            lrm_defaults={"gradient_checkpointing": False},
            pipeline_kwargs={"safety_checker": None, "requires_safety_checker": False}),
     Family(name="sdxl", title="SDXL", denoiser="unet", pipeline="StableDiffusionXLPipeline", sampler="DDIM",
@@ -103,10 +117,20 @@ FAMILIES: dict[str, Family] = {family.name: family for family in (
            adapters=("lpo.reward.backbones.unet:SDXLGenerator", "lpo.reward.backbones.unet:SDXLLRMBackbone"),
            lora_targets=UNET_LORA_TARGETS,
            lpo_defaults={"lora_rank": 64, "lr": 1e-5, "threshold": [0.45, 0.6], "sample_batch_size": 4,
-                         "train_batch_size": 4, "gradient_checkpointing": True},
+                         "train_batch_size": 4, "gradient_checkpointing": True, "eta": 1.0, "guidance": 5.0},
            # a full SDXL LRM step does not fit 80 GB at the paper's 4 pairs without it (`lpo reward train --dry-run`)
            lrm_defaults={"gradient_checkpointing": True}),
+    # Flow-matching: the SDE form of the Euler step with noise level 0.7 and CFG 4.5 (Flow-GRPO's SD3.5-Medium
+    # settings); LPO-XL's learning rate; the threshold range of SD1.5 at SD3's 512 px training resolution.
+    Family(name="sd3", title="SD3/SD3.5", denoiser="transformer", pipeline="StableDiffusion3Pipeline",
+           sampler="flow-SDE", accepts=_is_sd3,
+           adapters=("lpo.reward.backbones.mmdit:SD3Generator", "lpo.reward.backbones.mmdit:SD3LRMBackbone"),
+           lora_targets=MMDIT_LORA_TARGETS, optional_components=("text_encoder_3", "tokenizer_3"),
+           lpo_defaults={"lora_rank": 32, "lr": 1e-5, "threshold": [0.35, 0.5], "sample_batch_size": 4,
+                         "train_batch_size": 4, "gradient_checkpointing": True, "eta": 0.7, "guidance": 4.5},
+           lrm_defaults={"gradient_checkpointing": True}),
 )}
+
 
 
 def get_family(name: str) -> Family:
@@ -136,17 +160,47 @@ def read_subfolder_config(base: str, subfolder: str) -> dict[str, Any]:
                          "diffusers pipeline directory or a reachable hub id.") from err
 
 
+def has_subfolder(base: str, subfolder: str) -> bool:
+    """Whether a pipeline (local directory or hub id) has a component, from its model_index.json."""
+    if Path(base).is_dir():
+        index = Path(base) / "model_index.json"
+        if index.is_file():
+            entry = json.loads(index.read_text()).get(subfolder)
+            if not (isinstance(entry, list) and entry[0] is not None):
+                return False
+        return (Path(base) / subfolder).is_dir()
+    from huggingface_hub import hf_hub_download
+
+    try:
+        index = json.loads(Path(hf_hub_download(base, "model_index.json")).read_text())
+    except Exception as err:  # hub errors come in many types; all mean "not a usable pipeline id"
+        raise InputError(f"could not read model_index.json of '{base}' ({type(err).__name__}); give a diffusers "
+                         "pipeline directory or a reachable hub id.") from err
+    entry = index.get(subfolder)
+    return isinstance(entry, list) and entry[0] is not None
+
+
+def _denoiser_folder(base: str) -> str:
+    denoisers = list(dict.fromkeys(family.denoiser for family in FAMILIES.values()))
+    if Path(base).is_dir():
+        found = [d for d in denoisers if (Path(base) / d / CONFIG_FILE).is_file()]
+        if not found:
+            raise InputError(f"{base} has no {' or '.join(f'{d}/{CONFIG_FILE}' for d in denoisers)}; give a diffusers "
+                             f"pipeline directory of a supported family ({_supported()}).")
+        return found[0]
+    return next((d for d in denoisers if has_subfolder(base, d)), denoisers[0])
+
+
 def family_of(base: str) -> Family:
     """The family of a diffusers pipeline (hub id or local directory), from its denoiser's config alone."""
-    denoisers = list(dict.fromkeys(family.denoiser for family in FAMILIES.values()))
-    if Path(base).is_dir() and not any((Path(base) / d).is_dir() for d in denoisers) \
-            and (Path(base) / "transformer").is_dir():
-        raise InputError(f"{base} is a transformer-based pipeline (e.g. SD3/Flux); the supported families are "
-                         f"{_supported()}.")
-    config = read_subfolder_config(base, denoisers[0])
+    folder = _denoiser_folder(base)
+    config = read_subfolder_config(base, folder)
     for family in FAMILIES.values():
-        if family.accepts(config):
+        if family.denoiser == folder and family.accepts(config):
             return family
+    if folder != "unet":
+        raise InputError(f"{base}: a {config.get('_class_name', 'denoiser')} belongs to none of the supported "
+                         f"families ({_supported()}).")
     raise InputError(
         f"{base}: a {config.get('_class_name', 'denoiser')} with addition_embed_type="
         f"{config.get('addition_embed_type')!r} and class_embed_type={config.get('class_embed_type')!r} belongs to "

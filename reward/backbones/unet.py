@@ -92,6 +92,9 @@ class UNetGenerator(Generator):
         self.scheduler.set_timesteps(steps)
         return self.scheduler.timesteps.tolist()
 
+    def clean_timestep(self) -> int:
+        return 1  # the reference LRM's least noisy training timestep
+
     def initial_latents(self, generators: list[torch.Generator]) -> torch.Tensor:
         shape = self.latent_shape
         return torch.stack([torch.randn(shape, generator=g) for g in generators]) * self.scheduler.init_noise_sigma
@@ -110,7 +113,11 @@ class UNetGenerator(Generator):
         return to_pil(vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample)
 
     def save_lora(self, directory: str | Path, layers: dict[str, torch.Tensor]) -> None:
-        type(self.pipeline).save_lora_weights(directory, unet_lora_layers=layers, safe_serialization=True)
+        """In diffusers' UNet LoRA naming (`convert_state_dict_to_diffusers`, as its UNet training scripts save)."""
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        type(self.pipeline).save_lora_weights(directory, unet_lora_layers=convert_state_dict_to_diffusers(layers),
+                                              safe_serialization=True)
 
 
 class SDXLGenerator(UNetGenerator):
@@ -191,7 +198,8 @@ class UNetLRMBackbone(LRMBackbone):
     # construction -------------------------------------------------------------------------------------------
 
     @classmethod
-    def from_base(cls, base: str, dtype: torch.dtype = torch.float32, pretrained: bool = True) -> UNetLRMBackbone:
+    def from_base(cls, base: str, dtype: torch.dtype = torch.float32, pretrained: bool = True,
+                  depth: int | None = None) -> UNetLRMBackbone:
         from diffusers import UNet2DConditionModel
         from transformers import AutoTokenizer
 
@@ -221,7 +229,8 @@ class UNetLRMBackbone(LRMBackbone):
         return {name: read_subfolder_config(base, name) for name in ("unet", *cls.text_encoders)}
 
     @classmethod
-    def from_components(cls, components: dict[str, dict[str, Any]], resolution: int) -> UNetLRMBackbone:
+    def from_components(cls, components: dict[str, dict[str, Any]], resolution: int, depth: int | None = None,
+                        base: str | None = None) -> UNetLRMBackbone:
         from diffusers import UNet2DConditionModel
 
         unet = UNet2DConditionModel.from_config(components["unet"])
@@ -240,6 +249,22 @@ class UNetLRMBackbone(LRMBackbone):
         from diffusers import DDPMScheduler
 
         return DDPMScheduler.from_pretrained(source, subfolder=subfolder)
+
+    @classmethod
+    def default_timesteps(cls, source: str | Path, subfolder: str | None,
+                          latent_shape: tuple[int, ...]) -> tuple[list, list]:
+        from lpo.reward.lrm.config import CANDIDATE_TIMESTEPS, EVAL_TIMESTEPS
+
+        return list(CANDIDATE_TIMESTEPS), list(EVAL_TIMESTEPS)
+
+    @staticmethod
+    def check_timesteps(values: list[float]) -> list[int]:
+        from lpo.curate.errors import InputError
+
+        bad = [t for t in values if not (0 <= t < 1000 and float(t).is_integer())]
+        if bad or not values:
+            raise InputError(f"timesteps must be non-empty integers in [0, 999]; got {bad or values}.")
+        return [int(t) for t in values]
 
     @property
     def components(self) -> dict[str, dict[str, Any]]:

@@ -18,13 +18,16 @@ def _default_eval_metrics() -> list[str]:
 
 @dataclass
 class EvalConfig:
-    base: str = option(None, "Diffusers pipeline of a supported family (SD1.x/2.x, SDXL; hub id or local "
-                             "directory) to generate with.")
+    base: str = option(None, "Diffusers pipeline of a supported family (SD1.x/2.x, SDXL, SD3/SD3.5; hub id or "
+                             "local directory) to generate with.")
     prompts: Path = option(None, "Prompts: .txt, .json, a manifest with `caption` or a curation directory (e.g. "
                                  "`lpo curate ingest ID --split validation_unique --out DIR`).")
     out: Path = option(None, "Run directory: images/, images.parquet, summary.json, summary.md, grid.png.")
     lora: Path | None = option(None, "A LoRA to load into the pipeline: `lpo optimize`'s out/lora (or its run "
                                         "directory).")
+    denoiser: Path | None = option(None, "A fine-tuned UNet or transformer (a folder saved with save_pretrained: "
+                                         "`lpo optimize --lora-rank 0`'s OUT/unet or OUT/transformer, or --merge's "
+                                         "OUT/merged_*) in place of the base's.")
     lrm: Path | None = option(None, "Latent reward model for LRM-guided sampling (with --candidates K > 1): a "
                                        "folder or run directory of `lpo reward train`, or a hub id.")
     candidates: int = option(1, "K: candidates per step for LRM-guided sampling.")
@@ -37,10 +40,12 @@ class EvalConfig:
                                           "there (and guide with its LRM when --candidates > 1 and no --lrm).")
     images_per_prompt: int = option(4, "Images per prompt; image i of prompt p uses seed + 1000 * p + i.")
     max_prompts: int | None = option(None, "Use only the first N prompts (default: all).")
-    steps: int = option(20, "DDIM steps.")
-    guidance: float = option(5.0, "Classifier-free guidance scale (the reference used 7.5 for the SD1.5 base and "
-                                  "Diffusion-DPO-1.5, 5.0 otherwise).")
-    eta: float | None = option(None, "DDIM eta (default: 0.0, as the reference; 1.0 with --lrm).")
+    steps: int = option(20, "Sampler steps (DDIM for sd15/sdxl, the flow-matching Euler step for sd3).")
+    guidance: float | None = option(None, "Classifier-free guidance scale (default: the family's LPO value, sd15/sdxl "
+                                          "5.0, sd3 4.5; the reference used 7.5 for the SD1.5 base and "
+                                          "Diffusion-DPO-1.5).")
+    eta: float | None = option(None, "Step noise: DDIM eta or the flow SDE's noise level (default: 0.0, as the "
+                                     "reference; with --lrm the family's LPO value, sd15/sdxl 1.0, sd3 0.7).")
     seed: int = option(42, "Base seed.")
     batch_size: int = option(4, "Images per generation batch (a seed gives the same image in any batch).")
     score_batch_size: int = option(16, "Images per scorer forward.")

@@ -21,14 +21,20 @@ logger = logging.getLogger(__name__)
 
 MAX_IMAGES_PER_PROMPT = 1000  # the seed of image i of prompt p is seed + 1000 * p + i
 # The settings a resumed run must share with the images already on disk.
-GENERATION_KEYS = ("base", "lora", "lrm", "candidates", "steps", "guidance", "eta", "seed", "dtype")
+GENERATION_KEYS = ("base", "lora", "denoiser", "lrm", "candidates", "steps", "guidance", "eta", "seed", "dtype")
 
 
 def generation_settings(config: EvalConfig) -> dict[str, Any]:
-    eta = config.eta if config.eta is not None else (1.0 if config.lrm is not None else 0.0)
+    """What the images depend on, with the family's defaults filled in (guidance; eta with an LRM)."""
+    from lpo.reward.backbones import family_of
+
+    defaults = family_of(config.base).lpo_defaults
+    eta = config.eta if config.eta is not None else (defaults["eta"] if config.lrm is not None else 0.0)
+    guidance = config.guidance if config.guidance is not None else defaults["guidance"]
     return {"base": config.base, "lora": str(config.lora) if config.lora else None,
+            "denoiser": str(config.denoiser) if config.denoiser else None,
             "lrm": str(config.lrm) if config.lrm else None, "candidates": config.candidates, "steps": config.steps,
-            "guidance": config.guidance, "eta": eta, "seed": config.seed, "dtype": config.dtype}
+            "guidance": guidance, "eta": eta, "seed": config.seed, "dtype": config.dtype}
 
 
 def validate(config: EvalConfig) -> tuple[list[str], dict[str, str]]:
@@ -59,6 +65,11 @@ def validate(config: EvalConfig) -> tuple[list[str], dict[str, str]]:
     resolve_dtype(config.score_dtype, option="--score-dtype", auto=None)
     if config.lora is not None:
         resolve_lora(config.lora)
+    if config.denoiser is not None and not (Path(config.denoiser) / "config.json").is_file():
+        raise InputError(f"--denoiser {config.denoiser} holds no config.json; pass a UNet or transformer folder saved "
+                         "with save_pretrained (e.g. `lpo optimize --lora-rank 0`'s OUT/unet or OUT/transformer).")
+    if config.denoiser is not None and config.lora is not None:
+        raise InputError("give --lora or --denoiser, not both: a LoRA adapts the base's own denoiser.")
     prompts = resolve_prompts(config.prompts, config.max_prompts)
     family = family_of(config.base)
     if config.lrm is not None:
@@ -149,7 +160,8 @@ def _load_models(config: EvalConfig, device: str) -> tuple[Any, Any]:
     from lpo.reward.lrm.model import LatentRewardModel
     from lpo.reward.serve.client import remote_lrm
 
-    model = load_generator(config.base, lora=config.lora, dtype=_generation_dtype(config, device), device=device)
+    model = load_generator(config.base, lora=config.lora, denoiser=config.denoiser,
+                           dtype=_generation_dtype(config, device), device=device)
     if config.lrm is not None:
         lrm = LatentRewardModel.from_pretrained(config.lrm).to(device)
     elif config.reward_url is not None and config.candidates > 1:
@@ -166,16 +178,17 @@ def generate(config: EvalConfig, todo: Sequence[EvalItem], out: Path, device: st
     from lpo.reward.lpo.sampler import sample
 
     model, lrm = _load_models(config, device)
-    eta = generation_settings(config)["eta"]
+    settings = generation_settings(config)
+    eta, guidance = settings["eta"], settings["guidance"]
     logger.info("generating %d images (%d steps, CFG %s, eta %s, batch %d) on %s", len(todo), config.steps,
-                config.guidance, eta, config.batch_size, device)
+                guidance, eta, config.batch_size, device)
     with open(out / RECORDS_FILE, "a") as records, _progress("generating", len(todo)) as advance:
         for start in range(0, len(todo), config.batch_size):
             batch = todo[start : start + config.batch_size]
             prompts = [item.prompt for item in batch]
             cond = model.encode_prompts(prompts)
             generators = [torch.Generator().manual_seed(item.seed) for item in batch]
-            latents = sample(model, cond, generators, config.steps, config.guidance, eta, lrm=lrm, prompts=prompts,
+            latents = sample(model, cond, generators, config.steps, guidance, eta, lrm=lrm, prompts=prompts,
                              candidates=config.candidates)["latents"]
             for item, image in zip(batch, model.decode(latents), strict=True):
                 _save_image_atomic(image, item.path)

@@ -51,8 +51,10 @@ def run(config: SampleConfig) -> dict[str, Any]:
 
     validate(config)
     device = resolve_device(config.device)
-    eta = config.eta if config.eta is not None else (1.0 if config.lrm is not None else 0.0)
     model = load_generator(config.base, lora=config.lora, device=device)
+    defaults = model.family.lpo_defaults  # the family's stochastic step and guidance, as LPO samples
+    eta = config.eta if config.eta is not None else (defaults["eta"] if config.lrm is not None else 0.0)
+    guidance = config.guidance if config.guidance is not None else defaults["guidance"]
     lrm = LatentRewardModel.from_pretrained(config.lrm).to(device) if config.lrm is not None else None
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -67,13 +69,13 @@ def run(config: SampleConfig) -> dict[str, Any]:
         finals = {}
         for name, k in runs.items():
             generators = [torch.Generator().manual_seed(s) for s in seeds]
-            finals[name] = sample(model, cond, generators, config.steps, config.guidance, eta,
+            finals[name] = sample(model, cond, generators, config.steps, guidance, eta,
                                   lrm=lrm if name == "guided" else None, prompts=[prompt] * n, candidates=k,
                                   score_timestep=config.score_timestep)["latents"]
         for name, latents in finals.items():
             scores = None
             if lrm is not None:
-                steps = torch.ones(n, dtype=torch.long, device=device)
+                steps = torch.full((n,), model.clean_timestep(), device=device)
                 scores = lrm.score(latents.to(lrm.device, lrm.dtype), steps, [prompt] * n).tolist()
             for i, image in enumerate(model.decode(latents)):
                 path = out / f"{name}-p{p:04d}-i{i:02d}.png"
@@ -82,7 +84,7 @@ def run(config: SampleConfig) -> dict[str, Any]:
                                 "kind": name, "path": str(path), "lrm_score": None if scores is None else scores[i]})
     summary: dict[str, Any] = {"base": config.base, "lora": str(config.lora) if config.lora else None,
                                "lrm": str(config.lrm) if config.lrm else None, "candidates": config.candidates,
-                               "steps": config.steps, "guidance": config.guidance, "eta": eta,
+                               "steps": config.steps, "guidance": guidance, "eta": eta,
                                "resolution": model.resolution, "images": records}
     if lrm is not None:
         mean = {kind: sum(r["lrm_score"] for r in records if r["kind"] == kind) /

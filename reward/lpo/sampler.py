@@ -2,7 +2,8 @@
 (DDIM with eta > 0 for the UNet families).
 
 - `rollout` (LPO training): at every step draw K children of the same x_t, let the LRM pick the best and worst,
-  keep the pair when the softmax gap of their scores exceeds the step's threshold, and continue from a random child.
+  keep the pair when the softmax gap of their scores exceeds the step's threshold (steps without a threshold, such
+  as a flow sampler's nearly deterministic last step, form no pairs), and continue from a random child.
 - `sample` (inference): plain DDIM sampling (K = 1), or LRM-guided sampling that continues from the best of K
   candidates at every step. With K = 1 it is plain sampling, draw for draw.
 
@@ -22,7 +23,7 @@ from lpo.reward.backbones.base import Conditioning, Generator, StepStats
 NOISE_BANDS = ((751, 1000, "t>751"), (501, 751, "501-751"), (251, 501, "251-501"), (0, 251, "1-251"))
 
 
-def band_of(t: int) -> str:
+def band_of(t: float) -> str:
     return next(name for low, high, name in NOISE_BANDS if low < t <= high or (low == 0 and t <= high))
 
 
@@ -31,18 +32,19 @@ def _noise(generators: list[torch.Generator], k: int, shape: tuple[int, ...]) ->
     return torch.stack([torch.randn((k, *shape), generator=g) for g in generators], dim=1)
 
 
-def score_candidates(lrm: Any, candidates: torch.Tensor, timestep: int, prompts: list[str],
+def score_candidates(lrm: Any, candidates: torch.Tensor, timestep: float, prompts: list[str],
                      text: dict[str, torch.Tensor] | None) -> torch.Tensor:
-    """LRM scores [K, B] of candidates [K, B, C, H, W], all K x B in one batch."""
+    """LRM scores [K, B] of candidates [K, B, C, H, W], all K x B in one batch (timesteps as the family takes them:
+    integers for DDPM schedules, sigma x 1000 for flow matching)."""
     k, b = candidates.shape[:2]
     flat = candidates.reshape(k * b, *candidates.shape[2:]).to(lrm.device, lrm.dtype)
-    steps = torch.full((k * b,), int(timestep), dtype=torch.long, device=lrm.device)
+    steps = torch.full((k * b,), timestep, device=lrm.device)
     repeated = None if text is None else {name: value.repeat(k, *([1] * (value.dim() - 1)))
                                           for name, value in text.items()}
     return lrm.score(flat, steps, prompts * k, text=repeated).float().view(k, b).cpu()
 
 
-def branch(model: Generator, latents: torch.Tensor, t: int, cond: Conditioning, guidance: float, eta: float,
+def branch(model: Generator, latents: torch.Tensor, t: float, cond: Conditioning, guidance: float, eta: float,
            generators: list[torch.Generator], k: int, denoiser: Any = None) -> tuple[StepStats, torch.Tensor]:
     """The step from x_t at `t` and k children drawn from it ([k, B, ...]; with eta 0, the mean alone)."""
     timesteps = torch.full((latents.shape[0],), t)
@@ -53,7 +55,7 @@ def branch(model: Generator, latents: torch.Tensor, t: int, cond: Conditioning, 
     return stats, stats.mean[None] + stats.std[None] * _noise(generators, k, model.latent_shape).to(stats.mean)
 
 
-def scoring_timestep(t: int, stats: StepStats, score_timestep: str) -> int:
+def scoring_timestep(t: float, stats: StepStats, score_timestep: str) -> float:
     """The timestep the LRM scores children at: the parent's (as the reference) or the child's own."""
     return t if score_timestep == "parent" else max(stats.prev_timestep[0].item(), 0)
 
@@ -63,7 +65,7 @@ class Rollout:
     """Valid preference tuples of one sampling round (winner and loser share x_t, t and the prompt)."""
 
     x_t: list[torch.Tensor] = field(default_factory=list)
-    timesteps: list[int] = field(default_factory=list)
+    timesteps: list[float] = field(default_factory=list)
     prompt_index: list[int] = field(default_factory=list)
     x_w: list[torch.Tensor] = field(default_factory=list)
     x_l: list[torch.Tensor] = field(default_factory=list)
@@ -82,7 +84,7 @@ class Rollout:
 
 @torch.no_grad()
 def rollout(model: Generator, cond: Conditioning, prompts: list[str], lrm: Any, generators: list[torch.Generator],
-            thresholds: dict[int, float], steps: int = 20, guidance: float = 5.0, eta: float = 1.0, k: int = 4,
+            thresholds: dict[float, float], steps: int = 20, guidance: float = 5.0, eta: float = 1.0, k: int = 4,
             score_timestep: str = "parent", denoiser: Any = None) -> Rollout:
     """One LPO sampling round for a batch of prompts (see the module docstring)."""
     timesteps = model.timesteps(steps)
@@ -96,14 +98,16 @@ def rollout(model: Generator, cond: Conditioning, prompts: list[str], lrm: Any, 
         gap = scores.gather(0, best[None])[0] - scores.gather(0, worst[None])[0]
         # softmax([s_w, s_l])[0] - softmax(...)[1] = tanh(gap / 2)
         # a deterministic step (sigma_t = 0, e.g. the last step when alphas_cumprod ends at 1) has no likelihood
-        valid = (torch.tanh(gap / 2) > thresholds[int(t)]) & (stats.std.flatten().cpu() > 0)
+        threshold = thresholds.get(t)
+        valid = (torch.tanh(gap / 2) > (threshold if threshold is not None else float("inf"))) & (
+            stats.std.flatten().cpu() > 0)
         for b in torch.nonzero(valid).flatten().tolist():
             result.x_t.append(latents[b].cpu())
-            result.timesteps.append(int(t))
+            result.timesteps.append(t)
             result.prompt_index.append(b)
             result.x_w.append(children[best[b], b].cpu())
             result.x_l.append(children[worst[b], b].cpu())
-            result.valid_per_band[band_of(int(t))] += 1
+            result.valid_per_band[band_of(t)] += 1
         pick = torch.stack([torch.randint(k, (1,), generator=g) for g in generators]).flatten()
         latents = children[pick, torch.arange(latents.shape[0])]
     result.final = latents

@@ -55,7 +55,7 @@ def validate(config: LPOConfig) -> list[str]:
     else:
         remote_lrm(config.reward_url, found, config.base)
     prompts = read_prompts(config.prompts)
-    if config.eta <= 0:
+    if config.resolved().eta <= 0:
         raise InputError("--eta must be > 0: LPO needs a stochastic step to have a likelihood.")
     if config.candidates < 2:
         raise InputError("--candidates must be at least 2 to form a winner and a loser.")
@@ -260,7 +260,7 @@ def _round(config, accelerator, model, denoiser, reference, lrm, optimizer, prom
     result = rollout(model, cond, batch_prompts, lrm, generators, thresholds, config.steps, config.guidance,
                      config.eta, config.candidates, config.score_timestep, denoiser=policy)
     final_scores = lrm.score(result.final.to(lrm.device, lrm.dtype),
-                             torch.ones(len(batch_prompts), dtype=torch.long, device=lrm.device),
+                             torch.full((len(batch_prompts),), model.clean_timestep(), device=lrm.device),
                              batch_prompts).float()
     local = [{"x_t": result.x_t[i], "t": result.timesteps[i], "prompt": batch_prompts[result.prompt_index[i]],
               "x_w": result.x_w[i], "x_l": result.x_l[i]} for i in range(len(result))]
@@ -282,7 +282,7 @@ def _round(config, accelerator, model, denoiser, reference, lrm, optimizer, prom
         chunk = mine[start:start + config.train_batch_size]
         device = accelerator.device  # latents stay float32 for the step maths; the denoiser casts its input
         batch = {"x_t": torch.stack([c["x_t"] for c in chunk]).to(device),
-                 "t": torch.tensor([c["t"] for c in chunk], dtype=torch.long),
+                 "t": torch.tensor([c["t"] for c in chunk]),
                  "x_w": torch.stack([c["x_w"] for c in chunk]).to(device),
                  "x_l": torch.stack([c["x_l"] for c in chunk]).to(device)}
         chunk_cond = model.encode_prompts([c["prompt"] for c in chunk])
@@ -337,12 +337,11 @@ def _export(config: LPOConfig, accelerator, model, denoiser, out: Path) -> dict[
     policy = accelerator.unwrap_model(denoiser)
     name = model.family.denoiser
     if config.lora_rank > 0:
-        from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
         from lpo.reward.backbones.base import load_lora_quietly
 
-        model.save_lora(out / "lora", convert_state_dict_to_diffusers(get_peft_model_state_dict(policy)))
+        model.save_lora(out / "lora", get_peft_model_state_dict(policy))
         outputs["lora"] = str(out / "lora")
         if config.merge:
             merged = model.family.load_pipeline(config.base)

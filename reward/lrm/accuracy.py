@@ -36,21 +36,21 @@ def pair_noise(seed: int, t: int, index: int, shape: tuple[int, ...]) -> tuple[t
 
 @torch.no_grad()
 def accuracy_per_timestep(model: Any, cache: LatentCache, pairs: pl.DataFrame, noise_scheduler: Any,
-                          timesteps: tuple[int, ...] | list[int] = EVAL_TIMESTEPS, seed: int = 1234,
+                          timesteps: tuple[float, ...] | list[float] = EVAL_TIMESTEPS, seed: int = 1234,
                           batch_size: int = 32, rank: int = 0, world: int = 1,
                           total: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                          scaling: float | None = None) -> dict[int, float]:
+                          to_latents: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[float, float]:
     """Accuracy at each t: every pair is noised by its own seeds (`pair_noise`), so runs compare exactly.
 
     Under several processes each scores the pairs `rank::world` and `total` sums the counts over them; `model` may
-    then be the trainer's wrapped model (DDP, DeepSpeed, FSDP: pass `scaling`, the VAE scaling factor), which is only
-    called, and every process makes the same number of calls (FSDP gathers the weights at each)."""
+    then be the trainer's wrapped model (DDP, DeepSpeed, FSDP: pass `to_latents`, the unwrapped model's), which is
+    only called, and every process makes the same number of calls (FSDP gathers the weights at each)."""
     model_was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     labels_all = pair_labels(torch.tensor(pairs["winner"].fill_null(-1).to_list()),
                              torch.tensor(pairs["is_tie"].to_list()))
-    scaling = model.config.vae_scaling_factor if scaling is None else scaling
+    to_latents = model.to_latents if to_latents is None else to_latents
     mine = list(range(rank, pairs.height, world))
     calls = math.ceil(math.ceil(pairs.height / world) / batch_size)  # the most chunks any process has
     correct = torch.zeros(len(timesteps), dtype=torch.float64)
@@ -66,18 +66,34 @@ def accuracy_per_timestep(model: Any, cache: LatentCache, pairs: pl.DataFrame, n
             draws = [pair_noise(seed, t, index, tuple(mean.shape[1:])) for index in rows]
             eps = torch.cat([torch.stack([d[0][0] for d in draws]), torch.stack([d[0][1] for d in draws])])
             noise = torch.cat([torch.stack([d[1][0] for d in draws]), torch.stack([d[1][1] for d in draws])])
-            steps = torch.full((2 * n,), int(t), dtype=torch.long)
-            noisy = noise_scheduler.add_noise((mean + std * eps) * scaling, noise, steps)
+            steps = torch.full((2 * n,), t)
+            noisy = noise_scheduler.add_noise(to_latents(mean + std * eps), noise, steps)
             scores = model(noisy.to(device), steps.to(device), captions).float().cpu()
             if not padding:
                 correct[k] += pairwise_correct(scores[:n], scores[n:], labels_all[rows]).sum().item()
     if total is not None:
         correct = total(correct)
     model.train(model_was_training)
-    return {int(t): correct[k].item() / max(pairs.height, 1) for k, t in enumerate(timesteps)}
+    return {t: correct[k].item() / max(pairs.height, 1) for k, t in enumerate(timesteps)}
 
 
-def plot_accuracy(accuracy: dict[int, float], path: Path, title: str = "LRM pairwise accuracy") -> Path:
+def default_timesteps(lrm_config: dict[str, Any], source: str, subfolder: str | None,
+                      given: list[float] | None = None) -> list:
+    """The evaluation timesteps of a saved LRM: `given`, checked for its family, or its family's defaults from the
+    noise schedule saved beside it."""
+    from lpo.reward.backbones import get_family
+    from lpo.reward.lrm.model import component
+
+    backbone = get_family(lrm_config["family"]).lrm_backbone
+    if given:
+        return backbone.check_timesteps(given)
+    return backbone.default_timesteps(*component(source, subfolder, "scheduler"),
+                                      tuple(lrm_config["latent_shape"]))[1]
+
+
+def plot_accuracy(accuracy: dict[float, float], path: Path, title: str = "LRM pairwise accuracy",
+                  sigma: bool = False) -> Path:
+    """Accuracy against the noise level: the timestep (DDPM families) or sigma = timestep / 1000 (flow matching)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -85,9 +101,9 @@ def plot_accuracy(accuracy: dict[int, float], path: Path, title: str = "LRM pair
 
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ts = sorted(accuracy)
-    ax.plot(ts, [accuracy[t] for t in ts], marker="o")
+    ax.plot([t / 1000 if sigma else t for t in ts], [accuracy[t] for t in ts], marker="o")
     ax.axhline(0.5, color="grey", linestyle=":", label="chance")
-    ax.set_xlabel("timestep t (noise level)")
+    ax.set_xlabel("sigma (noise level)" if sigma else "timestep t (noise level)")
     ax.set_ylabel("pairwise accuracy")
     ax.set_ylim(0, 1)
     ax.set_title(title)
@@ -111,11 +127,10 @@ def run(config: RewardEvalConfig) -> dict[str, Any]:
     pairs = usable_pairs(read_pairs(config.manifest))
     if pairs.is_empty():
         raise InputError(f"{config.manifest} has no pairs with a winner or a tie; evaluate on a filtered manifest.")
-    bad = [t for t in config.timesteps if not 0 <= t < 1000]
-    if bad:
-        raise InputError(f"timesteps {bad} are outside [0, 999].")
-    device = resolve_device(config.device)
     source, subfolder = resolve_lrm(config.lrm)
+    timesteps = default_timesteps(lrm_config, source, subfolder, config.timesteps)
+    flow_matching = get_family(lrm_config["family"]).flow_matching
+    device = resolve_device(config.device)
     model_dir = Path(source) / (subfolder or "")
     out = Path(config.out) if config.out else model_dir / "eval"
     resolution = lrm_config["resolution"]
@@ -126,31 +141,33 @@ def run(config: RewardEvalConfig) -> dict[str, Any]:
     encoded = only_encoded(pairs, cache)
     model = LatentRewardModel.from_pretrained(source, subfolder).to(device)
     noise = get_family(lrm_config["family"]).noise_schedule(*component(source, subfolder, "scheduler"))
-    accuracy = accuracy_per_timestep(model, cache, encoded, noise, config.timesteps, config.seed, config.batch_size)
+    accuracy = accuracy_per_timestep(model, cache, encoded, noise, timesteps, config.seed, config.batch_size)
     result = {"lrm": str(model_dir), "manifest": str(config.manifest), "pairs": encoded.height,
               "skipped_pairs_with_undecodable_images": pairs.height - encoded.height, "seed": config.seed,
               "accuracy": {str(t): a for t, a in accuracy.items()}}
+    if flow_matching:  # the noise level of a flow-matching model is sigma = timestep / 1000
+        result["accuracy_by_sigma"] = {str(round(t / 1000, 6)): a for t, a in accuracy.items()}
     out.mkdir(parents=True, exist_ok=True)
     (out / "accuracy.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot_accuracy(accuracy, out / "accuracy.png")
+    plot_accuracy(accuracy, out / "accuracy.png", sigma=flow_matching)
     result["out"] = str(out)
     return result
 
 
-def validate_score(config: RewardScoreConfig) -> list[Any]:
-    """Everything `lpo reward score` can check before a model loads; returns the opened images."""
+def validate_score(config: RewardScoreConfig) -> tuple[list[Any], float]:
+    """Everything `lpo reward score` can check before a model loads; returns the opened images and the timestep
+    (default: the least noisy evaluation timestep of the LRM's family)."""
     from PIL import Image
 
-    from lpo.reward.lrm.model import read_lrm_config
+    from lpo.reward.lrm.model import read_lrm_config, resolve_lrm
 
-    read_lrm_config(config.lrm)
+    lrm_config = read_lrm_config(config.lrm)
+    t = default_timesteps(lrm_config, *resolve_lrm(config.lrm), [config.t] if config.t is not None else None)[0]
     if not config.images:
         raise InputError("give at least one image with --images FILE.")
     if len(config.prompts) not in (1, len(config.images)):
         raise InputError(f"{len(config.images)} images but {len(config.prompts)} prompts: give one prompt, or one "
                          "per image.")
-    if not 0 <= config.t < 1000:
-        raise InputError(f"--t {config.t} is outside [0, 999].")
     missing = [str(p) for p in config.images if not Path(p).is_file()]
     if missing:
         raise InputError(f"image file(s) not found: {missing}.")
@@ -160,7 +177,7 @@ def validate_score(config: RewardScoreConfig) -> list[Any]:
             opened.append(Image.open(path).convert("RGB"))
         except OSError as err:
             raise InputError(f"{path} is not a readable image ({err}).") from None
-    return opened
+    return opened, t
 
 
 def score(config: RewardScoreConfig) -> list[dict[str, Any]]:
@@ -168,9 +185,9 @@ def score(config: RewardScoreConfig) -> list[dict[str, Any]]:
     from lpo.curate.device import resolve_device
     from lpo.reward.lrm.model import LatentRewardModel
 
-    images = validate_score(config)
+    images, t = validate_score(config)
     prompts = list(config.prompts) * len(images) if len(config.prompts) == 1 else list(config.prompts)
     model = LatentRewardModel.from_pretrained(config.lrm).to(resolve_device(config.device))
-    scores = model.score_images(images, prompts, t=config.t, seed=config.seed)
-    return [{"image": str(path), "prompt": text, "t": config.t, "score": round(value, 6)}
+    scores = model.score_images(images, prompts, t=t, seed=config.seed)
+    return [{"image": str(path), "prompt": text, "t": t, "score": round(value, 6)}
             for path, text, value in zip(config.images, prompts, scores.tolist())]

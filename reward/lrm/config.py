@@ -23,11 +23,15 @@ class RewardTrainConfig:
     val_fraction: float = option(0.05, "Share of captions held out for validation when no --val-manifest is given.")
     vae: str | None = option(None, "VAE to encode images with (default: the base's vae/; for SDXL the paper used "
                                    "madebyollin/sdxl-vae-fp16-fix).")
-    timesteps: list[int] = option(help="Candidate timesteps, one drawn uniformly per pair.",
-                                  factory=lambda: list(CANDIDATE_TIMESTEPS))
-    eval_timesteps: list[int] = option(help="Timesteps of the validation accuracy.",
-                                       factory=lambda: list(EVAL_TIMESTEPS))
-    select_timestep: int = option(1, "Validation timestep whose accuracy picks the best checkpoint.")
+    timesteps: list[float] = option(help="Candidate timesteps, one drawn uniformly per pair (default: sd15/sdxl "
+                                         "1,51,...,951; sd3 the 20-step sampler grid, sigma x 1000).", factory=list)
+    eval_timesteps: list[float] = option(help="Timesteps of the validation accuracy (default: sd15/sdxl "
+                                              "1,251,501,751,951; sd3 five points of the 20-step grid).",
+                                         factory=list)
+    select_timestep: float | None = option(None, "Validation timestep whose accuracy picks the best checkpoint "
+                                                 "(default: the least noisy of --eval-timesteps).")
+    depth: int | None = option(None, "sd3: joint blocks the LRM runs (default: 3/4 of the transformer's, 18 of "
+                                     "SD3-Medium's 24); the rest are not built.")
     batch_size: int = option(16, "Pairs per process per micro-step.")
     grad_accum: int = option(1, "Micro-steps per optimizer update.")
     max_steps: int = option(4000, "Optimizer updates.")
@@ -67,8 +71,21 @@ class RewardTrainConfig:
         """A copy with the family's defaults filled in where a field is left at None."""
         from lpo.reward.backbones import get_family
 
-        defaults = get_family(family).lrm_defaults
-        return dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
+        family_ = get_family(family)
+        defaults = family_.lrm_defaults
+        config = dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
+        if not (config.timesteps and config.eval_timesteps):
+            from lpo.reward.backbones import read_subfolder_config
+
+            side = int(read_subfolder_config(self.base, family_.denoiser)["sample_size"])
+            train, evaluation = family_.lrm_backbone.default_timesteps(self.base, "scheduler", (0, side, side))
+            config = dataclasses.replace(config, timesteps=config.timesteps or train,
+                                         eval_timesteps=config.eval_timesteps or evaluation)
+        check = family_.lrm_backbone.check_timesteps
+        config = dataclasses.replace(config, timesteps=check(config.timesteps),
+                                     eval_timesteps=check(config.eval_timesteps))
+        select = config.select_timestep if config.select_timestep is not None else min(config.eval_timesteps)
+        return dataclasses.replace(config, select_timestep=check([select])[0])
 
 
 @dataclass
@@ -91,7 +108,8 @@ class RewardEvalConfig:
     manifest: Path = option(None, "Pairs manifest to evaluate on (filtered.parquet, or a curation dir's "
                                   "pairs.parquet).")
     out: Path | None = option(None, "Where to write accuracy.json and accuracy.png (default: next to the LRM).")
-    timesteps: list[int] = option(help="Timesteps to evaluate.", factory=lambda: list(EVAL_TIMESTEPS))
+    timesteps: list[float] = option(help="Timesteps to evaluate (default: sd15/sdxl 1,251,501,751,951; sd3 five "
+                                         "points of the 20-step sampler grid).", factory=list)
     seed: int = option(1234, "Noise seed (the same seed gives the same noise for every model).")
     latent_cache: Path | None = option(None, "Root folder of VAE-latent caches to reuse and extend; default: "
                                              "OUT/latent_cache.")
@@ -105,6 +123,7 @@ class RewardScoreConfig:
                              "last/) or a hub id.")
     images: list[Path] = option(help="Image files to score.", factory=list)
     prompts: list[str] = option(help="One prompt for all images, or one per image.", factory=list)
-    t: int = option(1, "Timestep to noise the encoded images to before scoring.")
+    t: float | None = option(None, "Timestep to noise the encoded images to before scoring (default: the least "
+                                   "noisy evaluation timestep: 1 for sd15/sdxl).")
     seed: int = option(0, "Noise seed.")
     device: str = option("auto", "auto, cpu or cuda.")

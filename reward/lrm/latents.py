@@ -147,11 +147,12 @@ class LatentCache:
                 out[name].append(torch.from_numpy(rows[position][name].copy()))
         return torch.stack(out["mean"]).float(), torch.stack(out["std"]).float()
 
-    def sample(self, uids: list[str], scaling_factor: float, generator: torch.Generator | None = None) -> torch.Tensor:
-        """A latent sample z = (mean + std * eps) * scaling_factor per uid."""
+    def sample(self, uids: list[str], generator: torch.Generator | None = None) -> torch.Tensor:
+        """A draw z = mean + std * eps of each uid's VAE posterior (unscaled: `LatentRewardModel.to_latents` maps it
+        into the denoiser's latent space)."""
         mean, std = self.get(uids)
         eps = torch.randn(mean.shape, generator=generator)
-        return (mean + std * eps) * scaling_factor
+        return mean + std * eps
 
     def write_part(self, uids: list[str], mean: torch.Tensor, std: torch.Tensor, rank: int = 0) -> Path:
         """Write one part file atomically (a temp file, then a rename); its name is unique to its rank and uids."""

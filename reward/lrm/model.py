@@ -53,10 +53,11 @@ class LatentRewardModel(ModelMixin, ConfigMixin):
                  components: dict[str, dict[str, Any]], multi_scale: bool = True, vfe_scale: float = 7.5,
                  vfe_down: bool = False, logit_scale_init: float = math.log(1 / 0.07),
                  latent_shape: tuple[int, ...] = (4, 64, 64), vae_scaling_factor: float = 0.18215,
-                 backbone: LRMBackbone | None = None):
+                 vae_shift_factor: float = 0.0, depth: int | None = None, backbone: LRMBackbone | None = None):
         super().__init__()
         family_adapter = get_family(family).lrm_backbone
-        self.backbone = backbone if backbone is not None else family_adapter.from_components(components, resolution)
+        self.backbone = backbone if backbone is not None else family_adapter.from_components(components, resolution,
+                                                                                              depth, base)
         channels = self.backbone.feature_channels(self.feature_taps)
         self.visual_projection = nn.Linear(sum(channels), projection_dim, bias=False)
         nn.init.normal_(self.visual_projection.weight, std=0.02)
@@ -83,27 +84,39 @@ class LatentRewardModel(ModelMixin, ConfigMixin):
     def from_base(cls, base: str, *, taps: list[int] | None = None, multi_scale: bool = True,
                   vfe_scale: float = 7.5, vfe_down: bool = False, projection_dim: int | None = None,
                   text_projection_init: str | None = DEFAULT_TEXT_PROJECTION_INIT,
-                  dtype: torch.dtype = torch.float32, pretrained: bool = True) -> LatentRewardModel:
+                  dtype: torch.dtype = torch.float32, pretrained: bool = True,
+                  depth: int | None = None) -> LatentRewardModel:
         """Build an untrained LRM from a diffusers pipeline (hub id or local directory). With `pretrained=False` the
         backbone keeps the base's architecture but starts from fresh random weights (the ablation against a
         diffusion-initialised backbone). `text_projection_init` initialises a text projection (families whose pooled
-        text is not projected: SD1.x/2.x) from a CLIP model's (the paper used CLIP ViT-L/14's)."""
+        text is not projected and who bring no initial projection of their own: SD1.x/2.x) from a CLIP model's (the
+        paper used CLIP ViT-L/14's). `depth`: the blocks a transformer family's backbone runs."""
         family = family_of(base)
-        backbone = family.lrm_backbone.from_base(base, dtype=dtype, pretrained=pretrained)
+        backbone = family.lrm_backbone.from_base(base, dtype=dtype, pretrained=pretrained, depth=depth)
         vae_config = read_subfolder_config(base, "vae")
-        text_dim = backbone.text_width if backbone.text_projected else (projection_dim or backbone.text_width)
+        text_dim = backbone.text_width if backbone.text_projected else (projection_dim or backbone.projection_dim)
         model = cls(
             family=family.name, base=base, taps=list(taps) if taps is not None else backbone.default_taps(),
             projection_dim=text_dim, resolution=backbone.resolution, components=backbone.components,
             multi_scale=multi_scale, vfe_scale=vfe_scale, vfe_down=vfe_down,
             latent_shape=list(backbone.latent_shape),
-            vae_scaling_factor=float(vae_config.get("scaling_factor", 0.18215)), backbone=backbone,
+            vae_scaling_factor=float(vae_config.get("scaling_factor", 0.18215)),
+            vae_shift_factor=float(vae_config.get("shift_factor") or 0.0), depth=backbone.depth, backbone=backbone,
         )
         if dtype != torch.float32:  # diffusers warns about a cast even when nothing is kept in float32
             model = model.to(dtype)
-        if model.text_projection is not None and text_projection_init:
+        own = backbone.text_projection_init(text_dim) if model.text_projection is not None else None
+        if own is not None:
+            with torch.no_grad():
+                model.text_projection.weight.copy_(own)
+        elif model.text_projection is not None and text_projection_init:
             model.init_text_projection(text_projection_init)
         return model
+
+    def to_latents(self, sample: torch.Tensor) -> torch.Tensor:
+        """A VAE posterior sample in the denoiser's latent space: (z - shift) * scale (no shift for the UNet
+        families)."""
+        return (sample - self.config.vae_shift_factor) * self.config.vae_scaling_factor
 
     def init_text_projection(self, clip_id: str) -> None:
         """Initialise the text projection from a CLIP model's (the paper used CLIP ViT-L/14's)."""
@@ -177,11 +190,13 @@ class LatentRewardModel(ModelMixin, ConfigMixin):
 
     def empty_text(self) -> dict[str, torch.Tensor]:
         """The empty prompt's encoding (VFE's unconditional branch): once while the weights cannot change (eval mode,
-        no gradients), afresh at every call while training, as the text encoder learns."""
-        if self.training or torch.is_grad_enabled():
+        no gradients, or text encoders that never train), afresh at every call while training, as the text encoder
+        learns."""
+        if (self.training or torch.is_grad_enabled()) and not self.backbone.frozen_text:
             return self.encode_text([""])
         if self._empty is None:
-            self._empty = self.encode_text([""])
+            with torch.no_grad():  # VFE uses the conditioning only, which nothing trainable computes here
+                self._empty = self.encode_text([""])
         return self._empty
 
     def train(self, mode: bool = True) -> LatentRewardModel:
@@ -227,7 +242,7 @@ class LatentRewardModel(ModelMixin, ConfigMixin):
         if len(prompts) != latents.shape[0]:
             raise ValueError(f"{latents.shape[0]} latents but {len(prompts)} prompts")
         if not torch.is_tensor(timesteps):
-            timesteps = torch.full((latents.shape[0],), int(timesteps), dtype=torch.long, device=latents.device)
+            timesteps = torch.full((latents.shape[0],), timesteps, device=latents.device)
         timesteps = timesteps.to(latents.device).expand(latents.shape[0])
         text = text if text is not None else self.encode_prompts(prompts)
         empty = self.empty_text() if self.config.vfe_scale != 1.0 else None
@@ -237,7 +252,7 @@ class LatentRewardModel(ModelMixin, ConfigMixin):
         return self.logit_scale.exp() * (visual * textual).sum(-1)
 
     @torch.no_grad()
-    def score_images(self, images: list[Any], prompts: list[str], t: int = 1, seed: int = 0) -> torch.Tensor:
+    def score_images(self, images: list[Any], prompts: list[str], t: float = 1, seed: int = 0) -> torch.Tensor:
         """Encode images with the VAE saved beside the model, noise them to timestep `t` (seeded), and score."""
         from diffusers import AutoencoderKL
 
@@ -261,8 +276,8 @@ class LatentRewardModel(ModelMixin, ConfigMixin):
         pixels = torch.stack([image_to_tensor(image, self.config.resolution) for image in images])
         posterior = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
         eps = torch.randn(posterior.mean.shape, generator=generator).to(self.device)
-        latents = (posterior.mean + posterior.std * eps.to(posterior.mean.dtype)) * self.config.vae_scaling_factor
-        steps = torch.full((len(images),), int(t), dtype=torch.long)
+        latents = self.to_latents(posterior.mean + posterior.std * eps.to(posterior.mean.dtype))
+        steps = torch.full((len(images),), t)
         noise = torch.randn(latents.shape, generator=generator).to(latents)
         noisy = noise_scheduler.add_noise(latents.cpu().float(), noise.cpu().float(), steps)
         return self.score(noisy.to(self.device), steps.to(self.device), list(prompts))
@@ -326,7 +341,8 @@ def read_lrm_config(source: str | Path, subfolder: str | None = None) -> dict[st
 def check_text_projection_init(family_name: str, clip_id: str | None) -> None:
     """Before training: the CLIP model whose text projection initialises the LRM's is readable (where the family's
     pooled text needs a projection), so a missing download stops the run before any image is encoded."""
-    if not clip_id or get_family(family_name).lrm_backbone.text_projected:
+    backbone = get_family(family_name).lrm_backbone
+    if not clip_id or backbone.text_projected or backbone.own_text_projection:
         return
     fix = ("pass a reachable hub id or a local CLIPModel folder with --text-projection-init, or "
            "--text-projection-init '' to start the projection at random")

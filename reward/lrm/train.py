@@ -52,10 +52,12 @@ def validate(config: RewardTrainConfig) -> tuple[RewardTrainConfig, Any]:
     if config.val_manifest is not None:
         check_schema(config.val_manifest, PAIRS_SCHEMA, "validation")
     family = family_of(config.base)
+    if config.depth is not None and family.denoiser != "transformer":
+        raise InputError(f"--depth sets the joint blocks of a transformer family's LRM; {config.base} is an "
+                         f"{family.name} UNet (its taps fix what runs). Drop --depth.")
+    if config.depth is not None and config.depth < 1:
+        raise InputError("--depth must be at least 1.")
     config = config.resolved(family.name)
-    bad = [t for t in config.timesteps + config.eval_timesteps if not 0 <= t < 1000]
-    if bad or not config.timesteps:
-        raise InputError(f"timesteps must be non-empty and in [0, 999]; got {bad or config.timesteps}.")
     for name in ("batch_size", "grad_accum", "max_steps"):
         if getattr(config, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1.")
@@ -187,7 +189,8 @@ def run(config: RewardTrainConfig) -> dict[str, Any]:
     set_seed(config.seed)
     model = LatentRewardModel.from_base(
         config.base, multi_scale=config.multi_scale, vfe_scale=config.vfe_scale, vfe_down=config.vfe_down,
-        text_projection_init=config.text_projection_init or None, pretrained=config.init == "diffusion")
+        text_projection_init=config.text_projection_init or None, pretrained=config.init == "diffusion",
+        depth=config.depth)
     if config.gradient_checkpointing:
         model.backbone.enable_gradient_checkpointing()
     model.train()
@@ -230,11 +233,12 @@ def _loop(config, accelerator, model, optimizer, schedule, cache, noise_schedule
           accuracy_per_timestep, plot_accuracy, export_components) -> dict[str, Any]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from lpo.reward.backbones import get_family
     from lpo.reward.lrm.loss import bradley_terry_loss, pair_labels, pair_weights, pairwise_correct
 
     n = len(train["caption"])
     rank, world = accelerator.process_index, accelerator.num_processes
-    scaling = accelerator.unwrap_model(model).config.vae_scaling_factor
+    to_latents = accelerator.unwrap_model(model).to_latents
     candidates = torch.tensor(config.timesteps)
     micro = state["step"] * config.grad_accum
     running = {"loss": 0.0, "correct": 0.0, "count": 0}
@@ -248,7 +252,7 @@ def _loop(config, accelerator, model, optimizer, schedule, cache, noise_schedule
             idx = batch_indices(micro, rank, world, n, config.batch_size, config.seed)
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + micro * 1_009 + rank)
             uids = [train["uid0"][i] for i in idx] + [train["uid1"][i] for i in idx]
-            clean = cache.sample(uids, scaling, generator)
+            clean = to_latents(cache.sample(uids, generator))
             t = candidates[torch.randint(len(candidates), (len(idx),), generator=generator)]
             steps = torch.cat([t, t])
             noisy = noise_scheduler.add_noise(clean, torch.randn(clean.shape, generator=generator), steps)
@@ -302,7 +306,8 @@ def _loop(config, accelerator, model, optimizer, schedule, cache, noise_schedule
         if state["best_step"] is None:  # no validation set: the last model is the only candidate
             shutil.copytree(last, out / "best", dirs_exist_ok=True)
         if state["history"]:
-            plot_accuracy({int(t): a for t, a in state["history"][-1]["accuracy"].items()}, out / "accuracy.png")
+            plot_accuracy({float(t): a for t, a in state["history"][-1]["accuracy"].items()}, out / "accuracy.png",
+                          sigma=get_family(accelerator.unwrap_model(model).config.family).flow_matching)
         (out / "train_summary.json").write_text(json.dumps(state, indent=2) + "\n")
     accelerator.wait_for_everyone()
     return {"steps": state["step"], "best_step": state["best_step"], "best_accuracy": state["best_accuracy"],
@@ -327,7 +332,7 @@ def _validate(config, accelerator, model, cache, noise_scheduler, val_pairs, sta
                                      seed=config.seed, batch_size=config.batch_size, rank=accelerator.process_index,
                                      world=accelerator.num_processes,
                                      total=lambda x: accelerator.reduce(x.to(accelerator.device), "sum").cpu(),
-                                     scaling=unwrapped.config.vae_scaling_factor)
+                                     to_latents=unwrapped.to_latents)
     record = {"step": state["step"], "accuracy": {str(t): a for t, a in accuracy.items()}}
     state["history"].append(record)
     accelerator.log({f"val_accuracy_t{t}": a for t, a in accuracy.items()}, step=state["step"])

@@ -23,7 +23,7 @@ import litserve as ls
 import torch
 from starlette.responses import JSONResponse
 
-from lpo.reward.serve.protocol import IMAGES_ROUTE, LATENT_DTYPES, LATENTS_ROUTE, Rejected
+from lpo.reward.serve.protocol import IMAGES_ROUTE, LATENT_DTYPES, LATENTS_ROUTE, Rejected, timestep_range
 from lpo.reward.serve.requests import ImageRequest, LatentRequest, decode_images, decode_latents
 
 logger = logging.getLogger(__name__)
@@ -181,11 +181,13 @@ class LatentScoreAPI(_ScoringAPI):
 
     route = LATENTS_ROUTE
 
-    def __init__(self, *, lrm: str, latent_shape: tuple[int, int, int], num_timesteps: int, **shared: Any) -> None:
+    def __init__(self, *, lrm: str, latent_shape: tuple[int, int, int], num_timesteps: int,
+                 continuous: bool = False, **shared: Any) -> None:
         super().__init__(**shared)
         self.lrm = lrm
         self.latent_shape = tuple(latent_shape)
         self.num_timesteps = num_timesteps
+        self.continuous = continuous  # flow matching: timesteps are sigma x num_timesteps, any number in range
 
     def load(self, device: str) -> dict[str, dict[str, Any]]:
         from lpo.reward.lrm.model import LatentRewardModel
@@ -194,11 +196,12 @@ class LatentScoreAPI(_ScoringAPI):
         bound = float(self.model.logit_scale.detach().exp())
         return {"lrm": {"model_id": self.lrm, "family": self.model.config.family,
                         "scale": f"exp(logit_scale) * cosine(visual, text), in [-{bound:.4g}, {bound:.4g}]",
-                        "latent_shape": list(self.latent_shape), "timesteps": [0, self.num_timesteps - 1],
+                        "latent_shape": list(self.latent_shape),
+                        "timesteps": timestep_range(self.num_timesteps, self.continuous),
                         "latent_dtypes": list(LATENT_DTYPES)}}
 
     def decode(self, request: Any) -> LatentRequest:
-        return decode_latents(request, self.latent_shape, self.num_timesteps, self.max_items)
+        return decode_latents(request, self.latent_shape, self.num_timesteps, self.max_items, self.continuous)
 
     def score(self, requests: list[LatentRequest]) -> list[dict[str, Any]]:
         # float32 holds float16 and bfloat16 exactly, so the model's own cast gives what it gives in process.

@@ -91,7 +91,8 @@ class RewardClient:
 
     def score_latents(self, latents: torch.Tensor, timesteps: torch.Tensor | Sequence[int] | int,
                       prompts: Sequence[str]) -> torch.Tensor:
-        """Score noisy latents [B, C, H, W] at `timesteps` ([B] or one int) against prompts: a [B] CPU tensor in the
+        """Score noisy latents [B, C, H, W] at `timesteps` ([B] or one number: integers for DDPM families, sigma x
+        1000 for flow matching) against prompts: a [B] CPU tensor in the
         served model's dtype, as `LatentRewardModel.score(latents, timesteps, prompts)`. float64 latents are sent as
         float32 (what a float32 model computes in anyway)."""
         import torch
@@ -105,7 +106,9 @@ class RewardClient:
                              "latents and one prompt per latent")
         if not len(prompts):
             return torch.zeros(0)
-        steps = torch.as_tensor(timesteps, dtype=torch.long).to("cpu").expand(latents.shape[0]).contiguous()
+        steps = torch.as_tensor(timesteps).to("cpu")
+        steps = steps.to(torch.float32 if steps.dtype.is_floating_point else torch.long)  # flow: sigma x 1000
+        steps = steps.expand(latents.shape[0]).contiguous()
         per_item = latents[0].numel() * latents.element_size() + 8
         parts = self._split([per_item + len(p.encode()) + 8 for p in prompts])
         bodies = [save({"latents": latents[part].contiguous(), "timesteps": steps[part].contiguous()},

@@ -19,3 +19,8 @@ class Rejected(Exception):
         super().__init__(detail)
         self.status = status
         self.detail = detail
+
+
+def timestep_range(num_timesteps: int, continuous: bool) -> list:
+    """[low, high] of the timesteps a latent reward model takes, as GET /models shows it."""
+    return [0.0, float(num_timesteps)] if continuous else [0, num_timesteps - 1]

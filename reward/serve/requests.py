@@ -137,26 +137,35 @@ def _raw_latents(spec: Any) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
 
 
-def _timesteps(value: Any, n: int, num_timesteps: int) -> torch.Tensor:
-    if isinstance(value, int) and not isinstance(value, bool):
+def _timesteps(value: Any, n: int, num_timesteps: int, continuous: bool = False) -> torch.Tensor:
+    """One timestep per latent: integers in [0, num_timesteps - 1] (DDPM families), or numbers in [0, num_timesteps]
+    (flow matching: sigma x num_timesteps)."""
+    kind = "numbers" if continuous else "integers"
+    dtype = torch.float32 if continuous else torch.long
+
+    def accepted(t: Any) -> bool:
+        return isinstance(t, (int, float) if continuous else int) and not isinstance(t, bool)
+
+    if accepted(value):
         value = [value] * n
     if torch.is_tensor(value):
-        if value.dtype.is_floating_point or value.dtype == torch.bool or value.dim() > 1:
-            raise Rejected(422, f"timesteps tensor is {value.dtype} of shape {list(value.shape)}; send [B] integers")
-        steps = value.to(torch.long).expand(n) if value.dim() == 0 else value.to(torch.long)
-    elif isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
-        steps = torch.tensor(value, dtype=torch.long)
+        if (value.dtype.is_floating_point and not continuous) or value.dtype == torch.bool or value.dim() > 1:
+            raise Rejected(422, f"timesteps tensor is {value.dtype} of shape {list(value.shape)}; send [B] {kind}")
+        steps = value.to(dtype).expand(n) if value.dim() == 0 else value.to(dtype)
+    elif isinstance(value, list) and all(accepted(t) for t in value):
+        steps = torch.tensor(value, dtype=dtype)
     else:
-        raise Rejected(422, "timesteps must be an integer or a list of integers, one per latent")
+        raise Rejected(422, f"timesteps must be one of {kind} or a list of {kind}, one per latent")
     if steps.numel() != n:
         raise Rejected(422, f"{n} latents but {steps.numel()} timesteps; send one timestep per latent")
-    if steps.numel() and not (0 <= int(steps.min()) and int(steps.max()) < num_timesteps):
-        raise Rejected(422, f"timesteps {steps.tolist()} go outside [0, {num_timesteps - 1}]")
+    high = num_timesteps if continuous else num_timesteps - 1
+    if steps.numel() and not (0 <= float(steps.min()) and float(steps.max()) <= high):
+        raise Rejected(422, f"timesteps {steps.tolist()} go outside [0, {high}]")
     return steps
 
 
 def decode_latents(request: Any, latent_shape: tuple[int, int, int], num_timesteps: int,
-                   max_items: int) -> LatentRequest:
+                   max_items: int, continuous: bool = False) -> LatentRequest:
     """Validate and decode one /score/latents request; raise Rejected naming the first problem."""
     request = _object(request, {"latents", "timesteps", "prompts", "safetensors"}, LATENTS_ROUTE)
     if "safetensors" in request and "latents" in request:
@@ -188,8 +197,8 @@ def decode_latents(request: Any, latent_shape: tuple[int, int, int], num_timeste
                             "(GET /models)")
     _count(latents.shape[0], max_items, "latents")
     if timesteps is None:
-        raise Rejected(422, "timesteps are missing; send one integer timestep per latent")
-    steps = _timesteps(timesteps, latents.shape[0], num_timesteps)
+        raise Rejected(422, "timesteps are missing; send one timestep per latent")
+    steps = _timesteps(timesteps, latents.shape[0], num_timesteps, continuous)
     prompts = _prompts(prompts, latents.shape[0], "latent")
     if not bool(torch.isfinite(latents).all()):
         raise Rejected(422, "latents hold NaN or infinite values")

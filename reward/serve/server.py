@@ -31,7 +31,7 @@ from typing import Any
 
 from lpo.curate.config import option
 from lpo.curate.errors import InputError
-from lpo.reward.serve.protocol import DEFAULT_NUM_TIMESTEPS, IMAGES_ROUTE, LATENTS_ROUTE, TOKEN_ENV
+from lpo.reward.serve.protocol import DEFAULT_NUM_TIMESTEPS, IMAGES_ROUTE, LATENTS_ROUTE, TOKEN_ENV, timestep_range
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +80,7 @@ class ServePlan:
     accelerator: str
     latent_shape: tuple[int, ...] | None
     num_timesteps: int
+    continuous: bool = False  # flow matching: timesteps are sigma x num_timesteps, not integers
 
 
 def resolve_token(config: ServeConfig) -> str | None:
@@ -145,8 +146,10 @@ def _accelerator(device: str) -> str:
     return "cpu"
 
 
-def _lrm_inputs(lrm: Path) -> tuple[tuple[int, ...], int]:
-    """The latent shape [C, H, W] the LRM takes and its number of diffusion timesteps, from its files alone."""
+def _lrm_inputs(lrm: Path) -> tuple[tuple[int, ...], int, bool]:
+    """The latent shape [C, H, W] the LRM takes, its number of diffusion timesteps and whether they are continuous
+    (flow matching), from its files alone."""
+    from lpo.reward.backbones import get_family
     from lpo.reward.lrm.model import read_lrm_config, resolve_lrm
 
     config = read_lrm_config(lrm)
@@ -155,7 +158,7 @@ def _lrm_inputs(lrm: Path) -> tuple[tuple[int, ...], int]:
     steps = DEFAULT_NUM_TIMESTEPS
     if scheduler.is_file():
         steps = int(json.loads(scheduler.read_text()).get("num_train_timesteps", DEFAULT_NUM_TIMESTEPS))
-    return tuple(config["latent_shape"]), steps
+    return tuple(config["latent_shape"]), steps, get_family(config["family"]).flow_matching
 
 
 def validate(config: ServeConfig) -> ServePlan:
@@ -172,8 +175,9 @@ def validate(config: ServeConfig) -> ServePlan:
                                             models_dir=config.models_dir))
     elif config.models:
         raise InputError(f"models given for {sorted(config.models)} but no --metrics; add them to --metrics.")
-    latent_shape, steps = _lrm_inputs(Path(config.lrm)) if config.lrm is not None else (None, DEFAULT_NUM_TIMESTEPS)
-    return ServePlan(specs, host, token, _accelerator(config.device), latent_shape, steps)
+    latent_shape, steps, continuous = (_lrm_inputs(Path(config.lrm)) if config.lrm is not None
+                                       else (None, DEFAULT_NUM_TIMESTEPS, False))
+    return ServePlan(specs, host, token, _accelerator(config.device), latent_shape, steps, continuous)
 
 
 def limits(config: ServeConfig, plan: ServePlan) -> dict[str, Any]:
@@ -184,7 +188,7 @@ def limits(config: ServeConfig, plan: ServePlan) -> dict[str, Any]:
         "max_batch_size": config.max_batch_size,
         "batch_timeout_ms": config.batch_timeout_ms,
         "latent_shape": list(plan.latent_shape) if plan.latent_shape else None,
-        "timesteps": [0, plan.num_timesteps - 1],
+        "timesteps": timestep_range(plan.num_timesteps, plan.continuous),
     }
 
 
@@ -232,7 +236,8 @@ def run(config: ServeConfig) -> None:
             litapis.append(apis.ImageScoreAPI(specs=plan.specs, **shared))
         if config.lrm is not None:
             litapis.append(apis.LatentScoreAPI(lrm=str(config.lrm), latent_shape=plan.latent_shape,
-                                               num_timesteps=plan.num_timesteps, **shared))
+                                               num_timesteps=plan.num_timesteps, continuous=plan.continuous,
+                                               **shared))
         checks = {"token": plan.token, "max_bytes": int(config.max_request_mb * 2**20)}
         server = ls.LitServer(litapis, accelerator=plan.accelerator, devices="auto",
                               workers_per_device=config.workers_per_device, timeout=config.request_timeout_s,

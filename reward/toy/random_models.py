@@ -2,7 +2,8 @@
 
 `build_tiny_models(out_dir)` writes one folder per role, each loadable by the loader that takes the real model:
 ``load_scorer("pickscore", dir/"pickscore")`` (and every other metric of `lpo.curate.scorers`),
-``StableDiffusionPipeline.from_pretrained(dir/"sd15")``, ``StableDiffusionXLPipeline.from_pretrained(dir/"sdxl")``.
+``StableDiffusionPipeline.from_pretrained(dir/"sd15")``, ``StableDiffusionXLPipeline.from_pretrained(dir/"sdxl")``,
+``StableDiffusion3Pipeline.from_pretrained(dir/"sd3")``.
 Weights are random from a fixed seed, the structures are those of the real models at tiny widths, and the
 tokenizers are built here, so nothing is downloaded.
 """
@@ -23,7 +24,8 @@ from lpo.reward.toy.config import TinyModelsConfig
 
 logger = logging.getLogger(__name__)
 
-ROLES: tuple[str, ...] = ("pickscore", "clip", "vqa", "aesthetic", "sd15", "sdxl", "hpsv2", "hpsv21", "imagereward")
+ROLES: tuple[str, ...] = ("pickscore", "clip", "vqa", "aesthetic", "sd15", "sdxl", "sd3", "hpsv2", "hpsv21",
+                          "imagereward")
 SCORER_IMAGE_SIZE = 32  # pixels seen by the tiny CLIP towers
 PATCH_SIZE = 8
 SD_SAMPLE_SIZE = 8  # latents; the VAE's 8x downsampling makes 64-pixel images
@@ -301,7 +303,7 @@ def _build_imagereward(path: Path) -> None:
     (path / "config.json").write_text(json.dumps(config, indent=2))
 
 
-def _vae(scaling_factor: float) -> Any:
+def _vae(scaling_factor: float, latent_channels: int = 4, shift_factor: float | None = None) -> Any:
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -311,10 +313,11 @@ def _vae(scaling_factor: float) -> Any:
         up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(8, 8, 16, 16),
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=8,
         sample_size=SD_SAMPLE_SIZE * 8,
         scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
     )
 
 
@@ -400,6 +403,53 @@ def _build_sdxl(path: Path) -> None:
     pipeline.save_pretrained(path)
 
 
+def t5_tokenizer() -> Any:
+    """A T5 tokenizer (SentencePiece-style unigram over single characters, `</s>` appended), built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import T5TokenizerFast
+
+    specials = ["<pad>", "</s>", "<unk>"]
+    pieces = [(token, 0.0) for token in specials] + [(c, -1.0) for c in sorted(ByteLevel.alphabet())] + [
+        ("\u2581", -1.0)]
+    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                           extra_ids=0)
+
+
+def _build_sd3(path: Path) -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    joint_dim = 2 * TEXT_WIDTH  # both CLIPs' penultimate states side by side; T5's width must match
+    t5_tokenizer_ = t5_tokenizer()
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer_), d_model=joint_dim, d_kv=8, d_ff=2 * joint_dim,
+                                 num_layers=1, num_heads=2, pad_token_id=0, eos_token_id=1,
+                                 decoder_start_token_id=0))
+    # SD3.5-Medium layout at tiny width: 4 joint blocks, the first with the second (image-only) attention, RMS
+    # q/k norm; a 2x2 patch embedding over 16-channel latents
+    transformer = SD3Transformer2DModel(
+        sample_size=SD_SAMPLE_SIZE, patch_size=2, in_channels=16, out_channels=16, num_layers=4,
+        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=joint_dim, caption_projection_dim=16,
+        pooled_projection_dim=2 * TEXT_WIDTH, pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm",
+    )
+    pipeline = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=_vae(scaling_factor=1.5305, latent_channels=16, shift_factor=0.0609),
+        text_encoder=CLIPTextModelWithProjection(_clip_text_config(clip_tokenizer(), projection_dim=TEXT_WIDTH)),
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=CLIPTextModelWithProjection(_clip_text_config(clip_tokenizer(), projection_dim=TEXT_WIDTH)),
+        tokenizer_2=clip_tokenizer(),
+        text_encoder_3=t5,
+        tokenizer_3=t5_tokenizer_,
+    )
+    pipeline.save_pretrained(path)
+
+
 _BUILDERS: dict[str, Callable[[Path], None]] = {
     "pickscore": _build_pickscore,
     "clip": _build_clip,
@@ -407,6 +457,7 @@ _BUILDERS: dict[str, Callable[[Path], None]] = {
     "aesthetic": _build_aesthetic,
     "sd15": _build_sd15,
     "sdxl": _build_sdxl,
+    "sd3": _build_sd3,
     "hpsv2": lambda path: _build_hps(path, "HPS_v2_compressed.pt"),
     "hpsv21": _build_hpsv21,
     "imagereward": _build_imagereward,

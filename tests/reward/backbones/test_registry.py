@@ -17,16 +17,24 @@ from lpo.reward.backbones import FAMILIES, family_of, get_family, load_generator
 def test_the_family_is_read_from_the_pipeline_files(tiny_models_dir: Path, tmp_path: Path) -> None:
     assert family_of(str(tiny_models_dir / "sd15")).name == "sd15"
     assert family_of(str(tiny_models_dir / "sdxl")).name == "sdxl"
-    (tmp_path / "sd3" / "transformer").mkdir(parents=True)
-    with pytest.raises(InputError, match="transformer-based"):
-        family_of(str(tmp_path / "sd3"))
+    assert family_of(str(tiny_models_dir / "sd3")).name == "sd3"
+    (tmp_path / "empty" / "transformer").mkdir(parents=True)
+    with pytest.raises(InputError, match="has no unet/config.json or transformer/config.json"):
+        family_of(str(tmp_path / "empty"))
     (tmp_path / "upscaler" / "unet").mkdir(parents=True)
     (tmp_path / "upscaler" / "unet" / "config.json").write_text(json.dumps(
         {"_class_name": "UNet2DConditionModel", "class_embed_type": "timestep"}))
-    with pytest.raises(InputError, match=r"none of the supported families \(SD1.x/2.x \(sd15\), SDXL \(sdxl\)\)"):
+    supported = r"\(SD1.x/2.x \(sd15\), SDXL \(sdxl\), SD3/SD3.5 \(sd3\)\)"
+    with pytest.raises(InputError, match=f"none of the supported families {supported}"):
         family_of(str(tmp_path / "upscaler"))
-    with pytest.raises(InputError, match="not one of sd15, sdxl"):
-        get_family("sd3")
+    (tmp_path / "flux" / "transformer").mkdir(parents=True)
+    (tmp_path / "flux" / "transformer" / "config.json").write_text(json.dumps(
+        {"_class_name": "FluxTransformer2DModel"}))
+    with pytest.raises(InputError, match=f"a FluxTransformer2DModel belongs to none of the supported families "
+                                         f"{supported}"):
+        family_of(str(tmp_path / "flux"))
+    with pytest.raises(InputError, match="not one of sd15, sdxl, sd3"):
+        get_family("sd4")
 
 
 def test_every_family_names_both_adapters_and_its_lpo_defaults() -> None:

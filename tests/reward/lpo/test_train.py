@@ -1,4 +1,4 @@
-"""LPO fine-tuning and LRM-guided sampling end to end on the tiny SD1.5- and SDXL-style pipelines."""
+"""LPO fine-tuning and LRM-guided sampling end to end on the tiny SD1.5-, SDXL- and SD3.5-style pipelines."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ PROMPTS = ["a red circle on a blue background", "a green square on a white backg
 @pytest.fixture(scope="module")
 def lrms(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = {}
-    for family in ("sd15", "sdxl"):
+    for family in ("sd15", "sdxl", "sd3"):
         directory = tmp_path_factory.mktemp(f"lrm_{family}")
         torch.manual_seed(0)
         model = LatentRewardModel.from_base(str(tiny_models_dir / family), text_projection_init=None)
@@ -54,7 +54,7 @@ def _config(family, tiny, lrms, prompts, out, **kw) -> LPOConfig:
     return LPOConfig(**(defaults | kw))
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3"])
 def test_lpo_trains_a_lora_that_diffusers_loads_and_that_changes_images(family, tiny_models_dir, lrms, prompt_file,
                                                                        tmp_path):
     out = tmp_path / "run"
@@ -64,7 +64,8 @@ def test_lpo_trains_a_lora_that_diffusers_loads_and_that_changes_images(family, 
     first = summary["history"][0]
     model = load_generator(str(tiny_models_dir / family))
     model.timesteps(3)
-    stochastic = int((model.step_stds(1.0)[1] > 0).sum())  # SDXL's last step is deterministic
+    # SDXL's last step is deterministic; a flow sampler's last step (to sigma 0) forms no pairs
+    stochastic = int((model.step_stds(1.0)[1] > 0).sum())
     assert stochastic == (3 if family == "sd15" else 2)
     assert first["valid_pairs"] == 2 * stochastic  # threshold 0: every stochastic step of both trajectories
     assert sum(first[f"valid_{band}"] for band in ("t>751", "501-751", "251-501", "1-251")) == first["valid_pairs"]
@@ -80,6 +81,21 @@ def test_lpo_trains_a_lora_that_diffusers_loads_and_that_changes_images(family, 
     model.pipeline.load_lora_weights(str(out / "lora"))  # diffusers' own loader
     after = sampler.sample(model, cond, [torch.Generator().manual_seed(3)], steps=3, eta=0.0)["latents"]
     assert not torch.allclose(before, after)
+    # every saved layer was loaded, with its weights (a file in mixed naming loads only part of itself, silently):
+    # what diffusers loaded, in the naming its own save functions use, is the file
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    saved = load_file(out / "lora" / "pytorch_lora_weights.safetensors")
+    (adapter,) = model.denoiser.active_adapters()
+    loaded = get_peft_model_state_dict(model.denoiser, adapter_name=adapter)
+    if family == "sd3":  # diffusers' SD3 scripts save PEFT naming
+        named = {f"transformer.{k}": v for k, v in loaded.items()}
+    else:  # its UNet scripts convert to the diffusers naming
+        named = {f"unet.{k}": v for k, v in convert_state_dict_to_diffusers(loaded).items()}
+    assert named.keys() == saved.keys() and len(saved) > 0
+    for key, value in saved.items():
+        torch.testing.assert_close(named[key], value)
     # the run directory stands for its lora/
     from_run = load_generator(str(tiny_models_dir / family), lora=out)
     again = sampler.sample(from_run, cond, [torch.Generator().manual_seed(3)], steps=3, eta=0.0)["latents"]
@@ -119,6 +135,46 @@ def test_one_policy_and_one_reference_forward_per_batch(tiny_models_dir, lrms):
     torch.testing.assert_close(log_probs["ref_w"], ref_again["ref_w"], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(log_probs["ref_w"], ref_again["w"], rtol=1e-4, atol=1e-4)
     assert model.unet.active_adapters()  # the adapter is back on after the reference forward
+
+
+@pytest.mark.parametrize("family", ["sd15", "sd3"])
+def test_on_policy_the_ratio_is_exactly_one(family, tiny_models_dir, lrms):
+    """Before any update the policy is the reference (LoRA B starts at 0): recomputed in training batches of another
+    composition, every tuple's log-ratio is exactly 0 (the flow-RL community's sanity check that sampling and
+    training take the same path), and the log-densities equal the sampler's own step."""
+    from peft import LoraConfig
+
+    from lpo.reward.lpo.step import gaussian_log_prob
+
+    model = load_generator(str(tiny_models_dir / family))
+    family_ = FAMILIES[family]
+    model.denoiser.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                          target_modules=list(family_.lora_targets)))
+    config = LPOConfig(family=family).resolved()
+    lrm = LatentRewardModel.from_pretrained(lrms[family])
+    model.timesteps(4)
+    thresholds = {t: 0.0 for t in model.step_stds(config.eta)[0]}
+    cond = model.encode_prompts(PROMPTS[:2])
+    result = sampler.rollout(model, cond, PROMPTS[:2], lrm, [torch.Generator().manual_seed(s) for s in (1, 2)],
+                             thresholds, steps=4, guidance=config.guidance, eta=config.eta, k=2,
+                             denoiser=model.denoiser)
+    tuples = result.tensors()
+    assert len(result) == 2 * len(thresholds)
+    reference = lpo_train.Reference(model.denoiser, lora=True)
+    order = torch.randperm(len(result), generator=torch.Generator().manual_seed(0))
+    for chunk in (order[:3], order[3:]):
+        batch = {"x_t": tuples["x_t"][chunk], "t": tuples["t"][chunk], "x_w": tuples["x_w"][chunk],
+                 "x_l": tuples["x_l"][chunk]}
+        log_probs = lpo_train.step_log_probs(model, model.denoiser, reference, batch,
+                                             cond.select(tuples["prompt"][chunk]), config)
+        assert torch.equal(log_probs["w"], log_probs["ref_w"]) and torch.equal(log_probs["l"], log_probs["ref_l"])
+        # the same step the sampler took from x_t, one tuple at a time
+        for j in range(len(chunk)):
+            t = batch["t"][j:j + 1]
+            alone = model.step(model.predict(batch["x_t"][j:j + 1], t, cond.select(tuples["prompt"][chunk][j:j + 1]),
+                                             config.guidance), t, batch["x_t"][j:j + 1], config.eta)
+            torch.testing.assert_close(gaussian_log_prob(batch["x_w"][j:j + 1], alone.mean, alone.std),
+                                       log_probs["w"][j:j + 1], rtol=1e-5, atol=1e-5)
 
 
 def test_guided_sampling_continues_from_the_best_candidate(tiny_models_dir, lrms, monkeypatch):
@@ -223,14 +279,16 @@ def test_full_finetune_and_merge(tiny_models_dir, lrms, prompt_file, tmp_path):
 
 
 @pytest.mark.slow  # several processes (or a server) started: in the full run, not the quick loop
-def test_two_process_lpo(tiny_models_dir, lrms, prompt_file, tmp_path):
+@pytest.mark.parametrize("family", ["sd15", "sd3"])
+def test_two_process_lpo(family, tiny_models_dir, lrms, prompt_file, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "lpo", "optimize", "sd15", "--base", str(tiny_models_dir / "sd15"), "--lrm",
-           str(lrms["sd15"]), "--prompts", str(prompt_file), "--out", str(out), "--epochs", "1",
-           "--sample-batch-size", "1", "--train-batch-size", "2", "--candidates", "2", "--steps", "2",
-           "--threshold", "0,0", "--lr", "1e-3", "--device", "cpu"]
+           "-m", "lpo", "optimize", family, "--base", str(tiny_models_dir / family), "--lrm",
+           str(lrms[family]), "--prompts", str(prompt_file), "--out", str(out), "--epochs", "1",
+           "--sample-batch-size", "1", "--train-batch-size", "2", "--candidates", "2",
+           # two steps that form pairs (a flow sampler's last step forms none)
+           "--steps", "2" if family == "sd15" else "3", "--threshold", "0,0", "--lr", "1e-3", "--device", "cpu"]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "lpo_summary.json").read_text())

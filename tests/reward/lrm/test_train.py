@@ -240,3 +240,47 @@ def test_runs_sharing_a_latent_cache_encode_each_image_once(manifest, tiny_model
     assert "encoding" not in caplog.text  # the second run (another init, same VAE) reads what the first encoded
     assert sorted(p.name for p in shared.rglob("part-*")) == parts
     assert not (tmp_path / "b" / "latent_cache").exists()
+
+
+def test_sd3_lrm_trains_on_the_sampler_grid_and_reports_accuracy_against_sigma(manifest, tiny_models_dir, tmp_path):
+    """On a flow-matching base the LRM trains on the timesteps (sigma x 1000) of the 20-step sampler grid; `lpo
+    reward eval` and `lpo reward score` use that grid by default and report sigma."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    from lpo.reward.backbones.flow import lrm_timesteps
+
+    base = tiny_models_dir / "sd3"
+    out = tmp_path / "run"
+    summary = train.run(_config(manifest, base, out, max_steps=2))
+    saved = json.loads((out / "train_config.json").read_text())
+    grid, evaluation = lrm_timesteps(FlowMatchEulerDiscreteScheduler.from_pretrained(base, subfolder="scheduler"),
+                                     16)
+    assert [float(t) for t in summary["history"][-1]["accuracy"]] == evaluation
+    assert evaluation[0] == pytest.approx(8.9, abs=0.1) and evaluation[-1] == 1000.0
+    assert saved["timesteps"] == grid and saved["select_timestep"] == evaluation[0]
+    trained = load_file(out / "last" / "diffusion_pytorch_model.safetensors")
+    stock = SD3Transformer2DModel.from_pretrained(str(base), subfolder="transformer").state_dict()
+    changed = [k for k, v in stock.items() if f"backbone.transformer.{k}" in trained
+               and not torch.equal(v, trained[f"backbone.transformer.{k}"])]
+    assert len(changed) > len(stock) // 4
+    assert not any(k.startswith("backbone.transformer.transformer_blocks.3.") for k in trained)  # depth 3 of 4
+    runner = CliRunner()
+    result = runner.invoke(app, ["reward", "eval", "--lrm", str(out), "--manifest", str(manifest), "--out",
+                                 str(tmp_path / "eval")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "eval" / "accuracy.json").read_text())
+    assert [float(t) for t in report["accuracy"]] == evaluation
+    assert [float(s) for s in report["accuracy_by_sigma"]] == pytest.approx([t / 1000 for t in evaluation])
+    images = pl.concat([pl.read_parquet(p) for p in ingest.image_parts(manifest.parent)]).head(1)
+    (tmp_path / "0.png").write_bytes(images["image"][0])
+    scored = runner.invoke(app, ["reward", "score", "--lrm", str(out), "--images", str(tmp_path / "0.png"),
+                                 "--prompt", images["caption"][0]])
+    assert scored.exit_code == 0, scored.output
+    line = scored.output.strip().splitlines()[-1]  # stdout's JSON line, after stderr's progress bars
+    assert json.loads(line[line.index("{"):])["t"] == evaluation[0]
+    bad = runner.invoke(app, ["reward", "train", "--manifest", str(manifest), "--base", str(base), "--out",
+                              str(tmp_path / "bad"), "--timesteps", "0,500"])
+    assert bad.exit_code == 2 and "in (0, 1000]" in bad.output
+    unet = runner.invoke(app, ["reward", "train", "--manifest", str(manifest), "--base",
+                               str(tiny_models_dir / "sd15"), "--out", str(tmp_path / "bad2"), "--depth", "3"])
+    assert unet.exit_code == 2 and "--depth" in unet.output

@@ -641,3 +641,39 @@ def test_reward_url_that_does_not_answer_exits_2(tiny_models_dir: Path, tmp_path
     both = CliRunner().invoke(app, ["optimize", "sd15", "--base", str(tiny_models_dir / "sd15"), "--prompts",
                                     str(prompts), "--out", str(tmp_path / "out")])
     assert both.exit_code == 2 and "either --lrm DIR or --reward-url URL" in both.output
+
+
+def test_flow_matching_timesteps_are_numbers_in_range() -> None:
+    """An SD3/FLUX LRM takes sigma x 1000, any number in [0, 1000]; a DDPM one takes integers in [0, 999]."""
+    from lpo.reward.serve.protocol import Rejected
+    from lpo.reward.serve.requests import decode_latents
+
+    latents = torch.randn(2, 16, 8, 8)
+    body = {"latents": _latent_json(latents), "timesteps": [8.9, 1000], "prompts": ["a", "b"]}
+    decoded = decode_latents(body, (16, 8, 8), 1000, 16, continuous=True)
+    assert decoded.timesteps.dtype == torch.float32 and decoded.timesteps.tolist() == pytest.approx([8.9, 1000.0])
+    with pytest.raises(Rejected, match=r"go outside \[0, 1000\]"):
+        decode_latents({**body, "timesteps": [8.9, 1000.5]}, (16, 8, 8), 1000, 16, continuous=True)
+    with pytest.raises(Rejected, match="list of integers"):
+        decode_latents(body, (16, 8, 8), 1000, 16)
+
+
+@pytest.mark.slow  # several processes (or a server) started: in the full run, not the quick loop
+def test_an_sd3_lrm_is_served_at_its_sigma_timesteps(start_server, tiny_models_dir: Path,
+                                                      tmp_path_factory: pytest.TempPathFactory) -> None:
+    from lpo.reward.lrm.model import LatentRewardModel, export_components
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("lrm-sd3")
+    model = LatentRewardModel.from_base(str(tiny_models_dir / "sd3")).eval()
+    model.save_pretrained(out)
+    export_components(out, str(tiny_models_dir / "sd3"))
+    client = RewardClient(start_server("--lrm", out), retries=1, backoff=0.1)
+    info = {m["name"]: m for m in client.models()["models"]}["lrm"]
+    assert info["family"] == "sd3" and info["timesteps"] == [0.0, 1000.0] and info["latent_shape"] == [16, 8, 8]
+    latents = torch.randn(3, 16, 8, 8, generator=torch.Generator().manual_seed(5))
+    timesteps = torch.tensor([8.9, 520.1, 1000.0])
+    prompts = ["a red circle", "two blue squares", "a cat"]
+    with torch.no_grad():
+        expected = model.score(latents, timesteps, prompts)
+    torch.testing.assert_close(client.score_latents(latents, timesteps, prompts), expected, rtol=RTOL, atol=ATOL)

@@ -25,6 +25,10 @@ EXPECTED_FILES = {
     "sdxl": ["model_index.json", "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
              "text_encoder/model.safetensors", "text_encoder_2/model.safetensors", "tokenizer/tokenizer.json",
              "tokenizer_2/tokenizer.json", "scheduler/scheduler_config.json"],
+    "sd3": ["model_index.json", "transformer/diffusion_pytorch_model.safetensors",
+            "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
+            "text_encoder_2/model.safetensors", "text_encoder_3/model.safetensors", "tokenizer/tokenizer.json",
+            "tokenizer_2/tokenizer.json", "tokenizer_3/tokenizer.json", "scheduler/scheduler_config.json"],
     "hpsv2": ["open_clip_config.json", "HPS_v2_compressed.pt"],
     "hpsv21": ["open_clip_config.json", "HPS_v2.1_compressed.pt"],
     "imagereward": ["config.json", "ImageReward.pt", "med_config.json", "tokenizer/vocab.txt"],
@@ -125,6 +129,29 @@ def test_sdxl_has_the_sdxl_structure_and_generates(tiny_models_dir: Path) -> Non
     assert _generate(pipeline).size == (64, 64)
 
 
+def test_sd3_has_the_sd35_medium_structure_and_generates(tiny_models_dir: Path) -> None:
+    from diffusers import StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+    pipeline = StableDiffusion3Pipeline.from_pretrained(tiny_models_dir / "sd3")
+    pipeline.set_progress_bar_config(disable=True)
+    transformer = pipeline.transformer.config
+    assert transformer.dual_attention_layers == [0] and transformer.qk_norm == "rms_norm"
+    assert hasattr(pipeline.transformer.transformer_blocks[0], "attn2")
+    assert isinstance(pipeline.text_encoder, CLIPTextModelWithProjection)
+    assert isinstance(pipeline.text_encoder_2, CLIPTextModelWithProjection)
+    assert isinstance(pipeline.text_encoder_3, T5EncoderModel)
+    widths = pipeline.text_encoder.config.hidden_size + pipeline.text_encoder_2.config.hidden_size
+    assert transformer.joint_attention_dim == pipeline.text_encoder_3.config.d_model >= widths
+    assert transformer.pooled_projection_dim == (pipeline.text_encoder.config.projection_dim
+                                                 + pipeline.text_encoder_2.config.projection_dim)
+    assert pipeline.vae.config.latent_channels == 16 and pipeline.vae.config.shift_factor == pytest.approx(0.0609)
+    assert pipeline.scheduler.config.shift == 3.0
+    ids = pipeline.tokenizer_3(["a red circle"]).input_ids[0]
+    assert ids[-1] == pipeline.tokenizer_3.eos_token_id and pipeline.tokenizer_3.unk_token_id not in ids
+    assert _generate(pipeline).size == (64, 64)
+
+
 def test_builder_is_deterministic_for_a_seed(tiny_models_dir: Path, tmp_path: Path) -> None:
     again = build_tiny_models(tmp_path / "again", seed=0)
     assert set(again) == set(ROLES)
@@ -144,6 +171,6 @@ def test_builder_is_deterministic_for_a_seed(tiny_models_dir: Path, tmp_path: Pa
 
 
 def test_unknown_role_is_an_input_error(tmp_path: Path) -> None:
-    with pytest.raises(InputError, match="unknown tiny model role.*sd3"):
-        build_tiny_models(tmp_path, roles=["sd15", "sd3"])
+    with pytest.raises(InputError, match="unknown tiny model role.*sd4"):
+        build_tiny_models(tmp_path, roles=["sd15", "sd4"])
     assert not (tmp_path / "sd15").exists()

@@ -1,0 +1,150 @@
+"""The flow-matching step of the transformer families (SD3, FLUX.1) as a Gaussian transition, and their forward
+process.
+
+Forward process: x_sigma = (1 - sigma) x0 + sigma eps, at the model timestep sigma * 1000; the denoiser predicts the
+velocity v ~ eps - x0, and the sampler's Euler step is x' = x + (sigma' - sigma) v.
+
+LPO needs a stochastic step with a likelihood. The Euler ODE step is deterministic, so the step is taken in its SDE
+form (the reverse SDE dx = [v + g^2 / (2 sigma) (x + (1 - sigma) v)] dt + g dW, which keeps the ODE's marginals;
+the formulation of Flow-GRPO, arXiv 2505.05470). For a step from sigma to sigma' (dt = sigma' - sigma < 0) with
+noise level a:
+
+    g    = a * sqrt(sigma / (1 - sigma))          (at sigma = 1 the denominator uses 1 - sigma of the next grid point)
+    mean = x (1 + g^2 dt / (2 sigma)) + v (1 + g^2 (1 - sigma) / (2 sigma)) dt
+    std  = g * sqrt(-dt)
+
+With a = 0 it is exactly the Euler step of diffusers' `FlowMatchEulerDiscreteScheduler`. Everything is computed in
+float64 and returned in float32, whatever the model's dtype.
+
+The step to sigma = 0 (the last one) is nearly deterministic (std ~ 0.006 at a = 0.7 on SD3's grid): it forms no
+preference pairs (`trained_steps`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lpo.reward.backbones.base import StepStats
+
+NUM_TRAIN_TIMESTEPS = 1000  # the model timestep is sigma * 1000 (diffusers' convention for SD3 and FLUX)
+
+
+LRM_GRID_STEPS = 20  # the LRM trains on the timesteps of the 20-step sampler (LPO's default step count)
+EVAL_SIGMAS = (0.0, 0.25, 0.5, 0.75, 1.0)  # evaluated at the grid points nearest these, as the UNets at t = 1..951
+
+
+def dynamic_shift(scheduler_config: Any, image_tokens: int) -> float:
+    """mu of a resolution-dependent schedule: linear in the image's token count between the scheduler's base and
+    max sequence lengths (diffusers' pipelines compute it the same way)."""
+    base_len = scheduler_config.get("base_image_seq_len", 256)
+    max_len = scheduler_config.get("max_image_seq_len", 4096)
+    base_shift = scheduler_config.get("base_shift", 0.5)
+    max_shift = scheduler_config.get("max_shift", 1.15)
+    slope = (max_shift - base_shift) / (max_len - base_len)
+    return image_tokens * slope + base_shift - slope * base_len
+
+
+def set_grid(scheduler: Any, steps: int, image_tokens: int) -> list[float]:
+    """Set the scheduler's grid for `steps` steps as the family's pipeline does (a resolution-dependent shift where
+    the scheduler asks for one) and return its timesteps, noisiest first."""
+    kwargs = {}
+    if scheduler.config.get("use_dynamic_shifting", False):
+        kwargs["mu"] = dynamic_shift(scheduler.config, image_tokens)
+    scheduler.set_timesteps(steps, **kwargs)
+    return scheduler.timesteps.tolist()
+
+
+def lrm_timesteps(scheduler: Any, image_tokens: int) -> tuple[list[float], list[float]]:
+    """(training, evaluation) timesteps of an LRM: every timestep of the 20-step grid, and the grid points nearest
+    sigma = 0, 0.25, 0.5, 0.75 and 1 (rounded to 1e-3: sigma to 1e-6)."""
+    grid = sorted(round(t, 3) for t in set_grid(scheduler, LRM_GRID_STEPS, image_tokens))
+    picks = sorted({min(grid, key=lambda t: abs(t - target * NUM_TRAIN_TIMESTEPS)) for target in EVAL_SIGMAS})
+    return grid, picks
+
+
+def check_timesteps(values: list[float]) -> list[float]:
+    from lpo.curate.errors import InputError
+
+    bad = [t for t in values if not 0 < t <= NUM_TRAIN_TIMESTEPS]
+    if bad or not values:
+        raise InputError(f"flow-matching timesteps are sigma x {NUM_TRAIN_TIMESTEPS}, in (0, {NUM_TRAIN_TIMESTEPS}]; "
+                         f"got {bad or values}.")
+    return [float(t) for t in values]
+
+
+def grid_index(scheduler: Any, timesteps: torch.Tensor) -> torch.Tensor:
+    """Index in the scheduler's current grid of each timestep ([B] long): the nearest grid point, so the timesteps
+    the grid handed out (float32 values) map back exactly."""
+    grid = scheduler.timesteps.to(torch.float64).cpu()
+    t = torch.as_tensor(timesteps, dtype=torch.float64).cpu().reshape(-1)
+    return (t[:, None] - grid[None, :]).abs().argmin(dim=1)
+
+
+def _sigmas(scheduler: Any, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sigma, sigma', the sigma standing in for 1 in g's denominator) of the steps at `index`, float64."""
+    sigmas = scheduler.sigmas.to(torch.float64).cpu()
+    sigma, sigma_next = sigmas[index], sigmas[index + 1]
+    # g = a sqrt(sigma / (1 - sigma)) is infinite at sigma = 1; the grid's second point stands in (Flow-GRPO's choice)
+    denominator = torch.where(sigma >= 1, 1 - sigmas[1].expand_as(sigma), 1 - sigma)
+    return sigma, sigma_next, denominator
+
+
+def step_std(scheduler: Any, index: torch.Tensor, noise_level: float) -> torch.Tensor:
+    """std of the SDE step at each grid index (float64, [B])."""
+    sigma, sigma_next, denominator = _sigmas(scheduler, index)
+    g = noise_level * torch.sqrt(sigma / denominator)
+    return g * torch.sqrt(sigma - sigma_next)
+
+
+def step_stats(scheduler: Any, velocity: torch.Tensor, timesteps: torch.Tensor, sample: torch.Tensor,
+               noise_level: float) -> StepStats:
+    """Mean and std of the SDE step from `sample` at `timesteps` (one per batch element) given the velocity."""
+    index = grid_index(scheduler, timesteps)
+    sigma, sigma_next, denominator = _sigmas(scheduler, index)
+    shape = (-1,) + (1,) * (sample.dim() - 1)
+    device = sample.device
+    sigma_, next_ = sigma.to(device).view(shape), sigma_next.to(device).view(shape)
+    g2 = (noise_level**2) * (sigma / denominator).to(device).view(shape)
+    dt = next_ - sigma_
+    x, v = sample.to(torch.float64), velocity.to(torch.float64)
+    mean = x * (1 + g2 * dt / (2 * sigma_)) + v * (1 + g2 * (1 - sigma_) / (2 * sigma_)) * dt
+    std = torch.sqrt(g2 * -dt)
+    x0 = x - sigma_ * v
+    prev = sigma_next * NUM_TRAIN_TIMESTEPS
+    return StepStats(mean.float(), std.float(), x0.float(), prev.float())
+
+
+def trained_steps(scheduler: Any) -> torch.Tensor:
+    """Grid indices that form preference pairs: every step but the last (to sigma = 0)."""
+    return torch.arange(len(scheduler.timesteps) - 1)
+
+
+class FlowNoise:
+    """The forward process of a flow-matching family, `add_noise(clean, noise, timesteps)` as diffusers' DDPM
+    schedulers offer it: x = (1 - sigma) x0 + sigma eps with sigma = timestep / 1000 (timesteps are floats).
+    Saved as the pipeline's own scheduler config."""
+
+    def __init__(self, scheduler: Any):
+        self.scheduler = scheduler
+        self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
+
+    @classmethod
+    def from_pretrained(cls, source: str | Path, subfolder: str | None = "scheduler") -> FlowNoise:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return cls(FlowMatchEulerDiscreteScheduler.from_pretrained(source, subfolder=subfolder))
+
+    @property
+    def config(self) -> Any:
+        return self.scheduler.config
+
+    def add_noise(self, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        sigma = torch.as_tensor(timesteps, dtype=torch.float64).to(clean.device) / self.num_train_timesteps
+        sigma = sigma.view((-1,) + (1,) * (clean.dim() - 1))
+        return ((1 - sigma) * clean.to(torch.float64) + sigma * noise.to(torch.float64)).to(clean.dtype)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        self.scheduler.save_pretrained(directory)
