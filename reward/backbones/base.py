@@ -40,6 +40,12 @@ def load_lora_quietly(pipeline: Any, path: str | Path) -> None:
         diffusers_logging.set_verbosity(level)
 
 
+def classifier_free(out: torch.Tensor, guidance: float) -> torch.Tensor:
+    """uncond + guidance * (cond - uncond) of a denoiser output over the batch [uncond; cond]."""
+    uncond, conditional = out.chunk(2)
+    return uncond + guidance * (conditional - uncond)
+
+
 @dataclass
 class Conditioning:
     """Conditional and unconditional text conditioning for a batch of prompts (what the family's denoiser takes:
@@ -78,11 +84,15 @@ class Generator(ABC):
     (a UNet or a transformer); `vae` decodes; the step maths follow the family's sampler."""
 
     family: Family
+    scheduler_class: str  # the diffusers scheduler the family samples with, built from the pipeline's config
 
     def __init__(self, pipeline: Any, base: str):
+        import diffusers
+
         self.pipeline = pipeline
         self.base = base
         self.vae = pipeline.vae
+        self.scheduler = getattr(diffusers, self.scheduler_class).from_config(pipeline.scheduler.config)
 
     @classmethod
     def load(cls, base: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Generator:
@@ -116,9 +126,9 @@ class Generator(ABC):
         """[C, H, W] of one latent at the model's native resolution."""
 
     @property
-    @abstractmethod
     def resolution(self) -> int:
-        """The native image side in pixels."""
+        """The native image side in pixels: the denoiser's latent sample size times the VAE's downscaling."""
+        return int(self.denoiser.config.sample_size) * self.pipeline.vae_scale_factor
 
     @abstractmethod
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
@@ -276,8 +286,20 @@ class LRMBackbone(nn.Module, ABC):
     @abstractmethod
     def enable_gradient_checkpointing(self) -> None: ...
 
+    @property
     @abstractmethod
-    def save_tokenizers(self, directory: Path) -> None: ...
+    def encoder_names(self) -> tuple[str, ...]:
+        """The pipeline subfolders of the text encoders it reads prompts with, in order (each with its tokenizer in
+        the matching `tokenizer*` folder)."""
 
-    @abstractmethod
-    def load_tokenizers(self, source: str | Path, subfolder: str | None = None) -> None: ...
+    def save_tokenizers(self, directory: Path) -> None:
+        for name, tokenizer in zip(self.encoder_names, self.tokenizers):
+            tokenizer.save_pretrained(Path(directory) / name.replace("text_encoder", "tokenizer"))
+
+    def load_tokenizers(self, source: str | Path, subfolder: str | None = None) -> None:
+        from transformers import AutoTokenizer
+
+        prefix = f"{subfolder}/" if subfolder else ""
+        self.tokenizers = [AutoTokenizer.from_pretrained(source, subfolder=prefix + name.replace("text_encoder",
+                                                                                                  "tokenizer"))
+                           for name in self.encoder_names]

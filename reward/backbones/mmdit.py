@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from lpo.reward.backbones import flow
-from lpo.reward.backbones.base import Conditioning, Generator, LRMBackbone, StepStats
+from lpo.reward.backbones.base import Conditioning, Generator, LRMBackbone, StepStats, classifier_free
 from lpo.reward.backbones.family import diffusers_dtype, get_family
 from lpo.reward.images import to_pil
 
@@ -38,19 +38,11 @@ T5_ENCODER = "text_encoder_3"
 class FlowGenerator(Generator):
     """What the flow-matching families share: the grid, the SDE step, the VAE's shift and scale."""
 
-    def __init__(self, pipeline: Any, base: str):
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        super().__init__(pipeline, base)
-        self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipeline.scheduler.config)
+    scheduler_class = "FlowMatchEulerDiscreteScheduler"
 
     @property
     def transformer(self) -> nn.Module:
         return self.pipeline.transformer
-
-    @property
-    def resolution(self) -> int:
-        return int(self.transformer.config.sample_size) * self.pipeline.vae_scale_factor
 
     def image_tokens(self) -> int:
         """Tokens of one image at the native resolution (what a dynamic shift depends on)."""
@@ -116,8 +108,7 @@ class SD3Generator(FlowGenerator):
                           encoder_hidden_states=torch.cat([cond.uncond_context, cond.context]),
                           pooled_projections=torch.cat([cond.uncond_pooled, cond.pooled]),
                           timestep=torch.cat([timesteps, timesteps])).sample
-        uncond, conditional = out[:n], out[n:]
-        return uncond + guidance * (conditional - uncond)
+        return classifier_free(out, guidance)
 
     @classmethod
     def trace(cls, denoiser: nn.Module, n: int) -> torch.Tensor:
@@ -331,18 +322,6 @@ class SD3LRMBackbone(LRMBackbone):
 
     def enable_gradient_checkpointing(self) -> None:
         self.checkpointing = True
-
-    def save_tokenizers(self, directory: Path) -> None:
-        for name, tokenizer in zip(self.encoder_names, self.tokenizers):
-            tokenizer.save_pretrained(Path(directory) / name.replace("text_encoder", "tokenizer"))
-
-    def load_tokenizers(self, source: str | Path, subfolder: str | None = None) -> None:
-        from transformers import AutoTokenizer
-
-        prefix = f"{subfolder}/" if subfolder else ""
-        self.tokenizers = [AutoTokenizer.from_pretrained(source, subfolder=prefix + name.replace("text_encoder",
-                                                                                                  "tokenizer"))
-                           for name in self.encoder_names]
 
     # shapes -------------------------------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lpo.reward.backbones import ddim
-from lpo.reward.backbones.base import Conditioning, Generator, LRMBackbone, StepStats
+from lpo.reward.backbones.base import Conditioning, Generator, LRMBackbone, StepStats, classifier_free
 from lpo.reward.backbones.family import diffusers_dtype, get_family
 from lpo.reward.images import to_pil
 
@@ -29,19 +29,11 @@ from lpo.reward.images import to_pil
 class UNetGenerator(Generator):
     """An SD1.x/2.x or SDXL pipeline with a DDIM scheduler."""
 
-    def __init__(self, pipeline: Any, base: str):
-        from diffusers import DDIMScheduler
-
-        super().__init__(pipeline, base)
-        self.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
+    scheduler_class = "DDIMScheduler"
 
     @property
     def unet(self) -> nn.Module:
         return self.pipeline.unet
-
-    @property
-    def resolution(self) -> int:
-        return int(self.unet.config.sample_size) * self.pipeline.vae_scale_factor
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -71,8 +63,7 @@ class UNetGenerator(Generator):
                                            "time_ids": torch.cat([cond.time_ids, cond.time_ids])}
         out = unet(torch.cat([latents, latents]), torch.cat([timesteps, timesteps]),
                    encoder_hidden_states=torch.cat([cond.uncond_context, cond.context]), **kwargs).sample
-        uncond, conditional = out[:n], out[n:]
-        return uncond + guidance * (conditional - uncond)
+        return classifier_free(out, guidance)
 
     @classmethod
     def trace(cls, denoiser: nn.Module, n: int) -> torch.Tensor:
@@ -280,17 +271,9 @@ class UNetLRMBackbone(LRMBackbone):
             # transformers 5.x renamed it and deprecates the old name; >=4.46 (our floor) has only the old one
             getattr(encoder, "activation_checkpointing_enable", encoder.gradient_checkpointing_enable)()
 
-    def save_tokenizers(self, directory: Path) -> None:
-        for name, tokenizer in zip(self.text_encoders, self.tokenizers):
-            tokenizer.save_pretrained(Path(directory) / name.replace("text_encoder", "tokenizer"))
-
-    def load_tokenizers(self, source: str | Path, subfolder: str | None = None) -> None:
-        from transformers import AutoTokenizer
-
-        prefix = f"{subfolder}/" if subfolder else ""
-        self.tokenizers = [AutoTokenizer.from_pretrained(source, subfolder=prefix + name.replace("text_encoder",
-                                                                                                  "tokenizer"))
-                           for name in self.text_encoders]
+    @property
+    def encoder_names(self) -> tuple[str, ...]:
+        return self.text_encoders
 
     # shapes -------------------------------------------------------------------------------------------------
 
