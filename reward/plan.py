@@ -245,7 +245,8 @@ def lpo_plan(config: Any, family: Any, rounds_per_epoch: Callable[[int], int], p
         trained, frozen = total, total  # full fine-tuning: the reference is a frozen copy
     frozen += _frozen_parts(config, family)
     half = config.mixed_precision in ("fp16", "bf16") or config.mixed_precision == "auto"
-    batch = config.train_batch_size * (2 if config.guidance != 1.0 else 1)  # CFG runs both halves in one batch
+    cfg = family.generator.classifier_free and config.guidance != 1.0
+    batch = config.train_batch_size * (2 if cfg else 1)  # CFG runs both halves in one batch
     activations = activation_bytes(denoiser, lambda: family.generator.trace(denoiser, batch), 2 if half else 4,
                                    bool(config.gradient_checkpointing))
     plan = Plan(f"lpo optimize {family.name} --dry-run: {world} process(es), sharding {sharding}")

@@ -52,7 +52,7 @@ class Conditioning:
     a token sequence, optionally a pooled vector and extra conditioning such as SDXL's size ids)."""
 
     context: torch.Tensor
-    uncond_context: torch.Tensor
+    uncond_context: torch.Tensor | None  # None for a family without an unconditional branch (FLUX.1)
     pooled: torch.Tensor | None = None
     uncond_pooled: torch.Tensor | None = None
     time_ids: torch.Tensor | None = None
@@ -60,7 +60,7 @@ class Conditioning:
     def select(self, index: torch.Tensor) -> Conditioning:
         """The conditioning of a subset (or a repetition) of the batch."""
         pick = (lambda x: None if x is None else x[index])  # noqa: E731
-        return Conditioning(self.context[index], self.uncond_context[index], pick(self.pooled),
+        return Conditioning(self.context[index], pick(self.uncond_context), pick(self.pooled),
                             pick(self.uncond_pooled), pick(self.time_ids))
 
     def repeat(self, k: int) -> Conditioning:
@@ -85,6 +85,7 @@ class Generator(ABC):
 
     family: Family
     scheduler_class: str  # the diffusers scheduler the family samples with, built from the pipeline's config
+    classifier_free = True  # guidance runs an unconditional half in the same forward (not FLUX.1's embedded one)
 
     def __init__(self, pipeline: Any, base: str):
         import diffusers
@@ -171,6 +172,12 @@ class Generator(ABC):
     def trace(cls, denoiser: nn.Module, n: int) -> torch.Tensor:
         """One forward of `denoiser` on n latents with conditioning of the right shapes, on the denoiser's own device
         (the meta device when planning a run), to size a training step."""
+
+    @staticmethod
+    def check_lpo(base: str) -> None:
+        """Refuse (InputError) a model of the family whose step likelihood LPO cannot train on; from configs only.
+        Every model of the UNet and SD3 families can be trained."""
+        return None
 
     def load_lora(self, path: str | Path) -> None:
         load_lora_quietly(self.pipeline, path)

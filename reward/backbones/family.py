@@ -99,9 +99,15 @@ def _is_sd3(transformer_config: dict[str, Any]) -> bool:
     return transformer_config.get("_class_name") == "SD3Transformer2DModel"
 
 
+def _is_flux(transformer_config: dict[str, Any]) -> bool:
+    return transformer_config.get("_class_name") == "FluxTransformer2DModel"
+
+
 UNET_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 # both streams of the joint attention; bare names also reach SD3.5's image-only second attention (attn2)
 MMDIT_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out")
+# FLUX.1 as Flow-GRPO adapts it: the attention (also the single-stream blocks' q/k/v) and the double blocks' MLPs
+FLUX_LORA_TARGETS = (*MMDIT_LORA_TARGETS, "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
 FAMILIES: dict[str, Family] = {family.name: family for family in (
     # LPO defaults are those of the released runs (design/method.md section 9.2).
     Family(name="sd15", title="SD1.x/2.x", denoiser="unet", pipeline="StableDiffusionPipeline", sampler="DDIM",
@@ -128,6 +134,15 @@ FAMILIES: dict[str, Family] = {family.name: family for family in (
            lora_targets=MMDIT_LORA_TARGETS, optional_components=("text_encoder_3", "tokenizer_3"),
            lpo_defaults={"lora_rank": 32, "lr": 1e-5, "threshold": [0.35, 0.5], "sample_batch_size": 4,
                          "train_batch_size": 4, "gradient_checkpointing": True, "eta": 0.7, "guidance": 4.5},
+           lrm_defaults={"gradient_checkpointing": True}),
+    # FLUX.1-dev: no CFG, the embedded guidance 3.5 (the pipeline's); noise level 0.9 and LoRA rank 64 (Flow-GRPO's
+    # FLUX settings)
+    Family(name="flux", title="FLUX.1", denoiser="transformer", pipeline="FluxPipeline", sampler="flow-SDE",
+           accepts=_is_flux,
+           adapters=("lpo.reward.backbones.flux:FluxGenerator", "lpo.reward.backbones.flux:FluxLRMBackbone"),
+           lora_targets=FLUX_LORA_TARGETS,
+           lpo_defaults={"lora_rank": 64, "lr": 1e-5, "threshold": [0.35, 0.5], "sample_batch_size": 4,
+                         "train_batch_size": 4, "gradient_checkpointing": True, "eta": 0.9, "guidance": 3.5},
            lrm_defaults={"gradient_checkpointing": True}),
 )}
 
@@ -209,14 +224,26 @@ def family_of(base: str) -> Family:
 
 
 def pixel_resolution(denoiser_config: dict[str, Any], base: str, vae: str | None = None) -> int:
-    """The image side the model was trained at: latent sample_size times the VAE's downscaling factor."""
+    """The image side the model was trained at: the denoiser's latent sample_size times the VAE's downscaling
+    factor, or, for a denoiser whose config has none (FLUX), the VAE's own sample_size."""
     if vae:
         from diffusers import AutoencoderKL
 
         vae_config = dict(AutoencoderKL.load_config(vae))
     else:
         vae_config = read_subfolder_config(base, "vae")
+    if "sample_size" not in denoiser_config:
+        return int(vae_config["sample_size"])
     return int(denoiser_config["sample_size"]) * 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def latent_side(denoiser_config: dict[str, Any], base: str) -> int:
+    """The latent side at the model's native resolution: the denoiser's sample_size, or (FLUX) the VAE's
+    sample_size over its downscaling factor."""
+    if "sample_size" in denoiser_config:
+        return int(denoiser_config["sample_size"])
+    vae_config = read_subfolder_config(base, "vae")
+    return int(vae_config["sample_size"]) // 2 ** (len(vae_config["block_out_channels"]) - 1)
 
 
 def resolve_lora(path: str | Path) -> Path:

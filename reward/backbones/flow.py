@@ -47,20 +47,23 @@ def dynamic_shift(scheduler_config: Any, image_tokens: int) -> float:
     return image_tokens * slope + base_shift - slope * base_len
 
 
-def set_grid(scheduler: Any, steps: int, image_tokens: int) -> list[float]:
-    """Set the scheduler's grid for `steps` steps as the family's pipeline does (a resolution-dependent shift where
-    the scheduler asks for one) and return its timesteps, noisiest first."""
-    kwargs = {}
+def set_grid(scheduler: Any, steps: int, image_tokens: int, linear_sigmas: bool = False) -> list[float]:
+    """Set the scheduler's grid for `steps` steps as the family's pipeline does and return its timesteps, noisiest
+    first: the scheduler's own grid (SD3) or sigmas linspace(1, 1/N, N) (FLUX), shifted by the resolution where
+    the scheduler asks for it."""
+    kwargs: dict[str, Any] = {}
     if scheduler.config.get("use_dynamic_shifting", False):
         kwargs["mu"] = dynamic_shift(scheduler.config, image_tokens)
-    scheduler.set_timesteps(steps, **kwargs)
+    if linear_sigmas:
+        kwargs["sigmas"] = torch.linspace(1.0, 1 / steps, steps, dtype=torch.float64).numpy()
+    scheduler.set_timesteps(steps if not linear_sigmas else None, **kwargs)
     return scheduler.timesteps.tolist()
 
 
-def lrm_timesteps(scheduler: Any, image_tokens: int) -> tuple[list[float], list[float]]:
+def lrm_timesteps(scheduler: Any, image_tokens: int, linear_sigmas: bool = False) -> tuple[list[float], list[float]]:
     """(training, evaluation) timesteps of an LRM: every timestep of the 20-step grid, and the grid points nearest
     sigma = 0, 0.25, 0.5, 0.75 and 1 (rounded to 1e-3: sigma to 1e-6)."""
-    grid = sorted(round(t, 3) for t in set_grid(scheduler, LRM_GRID_STEPS, image_tokens))
+    grid = sorted(round(t, 3) for t in set_grid(scheduler, LRM_GRID_STEPS, image_tokens, linear_sigmas))
     picks = sorted({min(grid, key=lambda t: abs(t - target * NUM_TRAIN_TIMESTEPS)) for target in EVAL_SIGMAS})
     return grid, picks
 

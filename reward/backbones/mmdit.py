@@ -1,21 +1,23 @@
-"""The flow-matching transformer family SD3 (`sd3`: SD3-Medium, SD3.5-Medium, SD3.5-Large), sampled with the SDE
-form of the flow-matching Euler step (`lpo.reward.backbones.flow`).
+"""The flow-matching transformers: what SD3 (`sd3`: SD3-Medium, SD3.5-Medium, SD3.5-Large) and FLUX.1 (`flux`,
+`flux.py`) share, and the SD3 family. Both sample with the SDE form of the flow-matching Euler step
+(`lpo.reward.backbones.flow`).
 
-Generator: the pipeline's own prompt encoding (two CLIP encoders and, where the pipeline has it, T5; without T5 the
-pipeline feeds zeros in its place, and so do we), classifier-free guidance on the velocity in one transformer
+Generator: the pipeline's own prompt encoding (SD3: two CLIP encoders and, where the pipeline has it, T5; without T5
+the pipeline feeds zeros in its place, and so do we), classifier-free guidance on the velocity in one transformer
 forward, the flow step as a Gaussian transition.
 
-LRM backbone: the stock `SD3Transformer2DModel`'s patch and position embedding, timestep + pooled-text embedding,
-context embedder and its first `depth` joint blocks; the later blocks and the output head are neither built nor run.
-Taps are the image tokens after given blocks (1-based: tap 6 is the output of the 6th block), mean-pooled over
-tokens; the deepest block run is always the last feature. The pooled text feature is the pooled vector the
-generator itself gets (CLIP-L and CLIP-G projections, concatenated), projected by the reward model. The text
-encoders stay frozen (as the paper's SD3 LRM; T5-XXL alone has 4.7B parameters).
+LRM backbone: the stock transformer's input and position embedding, timestep + pooled-text embedding, context
+embedder and its first `depth` joint (double-stream) blocks; the later blocks and the output head are neither built
+nor run. Taps are the image tokens after given blocks (1-based: tap 6 is the output of the 6th block), mean-pooled
+over tokens; the deepest block run is always the last feature. The pooled text feature is the pooled vector the
+generator itself gets, projected by the reward model. The text encoders stay frozen (as the paper's SD3 LRM; T5-XXL
+alone has 4.7B parameters) and live outside the module.
 """
 
 from __future__ import annotations
 
 import copy
+from abc import abstractmethod
 from pathlib import Path
 from typing import Any
 
@@ -44,19 +46,21 @@ class FlowGenerator(Generator):
     def transformer(self) -> nn.Module:
         return self.pipeline.transformer
 
+    linear_sigmas = False  # the pipeline's grid: the scheduler's own (SD3), or sigmas linspace(1, 1/N, N) (FLUX)
+
     def image_tokens(self) -> int:
-        """Tokens of one image at the native resolution (what a dynamic shift depends on)."""
+        """Tokens of one image at the native resolution (what a dynamic shift depends on): 2x2 latent patches, the
+        SD3 patch embedding's and FLUX's packing alike."""
         _, height, width = self.latent_shape
-        patch = int(self.transformer.config.get("patch_size", 1) or 1)
-        return (height // patch) * (width // patch)
+        return (height // 2) * (width // 2)
 
     def timesteps(self, steps: int) -> list[float]:
-        return flow.set_grid(self.scheduler, steps, self.image_tokens())
+        return flow.set_grid(self.scheduler, steps, self.image_tokens(), self.linear_sigmas)
 
     def clean_timestep(self) -> float:
         """The smallest non-zero timestep of the LRM's 20-step grid (sigma 0.0089 on SD3's)."""
         scheduler = copy.deepcopy(self.scheduler)
-        return flow.lrm_timesteps(scheduler, self.image_tokens())[0][0]
+        return flow.lrm_timesteps(scheduler, self.image_tokens(), self.linear_sigmas)[0][0]
 
     def initial_latents(self, generators: list[torch.Generator]) -> torch.Tensor:
         shape = self.latent_shape
@@ -130,32 +134,6 @@ class SD3Generator(FlowGenerator):
 # latent reward model backbone
 
 
-def default_depth(num_layers: int) -> int:
-    """Joint blocks an LRM runs by default: three quarters of the model's (18 of SD3-Medium's 24: the paper's SD3
-    LRM read its visual features at the 18th layer)."""
-    return max(1, round(0.75 * num_layers))
-
-
-def truncated_transformer(config: dict[str, Any], depth: int) -> nn.Module:
-    """An SD3 transformer with only its first `depth` joint blocks and no output head. Blocks before the model's
-    last are built as the stock model builds them (the last block of a stock model only updates the image stream);
-    the model is never built whole."""
-    from diffusers import SD3Transformer2DModel
-
-    layers = int(config["num_layers"])
-    built = depth if depth == layers else depth + 1
-    model = SD3Transformer2DModel.from_config({**config, "num_layers": built})
-    model.register_to_config(num_layers=layers)  # the config stays the stock model's
-    return truncate(model, depth)
-
-
-def truncate(transformer: nn.Module, depth: int) -> nn.Module:
-    transformer.transformer_blocks = transformer.transformer_blocks[:depth]
-    transformer.norm_out = None
-    transformer.proj_out = None
-    return transformer
-
-
 def encode_sd3_prompts(tokenizers: list[Any], encoders: list[nn.Module], prompts: list[str], joint_dim: int,
                        device: torch.device, dtype: torch.dtype,
                        max_sequence_length: int = T5_MAX_LENGTH) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,8 +158,8 @@ def encode_sd3_prompts(tokenizers: list[Any], encoders: list[nn.Module], prompts
     return torch.cat([clip.to(t5.dtype), t5], dim=-2), torch.cat(pooled, dim=-1)
 
 
-class SD3LRMBackbone(LRMBackbone):
-    """SD3 / SD3.5: the first `depth` joint blocks of the transformer, and the frozen text encoders.
+class MMDiTLRMBackbone(LRMBackbone):
+    """A flow-matching transformer's first `depth` joint blocks, and its frozen text encoders.
 
     The text encoders never train, so they are not part of the module: not saved with the reward model (T5-XXL alone
     is 9.5 GB in bf16), not wrapped by DDP or FSDP, not in checkpoints. They are the base pipeline's own, loaded
@@ -189,17 +167,18 @@ class SD3LRMBackbone(LRMBackbone):
 
     text_projected = False
     frozen_text = True
-    own_text_projection = True
+    transformer_class: str  # the diffusers class
+    linear_sigmas = False  # as the family's generator
 
     def __init__(self, transformer: nn.Module, resolution: int, depth: int, base: str,
                  encoder_configs: dict[str, dict[str, Any]], tokenizers: list[Any] | None = None,
                  encoders: dict[str, nn.Module] | None = None):
         super().__init__()
-        self.transformer = truncate(transformer, depth)
+        self.transformer = self.truncate(transformer, depth)
         self.resolution = resolution
         self.depth = depth
         self.base = base
-        self.encoder_configs = dict(encoder_configs)  # pipeline subfolder -> config, CLIP-L, CLIP-G (and T5)
+        self.encoder_configs = dict(encoder_configs)  # pipeline subfolder -> config, in the pipeline's order
         self.tokenizers = tokenizers or []
         self.checkpointing = False
         self._encoders = encoders  # a plain dict: not registered as submodules
@@ -211,19 +190,38 @@ class SD3LRMBackbone(LRMBackbone):
         for encoder in encoders.values():
             encoder.requires_grad_(False).eval()
 
-    # construction -------------------------------------------------------------------------------------------
+    # what each family defines -------------------------------------------------------------------------------
 
     @classmethod
+    @abstractmethod
     def _encoder_names(cls, base: str) -> list[str]:
-        from lpo.reward.backbones.family import has_subfolder
-
-        return [*CLIP_ENCODERS, *([T5_ENCODER] if has_subfolder(base, T5_ENCODER) else [])]
+        """The text encoders' pipeline subfolders, in the pipeline's order."""
 
     @staticmethod
-    def _encoder_class(name: str) -> type:
-        from transformers import CLIPTextModelWithProjection, T5EncoderModel
+    @abstractmethod
+    def _encoder_class(name: str) -> type: ...
 
-        return T5EncoderModel if name == T5_ENCODER else CLIPTextModelWithProjection
+    @staticmethod
+    @abstractmethod
+    def default_depth(config: dict[str, Any]) -> int:
+        """The joint blocks an LRM runs when --depth is not given."""
+
+    @staticmethod
+    @abstractmethod
+    def truncate(transformer: nn.Module, depth: int) -> nn.Module:
+        """The transformer without its blocks after `depth` and its output head."""
+
+    @classmethod
+    @abstractmethod
+    def truncated_transformer(cls, config: dict[str, Any], depth: int) -> nn.Module:
+        """A truncated transformer built from its config (fresh weights), never built whole."""
+
+    @abstractmethod
+    def block_outputs(self, latents: torch.Tensor, timesteps: torch.Tensor,
+                      cond: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Image tokens [B, L, D] after each block run, as the stock transformer's forward computes them."""
+
+    # construction -------------------------------------------------------------------------------------------
 
     @classmethod
     def load_encoders(cls, base: str, names: list[str], dtype: torch.dtype) -> dict[str, nn.Module]:
@@ -232,21 +230,22 @@ class SD3LRMBackbone(LRMBackbone):
 
     @classmethod
     def from_base(cls, base: str, dtype: torch.dtype = torch.float32, pretrained: bool = True,
-                  depth: int | None = None) -> SD3LRMBackbone:
+                  depth: int | None = None) -> MMDiTLRMBackbone:
         """`pretrained=False` starts the transformer from fresh weights; the frozen text encoders are the base's
         either way."""
-        from diffusers import SD3Transformer2DModel
+        import diffusers
         from transformers import AutoTokenizer
 
         from lpo.reward.backbones.family import pixel_resolution, read_subfolder_config
 
         config = read_subfolder_config(base, "transformer")
-        depth = depth or default_depth(int(config["num_layers"]))
+        depth = depth or cls.default_depth(config)
         if pretrained:
-            transformer = truncate(SD3Transformer2DModel.from_pretrained(base, subfolder="transformer",
+            transformer_class = getattr(diffusers, cls.transformer_class)
+            transformer = cls.truncate(transformer_class.from_pretrained(base, subfolder="transformer",
                                                                          **diffusers_dtype(dtype)), depth)
         else:
-            transformer = truncated_transformer(config, depth).to(dtype)
+            transformer = cls.truncated_transformer(config, depth).to(dtype)
         names = cls._encoder_names(base)
         tokenizers = [AutoTokenizer.from_pretrained(base, subfolder=name.replace("text_encoder", "tokenizer"))
                       for name in names]
@@ -262,11 +261,11 @@ class SD3LRMBackbone(LRMBackbone):
 
     @classmethod
     def from_components(cls, components: dict[str, dict[str, Any]], resolution: int, depth: int | None = None,
-                        base: str | None = None) -> SD3LRMBackbone:
+                        base: str | None = None) -> MMDiTLRMBackbone:
         config = components["transformer"]
-        depth = depth or default_depth(int(config["num_layers"]))
-        configs = {name: components[name] for name in (*CLIP_ENCODERS, T5_ENCODER) if name in components}
-        return cls(truncated_transformer(config, depth), resolution, depth, base or "", configs)
+        depth = depth or cls.default_depth(config)
+        configs = {name: part for name, part in components.items() if name != "transformer"}
+        return cls(cls.truncated_transformer(config, depth), resolution, depth, base or "", configs)
 
     @staticmethod
     def noise_schedule(source: str | Path, subfolder: str = "scheduler") -> Any:
@@ -277,7 +276,8 @@ class SD3LRMBackbone(LRMBackbone):
                           latent_shape: tuple[int, ...]) -> tuple[list, list]:
         """(training, evaluation) timesteps from the scheduler at `source` for latents of `latent_shape`."""
         _, height, width = latent_shape
-        return flow.lrm_timesteps(cls.noise_schedule(source, subfolder).scheduler, (height // 2) * (width // 2))
+        return flow.lrm_timesteps(cls.noise_schedule(source, subfolder).scheduler, (height // 2) * (width // 2),
+                                  cls.linear_sigmas)
 
     @staticmethod
     def check_timesteps(values: list[float]) -> list[float]:
@@ -301,20 +301,20 @@ class SD3LRMBackbone(LRMBackbone):
             from lpo.curate.errors import InputError
 
             if not self.base:
-                raise InputError("this SD3 reward model names no base pipeline to load its frozen text encoders "
-                                 "from; build it with LatentRewardModel.from_base.")
+                raise InputError("this reward model names no base pipeline to load its frozen text encoders from; "
+                                 "build it with LatentRewardModel.from_base.")
             dtype, device = self.transformer.dtype, self.transformer.device
             try:
                 encoders = self.load_encoders(self.base, list(self.encoder_names), dtype)
             except OSError as err:
-                raise InputError(f"could not load the frozen text encoders of {self.base}, which this SD3 reward "
-                                 f"model reads prompts with ({err}); make the base pipeline reachable (its folder, "
-                                 "or the hub id cached).") from None
+                raise InputError(f"could not load the frozen text encoders of {self.base}, which this reward model "
+                                 f"reads prompts with ({err}); make the base pipeline reachable (its folder, or the "
+                                 "hub id cached).") from None
             self._freeze(encoders)
             self._encoders = {name: encoder.to(device) for name, encoder in encoders.items()}
         return [self._encoders[name] for name in self.encoder_names]
 
-    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> SD3LRMBackbone:
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> MMDiTLRMBackbone:
         super()._apply(fn, *args, **kwargs)
         for encoder in (self._encoders or {}).values():  # moved and cast with the module
             encoder._apply(fn, *args, **kwargs)
@@ -323,18 +323,20 @@ class SD3LRMBackbone(LRMBackbone):
     def enable_gradient_checkpointing(self) -> None:
         self.checkpointing = True
 
+    def run_block(self, block: nn.Module, **inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """One joint block, checkpointed while training with gradient checkpointing on."""
+        if self.checkpointing and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(block, use_reentrant=False, **inputs)
+        return block(**inputs)
+
     # shapes -------------------------------------------------------------------------------------------------
 
     @property
     def width(self) -> int:
         config = self.transformer.config
         return int(config.num_attention_heads * config.attention_head_dim)
-
-    @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        config = self.transformer.config
-        side = int(config.sample_size)
-        return (int(config.in_channels), side, side)
 
     def default_taps(self) -> list[int]:
         """A third and two thirds of the way to the deepest block (with the default depth of SD3-Medium: 6, 12,
@@ -354,6 +356,61 @@ class SD3LRMBackbone(LRMBackbone):
     def text_width(self) -> int:
         return int(self.transformer.config.pooled_projection_dim)
 
+    def pooled_features(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor],
+                        taps: list[int]) -> list[torch.Tensor]:
+        outputs = self.block_outputs(latents, timesteps, cond)
+        return [outputs[tap - 1].mean(dim=1) for tap in taps] + [outputs[-1].mean(dim=1)]
+
+
+class SD3LRMBackbone(MMDiTLRMBackbone):
+    """SD3 / SD3.5: the first `depth` joint blocks of `SD3Transformer2DModel`; CLIP-L, CLIP-G (and T5) frozen."""
+
+    transformer_class = "SD3Transformer2DModel"
+    own_text_projection = True
+
+    @classmethod
+    def _encoder_names(cls, base: str) -> list[str]:
+        from lpo.reward.backbones.family import has_subfolder
+
+        return [*CLIP_ENCODERS, *([T5_ENCODER] if has_subfolder(base, T5_ENCODER) else [])]
+
+    @staticmethod
+    def _encoder_class(name: str) -> type:
+        from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+        return T5EncoderModel if name == T5_ENCODER else CLIPTextModelWithProjection
+
+    @staticmethod
+    def default_depth(config: dict[str, Any]) -> int:
+        """Three quarters of the joint blocks (18 of SD3-Medium's 24: the paper's SD3 LRM read its visual features
+        at the 18th layer)."""
+        return max(1, round(0.75 * int(config["num_layers"])))
+
+    @staticmethod
+    def truncate(transformer: nn.Module, depth: int) -> nn.Module:
+        transformer.transformer_blocks = transformer.transformer_blocks[:depth]
+        transformer.norm_out = None
+        transformer.proj_out = None
+        return transformer
+
+    @classmethod
+    def truncated_transformer(cls, config: dict[str, Any], depth: int) -> nn.Module:
+        """Only the first `depth` joint blocks and no output head, never the whole model. Blocks before the model's
+        last are built as the stock model builds them (the stock model's last block updates the image stream
+        only)."""
+        from diffusers import SD3Transformer2DModel
+
+        layers = int(config["num_layers"])
+        model = SD3Transformer2DModel.from_config({**config, "num_layers": depth if depth == layers else depth + 1})
+        model.register_to_config(num_layers=layers)  # the config stays the stock model's
+        return cls.truncate(model, depth)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        config = self.transformer.config
+        side = int(config.sample_size)
+        return (int(config.in_channels), side, side)
+
     @property
     def projection_dim(self) -> int:
         """The joint space's width by default: CLIP-G's projection (1280), which the text projection starts as."""
@@ -367,8 +424,6 @@ class SD3LRMBackbone(LRMBackbone):
         span = min(projection_dim, self.text_width - first)
         weight[:span, first:first + span] = torch.eye(span)
         return weight
-
-    # forward ------------------------------------------------------------------------------------------------
 
     def encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """The transformer's conditioning (token sequence and pooled vector) and the pooled vector as the text
@@ -390,26 +445,15 @@ class SD3LRMBackbone(LRMBackbone):
 
     def block_outputs(self, latents: torch.Tensor, timesteps: torch.Tensor,
                       cond: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """Image tokens [B, L, D] after each block run, as the stock transformer's forward computes them."""
-        from torch.utils.checkpoint import checkpoint
-
         transformer = self.transformer
         hidden = transformer.pos_embed(latents).contiguous()
         temb = transformer.time_text_embed(timesteps.to(hidden.dtype), cond["pooled"].to(hidden.dtype))
         context = transformer.context_embedder(cond["context"].to(hidden.dtype))
         outputs = []
         for block in transformer.transformer_blocks:
-            if self.checkpointing and torch.is_grad_enabled():
-                context, hidden = checkpoint(block, hidden, context, temb, use_reentrant=False)
-            else:
-                context, hidden = block(hidden_states=hidden, encoder_hidden_states=context, temb=temb)
+            context, hidden = self.run_block(block, hidden_states=hidden, encoder_hidden_states=context, temb=temb)
             outputs.append(hidden)
         return outputs
-
-    def pooled_features(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor],
-                        taps: list[int]) -> list[torch.Tensor]:
-        outputs = self.block_outputs(latents, timesteps, cond)
-        return [outputs[tap - 1].mean(dim=1) for tap in taps] + [outputs[-1].mean(dim=1)]
 
 
 SD3Generator.family = SD3LRMBackbone.family = get_family("sd3")

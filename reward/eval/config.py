@@ -18,8 +18,8 @@ def _default_eval_metrics() -> list[str]:
 
 @dataclass
 class EvalConfig:
-    base: str = option(None, "Diffusers pipeline of a supported family (SD1.x/2.x, SDXL, SD3/SD3.5; hub id or "
-                             "local directory) to generate with.")
+    base: str = option(None, "Diffusers pipeline of a supported family (SD1.x/2.x, SDXL, SD3/SD3.5, FLUX.1; hub id "
+                             "or local directory) to generate with.")
     prompts: Path = option(None, "Prompts: .txt, .json, a manifest with `caption` or a curation directory (e.g. "
                                  "`lpo curate ingest ID --split validation_unique --out DIR`).")
     out: Path = option(None, "Run directory: images/, images.parquet, summary.json, summary.md, grid.png.")
@@ -40,12 +40,13 @@ class EvalConfig:
                                           "there (and guide with its LRM when --candidates > 1 and no --lrm).")
     images_per_prompt: int = option(4, "Images per prompt; image i of prompt p uses seed + 1000 * p + i.")
     max_prompts: int | None = option(None, "Use only the first N prompts (default: all).")
-    steps: int = option(20, "Sampler steps (DDIM for sd15/sdxl, the flow-matching Euler step for sd3).")
-    guidance: float | None = option(None, "Classifier-free guidance scale (default: the family's LPO value, sd15/sdxl "
-                                          "5.0, sd3 4.5; the reference used 7.5 for the SD1.5 base and "
-                                          "Diffusion-DPO-1.5).")
+    steps: int = option(20, "Sampler steps (DDIM for sd15/sdxl, the flow-matching Euler step for sd3/flux).")
+    guidance: float | None = option(None, "Guidance scale (default: the family's LPO value: CFG sd15/sdxl 5.0, sd3 "
+                                          "4.5; FLUX.1's embedded guidance 3.5; the reference used CFG 7.5 for the "
+                                          "SD1.5 base and Diffusion-DPO-1.5).")
     eta: float | None = option(None, "Step noise: DDIM eta or the flow SDE's noise level (default: 0.0, as the "
-                                     "reference; with --lrm the family's LPO value, sd15/sdxl 1.0, sd3 0.7).")
+                                     "reference; with --lrm the family's LPO value, sd15/sdxl 1.0, sd3 0.7, flux "
+                                     "0.9).")
     seed: int = option(42, "Base seed.")
     batch_size: int = option(4, "Images per generation batch (a seed gives the same image in any batch).")
     score_batch_size: int = option(16, "Images per scorer forward.")

@@ -11,8 +11,8 @@ from lpo.curate.config import option
 
 @dataclass
 class LPOConfig:
-    family: str = option("sd15", "Base model family (`lpo optimize <family>`): sd15 (SD1.x/2.x), sdxl or sd3 "
-                                 "(SD3/SD3.5).")
+    family: str = option("sd15", "Base model family (`lpo optimize <family>`): sd15 (SD1.x/2.x), sdxl, sd3 "
+                                 "(SD3/SD3.5) or flux (FLUX.1).")
     base: str = option(None, "Diffusers pipeline to fine-tune (hub id or local directory).")
     lrm: Path = option(None, "Latent reward model of the same latent space as --base: a folder or run "
                              "directory of `lpo reward train`, or a hub id.")
@@ -25,10 +25,11 @@ class LPOConfig:
     train_batch_size: int | None = option(None, "Preference tuples per optimizer step (sd15 10, sdxl 4).")
     candidates: int = option(4, "K: children sampled from each x_t and scored by the LRM.")
     steps: int = option(20, "Sampler steps per trajectory.")
-    guidance: float | None = option(None, "Classifier-free guidance in sampling and in the loss (sd15, sdxl 5.0; "
-                                          "sd3 4.5).")
+    guidance: float | None = option(None, "Guidance in sampling and in the loss: classifier-free (sd15, sdxl 5.0; "
+                                          "sd3 4.5) or FLUX.1's embedded guidance (flux 3.5).")
     eta: float | None = option(None, "Step noise: DDIM eta (sd15, sdxl 1.0) or the flow SDE's noise level a (sd3 "
-                                     "0.7); must be > 0, the step must be stochastic to have a likelihood.")
+                                     "0.7, flux 0.9); must be > 0, the step must be stochastic to have a "
+                                     "likelihood.")
     beta: float = option(500.0, "DPO inverse temperature on the log-ratio difference (per latent element: with "
                                 "--logprob-reduction sum it is divided by the element count).")
     clip_eps: float = option(0.1, "Ratio clip: r is clamped to [1 - eps, 1 + eps].")
@@ -37,15 +38,15 @@ class LPOConfig:
     score_timestep: str = option("parent", "Timestep the LRM scores a child at: parent (reference) or child.")
     logprob_reduction: str = option("mean", "Reduce the step log-density over latent elements: mean (reference) "
                                             "or sum (the sample's likelihood; the ratio clip then bounds it).")
-    lora_rank: int | None = option(None, "LoRA rank on attention q/k/v/out (sd15 4, sdxl 64, sd3 32, both streams); "
-                                         "0 = full fine-tuning.")
-    lr: float | None = option(None, "AdamW learning rate (sd15 6e-5, sdxl 1e-5, sd3 1e-5).")
+    lora_rank: int | None = option(None, "LoRA rank on attention q/k/v/out (sd15 4, sdxl 64; sd3 32 and flux 64, "
+                                         "both streams, flux also the MLPs); 0 = full fine-tuning.")
+    lr: float | None = option(None, "AdamW learning rate (sd15 6e-5; sdxl, sd3, flux 1e-5).")
     weight_decay: float = option(1e-4, "AdamW weight decay.")
     max_grad_norm: float = option(1.0, "Gradient clipping that really clips (the reference runs had it silently "
                                        "off); 0 disables.")
     mixed_precision: str = option("auto", "auto (fp16 on CUDA, none on CPU), no, fp16, bf16.")
-    gradient_checkpointing: bool | None = option(None, "Gradient checkpointing in the denoiser (sd15 off, sdxl and "
-                                                       "sd3 on).")
+    gradient_checkpointing: bool | None = option(None, "Gradient checkpointing in the denoiser (sd15 off; sdxl, sd3, "
+                                                       "flux on).")
     save_every_rounds: int = option(0, "Also save_state every N sampling rounds (0: only each epoch).")
     validation_prompts: list[str] = option(help="Prompts of the per-epoch validation grid (default: the first "
                                                 "3 training prompts).", factory=list)
@@ -84,10 +85,11 @@ class SampleConfig:
     candidates: int = option(1, "K: candidates per step for LRM-guided sampling (continue from the best).")
     images_per_prompt: int = option(1, "Images per prompt; image i of prompt p uses seed + 1000 * p + i.")
     steps: int = option(20, "Sampler steps.")
-    guidance: float | None = option(None, "Classifier-free guidance scale (default: the family's, as LPO: sd15, sdxl "
-                                          "5.0; sd3 4.5).")
+    guidance: float | None = option(None, "Guidance scale (default: the family's, as LPO: CFG sd15, sdxl 5.0, sd3 "
+                                          "4.5; FLUX.1's embedded guidance 3.5).")
     eta: float | None = option(None, "Step noise, DDIM eta or the flow SDE's noise level (default: with --lrm, which "
-                                     "needs a stochastic step, the family's: sd15, sdxl 1.0, sd3 0.7; 0.0 without).")
+                                     "needs a stochastic step, the family's: sd15, sdxl 1.0, sd3 0.7, flux 0.9; 0.0 "
+                                     "without).")
     score_timestep: str = option("parent", "Timestep the LRM scores candidates at: parent or child.")
     seed: int = option(0, "Base seed.")
     device: str = option("auto", "auto, cpu or cuda.")

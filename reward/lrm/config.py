@@ -15,8 +15,8 @@ EVAL_TIMESTEPS = (1, 251, 501, 751, 951)
 @dataclass
 class RewardTrainConfig:
     manifest: Path = option(None, "Kept pairs to train on: filtered.parquet from `lpo curate filter`.")
-    base: str = option(None, "Diffusers pipeline of a supported family (SD1.x/2.x, SDXL; hub id or local directory) "
-                             "to build the LRM from.")
+    base: str = option(None, "Diffusers pipeline of a supported family (SD1.x/2.x, SDXL, SD3/SD3.5, FLUX.1; hub id "
+                             "or local directory) to build the LRM from.")
     out: Path = option(None, "Run directory: checkpoints, latent cache, best/ and last/ exports, logs.")
     val_manifest: Path | None = option(None, "Validation pairs (e.g. filtered from validation_unique); default: "
                                              "hold out --val-fraction of the captions of --manifest.")
@@ -24,14 +24,15 @@ class RewardTrainConfig:
     vae: str | None = option(None, "VAE to encode images with (default: the base's vae/; for SDXL the paper used "
                                    "madebyollin/sdxl-vae-fp16-fix).")
     timesteps: list[float] = option(help="Candidate timesteps, one drawn uniformly per pair (default: sd15/sdxl "
-                                         "1,51,...,951; sd3 the 20-step sampler grid, sigma x 1000).", factory=list)
+                                         "1,51,...,951; sd3, flux the 20-step sampler grid, sigma x 1000).",
+                                    factory=list)
     eval_timesteps: list[float] = option(help="Timesteps of the validation accuracy (default: sd15/sdxl "
-                                              "1,251,501,751,951; sd3 five points of the 20-step grid).",
+                                              "1,251,501,751,951; sd3, flux five points of the 20-step grid).",
                                          factory=list)
     select_timestep: float | None = option(None, "Validation timestep whose accuracy picks the best checkpoint "
                                                  "(default: the least noisy of --eval-timesteps).")
-    depth: int | None = option(None, "sd3: joint blocks the LRM runs (default: 3/4 of the transformer's, 18 of "
-                                     "SD3-Medium's 24); the rest are not built.")
+    depth: int | None = option(None, "sd3, flux: joint blocks the LRM runs (default: sd3 3/4 of them, 18 of "
+                                     "SD3-Medium's 24; flux its 19 double-stream blocks); the rest are not built.")
     batch_size: int = option(16, "Pairs per process per micro-step.")
     grad_accum: int = option(1, "Micro-steps per optimizer update.")
     max_steps: int = option(4000, "Optimizer updates.")
@@ -42,13 +43,15 @@ class RewardTrainConfig:
     mixed_precision: str = option("auto", "auto (bf16 on CUDA, none on CPU), no, bf16, fp16.")
     gradient_checkpointing: bool | None = option(None, "Trade compute for memory in the UNet and text encoders "
                                                        "(default: on for SDXL, off for SD1.x/2.x).")
-    multi_scale: bool = option(True, "Pool the down-block taps as well as the mid block.")
-    vfe_scale: float = option(7.5, "Visual Feature Enhancement guidance on the mid feature (1 disables).")
-    vfe_down: bool = option(False, "Also guide the down-block features.")
+    multi_scale: bool = option(True, "Pool the tapped features (UNets: the down blocks) as well as the deepest "
+                                     "(UNets: the mid block; transformers: the last block run).")
+    vfe_scale: float = option(7.5, "Visual Feature Enhancement guidance on the deepest feature (1 disables).")
+    vfe_down: bool = option(False, "Also guide the tapped features.")
     text_projection_init: str | None = option("openai/clip-vit-large-patch14", "CLIP model whose text projection "
-                                              "initialises the SD1.x/2.x one ('' for random).")
-    init: str = option("diffusion", "Backbone init: diffusion (the base's trained UNet and text encoder, as the "
-                                    "paper) or random (the same architecture with fresh weights, for ablations).")
+                                              "initialises the SD1.x/2.x and FLUX.1 ones ('' for random).")
+    init: str = option("diffusion", "Backbone init: diffusion (the base's trained denoiser and text encoders, as the "
+                                    "paper) or random (the same architecture with fresh weights, for ablations; "
+                                    "sd3/flux keep their frozen text encoders).")
     eval_every: int = option(100, "Validate every N updates.")
     save_every: int = option(500, "save_state every N updates.")
     keep_checkpoints: int = option(2, "How many save_state checkpoints to keep.")
@@ -75,9 +78,9 @@ class RewardTrainConfig:
         defaults = family_.lrm_defaults
         config = dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
         if not (config.timesteps and config.eval_timesteps):
-            from lpo.reward.backbones import read_subfolder_config
+            from lpo.reward.backbones.family import latent_side, read_subfolder_config
 
-            side = int(read_subfolder_config(self.base, family_.denoiser)["sample_size"])
+            side = latent_side(read_subfolder_config(self.base, family_.denoiser), self.base)
             train, evaluation = family_.lrm_backbone.default_timesteps(self.base, "scheduler", (0, side, side))
             config = dataclasses.replace(config, timesteps=config.timesteps or train,
                                          eval_timesteps=config.eval_timesteps or evaluation)
@@ -108,8 +111,8 @@ class RewardEvalConfig:
     manifest: Path = option(None, "Pairs manifest to evaluate on (filtered.parquet, or a curation dir's "
                                   "pairs.parquet).")
     out: Path | None = option(None, "Where to write accuracy.json and accuracy.png (default: next to the LRM).")
-    timesteps: list[float] = option(help="Timesteps to evaluate (default: sd15/sdxl 1,251,501,751,951; sd3 five "
-                                         "points of the 20-step sampler grid).", factory=list)
+    timesteps: list[float] = option(help="Timesteps to evaluate (default: sd15/sdxl 1,251,501,751,951; sd3, flux "
+                                         "five points of the 20-step sampler grid).", factory=list)
     seed: int = option(1234, "Noise seed (the same seed gives the same noise for every model).")
     latent_cache: Path | None = option(None, "Root folder of VAE-latent caches to reuse and extend; default: "
                                              "OUT/latent_cache.")

@@ -3,7 +3,7 @@
 `build_tiny_models(out_dir)` writes one folder per role, each loadable by the loader that takes the real model:
 ``load_scorer("pickscore", dir/"pickscore")`` (and every other metric of `lpo.curate.scorers`),
 ``StableDiffusionPipeline.from_pretrained(dir/"sd15")``, ``StableDiffusionXLPipeline.from_pretrained(dir/"sdxl")``,
-``StableDiffusion3Pipeline.from_pretrained(dir/"sd3")``.
+``StableDiffusion3Pipeline.from_pretrained(dir/"sd3")``, ``FluxPipeline.from_pretrained(dir/"flux")``.
 Weights are random from a fixed seed, the structures are those of the real models at tiny widths, and the
 tokenizers are built here, so nothing is downloaded.
 """
@@ -20,17 +20,16 @@ from typing import Any
 
 from lpo.curate.errors import InputError
 from lpo.curate.scorers.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from lpo.reward.toy import random_pipelines
 from lpo.reward.toy.config import TinyModelsConfig
+from lpo.reward.toy.random_text import CONTEXT_LENGTH, clip_text_config, clip_tokenizer
 
 logger = logging.getLogger(__name__)
 
-ROLES: tuple[str, ...] = ("pickscore", "clip", "vqa", "aesthetic", "sd15", "sdxl", "sd3", "hpsv2", "hpsv21",
-                          "imagereward")
+ROLES: tuple[str, ...] = ("pickscore", "clip", "vqa", "aesthetic", "sd15", "sdxl", "sd3", "flux", "hpsv2",
+                          "hpsv21", "imagereward")
 SCORER_IMAGE_SIZE = 32  # pixels seen by the tiny CLIP towers
 PATCH_SIZE = 8
-SD_SAMPLE_SIZE = 8  # latents; the VAE's 8x downsampling makes 64-pixel images
-TEXT_WIDTH = 32
-CONTEXT_LENGTH = 77
 OPEN_CLIP_PREPROCESS = {"mean": list(OPENAI_CLIP_MEAN), "std": list(OPENAI_CLIP_STD), "interpolation": "bicubic",
                         "resize_mode": "shortest"}
 AESTHETIC_HEAD_FILE = "aesthetic_head.safetensors"
@@ -44,36 +43,6 @@ VQA_CHAT_TEMPLATE = (
     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-
-
-def clip_tokenizer() -> Any:
-    """A CLIPTokenizer over single bytes (no merges): any caption tokenises, the vocabulary has 514 entries."""
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import CLIPTokenizer
-
-    chars = sorted(ByteLevel.alphabet())
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)  # the highest id, as in CLIP: open_clip-style argmax pooling finds it
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=CONTEXT_LENGTH)
-
-
-def _clip_text_config(tokenizer: Any, **extra: Any) -> Any:
-    from transformers import CLIPTextConfig
-
-    return CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=TEXT_WIDTH,
-        intermediate_size=2 * TEXT_WIDTH,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=CONTEXT_LENGTH,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **extra,
-    )
 
 
 def _clip_vision_config() -> Any:
@@ -106,7 +75,7 @@ def _save_transformers_clip(path: Path, projection_dim: int) -> None:
 
     tokenizer = clip_tokenizer()
     config = CLIPConfig(
-        text_config=_clip_text_config(tokenizer).to_dict(),
+        text_config=clip_text_config(tokenizer).to_dict(),
         vision_config=_clip_vision_config().to_dict(),
         projection_dim=projection_dim,
     )
@@ -303,161 +272,15 @@ def _build_imagereward(path: Path) -> None:
     (path / "config.json").write_text(json.dumps(config, indent=2))
 
 
-def _vae(scaling_factor: float, latent_channels: int = 4, shift_factor: float | None = None) -> Any:
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16),
-        layers_per_block=1,
-        latent_channels=latent_channels,
-        norm_num_groups=8,
-        sample_size=SD_SAMPLE_SIZE * 8,
-        scaling_factor=scaling_factor,
-        shift_factor=shift_factor,
-    )
-
-
-def _sd_scheduler_kwargs() -> dict[str, Any]:
-    return {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
-            "steps_offset": 1}
-
-
-def _build_sd15(path: Path) -> None:
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    tokenizer = clip_tokenizer()
-    text_encoder = CLIPTextModel(_clip_text_config(tokenizer))
-    # SD1.5 layout: 3 cross-attention down blocks + 1 plain, 2 layers each, so down_block_res_samples has 12
-    # entries (2, 5, 8, 11 end each resolution) and a cross-attention mid block.
-    unet = UNet2DConditionModel(
-        sample_size=SD_SAMPLE_SIZE,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=2,
-        block_out_channels=(16, 16, 32, 32),
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=TEXT_WIDTH,
-        attention_head_dim=2,
-        norm_num_groups=8,
-    )
-    scheduler = DDIMScheduler(**_sd_scheduler_kwargs(), set_alpha_to_one=False, clip_sample=False)
-    pipeline = StableDiffusionPipeline(
-        vae=_vae(scaling_factor=0.18215),
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipeline.save_pretrained(path)
-
-
-def _build_sdxl(path: Path) -> None:
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    tokenizer = clip_tokenizer()
-    pooled_dim = 32
-    time_embed_dim = 8
-    text_encoder = CLIPTextModel(_clip_text_config(tokenizer))
-    text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(tokenizer, projection_dim=pooled_dim))
-    # SDXL layout: DownBlock2D then two cross-attention blocks, text_time conditioning on the pooled text
-    # embedding plus 6 micro-conditioning values (original size, crop, target size).
-    unet = UNet2DConditionModel(
-        sample_size=SD_SAMPLE_SIZE,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=2,
-        block_out_channels=(16, 32, 32),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=2 * TEXT_WIDTH,
-        attention_head_dim=(2, 2, 2),
-        transformer_layers_per_block=(1, 1, 1),
-        norm_num_groups=8,
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=time_embed_dim,
-        projection_class_embeddings_input_dim=pooled_dim + 6 * time_embed_dim,
-    )
-    scheduler = EulerDiscreteScheduler(
-        **_sd_scheduler_kwargs(), timestep_spacing="leading", interpolation_type="linear", prediction_type="epsilon"
-    )
-    pipeline = StableDiffusionXLPipeline(
-        vae=_vae(scaling_factor=0.13025),
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=clip_tokenizer(),
-        unet=unet,
-        scheduler=scheduler,
-    )
-    pipeline.save_pretrained(path)
-
-
-def t5_tokenizer() -> Any:
-    """A T5 tokenizer (SentencePiece-style unigram over single characters, `</s>` appended), built offline."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import T5TokenizerFast
-
-    specials = ["<pad>", "</s>", "<unk>"]
-    pieces = [(token, 0.0) for token in specials] + [(c, -1.0) for c in sorted(ByteLevel.alphabet())] + [
-        ("\u2581", -1.0)]
-    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2))
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
-    tokenizer.decoder = decoders.Metaspace()
-    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return T5TokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-                           extra_ids=0)
-
-
-def _build_sd3(path: Path) -> None:
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
-
-    joint_dim = 2 * TEXT_WIDTH  # both CLIPs' penultimate states side by side; T5's width must match
-    t5_tokenizer_ = t5_tokenizer()
-    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer_), d_model=joint_dim, d_kv=8, d_ff=2 * joint_dim,
-                                 num_layers=1, num_heads=2, pad_token_id=0, eos_token_id=1,
-                                 decoder_start_token_id=0))
-    # SD3.5-Medium layout at tiny width: 4 joint blocks, the first with the second (image-only) attention, RMS
-    # q/k norm; a 2x2 patch embedding over 16-channel latents
-    transformer = SD3Transformer2DModel(
-        sample_size=SD_SAMPLE_SIZE, patch_size=2, in_channels=16, out_channels=16, num_layers=4,
-        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=joint_dim, caption_projection_dim=16,
-        pooled_projection_dim=2 * TEXT_WIDTH, pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm",
-    )
-    pipeline = StableDiffusion3Pipeline(
-        transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
-        vae=_vae(scaling_factor=1.5305, latent_channels=16, shift_factor=0.0609),
-        text_encoder=CLIPTextModelWithProjection(_clip_text_config(clip_tokenizer(), projection_dim=TEXT_WIDTH)),
-        tokenizer=clip_tokenizer(),
-        text_encoder_2=CLIPTextModelWithProjection(_clip_text_config(clip_tokenizer(), projection_dim=TEXT_WIDTH)),
-        tokenizer_2=clip_tokenizer(),
-        text_encoder_3=t5,
-        tokenizer_3=t5_tokenizer_,
-    )
-    pipeline.save_pretrained(path)
-
-
 _BUILDERS: dict[str, Callable[[Path], None]] = {
     "pickscore": _build_pickscore,
     "clip": _build_clip,
     "vqa": _build_vqa,
     "aesthetic": _build_aesthetic,
-    "sd15": _build_sd15,
-    "sdxl": _build_sdxl,
-    "sd3": _build_sd3,
+    "sd15": random_pipelines.build_sd15,
+    "sdxl": random_pipelines.build_sdxl,
+    "sd3": random_pipelines.build_sd3,
+    "flux": random_pipelines.build_flux,
     "hpsv2": lambda path: _build_hps(path, "HPS_v2_compressed.pt"),
     "hpsv21": _build_hpsv21,
     "imagereward": _build_imagereward,

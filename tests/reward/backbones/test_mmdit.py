@@ -4,6 +4,7 @@ transformer."""
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from lpo.reward.backbones import family_of, load_generator
-from lpo.reward.backbones.mmdit import default_depth, encode_sd3_prompts
+from lpo.reward.backbones.mmdit import SD3LRMBackbone, encode_sd3_prompts
 from lpo.reward.lpo.sampler import sample
 from lpo.reward.lrm.model import LatentRewardModel
 
@@ -76,7 +77,7 @@ def test_truncated_lrm_equals_the_stock_transformer_up_to_its_depth(sd3: str) ->
     layers = stock.config.num_layers
     lrm = LatentRewardModel.from_base(sd3).eval()
     backbone = lrm.backbone
-    assert backbone.depth == default_depth(layers) == 3 and lrm.config.taps == [1, 2]
+    assert backbone.depth == SD3LRMBackbone.default_depth(stock.config) == 3 and lrm.config.taps == [1, 2]
     assert len(backbone.transformer.transformer_blocks) == 3 and backbone.transformer.proj_out is None
     captured: list[torch.Tensor] = []
     hooks = [block.register_forward_hook(lambda m, i, o: captured.append(o[1])) for block in stock.transformer_blocks]
@@ -99,9 +100,26 @@ def test_truncated_lrm_equals_the_stock_transformer_up_to_its_depth(sd3: str) ->
     assert not any(k.startswith("backbone.transformer.transformer_blocks.3.") for k in keys)
 
 
-def test_lrm_score_save_load_and_frozen_text(sd3: str, tmp_path: Path) -> None:
-    import math
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_score_is_the_scaled_cosine_with_vfe_on_the_deepest_feature(family: str, tiny_models_dir: Path) -> None:
+    lrm = LatentRewardModel.from_base(str(tiny_models_dir / family), text_projection_init=None).eval()
+    latents = torch.randn(2, *lrm.config.latent_shape, generator=torch.Generator().manual_seed(1))
+    timesteps = torch.tensor([8.9, 602.2])
+    with torch.no_grad():
+        scores = lrm.score(latents, timesteps, PROMPTS)
+        # VFE on the deepest feature, the taps from the conditional branch; score = exp(logit_scale) * cos
+        text, empty = lrm.encode_text(PROMPTS), lrm.encode_text([""] * 2)
+        cond = lrm.backbone.pooled_features(latents, timesteps, text, lrm.feature_taps)
+        uncond = lrm.backbone.pooled_features(latents, timesteps, empty, lrm.feature_taps)
+        g = lrm.config.vfe_scale
+        feats = cond[:-1] + [uncond[-1] + g * (cond[-1] - uncond[-1])]
+        visual = lrm.visual_projection(torch.cat(feats, dim=-1))
+        expected = math.exp(lrm.logit_scale.item()) * torch.nn.functional.cosine_similarity(visual, text["text"])
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-4)
+    assert len(feats) == len(lrm.config.taps) + 1 and lrm.config.vfe_scale == 7.5
 
+
+def test_lrm_score_save_load_and_frozen_text(sd3: str, tmp_path: Path) -> None:
     lrm = LatentRewardModel.from_base(sd3, depth=4).eval()
     assert lrm.backbone.depth == 4 and len(lrm.backbone.transformer.transformer_blocks) == 4
     clip_l, clip_g = lrm.backbone.encoders[:2]
@@ -117,15 +135,6 @@ def test_lrm_score_save_load_and_frozen_text(sd3: str, tmp_path: Path) -> None:
     timesteps = torch.tensor([8.9, 602.2])
     with torch.no_grad():
         scores = lrm.score(latents, timesteps, PROMPTS)
-        # VFE on the deepest feature, the taps from the conditional branch; score = exp(logit_scale) * cos
-        text, empty = lrm.encode_text(PROMPTS), lrm.encode_text([""] * 2)
-        cond = lrm.backbone.pooled_features(latents, timesteps, text, lrm.feature_taps)
-        uncond = lrm.backbone.pooled_features(latents, timesteps, empty, lrm.feature_taps)
-        g = lrm.config.vfe_scale
-        feats = cond[:-1] + [uncond[-1] + g * (cond[-1] - uncond[-1])]
-        visual = lrm.visual_projection(torch.cat(feats, dim=-1))
-        expected = math.exp(lrm.logit_scale.item()) * torch.nn.functional.cosine_similarity(visual, text["text"])
-    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-4)
     lrm.save_pretrained(tmp_path / "lrm")
     # the frozen text encoders are the base's: neither module parameters nor saved
     saved = load_file(tmp_path / "lrm" / "diffusion_pytorch_model.safetensors")

@@ -24,16 +24,17 @@ def test_the_family_is_read_from_the_pipeline_files(tiny_models_dir: Path, tmp_p
     (tmp_path / "upscaler" / "unet").mkdir(parents=True)
     (tmp_path / "upscaler" / "unet" / "config.json").write_text(json.dumps(
         {"_class_name": "UNet2DConditionModel", "class_embed_type": "timestep"}))
-    supported = r"\(SD1.x/2.x \(sd15\), SDXL \(sdxl\), SD3/SD3.5 \(sd3\)\)"
+    assert family_of(str(tiny_models_dir / "flux")).name == "flux"
+    supported = r"\(SD1.x/2.x \(sd15\), SDXL \(sdxl\), SD3/SD3.5 \(sd3\), FLUX.1 \(flux\)\)"
     with pytest.raises(InputError, match=f"none of the supported families {supported}"):
         family_of(str(tmp_path / "upscaler"))
-    (tmp_path / "flux" / "transformer").mkdir(parents=True)
-    (tmp_path / "flux" / "transformer" / "config.json").write_text(json.dumps(
-        {"_class_name": "FluxTransformer2DModel"}))
-    with pytest.raises(InputError, match=f"a FluxTransformer2DModel belongs to none of the supported families "
+    (tmp_path / "pixart" / "transformer").mkdir(parents=True)
+    (tmp_path / "pixart" / "transformer" / "config.json").write_text(json.dumps(
+        {"_class_name": "PixArtTransformer2DModel"}))
+    with pytest.raises(InputError, match=f"a PixArtTransformer2DModel belongs to none of the supported families "
                                          f"{supported}"):
-        family_of(str(tmp_path / "flux"))
-    with pytest.raises(InputError, match="not one of sd15, sdxl, sd3"):
+        family_of(str(tmp_path / "pixart"))
+    with pytest.raises(InputError, match="not one of sd15, sdxl, sd3, flux"):
         get_family("sd4")
 
 

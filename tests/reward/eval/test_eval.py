@@ -381,27 +381,31 @@ def test_empty_prompt_file_and_missing_options_exit_2(tiny_models_dir, tmp_path)
     assert result.exit_code == 0 and "compare" in result.text and "score" in result.text
 
 
-def test_sd3_generates_guided_and_with_a_fine_tuned_transformer(tiny_models_dir, prompt_file, tmp_path) -> None:
-    """`lpo eval` on the flow-matching family: the family's CFG by default, LRM-guided sampling at its noise level,
-    and `--transformer DIR` swapping in a fine-tuned transformer (which changes the images)."""
-    from diffusers import SD3Transformer2DModel
+@pytest.mark.parametrize(("family", "guidance", "noise"), [("sd3", 4.5, 0.7), ("flux", 3.5, 0.9)])
+def test_flow_families_generate_guided_and_with_a_fine_tuned_transformer(family, guidance, noise, tiny_models_dir,
+                                                                          prompt_file, tmp_path) -> None:
+    """`lpo eval` on the flow-matching families: the family's guidance by default (SD3's CFG, FLUX's embedded
+    guidance), LRM-guided sampling at its noise level, and `--transformer DIR` swapping in a fine-tuned transformer
+    (which changes the images)."""
+    import diffusers
 
     from lpo.reward.lrm.model import LatentRewardModel, export_components
 
-    base = tiny_models_dir / "sd3"
+    base = tiny_models_dir / family
     lrm = tmp_path / "lrm"
     torch.manual_seed(0)
-    LatentRewardModel.from_base(str(base)).save_pretrained(lrm)
+    LatentRewardModel.from_base(str(base), text_projection_init=None).save_pretrained(lrm)
     export_components(lrm, str(base))
     common = ["--base", base, "--prompts", prompt_file, "--models-dir", tiny_models_dir, "--metrics", "pickscore",
               "--images-per-prompt", 1, "--steps", 3, "--max-prompts", 2, "--device", "cpu"]
     assert invoke("eval", *common, "--out", tmp_path / "plain").exit_code == 0
     plain = json.loads((tmp_path / "plain" / "summary.json").read_text())["generation"]
-    assert plain["sampler"] == "flow-SDE" and plain["guidance"] == 4.5 and plain["eta"] == 0.0
+    assert plain["sampler"] == "flow-SDE" and plain["guidance"] == guidance and plain["eta"] == 0.0
     assert invoke("eval", *common, "--lrm", lrm, "--candidates", 2, "--out", tmp_path / "guided").exit_code == 0
     guided = json.loads((tmp_path / "guided" / "summary.json").read_text())["generation"]
-    assert guided["eta"] == 0.7 and guided["candidates"] == 2
-    transformer = SD3Transformer2DModel.from_pretrained(base, subfolder="transformer")
+    assert guided["eta"] == noise and guided["candidates"] == 2
+    class_name = json.loads((base / "transformer" / "config.json").read_text())["_class_name"]
+    transformer = getattr(diffusers, class_name).from_pretrained(base, subfolder="transformer")
     with torch.no_grad():
         transformer.proj_out.bias.add_(0.5)
     transformer.save_pretrained(tmp_path / "tuned")

@@ -30,7 +30,7 @@ PROMPTS = ["a red circle on a blue background", "a green square on a white backg
 @pytest.fixture(scope="module")
 def lrms(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = {}
-    for family in ("sd15", "sdxl", "sd3"):
+    for family in ("sd15", "sdxl", "sd3", "flux"):
         directory = tmp_path_factory.mktemp(f"lrm_{family}")
         torch.manual_seed(0)
         model = LatentRewardModel.from_base(str(tiny_models_dir / family), text_projection_init=None)
@@ -54,7 +54,7 @@ def _config(family, tiny, lrms, prompts, out, **kw) -> LPOConfig:
     return LPOConfig(**(defaults | kw))
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3"])
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3", "flux"])
 def test_lpo_trains_a_lora_that_diffusers_loads_and_that_changes_images(family, tiny_models_dir, lrms, prompt_file,
                                                                        tmp_path):
     out = tmp_path / "run"
@@ -89,7 +89,7 @@ def test_lpo_trains_a_lora_that_diffusers_loads_and_that_changes_images(family, 
     saved = load_file(out / "lora" / "pytorch_lora_weights.safetensors")
     (adapter,) = model.denoiser.active_adapters()
     loaded = get_peft_model_state_dict(model.denoiser, adapter_name=adapter)
-    if family == "sd3":  # diffusers' SD3 scripts save PEFT naming
+    if family in ("sd3", "flux"):  # diffusers' SD3 and FLUX scripts save PEFT naming
         named = {f"transformer.{k}": v for k, v in loaded.items()}
     else:  # its UNet scripts convert to the diffusers naming
         named = {f"unet.{k}": v for k, v in convert_state_dict_to_diffusers(loaded).items()}
@@ -137,7 +137,7 @@ def test_one_policy_and_one_reference_forward_per_batch(tiny_models_dir, lrms):
     assert model.unet.active_adapters()  # the adapter is back on after the reference forward
 
 
-@pytest.mark.parametrize("family", ["sd15", "sd3"])
+@pytest.mark.parametrize("family", ["sd15", "sd3", "flux"])
 def test_on_policy_the_ratio_is_exactly_one(family, tiny_models_dir, lrms):
     """Before any update the policy is the reference (LoRA B starts at 0): recomputed in training batches of another
     composition, every tuple's log-ratio is exactly 0 (the flow-RL community's sanity check that sampling and

@@ -137,10 +137,10 @@ def test_text_projection_initialised_from_a_clip_model(tiny_models_dir: Path, tm
 
 
 def test_unsupported_or_missing_bases_are_input_errors(tmp_path: Path) -> None:
-    (tmp_path / "flux" / "transformer").mkdir(parents=True)
-    (tmp_path / "flux" / "transformer" / "config.json").write_text('{"_class_name": "FluxTransformer2DModel"}')
-    with pytest.raises(InputError, match="FluxTransformer2DModel belongs to none of the supported families"):
-        LatentRewardModel.from_base(str(tmp_path / "flux"))
+    (tmp_path / "pixart" / "transformer").mkdir(parents=True)
+    (tmp_path / "pixart" / "transformer" / "config.json").write_text('{"_class_name": "PixArtTransformer2DModel"}')
+    with pytest.raises(InputError, match="PixArtTransformer2DModel belongs to none of the supported families"):
+        LatentRewardModel.from_base(str(tmp_path / "pixart"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="unet/config.json"):
         LatentRewardModel.from_base(str(tmp_path / "empty"))

@@ -242,28 +242,37 @@ def test_runs_sharing_a_latent_cache_encode_each_image_once(manifest, tiny_model
     assert not (tmp_path / "b" / "latent_cache").exists()
 
 
-def test_sd3_lrm_trains_on_the_sampler_grid_and_reports_accuracy_against_sigma(manifest, tiny_models_dir, tmp_path):
-    """On a flow-matching base the LRM trains on the timesteps (sigma x 1000) of the 20-step sampler grid; `lpo
-    reward eval` and `lpo reward score` use that grid by default and report sigma."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+@pytest.mark.parametrize(("family", "least_noisy", "not_built"), [
+    ("sd3", 8.9, "transformer_blocks.3."),  # the default depth: 3 of the tiny SD3's 4 joint blocks
+    ("flux", 76.9, "single_transformer_blocks."),  # FLUX: the double-stream blocks only; sigma 1/20, shifted
+])
+def test_flow_lrm_trains_on_the_sampler_grid_and_reports_accuracy_against_sigma(family, least_noisy, not_built,
+                                                                                 manifest, tiny_models_dir, tmp_path):
+    """On a flow-matching base the LRM trains on the timesteps (sigma x 1000) of the 20-step sampler grid (FLUX's:
+    linear sigmas shifted by the token count); `lpo reward eval` and `lpo reward score` use that grid by default and
+    report sigma."""
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler
 
     from lpo.reward.backbones.flow import lrm_timesteps
 
-    base = tiny_models_dir / "sd3"
+    base = tiny_models_dir / family
     out = tmp_path / "run"
     summary = train.run(_config(manifest, base, out, max_steps=2))
     saved = json.loads((out / "train_config.json").read_text())
-    grid, evaluation = lrm_timesteps(FlowMatchEulerDiscreteScheduler.from_pretrained(base, subfolder="scheduler"),
-                                     16)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(base, subfolder="scheduler")
+    grid, evaluation = lrm_timesteps(scheduler, 16, linear_sigmas=family == "flux")
     assert [float(t) for t in summary["history"][-1]["accuracy"]] == evaluation
-    assert evaluation[0] == pytest.approx(8.9, abs=0.1) and evaluation[-1] == 1000.0
+    assert evaluation[0] == pytest.approx(least_noisy, abs=0.1) and evaluation[-1] == 1000.0
     assert saved["timesteps"] == grid and saved["select_timestep"] == evaluation[0]
     trained = load_file(out / "last" / "diffusion_pytorch_model.safetensors")
-    stock = SD3Transformer2DModel.from_pretrained(str(base), subfolder="transformer").state_dict()
+    class_name = json.loads((base / "transformer" / "config.json").read_text())["_class_name"]
+    transformer_class = getattr(diffusers, class_name)
+    stock = transformer_class.from_pretrained(str(base), subfolder="transformer").state_dict()
     changed = [k for k, v in stock.items() if f"backbone.transformer.{k}" in trained
                and not torch.equal(v, trained[f"backbone.transformer.{k}"])]
     assert len(changed) > len(stock) // 4
-    assert not any(k.startswith("backbone.transformer.transformer_blocks.3.") for k in trained)  # depth 3 of 4
+    assert not any(k.startswith(f"backbone.transformer.{not_built}") for k in trained)
     runner = CliRunner()
     result = runner.invoke(app, ["reward", "eval", "--lrm", str(out), "--manifest", str(manifest), "--out",
                                  str(tmp_path / "eval")])
@@ -279,7 +288,7 @@ def test_sd3_lrm_trains_on_the_sampler_grid_and_reports_accuracy_against_sigma(m
     line = scored.output.strip().splitlines()[-1]  # stdout's JSON line, after stderr's progress bars
     assert json.loads(line[line.index("{"):])["t"] == evaluation[0]
     bad = runner.invoke(app, ["reward", "train", "--manifest", str(manifest), "--base", str(base), "--out",
-                              str(tmp_path / "bad"), "--timesteps", "0,500"])
+                              str(tmp_path / "bad"), "--timesteps", "0,500", "--text-projection-init", ""])
     assert bad.exit_code == 2 and "in (0, 1000]" in bad.output
     unet = runner.invoke(app, ["reward", "train", "--manifest", str(manifest), "--base",
                                str(tiny_models_dir / "sd15"), "--out", str(tmp_path / "bad2"), "--depth", "3"])

@@ -29,6 +29,10 @@ EXPECTED_FILES = {
             "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
             "text_encoder_2/model.safetensors", "text_encoder_3/model.safetensors", "tokenizer/tokenizer.json",
             "tokenizer_2/tokenizer.json", "tokenizer_3/tokenizer.json", "scheduler/scheduler_config.json"],
+    "flux": ["model_index.json", "transformer/diffusion_pytorch_model.safetensors",
+             "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
+             "text_encoder_2/model.safetensors", "tokenizer/tokenizer.json", "tokenizer_2/tokenizer.json",
+             "scheduler/scheduler_config.json"],
     "hpsv2": ["open_clip_config.json", "HPS_v2_compressed.pt"],
     "hpsv21": ["open_clip_config.json", "HPS_v2.1_compressed.pt"],
     "imagereward": ["config.json", "ImageReward.pt", "med_config.json", "tokenizer/vocab.txt"],
@@ -149,6 +153,25 @@ def test_sd3_has_the_sd35_medium_structure_and_generates(tiny_models_dir: Path) 
     assert pipeline.scheduler.config.shift == 3.0
     ids = pipeline.tokenizer_3(["a red circle"]).input_ids[0]
     assert ids[-1] == pipeline.tokenizer_3.eos_token_id and pipeline.tokenizer_3.unk_token_id not in ids
+    assert _generate(pipeline).size == (64, 64)
+
+
+def test_flux_has_the_flux_dev_structure_and_generates(tiny_models_dir: Path) -> None:
+    from diffusers import FluxPipeline
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    pipeline = FluxPipeline.from_pretrained(tiny_models_dir / "flux")
+    pipeline.set_progress_bar_config(disable=True)
+    transformer = pipeline.transformer.config
+    assert transformer.guidance_embeds and transformer.in_channels == 4 * pipeline.vae.config.latent_channels
+    blocks = pipeline.transformer
+    assert len(blocks.transformer_blocks) == 3 and len(blocks.single_transformer_blocks) == 2
+    assert sum(transformer.axes_dims_rope) == transformer.attention_head_dim
+    assert isinstance(pipeline.text_encoder, CLIPTextModel) and isinstance(pipeline.text_encoder_2, T5EncoderModel)
+    assert transformer.joint_attention_dim == pipeline.text_encoder_2.config.d_model
+    assert transformer.pooled_projection_dim == pipeline.text_encoder.config.hidden_size
+    assert pipeline.vae.config.shift_factor == pytest.approx(0.1159)
+    assert pipeline.scheduler.config.use_dynamic_shifting
     assert _generate(pipeline).size == (64, 64)
 
 
