@@ -30,7 +30,8 @@ from lpo.curate.errors import InputError
 SHARDINGS = ("auto", "none", "zero2", "fsdp")
 GB = 1e9
 # the modules diffusers checkpoints one at a time under gradient checkpointing
-CHECKPOINTED = ("ResnetBlock2D", "Transformer2DModel", "DualTransformer2DModel")
+CHECKPOINTED = ("ResnetBlock2D", "Transformer2DModel", "DualTransformer2DModel",  # UNets
+                "JointTransformerBlock", "FluxTransformerBlock", "FluxSingleTransformerBlock")  # MMDiTs
 
 
 @dataclass

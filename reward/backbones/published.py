@@ -1,6 +1,6 @@
-"""The published configs of the SD1.5 and SDXL base pipelines (`sd-legacy/stable-diffusion-v1-5`,
-`stabilityai/stable-diffusion-xl-base-1.0`): the architectures at their real size, for planning, tests and
-benchmarks without a download. `write_pipeline_configs` writes them as a config-only pipeline folder (no weights),
+"""The published configs of the SD1.5, SDXL and SD3.5-Medium base pipelines (`sd-legacy/stable-diffusion-v1-5`,
+`stabilityai/stable-diffusion-xl-base-1.0`, `stabilityai/stable-diffusion-3.5-medium`): the architectures at their
+real size, for planning, tests and benchmarks without a download. `write_pipeline_configs` writes them as a config-only pipeline folder (no weights),
 which `--dry-run` reads as it would the real pipeline."""
 
 from __future__ import annotations
@@ -27,6 +27,12 @@ SD_VAE = {
 }
 SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
              "beta_schedule": "scaled_linear", "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}
+FLOW_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+T5_XXL = {  # google/t5-v1_1-xxl's encoder: SD3's third text encoder, FLUX.1's second
+    "architectures": ["T5EncoderModel"], "model_type": "t5", "vocab_size": 32128, "d_model": 4096, "d_ff": 10240,
+    "d_kv": 64, "num_heads": 64, "num_layers": 24, "feed_forward_proj": "gated-gelu", "is_gated_act": True,
+    "dense_act_fn": "gelu_new", "relative_attention_num_buckets": 32, "pad_token_id": 0, "eos_token_id": 1,
+}
 
 PIPELINES: dict[str, dict[str, Any]] = {
     "sd15": {
@@ -55,24 +61,40 @@ PIPELINES: dict[str, dict[str, Any]] = {
         "text_encoder": CLIP_L_TEXT,
         "text_encoder_2": CLIP_BIGG_TEXT,
     },
+    "sd35m": {
+        "model_index": {"_class_name": "StableDiffusion3Pipeline"},
+        "transformer": {
+            "_class_name": "SD3Transformer2DModel", "sample_size": 128, "patch_size": 2, "in_channels": 16,
+            "out_channels": 16, "num_layers": 24, "attention_head_dim": 64, "num_attention_heads": 24,
+            "joint_attention_dim": 4096, "caption_projection_dim": 1536, "pooled_projection_dim": 2048,
+            "pos_embed_max_size": 384, "dual_attention_layers": list(range(13)), "qk_norm": "rms_norm",
+        },
+        "vae": {**SD_VAE, "latent_channels": 16, "sample_size": 1024, "scaling_factor": 1.5305,
+                "shift_factor": 0.0609, "use_quant_conv": False, "use_post_quant_conv": False},
+        "text_encoder": {**CLIP_L_TEXT, "architectures": ["CLIPTextModelWithProjection"]},
+        "text_encoder_2": CLIP_BIGG_TEXT,
+        "text_encoder_3": T5_XXL,
+        "scheduler": FLOW_SCHEDULER,
+    },
 }
 
 
 def write_pipeline_configs(family: str, out: str | Path) -> Path:
-    """A pipeline folder holding the published configs of `family` (sd15 or sdxl) and no weights."""
+    """A pipeline folder holding the published configs of `family` (sd15, sdxl or sd35m) and no weights."""
     out = Path(out)
     components = PIPELINES[family]
     out.mkdir(parents=True, exist_ok=True)
     index = dict(components["model_index"])
+    scheduler = components.get("scheduler", SCHEDULER)
     for name, config in components.items():
-        if name == "model_index":
+        if name in ("model_index", "scheduler"):
             continue
         (out / name).mkdir(exist_ok=True)
         (out / name / "config.json").write_text(json.dumps(config, indent=2))
         index[name] = ["diffusers", config["_class_name"]] if "_class_name" in config else \
             ["transformers", config["architectures"][0]]
     (out / "scheduler").mkdir(exist_ok=True)
-    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2))
-    index["scheduler"] = ["diffusers", "DDIMScheduler"]
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
+    index["scheduler"] = ["diffusers", scheduler["_class_name"]]
     (out / "model_index.json").write_text(json.dumps(index, indent=2))
     return out
