@@ -91,6 +91,37 @@ def test_lrm_plan_on_the_real_architectures(family: str, manifest: Path, tmp_pat
     assert plan.total_bytes > trained * 1e6 * 16
 
 
+def test_sd35_medium_lrm_plan_counts_the_first_18_blocks_trained_and_the_text_encoders_frozen(manifest: Path,
+                                                                                                tmp_path: Path) -> None:
+    """Counted without the toolkit: the stock SD3.5-Medium transformer minus its last 6 blocks and output head, the
+    2048 -> 1280 text projection, three 1536-wide taps' visual projection; CLIP-L, CLIP-G and T5-XXL frozen."""
+    from accelerate import init_empty_weights
+    from diffusers import SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from lpo.reward.backbones.published import PIPELINES
+
+    components = PIPELINES["sd35m"]
+    with init_empty_weights(include_buffers=True):  # without buffers transformers leaves T5's embeddings untied
+        stock = SD3Transformer2DModel.from_config(components["transformer"])
+        encoders = [CLIPTextModelWithProjection(CLIPTextConfig.from_dict(components[name]))
+                    for name in ("text_encoder", "text_encoder_2")]
+        encoders.append(T5EncoderModel(T5Config.from_dict(components["text_encoder_3"])))
+    dropped = tuple(f"transformer_blocks.{i}." for i in range(18, 24)) + ("norm_out.", "proj_out.")
+    kept = sum(p.numel() for name, p in stock.named_parameters() if not name.startswith(dropped))
+    expected_trained = kept + 3 * 1536 * 1280 + 2048 * 1280 + 1  # visual and text projections, logit scale
+    expected_frozen = sum(p.numel() for encoder in encoders for p in encoder.parameters())
+    base = write_pipeline_configs("sd35m", tmp_path / "sd35m")
+    plan = train.run(RewardTrainConfig(manifest=manifest, base=str(base), out=tmp_path / "run", dry_run=True,
+                                       batch_size=4, processes=8, device="cpu"))["plan"]
+    trained, frozen = _millions(_rows(plan)["parameters trained / frozen"])
+    assert trained == pytest.approx(expected_trained / 1e6, abs=0.05)
+    assert frozen == pytest.approx(expected_frozen / 1e6, abs=0.05)
+    assert sum(p.numel() for p in encoders[2].parameters()) == pytest.approx(4.762e9, rel=1e-3)  # T5-XXL, tied
+    assert sum(p.numel() for p in stock.parameters()) == pytest.approx(2.243e9, rel=1e-3)
+    assert _rows(plan)["resolution / latent"] == "1024 px / [16, 128, 128]"
+
+
 def test_sharding_divides_the_optimizer_state_and_the_warning_names_the_fixes(manifest: Path,
                                                                              tmp_path: Path) -> None:
     base = str(write_pipeline_configs("sdxl", tmp_path / "sdxl"))
