@@ -1,7 +1,7 @@
 """The published configs of the SD1.5, SDXL and SD3.5-Medium base pipelines (`sd-legacy/stable-diffusion-v1-5`,
 `stabilityai/stable-diffusion-xl-base-1.0`, `stabilityai/stable-diffusion-3.5-medium`): the architectures at their
-real size, for planning, tests and benchmarks without a download. `write_pipeline_configs` writes them as a config-only pipeline folder (no weights),
-which `--dry-run` reads as it would the real pipeline."""
+real size, for planning, tests and benchmarks without a download. `write_pipeline_configs` writes them as a
+config-only pipeline folder (no weights), which `--dry-run` reads as it would the real pipeline."""
 
 from __future__ import annotations
 

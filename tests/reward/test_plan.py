@@ -91,8 +91,8 @@ def test_lrm_plan_on_the_real_architectures(family: str, manifest: Path, tmp_pat
     assert plan.total_bytes > trained * 1e6 * 16
 
 
-def test_sd35_medium_lrm_plan_counts_the_first_18_blocks_trained_and_the_text_encoders_frozen(manifest: Path,
-                                                                                                tmp_path: Path) -> None:
+def test_sd35_medium_lrm_plan_trains_the_first_18_blocks_and_freezes_the_text_encoders(manifest: Path,
+                                                                                        tmp_path: Path) -> None:
     """Counted without the toolkit: the stock SD3.5-Medium transformer minus its last 6 blocks and output head, the
     2048 -> 1280 text projection, three 1536-wide taps' visual projection; CLIP-L, CLIP-G and T5-XXL frozen."""
     from accelerate import init_empty_weights
