@@ -41,6 +41,7 @@ class Family:
     lrm_defaults: dict[str, Any] = field(default_factory=dict)  # RewardTrainConfig fields, likewise
     pipeline_kwargs: dict[str, Any] = field(default_factory=dict)  # extra from_pretrained arguments
     optional_components: tuple[str, ...] = ()  # pipeline parts a saved pipeline may leave out (SD3: T5)
+    half_precision: str = "fp16"  # the half precision it runs in on GPUs (FLUX.1 overflows in float16)
 
     @property
     def flow_matching(self) -> bool:
@@ -140,7 +141,7 @@ FAMILIES: dict[str, Family] = {family.name: family for family in (
     Family(name="flux", title="FLUX.1", denoiser="transformer", pipeline="FluxPipeline", sampler="flow-SDE",
            accepts=_is_flux,
            adapters=("lpo.reward.backbones.flux:FluxGenerator", "lpo.reward.backbones.flux:FluxLRMBackbone"),
-           lora_targets=FLUX_LORA_TARGETS,
+           lora_targets=FLUX_LORA_TARGETS, half_precision="bf16",
            lpo_defaults={"lora_rank": 64, "lr": 1e-5, "threshold": [0.35, 0.5], "sample_batch_size": 4,
                          "train_batch_size": 4, "gradient_checkpointing": True, "eta": 0.9, "guidance": 3.5},
            lrm_defaults={"gradient_checkpointing": True}),

@@ -52,8 +52,8 @@ class EvalConfig:
     score_batch_size: int = option(16, "Images per scorer forward.")
     grid_prompts: int = option(4, "Prompts shown in grid.png (one row each).")
     device: str = option("auto", "auto, cpu or cuda.")
-    dtype: str = option("auto", "Generation dtype: auto (float16 on CUDA with the VAE in float32; float32 on CPU), "
-                                "float32, float16, bfloat16.")
+    dtype: str = option("auto", "Generation dtype: auto (on CUDA float16, flux bfloat16, the VAE in float32; "
+                                "float32 on CPU), float32, float16, bfloat16.")
     score_dtype: str = option("float32", "Scorer dtype: float32, float16, bfloat16.")
 
 

@@ -145,12 +145,15 @@ def _save_image_atomic(image: Any, path: Path) -> None:
 
 
 def _generation_dtype(config: EvalConfig, device: str) -> Any:
-    """--dtype: auto is float16 on CUDA (the VAE stays float32) and float32 on the CPU."""
+    """--dtype: auto is the family's half precision on CUDA (float16; FLUX.1 bfloat16; the VAE stays float32) and
+    float32 on the CPU."""
     import torch
 
     from lpo.curate.device import resolve_dtype
+    from lpo.reward.backbones import family_of
 
-    auto = torch.float16 if device.startswith("cuda") else torch.float32
+    half = torch.bfloat16 if family_of(config.base).half_precision == "bf16" else torch.float16
+    auto = half if device.startswith("cuda") else torch.float32
     return resolve_dtype(config.dtype, option="--dtype", auto=auto)
 
 

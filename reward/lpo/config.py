@@ -44,7 +44,7 @@ class LPOConfig:
     weight_decay: float = option(1e-4, "AdamW weight decay.")
     max_grad_norm: float = option(1.0, "Gradient clipping that really clips (the reference runs had it silently "
                                        "off); 0 disables.")
-    mixed_precision: str = option("auto", "auto (fp16 on CUDA, none on CPU), no, fp16, bf16.")
+    mixed_precision: str = option("auto", "auto (on CUDA fp16, flux bf16; none on CPU), no, fp16, bf16.")
     gradient_checkpointing: bool | None = option(None, "Gradient checkpointing in the denoiser (sd15 off; sdxl, sd3, "
                                                        "flux on).")
     save_every_rounds: int = option(0, "Also save_state every N sampling rounds (0: only each epoch).")

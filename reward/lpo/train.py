@@ -157,7 +157,7 @@ def run(config: LPOConfig) -> dict[str, Any]:
                                  config.processes, config.sharding)}
     out = Path(config.out)
     cuda = torch.cuda.is_available() and config.device != "cpu"
-    precision = mixed_precision(config.mixed_precision, cuda, auto="fp16")
+    precision = mixed_precision(config.mixed_precision, cuda, auto=family.half_precision)
     accelerator = Accelerator(cpu=not cuda, mixed_precision=precision, log_with=config.log_with or None,
                               project_dir=str(out),
                               kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=config.timeout_minutes))])

@@ -417,3 +417,13 @@ def test_flow_families_generate_guided_and_with_a_fine_tuned_transformer(family,
     assert np.abs(before - after).mean() > 1
     bad = invoke("eval", *common, "--transformer", tmp_path, "--out", tmp_path / "bad")
     assert bad.exit_code == 2 and "holds no config.json" in bad.text
+
+
+@pytest.mark.parametrize(("family", "expected"), [("sd15", torch.float16), ("sd3", torch.float16),
+                                                  ("flux", torch.bfloat16)])
+def test_auto_dtype_is_the_familys_half_precision_on_cuda(family, expected, tiny_models_dir, prompt_file,
+                                                          tmp_path) -> None:
+    """FLUX.1 overflows in float16: on CUDA its generation runs in bfloat16 (the CPU stays float32)."""
+    config = _config(tiny_models_dir, prompt_file, tmp_path, base=str(tiny_models_dir / family))
+    assert evaluate._generation_dtype(config, "cuda") == expected
+    assert evaluate._generation_dtype(config, "cpu") == torch.float32
