@@ -171,7 +171,8 @@ def lrm_plan(config: Any, family: Any, train_pairs: int, images: int, processes:
     plan = Plan(f"lpo reward train --dry-run: {family.title} LRM, {world} process(es), sharding {sharding}")
     plan.add("base", config.base)
     plan.add("resolution / latent", f"{resolution} px / {list(model.config.latent_shape)}")
-    memory_rows(plan, trained, frozen, 4, world, sharding, activations, config.gpu_memory_gb)
+    # the frozen parts (SD3's and FLUX's text encoders) are loaded in the run's half precision
+    memory_rows(plan, trained, frozen, 2 if half else 4, world, sharding, activations, config.gpu_memory_gb)
     plan.add("micro-batch per process", f"{config.batch_size} pairs ({latents} latents through the "
                                         f"{family.denoiser})")
     plan.add("effective batch", f"{config.batch_size} x {config.grad_accum} accumulation x {world} = {effective} "

@@ -205,9 +205,10 @@ class LRMBackbone(nn.Module, ABC):
     @classmethod
     @abstractmethod
     def from_base(cls, base: str, dtype: torch.dtype = torch.float32, pretrained: bool = True,
-                  depth: int | None = None) -> LRMBackbone:
+                  depth: int | None = None, frozen_dtype: torch.dtype | None = None) -> LRMBackbone:
         """The backbone of a pipeline (hub id or folder); `pretrained=False` keeps the architecture with fresh
-        weights; `depth` (transformer families) the blocks it runs."""
+        weights; `depth` (transformer families) the blocks it runs; `frozen_dtype` the dtype of the frozen parts held
+        outside the module (default `dtype`)."""
 
     @classmethod
     @abstractmethod

@@ -181,6 +181,8 @@ class FluxLRMBackbone(MMDiTLRMBackbone):
             ids = t5_tokenizer(prompts, padding="max_length", max_length=T5_MAX_LENGTH, truncation=True,
                                return_tensors="pt").input_ids.to(device)
             context = t5(ids, output_hidden_states=False)[0]
+        # in the module's dtype: the encoders may run in a lower precision than the trained parts
+        context, pooled = context.to(self.transformer.dtype), pooled.to(self.transformer.dtype)
         return {"context": context, "pooled": pooled, "text": pooled}
 
     def trace(self, n: int) -> list[torch.Tensor]:

@@ -230,9 +230,9 @@ class MMDiTLRMBackbone(LRMBackbone):
 
     @classmethod
     def from_base(cls, base: str, dtype: torch.dtype = torch.float32, pretrained: bool = True,
-                  depth: int | None = None) -> MMDiTLRMBackbone:
+                  depth: int | None = None, frozen_dtype: torch.dtype | None = None) -> MMDiTLRMBackbone:
         """`pretrained=False` starts the transformer from fresh weights; the frozen text encoders are the base's
-        either way."""
+        either way, in `frozen_dtype` (default `dtype`)."""
         import diffusers
         from transformers import AutoTokenizer
 
@@ -249,7 +249,7 @@ class MMDiTLRMBackbone(LRMBackbone):
         names = cls._encoder_names(base)
         tokenizers = [AutoTokenizer.from_pretrained(base, subfolder=name.replace("text_encoder", "tokenizer"))
                       for name in names]
-        encoders = cls.load_encoders(base, names, dtype)
+        encoders = cls.load_encoders(base, names, frozen_dtype or dtype)
         configs = {name: encoder.config.to_dict() for name, encoder in encoders.items()}
         return cls(transformer, pixel_resolution(config, base), depth, base, configs, tokenizers, encoders)
 
@@ -433,6 +433,8 @@ class SD3LRMBackbone(MMDiTLRMBackbone):
             context, pooled = encode_sd3_prompts(self.tokenizers, self.encoders, prompts,
                                                  int(self.transformer.config.joint_attention_dim), device,
                                                  self.transformer.dtype)
+        # in the module's dtype: the encoders may run in a lower precision than the trained parts
+        context, pooled = context.to(self.transformer.dtype), pooled.to(self.transformer.dtype)
         return {"context": context, "pooled": pooled, "text": pooled}
 
     def trace(self, n: int) -> list[torch.Tensor]:

@@ -190,7 +190,7 @@ class UNetLRMBackbone(LRMBackbone):
 
     @classmethod
     def from_base(cls, base: str, dtype: torch.dtype = torch.float32, pretrained: bool = True,
-                  depth: int | None = None) -> UNetLRMBackbone:
+                  depth: int | None = None, frozen_dtype: torch.dtype | None = None) -> UNetLRMBackbone:
         from diffusers import UNet2DConditionModel
         from transformers import AutoTokenizer
 

@@ -85,14 +85,17 @@ class LatentRewardModel(ModelMixin, ConfigMixin):
                   vfe_scale: float = 7.5, vfe_down: bool = False, projection_dim: int | None = None,
                   text_projection_init: str | None = DEFAULT_TEXT_PROJECTION_INIT,
                   dtype: torch.dtype = torch.float32, pretrained: bool = True,
-                  depth: int | None = None) -> LatentRewardModel:
+                  depth: int | None = None, frozen_dtype: torch.dtype | None = None) -> LatentRewardModel:
         """Build an untrained LRM from a diffusers pipeline (hub id or local directory). With `pretrained=False` the
         backbone keeps the base's architecture but starts from fresh random weights (the ablation against a
         diffusion-initialised backbone). `text_projection_init` initialises a text projection (families whose pooled
         text is not projected and who bring no initial projection of their own: SD1.x/2.x) from a CLIP model's (the
-        paper used CLIP ViT-L/14's). `depth`: the blocks a transformer family's backbone runs."""
+        paper used CLIP ViT-L/14's). `depth`: the blocks a transformer family's backbone runs. `frozen_dtype`: the
+        dtype of parts that never train and are kept outside the module (SD3's and FLUX's text encoders; the
+        trainer's half precision, so T5-XXL takes 9.5 GB instead of 19)."""
         family = family_of(base)
-        backbone = family.lrm_backbone.from_base(base, dtype=dtype, pretrained=pretrained, depth=depth)
+        backbone = family.lrm_backbone.from_base(base, dtype=dtype, pretrained=pretrained, depth=depth,
+                                                 frozen_dtype=frozen_dtype)
         vae_config = read_subfolder_config(base, "vae")
         text_dim = backbone.text_width if backbone.text_projected else (projection_dim or backbone.projection_dim)
         model = cls(

@@ -134,7 +134,7 @@ def run(config: RewardTrainConfig) -> dict[str, Any]:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
 
-    from lpo.curate.device import mixed_precision
+    from lpo.curate.device import mixed_precision, precision_dtype
     from lpo.curate.manifest import curation_dir_of, read_pairs
     from lpo.reward.backbones import pixel_resolution, read_subfolder_config
     from lpo.reward.lrm.accuracy import accuracy_per_timestep, plot_accuracy, usable_pairs
@@ -190,7 +190,7 @@ def run(config: RewardTrainConfig) -> dict[str, Any]:
     model = LatentRewardModel.from_base(
         config.base, multi_scale=config.multi_scale, vfe_scale=config.vfe_scale, vfe_down=config.vfe_down,
         text_projection_init=config.text_projection_init or None, pretrained=config.init == "diffusion",
-        depth=config.depth)
+        depth=config.depth, frozen_dtype=precision_dtype(precision))
     if config.gradient_checkpointing:
         model.backbone.enable_gradient_checkpointing()
     model.train()

@@ -91,6 +91,7 @@ def test_lrm_plan_on_the_real_architectures(family: str, manifest: Path, tmp_pat
     assert plan.total_bytes > trained * 1e6 * 16
 
 
+@pytest.mark.slow  # builds 7.3B parameters on the meta device twice: in the full run, not the quick loop
 def test_sd35_medium_lrm_plan_trains_the_first_18_blocks_and_freezes_the_text_encoders(manifest: Path,
                                                                                         tmp_path: Path) -> None:
     """Counted without the toolkit: the stock SD3.5-Medium transformer minus its last 6 blocks and output head, the

@@ -177,3 +177,23 @@ def test_a_pipeline_without_a_transformer_config_is_refused(tmp_path: Path, sd3:
     (tmp_path / "broken" / "transformer" / "config.json").unlink()
     with pytest.raises(InputError, match="transformer/config.json"):
         family_of(str(tmp_path / "broken"))
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_frozen_text_encoders_can_run_in_half_precision_beside_a_float32_model(family: str,
+                                                                              tiny_models_dir: Path) -> None:
+    """The trainer loads the frozen encoders in its half precision (T5-XXL: 9.5 GB instead of 19); the trained
+    parts stay float32 and get float32 conditioning, close to the all-float32 model's."""
+    base = str(tiny_models_dir / family)
+    torch.manual_seed(0)
+    full = LatentRewardModel.from_base(base, text_projection_init=None).eval()
+    torch.manual_seed(0)
+    half = LatentRewardModel.from_base(base, text_projection_init=None, frozen_dtype=torch.bfloat16).eval()
+    assert all(p.dtype == torch.bfloat16 for encoder in half.backbone.encoders for p in encoder.parameters())
+    assert all(p.dtype == torch.float32 for p in half.parameters())
+    latents = torch.randn(2, *full.config.latent_shape, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        text = half.encode_text(PROMPTS)
+        assert text["context"].dtype == text["pooled"].dtype == torch.float32
+        torch.testing.assert_close(half.score(latents, torch.tensor([100.0, 700.0]), PROMPTS),
+                                   full.score(latents, torch.tensor([100.0, 700.0]), PROMPTS), rtol=0.05, atol=0.05)

@@ -381,6 +381,7 @@ def test_empty_prompt_file_and_missing_options_exit_2(tiny_models_dir, tmp_path)
     assert result.exit_code == 0 and "compare" in result.text and "score" in result.text
 
 
+@pytest.mark.slow  # three eval runs per flow family: in the full run, not the quick loop
 @pytest.mark.parametrize(("family", "guidance", "noise"), [("sd3", 4.5, 0.7), ("flux", 3.5, 0.9)])
 def test_flow_families_generate_guided_and_with_a_fine_tuned_transformer(family, guidance, noise, tiny_models_dir,
                                                                           prompt_file, tmp_path) -> None:

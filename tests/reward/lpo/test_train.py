@@ -266,6 +266,7 @@ def test_bad_inputs_exit_before_sampling(tiny_models_dir, lrms, prompt_file, tmp
         lpo_train.run(_config("sd15", tiny_models_dir, lrms, prompt_file, out))
 
 
+@pytest.mark.slow  # two more LPO runs and a merge: in the full run, not the quick loop
 def test_full_finetune_and_merge(tiny_models_dir, lrms, prompt_file, tmp_path):
     full = lpo_train.run(_config("sd15", tiny_models_dir, lrms, prompt_file, tmp_path / "full", lora_rank=0))
     assert (tmp_path / "full" / "unet" / "config.json").exists() and "unet" in full

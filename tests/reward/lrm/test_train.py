@@ -242,6 +242,7 @@ def test_runs_sharing_a_latent_cache_encode_each_image_once(manifest, tiny_model
     assert not (tmp_path / "b" / "latent_cache").exists()
 
 
+@pytest.mark.slow  # train + eval + score commands per flow family: in the full run, not the quick loop
 @pytest.mark.parametrize(("family", "least_noisy", "not_built"), [
     ("sd3", 8.9, "transformer_blocks.3."),  # the default depth: 3 of the tiny SD3's 4 joint blocks
     ("flux", 76.9, "single_transformer_blocks."),  # FLUX: the double-stream blocks only; sigma 1/20, shifted

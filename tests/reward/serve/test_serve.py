@@ -412,6 +412,7 @@ def test_bad_input_gets_a_4xx_naming_the_problem_and_the_server_keeps_serving(
 # the token off loopback
 
 
+@pytest.mark.slow  # several processes (or a server) started: in the full run, not the quick loop
 def test_a_token_is_required_off_loopback(start_server, tiny_models_dir: Path) -> None:
     url = start_server("--host", "0.0.0.0", "--token", TOKEN, "--metrics", "clip", "--models-dir", tiny_models_dir)
     addresses = _listening_addresses(int(url.rsplit(":", 1)[1]))
