@@ -59,7 +59,7 @@ class ToyModelsConfig:
 class TinyModelsConfig:
     out: Path = option(None, "Directory to write one tiny model folder per role into.")
     roles: list[str] = option(help="Roles to write (default: all): pickscore, clip, vqa, aesthetic, sd15, sdxl, "
-                                   "hpsv2, hpsv21, imagereward.", factory=list)
+                                   "sd3, flux, hpsv2, hpsv21, imagereward.", factory=list)
     seed: int = option(0, "Seed for the random weights.")
 
 

@@ -197,3 +197,11 @@ def test_unknown_role_is_an_input_error(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="unknown tiny model role.*sd4"):
         build_tiny_models(tmp_path, roles=["sd15", "sd4"])
     assert not (tmp_path / "sd15").exists()
+
+
+def test_the_roles_help_names_every_role() -> None:
+    from lpo.curate.config import help_of
+    from lpo.reward.toy.config import TinyModelsConfig
+
+    named = help_of(TinyModelsConfig, "roles").split("): ", 1)[1].rstrip(".").split(", ")
+    assert named == list(ROLES)
