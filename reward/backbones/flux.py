@@ -130,6 +130,7 @@ class FluxLRMBackbone(MMDiTLRMBackbone):
     """FLUX.1: the first `depth` double-stream blocks of `FluxTransformer2DModel`; CLIP-L and T5 frozen."""
 
     transformer_class = "FluxTransformer2DModel"
+    text_tokens = T5_MAX_LENGTH
     linear_sigmas = True
 
     @classmethod
@@ -181,17 +182,7 @@ class FluxLRMBackbone(MMDiTLRMBackbone):
             ids = t5_tokenizer(prompts, padding="max_length", max_length=T5_MAX_LENGTH, truncation=True,
                                return_tensors="pt").input_ids.to(device)
             context = t5(ids, output_hidden_states=False)[0]
-        # in the module's dtype: the encoders may run in a lower precision than the trained parts
-        context, pooled = context.to(self.transformer.dtype), pooled.to(self.transformer.dtype)
-        return {"context": context, "pooled": pooled, "text": pooled}
-
-    def trace(self, n: int) -> list[torch.Tensor]:
-        device = self.transformer.device
-        config = self.transformer.config
-        latents = torch.zeros(n, *self.latent_shape, device=device)
-        cond = {"context": torch.zeros(n, T5_MAX_LENGTH, config.joint_attention_dim, device=device),
-                "pooled": torch.zeros(n, config.pooled_projection_dim, device=device)}
-        return self.pooled_features(latents, torch.zeros(n, device=device), cond, self.default_taps())
+        return self.conditioning(context, pooled)
 
     def block_outputs(self, latents: torch.Tensor, timesteps: torch.Tensor,
                       cond: dict[str, torch.Tensor]) -> list[torch.Tensor]:

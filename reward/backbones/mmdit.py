@@ -168,6 +168,7 @@ class MMDiTLRMBackbone(LRMBackbone):
     text_projected = False
     frozen_text = True
     transformer_class: str  # the diffusers class
+    text_tokens: int  # the conditioning's sequence length
     linear_sigmas = False  # as the family's generator
 
     def __init__(self, transformer: nn.Module, resolution: int, depth: int, base: str,
@@ -356,6 +357,20 @@ class MMDiTLRMBackbone(LRMBackbone):
     def text_width(self) -> int:
         return int(self.transformer.config.pooled_projection_dim)
 
+    def conditioning(self, context: torch.Tensor, pooled: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The transformer's conditioning and the text feature (the pooled vector), in the module's dtype: the
+        frozen encoders may run in a lower precision than the trained parts."""
+        dtype = self.transformer.dtype
+        return {"context": context.to(dtype), "pooled": pooled.to(dtype), "text": pooled.to(dtype)}
+
+    def trace(self, n: int) -> list[torch.Tensor]:
+        device = self.transformer.device
+        config = self.transformer.config
+        latents = torch.zeros(n, *self.latent_shape, device=device)
+        cond = {"context": torch.zeros(n, self.text_tokens, config.joint_attention_dim, device=device),
+                "pooled": torch.zeros(n, config.pooled_projection_dim, device=device)}
+        return self.pooled_features(latents, torch.zeros(n, device=device), cond, self.default_taps())
+
     def pooled_features(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor],
                         taps: list[int]) -> list[torch.Tensor]:
         outputs = self.block_outputs(latents, timesteps, cond)
@@ -366,6 +381,7 @@ class SD3LRMBackbone(MMDiTLRMBackbone):
     """SD3 / SD3.5: the first `depth` joint blocks of `SD3Transformer2DModel`; CLIP-L, CLIP-G (and T5) frozen."""
 
     transformer_class = "SD3Transformer2DModel"
+    text_tokens = 77 + T5_MAX_LENGTH  # CLIP's, then T5's
     own_text_projection = True
 
     @classmethod
@@ -433,17 +449,7 @@ class SD3LRMBackbone(MMDiTLRMBackbone):
             context, pooled = encode_sd3_prompts(self.tokenizers, self.encoders, prompts,
                                                  int(self.transformer.config.joint_attention_dim), device,
                                                  self.transformer.dtype)
-        # in the module's dtype: the encoders may run in a lower precision than the trained parts
-        context, pooled = context.to(self.transformer.dtype), pooled.to(self.transformer.dtype)
-        return {"context": context, "pooled": pooled, "text": pooled}
-
-    def trace(self, n: int) -> list[torch.Tensor]:
-        device = self.transformer.device
-        config = self.transformer.config
-        latents = torch.zeros(n, *self.latent_shape, device=device)
-        cond = {"context": torch.zeros(n, 77 + T5_MAX_LENGTH, config.joint_attention_dim, device=device),
-                "pooled": torch.zeros(n, config.pooled_projection_dim, device=device)}
-        return self.pooled_features(latents, torch.zeros(n, device=device), cond, self.default_taps())
+        return self.conditioning(context, pooled)
 
     def block_outputs(self, latents: torch.Tensor, timesteps: torch.Tensor,
                       cond: dict[str, torch.Tensor]) -> list[torch.Tensor]:
