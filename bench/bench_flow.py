@@ -30,9 +30,6 @@ import torch.nn.functional as F
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-TEXT_TOKENS = 77 + 256  # CLIP's 77 then T5's 256 (the SD3 pipeline's max_sequence_length)
-
-
 def timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
@@ -41,8 +38,10 @@ def timed(fn: Callable[[], object]) -> float:
 
 def conditioning(seed: int, config) -> dict[str, torch.Tensor]:
     """One prompt's conditioning of the real shapes (random values: a prompt's cost does not depend on them)."""
+    from lpo.reward.backbones.mmdit import SD3_TEXT_TOKENS
+
     generator = torch.Generator().manual_seed(seed)
-    return {"context": torch.randn(1, TEXT_TOKENS, config.joint_attention_dim, generator=generator),
+    return {"context": torch.randn(1, SD3_TEXT_TOKENS, config.joint_attention_dim, generator=generator),
             "pooled": torch.randn(1, config.pooled_projection_dim, generator=generator)}
 
 
@@ -62,7 +61,7 @@ def main() -> None:
     from lpo.reward.backbones import flow
     from lpo.reward.backbones.base import classifier_free
     from lpo.reward.backbones.family import FAMILIES
-    from lpo.reward.backbones.mmdit import SD3LRMBackbone
+    from lpo.reward.backbones.mmdit import SD3_TEXT_TOKENS, SD3LRMBackbone
     from lpo.reward.backbones.published import PIPELINES
     from lpo.reward.lpo.loss import lpo_loss
     from lpo.reward.lpo.step import gaussian_log_prob
@@ -76,7 +75,7 @@ def main() -> None:
     config = transformer.config
     n_params = sum(p.numel() for p in transformer.parameters())
     print(f"SD3.5-Medium transformer: {n_params / 1e9:.3f}B parameters, built in {time.perf_counter() - start:.0f} s; "
-          f"{args.resolution} px = {(side // 2) ** 2} image tokens + {TEXT_TOKENS} text tokens; "
+          f"{args.resolution} px = {(side // 2) ** 2} image tokens + {SD3_TEXT_TOKENS} text tokens; "
           f"{torch.get_num_threads()} threads", flush=True)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     scheduler.set_timesteps(args.steps)

@@ -43,6 +43,13 @@ class Family:
     optional_components: tuple[str, ...] = ()  # pipeline parts a saved pipeline may leave out (SD3: T5)
     half_precision: str = "fp16"  # the half precision it runs in on GPUs (FLUX.1 overflows in float16)
 
+    def sampling(self, eta: float | None, guidance: float | None, guided: bool) -> tuple[float, float]:
+        """(step noise, guidance) of sampling where the user left them unset: the family's LPO values, the step
+        deterministic (0) unless an LRM guides it (which needs a stochastic step to choose between candidates)."""
+        if eta is None:
+            eta = self.lpo_defaults["eta"] if guided else 0.0
+        return eta, guidance if guidance is not None else self.lpo_defaults["guidance"]
+
     @property
     def flow_matching(self) -> bool:
         """Whether the family's timesteps are sigma x 1000 of a flow-matching schedule (else DDPM's integers)."""

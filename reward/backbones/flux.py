@@ -131,7 +131,6 @@ class FluxLRMBackbone(MMDiTLRMBackbone):
 
     transformer_class = "FluxTransformer2DModel"
     text_tokens = T5_MAX_LENGTH
-    linear_sigmas = True
 
     @classmethod
     def _encoder_names(cls, base: str) -> list[str]:

@@ -30,6 +30,7 @@ from lpo.reward.backbones.family import diffusers_dtype, get_family
 from lpo.reward.images import to_pil
 
 T5_MAX_LENGTH = 256  # the SD3 pipeline's default max_sequence_length
+SD3_TEXT_TOKENS = 77 + T5_MAX_LENGTH  # the conditioning sequence: CLIP's 77 tokens, then T5's
 CLIP_ENCODERS = ("text_encoder", "text_encoder_2")
 T5_ENCODER = "text_encoder_3"
 
@@ -119,7 +120,7 @@ class SD3Generator(FlowGenerator):
         config, device = denoiser.config, denoiser.device
         side = int(config.sample_size)
         return denoiser(hidden_states=torch.zeros(n, config.in_channels, side, side, device=device),
-                        encoder_hidden_states=torch.zeros(n, 77 + T5_MAX_LENGTH, config.joint_attention_dim,
+                        encoder_hidden_states=torch.zeros(n, SD3_TEXT_TOKENS, config.joint_attention_dim,
                                                           device=device),
                         pooled_projections=torch.zeros(n, config.pooled_projection_dim, device=device),
                         timestep=torch.zeros(n, device=device)).sample
@@ -169,7 +170,6 @@ class MMDiTLRMBackbone(LRMBackbone):
     frozen_text = True
     transformer_class: str  # the diffusers class
     text_tokens: int  # the conditioning's sequence length
-    linear_sigmas = False  # as the family's generator
 
     def __init__(self, transformer: nn.Module, resolution: int, depth: int, base: str,
                  encoder_configs: dict[str, dict[str, Any]], tokenizers: list[Any] | None = None,
@@ -278,7 +278,7 @@ class MMDiTLRMBackbone(LRMBackbone):
         """(training, evaluation) timesteps from the scheduler at `source` for latents of `latent_shape`."""
         _, height, width = latent_shape
         return flow.lrm_timesteps(cls.noise_schedule(source, subfolder).scheduler, (height // 2) * (width // 2),
-                                  cls.linear_sigmas)
+                                  cls.family.generator.linear_sigmas)  # the grid the family samples on
 
     @staticmethod
     def check_timesteps(values: list[float]) -> list[float]:
@@ -381,7 +381,7 @@ class SD3LRMBackbone(MMDiTLRMBackbone):
     """SD3 / SD3.5: the first `depth` joint blocks of `SD3Transformer2DModel`; CLIP-L, CLIP-G (and T5) frozen."""
 
     transformer_class = "SD3Transformer2DModel"
-    text_tokens = 77 + T5_MAX_LENGTH  # CLIP's, then T5's
+    text_tokens = SD3_TEXT_TOKENS
     own_text_projection = True
 
     @classmethod

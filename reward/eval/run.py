@@ -28,9 +28,7 @@ def generation_settings(config: EvalConfig) -> dict[str, Any]:
     """What the images depend on, with the family's defaults filled in (guidance; eta with an LRM)."""
     from lpo.reward.backbones import family_of
 
-    defaults = family_of(config.base).lpo_defaults
-    eta = config.eta if config.eta is not None else (defaults["eta"] if config.lrm is not None else 0.0)
-    guidance = config.guidance if config.guidance is not None else defaults["guidance"]
+    eta, guidance = family_of(config.base).sampling(config.eta, config.guidance, guided=config.lrm is not None)
     return {"base": config.base, "lora": str(config.lora) if config.lora else None,
             "denoiser": str(config.denoiser) if config.denoiser else None,
             "lrm": str(config.lrm) if config.lrm else None, "candidates": config.candidates, "steps": config.steps,

@@ -52,9 +52,7 @@ def run(config: SampleConfig) -> dict[str, Any]:
     validate(config)
     device = resolve_device(config.device)
     model = load_generator(config.base, lora=config.lora, device=device)
-    defaults = model.family.lpo_defaults  # the family's stochastic step and guidance, as LPO samples
-    eta = config.eta if config.eta is not None else (defaults["eta"] if config.lrm is not None else 0.0)
-    guidance = config.guidance if config.guidance is not None else defaults["guidance"]
+    eta, guidance = model.family.sampling(config.eta, config.guidance, guided=config.lrm is not None)
     lrm = LatentRewardModel.from_pretrained(config.lrm).to(device) if config.lrm is not None else None
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
