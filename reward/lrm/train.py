@@ -55,8 +55,13 @@ def validate(config: RewardTrainConfig) -> tuple[RewardTrainConfig, Any]:
     if config.depth is not None and family.denoiser != "transformer":
         raise InputError(f"--depth sets the joint blocks of a transformer family's LRM; {config.base} is an "
                          f"{family.name} UNet (its taps fix what runs). Drop --depth.")
-    if config.depth is not None and config.depth < 1:
-        raise InputError("--depth must be at least 1.")
+    if config.depth is not None:
+        from lpo.reward.backbones import read_subfolder_config
+
+        blocks = int(read_subfolder_config(config.base, family.denoiser)["num_layers"])
+        if not 1 <= config.depth <= blocks:
+            raise InputError(f"--depth {config.depth}: {config.base}'s transformer has {blocks} joint blocks; give "
+                             f"1..{blocks}.")
     config = config.resolved(family.name)
     for name in ("batch_size", "grad_accum", "max_steps"):
         if getattr(config, name) < 1:

@@ -291,6 +291,9 @@ def test_flow_lrm_trains_on_the_sampler_grid_and_reports_accuracy_against_sigma(
     bad = runner.invoke(app, ["reward", "train", "--manifest", str(manifest), "--base", str(base), "--out",
                               str(tmp_path / "bad"), "--timesteps", "0,500", "--text-projection-init", ""])
     assert bad.exit_code == 2 and "in (0, 1000]" in bad.output
+    deep = runner.invoke(app, ["reward", "train", "--manifest", str(manifest), "--base", str(base), "--out",
+                               str(tmp_path / "bad3"), "--depth", "9", "--text-projection-init", ""])
+    assert deep.exit_code == 2 and "--depth 9" in deep.output and not (tmp_path / "bad3").exists()
     unet = runner.invoke(app, ["reward", "train", "--manifest", str(manifest), "--base",
                                str(tiny_models_dir / "sd15"), "--out", str(tmp_path / "bad2"), "--depth", "3"])
     assert unet.exit_code == 2 and "--depth" in unet.output
