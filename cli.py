@@ -36,13 +36,11 @@ curate_app = typer.Typer(help="Pick-a-Pic ingest, image scoring and MPCF filteri
                          no_args_is_help=True)
 reward_app = typer.Typer(help="Latent reward model (LRM): train, evaluate per timestep, score images, serve rewards.",
                          no_args_is_help=True)
-optimize_app = typer.Typer(help="Latent Preference Optimization: step-level preference fine-tuning with an LRM.",
-                           no_args_is_help=True)
+optimize_app = typer.Typer(help="Step-level fine-tuning with an LRM: LPO, or step-wise GRPO.", no_args_is_help=True)
 eval_app = typer.Typer(help="Generate with per-image seeds and score every image (lpo eval --base ... --prompts ... "
                             "--out DIR), score existing images (lpo eval score), compare two runs (lpo eval compare).",
                        invoke_without_command=True)
-dev_app = typer.Typer(help="Developer tools: tiny offline models, the toy world's trained models, sample data.",
-                      no_args_is_help=True)
+dev_app = typer.Typer(help="Developer tools: tiny models, the toy world's models, sample data.", no_args_is_help=True)
 for sub, name in ((curate_app, "curate"), (reward_app, "reward"), (optimize_app, "optimize"), (eval_app, "eval"),
                   (dev_app, "dev")):
     app.add_typer(sub, name=name)
@@ -354,11 +352,13 @@ def report_optimize(config: LPOConfig, summary: dict[str, Any]) -> None:
     if "plan" in summary:
         report_plan(summary["plan"])
         return
-    rows = [(record["round"], record["valid_pairs"], record["tuples_trained"],
-             f"{record.get('implicit_accuracy', float('nan')):.2f}", f"{record.get('loss', float('nan')):.4f}",
-             f"{record['final_lrm_score']:.3f}") for record in summary["history"][-10:]]
-    columns = ("round", "valid pairs", "trained", "implicit acc", "loss", "final LRM score")
-    _table(f"LPO ({config.family}) -> {config.out}", columns, rows, right=columns)
+    keys, names = (("groups", "groups_trained", "clip_fraction"), ("groups", "clip fraction")) if \
+        config.objective == "grpo" else (("valid_pairs", "tuples_trained", "implicit_accuracy"), ("valid pairs",
+                                                                                                "implicit acc"))
+    rows = [(r["round"], r[keys[0]], r[keys[1]], f"{r.get(keys[2], float('nan')):.3f}",
+             f"{r.get('loss', float('nan')):.4f}", f"{r['final_lrm_score']:.3f}") for r in summary["history"][-10:]]
+    columns = ("round", names[0], "trained", names[1], "loss", "final LRM score")
+    _table(f"{config.objective.upper()} ({config.family}) -> {config.out}", columns, rows, right=columns)
     for name, path in summary["outputs"].items():
         out_console.print(f"{name}: {path}")
 

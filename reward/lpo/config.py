@@ -20,9 +20,13 @@ class LPOConfig:
                                           "--lrm (token from LPO_REWARD_TOKEN).")
     prompts: Path = option(None, "Training prompts: .txt (one per line), .json list, or a manifest with `caption`.")
     out: Path = option(None, "Run directory: checkpoints, validation grids, the LoRA (or full UNet) output.")
+    objective: str = option("lpo", "lpo: one winner/loser pair per step whose LRM softmax gap passes --threshold "
+                                   "(the paper's method); grpo: step-wise GRPO, every trained step's K children "
+                                   "with group z-score advantages, a PPO clip (--clip-eps) and --grpo-kl.")
     epochs: int = option(5, "Passes over the prompts.")
     sample_batch_size: int | None = option(None, "Prompts per process per sampling round (sd15 5, sdxl 4).")
-    train_batch_size: int | None = option(None, "Preference tuples per optimizer step (sd15 10, sdxl 4).")
+    train_batch_size: int | None = option(None, "Preference tuples (GRPO: groups) per process per optimizer step "
+                                                "(sd15 10, sdxl 4).")
     candidates: int = option(4, "K: children sampled from each x_t and scored by the LRM.")
     steps: int = option(20, "Sampler steps per trajectory.")
     guidance: float | None = option(None, "Guidance in sampling and in the loss: classifier-free (sd15, sdxl 5.0; "
@@ -30,10 +34,13 @@ class LPOConfig:
     eta: float | None = option(None, "Step noise: DDIM eta (sd15, sdxl 1.0) or the flow SDE's noise level a (sd3 "
                                      "0.7, flux 0.9); must be > 0, the step must be stochastic to have a "
                                      "likelihood.")
-    beta: float = option(500.0, "DPO inverse temperature on the log-ratio difference (per latent element: with "
+    beta: float = option(500.0, "LPO: DPO inverse temperature on the log-ratio difference (per latent element: with "
                                 "--logprob-reduction sum it is divided by the element count).")
-    clip_eps: float = option(0.1, "Ratio clip: r is clamped to [1 - eps, 1 + eps].")
-    threshold: list[float] | None = option(None, "Softmax-gap threshold range [least noisy, noisiest step], "
+    clip_eps: float = option(0.1, "Ratio clip: LPO clamps r = p_theta / p_ref to [1 - eps, 1 + eps]; GRPO clips "
+                                  "r = p_theta / p_sampling there (PPO).")
+    grpo_kl: float = option(0.1, "GRPO: weight of the exact KL to the reference step (0 skips the reference "
+                                 "forward).")
+    threshold: list[float] | None = option(None, "LPO's softmax-gap threshold range [least noisy, noisiest step], "
                                                  "interpolated on the step's sigma (sd15 0.35,0.5; sdxl 0.45,0.6).")
     score_timestep: str = option("parent", "Timestep the LRM scores a child at: parent (reference) or child.")
     logprob_reduction: str = option("mean", "Reduce the step log-density over latent elements: mean (reference) "

@@ -1,9 +1,11 @@
 """Sampling with K candidates per step, scored by a latent reward model, for any family's stochastic sampler
 (DDIM with eta > 0 for the UNet families).
 
-- `rollout` (LPO training): at every step draw K children of the same x_t, let the LRM pick the best and worst,
-  keep the pair when the softmax gap of their scores exceeds the step's threshold (steps without a threshold, such
-  as a flow sampler's nearly deterministic last step, form no pairs), and continue from a random child.
+- `rollout` (training): at every step draw K children of the same x_t and score them with the LRM. For LPO, keep
+  the best and worst as a pair when the softmax gap of their scores exceeds the step's threshold; for step-wise
+  GRPO (`lpo.reward.lpo.grpo`), keep every trained step's whole group: the K children, their log-densities under
+  the sampling step and their advantages. Steps without a threshold (such as a flow sampler's nearly deterministic
+  last step) are not trained. The trajectory continues from a random child.
 - `sample` (inference): plain DDIM sampling (K = 1), or LRM-guided sampling that continues from the best of K
   candidates at every step. With K = 1 it is plain sampling, draw for draw.
 
@@ -62,13 +64,19 @@ def scoring_timestep(t: float, stats: StepStats, score_timestep: str) -> float:
 
 @dataclass
 class Rollout:
-    """Valid preference tuples of one sampling round (winner and loser share x_t, t and the prompt)."""
+    """What one sampling round trains on: LPO's preference tuples (winner and loser share x_t, t and the prompt) or
+    GRPO's groups (all K children of x_t, their sampling log-densities and advantages), with each item's step index
+    and trajectory (which orders them the same way however many processes sampled them)."""
 
     x_t: list[torch.Tensor] = field(default_factory=list)
     timesteps: list[float] = field(default_factory=list)
     prompt_index: list[int] = field(default_factory=list)
+    step_index: list[int] = field(default_factory=list)
     x_w: list[torch.Tensor] = field(default_factory=list)
     x_l: list[torch.Tensor] = field(default_factory=list)
+    children: list[torch.Tensor] = field(default_factory=list)
+    old_log_prob: list[torch.Tensor] = field(default_factory=list)
+    advantages: list[torch.Tensor] = field(default_factory=list)
     valid_per_band: dict[str, int] = field(default_factory=lambda: {name: 0 for *_, name in NOISE_BANDS})
     final: torch.Tensor | None = None
 
@@ -78,35 +86,56 @@ class Rollout:
     def tensors(self) -> dict[str, torch.Tensor]:
         if not self.timesteps:
             return {}
-        return {"x_t": torch.stack(self.x_t), "t": torch.tensor(self.timesteps), "prompt": torch.tensor(
-            self.prompt_index), "x_w": torch.stack(self.x_w), "x_l": torch.stack(self.x_l)}
+        out = {"x_t": torch.stack(self.x_t), "t": torch.tensor(self.timesteps),
+               "prompt": torch.tensor(self.prompt_index)}
+        for name in ("x_w", "x_l", "children", "old_log_prob", "advantages"):
+            if getattr(self, name):
+                out[name] = torch.stack(getattr(self, name))
+        return out
 
 
 @torch.no_grad()
 def rollout(model: Generator, cond: Conditioning, prompts: list[str], lrm: Any, generators: list[torch.Generator],
             thresholds: dict[float, float], steps: int = 20, guidance: float = 5.0, eta: float = 1.0, k: int = 4,
-            score_timestep: str = "parent", denoiser: Any = None) -> Rollout:
-    """One LPO sampling round for a batch of prompts (see the module docstring)."""
+            score_timestep: str = "parent", denoiser: Any = None, objective: str = "lpo",
+            reduce: str = "mean") -> Rollout:
+    """One sampling round for a batch of prompts (see the module docstring); `reduce` is how GRPO's sampling
+    log-densities are reduced over latent elements."""
+    from lpo.reward.lpo.grpo import advantages
+    from lpo.reward.lpo.step import gaussian_log_prob
+
     timesteps = model.timesteps(steps)
     latents = model.initial_latents(generators).to(model.device)  # float32: the step maths' dtype
     text = lrm.encode_text(prompts)
     result = Rollout()
-    for t in timesteps:
+    for i, t in enumerate(timesteps):
         stats, children = branch(model, latents, t, cond, guidance, eta, generators, k, denoiser)
         scores = score_candidates(lrm, children, scoring_timestep(t, stats, score_timestep), prompts, text)
         best, worst = scores.argmax(0), scores.argmin(0)
         gap = scores.gather(0, best[None])[0] - scores.gather(0, worst[None])[0]
-        # softmax([s_w, s_l])[0] - softmax(...)[1] = tanh(gap / 2)
         # a deterministic step (sigma_t = 0, e.g. the last step when alphas_cumprod ends at 1) has no likelihood
         threshold = thresholds.get(t)
-        valid = (torch.tanh(gap / 2) > (threshold if threshold is not None else float("inf"))) & (
-            stats.std.flatten().cpu() > 0)
+        trained = (stats.std.flatten().cpu() > 0) & (threshold is not None)
+        # LPO: softmax([s_w, s_l])[0] - softmax(...)[1] = tanh(gap / 2) must exceed the threshold
+        if objective == "lpo":
+            valid = trained & (torch.tanh(gap / 2) > (threshold if threshold is not None else float("inf")))
+        else:
+            valid = trained
         for b in torch.nonzero(valid).flatten().tolist():
             result.x_t.append(latents[b].cpu())
             result.timesteps.append(t)
             result.prompt_index.append(b)
-            result.x_w.append(children[best[b], b].cpu())
-            result.x_l.append(children[worst[b], b].cpu())
+            result.step_index.append(i)
+            if objective == "lpo":
+                result.x_w.append(children[best[b], b].cpu())
+                result.x_l.append(children[worst[b], b].cpu())
+            else:
+                group = children[:, b]
+                mean = stats.mean[b:b + 1].expand(group.shape)
+                std = stats.std[b:b + 1].expand(k, *stats.std.shape[1:])
+                result.children.append(group.cpu())
+                result.old_log_prob.append(gaussian_log_prob(group, mean, std, reduce).cpu())
+                result.advantages.append(advantages(scores[:, b]))
             result.valid_per_band[band_of(t)] += 1
         pick = torch.stack([torch.randint(k, (1,), generator=g) for g in generators]).flatten()
         latents = children[pick, torch.arange(latents.shape[0])]

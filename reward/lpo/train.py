@@ -2,10 +2,15 @@
 
 Each round samples trajectories for a batch of prompts with the current policy (`lpo.reward.lpo.sampler.rollout`):
 at every step K children of the same x_t are scored by the latent reward model, and the best and worst form a
-preference tuple when their softmax gap exceeds the step's threshold. Tuples are gathered across processes,
-shuffled, split evenly, and trained on once with the LPO loss (`lpo.reward.lpo.loss`). Winner and loser share x_t,
-t and the prompt, so one policy forward and one reference forward (the same denoiser with its LoRA adapter
-disabled) give both log-densities. The family's `Generator` gives the step maths; nothing here is family-specific.
+preference tuple when their softmax gap exceeds the step's threshold. Tuples are gathered across processes, put
+in one order (step, trajectory), shuffled, dealt out in turn, and trained on once with the LPO loss
+(`lpo.reward.lpo.loss`). Winner and loser share x_t, t and the prompt, so one policy forward and one reference
+forward (the same denoiser with its LoRA adapter disabled) give both log-densities. With `--objective grpo` the
+items are whole groups of K children instead, trained with step-wise GRPO (`lpo.reward.lpo.grpo`): one policy
+forward per parent, and one reference forward when the KL term is on. Trajectory noise is seeded per trajectory of
+the round and the items are dealt so that chunk j of every process together is chunk j of a single process with
+the processes' batch: N processes train as one process with N times the batch. The family's `Generator` gives the
+step maths; nothing here is family-specific.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import dataclasses
 import json
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +68,10 @@ def validate(config: LPOConfig) -> list[str]:
         raise InputError("--candidates must be at least 2 to form a winner and a loser.")
     if config.score_timestep not in ("parent", "child") or config.logprob_reduction not in ("mean", "sum"):
         raise InputError("--score-timestep is parent or child; --logprob-reduction is mean or sum.")
+    if config.objective not in ("lpo", "grpo"):
+        raise InputError(f"--objective {config.objective!r} is not lpo or grpo.")
+    if not 0 < config.clip_eps < 1 or config.grpo_kl < 0:
+        raise InputError("--clip-eps must be in (0, 1) and --grpo-kl at least 0.")
     resolved = config.resolved()
     if len(resolved.threshold) != 2 or not 0 <= resolved.threshold[0] <= resolved.threshold[1] < 1:
         raise InputError(f"--threshold {resolved.threshold} must be two values 0 <= low <= high < 1.")
@@ -199,36 +209,40 @@ def run(config: LPOConfig) -> dict[str, Any]:
     model.timesteps(config.steps)
     thresholds = threshold_schedule(*model.step_stds(config.eta), *config.threshold)
 
-    state = {"round": 0, "updates": 0, "tuples_trained": 0, "rounds": []}
+    unit = "groups" if config.objective == "grpo" else "tuples"
+    state = {"round": 0, "updates": 0, f"{unit}_trained": 0, "rounds": []}
     if config.resume:
         state = checkpoints.resume(accelerator, out, "round", state)
     metrics = checkpoints.MetricsLog(out, accelerator.is_main_process, state.get("updates", 0))
     world, rank = accelerator.num_processes, accelerator.process_index
     per_epoch = rounds_per_epoch(len(prompts), config.sample_batch_size, world)
     total_rounds = per_epoch * config.epochs
-    logger.info("LPO on %d prompts: %d prompts/process/round x %d processes, %d rounds per epoch, %d epochs; "
-                "K=%d, %d steps, CFG %.1f, beta %.0f, thresholds %.3f..%.3f", len(prompts),
-                config.sample_batch_size, world, per_epoch, config.epochs, config.candidates, config.steps,
-                config.guidance, config.beta, min(thresholds.values()), max(thresholds.values()))
+    logger.info("%s on %d prompts: %d prompts/process/round x %d processes, %d rounds per epoch, %d epochs; "
+                "K=%d, %d steps, guidance %.1f, %s", config.objective.upper(), len(prompts), config.sample_batch_size,
+                world, per_epoch, config.epochs, config.candidates, config.steps, config.guidance,
+                f"clip {config.clip_eps}, KL {config.grpo_kl}" if config.objective == "grpo" else
+                f"beta {config.beta:.0f}, thresholds {min(thresholds.values()):.3f}..{max(thresholds.values()):.3f}")
     if config.log_with:
         accelerator.init_trackers("lpo-optimize", config={k: str(v) for k, v in dataclasses.asdict(config).items()})
     validation_prompts = config.validation_prompts or prompts[:3]
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    columns = (TextColumn("[bold]LPO"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-               TimeRemainingColumn())
+    columns = (TextColumn(f"[bold]{config.objective.upper()}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[info]}"), TimeRemainingColumn())
     with Progress(*columns, disable=not accelerator.is_main_process) as progress:
         task = progress.add_task("rounds", total=total_rounds, completed=state["round"], info="")
         while state["round"] < total_rounds:
             record = _round(config, accelerator, model, denoiser, reference, lrm, optimizer, prompts, thresholds,
                             state, rank, world, metrics)
             state["rounds"].append(record)
-            state["tuples_trained"] += record["tuples_trained"]
+            state[f"{unit}_trained"] += record[f"{unit}_trained"]
             state["round"] += 1
             accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=state["round"])
-            progress.update(task, completed=state["round"], info=f"pairs {record['valid_pairs']} acc "
-                            f"{record.get('implicit_accuracy', float('nan')):.2f}")
+            info = (f"groups {record['groups']} clipped {record.get('clip_fraction', float('nan')):.3f}"
+                    if unit == "groups" else f"pairs {record['valid_pairs']} acc "
+                    f"{record.get('implicit_accuracy', float('nan')):.2f}")
+            progress.update(task, completed=state["round"], info=info)
             epoch_done = state["round"] % per_epoch == 0
             if epoch_done or (config.save_every_rounds and state["round"] % config.save_every_rounds == 0):
                 checkpoints.save(accelerator, out, "round", state["round"], state)
@@ -240,7 +254,7 @@ def run(config: LPOConfig) -> dict[str, Any]:
     if accelerator.is_main_process:
         (out / "lpo_summary.json").write_text(json.dumps(state, indent=2) + "\n")
     accelerator.end_training()
-    return {"rounds": state["round"], "tuples_trained": state["tuples_trained"], "history": state["rounds"],
+    return {"rounds": state["round"], f"{unit}_trained": state[f"{unit}_trained"], "history": state["rounds"],
             "outputs": outputs, **outputs}
 
 
@@ -248,53 +262,64 @@ def _round(config, accelerator, model, denoiser, reference, lrm, optimizer, prom
            world, metrics) -> dict[str, Any]:
     from accelerate.utils import gather_object
 
-    from lpo.reward.lpo.loss import lpo_loss
     from lpo.reward.lpo.sampler import rollout
 
     epoch, indices = round_prompts(prompts, state["round"], rank, world, config.sample_batch_size, config.seed)
     batch_prompts = [prompts[i] for i in indices]
     base_seed = (config.seed * 1_000_003 + state["round"]) * 1_009 + rank
-    generators = [torch.Generator().manual_seed(base_seed * 101 + j) for j in range(len(batch_prompts))]
+    # trajectory j of rank r is trajectory r x batch + j of the round: the same noise for any number of processes
+    round_seed = (base_seed - rank) * 101 + rank * config.sample_batch_size
+    generators = [torch.Generator().manual_seed(round_seed + j) for j in range(len(batch_prompts))]
     policy = accelerator.unwrap_model(denoiser)
     policy.eval()
     cond = model.encode_prompts(batch_prompts)
+    started = time.perf_counter()
     result = rollout(model, cond, batch_prompts, lrm, generators, thresholds, config.steps, config.guidance,
-                     config.eta, config.candidates, config.score_timestep, denoiser=policy)
+                     config.eta, config.candidates, config.score_timestep, denoiser=policy, objective=config.objective,
+                     reduce=config.logprob_reduction)
     final_scores = lrm.score(result.final.to(lrm.device, lrm.dtype),
                              torch.full((len(batch_prompts),), model.clean_timestep(), device=lrm.device),
                              batch_prompts).float()
+    grpo = config.objective == "grpo"
+    fields = ("children", "old_log_prob", "advantages") if grpo else ("x_w", "x_l")
+    # (step, trajectory of the round): the same order of items for any number of processes
     local = [{"x_t": result.x_t[i], "t": result.timesteps[i], "prompt": batch_prompts[result.prompt_index[i]],
-              "x_w": result.x_w[i], "x_l": result.x_l[i]} for i in range(len(result))]
-    tuples = gather_object(local) if world > 1 else local
+              "key": (result.step_index[i], rank * config.sample_batch_size + result.prompt_index[i]),
+              **{name: getattr(result, name)[i] for name in fields}} for i in range(len(result))]
+    items = sorted(gather_object(local) if world > 1 else local, key=lambda item: item["key"])
     bands = {name: count for name, count in result.valid_per_band.items()}
     if world > 1:
         bands = {name: sum(counts) for name, counts in zip(bands, zip(*gather_object([list(bands.values())])))}
-    record: dict[str, Any] = {"round": state["round"], "epoch": epoch, "valid_pairs": len(tuples),
-                              "tuples_trained": 0, "final_lrm_score": accelerator.gather(final_scores).mean().item(),
+    unit = "groups" if grpo else "tuples"
+    record: dict[str, Any] = {"round": state["round"], "epoch": epoch,
+                              ("groups" if grpo else "valid_pairs"): len(items), f"{unit}_trained": 0,
+                              "final_lrm_score": accelerator.gather(final_scores).mean().item(),
                               **{f"valid_{name}": count for name, count in bands.items()}}
-    share = len(tuples) // world
+    record["sample_seconds"] = round(time.perf_counter() - started, 3)
+    share = len(items) // world
     if share == 0:
         return record
-    order = torch.randperm(len(tuples), generator=torch.Generator().manual_seed(base_seed - rank)).tolist()
-    mine = [tuples[i] for i in order[rank * share:(rank + 1) * share]]
+    started = time.perf_counter()
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(base_seed - rank)).tolist()
+    # interleaved: chunk j of every process together is chunk j of one process with world x the batch size
+    mine = [items[i] for i in order[rank:share * world:world]]
     denoiser.train()
-    logs: dict[str, list[float]] = {"loss": [], "implicit_accuracy": [], "margin": [], "ratio_w": [], "ratio_l": []}
+    keys = ("loss", "policy_loss", "kl", "clip_fraction", "ratio") if grpo else (
+        "loss", "implicit_accuracy", "margin", "ratio_w", "ratio_l")
+    logs: dict[str, list[float]] = {key: [] for key in keys}
     for start in range(0, len(mine), config.train_batch_size):
         chunk = mine[start:start + config.train_batch_size]
         device = accelerator.device  # latents stay float32 for the step maths; the denoiser casts its input
-        batch = {"x_t": torch.stack([c["x_t"] for c in chunk]).to(device),
-                 "t": torch.tensor([c["t"] for c in chunk]),
-                 "x_w": torch.stack([c["x_w"] for c in chunk]).to(device),
-                 "x_l": torch.stack([c["x_l"] for c in chunk]).to(device)}
+        batch = {"x_t": torch.stack([c["x_t"] for c in chunk]).to(device), "t": torch.tensor([c["t"] for c in chunk]),
+                 **{name: torch.stack([c[name] for c in chunk]).to(device) for name in fields}}
         chunk_cond = model.encode_prompts([c["prompt"] for c in chunk])
         with accelerator.autocast():
-            log_probs = step_log_probs(model, denoiser, reference, batch, chunk_cond, config)
-            losses = lpo_loss(log_probs["w"], log_probs["l"], log_probs["ref_w"], log_probs["ref_l"],
-                              effective_beta(config, batch["x_w"][0].numel()),
-                              config.clip_eps)
+            losses = _grpo_losses(model, denoiser, reference, batch, chunk_cond, config) if grpo else \
+                _lpo_losses(model, denoiser, reference, batch, chunk_cond, config)
         if not torch.isfinite(losses["loss"]):
-            raise InputError(f"LPO loss became {losses['loss'].item()} in round {state['round']}; the last checkpoint "
-                             f"in {Path(config.out) / CHECKPOINTS} is intact. Lower --lr or --beta.")
+            raise InputError(f"{config.objective.upper()} loss became {losses['loss'].item()} in round "
+                             f"{state['round']}; the last checkpoint in {Path(config.out) / CHECKPOINTS} is intact. "
+                             "Lower --lr (or --beta).")
         accelerator.backward(losses["loss"])
         if config.max_grad_norm > 0 and accelerator.sync_gradients:
             accelerator.clip_grad_norm_([p for p in denoiser.parameters() if p.requires_grad], config.max_grad_norm)
@@ -303,15 +328,38 @@ def _round(config, accelerator, model, denoiser, reference, lrm, optimizer, prom
         optimizer.zero_grad()
         for key in logs:
             logs[key].append(losses[key].item())
-        # every process trains the same number of chunks: the update's loss over all of them
-        shared = accelerator.reduce(torch.tensor([losses["loss"].item(), losses["implicit_accuracy"].item()],
+        # every process trains the same number of chunks: the update's numbers over all of them
+        second = "clip_fraction" if grpo else "implicit_accuracy"
+        shared = accelerator.reduce(torch.tensor([losses["loss"].item(), losses[second].item()],
                                                  dtype=torch.float64, device=accelerator.device), "mean")
         state["updates"] = state.get("updates", 0) + 1
         metrics.write({"update": state["updates"], "round": state["round"], "lr": lr, "loss": shared[0].item(),
-                       "implicit_accuracy": shared[1].item(), "tuples": len(chunk) * world})
-    record["tuples_trained"] = share * world
+                       second: shared[1].item(), unit: len(chunk) * world})
+    record[f"{unit}_trained"] = share * world
     record.update({key: sum(values) / len(values) for key, values in logs.items()})
+    # denoiser forwards of the training (a CFG forward, both halves in one batch, counts once): the policy's, and
+    # the reference's unless GRPO runs without its KL term
+    passes = 1 if grpo and config.grpo_kl == 0 else 2
+    record.update({"updates": math.ceil(share / config.train_batch_size), "train_forwards": passes * share * world,
+                   "train_seconds": round(time.perf_counter() - started, 3)})
     return record
+
+
+def _lpo_losses(model, denoiser, reference, batch, cond, config: LPOConfig) -> dict[str, torch.Tensor]:
+    from lpo.reward.lpo.loss import lpo_loss
+
+    log_probs = step_log_probs(model, denoiser, reference, batch, cond, config)
+    return lpo_loss(log_probs["w"], log_probs["l"], log_probs["ref_w"], log_probs["ref_l"],
+                    effective_beta(config, batch["x_w"][0].numel()), config.clip_eps)
+
+
+def _grpo_losses(model, denoiser, reference, batch, cond, config: LPOConfig) -> dict[str, torch.Tensor]:
+    from lpo.reward.lpo.grpo import group_log_probs, grpo_loss
+
+    out = group_log_probs(model, denoiser, reference, batch, cond, config.guidance, config.eta,
+                          config.logprob_reduction, with_kl=config.grpo_kl > 0)
+    return grpo_loss(out["log_prob"], batch["old_log_prob"], batch["advantages"], config.clip_eps, out.get("kl"),
+                     config.grpo_kl)
 
 
 def _validation_grid(model, denoiser, prompts: list[str], config: LPOConfig, path: Path) -> Path:
