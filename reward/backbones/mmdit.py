@@ -34,6 +34,17 @@ SD3_TEXT_TOKENS = 77 + T5_MAX_LENGTH  # the conditioning sequence: CLIP's 77 tok
 CLIP_ENCODERS = ("text_encoder", "text_encoder_2")
 T5_ENCODER = "text_encoder_3"
 
+
+
+def t5_tokens(tokenizer: Any) -> int:
+    """T5's share of the conditioning sequence: the pipeline's default 256, or fewer where the T5 tokenizer declares
+    a shorter `model_max_length` (the toy world's T5 reads 16 tokens; T5 tokenizers declare 512). Without T5 the
+    pipeline feeds 256 zero tokens in its place."""
+    if tokenizer is None:
+        return T5_MAX_LENGTH
+    return min(T5_MAX_LENGTH, int(tokenizer.model_max_length))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # generator
 
@@ -96,7 +107,7 @@ class SD3Generator(FlowGenerator):
         """Exactly the pipeline's own encoding: the empty negative prompt through every encoder."""
         cond, uncond, pooled, uncond_pooled = self.pipeline.encode_prompt(
             prompts, None, None, device=self.device, do_classifier_free_guidance=True,
-            max_sequence_length=T5_MAX_LENGTH)
+            max_sequence_length=t5_tokens(getattr(self.pipeline, "tokenizer_3", None)))
         return Conditioning(cond, uncond, pooled, uncond_pooled)
 
     def predict(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning, guidance: float,
@@ -448,7 +459,8 @@ class SD3LRMBackbone(MMDiTLRMBackbone):
         with torch.no_grad():
             context, pooled = encode_sd3_prompts(self.tokenizers, self.encoders, prompts,
                                                  int(self.transformer.config.joint_attention_dim), device,
-                                                 self.transformer.dtype)
+                                                 self.transformer.dtype,
+                                                 t5_tokens(self.tokenizers[2] if len(self.tokenizers) > 2 else None))
         return self.conditioning(context, pooled)
 
     def block_outputs(self, latents: torch.Tensor, timesteps: torch.Tensor,

@@ -43,7 +43,9 @@ class DemoConfig:
 
 @dataclass
 class ToyModelsConfig:
-    out: Path = option(None, "Directory to write sd15/, pickscore/, clip/ and toy_models.json into.")
+    out: Path = option(None, "Directory to write sd15/, pickscore/, clip/, sd3/ and toy_models.json into.")
+    models: list[str] = option(help="Models to train (default all): sd15, pickscore, clip, sd3 (sd3 reuses the VAE "
+                                    "of sd15/, trained in the same run or already in the folder).", factory=list)
     seed: int = option(0, "Seed for the renders, the initial weights and the training noise.")
     batch_size: int = option(128, "Images per training step of the diffusion model and the scorers.")
     vae_batch_size: int = option(64, "Images per VAE training step.")
@@ -51,6 +53,7 @@ class ToyModelsConfig:
     diffusion_images: int = option(16384, "Rendered images whose VAE latents the diffusion model trains on.")
     diffusion_steps: int = option(700, "UNet + text encoder training steps.")
     clip_steps: int = option(400, "Training steps of each CLIP-style scorer.")
+    sd3_steps: int = option(800, "Transformer + text encoders training steps of the SD3-format generator.")
     pickscore_temperature: float = option(0.1, "Soft-target temperature of the pickscore model (oracle ordering).")
     clip_temperature: float = option(0.03, "Soft-target temperature of the clip model (near-exact caption matching).")
 

@@ -9,6 +9,8 @@ and saved in the real on-disk formats the toolkit loads:
   captions so classifier-free guidance works), with a DDIM scheduler.
 - `pickscore/`: a transformers CLIPModel + CLIPProcessor trained like a preference model: its image-caption
   similarities follow the oracle's weights (shape colour 0.5, shape 0.3, background 0.2) through soft targets.
+- `sd3/`: a StableDiffusion3Pipeline trained on the flow-matching objective, reusing the VAE of `sd15/`
+  (`lpo.reward.toy.flow_trainer`).
 - `clip/`: an open_clip model folder (its tokenizer inside) trained to match images with their exact captions
   (near-hard targets).
 
@@ -303,12 +305,15 @@ def scorer_agreement(metric: str, path: Path, pairs: int = 300, seed: int = 7) -
 # ---------------------------------------------------------------------------------------------------------------
 
 
+MODELS = ("sd15", "pickscore", "clip", "sd3")  # in training order; sd3 reuses sd15's VAE
+
+
 def validate(config: ToyModelsConfig) -> None:
     from lpo.curate.errors import InputError
 
     if not config.out:
         raise InputError("an output directory is required.")
-    for name in ("batch_size", "vae_batch_size", "vae_steps", "diffusion_steps", "clip_steps"):
+    for name in ("batch_size", "vae_batch_size", "vae_steps", "diffusion_steps", "clip_steps", "sd3_steps"):
         if getattr(config, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1.")
     if config.diffusion_images < 512:
@@ -316,40 +321,70 @@ def validate(config: ToyModelsConfig) -> None:
     for name in ("pickscore_temperature", "clip_temperature"):
         if getattr(config, name) <= 0:
             raise InputError(f"{name} must be positive.")
+    unknown = sorted(set(config.models) - set(MODELS))
+    if unknown:
+        raise InputError(f"--models {', '.join(unknown)}: not a toy model; choose from {', '.join(MODELS)}.")
+    vae = Path(config.out) / "sd15" / "vae" / "config.json"
+    if "sd3" in config.models and "sd15" not in config.models and not vae.is_file():
+        raise InputError(f"the sd3 model reuses the SD1.5 toy model's VAE, and {vae} is missing: add sd15 to "
+                         "--models, or write sd3 into a folder that holds sd15/.")
 
 
 def run(config: ToyModelsConfig) -> dict[str, Any]:
-    """Train every toy model into `config.out` (sd15/, pickscore/, clip/) and write toy_models.json."""
+    """Train the toy models named by `config.models` (default all: sd15/, pickscore/, clip/, sd3/) into
+    `config.out` and write toy_models.json (a partial run updates the parts it trained). sd15, pickscore and clip
+    draw their initial weights from one random stream in that order (train them together to reproduce the shipped
+    weights); sd3 has seeds of its own, so it trains the same alone or with the others."""
     validate(config)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(config.seed)
-    summary: dict[str, Any] = {"seed": config.seed, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                               "seconds": {}}
+    models = [m for m in MODELS if m in (config.models or MODELS)]
+    path = out / SUMMARY_FILE
+    summary: dict[str, Any] = json.loads(path.read_text()) if path.is_file() and len(models) < len(MODELS) else {}
+    summary.update({"seed": config.seed, "torch": torch.__version__, "threads": torch.get_num_threads()})
+    seconds = summary.setdefault("seconds", {})
     clock = time.perf_counter()
 
     def lap(name: str) -> None:
         nonlocal clock
         now = time.perf_counter()
-        summary["seconds"][name] = round(now - clock, 1)
+        seconds[name] = round(now - clock, 1)
         clock = now
 
-    rng = np.random.default_rng(config.seed)
-    vae, summary["vae"] = train_vae(config, rng)
-    lap("vae")
-    unet, text_encoder, tokenizer, summary["diffusion"] = train_diffusion(config, vae, rng)
-    save_pipeline(out / "sd15", vae, unet, text_encoder, tokenizer)
-    lap("diffusion")
-    train_pickscore(config, out / "pickscore", np.random.default_rng(config.seed + 2))
-    lap("pickscore")
-    train_open_clip(config, out / "clip", np.random.default_rng(config.seed + 3))
-    lap("clip")
-    summary["samples"] = [sample_accuracy(out / "sd15", g) for g in (1.0, 3.0)]
-    summary["scorer_agreement_with_oracle"] = {m: scorer_agreement(m, out / m) for m in ("pickscore", "clip")}
-    lap("checks")
-    summary["total_seconds"] = round(sum(summary["seconds"].values()), 1)
-    summary["config"] = {k: v for k, v in vars(config).items() if k != "out"}  # the settings the weights depend on
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    logger.info("toy models written to %s in %.0f s", out, summary["total_seconds"])
-    return summary
+    vae = None
+    if "sd15" in models:
+        torch.manual_seed(config.seed)
+        rng = np.random.default_rng(config.seed)
+        vae, summary["vae"] = train_vae(config, rng)
+        lap("vae")
+        unet, text_encoder, tokenizer, summary["diffusion"] = train_diffusion(config, vae, rng)
+        save_pipeline(out / "sd15", vae, unet, text_encoder, tokenizer)
+        lap("diffusion")
+    if "pickscore" in models:
+        train_pickscore(config, out / "pickscore", np.random.default_rng(config.seed + 2))
+        lap("pickscore")
+    if "clip" in models:
+        train_open_clip(config, out / "clip", np.random.default_rng(config.seed + 3))
+        lap("clip")
+    if "sd3" in models:
+        from diffusers import AutoencoderKL
 
+        from lpo.reward.toy import flow_trainer
+
+        vae = vae if vae is not None else AutoencoderKL.from_pretrained(out / "sd15", subfolder="vae")
+        torch.manual_seed(config.seed + 4)
+        pipeline, summary["sd3"] = flow_trainer.train_sd3(config, vae, np.random.default_rng(config.seed + 4))
+        pipeline.save_pretrained(out / "sd3")
+        lap("sd3")
+    if "sd15" in models:
+        summary["samples"] = [sample_accuracy(out / "sd15", g) for g in (1.0, 3.0)]
+    if "sd3" in models:
+        summary["sd3"]["samples"] = [sample_accuracy(out / "sd3", g) for g in (1.0, 3.0)]
+    agreement = summary.setdefault("scorer_agreement_with_oracle", {})
+    agreement.update({m: scorer_agreement(m, out / m) for m in ("pickscore", "clip") if m in models})
+    lap("checks")
+    summary["total_seconds"] = round(sum(seconds.values()), 1)
+    summary["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(config).items() if k != "out"}
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    logger.info("toy models %s written to %s in %.0f s", ", ".join(models), out, sum(seconds.values()))
+    return summary

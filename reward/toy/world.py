@@ -143,6 +143,25 @@ def toy_tokenizer(max_length: int = TOKENIZER_MAX_LENGTH):
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
+def toy_t5_tokenizer(max_length: int = TOKENIZER_MAX_LENGTH):
+    """A T5 tokenizer (SentencePiece-style unigram, `</s>` appended) with each word of the world one piece
+    ("\u2581red"); any other text still tokenises, character by character. Its `model_max_length` is what the SD3
+    toy model's T5 reads (`lpo.reward.backbones.mmdit.t5_tokens`)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import T5TokenizerFast
+
+    specials = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    words = [("\u2581" + word, 0.0) for word in WORDS]  # a whole word scores far above its characters
+    chars = [(c, -10.0) for c in sorted(ByteLevel.alphabet())] + [("\u2581", -10.0)]
+    tokenizer = Tokenizer(models.Unigram(specials + words + chars, unk_id=2))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                           extra_ids=0, model_max_length=max_length)
+
+
 def _bpe(word: str, merges: list[tuple[str, str]]) -> list[str]:
     parts = [*word[:-1], word[-1] + "</w>"]
     ranks = {pair: rank for rank, pair in enumerate(merges)}
