@@ -469,8 +469,8 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
 
 command(app, "demo", DemoConfig, run_demo, report_demo,
         help="Show on the toy world, in minutes on a CPU, that MPCF, the latent reward model and LPO learn: curation, "
-             "three LRMs, LPO fine-tuning, guided sampling and a before/after comparison, ending in one table and one "
-             "figure. Rerun with the same options to continue an interrupted run.")
+             "three LRMs, LPO and step-wise GRPO fine-tuning, guided sampling and a before/after comparison, on the "
+             "toy UNet (--family sd15) or flow-matching SD3 model (--family sd3). Rerun to continue a stopped run.")
 command(dev_app, "tiny-models", TinyModelsConfig, _lazy("lpo.reward.toy.random_models", "run"),
         lambda config, written: [out_console.print(f"{role:10s} {path}") for role, path in written.items()],
         arguments=("out",), required=("out",), config_file=False,
@@ -478,11 +478,11 @@ command(dev_app, "tiny-models", TinyModelsConfig, _lazy("lpo.reward.toy.random_m
              "sdxl, hpsv2, hpsv21, imagereward).")
 command(dev_app, "toy-models", ToyModelsConfig, _lazy("lpo.reward.toy.trainer", "run"),
         lambda config, summary: out_console.print_json(json.dumps(
-            {k: summary[k] for k in ("seconds", "vae", "samples", "scorer_agreement_with_oracle")})),
+            {k: v for k, v in summary.items() if k != "config"})),
         arguments=("out",), required=("out",),
         help="Train the toy world's models from scratch (the seeded script behind manifests/toy-models): an "
-             "SD1.5-format pipeline, a pickscore CLIP and an open_clip clip model. About 11 minutes on 2 CPU cores; "
-             "not resumable.")
+             "SD1.5-format pipeline, a pickscore CLIP, an open_clip clip model and an SD3-format flow-matching "
+             "pipeline. About 16 minutes on 2 CPU cores; not resumable.")
 command(dev_app, "sample-data", SampleDataConfig, _lazy("lpo.reward.toy.world", "run"),
         lambda config, path: typer.echo(json.dumps({"written": str(path)})),
         arguments=("out",), required=("out",), config_file=False,

@@ -14,6 +14,12 @@ not quality:
 3. `lpo`: the LPO loss step (float16 base, float32 LoRA rank 4, 4 tuples: one policy and one reference forward),
    and one SD1.5 LPO round (20 DDIM steps, K = 4, 5 prompts, then training on every tuple) split into sampling,
    LRM scoring and training time, with its peak memory.
+4. `flow`: Stable Diffusion 3.5-Medium at 512 px (its published config; the pipeline without T5, which feeds the
+   transformer 256 zero tokens in its place, so the transformer's cost is the real one): the LRM (18 of 24 joint
+   blocks, VFE 7.5, bf16) against the pixel route (SD3 VAE decode and ViT-H-14) at batch 1 and 4; one LRM training
+   step (1 pair) with and without gradient checkpointing; the LPO and GRPO loss steps (float16 base, float32 LoRA
+   rank 32, checkpointing: 2 tuples, or 2 parents of K = 4 children); one round of 2 prompts (20 flow SDE steps,
+   K = 4) split into sampling, scoring and training with LPO, then GRPO's training on the same round's groups.
 
 Times are the fastest of `--repeats` after a warm-up, synchronised on the device; ratios are printed as the
 benchmarks in bench/ print them. `--tiny` runs every part on the tiny models of `lpo dev tiny-models`.
@@ -68,12 +74,54 @@ class Clock:
         return torch.cuda.max_memory_allocated() / 1e9 if self.device.startswith("cuda") else None
 
 
+def timed(clock: Clock, timers: dict[str, float], name: str, fn: Callable) -> Callable:
+    """`fn`, its synchronised wall time added to timers[name] on every call."""
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        clock.sync()
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            clock.sync()
+            timers[name] += time.perf_counter() - start
+    return wrapper
+
+
+def timed_round(model: Any, clock: Clock, sample: Callable[[], Any],
+                train: Callable[[Any], None]) -> tuple[Any, dict[str, float]]:
+    """`sample()` (a rollout) with the generator's forwards and the LRM's scoring timed apart, then `train(result)`;
+    returns the rollout and the split of the round's wall time."""
+    from lpo.reward.lpo import sampler
+
+    timers = {"sampling": 0.0, "scoring": 0.0}
+    real_predict, real_score = model.predict, sampler.score_candidates
+    model.predict = timed(clock, timers, "sampling", real_predict)
+    sampler.score_candidates = timed(clock, timers, "scoring", real_score)
+    clock.reset_peak()
+    start = time.perf_counter()
+    try:
+        result = sample()
+        clock.sync()
+        rollout_s = time.perf_counter() - start
+    finally:
+        model.predict, sampler.score_candidates = real_predict, real_score
+    start = time.perf_counter()
+    train(result)
+    clock.sync()
+    training_s = time.perf_counter() - start
+    return result, {"total_s": rollout_s + training_s, "sampling_s": timers["sampling"],
+                    "scoring_s": timers["scoring"], "step_maths_s": rollout_s - timers["sampling"] - timers["scoring"],
+                    "training_s": training_s}
+
+
 def generator(family: str, tiny: Path | None, device: str, dtype: torch.dtype) -> Any:
     """A Generator of `family`: the tiny pipeline, or one built from the published configs with random weights."""
     from lpo.reward.backbones import get_family, load_generator
 
     if tiny is not None:
         return load_generator(str(tiny / family), dtype=dtype, device=device)
+    if family == "sd3":
+        return sd35_medium(device, dtype)
     import diffusers
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -100,14 +148,57 @@ def generator(family: str, tiny: Path | None, device: str, dtype: torch.dtype) -
     return adapter.generator(pipeline, f"random {family} (published config)")
 
 
+def sd35_medium(device: str, dtype: torch.dtype) -> Any:
+    """An SD3.5-Medium Generator from the published configs with random weights, without T5 (4.7B parameters that
+    run once per prompt; the pipeline then feeds 256 zero tokens in T5's place, so the transformer's cost is the
+    real one)."""
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from lpo.reward.backbones import get_family
+    from lpo.reward.backbones.published import FLOW_SCHEDULER, PIPELINES
+    from lpo.reward.toy.random_models import clip_tokenizer
+
+    configs = PIPELINES["sd35m"]
+    with torch.device(device):
+        # sample_size 64: 512 px, where LPO and Flow-GRPO train SD3.5-Medium (the parameters do not depend on it)
+        transformer = diffusers.SD3Transformer2DModel.from_config({**configs["transformer"], "sample_size": 64})
+        parts = {"transformer": transformer,
+                 "vae": diffusers.AutoencoderKL.from_config(configs["vae"]),
+                 "text_encoder": CLIPTextModelWithProjection(CLIPTextConfig.from_dict(configs["text_encoder"])),
+                 "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig.from_dict(configs["text_encoder_2"])),
+                 "tokenizer": clip_tokenizer(), "tokenizer_2": clip_tokenizer(), "text_encoder_3": None,
+                 "tokenizer_3": None,
+                 "scheduler": diffusers.FlowMatchEulerDiscreteScheduler.from_config(FLOW_SCHEDULER)}
+    pipeline = diffusers.StableDiffusion3Pipeline(**parts).to(device, dtype)
+    pipeline.vae.to(torch.float32)
+    pipeline.set_progress_bar_config(disable=True)
+    for module in (pipeline.vae, pipeline.text_encoder, pipeline.text_encoder_2):
+        module.requires_grad_(False)
+    return get_family("sd3").generator(pipeline, "random sd3.5-medium (published config)")
+
+
 def reward_model(model: Any, vfe_scale: float = 7.5) -> Any:
-    """An LRM on a copy of the generator's UNet and its text encoders (random weights, as the generator's)."""
+    """An LRM on a copy of the generator's denoiser and its text encoders (random weights, as the generator's)."""
     import copy
 
     from lpo.reward.lrm.model import LatentRewardModel
 
     family = model.family
     pipeline = model.pipeline
+    if family.flow_matching:
+        names = [n for n in ("text_encoder", "text_encoder_2", "text_encoder_3") if getattr(pipeline, n, None)]
+        backbone = family.lrm_backbone(
+            copy.deepcopy(pipeline.transformer), model.resolution,
+            family.lrm_backbone.default_depth(pipeline.transformer.config), "",
+            {name: getattr(pipeline, name).config.to_dict() for name in names},
+            [getattr(pipeline, name.replace("text_encoder", "tokenizer")) for name in names],
+            {name: copy.deepcopy(getattr(pipeline, name)) for name in names})
+        lrm = LatentRewardModel(family=family.name, base=model.base, taps=backbone.default_taps(),
+                                projection_dim=backbone.projection_dim, resolution=model.resolution,
+                                components=backbone.components, vfe_scale=vfe_scale,
+                                latent_shape=list(model.latent_shape), depth=backbone.depth, backbone=backbone)
+        return lrm.to(model.device, torch.float32).requires_grad_(True)
     encoders = [copy.deepcopy(getattr(pipeline, name)) for name in family.lrm_backbone.text_encoders]
     tokenizers = [pipeline.tokenizer] + ([pipeline.tokenizer_2] if len(encoders) > 1 else [])
     backbone = family.lrm_backbone(copy.deepcopy(pipeline.unet), encoders, model.resolution, tokenizers)
@@ -241,49 +332,135 @@ def lpo(model: Any, clock: Clock, steps: int, prompts: int, k: int) -> dict[str,
     loss_peak = clock.peak_gb()
     print(f"LPO loss step (4 tuples, fp16 base, fp32 LoRA): {loss_s:.3f} s, peak {loss_peak}", flush=True)
 
-    timers = {"sampling": 0.0, "scoring": 0.0}
-    real_predict, real_score = model.predict, sampler.score_candidates
+    def train_round(result: Any) -> None:
+        tuples = result.tensors()
+        for first in range(0, len(result), 4):
+            rows = slice(first, first + 4)
+            chunk = {"x_t": tuples["x_t"][rows].to(model.device), "t": tuples["t"][rows],
+                     "x_w": tuples["x_w"][rows].to(model.device), "x_l": tuples["x_l"][rows].to(model.device)}
+            train_on(chunk, model.encode_prompts([texts[i] for i in tuples["prompt"][rows].tolist()]))
 
-    def timed(name: str, fn: Callable) -> Callable:
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            clock.sync()
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                clock.sync()
-                timers[name] += time.perf_counter() - start
-        return wrapper
-
-    model.predict, sampler.score_candidates = timed("sampling", real_predict), timed("scoring", real_score)
-    clock.reset_peak()
-    start = time.perf_counter()
-    try:
-        generators = [torch.Generator().manual_seed(i) for i in range(len(texts))]
-        keep_all = {t: -1.0 for t in model.timesteps(steps)}
-        result = sampler.rollout(model, model.encode_prompts(texts), texts, lrm, generators, keep_all, steps=steps,
-                                 k=k, denoiser=unet)
-        clock.sync()
-        rollout_s = time.perf_counter() - start
-    finally:
-        model.predict, sampler.score_candidates = real_predict, real_score
-    tuples = result.tensors()
-    start = time.perf_counter()
-    for first in range(0, len(result), 4):
-        rows = slice(first, first + 4)
-        chunk = {"x_t": tuples["x_t"][rows].to(model.device), "t": tuples["t"][rows],
-                 "x_w": tuples["x_w"][rows].to(model.device), "x_l": tuples["x_l"][rows].to(model.device)}
-        train_on(chunk, model.encode_prompts([texts[i] for i in tuples["prompt"][rows].tolist()]))
-    clock.sync()
-    training_s = time.perf_counter() - start
-    total = rollout_s + training_s
-    split = {"sampling_s": timers["sampling"], "scoring_s": timers["scoring"],
-             "step_maths_s": rollout_s - timers["sampling"] - timers["scoring"], "training_s": training_s}
+    generators = [torch.Generator().manual_seed(i) for i in range(len(texts))]
+    keep_all = {t: -1.0 for t in model.timesteps(steps)}
+    result, split = timed_round(model, clock, lambda: sampler.rollout(
+        model, model.encode_prompts(texts), texts, lrm, generators, keep_all, steps=steps, k=k, denoiser=unet),
+        train_round)
+    total = split.pop("total_s")
     print(f"LPO round ({len(texts)} prompts, {steps} steps, K={k}, {len(result)} tuples): {total:.2f} s = "
           + ", ".join(f"{name.removesuffix('_s')} {100 * s / total:.0f}%" for name, s in split.items()), flush=True)
     return {"loss_step": {"tuples": 4, "step_s": loss_s, "peak_memory_gb": loss_peak},
             "round": {"prompts": len(texts), "steps": steps, "candidates": k, "tuples": len(result),
                       "total_s": total, **split, "peak_memory_gb": clock.peak_gb()}}
+
+
+def flow(model: Any, clock: Clock, tiny: Path | None, steps: int = 20, prompts: int = 2, k: int = 4) -> dict[str, Any]:
+    """Section 4 on an SD3 generator (SD3.5-Medium, or the tiny sd3 pipeline with --tiny)."""
+    import copy
+
+    import torch.nn.functional as F
+    from peft import LoraConfig
+
+    from lpo.reward.lpo import sampler
+    from lpo.reward.lpo.config import LPOConfig
+    from lpo.reward.lpo.train import Reference, _grpo_losses, _lpo_losses
+
+    out: dict[str, Any] = {"model": f"{model.base}, {model.resolution} px, LRM depth "
+                                    f"{model.family.lrm_backbone.default_depth(model.transformer.config)}"}
+    grid = model.timesteps(steps)
+    texts = ["a photo of a red fox in the snow", "a castle on a hill at dawn", "two cats on a sofa",
+             "a bowl of ramen, studio light"]
+    # 1. scoring: the LRM against decode + ViT-H, all bf16
+    dtype = torch.bfloat16
+    lrm = reward_model(model).eval().to(dtype)
+    clip, side = clip_tower(tiny, model.device.type)
+    clip, vae = clip.to(dtype), copy.deepcopy(model.vae).to(dtype)
+    shift = vae.config.shift_factor or 0.0
+    out["scoring"] = {}
+    for batch in (1, 4):
+        latents = torch.randn(batch, *model.latent_shape, device=model.device, dtype=dtype)
+        timesteps = torch.full((batch,), grid[steps // 2], device=model.device)
+        captions = texts[:1] * batch
+        with torch.inference_mode():
+            lrm_s = clock.fastest(lambda x=latents, t=timesteps, c=captions: lrm.score(x, t, c))
+            decode_s = clock.fastest(lambda x=latents: vae.decode(x / vae.config.scaling_factor + shift).sample)
+            pixels = torch.rand(batch, 3, model.resolution, model.resolution, device=model.device, dtype=dtype)
+            clip_s = clock.fastest(lambda x=pixels: clip.encode_image(F.interpolate(x, size=side, mode="bicubic")))
+        out["scoring"][str(batch)] = {"lrm_s": lrm_s, "decode_s": decode_s, "clip_s": clip_s,
+                                      "pixel_route_over_lrm": (decode_s + clip_s) / lrm_s}
+        print(f"flow scoring, batch {batch}: LRM {lrm_s:.4f} s, decode + CLIP {decode_s + clip_s:.4f} s: "
+              f"{(decode_s + clip_s) / lrm_s:.1f}x", flush=True)
+    lrm = clip = vae = None  # free them before the training sections
+    # 2. an LRM training step
+    runs = [lrm_step(model, clock, 1, checkpointing) for checkpointing in (False, True)]
+    out["lrm_training"] = {"plain": runs[0], "checkpointed": runs[1]}
+    print(f"flow LRM step (1 pair): {runs[0]['step_s']:.3f} s plain, {runs[1]['step_s']:.3f} s checkpointed; peak "
+          f"memory {[r['peak_memory_gb'] for r in runs]}", flush=True)
+    # 3. LPO and GRPO: half-precision base, float32 LoRA rank 32 on both streams, checkpointing
+    half = torch.float16 if model.device.type == "cuda" else torch.float32
+    model.pipeline.to(dtype=half)
+    model.vae.to(torch.float32)
+    denoiser = model.transformer
+    denoiser.requires_grad_(False)
+    denoiser.add_adapter(LoraConfig(r=32, lora_alpha=32, init_lora_weights="gaussian",
+                                    target_modules=list(model.family.lora_targets)))
+    params = [p for p in denoiser.parameters() if p.requires_grad]
+    for param in params:
+        param.data = param.data.float()
+    denoiser.enable_gradient_checkpointing()
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    reference = Reference(denoiser, lora=True)
+    configs = {name: LPOConfig(family="sd3", objective=name, steps=steps, candidates=k).resolved()
+               for name in ("lpo", "grpo")}
+    losses = {"lpo": _lpo_losses, "grpo": _grpo_losses}
+
+    def train_on(objective: str, batch: dict[str, torch.Tensor], cond: Any) -> None:
+        with torch.autocast(model.device.type, dtype=half, enabled=model.device.type == "cuda"):
+            loss = losses[objective](model, denoiser, reference, batch, cond, configs[objective])["loss"]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    x = torch.randn(2, *model.latent_shape, device=model.device)
+    t = torch.tensor([grid[steps // 2]] * 2)
+    batches = {"lpo": {"x_t": x, "t": t, "x_w": torch.randn_like(x), "x_l": torch.randn_like(x)},
+               "grpo": {"x_t": x, "t": t, "children": torch.randn(2, k, *model.latent_shape, device=model.device),
+                        "old_log_prob": torch.zeros(2, k, device=model.device),
+                        "advantages": torch.randn(2, k, device=model.device)}}
+    cond = model.encode_prompts(texts[:2])
+    out["loss_steps"] = {}
+    for objective in ("lpo", "grpo"):
+        clock.reset_peak()
+        seconds = clock.fastest(lambda o=objective: train_on(o, batches[o], cond))
+        out["loss_steps"][objective] = {"items": 2, "step_s": seconds, "peak_memory_gb": clock.peak_gb()}
+        print(f"flow {objective.upper()} loss step (2 {'parents of K' if objective == 'grpo' else 'tuples'}): "
+              f"{seconds:.3f} s, peak {out['loss_steps'][objective]['peak_memory_gb']}", flush=True)
+    # 4. one round: sampling and scoring (timed inside the rollout), then training on every item
+    lrm = reward_model(model).eval().requires_grad_(False).to(half)
+    keep_all = {step: -1.0 for step in model.step_stds(configs["lpo"].eta)[0]}
+    out["round"] = {}
+    for objective in ("lpo", "grpo"):
+        config = configs[objective]
+        round_texts = texts[:prompts]
+
+        def train_round(result: Any, objective: str = objective, round_texts: list[str] = round_texts) -> None:
+            items = result.tensors()
+            for first in range(0, len(result), 2):
+                rows = slice(first, first + 2)
+                batch = {name: value[rows].to(model.device) for name, value in items.items() if name != "prompt"}
+                batch["t"] = items["t"][rows]
+                captions = [round_texts[i] for i in items["prompt"][rows].tolist()]
+                train_on(objective, batch, model.encode_prompts(captions))
+
+        result, split = timed_round(model, clock, lambda c=config, o=objective, p=round_texts: sampler.rollout(
+            model, model.encode_prompts(p), p, lrm, [torch.Generator().manual_seed(i) for i in range(prompts)],
+            keep_all, steps=steps, guidance=c.guidance, eta=c.eta, k=k, denoiser=denoiser, objective=o), train_round)
+        total = split.pop("total_s")
+        out["round"][objective] = {"prompts": prompts, "steps": steps, "candidates": k, "items": len(result),
+                                   "total_s": total, **split, "peak_memory_gb": clock.peak_gb()}
+        print(f"flow {objective.upper()} round ({prompts} prompts, {steps} steps, K={k}, {len(result)} items): "
+              f"{total:.2f} s = " + ", ".join(f"{n.removesuffix('_s')} {100 * v / total:.0f}%" for n, v in
+                                               split.items()), flush=True)
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -314,7 +491,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             from lpo.reward.toy.random_models import build_tiny_models
 
             tiny = Path(tmp)
-            build_tiny_models(tiny, ["sd15", "sdxl", "clip"])
+            build_tiny_models(tiny, ["sd15", "sdxl", "sd3", "clip"])
         sd15 = generator("sd15", tiny, args.device, torch.float32)
         report["scoring"] = scoring(sd15, clock, tiny, [1, 8, 32])
         sdxl = generator("sdxl", tiny, args.device, torch.float32)
@@ -322,6 +499,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         del sdxl
         half = torch.float16 if args.device.startswith("cuda") else torch.float32
         report["lpo"] = lpo(generator("sd15", tiny, args.device, half), clock, steps=20, prompts=5, k=4)
+        report["flow"] = flow(generator("sd3", tiny, args.device, torch.float32), clock, tiny)
     report["seconds"] = round(time.perf_counter() - started, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -58,6 +58,15 @@ def test_the_check_runs_on_the_tiny_models(gpu_check, tmp_path: Path) -> None:
     parts = lpo["sampling_s"] + lpo["scoring_s"] + lpo["step_maths_s"] + lpo["training_s"]
     assert parts == pytest.approx(lpo["total_s"]) and min(lpo["sampling_s"], lpo["scoring_s"], lpo["training_s"]) > 0
     assert report["lpo"]["loss_step"]["step_s"] > 0
+    flow = report["flow"]  # on the tiny SD3.5-Medium-style pipeline
+    assert set(flow["scoring"]) == {"1", "4"} and all(row["lrm_s"] > 0 for row in flow["scoring"].values())
+    assert flow["lrm_training"]["checkpointed"]["parameters_trained"] > 0
+    assert set(flow["loss_steps"]) == {"lpo", "grpo"} and all(v["step_s"] > 0 for v in flow["loss_steps"].values())
+    for objective in ("lpo", "grpo"):
+        row = flow["round"][objective]
+        assert row["items"] == row["prompts"] * (row["steps"] - 1)  # every step but the last (to sigma 0)
+        parts = row["sampling_s"] + row["scoring_s"] + row["step_maths_s"] + row["training_s"]
+        assert parts == pytest.approx(row["total_s"])
 
 
 def test_the_curation_scale_bench_runs_small(tmp_path: Path) -> None:
@@ -69,3 +78,14 @@ def test_the_curation_scale_bench_runs_small(tmp_path: Path) -> None:
                          cwd=tmp_path)
     assert "4,000 pairs, 6,000 images" in out.stdout and "2,000 pairs, 3,000 images" in out.stdout
     assert "ingest  peak RSS" in out.stdout and "filter  peak RSS" in out.stdout
+
+
+def test_the_check_builds_sd35_medium_at_512_px(gpu_check) -> None:
+    """On the meta device: SD3.5-Medium's published transformer (2.24B parameters), its latents at 512 px, and an
+    LRM that runs its first 18 of 24 joint blocks."""
+    model = gpu_check.generator("sd3", None, "meta", torch.float32)
+    assert model.resolution == 512 and model.latent_shape == (16, 64, 64)
+    assert model.pipeline.text_encoder_3 is None  # the pipeline feeds T5's 256 tokens as zeros
+    assert sum(p.numel() for p in model.transformer.parameters()) / 1e9 == pytest.approx(2.243, abs=0.0005)
+    lrm = gpu_check.reward_model(model)
+    assert lrm.backbone.depth == 18 and len(lrm.backbone.transformer.transformer_blocks) == 18

@@ -38,7 +38,7 @@ T5_ENCODER = "text_encoder_3"
 
 def t5_tokens(tokenizer: Any) -> int:
     """T5's share of the conditioning sequence: the pipeline's default 256, or fewer where the T5 tokenizer declares
-    a shorter `model_max_length` (the toy world's T5 reads 16 tokens; T5 tokenizers declare 512). Without T5 the
+    a shorter `model_max_length` (the toy world's T5 reads 8 tokens; T5 tokenizers declare 512). Without T5 the
     pipeline feeds 256 zero tokens in its place."""
     if tokenizer is None:
         return T5_MAX_LENGTH

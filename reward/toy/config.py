@@ -11,32 +11,38 @@ from lpo.curate.config import option
 @dataclass
 class DemoConfig:
     out: Path = option(Path("runs/demo"), "Run directory: data, curation, LRMs, LPO, samples, demo.md, demo.png.")
-    models: Path = option(Path("manifests/toy-models"), "Toy world models (sd15/, pickscore/, clip/), as "
+    family: str = option("sd15", "Toy generator: sd15 (a UNet sampled with DDIM) or sd3 (an SD3 transformer sampled "
+                                 "with the flow-matching SDE step).")
+    models: Path = option(Path("manifests/toy-models"), "Toy world models (sd15/, sd3/, pickscore/, clip/), as "
                                                         "`lpo dev toy-models` writes them.")
     train_prompts: int = option(1000, "Toy prompts of the training pairs (4 images and 6 pairs each).")
     val_prompts: int = option(150, "Toy prompts of the clean held-out pairs the LRMs are evaluated on.")
     flip_rate: float = option(0.3, "Share of training labels flipped against the oracle (noisy raters).")
     tie_rate: float = option(0.05, "Share of training pairs labelled as ties.")
-    lrm_steps: int = option(400, "Optimizer updates of each of the three LRMs (the same budget for all).")
+    lrm_steps: int | None = option(None, "Optimizer updates of each of the three LRMs, the same budget for all "
+                                         "(sd15 400; sd3 300).")
     lrm_batch_size: int = option(64, "Pairs per LRM update.")
     lrm_lr: float = option(1e-3, "LRM learning rate (tiny models learn fast).")
     vfe_scale: float = option(1.0, "LRM Visual Feature Enhancement scale (1 = off, which halves the cost).")
     held_out_prompts: int = option(18, "Captions kept out of LPO training and used to compare the generators.")
-    lpo_epochs: int = option(20, "LPO passes over the training captions.")
+    lpo_epochs: int | None = option(None, "LPO (and GRPO) passes over the training captions (sd15 20; sd3 14).")
     lpo_sample_batch_size: int = option(24, "Prompts per LPO sampling round.")
     lpo_train_batch_size: int = option(16, "Preference tuples per LPO optimizer step.")
     lpo_lr: float = option(1e-3, "LPO learning rate.")
     lpo_lora_rank: int = option(8, "LPO LoRA rank (0 = full fine-tuning).")
     lpo_beta: float = option(500.0, "LPO beta.")
-    lpo_threshold: list[float] = option(help="LPO softmax-gap threshold range [least noisy, noisiest step]; lower "
-                                             "than SD1.5's 0.35..0.5, as the toy LRM's score gaps are smaller.",
-                                        factory=lambda: [0.05, 0.3])
+    lpo_threshold: list[float] | None = option(None, "LPO softmax-gap threshold range [least noisy, noisiest step] "
+                                                     "(sd15 0.05,0.3; sd3 0.05,0.3): lower than SD1.5's 0.35..0.5, "
+                                                     "as the toy LRM's score gaps are smaller.")
+    grpo: bool = option(True, "Also fine-tune with step-wise GRPO (`--objective grpo`) on as many sampled "
+                              "trajectories as LPO, and compare it.")
+    grpo_kl: float = option(0.1, "GRPO's KL weight (the paper's 0.1).")
     score_timestep: str = option("parent", "Timestep the LRM scores candidates at in LPO and guided sampling: "
                                            "parent or child.")
     candidates: int = option(4, "K: candidates per step in LPO and in LRM-guided sampling.")
-    steps: int = option(10, "DDIM steps of every sampler in the demo.")
-    guidance: float = option(1.5, "Classifier-free guidance of every sampler in the demo (low enough to leave the "
-                                  "base model room to improve).")
+    steps: int = option(10, "Sampler steps of every sampler in the demo.")
+    guidance: float | None = option(None, "Classifier-free guidance of every sampler in the demo, low enough to leave "
+                                          "the base model room to improve (sd15 1.5; sd3 1.0, no guidance).")
     images_per_prompt: int = option(8, "Images per held-out prompt and generator.")
     seed: int = option(0, "Seed of the data, the training runs and the sampling noise.")
 

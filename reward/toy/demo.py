@@ -10,14 +10,19 @@ and resumes an interrupted trainer from its checkpoint):
 3. `lrm-raw`, `lrm-mpcf`, `lrm-mpcf-fresh`: `lpo reward train` with the same budget on the raw pairs, on the kept
    pairs, and on the kept pairs from a freshly initialised backbone; pairwise accuracy per timestep on the held-out
    pairs (`lpo reward eval` of the final models).
-4. `lpo`: `lpo optimize sd15` with the MPCF-trained LRM on the captions not held out.
-5. `samples`: the base model, LRM-guided sampling and the LPO-tuned model on the held-out captions with the same
-   seeds and sampler settings; oracle alignment read from the pixels and the LRM reward of each image.
-6. the report: `demo_summary.json`, `demo.md` (one table) and `demo.png` (accuracy against t, sample grids).
+4. `lpo`: `lpo optimize <family>` with the MPCF-trained LRM on the captions not held out; `grpo` (unless
+   `--no-grpo`): the same with `--objective grpo`, on as many sampled trajectories.
+5. `samples`: the base model, LRM-guided sampling and the LPO- (and GRPO-) tuned models on the held-out captions
+   with the same seeds and sampler settings; oracle alignment read from the pixels and the LRM reward of each image.
+6. the report: `demo_summary.json`, `demo.md` (tables) and `demo.png` (accuracy against noise, sample grids).
+
+`--family sd15` runs it on the toy UNet model (DDIM, timesteps t); `--family sd3` on the toy SD3 transformer (the
+flow-matching SDE sampler, timesteps sigma x 1000). Everything else is the same code.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -30,7 +35,6 @@ import polars as pl
 
 from lpo.curate import config as cfg
 from lpo.curate.errors import InputError
-from lpo.reward.lrm.config import EVAL_TIMESTEPS
 from lpo.reward.toy.config import DemoConfig
 
 logger = logging.getLogger(__name__)
@@ -45,16 +49,38 @@ LRM_RUNS = {  # name -> (training manifest, backbone init)
     "lrm-mpcf": ("mpcf", "diffusion"),
     "lrm-mpcf-fresh": ("mpcf", "random"),
 }
-VARIANTS = ("base", "guided", "lpo")
 GRID_PROMPTS = 6  # held-out captions shown in the sample grids, one row each
+FAMILIES = ("sd15", "sd3")
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    # sd15: CFG 1.5 leaves its base model room to improve (at CFG 3 its samples reach oracle 0.74)
+    "sd15": {"guidance": 1.5, "lpo_threshold": [0.05, 0.3], "lrm_steps": 400, "lpo_epochs": 20},
+    # sd3: its base model draws the colours right far more often (CFG 1.5: 97% shape colour); without guidance it
+    # leaves room to improve, and each step costs one forward instead of two. Fewer LRM updates and epochs keep the
+    # demo, GRPO included, within 10 minutes (LPO's reward on its training trajectories levels off after about 14
+    # epochs here)
+    "sd3": {"guidance": 1.0, "lpo_threshold": [0.05, 0.3], "lrm_steps": 300, "lpo_epochs": 14},
+}
+
+
+def variants(config: DemoConfig) -> tuple[str, ...]:
+    return ("base", "guided", "lpo", "grpo") if config.grpo else ("base", "guided", "lpo")
+
+
+def resolved(config: DemoConfig) -> DemoConfig:
+    """The config with the family's defaults where a field is left at None."""
+    defaults = FAMILY_DEFAULTS[config.family]
+    return dataclasses.replace(config, **{k: v for k, v in defaults.items() if getattr(config, k) is None})
 
 
 def validate(config: DemoConfig) -> None:
     """Everything checkable before any model loads."""
     from lpo.reward.toy.world import all_scenes
 
+    if config.family not in FAMILIES:
+        raise InputError(f"--family {config.family!r}: the toy world's generators are {', '.join(FAMILIES)}.")
+    given, config = config, resolved(config)
     models = Path(config.models)
-    expected = {"sd15": "model_index.json", "pickscore": "config.json", "clip": "open_clip_config.json"}
+    expected = {config.family: "model_index.json", "pickscore": "config.json", "clip": "open_clip_config.json"}
     missing = [f"{role}/{name}" for role, name in expected.items() if not (models / role / name).is_file()]
     if missing:
         raise InputError(f"{models} lacks {', '.join(missing)}: give the toy models folder (manifests/toy-models in "
@@ -71,6 +97,8 @@ def validate(config: DemoConfig) -> None:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1.")
     if config.candidates < 2:
         raise InputError("--candidates must be at least 2 (a winner and a loser).")
+    if config.guidance < 1 or config.grpo_kl < 0:
+        raise InputError("--guidance must be at least 1 (1: no guidance) and --grpo-kl at least 0.")
     low_high = list(config.lpo_threshold)
     if len(low_high) != 2 or not 0 <= low_high[0] <= low_high[1] < 1:
         raise InputError(f"lpo_threshold {low_high} must be two values 0 <= low <= high < 1.")
@@ -78,7 +106,7 @@ def validate(config: DemoConfig) -> None:
         raise InputError(f"score_timestep {config.score_timestep!r} is not parent or child.")
     path = Path(config.out) / CONFIG_FILE
     if path.is_file():
-        saved, now = json.loads(path.read_text()), cfg.to_dict(config)
+        saved, now = json.loads(path.read_text()), cfg.to_dict(given)  # as saved: the family defaults left unset
         changed = sorted(k for k in now if saved.get(k) != now[k])
         if changed:
             raise InputError(f"{config.out} holds a demo run with other settings ({', '.join(changed)}); rerun with "
@@ -93,6 +121,7 @@ def run(config: DemoConfig) -> dict[str, Any]:
     out = Path(config.out)
     (out / STAGES_DIR).mkdir(parents=True, exist_ok=True)
     cfg.save(config, out / CONFIG_FILE)
+    config = resolved(config)
     torch.set_num_threads(min(2, torch.get_num_threads()))  # tiny models: more threads only add overhead
     _quiet_loading()
     results: dict[str, Any] = {}
@@ -100,8 +129,9 @@ def run(config: DemoConfig) -> dict[str, Any]:
         ("data", lambda: make_data(config, out)),
         ("curate", lambda: curate(config, out, results["data"])),
         *[(name, lambda name=name: train_lrm(config, out, name)) for name in LRM_RUNS],
-        ("lpo", lambda: optimize(config, out)),
-        ("samples", lambda: compare_generators(config, out, results["lpo"])),
+        ("lpo", lambda: optimize(config, out, "lpo")),
+        *([("grpo", lambda: optimize(config, out, "grpo"))] if config.grpo else []),
+        ("samples", lambda: compare_generators(config, out, results)),
     ]
     for index, (name, stage) in enumerate(stages, 1):
         path = out / STAGES_DIR / f"{name}.json"
@@ -186,16 +216,27 @@ def train_lrm(config: DemoConfig, out: Path, name: str) -> dict[str, Any]:
     which, init = LRM_RUNS[name]
     run_dir = out / name
     summary = train.run(RewardTrainConfig(
-        manifest=_manifest(out, which), base=str(Path(config.models) / "sd15"), out=run_dir, val_fraction=0.0,
+        manifest=_manifest(out, which), base=_base(config), out=run_dir, val_fraction=0.0,
         batch_size=config.lrm_batch_size, max_steps=config.lrm_steps, lr=config.lrm_lr, weight_decay=0.01,
         warmup_steps=max(1, config.lrm_steps // 20), vfe_scale=config.vfe_scale, text_projection_init="", init=init,
         save_every=max(1, config.lrm_steps // 4), seed=config.seed, device="cpu", latent_cache=out / LATENT_CACHE,
         resume=train.latest_checkpoint(run_dir) is not None))
     evaluation = accuracy.run(RewardEvalConfig(lrm=run_dir / "last", manifest=out / "val" / "pairs.parquet",
-                                               out=run_dir / "eval", timesteps=list(EVAL_TIMESTEPS), seed=config.seed,
+                                               out=run_dir / "eval", timesteps=[], seed=config.seed,
                                                batch_size=128, latent_cache=out / LATENT_CACHE, device="cpu"))
     return {"pairs": which, "init": init, "train_pairs": summary["train_pairs"], "steps": summary["steps"],
             "accuracy": evaluation["accuracy"], "eval_pairs": evaluation["pairs"], "model": str(run_dir / "last")}
+
+
+def _base(config: DemoConfig) -> str:
+    return str(Path(config.models) / config.family)
+
+
+def _eta(config: DemoConfig) -> float:
+    """The family's step noise (DDIM eta 1 for sd15, the flow SDE's noise level 0.7 for sd3), as LPO defaults to."""
+    from lpo.reward.lpo.config import LPOConfig
+
+    return LPOConfig(family=config.family).resolved().eta
 
 
 def split_prompts(config: DemoConfig) -> tuple[list[str], list[str]]:
@@ -208,26 +249,32 @@ def split_prompts(config: DemoConfig) -> tuple[list[str], list[str]]:
     return [c for c in captions if c not in held], held
 
 
-def optimize(config: DemoConfig, out: Path) -> dict[str, Any]:
+def optimize(config: DemoConfig, out: Path, objective: str) -> dict[str, Any]:
+    """`lpo optimize <family> --objective lpo|grpo` with the MPCF-trained LRM; both objectives sample as many
+    trajectories (the same epochs, prompts and sampling batch)."""
     from lpo.reward.lpo import train as lpo_train
     from lpo.reward.lpo.config import LPOConfig
 
     train_prompts, held_out = split_prompts(config)
     prompt_file = out / "lpo_prompts.txt"
     prompt_file.write_text("\n".join(train_prompts) + "\n")
-    run_dir = out / "lpo"
+    run_dir = out / objective
     summary = lpo_train.run(LPOConfig(
-        family="sd15", base=str(Path(config.models) / "sd15"), lrm=out / "lrm-mpcf" / "last", prompts=prompt_file,
-        out=run_dir, epochs=config.lpo_epochs, sample_batch_size=config.lpo_sample_batch_size,
+        family=config.family, base=_base(config), lrm=out / "lrm-mpcf" / "last", prompts=prompt_file,
+        out=run_dir, objective=objective, epochs=config.lpo_epochs, sample_batch_size=config.lpo_sample_batch_size,
         train_batch_size=config.lpo_train_batch_size, candidates=config.candidates, steps=config.steps,
-        guidance=config.guidance, eta=1.0, beta=config.lpo_beta, lora_rank=config.lpo_lora_rank, lr=config.lpo_lr,
-        threshold=list(config.lpo_threshold), score_timestep=config.score_timestep,
-        validation_prompts=held_out[:3], seed=config.seed, device="cpu",
+        guidance=config.guidance, eta=_eta(config), beta=config.lpo_beta, grpo_kl=config.grpo_kl,
+        lora_rank=config.lpo_lora_rank, lr=config.lpo_lr, threshold=list(config.lpo_threshold),
+        score_timestep=config.score_timestep, validation_prompts=held_out[:3], seed=config.seed, device="cpu",
         resume=lpo_train.latest_checkpoint(run_dir) is not None))
     output = next(iter(summary["outputs"].values()))  # the LoRA, or the fully fine-tuned denoiser
     history = summary["history"]
-    return {"rounds": summary["rounds"], "tuples_trained": summary["tuples_trained"], "output": output,
-            "lora": summary.get("lora") is not None,
+    unit = "groups" if objective == "grpo" else "tuples"
+    total = {key: sum(r.get(key, 0) for r in history) for key in ("updates", "train_forwards", "train_seconds",
+                                                                   "sample_seconds")}
+    return {"rounds": summary["rounds"], f"{unit}_trained": summary[f"{unit}_trained"], "output": output,
+            "lora": summary.get("lora") is not None, "trajectories": summary["rounds"] * config.lpo_sample_batch_size,
+            **{key: round(value, 1) for key, value in total.items()},
             "final_lrm_score_first_round": history[0]["final_lrm_score"] if history else None,
             "final_lrm_score_last_round": history[-1]["final_lrm_score"] if history else None}
 
@@ -241,7 +288,7 @@ def _load_generator(base: str, lpo: dict[str, Any] | None) -> Any:
     return load_generator(base, lora=lpo["output"]) if lpo["lora"] else load_generator(base, denoiser=lpo["output"])
 
 
-def compare_generators(config: DemoConfig, out: Path, lpo: dict[str, Any]) -> dict[str, Any]:
+def compare_generators(config: DemoConfig, out: Path, results: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from lpo.reward.images import save_image_grid
@@ -254,21 +301,23 @@ def compare_generators(config: DemoConfig, out: Path, lpo: dict[str, Any]) -> di
     n = config.images_per_prompt
     prompts = [p for p in held_out for _ in range(n)]
     seeds = [image_seed(config.seed, p, i) for p in range(len(held_out)) for i in range(n)]
-    base = str(Path(config.models) / "sd15")
+    base = _base(config)
     lrm = LatentRewardModel.from_pretrained(out / "lrm-mpcf" / "last").requires_grad_(False)
+    eta = _eta(config)
     result: dict[str, Any] = {"prompts": held_out, "images_per_prompt": n, "steps": config.steps,
-                              "guidance": config.guidance, "eta": 1.0, "candidates": config.candidates}
+                              "guidance": config.guidance, "eta": eta, "candidates": config.candidates}
     samples_dir = out / "samples"
-    for variant in VARIANTS:
-        model = _load_generator(base, lpo if variant == "lpo" else None)
+    for variant in variants(config):
+        model = _load_generator(base, results[variant] if variant in ("lpo", "grpo") else None)
         cond = model.encode_prompts(prompts)
         generators = [torch.Generator().manual_seed(s) for s in seeds]
-        latents = sample(model, cond, generators, config.steps, config.guidance, eta=1.0,
+        latents = sample(model, cond, generators, config.steps, config.guidance, eta=eta,
                          lrm=lrm if variant == "guided" else None, prompts=prompts,
                          candidates=config.candidates if variant == "guided" else 1,
                          score_timestep=config.score_timestep)["latents"]
         with torch.no_grad():
-            reward = lrm.score(latents.to(lrm.dtype), torch.ones(len(prompts), dtype=torch.long), prompts).tolist()
+            reward = lrm.score(latents.to(lrm.dtype), torch.full((len(prompts),), model.clean_timestep()),
+                               prompts).tolist()
         images = model.decode(latents)
         rates = match_rates([Scene.from_caption(p) for p in prompts], [perceive(np.asarray(i)) for i in images])
         save_image_grid(images[: GRID_PROMPTS * n], min(GRID_PROMPTS, len(held_out)), samples_dir / f"{variant}.png")
@@ -284,25 +333,32 @@ def compare_generators(config: DemoConfig, out: Path, lpo: dict[str, Any]) -> di
 # report
 
 
-def claims(results: dict[str, Any]) -> list[dict[str, Any]]:
+def noise_label(timestep: str, family: str) -> str:
+    """A noise level as the family's sampler names it: t = 1 for DDPM timesteps, sigma = 0.001 for flow matching."""
+    return f"t={timestep}" if family == "sd15" else f"sigma={float(timestep) / 1000:.3f}"
+
+
+def claims(results: dict[str, Any], family: str = "sd15") -> list[dict[str, Any]]:
     """The paper's claims in miniature, each with the measured numbers and whether this run shows it."""
     cur, samples = results["curate"], results["samples"]
-    acc = {name: {int(t): a for t, a in results[name]["accuracy"].items()} for name in LRM_RUNS}
+    acc = {name: results[name]["accuracy"] for name in LRM_RUNS}
+    low, high = (list(acc["lrm-mpcf"])[i] for i in (0, -1))  # the least and the most noisy level evaluated
+    low_label, high_label = noise_label(low, family), noise_label(high, family)
     base, guided, lpo = samples["base"], samples["guided"], samples["lpo"]
     return [
         {"claim": "MPCF raises the labels' agreement with the oracle",
          "measured": f"{cur['raw']['agreement']:.1%} raw -> {cur['kept']['agreement']:.1%} kept "
                      f"({cur['kept_share']:.0%} of pairs kept)",
          "holds": cur["kept"]["agreement"] > cur["raw"]["agreement"]},
-        {"claim": "an LRM trained on MPCF-kept pairs beats one trained on the raw pairs (t=1)",
-         "measured": f"{acc['lrm-mpcf'][1]:.1%} vs {acc['lrm-raw'][1]:.1%}",
-         "holds": acc["lrm-mpcf"][1] > acc["lrm-raw"][1]},
-        {"claim": "a diffusion-initialised backbone beats a fresh one at the same budget (t=1)",
-         "measured": f"{acc['lrm-mpcf'][1]:.1%} vs {acc['lrm-mpcf-fresh'][1]:.1%}",
-         "holds": acc["lrm-mpcf"][1] > acc["lrm-mpcf-fresh"][1]},
+        {"claim": f"an LRM trained on MPCF-kept pairs beats one trained on the raw pairs ({low_label})",
+         "measured": f"{acc['lrm-mpcf'][low]:.1%} vs {acc['lrm-raw'][low]:.1%}",
+         "holds": acc["lrm-mpcf"][low] > acc["lrm-raw"][low]},
+        {"claim": f"a diffusion-initialised backbone beats a fresh one at the same budget ({low_label})",
+         "measured": f"{acc['lrm-mpcf'][low]:.1%} vs {acc['lrm-mpcf-fresh'][low]:.1%}",
+         "holds": acc["lrm-mpcf"][low] > acc["lrm-mpcf-fresh"][low]},
         {"claim": "the LRM is noise-aware: accurate at low noise, less so at high noise",
-         "measured": f"{acc['lrm-mpcf'][1]:.1%} at t=1, {acc['lrm-mpcf'][951]:.1%} at t=951",
-         "holds": acc["lrm-mpcf"][1] > acc["lrm-mpcf"][951]},
+         "measured": f"{acc['lrm-mpcf'][low]:.1%} at {low_label}, {acc['lrm-mpcf'][high]:.1%} at {high_label}",
+         "holds": acc["lrm-mpcf"][low] > acc["lrm-mpcf"][high]},
         {"claim": "LPO raises the oracle alignment of generated images on held-out captions",
          "measured": f"{base['oracle']:.3f} base -> {lpo['oracle']:.3f} LPO",
          "holds": lpo["oracle"] > base["oracle"]},
@@ -315,32 +371,58 @@ def claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
+def costs(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """What each fine-tuning objective spent on the same sampled trajectories: items trained, optimizer updates,
+    denoiser forwards of the training, seconds of training and of sampling."""
+    out = {}
+    for objective in ("lpo", "grpo"):
+        if objective in results:
+            r = results[objective]
+            items = r.get("groups_trained", r.get("tuples_trained"))
+            out[objective] = {"trajectories": r.get("trajectories"), "items": items, "updates": r.get("updates"),
+                              "train_forwards": r.get("train_forwards"), "train_seconds": r.get("train_seconds"),
+                              "sample_seconds": r.get("sample_seconds")}
+    return out
+
+
 def report(config: DemoConfig, out: Path, results: dict[str, Any]) -> dict[str, Any]:
-    summary = {"config": cfg.to_dict(config), "claims": claims(results),
-               "seconds": {name: r.get("seconds") for name, r in results.items()}, **results}
+    summary = {"config": cfg.to_dict(config), "family": config.family, "claims": claims(results, config.family),
+               "costs": costs(results), "seconds": {name: r.get("seconds") for name, r in results.items()},
+               **results}
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     (out / "demo.md").write_text(markdown(summary))
     figure(summary, out / "demo.png")
     return summary
 
 
+NAMES = {"base": "base model", "guided": "LRM-guided sampling", "lpo": "LPO-tuned model", "grpo": "GRPO-tuned model"}
+
+
 def markdown(summary: dict[str, Any]) -> str:
-    cur, samples = summary["curate"], summary["samples"]
-    lines = ["# lpo demo on the toy world", "",
+    cur, samples, family = summary["curate"], summary["samples"], summary.get("family", "sd15")
+    levels = list(summary["lrm-mpcf"]["accuracy"])
+    lines = [f"# lpo demo on the toy world ({family})", "",
              "| what | measured | holds |", "|---|---|---|"]
     lines += [f"| {c['claim']} | {c['measured']} | {'yes' if c['holds'] else 'no'} |" for c in summary["claims"]]
-    lines += ["", "| LRM (held-out pairs, accuracy) | " + " | ".join(f"t={t}" for t in EVAL_TIMESTEPS) + " |",
-              "|---|" + "---|" * len(EVAL_TIMESTEPS)]
+    lines += ["", "| LRM (held-out pairs, accuracy) | " + " | ".join(noise_label(t, family) for t in levels) + " |",
+              "|---|" + "---|" * len(levels)]
     for name, (pairs, init) in LRM_RUNS.items():
         acc = summary[name]["accuracy"]
-        lines.append(f"| {pairs} pairs, {init} init | " + " | ".join(f"{acc[str(t)]:.3f}" for t in EVAL_TIMESTEPS)
-                     + " |")
+        lines.append(f"| {pairs} pairs, {init} init | " + " | ".join(f"{acc[t]:.3f}" for t in levels) + " |")
     lines += ["", "| generator (held-out captions) | oracle | shape colour | shape | background | LRM reward |",
               "|---|---|---|---|---|---|"]
-    for variant in VARIANTS:
+    for variant in (v for v in NAMES if v in samples):
         s = samples[variant]
         lines.append(f"| {variant} | {s['oracle']:.3f} | {s['fg_colour_correct']:.3f} | {s['shape_correct']:.3f} | "
                      f"{s['bg_colour_correct']:.3f} | {s['lrm_reward']:.2f} |")
+    cost = summary.get("costs", {})
+    if cost:
+        lines += ["", "| fine-tuning | trajectories | items trained | updates | training forwards | training s | "
+                      "sampling s |", "|---|---|---|---|---|---|---|"]
+        for objective, c in cost.items():
+            unit = "groups of K" if objective == "grpo" else "tuples"
+            lines.append(f"| {objective} | {c['trajectories']} | {c['items']} {unit} | {c['updates']} | "
+                         f"{c['train_forwards']} | {c['train_seconds']} | {c['sample_seconds']} |")
     lines += ["", f"Label agreement with the oracle: raw {cur['raw']['agreement']:.3f} over {cur['raw']['decided']} "
                   f"decided pairs; kept {cur['kept']['agreement']:.3f} over {cur['kept']['decided']}.",
               "Seconds per stage: " + ", ".join(f"{k} {v}" for k, v in summary["seconds"].items()), ""]
@@ -354,24 +436,28 @@ def figure(summary: dict[str, Any], path: Path) -> Path:
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    fig, axes = plt.subplots(1, 4, figsize=(17, 4.4), gridspec_kw={"width_ratios": [1.3, 1, 1, 1]})
+    family = summary.get("family", "sd15")
+    shown = [v for v in NAMES if v in summary["samples"]]
+    fig, axes = plt.subplots(1, 1 + len(shown), figsize=(4.3 * (1 + len(shown)), 4.4),
+                             gridspec_kw={"width_ratios": [1.3] + [1] * len(shown)})
     ax = axes[0]
+    levels = list(summary["lrm-mpcf"]["accuracy"])
+    x = [float(t) if family == "sd15" else float(t) / 1000 for t in levels]
     for name, (pairs, init) in LRM_RUNS.items():
         acc = summary[name]["accuracy"]
-        ax.plot(EVAL_TIMESTEPS, [acc[str(t)] for t in EVAL_TIMESTEPS], marker="o", label=f"{pairs} pairs, {init}")
+        ax.plot(x, [acc[t] for t in levels], marker="o", label=f"{pairs} pairs, {init}")
     ax.axhline(0.5, color="grey", linestyle=":", label="chance")
-    ax.set_xlabel("timestep t (noise level)")
+    ax.set_xlabel("timestep t (noise level)" if family == "sd15" else "sigma (noise level)")
     ax.set_ylabel("held-out pairwise accuracy")
     ax.set_ylim(0.4, 1.0)
-    ax.set_title("LRM accuracy against noise")
+    ax.set_title(f"LRM accuracy against noise ({family})")
     ax.legend(fontsize=8)
-    titles = {"base": "base model", "guided": "LRM-guided sampling", "lpo": "LPO-tuned model"}
     captions = summary["samples"]["prompts"][:GRID_PROMPTS]
-    for ax, variant in zip(axes[1:], VARIANTS):
+    for ax, variant in zip(axes[1:], shown):
         s = summary["samples"][variant]
         grid = Image.open(s["grid"])
         ax.imshow(grid, interpolation="nearest")
-        ax.set_title(f"{titles[variant]}\noracle {s['oracle']:.3f}, LRM reward {s['lrm_reward']:.2f}", fontsize=10)
+        ax.set_title(f"{NAMES[variant]}\noracle {s['oracle']:.3f}, LRM reward {s['lrm_reward']:.2f}", fontsize=10)
         ax.set_xticks([])
         row = grid.height / len(captions)
         ax.set_yticks([(i + 0.5) * row for i in range(len(captions))])

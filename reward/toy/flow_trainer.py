@@ -5,8 +5,9 @@
   `(z - shift) * scale`, the shift and scale measured on fresh renders (mean and 1 / std of the latents).
 - Text: the pipeline's three encoders at toy width: two CLIP text encoders with projections (the penultimate hidden
   states side by side form the sequence, their projected embeddings the pooled vector) over the world's tokenizer,
-  and a T5 encoder whose tokenizer declares 16 tokens, so the sequence is 16 CLIP + 16 T5 tokens (a pipeline without
-  T5 would feed 256 zero tokens instead, which multiplies the cost of every step on a CPU).
+  and a T5 encoder. A caption is 7 words: the CLIP tokenizers read 10 tokens (start, words, end, padding) and the T5
+  tokenizer declares 8 (words, end), so the sequence is 10 CLIP + 8 T5 tokens beside 16 image tokens (a pipeline
+  without T5 would feed 256 zero tokens instead, which multiplies the cost of every step on a CPU).
 - Transformer: an `SD3Transformer2DModel` over the 4x8x8 latents (2x2 patches: 16 image tokens), 4 joint blocks of
   width 64, trained jointly with the text encoders on the flow-matching objective: `x_sigma = (1 - sigma) x0 +
   sigma eps`, the model at timestep `sigma * 1000` predicts the velocity `eps - x0`; sigma is drawn from a
@@ -30,13 +31,14 @@ logger = logging.getLogger(__name__)
 WIDTH = 64  # CLIP hidden and projection width, transformer width
 JOINT_WIDTH = 2 * WIDTH  # both CLIPs' states side by side; T5's width matches
 SHIFT = 1.0
+CLIP_TOKENS, T5_TOKENS = 10, 8  # a caption's 7 words with CLIP's start and end tokens; with T5's end token
 
 
 def sd3_vae(vae: Any, rng: np.random.Generator) -> Any:
     """A copy of the SD1.5 toy VAE with SD3's shift and scale, both measured on 512 fresh renders."""
     import copy
 
-    from lpo.reward.toy.trainer import render_batch
+    from lpo.reward.toy.world import render_batch
 
     vae = copy.deepcopy(vae)
     _, pixels = render_batch(rng, 512)
@@ -50,9 +52,9 @@ def sd3_vae(vae: Any, rng: np.random.Generator) -> Any:
 def build_text_encoders(tokenizer: Any, t5_tokenizer: Any) -> list[Any]:
     from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    from lpo.reward.toy.trainer import _text_config
+    from lpo.reward.toy.world import text_encoder_config
 
-    clip_config = _text_config(tokenizer)
+    clip_config = text_encoder_config(tokenizer)
     clip_config.projection_dim = WIDTH
     t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=JOINT_WIDTH, d_kv=16, d_ff=2 * JOINT_WIDTH,
                                  num_layers=2, num_heads=4, pad_token_id=t5_tokenizer.pad_token_id,
@@ -63,7 +65,7 @@ def build_text_encoders(tokenizer: Any, t5_tokenizer: Any) -> list[Any]:
 def build_transformer() -> Any:
     from diffusers import SD3Transformer2DModel
 
-    from lpo.reward.toy.trainer import IMAGE_SIZE
+    from lpo.reward.toy.world import IMAGE_SIZE
 
     return SD3Transformer2DModel(sample_size=IMAGE_SIZE // 4, patch_size=2, in_channels=4, out_channels=4,
                                  num_layers=4, attention_head_dim=16, num_attention_heads=4,
@@ -76,11 +78,10 @@ def train_sd3(config: ToyModelsConfig, vae: Any, rng: np.random.Generator) -> tu
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
     from lpo.reward.backbones.mmdit import encode_sd3_prompts, t5_tokens
-    from lpo.reward.toy.trainer import render_batch
-    from lpo.reward.toy.world import toy_t5_tokenizer, toy_tokenizer
+    from lpo.reward.toy.world import render_batch, toy_t5_tokenizer, toy_tokenizer
 
     vae = sd3_vae(vae, rng)
-    tokenizers = [toy_tokenizer(), toy_tokenizer(), toy_t5_tokenizer()]
+    tokenizers = [toy_tokenizer(CLIP_TOKENS), toy_tokenizer(CLIP_TOKENS), toy_t5_tokenizer(T5_TOKENS)]
     encoders = build_text_encoders(tokenizers[0], tokenizers[2])
     transformer = build_transformer()
     scenes, latents = [], []

@@ -35,6 +35,8 @@ from lpo.reward.images import to_uint8
 from lpo.reward.toy.config import ToyModelsConfig
 from lpo.reward.toy.random_models import OPEN_CLIP_PREPROCESS, clip_image_processor
 from lpo.reward.toy.world import (
+    IMAGE_SIZE,
+    TEXT_WIDTH,
     TOKENIZER_MAX_LENGTH,
     Scene,
     agreement,
@@ -43,32 +45,16 @@ from lpo.reward.toy.world import (
     perceive,
     random_scene,
     render,
+    render_batch,
+    text_encoder_config,
     toy_tokenizer,
 )
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SIZE = 32
-TEXT_WIDTH = 64
 SUMMARY_FILE = "toy_models.json"
 NOISE_SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
                   "num_train_timesteps": 1000}
-
-
-def render_batch(rng: np.random.Generator, n: int) -> tuple[list[Scene], torch.Tensor]:
-    """n random scenes and their renders as a float tensor [n, 3, 32, 32] in [0, 1]."""
-    scenes = [random_scene(rng) for _ in range(n)]
-    pixels = np.stack([render(scene, rng, IMAGE_SIZE) for scene in scenes])
-    return scenes, torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255.0
-
-
-def _text_config(tokenizer: Any) -> Any:
-    from transformers import CLIPTextConfig
-
-    return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=TEXT_WIDTH, intermediate_size=2 * TEXT_WIDTH,
-                          num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=TOKENIZER_MAX_LENGTH,
-                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                          pad_token_id=tokenizer.pad_token_id)
 
 
 def _token_ids(tokenizer: Any, captions: list[str]) -> torch.Tensor:
@@ -138,7 +124,7 @@ def train_diffusion(config: ToyModelsConfig, vae: Any, rng: np.random.Generator)
     from transformers import CLIPTextModel
 
     tokenizer = toy_tokenizer()
-    text_encoder = CLIPTextModel(_text_config(tokenizer))
+    text_encoder = CLIPTextModel(text_encoder_config(tokenizer))
     unet = build_unet()
     noise_scheduler = DDPMScheduler(**NOISE_SCHEDULE)
     scenes, latents = [], []
@@ -249,7 +235,7 @@ def train_pickscore(config: ToyModelsConfig, path: Path, rng: np.random.Generato
     from lpo.curate.scorers import pooled_features
 
     tokenizer = toy_tokenizer()
-    model = CLIPModel(CLIPConfig(text_config=_text_config(tokenizer).to_dict(), vision_config=_vision_config(),
+    model = CLIPModel(CLIPConfig(text_config=text_encoder_config(tokenizer).to_dict(), vision_config=_vision_config(),
                                  projection_dim=TEXT_WIDTH))
     train_clip(config, model, lambda x: pooled_features(model.get_image_features(pixel_values=x)),
                lambda ids: pooled_features(model.get_text_features(input_ids=ids)), lambda: model.logit_scale,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -28,6 +29,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("circle", "square", "triangle")
 ORACLE_WEIGHTS = {"fg": 0.5, "shape": 0.3, "bg": 0.2}
 WORDS = ("a", "on", "background", *COLOURS, *SHAPES)
+IMAGE_SIZE = 32  # the toy models' image side
+TEXT_WIDTH = 64  # the toy models' text encoder width
 TOKENIZER_MAX_LENGTH = 16  # a caption is 9 words, 11 tokens with the start and end tokens
 
 
@@ -119,6 +122,25 @@ def perceive(image: np.ndarray) -> Scene:
 def oracle(image: np.ndarray, caption: str) -> float:
     """How well `image` matches `caption`, in [0, 1]: 0.5 colour of the shape, 0.3 shape, 0.2 background."""
     return agreement(Scene.from_caption(caption), perceive(image))
+
+
+def render_batch(rng: np.random.Generator, n: int) -> tuple[list[Scene], Any]:
+    """n random scenes and their renders as a float tensor [n, 3, 32, 32] in [0, 1] (for the toy models' trainers)."""
+    import torch
+
+    scenes = [random_scene(rng) for _ in range(n)]
+    pixels = np.stack([render(scene, rng, IMAGE_SIZE) for scene in scenes])
+    return scenes, torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255.0
+
+
+def text_encoder_config(tokenizer: Any) -> Any:
+    """The toy models' CLIP text encoder config (2 layers, width 64) over `tokenizer`."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=TEXT_WIDTH, intermediate_size=2 * TEXT_WIDTH,
+                          num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=TOKENIZER_MAX_LENGTH,
+                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id)
 
 
 def toy_tokenizer(max_length: int = TOKENIZER_MAX_LENGTH):
