@@ -40,8 +40,8 @@ class LPOConfig:
                                   "r = p_theta / p_sampling there (PPO).")
     grpo_kl: float = option(0.1, "GRPO: weight of the exact KL to the reference step (0 skips the reference "
                                  "forward).")
-    threshold: list[float] | None = option(None, "LPO's softmax-gap threshold range [least noisy, noisiest step], "
-                                                 "interpolated on the step's sigma (sd15 0.35,0.5; sdxl 0.45,0.6).")
+    threshold: list[float] | None = option(None, "LPO's softmax-gap thresholds at the least and the noisiest step, "
+                                                 "linear in the step's std (sd15 0.35,0.5; sdxl 0.45,0.6).")
     score_timestep: str = option("parent", "Timestep the LRM scores a child at: parent (reference) or child.")
     logprob_reduction: str = option("mean", "Reduce the step log-density over latent elements: mean (reference) "
                                             "or sum (the sample's likelihood; the ratio clip then bounds it).")

@@ -31,7 +31,7 @@ class DemoConfig:
     lpo_lr: float = option(1e-3, "LPO learning rate.")
     lpo_lora_rank: int = option(8, "LPO LoRA rank (0 = full fine-tuning).")
     lpo_beta: float = option(500.0, "LPO beta.")
-    lpo_threshold: list[float] | None = option(None, "LPO softmax-gap threshold range [least noisy, noisiest step] "
+    lpo_threshold: list[float] | None = option(None, "LPO softmax-gap thresholds at the least and the noisiest step "
                                                      "(sd15 0.05,0.3; sd3 0.05,0.3): lower than SD1.5's 0.35..0.5, "
                                                      "as the toy LRM's score gaps are smaller.")
     grpo: bool = option(True, "Also fine-tune with step-wise GRPO (`--objective grpo`) on as many sampled "
