@@ -54,10 +54,10 @@ FAMILIES = ("sd15", "sd3")
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     # sd15: CFG 1.5 leaves its base model room to improve (at CFG 3 its samples reach oracle 0.74)
     "sd15": {"guidance": 1.5, "lpo_threshold": [0.05, 0.3], "lrm_steps": 400, "lpo_epochs": 20},
-    # sd3: its base model draws the colours right far more often (CFG 1.5: 97% shape colour); without guidance it
-    # leaves room to improve, and each step costs one forward instead of two. Fewer LRM updates and epochs keep the
-    # demo, GRPO included, within 10 minutes (LPO's reward on its training trajectories levels off after about 14
-    # epochs here)
+    # sd3: its base model draws the colours right far more often (without guidance 86% of shape colours, at CFG 3
+    # all); without guidance it leaves room to improve, and each step costs one forward instead of two. Fewer LRM
+    # updates and epochs keep the demo, GRPO included, within 10 minutes (LPO's reward on its training trajectories
+    # levels off after about 14 epochs here)
     "sd3": {"guidance": 1.0, "lpo_threshold": [0.05, 0.3], "lrm_steps": 300, "lpo_epochs": 14},
 }
 
