@@ -21,30 +21,10 @@ from lpo.reward.backbones import FAMILIES, load_generator
 from lpo.reward.lpo import sampler
 from lpo.reward.lpo import train as lpo_train
 from lpo.reward.lpo.config import LPOConfig
-from lpo.reward.lrm.model import LatentRewardModel, export_components
+from lpo.reward.lrm.model import LatentRewardModel
 
 REPO = Path(__file__).resolve().parents[3]
 PROMPTS = ["a red circle on a blue background", "a green square on a white background", "a white triangle"]
-
-
-@pytest.fixture(scope="module")
-def lrms(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    out = {}
-    for family in ("sd15", "sdxl", "sd3", "flux"):
-        directory = tmp_path_factory.mktemp(f"lrm_{family}")
-        torch.manual_seed(0)
-        model = LatentRewardModel.from_base(str(tiny_models_dir / family), text_projection_init=None)
-        model.save_pretrained(directory)
-        export_components(directory, str(tiny_models_dir / family))
-        out[family] = directory
-    return out
-
-
-@pytest.fixture(scope="module")
-def prompt_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
-    path.write_text("\n".join(PROMPTS) + "\n")
-    return path
 
 
 def _config(family, tiny, lrms, prompts, out, **kw) -> LPOConfig:
