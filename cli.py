@@ -3,23 +3,16 @@ string each, `lpo.curate.config`); a command builds the config, calls one librar
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import json
 import logging
 import os
 import sys
-import typing
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from lpo.curate.config import help_of
-from lpo.curate.errors import InputError
+from lpo.curate.commands import command, console, lazy, out_console, stops_with_code_1, table
 from lpo.curate.filter import FilterConfig
 from lpo.curate.ingest import IngestConfig
 from lpo.curate.score import ScoreConfig
@@ -45,10 +38,6 @@ for sub, name in ((curate_app, "curate"), (reward_app, "reward"), (optimize_app,
                   (dev_app, "dev")):
     app.add_typer(sub, name=name)
 
-console = Console(stderr=True)
-out_console = Console()
-
-
 @app.callback()
 def main_options(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug messages.")) -> None:
     # Our package logs progress at INFO; third-party libraries only speak up with warnings (or with --verbose).
@@ -58,180 +47,6 @@ def main_options(verbose: bool = typer.Option(False, "--verbose", "-v", help="Lo
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# options from config fields
-
-
-def _split(value: str | None) -> list[str] | None:
-    return [v.strip() for v in value.split(",") if v.strip()] if value else None
-
-
-def _numbers(kind: type, example: str) -> Callable[[str | None], list | None]:
-    def parse(value: str | None) -> list | None:
-        try:
-            return [kind(v) for v in _split(value)] if value else None
-        except ValueError:
-            raise InputError(f"'{value}' is not a comma-separated list of numbers, e.g. {example}.") from None
-
-    return parse
-
-
-def _thresholds(option: str) -> Callable[[list[str] | None], dict[str, float] | None]:
-    def parse(values: list[str] | None) -> dict[str, float] | None:
-        from lpo.curate.mpcf import parse_thresholds
-
-        return parse_thresholds(values, option) or None
-
-    return parse
-
-
-@dataclasses.dataclass
-class Field:
-    """How one config field shows on the command line."""
-
-    name: str
-    annotation: Any  # the Python type Typer parses
-    default: Any  # typer.Option(...) or typer.Argument(...)
-    parse: Callable[[Any], Any] = lambda value: value
-
-
-def _option_for(cls: type, name: str, hint: Any, *, argument: bool, required: bool, flags: tuple[str, ...],
-                repeatable: bool, help_text: str | None) -> Field:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        hint = next(a for a in args if a is not type(None))
-        origin, args = typing.get_origin(hint), typing.get_args(hint)
-    help_text = help_text or help_of(cls, name)
-    dashed = name.replace("_", "-")
-    flag = flags or ((f"--{dashed}/--no-{dashed}",) if hint is bool else (f"--{dashed}",))
-    if origin is list and repeatable:
-        annotation, parse = Optional[list[args[0]]], lambda values: list(values) if values else None  # noqa: UP045
-    elif origin is list:
-        annotation = Optional[str]  # noqa: UP045
-        parse = {int: _numbers(int, "1,251,501"), float: _numbers(float, "0.35,0.5")}.get(args[0], _split)
-    elif origin is dict:
-        annotation, parse = Optional[list[str]], _thresholds(flag[0])  # noqa: UP045
-        help_text = f"metric=value: {help_text} Repeatable."
-    else:
-        annotation, parse = Optional[hint], lambda value: value  # noqa: UP045
-    if argument:
-        default = typer.Argument(... if required else None, help=help_text)
-    else:
-        default = typer.Option(... if required else None, *flag, help=help_text)
-    return Field(name, annotation, default, parse)
-
-
-def _model_fields(metrics: tuple[str, ...]) -> list[Field]:
-    helps = {"pickscore": "PickScore model: hub id or local directory.",
-             "clip": "CLIP model: hf-hub:ID, ARCH:TAG or local open_clip directory.",
-             "vqa": "VQA model: vision-language hub id or directory, or t2v:MODEL.",
-             "aesthetic": "Aesthetic predictor: hub id or local directory.",
-             "hpsv2": "HPS v2 model: hub repo with HPS_v2_compressed.pt, a folder holding it, or the file.",
-             "hpsv21": "HPS v2.1 model: hub repo with HPS_v2.1_compressed.pt, a folder holding it, or the file.",
-             "imagereward": "ImageReward model: hub id or a folder with ImageReward.pt and med_config.json."}
-    return [Field(f"{metric}_model", Optional[str], typer.Option(None, help=helps[metric])) for metric in metrics]  # noqa: UP045
-
-
-def command(group: typer.Typer, name: str | None, cls: type, run: Callable[[Any], Any],
-            report: Callable[[Any, Any], None], *, help: str, arguments: tuple[str, ...] = (),  # noqa: A002
-            required: tuple[str, ...] = (), fixed: dict[str, Any] | None = None,
-            flags: dict[str, tuple[str, ...]] | None = None, repeatable: tuple[str, ...] = (),
-            helps: dict[str, str] | None = None, model_metrics: tuple[str, ...] = (), config_file: bool = True,
-            callback: bool = False) -> None:
-    """Register `lpo ... name`: one option per field of `cls` (arguments first), `--config FILE`, and per-metric
-    `--<metric>-model` options filling the `models` field; the body builds the config and calls `run`, then
-    `report(config, result)`. Bad input (an InputError) exits with code 2."""
-    from lpo.curate import config as cfg
-
-    hints = typing.get_type_hints(cls)
-    fixed, flags, helps = fixed or {}, flags or {}, helps or {}
-    # with `model_metrics`, the `models` field (metric -> spec) is filled from the --<metric>-model options
-    names = [f.name for f in dataclasses.fields(cls) if f.name not in fixed
-             and not (model_metrics and f.name == "models")]
-    order = list(arguments) + [n for n in names if n not in arguments]
-    fields = [_option_for(cls, n, hints[n], argument=n in arguments, required=n in required, flags=flags.get(n, ()),
-                          repeatable=n in repeatable, help_text=helps.get(n)) for n in order]
-    if model_metrics:
-        fields += _model_fields(model_metrics)
-    if config_file:
-        fields.append(Field("config", Optional[Path], typer.Option(None, "--config",  # noqa: UP045
-                                                                   help="YAML/JSON file with config fields.")))
-    parameters = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.annotation)
-                  for f in fields]
-    if callback:
-        parameters.insert(0, inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context))
-    parse = {f.name: f.parse for f in fields}
-
-    def body(**given: Any) -> None:
-        ctx = given.pop("ctx", None)
-        if ctx is not None:
-            if ctx.invoked_subcommand is not None:
-                return
-            if all(v is None for v in given.values()):
-                typer.echo(ctx.get_help())
-                raise typer.Exit(0)
-        config_path = given.pop("config", None)
-        models = {m: given.pop(f"{m}_model") for m in model_metrics if given.get(f"{m}_model")}
-        for m in model_metrics:
-            given.pop(f"{m}_model", None)
-        try:
-            overrides = {k: parse[k](v) for k, v in given.items()}
-            if model_metrics:
-                overrides["models"] = models or None
-            config = cfg.build(cls, config_path, **overrides, **fixed)
-            result = run(config)
-        except InputError as err:
-            console.print(f"[bold red]error:[/] {err}")
-            raise typer.Exit(code=2) from None
-        report(config, result)
-
-    body.__signature__ = inspect.Signature(parameters)
-    body.__annotations__ = {p.name: p.annotation for p in parameters}
-    body.__doc__ = help
-    body.__name__ = (name or "callback").replace("-", "_")
-    if callback:
-        group.callback()(body)
-    else:
-        group.command(name, help=help)(body)
-
-
-def _lazy(module: str, function: str) -> Callable[[Any], Any]:
-    """A library function imported when the command runs (heavy imports stay out of `lpo --help`)."""
-
-    def call(config: Any) -> Any:
-        import importlib
-
-        return getattr(importlib.import_module(module), function)(config)
-
-    return call
-
-
-def _stops_with_code_1(failure: str, label: str) -> Callable[[Callable[[Any], Any]], Callable[[Any], Any]]:
-    """A run failure that is not bad input (training diverged, a server worker died): message and exit code 1."""
-
-    def wrap(run: Callable[[Any], Any]) -> Callable[[Any], Any]:
-        def call(config: Any) -> Any:
-            try:
-                return run(config)
-            except Exception as err:
-                if type(err).__name__ != failure:
-                    raise
-                console.print(f"[bold red]{label}:[/] {err}")
-                raise typer.Exit(code=1) from None
-
-        return call
-
-    return wrap
-
-
-def _table(title: str, columns: tuple[str, ...], rows: list[tuple], right: tuple[str, ...] = ()) -> None:
-    table = Table(title=title)
-    for column in columns:
-        table.add_column(column, justify="right" if column in right else "left")
-    for row in rows:
-        table.add_row(*[str(cell) for cell in row])
-    out_console.print(table)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # lpo curate
 
@@ -240,7 +55,7 @@ def report_ingest(config: IngestConfig, summary: Any) -> None:
     rows = [("source rows read", summary.rows_read), ("pairs", summary.pairs),
             ("unique images", summary.unique_images)]
     rows += [(f"skipped: {reason}", count) for reason, count in sorted(summary.skipped.items())]
-    _table(f"ingest -> {config.out}", ("what", "count"), rows, right=("count",))
+    table(f"ingest -> {config.out}", ("what", "count"), rows, right=("count",))
 
 
 def report_score(config: ScoreConfig, report: dict[str, Any]) -> None:
@@ -248,7 +63,7 @@ def report_score(config: ScoreConfig, report: dict[str, Any]) -> None:
         return  # not the main process
     rows = [(metric, info["model"], info["scored_now"], report["scored_total"][metric])
             for metric, info in report["metrics"].items()]
-    _table(f"scores -> {Path(config.work_dir) / 'scores.parquet'}",
+    table(f"scores -> {Path(config.work_dir) / 'scores.parquet'}",
            ("metric", "model", "scored now (rank 0)", "scored in total"), rows)
     out_console.print(f"{report['images']} unique images; {report['scored_total']['errors']} with errors; "
                       f"{report['processes']} process(es)")
@@ -262,24 +77,24 @@ def report_filter(config: FilterConfig, summary: dict[str, Any]) -> None:
         rows.append(("  of which ties", summary["kept_ties"], f"{100 * summary['kept_ties'] / total:.1f}%"))
     rows += [(f"[red]rejected[/]: {reason}", count, f"{100 * count / total:.1f}%")
              for reason, count in summary["rejected_by_reason"].items()]
-    _table(f"MPCF rule '{summary['rule']}' -> {config.out}", ("what", "pairs", "share"), rows,
+    table(f"MPCF rule '{summary['rule']}' -> {config.out}", ("what", "pairs", "share"), rows,
            right=("pairs", "share"))
     rows = [(metric, info["pairs"], "n/a" if info["rate"] is None else f"{100 * info['rate']:.1f}%")
             for metric, info in summary["agreement"].items()]
-    _table("Human label agreement per metric (labelled, non-tie pairs)",
+    table("Human label agreement per metric (labelled, non-tie pairs)",
            ("metric", "pairs", "metric prefers the human winner"), rows)
     out_console.print(f"{summary['rule_description']}. Images with errors: {summary['images_with_errors']}.")
 
 
 MODEL_HELP_CURATE = dict(model_metrics=CURATION_METRICS)
-command(curate_app, "ingest", IngestConfig, _lazy("lpo.curate.ingest", "run"), report_ingest,
+command(curate_app, "ingest", IngestConfig, lazy("lpo.curate.ingest", "run"), report_ingest,
         arguments=("source",), required=("source", "out"),
         help="Read Pick-a-Pic pairs into DIR/pairs.parquet and DIR/images/ (each unique image once). Resumable.")
-command(curate_app, "score", ScoreConfig, _lazy("lpo.curate.score", "run"), report_score,
+command(curate_app, "score", ScoreConfig, lazy("lpo.curate.score", "run"), report_score,
         arguments=("work_dir",), required=("work_dir",), **MODEL_HELP_CURATE,
         help="Score each unique image once per metric into DIR/scores.parquet. Resumable; shard with "
              "`accelerate launch`.")
-command(curate_app, "filter", FilterConfig, _lazy("lpo.curate.filter", "run"), report_filter,
+command(curate_app, "filter", FilterConfig, lazy("lpo.curate.filter", "run"), report_filter,
         arguments=("source",), required=("source", "out"), flags={"keep_ties": ("--keep-ties/--drop-ties",)},
         helps={"min_gap": "keep a labelled pair only if its gap on metric is > value.",
                "tie_max_gap": "keep a tie only if its |gap| on metric is < value."}, **MODEL_HELP_CURATE,
@@ -291,7 +106,7 @@ command(curate_app, "filter", FilterConfig, _lazy("lpo.curate.filter", "run"), r
 
 
 def report_plan(plan: Any) -> None:
-    _table(plan.title, ("what", "per process"), plan.rows, right=("per process",))
+    table(plan.title, ("what", "per process"), plan.rows, right=("per process",))
     for warning in plan.warnings:
         console.print(f"[bold yellow]warning:[/] {warning}")
 
@@ -307,12 +122,12 @@ def report_reward_train(config: RewardTrainConfig, summary: dict[str, Any]) -> N
     if summary["history"]:
         rows += [(f"last validation accuracy, t={t}", f"{acc:.3f}")
                  for t, acc in summary["history"][-1]["accuracy"].items()]
-    _table(f"LRM training -> {config.out}", ("what", "value"), rows, right=("value",))
+    table(f"LRM training -> {config.out}", ("what", "value"), rows, right=("value",))
     out_console.print(f"best model: {summary['best']}   last model: {summary['last']}")
 
 
 def report_reward_eval(config: RewardEvalConfig, result: dict[str, Any]) -> None:
-    _table(f"LRM accuracy on {result['pairs']} pairs -> {result['out']}", ("timestep", "pairwise accuracy"),
+    table(f"LRM accuracy on {result['pairs']} pairs -> {result['out']}", ("timestep", "pairwise accuracy"),
            [(t, f"{acc:.3f}") for t, acc in result["accuracy"].items()], right=("timestep", "pairwise accuracy"))
 
 
@@ -322,30 +137,33 @@ def report_reward_score(config: RewardScoreConfig, records: list[dict[str, Any]]
 
 
 command(reward_app, "train", RewardTrainConfig,
-        _stops_with_code_1("TrainingDiverged", "training stopped")(_lazy("lpo.reward.lrm.train", "run")),
+        stops_with_code_1("TrainingDiverged", "training stopped")(lazy("lpo.reward.lrm.train", "run")),
         report_reward_train,
         required=("manifest", "base", "out"),
         help="Train a latent reward model on kept pairs (soft-label Bradley-Terry on noisy latents). Resumable.")
-command(reward_app, "cache", RewardCacheConfig, _lazy("lpo.reward.lrm.latents", "run"),
+command(reward_app, "cache", RewardCacheConfig, lazy("lpo.reward.lrm.latents", "run"),
         lambda config, r: out_console.print(f"{r['cached']} of {r['images']} images cached ({r['encoded_now']} "
                                             f"encoded now, {r['processes']} process(es)) in {r['directory']}"),
         required=("manifests", "base", "out"), repeatable=("manifests",), flags={"manifests": ("--manifest",)},
         help="Encode the images of pairs manifests with the VAE once (every process its shard, under accelerate "
              "launch), into a cache `lpo reward train --latent-cache` reuses. Resumable.")
-command(reward_app, "eval", RewardEvalConfig, _lazy("lpo.reward.lrm.accuracy", "run"), report_reward_eval,
+command(reward_app, "eval", RewardEvalConfig, lazy("lpo.reward.lrm.accuracy", "run"), report_reward_eval,
         required=("lrm", "manifest"),
         help="Pairwise accuracy of an LRM per timestep (fixed noise seeds; ties count 0.5): JSON and a PNG plot.")
-command(reward_app, "score", RewardScoreConfig, _lazy("lpo.reward.lrm.accuracy", "score"), report_reward_score,
+command(reward_app, "score", RewardScoreConfig, lazy("lpo.reward.lrm.accuracy", "score"), report_reward_score,
         required=("lrm", "images", "prompts"), repeatable=("images", "prompts"), flags={"prompts": ("--prompt",)},
         config_file=False, help="Score image files against prompts with an LRM (encode, noise to t, score).")
 command(reward_app, "serve", ServeConfig,
-        _stops_with_code_1("ServeFailed", "reward service failed")(_lazy("lpo.reward.serve.server", "run")),
+        stops_with_code_1("ServeFailed", "reward service failed")(lazy("lpo.reward.serve.server", "run")),
         lambda config, result: console.print("reward service stopped"), **MODEL_HELP_CURATE,
         help="Serve the LRM and the curation scorers over HTTP (LitServe: dynamic batching, one worker per device).")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # lpo optimize <family>, lpo sample
+
+
+DENOISER_FLAGS = ("--denoiser", "--unet", "--transformer")
 
 
 def report_optimize(config: LPOConfig, summary: dict[str, Any]) -> None:
@@ -358,7 +176,7 @@ def report_optimize(config: LPOConfig, summary: dict[str, Any]) -> None:
     rows = [(r["round"], r[keys[0]], r[keys[1]], f"{r.get(keys[2], float('nan')):.3f}",
              f"{r.get('loss', float('nan')):.4f}", f"{r['final_lrm_score']:.3f}") for r in summary["history"][-10:]]
     columns = ("round", names[0], "trained", names[1], "loss", "final LRM score")
-    _table(f"{config.objective.upper()} ({config.family}) -> {config.out}", columns, rows, right=columns)
+    table(f"{config.objective.upper()} ({config.family}) -> {config.out}", columns, rows, right=columns)
     for name, path in summary["outputs"].items():
         out_console.print(f"{name}: {path}")
 
@@ -375,7 +193,7 @@ def _optimize_commands() -> None:
     from lpo.reward.backbones import FAMILIES
 
     for family in FAMILIES.values():
-        command(optimize_app, family.name, LPOConfig, _lazy("lpo.reward.lpo.train", "run"), report_optimize,
+        command(optimize_app, family.name, LPOConfig, lazy("lpo.reward.lpo.train", "run"), report_optimize,
                 required=("base", "prompts", "out"), fixed={"family": family.name},
                 repeatable=("validation_prompts",), flags={"validation_prompts": ("--validation-prompt",)},
                 help=f"Fine-tune a {family.title} model with LPO: at every {family.sampler} step sample K children, "
@@ -384,8 +202,9 @@ def _optimize_commands() -> None:
 
 
 _optimize_commands()
-command(app, "sample", SampleConfig, _lazy("lpo.reward.lpo.sample", "run"), report_sample,
-        required=("base", "prompts", "out"), repeatable=("prompts",), flags={"prompts": ("--prompt",)},
+command(app, "sample", SampleConfig, lazy("lpo.reward.lpo.sample", "run"), report_sample,
+        required=("base", "prompts", "out"), repeatable=("prompts",),
+        flags={"prompts": ("--prompt",), "denoiser": DENOISER_FLAGS},
         helps={"prompts": "Prompt to generate. Repeatable."},
         help="Generate images with per-image seeds; with --lrm and --candidates K, LRM-guided: continue from the best "
              "of K at each step.")
@@ -403,7 +222,7 @@ def report_eval(config: Any, summary: dict[str, Any]) -> None:
         mean = "n/a" if s["mean"] is None else f"{s['mean']:.4f}"
         std = "n/a" if s["std"] is None else f"{s['std']:.4f}"
         rows.append((metric, mean, ci, std, s["n_images"], s["model_id"]))
-    _table(f"{summary['images']} images over {summary['prompts']} prompts -> {out}",
+    table(f"{summary['images']} images over {summary['prompts']} prompts -> {out}",
            ("metric", "mean", "95% CI", "std", "images", "model"), rows, right=("mean", "95% CI", "std", "images"))
     if summary["images_with_errors"]:
         out_console.print(f"[yellow]{summary['images_with_errors']} image(s) could not be scored (see the error "
@@ -424,7 +243,7 @@ def report_compare(config: EvalCompareConfig, result: dict[str, Any]) -> None:
         rows.append((metric, f"{m['mean_a']:.4f}", f"{m['mean_b']:.4f}", f"[bold]{delta}[/]" if significant else delta,
                      ci, win))
     columns = ("metric", f"A: {name_a}", f"B: {name_b}", "delta (B - A)", "95% CI", "B wins (prompts)")
-    _table(f"{name_b} vs {name_a}: {result['pairs']} paired images, {result['prompts']} prompts", columns, rows,
+    table(f"{name_b} vs {name_a}: {result['pairs']} paired images, {result['prompts']} prompts", columns, rows,
            right=columns[1:])
     out_console.print(result["statistics"] + ".")
     out_console.print(compare_markdown(result), markup=False, highlight=False)
@@ -432,16 +251,16 @@ def report_compare(config: EvalCompareConfig, result: dict[str, Any]) -> None:
         out_console.print(f"written: {config.out} and {Path(config.out).with_suffix('.json')}")
 
 
-EVAL_MODELS, DENOISER_FLAGS = dict(model_metrics=METRICS), ("--denoiser", "--unet", "--transformer")
-command(eval_app, None, EvalConfig, _lazy("lpo.reward.eval.run", "run"), report_eval, callback=True,
+EVAL_MODELS = dict(model_metrics=METRICS)
+command(eval_app, None, EvalConfig, lazy("lpo.reward.eval.run", "run"), report_eval, callback=True,
         flags={"guidance": ("--cfg", "--guidance"), "denoiser": DENOISER_FLAGS}, **EVAL_MODELS,
         help="Generate every (prompt, image) with its own seed, score every image, write images.parquet, "
              "summary.json, summary.md and grid.png. Resumable: finished images are not generated again.")
-command(eval_app, "score", EvalScoreConfig, _lazy("lpo.reward.eval.score", "score_existing"), report_eval,
+command(eval_app, "score", EvalScoreConfig, lazy("lpo.reward.eval.score", "score_existing"), report_eval,
         required=("images", "out"), **EVAL_MODELS,
         help="Score images that already exist: a manifest pairs each file with its prompt, or files named "
              "<prompt index>_<image index>.png are matched to --prompts. Mismatches exit 2.")
-command(eval_app, "compare", EvalCompareConfig, _lazy("lpo.reward.eval.stats", "compare"), report_compare,
+command(eval_app, "compare", EvalCompareConfig, lazy("lpo.reward.eval.stats", "compare"), report_compare,
         arguments=("run_a", "run_b"), required=("run_a", "run_b"), config_file=False,
         help="Per-metric means of two runs, the paired difference (by prompt and image index) with a 95% interval, "
              "and the per-prompt win rate; a rich table and markdown.")
@@ -455,7 +274,7 @@ def report_demo(config: DemoConfig, summary: dict[str, Any]) -> None:
     from lpo.reward.toy.demo import SUMMARY_FILE
 
     rows = [(c["claim"], c["measured"], "[green]yes[/]" if c["holds"] else "[red]no[/]") for c in summary["claims"]]
-    _table(f"lpo demo -> {config.out}", ("claim", "measured", "holds"), rows)
+    table(f"lpo demo -> {config.out}", ("claim", "measured", "holds"), rows)
     out = Path(config.out)
     out_console.print(f"written: {out / 'demo.md'}, {out / 'demo.png'}, {out / SUMMARY_FILE}")
 
@@ -471,19 +290,19 @@ command(app, "demo", DemoConfig, run_demo, report_demo,
         help="Show on the toy world, in minutes on a CPU, that MPCF, the latent reward model and LPO learn: curation, "
              "three LRMs, LPO and step-wise GRPO fine-tuning, guided sampling and a before/after comparison, on the "
              "toy UNet (--family sd15) or flow-matching SD3 model (--family sd3). Rerun to continue a stopped run.")
-command(dev_app, "tiny-models", TinyModelsConfig, _lazy("lpo.reward.toy.random_models", "run"),
+command(dev_app, "tiny-models", TinyModelsConfig, lazy("lpo.reward.toy.random_models", "run"),
         lambda config, written: [out_console.print(f"{role:10s} {path}") for role, path in written.items()],
         arguments=("out",), required=("out",), config_file=False,
         help="Write tiny random-weight models in the real on-disk formats (pickscore, clip, vqa, aesthetic, sd15, "
              "sdxl, hpsv2, hpsv21, imagereward).")
-command(dev_app, "toy-models", ToyModelsConfig, _lazy("lpo.reward.toy.trainer", "run"),
+command(dev_app, "toy-models", ToyModelsConfig, lazy("lpo.reward.toy.trainer", "run"),
         lambda config, summary: out_console.print_json(json.dumps(
             {k: v for k, v in summary.items() if k != "config"})),
         arguments=("out",), required=("out",),
         help="Train the toy world's models from scratch (the seeded script behind manifests/toy-models): an "
              "SD1.5-format pipeline, a pickscore CLIP, an open_clip clip model and an SD3-format flow-matching "
              "pipeline. About 16 minutes on 2 CPU cores; not resumable.")
-command(dev_app, "sample-data", SampleDataConfig, _lazy("lpo.reward.toy.world", "run"),
+command(dev_app, "sample-data", SampleDataConfig, lazy("lpo.reward.toy.world", "run"),
         lambda config, path: typer.echo(json.dumps({"written": str(path)})),
         arguments=("out",), required=("out",), config_file=False,
         help="Write synthetic toy-world preference pairs (shapes and colours, with a known oracle) in Pick-a-Pic's "

@@ -12,8 +12,9 @@ from lpo.reward.backbones.family import (
     load_generator,
     pixel_resolution,
     read_subfolder_config,
+    resolve_denoiser,
     resolve_lora,
 )
 
 __all__ = ["FAMILIES", "Family", "diffusers_dtype", "family_of", "get_family", "load_generator", "pixel_resolution",
-           "read_subfolder_config", "resolve_lora"]
+           "read_subfolder_config", "resolve_denoiser", "resolve_lora"]

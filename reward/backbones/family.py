@@ -266,12 +266,71 @@ def resolve_lora(path: str | Path) -> Path:
                      "wrote, or its run directory.")
 
 
+def _local_spec(spec: str) -> bool:
+    return Path(spec).expanduser().exists() or spec.startswith(("/", "./", "../", "~", ".\\")) or "\\" in spec
+
+
+def resolve_denoiser(spec: str | Path, family: Family) -> tuple[str, str | None, dict[str, Any]]:
+    """(folder or hub id, subfolder, config) of a fine-tuned denoiser for `family`'s pipelines, checked against the
+    family before any weights load. `spec` is a folder saved with save_pretrained; a folder holding one in `unet/`
+    or `transformer/` (a pipeline), `merged_unet/` or `merged_transformer/` (`lpo optimize --merge`'s run
+    directory); a hub id (the same, at the repository's root); or `owner/repo/sub/folder`, a folder inside a hub
+    repository (the released checkpoints' layout, e.g. `casiatao/LPO/lpo_sd15_merge/unet`)."""
+    spec = str(spec)
+    name = family.denoiser
+    inside = (None, name, f"merged_{name}")
+    if _local_spec(spec):
+        path = Path(spec).expanduser()
+        found = next((path / (sub or "") for sub in inside if (path / (sub or "") / CONFIG_FILE).is_file()), None)
+        if found is None:
+            raise InputError(f"{spec} holds no {name} ({CONFIG_FILE} here, or in {name}/ or merged_{name}/); pass a "
+                             f"folder saved with save_pretrained, a pipeline folder, or `lpo optimize --merge`'s run "
+                             "directory.")
+        source, subfolder, config = str(found), None, json.loads((found / CONFIG_FILE).read_text())
+    else:
+        source, subfolder, config = _hub_denoiser(spec, inside)
+    if not family.accepts(config) or (family.denoiser == "unet") != ("UNet" in config.get("_class_name", "")):
+        raise InputError(f"{spec} is a {config.get('_class_name', 'model')} that does not fit a {family.title} "
+                         f"pipeline's {name}; pass a fine-tuned {name} of the base's family.")
+    return source, subfolder, config
+
+
+def _hub_denoiser(spec: str, inside: tuple[str | None, ...]) -> tuple[str, str | None, dict[str, Any]]:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    parts = spec.strip("/").split("/")
+    if len(parts) < 2:
+        raise InputError(f"{spec} is neither an existing folder nor a hub id (owner/repo, or owner/repo/sub/folder "
+                         "for a folder inside a repository).")
+    repo, sub = "/".join(parts[:2]), "/".join(parts[2:]) or None
+    unreadable = None
+    for candidate in ((sub,) if sub else inside):
+        try:
+            path = hf_hub_download(repo, CONFIG_FILE, subfolder=candidate)
+        except LocalEntryNotFoundError as err:  # offline (or unreachable) and not in the local cache
+            unreadable = err
+        except EntryNotFoundError:  # the repository has no such file
+            continue
+        except Exception as err:  # missing repository, gated, bad id: the same fix
+            unreadable = err
+            break
+        else:
+            return repo, candidate, json.loads(Path(path).read_text())
+    if unreadable is not None:
+        raise InputError(f"could not read {CONFIG_FILE} of '{spec}' ({type(unreadable).__name__}); pass a local "
+                         "folder, or a hub id (owner/repo or owner/repo/sub/folder) that is reachable or cached.")
+    where = sub or " or ".join(str(c or "its root") for c in inside)
+    raise InputError(f"the hub repository {repo} has no {CONFIG_FILE} in {where}; name the folder that holds the "
+                     "denoiser, e.g. owner/repo/sub/folder.")
+
+
 def load_generator(base: str, *, family: Family | None = None, lora: str | Path | None = None,
                    denoiser: str | Path | None = None, dtype: torch.dtype | None = None,
                    device: str = "cpu") -> Any:
     """The generator of `base` (its family found from its files, or checked against `family`), with a LoRA loaded
-    or its denoiser replaced by a fine-tuned one (a folder saved with `save_pretrained`). The VAE stays in float32:
-    decoding in half precision overflows on the SDXL VAE."""
+    or its denoiser replaced by a fine-tuned one (`resolve_denoiser`: a folder, a hub id or a folder in one). The
+    VAE stays in float32: decoding in half precision overflows on the SDXL VAE."""
     import torch
 
     dtype = dtype or torch.float32
@@ -284,6 +343,7 @@ def load_generator(base: str, *, family: Family | None = None, lora: str | Path 
     if lora is not None:
         model.load_lora(resolve_lora(lora))
     if denoiser is not None:
-        module_class = type(model.denoiser)
-        model.set_denoiser(module_class.from_pretrained(denoiser, **diffusers_dtype(dtype)).to(device).eval())
+        source, subfolder, _ = resolve_denoiser(denoiser, found)
+        module = type(model.denoiser).from_pretrained(source, subfolder=subfolder, **diffusers_dtype(dtype))
+        model.set_denoiser(module.to(device).eval())
     return model

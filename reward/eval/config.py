@@ -25,9 +25,10 @@ class EvalConfig:
     out: Path = option(None, "Run directory: images/, images.parquet, summary.json, summary.md, grid.png.")
     lora: Path | None = option(None, "A LoRA to load into the pipeline: `lpo optimize`'s out/lora (or its run "
                                         "directory).")
-    denoiser: Path | None = option(None, "A fine-tuned UNet or transformer (a folder saved with save_pretrained: "
-                                         "`lpo optimize --lora-rank 0`'s OUT/unet or OUT/transformer, or --merge's "
-                                         "OUT/merged_*) in place of the base's.")
+    denoiser: str | None = option(None, "A fine-tuned UNet or transformer in place of the base's: a folder saved "
+                                        "with save_pretrained, a pipeline folder or `lpo optimize --merge`'s run "
+                                        "directory, a hub id, or owner/repo/sub/folder (a folder inside a hub "
+                                        "repository, e.g. casiatao/LPO/lpo_sd15_merge/unet).")
     lrm: Path | None = option(None, "Latent reward model for LRM-guided sampling (with --candidates K > 1): a "
                                        "folder or run directory of `lpo reward train`, or a hub id.")
     candidates: int = option(1, "K: candidates per step for LRM-guided sampling.")

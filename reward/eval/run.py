@@ -38,7 +38,7 @@ def generation_settings(config: EvalConfig) -> dict[str, Any]:
 def validate(config: EvalConfig) -> tuple[list[str], dict[str, str]]:
     """Check everything that can be checked before a model loads; return the prompts and the metric specs."""
     from lpo.curate.device import resolve_dtype
-    from lpo.reward.backbones import family_of, resolve_lora
+    from lpo.reward.backbones import family_of, resolve_denoiser, resolve_lora
     from lpo.reward.lrm.model import check_lrm_matches
     from lpo.reward.serve.client import remote_scorers
 
@@ -63,13 +63,12 @@ def validate(config: EvalConfig) -> tuple[list[str], dict[str, str]]:
     resolve_dtype(config.score_dtype, option="--score-dtype", auto=None)
     if config.lora is not None:
         resolve_lora(config.lora)
-    if config.denoiser is not None and not (Path(config.denoiser) / "config.json").is_file():
-        raise InputError(f"--denoiser {config.denoiser} holds no config.json; pass a UNet or transformer folder saved "
-                         "with save_pretrained (e.g. `lpo optimize --lora-rank 0`'s OUT/unet or OUT/transformer).")
     if config.denoiser is not None and config.lora is not None:
         raise InputError("give --lora or --denoiser, not both: a LoRA adapts the base's own denoiser.")
     prompts = resolve_prompts(config.prompts, config.max_prompts)
     family = family_of(config.base)
+    if config.denoiser is not None:
+        resolve_denoiser(config.denoiser, family)
     if config.lrm is not None:
         check_lrm_matches(config.lrm, family.name, config.base)
     specs = resolve_metric_specs(config.metrics, config.models, config.models_dir)
@@ -207,7 +206,7 @@ def run(config: EvalConfig) -> dict[str, Any]:
 
     from lpo.curate import config as cfg
     from lpo.curate.device import resolve_device, resolve_dtype
-    from lpo.reward.backbones import family_of
+    from lpo.reward.backbones import family_of, resolve_denoiser
     from lpo.reward.eval.score import _versions
     from lpo.reward.eval.stats import write_outputs
     from lpo.reward.serve.client import remote_scorers
@@ -232,7 +231,11 @@ def run(config: EvalConfig) -> dict[str, Any]:
     score_dtype = resolve_dtype(config.score_dtype, option="--score-dtype", auto=None)
     scores, models = score_items(items, specs, out, config.score_batch_size, device, score_dtype,
                                  remote_scorers(config.reward_url, list(specs)))
-    generation = {"sampler": family_of(config.base).sampler, **settings,
+    family = family_of(config.base)
+    if config.denoiser is not None:  # where the evaluated weights were read (a run directory names its merged_*)
+        source, subfolder, _ = resolve_denoiser(config.denoiser, family)
+        settings = settings | {"denoiser_weights": f"{source}/{subfolder}" if subfolder else source}
+    generation = {"sampler": family.sampler, **settings,
                   "torch_dtype": str(_generation_dtype(config, device)).removeprefix("torch."),
                   "images_per_prompt": config.images_per_prompt, "resolution": resolution,
                   "prompts_file": str(config.prompts)}

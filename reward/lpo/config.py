@@ -87,6 +87,9 @@ class SampleConfig:
     out: Path = option(None, "Directory for the images and samples.json.")
     lora: Path | None = option(None, "A LoRA to load into the pipeline: `lpo optimize`'s out/lora (or its run "
                                         "directory).")
+    denoiser: str | None = option(None, "A fine-tuned UNet or transformer in place of the base's: a folder, a "
+                                        "pipeline folder or `lpo optimize --merge`'s run directory, a hub id, or "
+                                        "owner/repo/sub/folder (a folder inside a hub repository).")
     lrm: Path | None = option(None, "Latent reward model for guided sampling (with --candidates K > 1): a folder "
                                        "or run directory of `lpo reward train`, or a hub id.")
     candidates: int = option(1, "K: candidates per step for LRM-guided sampling (continue from the best).")

@@ -21,7 +21,7 @@ def image_seed(seed: int, prompt_index: int, image_index: int) -> int:
 
 
 def validate(config: SampleConfig) -> None:
-    from lpo.reward.backbones import family_of, resolve_lora
+    from lpo.reward.backbones import family_of, resolve_denoiser, resolve_lora
     from lpo.reward.lrm.model import check_lrm_matches
 
     if not config.base or not config.out:
@@ -39,6 +39,10 @@ def validate(config: SampleConfig) -> None:
         raise InputError("LRM-guided sampling needs --eta > 0 (with eta 0 every candidate is the same).")
     if config.lora is not None:
         resolve_lora(config.lora)
+    if config.denoiser is not None and config.lora is not None:
+        raise InputError("give --lora or --denoiser, not both: a LoRA adapts the base's own denoiser.")
+    if config.denoiser is not None:
+        resolve_denoiser(config.denoiser, family)
 
 
 def run(config: SampleConfig) -> dict[str, Any]:
@@ -51,7 +55,7 @@ def run(config: SampleConfig) -> dict[str, Any]:
 
     validate(config)
     device = resolve_device(config.device)
-    model = load_generator(config.base, lora=config.lora, device=device)
+    model = load_generator(config.base, lora=config.lora, denoiser=config.denoiser, device=device)
     eta, guidance = model.family.sampling(config.eta, config.guidance, guided=config.lrm is not None)
     lrm = LatentRewardModel.from_pretrained(config.lrm).to(device) if config.lrm is not None else None
     out = Path(config.out)
@@ -81,9 +85,9 @@ def run(config: SampleConfig) -> dict[str, Any]:
                 records.append({"prompt": prompt, "prompt_index": p, "image_index": i, "seed": seeds[i],
                                 "kind": name, "path": str(path), "lrm_score": None if scores is None else scores[i]})
     summary: dict[str, Any] = {"base": config.base, "lora": str(config.lora) if config.lora else None,
-                               "lrm": str(config.lrm) if config.lrm else None, "candidates": config.candidates,
-                               "steps": config.steps, "guidance": guidance, "eta": eta,
-                               "resolution": model.resolution, "images": records}
+                               "denoiser": config.denoiser, "lrm": str(config.lrm) if config.lrm else None,
+                               "candidates": config.candidates, "steps": config.steps, "guidance": guidance,
+                               "eta": eta, "resolution": model.resolution, "images": records}
     if lrm is not None:
         mean = {kind: sum(r["lrm_score"] for r in records if r["kind"] == kind) /
                 max(1, sum(r["kind"] == kind for r in records)) for kind in ("guided", "plain")}

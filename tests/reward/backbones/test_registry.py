@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lpo.curate.errors import InputError
-from lpo.reward.backbones import FAMILIES, family_of, get_family, load_generator, resolve_lora
+from lpo.reward.backbones import FAMILIES, family_of, get_family, load_generator, resolve_denoiser, resolve_lora
 
 
 def test_the_family_is_read_from_the_pipeline_files(tiny_models_dir: Path, tmp_path: Path) -> None:
@@ -81,3 +81,40 @@ def test_a_half_precision_generator_decodes_in_float32(tiny_models_dir: Path) ->
     assert model.denoiser.dtype == torch.float16 and model.vae.dtype == torch.float32
     images = model.decode(torch.randn(1, *model.latent_shape, generator=torch.Generator().manual_seed(0)))
     assert np.asarray(images[0]).std() > 0
+
+
+def test_a_denoiser_is_found_in_folders_run_directories_hub_ids_and_hub_subfolders(tiny_models_dir: Path,
+                                                                                   tmp_path: Path,
+                                                                                   fake_hub) -> None:
+    """`--unet/--transformer` specs: a saved folder, a pipeline folder, `lpo optimize --merge`'s run directory, a hub
+    id and a folder inside a hub repository (the released checkpoints' layout) all load the same weights; a denoiser
+    of another family is refused before any weights load."""
+    from diffusers import UNet2DConditionModel
+
+    base, sd15 = str(tiny_models_dir / "sd15"), get_family("sd15")
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    with torch.no_grad():
+        unet.conv_in.weight.add_(1.0)
+    unet.save_pretrained(tmp_path / "run" / "merged_unet")
+    fake_hub("peer/merged-models", {"lpo_sd15_merge/unet": tmp_path / "run" / "merged_unet"})
+    fake_hub("peer/pipeline", {"unet": tmp_path / "run" / "merged_unet"})
+    resolve = resolve_denoiser
+    assert resolve(tmp_path / "run" / "merged_unet", sd15)[:2] == (str(tmp_path / "run" / "merged_unet"), None)
+    assert resolve(tmp_path / "run", sd15)[:2] == (str(tmp_path / "run" / "merged_unet"), None)
+    assert resolve(base, sd15)[:2] == (str(Path(base) / "unet"), None)
+    assert resolve("peer/merged-models/lpo_sd15_merge/unet", sd15)[:2] == ("peer/merged-models", "lpo_sd15_merge/unet")
+    assert resolve("peer/pipeline", sd15)[:2] == ("peer/pipeline", "unet")
+    for spec in (tmp_path / "run", "peer/merged-models/lpo_sd15_merge/unet", "peer/pipeline"):
+        loaded = load_generator(base, denoiser=spec).denoiser
+        assert torch.equal(loaded.conv_in.weight, unet.conv_in.weight), spec
+    with pytest.raises(InputError, match="could not read config.json of 'peer/merged-models/lpo_sdxl_merge/unet'"):
+        resolve("peer/merged-models/lpo_sdxl_merge/unet", sd15)  # offline: not in the cache
+    with pytest.raises(InputError, match="could not read config.json of 'nobody/missing'"):
+        resolve("nobody/missing", sd15)
+    with pytest.raises(InputError, match="holds no unet"):
+        resolve(tmp_path, sd15)
+    with pytest.raises(InputError, match="does not fit a SD1.x/2.x pipeline's unet"):
+        resolve(tiny_models_dir / "sdxl", sd15)
+    with pytest.raises(InputError, match="SD3Transformer2DModel that does not fit a SD1.x/2.x"):
+        resolve(tiny_models_dir / "sd3" / "transformer", sd15)
+    assert resolve(tiny_models_dir / "sd3", get_family("sd3"))[0] == str(tiny_models_dir / "sd3" / "transformer")

@@ -417,7 +417,7 @@ def test_flow_families_generate_guided_and_with_a_fine_tuned_transformer(family,
     after = np.asarray(Image.open(tmp_path / "tuned-run" / "images" / "p00000-i00.png"), dtype=float)
     assert np.abs(before - after).mean() > 1
     bad = invoke("eval", *common, "--transformer", tmp_path, "--out", tmp_path / "bad")
-    assert bad.exit_code == 2 and "holds no config.json" in bad.text
+    assert bad.exit_code == 2 and "holds no transformer" in bad.text
 
 
 @pytest.mark.parametrize(("family", "expected"), [("sd15", torch.float16), ("sd3", torch.float16),
