@@ -19,7 +19,13 @@ from lpo.curate.score import ScoreConfig
 from lpo.curate.scorers.specs import CURATION_METRICS, METRICS
 from lpo.reward.eval.config import EvalCompareConfig, EvalConfig, EvalScoreConfig
 from lpo.reward.lpo.config import LPOConfig, SampleConfig
-from lpo.reward.lrm.config import RewardCacheConfig, RewardEvalConfig, RewardScoreConfig, RewardTrainConfig
+from lpo.reward.lrm.config import (
+    ImportReferenceConfig,
+    RewardCacheConfig,
+    RewardEvalConfig,
+    RewardScoreConfig,
+    RewardTrainConfig,
+)
 from lpo.reward.serve.server import ServeConfig
 from lpo.reward.toy.config import DemoConfig, SampleDataConfig, TinyModelsConfig, ToyModelsConfig
 
@@ -153,6 +159,12 @@ command(reward_app, "eval", RewardEvalConfig, lazy("lpo.reward.lrm.accuracy", "r
 command(reward_app, "score", RewardScoreConfig, lazy("lpo.reward.lrm.accuracy", "score"), report_reward_score,
         required=("lrm", "images", "prompts"), repeatable=("images", "prompts"), flags={"prompts": ("--prompt",)},
         config_file=False, help="Score image files against prompts with an LRM (encode, noise to t, score).")
+command(reward_app, "import-reference", ImportReferenceConfig, lazy("lpo.reward.lrm.reference", "run"),
+        lambda config, r: out_console.print(f"{r['family']} LRM from {r['source']} -> {r['out']} (text encoders: "
+                                            f"{r['text_encoders']}; logit scale {r['logit_scale']:.4f})"),
+        arguments=("source",), required=("source", "base", "out"), config_file=False,
+        help="Convert an LRM saved by the reference code (unet/, text_encoder/, state_dict.pt; the released "
+             "casiatao/LRM/lrm_sd15 and lrm_sdxl) into this toolkit's format, usable by every --lrm option.")
 command(reward_app, "serve", ServeConfig,
         stops_with_code_1("ServeFailed", "reward service failed")(lazy("lpo.reward.serve.server", "run")),
         lambda config, result: console.print("reward service stopped"), **MODEL_HELP_CURATE,

@@ -130,3 +130,16 @@ class RewardScoreConfig:
                                    "noisy evaluation timestep: 1 for sd15/sdxl).")
     seed: int = option(0, "Noise seed.")
     device: str = option("auto", "auto, cpu or cuda.")
+
+
+@dataclass
+class ImportReferenceConfig:
+    source: str = option(None, "An LRM in the reference code's layout (unet/, text_encoder/, text_encoder_2/ for "
+                               "SDXL, state_dict.pt): a folder, a hub id, or owner/repo/sub/folder (the released "
+                               "ones: casiatao/LRM/lrm_sd15, casiatao/LRM/lrm_sdxl).")
+    base: str = option(None, "The pipeline it was trained from, for its tokenizers, VAE and noise schedule "
+                             "(LRM-1.5: sd-legacy/stable-diffusion-v1-5; LRM-XL: "
+                             "stabilityai/stable-diffusion-xl-base-1.0).")
+    out: Path = option(None, "Folder to write the LRM to, in the toolkit's format (must not hold one already).")
+    vae: str | None = option(None, "VAE saved beside it for scoring images (default: the base's; LRM-XL was "
+                                   "trained with madebyollin/sdxl-vae-fp16-fix).")

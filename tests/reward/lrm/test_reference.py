@@ -1,0 +1,190 @@
+"""`lpo reward import-reference`: an LRM saved in the reference code's layout (unet/, text_encoder/,
+text_encoder_2/, state_dict.pt) scores exactly as the reference's formula, computed here independently on the stock
+diffusers UNet; a state file with anything but the projections and the logit scale is refused."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lpo.cli import app
+from lpo.reward.lrm.model import LatentRewardModel
+
+runner = CliRunner()
+REFERENCE_TAPS = {"sd15": [2, 5, 8, 11], "sdxl": [2, 5, 8]}  # the reference's indices into down_block_res_samples
+VFE = 7.5
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def _perturb(module: torch.nn.Module, generator: torch.Generator) -> torch.nn.Module:
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    return module
+
+
+def write_reference_checkpoint(base: Path, out: Path, family: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A trained-looking LRM in the reference layout: the base's UNet and text encoders with changed weights, and
+    state_dict.pt with projections of the reference's shapes."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    generator = torch.Generator().manual_seed(seed)
+    unet = _perturb(UNet2DConditionModel.from_pretrained(base, subfolder="unet"), generator)
+    unet.save_pretrained(out / "unet")
+    text_encoder = _perturb(CLIPTextModel.from_pretrained(base, subfolder="text_encoder"), generator)
+    text_encoder.save_pretrained(out / "text_encoder")
+    if family == "sdxl":
+        second = _perturb(CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder_2"), generator)
+        second.save_pretrained(out / "text_encoder_2")
+        text_dim = second.config.projection_dim
+    else:
+        text_dim = text_encoder.config.hidden_size
+    blocks = unet.config.block_out_channels
+    tap_channels = [blocks[i] for i in range(len(REFERENCE_TAPS[family]))]  # one tap per down block
+    width = sum(tap_channels) + blocks[-1]
+    state = {"visual_projection": {"weight": 0.02 * torch.randn(text_dim, width, generator=generator)},
+             "logit_scale": torch.tensor(2.9)}
+    if family == "sd15":
+        hidden = text_encoder.config.hidden_size
+        state["text_projection"] = {"weight": hidden**-0.5 * torch.randn(text_dim, hidden, generator=generator)}
+    torch.save(state, out / "state_dict.pt")
+    return state
+
+
+@torch.no_grad()
+def reference_scores(checkpoint: Path, base: Path, family: str, latents: torch.Tensor, t: torch.Tensor,
+                     prompts: list[str]) -> torch.Tensor:
+    """The reference code's score (design/method.md 1.3-1.5), on the stock diffusers UNet with hooks: the UNet runs
+    on [x_t with the prompt; x_t with ""], the down-block taps come from the conditional half, the mid block is
+    guided u + 7.5 (c - u), features are spatial means, and the score is exp(logit_scale) * cos."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    n = len(prompts)
+    unet = UNet2DConditionModel.from_pretrained(checkpoint, subfolder="unet").eval()
+    state = torch.load(checkpoint / "state_dict.pt", weights_only=True)
+
+    def ids(tokenizer_folder: str) -> torch.Tensor:
+        tokenizer = CLIPTokenizer.from_pretrained(base, subfolder=tokenizer_folder)
+        return tokenizer(prompts + [""] * n, padding="max_length", max_length=tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids
+
+    kwargs = {}
+    if family == "sd15":
+        encoded = CLIPTextModel.from_pretrained(checkpoint, subfolder="text_encoder").eval()(ids("tokenizer"))
+        context = encoded.last_hidden_state
+        text = encoded.pooler_output[:n] @ state["text_projection"]["weight"].T
+    else:
+        first = CLIPTextModel.from_pretrained(checkpoint, subfolder="text_encoder").eval()(
+            ids("tokenizer"), output_hidden_states=True)
+        second = CLIPTextModelWithProjection.from_pretrained(checkpoint, subfolder="text_encoder_2").eval()(
+            ids("tokenizer_2"), output_hidden_states=True)
+        context = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+        vae_config = AutoencoderKL.load_config(base, subfolder="vae")
+        side = unet.config.sample_size * 2 ** (len(vae_config["block_out_channels"]) - 1)
+        kwargs["added_cond_kwargs"] = {"text_embeds": second.text_embeds,
+                                       "time_ids": torch.tensor([[side, side, 0, 0, side, side]] * 2 * n).float()}
+        text = second.text_embeds[:n]
+    captured: dict[str, list] = {"res": []}
+    unet.conv_in.register_forward_hook(lambda m, i, o: captured["res"].append(o))
+    for block in unet.down_blocks:
+        block.register_forward_hook(lambda m, i, o: captured["res"].extend(o[1]))
+    unet.mid_block.register_forward_hook(lambda m, i, o: captured.__setitem__("mid", o))
+    unet(torch.cat([latents, latents]), torch.cat([t, t]), encoder_hidden_states=context, **kwargs)
+    pooled = [captured["res"][i].mean(dim=(2, 3))[:n] for i in REFERENCE_TAPS[family]]
+    mid = captured["mid"].mean(dim=(2, 3))
+    pooled.append(mid[n:] + VFE * (mid[:n] - mid[n:]))
+    visual = torch.cat(pooled, dim=-1) @ state["visual_projection"]["weight"].T
+    cosine = torch.nn.functional.cosine_similarity(visual, text, dim=-1)
+    return math.exp(float(state["logit_scale"])) * cosine
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_an_imported_reference_lrm_scores_as_the_reference_formula(family, tiny_models_dir, tmp_path) -> None:
+    base = tiny_models_dir / family
+    checkpoint = tmp_path / "reference"
+    write_reference_checkpoint(base, checkpoint, family)
+    result = invoke("reward", "import-reference", checkpoint, "--base", base, "--out", tmp_path / "lrm")
+    assert result.exit_code == 0, result.output
+    model = LatentRewardModel.from_pretrained(tmp_path / "lrm")
+    assert (model.config.multi_scale, model.config.vfe_scale, model.config.vfe_down) == (True, 7.5, False)
+    assert model.config.taps == REFERENCE_TAPS[family]
+    generator = torch.Generator().manual_seed(3)
+    latents = torch.randn(3, *model.config.latent_shape, generator=generator)
+    t = torch.tensor([1, 501, 951])
+    prompts = ["a red circle", "a blue square on a green background", "a photo"]
+    with torch.no_grad():
+        ours = model.score(latents, t, prompts)
+    expected = reference_scores(checkpoint, base, family, latents, t, prompts)
+    assert torch.allclose(ours, expected, rtol=1e-4, atol=1e-4), (ours, expected)
+    assert ours.std() > 0.01  # distinct scores, not a constant that matches by accident
+    provenance = json.loads((tmp_path / "lrm" / "reference.json").read_text())
+    assert provenance["text_encoders"] == {name: "checkpoint" for name in model.backbone.encoder_names}
+    # it works where an LRM is accepted: scoring image files needs the VAE and schedule saved beside it
+    image = tmp_path / "image.png"
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(image)
+    scored = invoke("reward", "score", "--lrm", tmp_path / "lrm", "--images", image, "--prompt", "a red circle",
+                    "--device", "cpu")
+    assert scored.exit_code == 0 and math.isfinite(json.loads(scored.stdout.splitlines()[-1])["score"])
+
+
+def test_a_released_layout_on_the_hub_imports_from_its_subfolder(tiny_models_dir, tmp_path, fake_hub) -> None:
+    base = tiny_models_dir / "sd15"
+    write_reference_checkpoint(base, tmp_path / "lrm_sd15", "sd15")
+    fake_hub("peer/LRM", {"lrm_sd15": tmp_path / "lrm_sd15"})
+    result = invoke("reward", "import-reference", "peer/LRM/lrm_sd15", "--base", base, "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    local = invoke("reward", "import-reference", tmp_path / "lrm_sd15", "--base", base, "--out", tmp_path / "local")
+    assert local.exit_code == 0
+    hub_model, local_model = (LatentRewardModel.from_pretrained(tmp_path / name) for name in ("out", "local"))
+    for (name, a), b in zip(hub_model.state_dict().items(), local_model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+class Payload:
+    """Stands for any pickled object: weights_only loading must refuse it."""
+
+
+@pytest.mark.parametrize(("state", "needle"), [
+    ({"visual_projection": {"weight": torch.zeros(2, 2)}, "logit_scale": 2.0, "text_projection":
+      {"weight": torch.zeros(2, 2)}, "optimizer": {"step": torch.tensor(1)}}, "holds ['logit_scale', 'optimizer'"),
+    ({"visual_projection": {"weight": torch.zeros(2, 2)}, "logit_scale": "2.0",
+      "text_projection": {"weight": torch.zeros(2, 2)}}, "logit_scale must be a float"),
+    ({"visual_projection": [1.0, 2.0], "logit_scale": 2.0, "text_projection": {"weight": torch.zeros(2, 2)}},
+     "visual_projection must be a 2-D float weight"),
+    ({"visual_projection": {"weight": torch.zeros(2, 2)}, "logit_scale": Payload(),
+      "text_projection": {"weight": torch.zeros(2, 2)}}, "not a plain tensor checkpoint"),
+    ({"visual_projection": {"weight": torch.zeros(3, 7)}, "logit_scale": 2.0,
+      "text_projection": {"weight": torch.zeros(2, 2)}}, "visual_projection has shape (3, 7)"),
+])
+def test_a_state_file_with_anything_else_is_refused_with_exit_2(state, needle, tiny_models_dir, tmp_path) -> None:
+    base = tiny_models_dir / "sd15"
+    checkpoint = tmp_path / "reference"
+    write_reference_checkpoint(base, checkpoint, "sd15")
+    torch.save(state, checkpoint / "state_dict.pt")
+    result = invoke("reward", "import-reference", checkpoint, "--base", base, "--out", tmp_path / "lrm")
+    assert result.exit_code == 2 and needle in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "lrm" / "config.json").exists()
+
+
+def test_import_refusals_before_any_model_is_built(tiny_models_dir, tmp_path) -> None:
+    checkpoint = tmp_path / "reference"
+    write_reference_checkpoint(tiny_models_dir / "sd15", checkpoint, "sd15")
+    cases = [((tmp_path / "nothing", "--base", tiny_models_dir / "sd15"), "has no unet/config.json"),
+             ((checkpoint, "--base", tiny_models_dir / "sdxl"), "does not fit the SDXL pipeline"),
+             ((checkpoint, "--base", tiny_models_dir / "sd3"), "released LRMs for SD1.x (sd15) and SDXL")]
+    (tmp_path / "nothing").mkdir()
+    for args, needle in cases:
+        result = invoke("reward", "import-reference", *args, "--out", tmp_path / "out")
+        assert result.exit_code == 2 and needle in " ".join(result.output.split()), (needle, result.output)
