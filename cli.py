@@ -133,8 +133,11 @@ def report_reward_train(config: RewardTrainConfig, summary: dict[str, Any]) -> N
 
 
 def report_reward_eval(config: RewardEvalConfig, result: dict[str, Any]) -> None:
-    table(f"LRM accuracy on {result['pairs']} pairs -> {result['out']}", ("timestep", "pairwise accuracy"),
-           [(t, f"{acc:.3f}") for t, acc in result["accuracy"].items()], right=("timestep", "pairwise accuracy"))
+    sets = result["sets"]
+    timesteps = list(next(iter(sets.values()))["accuracy"])
+    columns = ("timestep", *(f"{name} ({s['pairs']} pairs)" for name, s in sets.items()))
+    table(f"LRM pairwise accuracy -> {result['out']}", columns,
+          [(t, *(f"{s['accuracy'][t]:.3f}" for s in sets.values())) for t in timesteps], right=columns)
 
 
 def report_reward_score(config: RewardScoreConfig, records: list[dict[str, Any]]) -> None:
@@ -154,8 +157,9 @@ command(reward_app, "cache", RewardCacheConfig, lazy("lpo.reward.lrm.latents", "
         help="Encode the images of pairs manifests with the VAE once (every process its shard, under accelerate "
              "launch), into a cache `lpo reward train --latent-cache` reuses. Resumable.")
 command(reward_app, "eval", RewardEvalConfig, lazy("lpo.reward.lrm.accuracy", "run"), report_reward_eval,
-        required=("lrm", "manifest"),
-        help="Pairwise accuracy of an LRM per timestep (fixed noise seeds; ties count 0.5): JSON and a PNG plot.")
+        required=("lrm",),
+        help="Pairwise accuracy of an LRM per timestep (fixed noise seeds; ties count 0.5) on a manifest, or on "
+             "Pick-a-Pic's validation_unique and test_unique (--dataset): JSON and a PNG plot.")
 command(reward_app, "score", RewardScoreConfig, lazy("lpo.reward.lrm.accuracy", "score"), report_reward_score,
         required=("lrm", "images", "prompts"), repeatable=("images", "prompts"), flags={"prompts": ("--prompt",)},
         config_file=False, help="Score image files against prompts with an LRM (encode, noise to t, score).")

@@ -91,17 +91,19 @@ def default_timesteps(lrm_config: dict[str, Any], source: str, subfolder: str | 
                                       tuple(lrm_config["latent_shape"]))[1]
 
 
-def plot_accuracy(accuracy: dict[float, float], path: Path, title: str = "LRM pairwise accuracy",
+def plot_accuracy(curves: dict[str, dict[float, float]], path: Path, title: str = "LRM pairwise accuracy",
                   sigma: bool = False) -> Path:
-    """Accuracy against the noise level: the timestep (DDPM families) or sigma = timestep / 1000 (flow matching)."""
+    """Accuracy against the noise level, one line per evaluation set: the timestep (DDPM families) or sigma =
+    timestep / 1000 (flow matching)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    ts = sorted(accuracy)
-    ax.plot([t / 1000 if sigma else t for t in ts], [accuracy[t] for t in ts], marker="o")
+    for name, accuracy in curves.items():
+        ts = sorted(accuracy)
+        ax.plot([t / 1000 if sigma else t for t in ts], [accuracy[t] for t in ts], marker="o", label=name)
     ax.axhline(0.5, color="grey", linestyle=":", label="chance")
     ax.set_xlabel("sigma (noise level)" if sigma else "timestep t (noise level)")
     ax.set_ylabel("pairwise accuracy")
@@ -115,8 +117,30 @@ def plot_accuracy(accuracy: dict[float, float], path: Path, title: str = "LRM pa
     return path
 
 
+def evaluation_sets(config: RewardEvalConfig, out: Path) -> dict[str, Path]:
+    """Name -> pairs manifest: the --manifest, or each split of --dataset ingested under OUT/pickapic/ (resumable:
+    a finished split is not read again)."""
+    from lpo.curate.ingest import PAIRS_FILE, IngestConfig
+    from lpo.curate.ingest import run as ingest
+
+    if (config.manifest is None) == (config.dataset is None):
+        raise InputError("give --manifest FILE or --dataset ID_OR_PATH (e.g. --dataset yuvalkirstain/pickapic_v1 for "
+                         "the validation_unique and test_unique accuracy), not both.")
+    if config.manifest is not None:
+        return {Path(config.manifest).stem: Path(config.manifest)}
+    if not config.splits:
+        raise InputError("--splits is empty; name the splits of --dataset, e.g. validation_unique,test_unique.")
+    sets = {}
+    for split in config.splits:
+        directory = out / "pickapic" / split
+        ingest(IngestConfig(source=config.dataset, out=directory, split=split))
+        sets[split] = directory / PAIRS_FILE
+    return sets
+
+
 def run(config: RewardEvalConfig) -> dict[str, Any]:
-    """`lpo reward eval`: accuracy per timestep as JSON plus a PNG plot."""
+    """`lpo reward eval`: accuracy per timestep on each evaluation set (a manifest, or Pick-a-Pic's splits) as JSON
+    plus a PNG plot."""
     from lpo.curate.device import resolve_device
     from lpo.curate.manifest import curation_dir_of, read_pairs
     from lpo.reward.backbones import get_family
@@ -124,32 +148,44 @@ def run(config: RewardEvalConfig) -> dict[str, Any]:
     from lpo.reward.lrm.model import LatentRewardModel, component, read_lrm_config, resolve_lrm
 
     lrm_config = read_lrm_config(config.lrm)
-    pairs = usable_pairs(read_pairs(config.manifest))
-    if pairs.is_empty():
-        raise InputError(f"{config.manifest} has no pairs with a winner or a tie; evaluate on a filtered manifest.")
     source, subfolder = resolve_lrm(config.lrm)
+    model_dir = Path(source) / (subfolder or "")
+    if config.out is None and not Path(source).is_dir():
+        raise InputError(f"{config.lrm} is a hub model: give --out DIR for accuracy.json and the data.")
     timesteps = default_timesteps(lrm_config, source, subfolder, config.timesteps)
+    out = Path(config.out) if config.out else model_dir / "eval"
+    sets = {}
+    for name, path in evaluation_sets(config, out).items():
+        pairs = usable_pairs(read_pairs(path))
+        if pairs.is_empty():
+            raise InputError(f"{path} has no pairs with a winner or a tie; evaluate on a filtered manifest or a "
+                             "labelled split.")
+        sets[name] = (path, pairs)
     flow_matching = get_family(lrm_config["family"]).flow_matching
     device = resolve_device(config.device)
-    model_dir = Path(source) / (subfolder or "")
-    out = Path(config.out) if config.out else model_dir / "eval"
-    resolution = lrm_config["resolution"]
     vae_source, vae_subfolder = component(source, subfolder, "vae")
     cache = build_cache(Path(config.latent_cache or out / "latent_cache"),
-                        {curation_dir_of(config.manifest): pair_uids(pairs)}, vae_source, resolution, device=device,
-                        subfolder=vae_subfolder)
-    encoded = only_encoded(pairs, cache)
+                        {curation_dir_of(path): pair_uids(pairs) for path, pairs in sets.values()}, vae_source,
+                        lrm_config["resolution"], device=device, subfolder=vae_subfolder)
     model = LatentRewardModel.from_pretrained(source, subfolder).to(device)
     noise = get_family(lrm_config["family"]).noise_schedule(*component(source, subfolder, "scheduler"))
-    accuracy = accuracy_per_timestep(model, cache, encoded, noise, timesteps, config.seed, config.batch_size)
-    result = {"lrm": str(model_dir), "manifest": str(config.manifest), "pairs": encoded.height,
-              "skipped_pairs_with_undecodable_images": pairs.height - encoded.height, "seed": config.seed,
-              "accuracy": {str(t): a for t, a in accuracy.items()}}
-    if flow_matching:  # the noise level of a flow-matching model is sigma = timestep / 1000
-        result["accuracy_by_sigma"] = {str(round(t / 1000, 6)): a for t, a in accuracy.items()}
+    results, curves = {}, {}
+    for name, (path, pairs) in sets.items():
+        encoded = only_encoded(pairs, cache)
+        accuracy = accuracy_per_timestep(model, cache, encoded, noise, timesteps, config.seed, config.batch_size)
+        curves[name] = accuracy
+        results[name] = {"manifest": str(path), "pairs": encoded.height,
+                         "skipped_pairs_with_undecodable_images": pairs.height - encoded.height,
+                         "accuracy": {str(t): a for t, a in accuracy.items()}}
+        if flow_matching:  # the noise level of a flow-matching model is sigma = timestep / 1000
+            results[name]["accuracy_by_sigma"] = {str(round(t / 1000, 6)): a for t, a in accuracy.items()}
+    result = {"lrm": str(config.lrm) if not Path(source).is_dir() else str(model_dir), "seed": config.seed,
+              "dataset": config.dataset, "sets": results}
+    if config.manifest is not None:  # one set: its figures at the top level too
+        result |= next(iter(results.values()))
     out.mkdir(parents=True, exist_ok=True)
     (out / "accuracy.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot_accuracy(accuracy, out / "accuracy.png", sigma=flow_matching)
+    plot_accuracy(curves, out / "accuracy.png", sigma=flow_matching)
     result["out"] = str(out)
     return result
 

@@ -108,9 +108,15 @@ class RewardCacheConfig:
 class RewardEvalConfig:
     lrm: Path = option(None, "Latent reward model: the folder `lpo reward train` wrote (its run directory, best/ or "
                              "last/) or a hub id.")
-    manifest: Path = option(None, "Pairs manifest to evaluate on (filtered.parquet, or a curation dir's "
-                                  "pairs.parquet).")
-    out: Path | None = option(None, "Where to write accuracy.json and accuracy.png (default: next to the LRM).")
+    manifest: Path | None = option(None, "Pairs manifest to evaluate on (filtered.parquet, or a curation dir's "
+                                         "pairs.parquet); or give --dataset.")
+    dataset: str | None = option(None, "Pick-a-Pic to evaluate on instead of --manifest (yuvalkirstain/pickapic_v1, "
+                                       "streamed; a save_to_disk folder or parquet files): each of --splits is "
+                                       "ingested into OUT/pickapic/<split> (resumable) and scored on its labelled "
+                                       "pairs, as the paper's validation and test accuracy.")
+    splits: list[str] = option(help="Splits of --dataset.", factory=lambda: ["validation_unique", "test_unique"])
+    out: Path | None = option(None, "Where to write accuracy.json and accuracy.png (default: next to a local LRM; "
+                                    "required for a hub one).")
     timesteps: list[float] = option(help="Timesteps to evaluate (default: sd15/sdxl 1,251,501,751,951; sd3, flux "
                                          "five points of the 20-step sampler grid).", factory=list)
     seed: int = option(1234, "Noise seed (the same seed gives the same noise for every model).")

@@ -311,7 +311,8 @@ def _loop(config, accelerator, model, optimizer, schedule, cache, noise_schedule
         if state["best_step"] is None:  # no validation set: the last model is the only candidate
             shutil.copytree(last, out / "best", dirs_exist_ok=True)
         if state["history"]:
-            plot_accuracy({float(t): a for t, a in state["history"][-1]["accuracy"].items()}, out / "accuracy.png",
+            plot_accuracy({"validation": {float(t): a for t, a in state["history"][-1]["accuracy"].items()}},
+                          out / "accuracy.png",
                           sigma=get_family(accelerator.unwrap_model(model).config.family).flow_matching)
         (out / "train_summary.json").write_text(json.dumps(state, indent=2) + "\n")
     accelerator.wait_for_everyone()

@@ -188,3 +188,40 @@ def test_import_refusals_before_any_model_is_built(tiny_models_dir, tmp_path) ->
     for args, needle in cases:
         result = invoke("reward", "import-reference", *args, "--out", tmp_path / "out")
         assert result.exit_code == 2 and needle in " ".join(result.output.split()), (needle, result.output)
+
+
+def test_accuracy_on_the_pickapic_splits_is_one_command(tiny_models_dir, tmp_path) -> None:
+    """`lpo reward eval --dataset`: each split is ingested and scored on its labelled pairs; the numbers are those
+    of evaluating the ingested split as a manifest (same noise seeds), and a rerun reads no split again."""
+    import polars as pl
+
+    base = tiny_models_dir / "sd15"
+    checkpoint = tmp_path / "reference"
+    write_reference_checkpoint(base, checkpoint, "sd15")
+    assert invoke("reward", "import-reference", checkpoint, "--base", base, "--out", tmp_path / "lrm").exit_code == 0
+    sample = pl.read_parquet(Path(__file__).parents[3] / "manifests" / "sample" / "pickapic_sample.parquet")
+    data = tmp_path / "pickapic"
+    data.mkdir()
+    sample.head(24).write_parquet(data / "validation_unique-00000-of-00001.parquet")
+    sample.tail(20).with_columns(has_label=pl.Series([i % 4 != 0 for i in range(20)])).write_parquet(
+        data / "test_unique-00000-of-00001.parquet")
+    out = tmp_path / "eval"
+    args = ("reward", "eval", "--lrm", tmp_path / "lrm", "--dataset", data, "--out", out, "--timesteps", "1,501",
+            "--device", "cpu")
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "accuracy.json").read_text())
+    assert list(report["sets"]) == ["validation_unique", "test_unique"]
+    validation = report["sets"]["validation_unique"]  # the sample data holds a few undecodable images on purpose
+    assert validation["pairs"] + validation["skipped_pairs_with_undecodable_images"] == 24
+    assert report["sets"]["test_unique"]["pairs"] == 15  # unlabelled rows are not scored
+    split = out / "pickapic" / "validation_unique" / "pairs.parquet"
+    alone = invoke("reward", "eval", "--lrm", tmp_path / "lrm", "--manifest", split, "--out", tmp_path / "alone",
+                   "--timesteps", "1,501", "--device", "cpu")
+    assert alone.exit_code == 0
+    assert json.loads((tmp_path / "alone" / "accuracy.json").read_text())["accuracy"] == \
+        report["sets"]["validation_unique"]["accuracy"]
+    before = split.stat().st_mtime_ns
+    assert invoke(*args).exit_code == 0 and split.stat().st_mtime_ns == before
+    both = invoke("reward", "eval", "--lrm", tmp_path / "lrm", "--dataset", data, "--manifest", split)
+    assert both.exit_code == 2 and "not both" in both.output
