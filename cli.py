@@ -17,7 +17,7 @@ from lpo.curate.filter import FilterConfig
 from lpo.curate.ingest import IngestConfig
 from lpo.curate.score import ScoreConfig
 from lpo.curate.scorers.specs import CURATION_METRICS, METRICS
-from lpo.reward.eval.config import EvalCompareConfig, EvalConfig, EvalScoreConfig
+from lpo.reward.eval.config import EvalCompareConfig, EvalConfig, EvalScoreConfig, EvalSuiteConfig
 from lpo.reward.lpo.config import LPOConfig, SampleConfig
 from lpo.reward.lrm.config import (
     ImportReferenceConfig,
@@ -267,6 +267,20 @@ def report_compare(config: EvalCompareConfig, result: dict[str, Any]) -> None:
         out_console.print(f"written: {config.out} and {Path(config.out).with_suffix('.json')}")
 
 
+def report_suite(config: EvalSuiteConfig, result: dict[str, Any]) -> None:
+    metrics, rows = result["metrics"], result["rows"]
+    cells = []
+    for row in rows:
+        paired = row["paired_with_first"]
+        cells.append((row["name"], *(
+            f"{row['metrics'][m]['mean']:.4f}" + ("" if paired is None or paired[m]["delta"] is None else
+                                                  f" ({paired[m]['delta']:+.4f})") for m in metrics)))
+    table(f"{result['title']}: mean (paired difference against {result['baseline']})", ("row", *metrics), cells,
+          right=tuple(metrics))
+    out = Path(result["out"])
+    out_console.print(f"written: {out / 'table.md'}, {out / 'table.json'}, {out / 'table.png'}")
+
+
 EVAL_MODELS = dict(model_metrics=METRICS)
 command(eval_app, None, EvalConfig, lazy("lpo.reward.eval.run", "run"), report_eval, callback=True,
         flags={"guidance": ("--cfg", "--guidance"), "denoiser": DENOISER_FLAGS}, **EVAL_MODELS,
@@ -276,6 +290,11 @@ command(eval_app, "score", EvalScoreConfig, lazy("lpo.reward.eval.score", "score
         required=("images", "out"), **EVAL_MODELS,
         help="Score images that already exist: a manifest pairs each file with its prompt, or files named "
              "<prompt index>_<image index>.png are matched to --prompts. Mismatches exit 2.")
+command(eval_app, "suite", EvalSuiteConfig, lazy("lpo.reward.eval.suite", "run"), report_suite,
+        arguments=("suite",), required=("suite", "out"), config_file=False,
+        help="Run a suite of rows (base, LoRA, fine-tuned UNet/transformer, LRM-guided) on the same prompts and "
+             "seeds, each a resumable `lpo eval` run (finished rows are reused), and write the table: means with 95% "
+             "intervals, paired differences against the first row, the paper's numbers (table.md/.json/.png).")
 command(eval_app, "compare", EvalCompareConfig, lazy("lpo.reward.eval.stats", "compare"), report_compare,
         arguments=("run_a", "run_b"), required=("run_a", "run_b"), config_file=False,
         help="Per-metric means of two runs, the paired difference (by prompt and image index) with a 95% interval, "

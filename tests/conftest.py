@@ -70,3 +70,48 @@ def fake_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         (repo / "refs" / "main").write_text(commit)
 
     return publish
+
+
+def _perturb(module, generator):
+    import torch
+
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    return module
+
+
+def _write_reference_lrm(base: Path, out: Path, family: str, seed: int = 0) -> dict:
+    """A trained-looking LRM in the reference layout: the base's UNet and text encoders with changed weights, and
+    state_dict.pt with projections of the reference's shapes."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    generator = torch.Generator().manual_seed(seed)
+    unet = _perturb(UNet2DConditionModel.from_pretrained(base, subfolder="unet"), generator)
+    unet.save_pretrained(out / "unet")
+    text_encoder = _perturb(CLIPTextModel.from_pretrained(base, subfolder="text_encoder"), generator)
+    text_encoder.save_pretrained(out / "text_encoder")
+    if family == "sdxl":
+        second = _perturb(CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder_2"), generator)
+        second.save_pretrained(out / "text_encoder_2")
+        text_dim = second.config.projection_dim
+    else:
+        text_dim = text_encoder.config.hidden_size
+    blocks = unet.config.block_out_channels
+    width = sum(blocks) + blocks[-1]  # one tap per down block (its last resnet), then the mid block
+    state = {"visual_projection": {"weight": 0.02 * torch.randn(text_dim, width, generator=generator)},
+             "logit_scale": torch.tensor(2.9)}
+    if family == "sd15":
+        hidden = text_encoder.config.hidden_size
+        state["text_projection"] = {"weight": hidden**-0.5 * torch.randn(text_dim, hidden, generator=generator)}
+    torch.save(state, out / "state_dict.pt")
+    return state
+
+
+@pytest.fixture(scope="session")
+def write_reference_lrm():
+    """`write(base, out, family)`: an LRM in the reference code's layout (unet/, text_encoder/, text_encoder_2/,
+    state_dict.pt) made from a tiny pipeline with changed weights; returns the state dict it wrote."""
+    return _write_reference_lrm

@@ -81,3 +81,21 @@ class EvalCompareConfig:
     run_a: Path = option(None, "Baseline run directory (`lpo eval` or `lpo eval score` output).")
     run_b: Path = option(None, "Run to compare against the baseline.")
     out: Path | None = option(None, "Write the comparison here as markdown (and JSON beside it, same stem).")
+
+
+@dataclass
+class EvalSuiteConfig:
+    suite: Path = option(None, "Suite file (YAML or JSON): the prompts, sampler settings and metrics shared by every "
+                               "row, and the rows (shipped: manifests/suites/).")
+    out: Path = option(None, "Suite directory: rows/<row>/ (one `lpo eval` run each), table.md, table.json, "
+                             "table.png.")
+    rows: list[str] = option(help="Run only these rows (names, comma-separated; the first row is always run: it is "
+                                  "the baseline of the paired differences).", factory=list)
+    max_prompts: int | None = option(None, "Use only the first N prompts in every row (a quick look; a new --out).")
+    models_dir: Path | None = option(None, "A directory with one model folder per metric, for metrics the suite "
+                                           "gives no model.")
+    batch_size: int = option(4, "Images per generation batch.")
+    score_batch_size: int = option(16, "Images per scorer forward.")
+    device: str = option("auto", "auto, cpu or cuda.")
+    dtype: str = option("auto", "Generation dtype (as `lpo eval --dtype`).")
+    score_dtype: str = option("float32", "Scorer dtype: float32, float16, bfloat16.")

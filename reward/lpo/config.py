@@ -57,7 +57,7 @@ class LPOConfig:
     save_every_rounds: int = option(0, "Also save_state every N sampling rounds (0: only each epoch).")
     validation_prompts: list[str] = option(help="Prompts of the per-epoch validation grid (default: the first "
                                                 "3 training prompts).", factory=list)
-    validation_images: int = option(2, "Images per validation prompt.")
+    validation_images: int = option(2, "Images per validation prompt (0: no per-epoch validation grid).")
     merge: bool = option(False, "Also write the full denoiser with the LoRA merged in (out/merged_unet or "
                                 "out/merged_transformer).")
     seed: int = option(42, "Seed for prompt order, sampling noise and child choice.")

@@ -78,6 +78,8 @@ def validate(config: LPOConfig) -> list[str]:
     for name in ("epochs", "steps", "sample_batch_size", "train_batch_size"):
         if getattr(resolved, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1.")
+    if config.validation_images < 0:
+        raise InputError(f"--validation-images {config.validation_images} must be 0 (no grid) or more.")
     if not config.dry_run:
         checkpoints.check_run_dir(resolved, Path(config.out), CONFIG_FILE, RESUMABLE_FIELDS, "round")
     return prompts
@@ -246,7 +248,7 @@ def run(config: LPOConfig) -> dict[str, Any]:
             epoch_done = state["round"] % per_epoch == 0
             if epoch_done or (config.save_every_rounds and state["round"] % config.save_every_rounds == 0):
                 checkpoints.save(accelerator, out, "round", state["round"], state)
-            if epoch_done and accelerator.is_main_process:
+            if epoch_done and accelerator.is_main_process and config.validation_images > 0:
                 _validation_grid(model, accelerator.unwrap_model(denoiser), validation_prompts, config,
                                  out / "validation" / f"epoch-{state['round'] // per_epoch}.png")
             accelerator.wait_for_everyone()

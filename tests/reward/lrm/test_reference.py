@@ -24,42 +24,6 @@ def invoke(*args):
     return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
-def _perturb(module: torch.nn.Module, generator: torch.Generator) -> torch.nn.Module:
-    with torch.no_grad():
-        for parameter in module.parameters():
-            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
-    return module
-
-
-def write_reference_checkpoint(base: Path, out: Path, family: str, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A trained-looking LRM in the reference layout: the base's UNet and text encoders with changed weights, and
-    state_dict.pt with projections of the reference's shapes."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    generator = torch.Generator().manual_seed(seed)
-    unet = _perturb(UNet2DConditionModel.from_pretrained(base, subfolder="unet"), generator)
-    unet.save_pretrained(out / "unet")
-    text_encoder = _perturb(CLIPTextModel.from_pretrained(base, subfolder="text_encoder"), generator)
-    text_encoder.save_pretrained(out / "text_encoder")
-    if family == "sdxl":
-        second = _perturb(CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder_2"), generator)
-        second.save_pretrained(out / "text_encoder_2")
-        text_dim = second.config.projection_dim
-    else:
-        text_dim = text_encoder.config.hidden_size
-    blocks = unet.config.block_out_channels
-    tap_channels = [blocks[i] for i in range(len(REFERENCE_TAPS[family]))]  # one tap per down block
-    width = sum(tap_channels) + blocks[-1]
-    state = {"visual_projection": {"weight": 0.02 * torch.randn(text_dim, width, generator=generator)},
-             "logit_scale": torch.tensor(2.9)}
-    if family == "sd15":
-        hidden = text_encoder.config.hidden_size
-        state["text_projection"] = {"weight": hidden**-0.5 * torch.randn(text_dim, hidden, generator=generator)}
-    torch.save(state, out / "state_dict.pt")
-    return state
-
-
 @torch.no_grad()
 def reference_scores(checkpoint: Path, base: Path, family: str, latents: torch.Tensor, t: torch.Tensor,
                      prompts: list[str]) -> torch.Tensor:
@@ -109,10 +73,11 @@ def reference_scores(checkpoint: Path, base: Path, family: str, latents: torch.T
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
-def test_an_imported_reference_lrm_scores_as_the_reference_formula(family, tiny_models_dir, tmp_path) -> None:
+def test_an_imported_reference_lrm_scores_as_the_reference_formula(family, tiny_models_dir, tmp_path,
+                                                                   write_reference_lrm) -> None:
     base = tiny_models_dir / family
     checkpoint = tmp_path / "reference"
-    write_reference_checkpoint(base, checkpoint, family)
+    write_reference_lrm(base, checkpoint, family)
     result = invoke("reward", "import-reference", checkpoint, "--base", base, "--out", tmp_path / "lrm")
     assert result.exit_code == 0, result.output
     model = LatentRewardModel.from_pretrained(tmp_path / "lrm")
@@ -139,9 +104,10 @@ def test_an_imported_reference_lrm_scores_as_the_reference_formula(family, tiny_
     assert scored.exit_code == 0 and math.isfinite(json.loads(scored.stdout.splitlines()[-1])["score"])
 
 
-def test_a_released_layout_on_the_hub_imports_from_its_subfolder(tiny_models_dir, tmp_path, fake_hub) -> None:
+def test_a_released_layout_on_the_hub_imports_from_its_subfolder(tiny_models_dir, tmp_path, fake_hub,
+                                                                 write_reference_lrm) -> None:
     base = tiny_models_dir / "sd15"
-    write_reference_checkpoint(base, tmp_path / "lrm_sd15", "sd15")
+    write_reference_lrm(base, tmp_path / "lrm_sd15", "sd15")
     fake_hub("peer/LRM", {"lrm_sd15": tmp_path / "lrm_sd15"})
     result = invoke("reward", "import-reference", "peer/LRM/lrm_sd15", "--base", base, "--out", tmp_path / "out")
     assert result.exit_code == 0, result.output
@@ -168,19 +134,20 @@ class Payload:
     ({"visual_projection": {"weight": torch.zeros(3, 7)}, "logit_scale": 2.0,
       "text_projection": {"weight": torch.zeros(2, 2)}}, "visual_projection has shape (3, 7)"),
 ])
-def test_a_state_file_with_anything_else_is_refused_with_exit_2(state, needle, tiny_models_dir, tmp_path) -> None:
+def test_a_state_file_with_anything_else_is_refused_with_exit_2(state, needle, tiny_models_dir, tmp_path,
+                                                                write_reference_lrm) -> None:
     base = tiny_models_dir / "sd15"
     checkpoint = tmp_path / "reference"
-    write_reference_checkpoint(base, checkpoint, "sd15")
+    write_reference_lrm(base, checkpoint, "sd15")
     torch.save(state, checkpoint / "state_dict.pt")
     result = invoke("reward", "import-reference", checkpoint, "--base", base, "--out", tmp_path / "lrm")
     assert result.exit_code == 2 and needle in " ".join(result.output.split()), result.output
     assert not (tmp_path / "lrm" / "config.json").exists()
 
 
-def test_import_refusals_before_any_model_is_built(tiny_models_dir, tmp_path) -> None:
+def test_import_refusals_before_any_model_is_built(tiny_models_dir, tmp_path, write_reference_lrm) -> None:
     checkpoint = tmp_path / "reference"
-    write_reference_checkpoint(tiny_models_dir / "sd15", checkpoint, "sd15")
+    write_reference_lrm(tiny_models_dir / "sd15", checkpoint, "sd15")
     cases = [((tmp_path / "nothing", "--base", tiny_models_dir / "sd15"), "has no unet/config.json"),
              ((checkpoint, "--base", tiny_models_dir / "sdxl"), "does not fit the SDXL pipeline"),
              ((checkpoint, "--base", tiny_models_dir / "sd3"), "released LRMs for SD1.x (sd15) and SDXL")]
@@ -190,14 +157,14 @@ def test_import_refusals_before_any_model_is_built(tiny_models_dir, tmp_path) ->
         assert result.exit_code == 2 and needle in " ".join(result.output.split()), (needle, result.output)
 
 
-def test_accuracy_on_the_pickapic_splits_is_one_command(tiny_models_dir, tmp_path) -> None:
+def test_accuracy_on_the_pickapic_splits_is_one_command(tiny_models_dir, tmp_path, write_reference_lrm) -> None:
     """`lpo reward eval --dataset`: each split is ingested and scored on its labelled pairs; the numbers are those
     of evaluating the ingested split as a manifest (same noise seeds), and a rerun reads no split again."""
     import polars as pl
 
     base = tiny_models_dir / "sd15"
     checkpoint = tmp_path / "reference"
-    write_reference_checkpoint(base, checkpoint, "sd15")
+    write_reference_lrm(base, checkpoint, "sd15")
     assert invoke("reward", "import-reference", checkpoint, "--base", base, "--out", tmp_path / "lrm").exit_code == 0
     sample = pl.read_parquet(Path(__file__).parents[3] / "manifests" / "sample" / "pickapic_sample.parquet")
     data = tmp_path / "pickapic"
