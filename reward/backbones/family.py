@@ -281,6 +281,9 @@ def resolve_denoiser(spec: str | Path, family: Family) -> tuple[str, str | None,
     inside = (None, name, f"merged_{name}")
     if _local_spec(spec):
         path = Path(spec).expanduser()
+        if not path.exists():
+            raise InputError(f"{spec} does not exist; pass a folder saved with save_pretrained, a pipeline folder, "
+                             "`lpo optimize --merge`'s run directory, or a hub id.")
         found = next((path / (sub or "") for sub in inside if (path / (sub or "") / CONFIG_FILE).is_file()), None)
         if found is None:
             raise InputError(f"{spec} holds no {name} ({CONFIG_FILE} here, or in {name}/ or merged_{name}/); pass a "

@@ -142,3 +142,24 @@ def test_bad_suites_exit_2_before_any_model_loads(change, needle, tiny_models_di
     monkeypatch.setattr(evaluation, "run", lambda config: pytest.fail("a row ran"))
     result = invoke("eval", "suite", suite, "--out", tmp_path / "out", "--models-dir", tiny_models_dir)
     assert result.exit_code == 2 and needle in result.text, result.text
+
+
+@pytest.mark.parametrize("name", ["lpo-sd15", "lpo-sdxl", "lpo-sd3-medium"])
+def test_shipped_suites_read_and_the_readme_shows_their_paper_numbers(name) -> None:
+    """Every shipped suite reads, gives the paper's number for every metric of every row, and the README's table of
+    that suite carries the same numbers (in the paper's column order) beside each row's weights."""
+    from lpo.reward.eval.suite import read_suite
+
+    root = Path(__file__).parents[3]
+    suite = read_suite(root / "manifests" / "suites" / f"{name}.yaml")
+    readme = (root / "README.md").read_text()
+    assert f"`{name}.yaml`" in readme
+    for row in suite["rows"]:
+        assert set(row["paper"]) == set(suite["metrics"]), row["name"]
+        weights = row.get("unet") or row.get("transformer") or row.get("base") or suite["base"]
+        shown = "your run" if weights.startswith("./") else f"`{weights}`"
+        start = f"| {row['name'].split(' (')[0]} | {shown} |"
+        lines = [line for line in readme.splitlines() if line.startswith(start)]
+        assert len(lines) == 1, (row["name"], shown)
+        numbers = [float(cell) for cell in lines[0].strip("|").split("|")[2:]]
+        assert numbers == [row["paper"][m] for m in suite["metrics"]], row["name"]
