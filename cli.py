@@ -238,6 +238,9 @@ def report_eval(config: Any, summary: dict[str, Any]) -> None:
         mean = "n/a" if s["mean"] is None else f"{s['mean']:.4f}"
         std = "n/a" if s["std"] is None else f"{s['std']:.4f}"
         rows.append((metric, mean, ci, std, s["n_images"], s["model_id"]))
+        rows += [(f"  {metric}: {task}", f"{t['mean']:.4f}", "n/a" if t["ci95"] is None else
+                  f"[{t['ci95'][0]:.4f}, {t['ci95'][1]:.4f}]", "", t["n_images"], "")
+                 for task, t in s.get("tasks", {}).items() if t["mean"] is not None]
     table(f"{summary['images']} images over {summary['prompts']} prompts -> {out}",
            ("metric", "mean", "95% CI", "std", "images", "model"), rows, right=("mean", "95% CI", "std", "images"))
     if summary["images_with_errors"]:
@@ -258,6 +261,9 @@ def report_compare(config: EvalCompareConfig, result: dict[str, Any]) -> None:
         win = "n/a" if m["win_rate"] is None else f"{100 * m['win_rate']:.1f}%"
         rows.append((metric, f"{m['mean_a']:.4f}", f"{m['mean_b']:.4f}", f"[bold]{delta}[/]" if significant else delta,
                      ci, win))
+        rows += [(f"  {metric}: {task}", "", "", f"{t['mean']:+.4f}", "n/a" if t["ci95"] is None else
+                  f"[{t['ci95'][0]:+.4f}, {t['ci95'][1]:+.4f}]", "")
+                 for task, t in (m.get("tasks") or {}).items() if t["mean"] is not None]
     columns = ("metric", f"A: {name_a}", f"B: {name_b}", "delta (B - A)", "95% CI", "B wins (prompts)")
     table(f"{name_b} vs {name_a}: {result['pairs']} paired images, {result['prompts']} prompts", columns, rows,
            right=columns[1:])
@@ -329,7 +335,7 @@ command(dev_app, "tiny-models", TinyModelsConfig, lazy("lpo.reward.toy.random_mo
         lambda config, written: [out_console.print(f"{role:10s} {path}") for role, path in written.items()],
         arguments=("out",), required=("out",), config_file=False,
         help="Write tiny random-weight models in the real on-disk formats (pickscore, clip, vqa, aesthetic, sd15, "
-             "sdxl, hpsv2, hpsv21, imagereward).")
+             "sdxl, sd3, flux, hpsv2, hpsv21, imagereward, geneval, t2i-color, t2i-shape, t2i-texture).")
 command(dev_app, "toy-models", ToyModelsConfig, lazy("lpo.reward.toy.trainer", "run"),
         lambda config, summary: out_console.print_json(json.dumps(
             {k: v for k, v in summary.items() if k != "config"})),

@@ -82,6 +82,11 @@ def _option_for(cls: type, name: str, hint: Any, *, argument: bool, required: bo
     return Field(name, annotation, default, parse)
 
 
+def _model_option(metric: str) -> str:
+    """The parameter name of a metric's model option (`t2i-color` -> `t2i_color_model`)."""
+    return f"{metric.replace('-', '_')}_model"
+
+
 def _model_fields(metrics: tuple[str, ...]) -> list[Field]:
     helps = {"pickscore": "PickScore model: hub id or local directory.",
              "clip": "CLIP model: hf-hub:ID, ARCH:TAG or local open_clip directory.",
@@ -89,8 +94,16 @@ def _model_fields(metrics: tuple[str, ...]) -> list[Field]:
              "aesthetic": "Aesthetic predictor: hub id or local directory.",
              "hpsv2": "HPS v2 model: hub repo with HPS_v2_compressed.pt, a folder holding it, or the file.",
              "hpsv21": "HPS v2.1 model: hub repo with HPS_v2.1_compressed.pt, a folder holding it, or the file.",
-             "imagereward": "ImageReward model: hub id or a folder with ImageReward.pt and med_config.json."}
-    return [Field(f"{metric}_model", Optional[str], typer.Option(None, help=helps[metric])) for metric in metrics]  # noqa: UP045
+             "imagereward": "ImageReward model: hub id or a folder with ImageReward.pt and med_config.json.",
+             "geneval": "GenEval detector (a transformers Mask2Former COCO instance model), optionally ',CLIP' for "
+                        "the colour classifier (open_clip spec; default ViT-L-14:openai), or a folder with "
+                        "detector/ and clip/."}
+    helps |= {f"t2i-{kind}": f"T2I-CompBench++ {kind} B-VQA model: a transformers BLIP VQA hub id or directory."
+              for kind in ("color", "shape", "texture")}
+    flags = {"geneval": ("--geneval-model", "--geneval-detector")}
+    return [Field(_model_option(metric), Optional[str],  # noqa: UP045
+                  typer.Option(None, *flags.get(metric, (f"--{metric}-model",)), help=helps[metric]))
+            for metric in metrics]
 
 
 def command(group: typer.Typer, name: str | None, cls: type, run: Callable[[Any], Any],
@@ -132,9 +145,9 @@ def command(group: typer.Typer, name: str | None, cls: type, run: Callable[[Any]
                 typer.echo(ctx.get_help())
                 raise typer.Exit(0)
         config_path = given.pop("config", None)
-        models = {m: given.pop(f"{m}_model") for m in model_metrics if given.get(f"{m}_model")}
+        models = {m: given.pop(_model_option(m)) for m in model_metrics if given.get(_model_option(m))}
         for m in model_metrics:
-            given.pop(f"{m}_model", None)
+            given.pop(_model_option(m), None)
         try:
             overrides = {k: parse[k](v) for k, v in given.items()}
             if model_metrics:

@@ -9,6 +9,8 @@
 | vqa | vqa | VQAScore, P("Yes") |
 | aesthetic | aesthetic | LAION improved aesthetic MLP, 1-10 |
 | imagereward | imagereward | ImageReward, standardised MLP(BLIP) |
+| geneval | geneval | GenEval: 1 if the image satisfies its prompt's record (objects, counts, colours, positions) |
+| t2i-color, t2i-shape, t2i-texture | bvqa | T2I-CompBench++ B-VQA: product of BLIP-VQA P(yes) over noun phrases |
 
 Curation (`lpo curate score`, MPCF, the reward service's image route) uses `CURATION_METRICS`; evaluation
 (`lpo eval`) all of them. `check_model_spec` validates a spec without reading weights; `load_scorer` loads.
@@ -20,13 +22,14 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from lpo.curate.errors import InputError
-from lpo.curate.scorers import aesthetic, clip, imagereward, vqa
+from lpo.curate.scorers import aesthetic, bvqa, clip, geneval, imagereward, vqa
 from lpo.curate.scorers.base import Scorer, TextFeatureCache, pooled_features
 from lpo.curate.scorers.specs import (
     CURATION_METRICS,
     DEFAULT_EVAL_METRICS,
     DEFAULT_MODELS,
     METRICS,
+    T2I_METRICS,
     check_metric,
     resolve_specs,
 )
@@ -45,6 +48,8 @@ _CHECKS: dict[str, Callable[[str], None]] = {
     "vqa": vqa.check_vqa,
     "aesthetic": aesthetic.check_aesthetic,
     "imagereward": imagereward.check_imagereward,
+    "geneval": geneval.check_geneval,
+    **{metric: (lambda spec, metric=metric: bvqa.check_bvqa(metric, spec)) for metric in T2I_METRICS},
 }
 _LOADERS: dict[str, Callable[..., Scorer]] = {
     "pickscore": clip.load_pickscore,
@@ -54,6 +59,8 @@ _LOADERS: dict[str, Callable[..., Scorer]] = {
     "vqa": vqa.load_vqa,
     "aesthetic": aesthetic.load_aesthetic,
     "imagereward": imagereward.load_imagereward,
+    "geneval": geneval.load_geneval,
+    **{metric: (lambda spec, metric=metric, **kw: bvqa.load_bvqa(metric, spec, **kw)) for metric in T2I_METRICS},
 }
 # Loader options per metric (see load_scorer).
 _OPTIONS: dict[str, set[str]] = {
@@ -64,6 +71,8 @@ _OPTIONS: dict[str, set[str]] = {
     "hpsv2": set(),
     "hpsv21": set(),
     "imagereward": set(),
+    "geneval": set(),
+    **{metric: set() for metric in T2I_METRICS},
 }
 
 

@@ -19,7 +19,11 @@ logger = logging.getLogger(__name__)
 # first four, evaluation all of them.
 CURATION_METRICS: tuple[str, ...] = ("pickscore", "clip", "vqa", "aesthetic")
 DEFAULT_CURATION_METRICS: tuple[str, ...] = ("pickscore", "clip", "vqa")  # scoring's default and the `all` rule's
-METRICS: tuple[str, ...] = ("pickscore", "hpsv2", "hpsv21", "imagereward", "aesthetic", "clip", "vqa")
+METRICS: tuple[str, ...] = ("pickscore", "hpsv2", "hpsv21", "imagereward", "aesthetic", "clip", "vqa", "geneval",
+                             "t2i-color", "t2i-shape", "t2i-texture")
+# Compositional benchmarks: GenEval reads each prompt's record; T2I-CompBench++'s attribute binding (B-VQA).
+T2I_METRICS: tuple[str, ...] = ("t2i-color", "t2i-shape", "t2i-texture")
+RECORD_METRICS: tuple[str, ...] = ("geneval",)
 # The metrics of the LPO paper's Pick-a-Pic table (design/field.md section 6).
 DEFAULT_EVAL_METRICS: tuple[str, ...] = ("pickscore", "hpsv2", "hpsv21", "imagereward", "aesthetic")
 HPS_REPO = "xswu/HPSv2"
@@ -32,6 +36,8 @@ DEFAULT_MODELS: dict[str, str] = {
     "hpsv2": HPS_REPO,
     "hpsv21": HPS_REPO,
     "imagereward": IMAGEREWARD_REPO,
+    "geneval": "facebook/mask2former-swin-small-coco-instance",  # + the colour CLIP, ViT-L-14:openai
+    **{metric: "Salesforce/blip-vqa-capfilt-large" for metric in T2I_METRICS},
 }
 
 

@@ -7,7 +7,9 @@ from pathlib import Path
 
 from lpo.curate.config import option
 
-EVAL_METRICS_HELP = "Comma-separated metrics, from: pickscore, hpsv2, hpsv21, imagereward, aesthetic, clip, vqa."
+EVAL_METRICS_HELP = ("Comma-separated metrics, from: pickscore, hpsv2, hpsv21, imagereward, aesthetic, clip, vqa, "
+                     "geneval (with GenEval's metadata file as --prompts), t2i-color, t2i-shape, t2i-texture "
+                     "(T2I-CompBench++ B-VQA).")
 
 
 def _default_eval_metrics() -> list[str]:
@@ -20,8 +22,9 @@ def _default_eval_metrics() -> list[str]:
 class EvalConfig:
     base: str = option(None, "Diffusers pipeline of a supported family (SD1.x/2.x, SDXL, SD3/SD3.5, FLUX.1; hub id "
                              "or local directory) to generate with.")
-    prompts: Path = option(None, "Prompts: .txt, .json, a manifest with `caption` or a curation directory (e.g. "
-                                 "`lpo curate ingest ID --split validation_unique --out DIR`).")
+    prompts: Path = option(None, "Prompts: .txt, .json, a manifest with `caption`, a curation directory (e.g. "
+                                 "`lpo curate ingest ID --split validation_unique --out DIR`), or GenEval's "
+                                 "evaluation_metadata.jsonl (each prompt keeps its record for --metrics geneval).")
     out: Path = option(None, "Run directory: images/, images.parquet, summary.json, summary.md, grid.png.")
     lora: Path | None = option(None, "A LoRA to load into the pipeline: `lpo optimize`'s out/lora (or its run "
                                         "directory).")
@@ -65,7 +68,9 @@ class EvalScoreConfig:
                                 "named <prompt index>_<image index>.png or <prompt index>.png matched to --prompts.")
     out: Path = option(None, "Run directory: images.parquet, summary.json, summary.md, grid.png.")
     prompts: Path | None = option(None, "Prompts of an images folder (index = line / item, from 0); with a "
-                                        "manifest, a check that every image's prompt is in this set.")
+                                        "manifest, a check that every image's prompt is in this set. GenEval's "
+                                        "evaluation_metadata.jsonl also gives each image its record (--metrics "
+                                        "geneval).")
     metrics: list[str] = option(help=EVAL_METRICS_HELP, factory=_default_eval_metrics)
     models: dict[str, str] = option(help="Model per metric (hub id or local directory).", factory=dict)
     models_dir: Path | None = option(None, "A directory with one model folder per metric.")

@@ -35,21 +35,29 @@ GRID_FILE = "grid.png"
 
 @dataclasses.dataclass(frozen=True)
 class EvalItem:
-    """One image: its prompt, its index among the prompt's images, its seed and its file."""
+    """One image: its prompt, its index among the prompt's images, its seed, its file, and its prompt's benchmark
+    record where the prompt file carries one (GenEval's metadata: the task and the objects asked for)."""
 
     prompt_index: int
     image_index: int
     prompt: str
     seed: int | None
     path: Path
+    record: dict | None = dataclasses.field(default=None, compare=False)
 
     @property
     def key(self) -> str:
         return f"p{self.prompt_index:05d}-i{self.image_index:02d}"
 
+    @property
+    def task(self) -> str | None:
+        """The benchmark task of the prompt (GenEval's tag), if its record names one."""
+        return None if self.record is None else self.record.get("tag")
 
-def table_schema(metrics: Sequence[str]) -> pa.Schema:
-    """The per-image table: ids, prompt, seed, file, one float64 column per metric, error."""
+
+def table_schema(metrics: Sequence[str], task: bool = True) -> pa.Schema:
+    """The per-image table: ids, prompt, seed, file, the prompt's benchmark task (null without one), one float64
+    column per metric, error. `task=False`: the columns every run directory has (older runs lack `task`)."""
     return pa.schema([("prompt_index", pa.int32()), ("image_index", pa.int32()), ("prompt", pa.string()),
-                      ("seed", pa.int64()), ("image_path", pa.string())]
+                      ("seed", pa.int64()), ("image_path", pa.string())] + ([("task", pa.string())] if task else [])
                      + [(m, pa.float64()) for m in metrics] + [("error", pa.string())])

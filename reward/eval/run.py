@@ -15,7 +15,14 @@ from lpo.curate.errors import InputError
 from lpo.curate.manifest import write_text_atomic
 from lpo.reward.eval.config import EvalConfig
 from lpo.reward.eval.items import IMAGES_DIR, RECORDS_FILE, RUN_FILE, EvalItem
-from lpo.reward.eval.score import _check_positive, _progress, resolve_metric_specs, resolve_prompts, score_items
+from lpo.reward.eval.score import (
+    _check_positive,
+    _progress,
+    check_records,
+    resolve_metric_specs,
+    resolve_prompt_records,
+    score_items,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +42,9 @@ def generation_settings(config: EvalConfig) -> dict[str, Any]:
             "guidance": guidance, "eta": eta, "seed": config.seed, "dtype": config.dtype}
 
 
-def validate(config: EvalConfig) -> tuple[list[str], dict[str, str]]:
-    """Check everything that can be checked before a model loads; return the prompts and the metric specs."""
+def validate(config: EvalConfig) -> tuple[list[str], dict[str, str], list[dict[str, Any]] | None]:
+    """Check everything that can be checked before a model loads; return the prompts, the metric specs and the
+    prompts' benchmark records (GenEval's metadata), if the prompt file carries them."""
     from lpo.curate.device import resolve_dtype
     from lpo.reward.backbones import family_of, resolve_denoiser, resolve_lora
     from lpo.reward.lrm.model import check_lrm_matches
@@ -65,7 +73,8 @@ def validate(config: EvalConfig) -> tuple[list[str], dict[str, str]]:
         resolve_lora(config.lora)
     if config.denoiser is not None and config.lora is not None:
         raise InputError("give --lora or --denoiser, not both: a LoRA adapts the base's own denoiser.")
-    prompts = resolve_prompts(config.prompts, config.max_prompts)
+    prompts, records = resolve_prompt_records(config.prompts, config.max_prompts)
+    check_records(config.metrics, records, config.prompts)
     family = family_of(config.base)
     if config.denoiser is not None:
         resolve_denoiser(config.denoiser, family)
@@ -75,7 +84,7 @@ def validate(config: EvalConfig) -> tuple[list[str], dict[str, str]]:
     if config.reward_url is not None:
         remote_scorers(config.reward_url, list(specs))  # reachable, before anything is generated
     _check_same_run(Path(config.out), generation_settings(config))
-    return prompts, specs
+    return prompts, specs, records
 
 
 def _check_same_run(out: Path, settings: dict[str, Any]) -> None:
@@ -89,14 +98,15 @@ def _check_same_run(out: Path, settings: dict[str, Any]) -> None:
                          "settings, or pick a new --out.")
 
 
-def plan(prompts: Sequence[str], images_per_prompt: int, seed: int, out: Path) -> list[EvalItem]:
-    """Every (prompt, image) of a run, with its seed and file."""
+def plan(prompts: Sequence[str], images_per_prompt: int, seed: int, out: Path,
+         records: Sequence[dict[str, Any]] | None = None) -> list[EvalItem]:
+    """Every (prompt, image) of a run, with its seed, its file and its prompt's record."""
     from lpo.reward.lpo.sample import image_seed
 
     items = []
     for p, prompt in enumerate(prompts):
         for i in range(images_per_prompt):
-            item = EvalItem(p, i, prompt, image_seed(seed, p, i), Path())
+            item = EvalItem(p, i, prompt, image_seed(seed, p, i), Path(), None if records is None else records[p])
             items.append(dataclasses.replace(item, path=out / IMAGES_DIR / f"{item.key}.png"))
     return items
 
@@ -211,13 +221,13 @@ def run(config: EvalConfig) -> dict[str, Any]:
     from lpo.reward.eval.stats import write_outputs
     from lpo.reward.serve.client import remote_scorers
 
-    prompts, specs = validate(config)
+    prompts, specs, records = validate(config)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = generation_settings(config)
     cfg.save(config, out / "config.json")
     write_text_atomic(json.dumps(settings, indent=2) + "\n", out / RUN_FILE)
-    items = plan(prompts, config.images_per_prompt, config.seed, out)
+    items = plan(prompts, config.images_per_prompt, config.seed, out, records)
     done = finished(out, items)
     todo = [item for item in items if item.key not in done]
     device = resolve_device(config.device)

@@ -26,8 +26,17 @@ PROMPT_COLUMNS = ("prompt", "caption")
 
 
 def resolve_prompts(path: str | Path, max_prompts: int | None = None) -> list[str]:
-    """Prompts from a file, a manifest with `caption`, or a curation directory (its pairs.parquet)."""
+    """Prompts from a file, a manifest with `caption`, a curation directory (its pairs.parquet), or GenEval's
+    metadata file (its records' prompts)."""
+    return resolve_prompt_records(path, max_prompts)[0]
+
+
+def resolve_prompt_records(path: str | Path, max_prompts: int | None = None
+                           ) -> tuple[list[str], list[dict[str, Any]] | None]:
+    """(prompts, one benchmark record per prompt or None): GenEval's `evaluation_metadata.jsonl` gives each prompt
+    its record (the task and the objects asked for, which `geneval` scores against); any other prompt file none."""
     from lpo.curate.prompts import read_prompts
+    from lpo.curate.scorers.geneval import read_records
 
     path = Path(path)
     if path.is_dir():
@@ -35,8 +44,36 @@ def resolve_prompts(path: str | Path, max_prompts: int | None = None) -> list[st
             raise InputError(f"prompt directory {path} has no pairs.parquet; pass a prompt file, a manifest with a "
                              "`caption` column, or a directory written by `lpo curate ingest`.")
         path = path / "pairs.parquet"
+    records = read_records(path) if path.is_file() else None
+    if records is not None:
+        prompts = [record["prompt"] for record in records]
+        if len(set(prompts)) != len(prompts):
+            raise InputError(f"{path} gives one prompt two records; each prompt of a GenEval metadata file must be "
+                             "unique.")
+        return prompts[:max_prompts] if max_prompts else prompts, records[:max_prompts] if max_prompts else records
     prompts = read_prompts(path)
-    return prompts[:max_prompts] if max_prompts else prompts
+    return prompts[:max_prompts] if max_prompts else prompts, None
+
+
+def check_records(metrics: Sequence[str], records: list[dict[str, Any]] | None, prompts_file: Any) -> None:
+    """A metric that scores against each prompt's record (geneval) needs a prompt file that carries them."""
+    from lpo.curate.scorers.specs import RECORD_METRICS
+
+    needing = [m for m in metrics if m in RECORD_METRICS]
+    if needing and records is None:
+        raise InputError(f"--metrics {','.join(needing)} scores each image against its prompt's GenEval record, "
+                         f"but {prompts_file} carries none: pass GenEval's prompts/evaluation_metadata.jsonl as "
+                         "--prompts.")
+
+
+def with_records(items: list[EvalItem], records: list[dict[str, Any]] | None) -> list[EvalItem]:
+    """Each item with its prompt's record (by prompt text, so manifests in any order match)."""
+    import dataclasses
+
+    if records is None:
+        return items
+    by_prompt = {record["prompt"]: record for record in records}
+    return [dataclasses.replace(item, record=by_prompt.get(item.prompt)) for item in items]
 
 
 def resolve_metric_specs(metrics: Sequence[str], models: dict[str, str], models_dir: Path | None
@@ -119,6 +156,7 @@ def score_items(items: Sequence[EvalItem], specs: dict[str, str], out: Path, bat
 
     from lpo.curate.scorers import load_scorer
     from lpo.curate.scorers.base import score_each
+    from lpo.curate.scorers.specs import RECORD_METRICS
 
     all_scores, models = {}, {}
     (out / SCORES_DIR).mkdir(parents=True, exist_ok=True)
@@ -126,6 +164,10 @@ def score_items(items: Sequence[EvalItem], specs: dict[str, str], out: Path, bat
         scores = _read_scores(out, metric, spec)
         todo = [item for item in items if item.key not in scores]
         header = out / SCORES_DIR / f"{metric}.json"
+        by_record = metric in RECORD_METRICS  # scored against the prompt's record, not its text
+        if by_record and any(item.record is None for item in todo):
+            raise InputError(f"{metric} needs each image's GenEval record; pass GenEval's evaluation_metadata.jsonl "
+                             "as --prompts.")
         if todo:
             scorer = (remote or {}).get(metric) or load_scorer(metric, spec, device=device, dtype=dtype)
             info = {"spec": spec, "model_id": scorer.model_id, "scale": scorer.scale}
@@ -134,10 +176,15 @@ def score_items(items: Sequence[EvalItem], specs: dict[str, str], out: Path, bat
                 for start in range(0, len(todo), batch_size):
                     batch = todo[start : start + batch_size]
                     images, errors = _open_images(batch)
-                    scored = zip(*score_each(scorer, images, [item.prompt for item in batch], errors), strict=True)
-                    for item, (score, error) in zip(batch, scored, strict=True):
+                    texts = [item.record if by_record else item.prompt for item in batch]
+                    scored = list(zip(*score_each(scorer, images, texts, errors), strict=True))
+                    details = _details(scorer, images)
+                    for j, (item, (score, error)) in enumerate(zip(batch, scored, strict=True)):
                         scores[item.key] = (score, error)
-                        lines.write(json.dumps({"key": item.key, "score": score, "error": error}) + "\n")
+                        line = {"key": item.key, "score": score, "error": error}
+                        if j in details:
+                            line["detail"] = details[j]
+                        lines.write(json.dumps(line) + "\n")
                     lines.flush()
                     advance(len(batch))
             logger.info("%s: scored %d images with %s", metric, len(todo), scorer.model_id)
@@ -148,6 +195,14 @@ def score_items(items: Sequence[EvalItem], specs: dict[str, str], out: Path, bat
         all_scores[metric] = scores
         models[metric] = json.loads(header.read_text())
     return all_scores, models
+
+
+def _details(scorer: Any, images: Sequence[Any]) -> dict[int, Any]:
+    """Per image of the batch, what a scorer reports beside its score (GenEval's task, reasons and detections), when
+    the batch was scored in one call."""
+    details = getattr(scorer, "details", None)
+    good = [j for j, image in enumerate(images) if image is not None]
+    return dict(zip(good, details)) if details is not None and len(details) == len(good) else {}
 
 
 _INDEXED_NAME = re.compile(r"^p?(\d+)(?:[-_]i?(\d+))?$")
@@ -243,7 +298,11 @@ def resolve_images(images: Path, prompts_file: Path | None) -> list[EvalItem]:
     """Pair each image with its prompt: a manifest (or a folder holding samples.json / images.parquet) lists both;
     a bare folder names files by prompt index, matched to `prompts_file`."""
     images = Path(images)
-    prompts = resolve_prompts(prompts_file) if prompts_file is not None else None
+    prompts, records = resolve_prompt_records(prompts_file) if prompts_file is not None else (None, None)
+    return with_records(_resolve_images(images, prompts), records)
+
+
+def _resolve_images(images: Path, prompts: list[str] | None) -> list[EvalItem]:
     if not images.exists():
         raise InputError(f"--images {images} does not exist; pass an images folder or a manifest.")
     manifest = images
@@ -274,6 +333,8 @@ def score_existing(config: EvalScoreConfig) -> dict[str, Any]:
     _check_positive(score_batch_size=config.score_batch_size)
     resolve_dtype(config.score_dtype, option="--score-dtype", auto=None)
     items = resolve_images(Path(config.images), config.prompts)
+    if any(item.record is None for item in items):  # a metric that reads records needs them for every image
+        check_records(config.metrics, None, config.prompts)
     specs = resolve_metric_specs(config.metrics, config.models, config.models_dir)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)

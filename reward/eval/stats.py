@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from lpo.curate.errors import InputError
 from lpo.curate.manifest import write_atomic, write_text_atomic
+from lpo.curate.scorers.specs import RECORD_METRICS
 from lpo.reward.eval.config import EvalCompareConfig
 from lpo.reward.eval.items import GRID_FILE, SUMMARY_FILE, SUMMARY_MD, TABLE_FILE, EvalItem, table_schema
 
@@ -55,6 +56,33 @@ def clustered_mean_ci(values: np.ndarray, clusters: np.ndarray) -> dict[str, Any
     return result
 
 
+def mean_over_tasks(tasks: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The mean of the tasks' means (GenEval's overall score) with a normal 95% interval: the tasks hold disjoint
+    prompts, so the variance is the sum of the tasks' squared standard errors over the number of tasks squared."""
+    means = [t["mean"] for t in tasks.values() if t["mean"] is not None]
+    if not means:
+        return {"mean": None, "sem": None, "ci95": None}
+    mean = float(np.mean(means))
+    sems = [t["sem"] for t in tasks.values() if t["mean"] is not None]
+    if any(sem is None for sem in sems):
+        return {"mean": mean, "sem": None, "ci95": None}
+    sem = math.sqrt(sum(sem**2 for sem in sems)) / len(sems)
+    return {"mean": mean, "sem": sem, "ci95": [mean - Z_95 * sem, mean + Z_95 * sem]}
+
+
+def by_task(frame: pl.DataFrame, column: str) -> dict[str, Any]:
+    """Per task (in order of first appearance) the clustered mean of `column`, and over tasks GenEval's overall
+    score as the main figure (`mean`, `ci95`); `image_accuracy` is the plain share over all images."""
+    tasks = {}
+    for task in frame["task"].unique(maintain_order=True).to_list():
+        part = frame.filter(pl.col("task") == task) if task is not None else frame.filter(pl.col("task").is_null())
+        tasks[str(task)] = clustered_mean_ci(part[column].to_numpy(), part["prompt"].to_numpy())
+    plain = clustered_mean_ci(frame[column].to_numpy(), frame["prompt"].to_numpy())
+    return {**plain, **mean_over_tasks(tasks), "image_accuracy": plain["mean"], "tasks": tasks,
+            "statistics": "mean: the mean over tasks of each task's share of correct images (GenEval's overall); "
+                          "ci95 from the tasks' prompt-clustered standard errors"}
+
+
 def _relative(path: Path, out: Path) -> str:
     try:
         return str(path.resolve().relative_to(out.resolve()))
@@ -73,6 +101,7 @@ def write_outputs(items: Sequence[EvalItem], scores: dict[str, dict], models: di
         rows["prompt"].append(item.prompt)
         rows["seed"].append(item.seed)
         rows["image_path"].append(_relative(item.path, out))
+        rows["task"].append(item.task)
         errors = []
         for metric in metrics:
             score, error = scores[metric].get(item.key, (None, "not scored"))
@@ -89,6 +118,8 @@ def write_outputs(items: Sequence[EvalItem], scores: dict[str, dict], models: di
     for metric in metrics:
         scored = frame.filter(pl.col(metric).is_not_null())
         stats = clustered_mean_ci(scored[metric].to_numpy(), scored["prompt_index"].to_numpy())
+        if metric in RECORD_METRICS:  # the benchmark's score: per task, then the mean over tasks
+            stats = by_task(scored, metric)
         summary["metrics"][metric] = {**stats, "model_id": models[metric]["model_id"],
                                       "scale": models[metric]["scale"]}
     write_text_atomic(json.dumps(summary, indent=2) + "\n", out / SUMMARY_FILE)
@@ -116,6 +147,9 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     for metric, s in summary["metrics"].items():
         lines.append(f"| {metric} | {_fmt(s['mean'])} | {_fmt_ci(s['ci95'])} | {_fmt(s['std'])} | {s['n_images']} "
                      f"| {_cell(s['model_id'])} | {_cell(s['scale'])} |")
+        for task, t in s.get("tasks", {}).items():
+            lines.append(f"| {metric}: {task} | {_fmt(t['mean'])} | {_fmt_ci(t['ci95'])} | {_fmt(t['std'])} | "
+                         f"{t['n_images']} | | |")
     lines.append("")
     lines.append(f"{summary['images']} images over {summary['prompts']} prompts. {summary['statistics']}.")
     generation = summary.get("generation")
@@ -166,8 +200,11 @@ def read_run(run_dir: Path) -> tuple[pl.DataFrame, dict[str, Any]]:
         raise InputError(f"{run_dir} is not an evaluation run (no {TABLE_FILE} and {SUMMARY_FILE}); pass a directory "
                          "written by `lpo eval` or `lpo eval score`.")
     summary_data = json.loads(summary.read_text())
-    check_schema(table, table_schema(list(summary_data["metrics"])), "evaluation")
-    return pl.read_parquet(table), summary_data
+    check_schema(table, table_schema(list(summary_data["metrics"]), task=False), "evaluation")
+    frame = pl.read_parquet(table)
+    if "task" not in frame.columns:  # a run scored before benchmark records were kept
+        frame = frame.with_columns(task=pl.lit(None, dtype=pl.String))
+    return frame, summary_data
 
 
 def compare(config: EvalCompareConfig) -> dict[str, Any]:
@@ -187,7 +224,7 @@ def compare(config: EvalCompareConfig) -> dict[str, Any]:
             raise InputError(f"{metric} was computed with {model_a!r} in {config.run_a} but {model_b!r} in "
                              f"{config.run_b}: the scores are not comparable; rescore one run with the other's model.")
     keys = ["prompt", "image_index"]
-    joined = a.select(keys + metrics).join(b.select(keys + metrics), on=keys, how="inner", suffix="_b")
+    joined = a.select(keys + ["task"] + metrics).join(b.select(keys + metrics), on=keys, how="inner", suffix="_b")
     if joined.height == 0:
         raise InputError(f"{config.run_a} and {config.run_b} have no (prompt, image index) in common: they were made "
                          "from different prompts; compare runs of the same prompt set.")
@@ -207,9 +244,17 @@ def compare(config: EvalCompareConfig) -> dict[str, Any]:
         wins = int((per_prompt["b"] > per_prompt["a"]).sum())
         losses = int((per_prompt["b"] < per_prompt["a"]).sum())
         ties = per_prompt.height - wins - losses
+        mean_a = float(score_a.mean()) if len(score_a) else None
+        mean_b = float(score_b.mean()) if len(score_b) else None
+        tasks = None
+        if metric in RECORD_METRICS:  # compared as the benchmark scores: per task, then the mean over tasks
+            paired = paired.with_columns(delta=pl.col(f"{metric}_b") - pl.col(metric))
+            tasks = by_task(paired, "delta")["tasks"]
+            delta = {**delta, **mean_over_tasks(tasks)}
+            mean_a = by_task(paired, metric)["mean"]
+            mean_b = by_task(paired.with_columns(pl.col(f"{metric}_b").alias(metric)), metric)["mean"]
         result["metrics"][metric] = {
-            "mean_a": float(score_a.mean()) if len(score_a) else None,
-            "mean_b": float(score_b.mean()) if len(score_b) else None,
+            "mean_a": mean_a, "mean_b": mean_b, **({"tasks": tasks} if tasks is not None else {}),
             "delta": delta["mean"], "ci95": delta["ci95"], "sem": delta["sem"], "n_pairs": delta["n_images"],
             "n_prompts": delta["n_prompts"], "wins": wins, "losses": losses, "ties": ties,
             "win_rate": (wins + 0.5 * ties) / per_prompt.height if per_prompt.height else None,
@@ -231,6 +276,8 @@ def compare_markdown(result: dict[str, Any]) -> str:
         win = "n/a" if m["win_rate"] is None else f"{100 * m['win_rate']:.1f}% ({m['wins']}/{m['n_prompts']})"
         lines.append(f"| {metric} | {_fmt(m['mean_a'])} | {_fmt(m['mean_b'])} | {_fmt(m['delta'], 4)} | "
                      f"{_fmt_ci(m['ci95'])} | {win} |")
+        for task, t in (m.get("tasks") or {}).items():
+            lines.append(f"| {metric}: {task} | | | {_fmt(t['mean'], 4)} | {_fmt_ci(t['ci95'])} | |")
     lines.append("")
     lines.append(f"{result['pairs']} paired images over {result['prompts']} prompts "
                  f"({result['only_in_a']} only in A, {result['only_in_b']} only in B). {result['statistics']}.")

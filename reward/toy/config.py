@@ -68,7 +68,8 @@ class ToyModelsConfig:
 class TinyModelsConfig:
     out: Path = option(None, "Directory to write one tiny model folder per role into.")
     roles: list[str] = option(help="Roles to write (default: all): pickscore, clip, vqa, aesthetic, sd15, sdxl, "
-                                   "sd3, flux, hpsv2, hpsv21, imagereward.", factory=list)
+                                   "sd3, flux, hpsv2, hpsv21, imagereward, geneval, t2i-color, t2i-shape, "
+                                   "t2i-texture.", factory=list)
     seed: int = option(0, "Seed for the random weights.")
 
 

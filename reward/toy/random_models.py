@@ -3,7 +3,9 @@
 `build_tiny_models(out_dir)` writes one folder per role, each loadable by the loader that takes the real model:
 ``load_scorer("pickscore", dir/"pickscore")`` (and every other metric of `lpo.curate.scorers`),
 ``StableDiffusionPipeline.from_pretrained(dir/"sd15")``, ``StableDiffusionXLPipeline.from_pretrained(dir/"sdxl")``,
-``StableDiffusion3Pipeline.from_pretrained(dir/"sd3")``, ``FluxPipeline.from_pretrained(dir/"flux")``.
+``StableDiffusion3Pipeline.from_pretrained(dir/"sd3")``, ``FluxPipeline.from_pretrained(dir/"flux")``; the
+compositional benchmarks' models: `geneval/` (a Mask2Former COCO-instance detector with 80 labels in `detector/`,
+an open_clip colour classifier in `clip/`) and `t2i-*/` (a BLIP VQA model).
 Weights are random from a fixed seed, the structures are those of the real models at tiny widths, and the
 tokenizers are built here, so nothing is downloaded.
 """
@@ -27,7 +29,7 @@ from lpo.reward.toy.random_text import CONTEXT_LENGTH, clip_text_config, clip_to
 logger = logging.getLogger(__name__)
 
 ROLES: tuple[str, ...] = ("pickscore", "clip", "vqa", "aesthetic", "sd15", "sdxl", "sd3", "flux", "hpsv2",
-                          "hpsv21", "imagereward")
+                          "hpsv21", "imagereward", "geneval", "t2i-color", "t2i-shape", "t2i-texture")
 SCORER_IMAGE_SIZE = 32  # pixels seen by the tiny CLIP towers
 PATCH_SIZE = 8
 OPEN_CLIP_PREPROCESS = {"mean": list(OPENAI_CLIP_MEAN), "std": list(OPENAI_CLIP_STD), "interpolation": "bicubic",
@@ -211,17 +213,20 @@ def _build_hpsv21(path: Path) -> None:
     _build_hps(path, "HPS_v2.1_compressed.pt")
 
 
-def _bert_tokenizer(path: Path) -> Any:
-    """A BERT WordPiece tokenizer over single characters (any lower-case ASCII caption tokenises)."""
+def _bert_tokenizer(path: Path, words: tuple[str, ...] = (), specials: tuple[str, ...] = ()) -> Any:
+    """A BERT WordPiece tokenizer over single characters (any lower-case ASCII caption tokenises), with `words` as
+    whole tokens and `specials` as special tokens at the end of the vocabulary."""
     import string
 
     from transformers import BertTokenizer
 
     chars = string.ascii_lowercase + string.digits + string.punctuation
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *(f"##{c}" for c in chars)]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, *chars, *(f"##{c}" for c in chars), *specials]
     path.mkdir(parents=True, exist_ok=True)
     (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizer(vocab_file=str(path / "vocab.txt"), do_lower_case=True)
+    # positional: transformers 4 names it vocab_file, transformers 5 vocab (and ignores vocab_file)
+    tokenizer = BertTokenizer(str(path / "vocab.txt"), do_lower_case=True,
+                              **({"additional_special_tokens": list(specials)} if specials else {}))
     tokenizer.save_pretrained(path)
     return tokenizer
 
@@ -272,6 +277,53 @@ def _build_imagereward(path: Path) -> None:
     (path / "config.json").write_text(json.dumps(config, indent=2))
 
 
+def _build_geneval(path: Path) -> None:
+    """`detector/`: a Mask2Former (Swin backbone) with GenEval's 80 COCO labels and its image processor; `clip/`: an
+    open_clip model for the colour classifier."""
+    import torch
+    from transformers import (
+        Mask2FormerConfig,
+        Mask2FormerForUniversalSegmentation,
+        Mask2FormerImageProcessor,
+        SwinConfig,
+    )
+
+    from lpo.curate.scorers.geneval import CLASSES
+
+    backbone = SwinConfig(image_size=64, patch_size=4, embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
+                          window_size=2, out_features=["stage1", "stage2", "stage3", "stage4"])
+    config = Mask2FormerConfig(backbone_config=backbone, feature_size=32, mask_feature_size=32, hidden_dim=32,
+                               encoder_feedforward_dim=32, encoder_layers=1, decoder_layers=2, num_attention_heads=2,
+                               dim_feedforward=32, num_queries=8, id2label=dict(enumerate(CLASSES)),
+                               label2id={name: i for i, name in enumerate(CLASSES)})
+    detector = Mask2FormerForUniversalSegmentation(config)
+    with torch.no_grad():  # it sees a car in every query, so the tests reach the colour classifier past the threshold
+        detector.class_predictor.bias[CLASSES.index("car")] += 20.0
+    detector.save_pretrained(path / "detector")
+    Mask2FormerImageProcessor(size={"shortest_edge": 64, "longest_edge": 64}, size_divisor=32,
+                              image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(
+        path / "detector")
+    (path / "clip").mkdir()
+    _build_clip(path / "clip")
+
+
+def _build_blip_vqa(path: Path) -> None:
+    """A BLIP VQA model with a BERT tokenizer that knows BLIP's [DEC] and [ENC] tokens and the answers yes and no."""
+    from transformers import BlipConfig, BlipForQuestionAnswering, BlipImageProcessor, BlipProcessor
+
+    tokenizer = _bert_tokenizer(path, words=("yes", "no"), specials=("[DEC]", "[ENC]"))
+    vocab = tokenizer.get_vocab()
+    text = {"vocab_size": len(vocab), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "max_position_embeddings": 64, "pad_token_id": vocab["[PAD]"],
+            "bos_token_id": vocab["[DEC]"], "sep_token_id": vocab["[SEP]"]}
+    vision = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "image_size": SCORER_IMAGE_SIZE, "patch_size": PATCH_SIZE}
+    BlipForQuestionAnswering(BlipConfig(text_config=text, vision_config=vision)).save_pretrained(path)
+    image_processor = BlipImageProcessor(size={"height": SCORER_IMAGE_SIZE, "width": SCORER_IMAGE_SIZE},
+                                         image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD))
+    BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+
+
 _BUILDERS: dict[str, Callable[[Path], None]] = {
     "pickscore": _build_pickscore,
     "clip": _build_clip,
@@ -284,6 +336,10 @@ _BUILDERS: dict[str, Callable[[Path], None]] = {
     "hpsv2": lambda path: _build_hps(path, "HPS_v2_compressed.pt"),
     "hpsv21": _build_hpsv21,
     "imagereward": _build_imagereward,
+    "geneval": _build_geneval,
+    "t2i-color": _build_blip_vqa,
+    "t2i-shape": _build_blip_vqa,
+    "t2i-texture": _build_blip_vqa,
 }
 
 

@@ -144,22 +144,31 @@ def test_bad_suites_exit_2_before_any_model_loads(change, needle, tiny_models_di
     assert result.exit_code == 2 and needle in result.text, result.text
 
 
-@pytest.mark.parametrize("name", ["lpo-sd15", "lpo-sdxl", "lpo-sd3-medium"])
+SHIPPED = ["lpo-sd15", "lpo-sdxl", "lpo-sd3-medium", "geneval-sd15", "geneval-sdxl", "geneval-sd3-medium"]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_suites_read_and_the_readme_shows_their_paper_numbers(name) -> None:
-    """Every shipped suite reads, gives the paper's number for every metric of every row, and the README's table of
-    that suite carries the same numbers (in the paper's column order) beside each row's weights."""
+    """Every shipped suite reads, gives the paper's number for every metric of every row, and the README's table
+    under that suite's name carries the same numbers (in the suite's metric order) beside each row's weights."""
     from lpo.reward.eval.suite import read_suite
 
     root = Path(__file__).parents[3]
     suite = read_suite(root / "manifests" / "suites" / f"{name}.yaml")
     readme = (root / "README.md").read_text()
     assert f"`{name}.yaml`" in readme
-    for row in suite["rows"]:
+    after = readme[readme.index(f"`{name}.yaml`"):].splitlines()
+    start = next(i for i, line in enumerate(after) if line.startswith("|"))
+    table = []
+    for line in after[start:]:
+        if not line.startswith("|"):
+            break
+        table.append(line)
+    assert len(table) == len(suite["rows"]) + 2, name  # a header, a rule, a line per row
+    for row, line in zip(suite["rows"], table[2:]):
         assert set(row["paper"]) == set(suite["metrics"]), row["name"]
         weights = row.get("unet") or row.get("transformer") or row.get("base") or suite["base"]
         shown = "your run" if weights.startswith("./") else f"`{weights}`"
-        start = f"| {row['name'].split(' (')[0]} | {shown} |"
-        lines = [line for line in readme.splitlines() if line.startswith(start)]
-        assert len(lines) == 1, (row["name"], shown)
-        numbers = [float(cell) for cell in lines[0].strip("|").split("|")[2:]]
+        assert line.startswith(f"| {row['name'].split(' (')[0]} | {shown} |"), (row["name"], line)
+        numbers = [float(cell) for cell in line.strip("|").split("|")[2:]]
         assert numbers == [row["paper"][m] for m in suite["metrics"]], row["name"]

@@ -36,6 +36,10 @@ EXPECTED_FILES = {
     "hpsv2": ["open_clip_config.json", "HPS_v2_compressed.pt"],
     "hpsv21": ["open_clip_config.json", "HPS_v2.1_compressed.pt"],
     "imagereward": ["config.json", "ImageReward.pt", "med_config.json", "tokenizer/vocab.txt"],
+    "geneval": ["detector/config.json", "detector/model.safetensors", "detector/preprocessor_config.json",
+                "clip/open_clip_config.json", "clip/open_clip_model.safetensors"],
+    **{f"t2i-{kind}": ["config.json", "model.safetensors", "processor_config.json", "vocab.txt"]
+       for kind in ("color", "shape", "texture")},
 }
 
 
@@ -68,8 +72,25 @@ def test_clip_tokenizer_covers_any_caption() -> None:
 def test_scorer_folders_load_and_score(metric: str, tiny_models_dir: Path) -> None:
     scorer = load_scorer(metric, str(tiny_models_dir / metric))
     image = Image.fromarray(np.full((64, 64, 3), 128, dtype=np.uint8))
-    scores = scorer.score([image], ["a grey square"])
+    text = {"prompt": "a photo of a car", "tag": "single_object", "include": [{"class": "car", "count": 1}]} \
+        if getattr(scorer, "needs_records", False) else "a grey square"
+    scores = scorer.score([image], [text])
     assert scores.shape == (1,) and np.isfinite(scores).all()
+
+
+@pytest.mark.parametrize("role", ["imagereward", "t2i-color"])
+def test_bert_tokenizers_spell_any_lower_case_caption(role: str, tiny_models_dir: Path) -> None:
+    """The tiny BERT tokenizers hold their character vocabulary (no caption falls back to [UNK]), and BLIP's knows
+    its decoder and encoder tokens and the answers as whole words."""
+    from transformers import AutoTokenizer
+
+    folder = tiny_models_dir / role / ("tokenizer" if role == "imagereward" else "")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = tokenizer("a red car, 3 dogs!").input_ids
+    assert tokenizer.unk_token_id not in ids and len(ids) > 10
+    if role == "t2i-color":
+        assert tokenizer.tokenize("yes no") == ["yes", "no"]
+        assert tokenizer.unk_token_id not in tokenizer.convert_tokens_to_ids(["[DEC]", "[ENC]"])
 
 
 def _generate(pipeline) -> Image.Image:

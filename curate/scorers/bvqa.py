@@ -1,0 +1,133 @@
+"""T2I-CompBench++ attribute binding (Huang et al.): the B-VQA score of the colour, shape and texture categories.
+
+For each noun phrase of the prompt ("a green bench and a red car": "a green bench", "a red car"), BLIP's VQA model
+is asked "<phrase>?" and gives P(yes) = p("yes") / (p("yes") + p("no")) over the first answer token; the image's
+score is the product over the phrases (the benchmark asks at most 8). A category's score is the mean over its
+images. As the benchmark (`BLIPvqa_eval`): the question is tokenised to at most 35 tokens with BLIP's encoder token
+first, the answer decoder starts from BLIP's decoder token, and the weights are BLIP's VQA capfilt-large
+(`Salesforce/blip-vqa-capfilt-large` in transformers' format).
+
+Noun phrases: the benchmark takes spaCy's `en_core_web_sm` noun chunks. Where spaCy and that model are installed
+they are used; otherwise a rule for the attribute-binding prompts splits the prompt at "and", commas and "with",
+"on", "in", "of", "next to" (each part one phrase), which gives spaCy's chunks on the category's "a <attribute>
+<noun> and a <attribute> <noun>" prompts. The model id of the scores names the splitter used.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy
+    import PIL.Image
+
+logger = logging.getLogger(__name__)
+
+MAX_PHRASES = 8  # the benchmark's np_num
+QUESTION_TOKENS = 35
+SPLIT = re.compile(r"\s*(?:,|;|\band\b|\bwith\b|\bnext to\b|\bon\b|\bin\b|\bof\b)\s*", re.IGNORECASE)
+
+
+def rule_phrases(prompt: str) -> list[str]:
+    """Noun phrases of an attribute-binding prompt by splitting at conjunctions, commas and prepositions."""
+    parts = [part.strip(" .") for part in SPLIT.split(prompt.strip())]
+    return [part for part in parts if part]
+
+
+def spacy_chunker() -> Any | None:
+    """spaCy's `en_core_web_sm` pipeline when installed (the benchmark's noun chunks), else None."""
+    try:
+        import spacy
+
+        return spacy.load("en_core_web_sm")
+    except Exception:  # not installed, or the model not downloaded
+        return None
+
+
+def noun_phrases(prompt: str, nlp: Any | None = None) -> list[str]:
+    """The phrases asked about, at most `MAX_PHRASES`: spaCy's noun chunks with `nlp`, else `rule_phrases`."""
+    phrases = [chunk.text for chunk in nlp(prompt).noun_chunks] if nlp is not None else rule_phrases(prompt)
+    return phrases[:MAX_PHRASES]
+
+
+def b_vqa(yes_probabilities: Sequence[float]) -> float:
+    """An image's B-VQA score: the product of P(yes) over its phrases (1 for a prompt without any)."""
+    score = 1.0
+    for p in yes_probabilities:
+        score *= float(p)
+    return score
+
+
+class BVQAScorer:
+    """`score(images, prompts)`: B-VQA of each image against its prompt."""
+
+    needs_records = False
+
+    def __init__(self, name: str, model: Any, processor: Any, model_id: str, device: str, dtype: Any,
+                 nlp: Any | None) -> None:
+        self.name, self.model, self.processor = name, model, processor
+        self.device, self.dtype, self.nlp = device, dtype, nlp
+        splitter = "spaCy en_core_web_sm noun chunks" if nlp is not None else "rule-based phrases (spaCy absent)"
+        self.model_id = f"{model_id} ({splitter})"
+        self.scale = "product over the prompt's noun phrases of P(yes | image, '<phrase>?'), 0-1"
+        tokenizer = processor.tokenizer
+        self.yes, self.no = tokenizer.convert_tokens_to_ids("yes"), tokenizer.convert_tokens_to_ids("no")
+        encoder = tokenizer.convert_tokens_to_ids("[ENC]")
+        self.encoder_token = None if encoder in (None, tokenizer.unk_token_id) else encoder
+        self.details: list[dict[str, Any]] = []
+
+    def yes_probability(self, images: list[PIL.Image.Image], questions: list[str]) -> Any:
+        """P(yes) / (P(yes) + P(no)) of the first answer token, one per (image, question)."""
+        import torch
+
+        tokenizer = self.processor.tokenizer
+        pixels = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        text = tokenizer(questions, padding="longest", truncation=True, max_length=QUESTION_TOKENS,
+                         return_tensors="pt").to(self.device)
+        ids = text.input_ids.clone()
+        if self.encoder_token is not None:
+            ids[:, 0] = self.encoder_token  # BLIP's questions start with its encoder token, not [CLS]
+        image_embeds = self.model.vision_model(pixel_values=pixels.to(self.device, self.dtype))[0]
+        image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
+        question = self.model.text_encoder(input_ids=ids, attention_mask=text.attention_mask,
+                                           encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask)[0]
+        start = torch.full((len(questions), 1), self.model.config.text_config.bos_token_id, device=self.device)
+        logits = self.model.text_decoder(input_ids=start, encoder_hidden_states=question,
+                                         encoder_attention_mask=text.attention_mask).logits[:, 0].float()
+        probs = logits.softmax(-1)
+        return probs[:, self.yes] / (probs[:, self.yes] + probs[:, self.no])
+
+    def score(self, images: list[PIL.Image.Image], prompts: list[str]) -> numpy.ndarray:
+        import numpy as np
+        import torch
+
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        asked = [(i, phrase) for i, prompt in enumerate(prompts) for phrase in noun_phrases(prompt, self.nlp)]
+        yes: list[list[float]] = [[] for _ in images]
+        if asked:
+            rgb = [image.convert("RGB") for image in images]
+            with torch.inference_mode():
+                values = self.yes_probability([rgb[i] for i, _ in asked], [f"{phrase}?" for _, phrase in asked])
+            for (i, _), value in zip(asked, values.tolist()):
+                yes[i].append(value)
+        self.details = [{"phrases": noun_phrases(p, self.nlp), "p_yes": y} for p, y in zip(prompts, yes)]
+        return np.asarray([b_vqa(y) for y in yes], dtype=np.float64)
+
+
+def check_bvqa(metric: str, spec: str) -> None:
+    from lpo.curate.scorers.specs import transformers_config
+
+    transformers_config(metric, spec, "a BLIP visual question answering model (model_type blip)",
+                        lambda model_type: model_type == "blip")
+
+
+def load_bvqa(metric: str, spec: str, device: str, dtype: Any) -> BVQAScorer:
+    from transformers import BlipForQuestionAnswering, BlipProcessor
+
+    logger.info("loading %s: %s on %s", metric, spec, device)
+    model = BlipForQuestionAnswering.from_pretrained(spec, dtype=dtype).to(device).eval()
+    return BVQAScorer(metric, model, BlipProcessor.from_pretrained(spec), spec, device, dtype, spacy_chunker())

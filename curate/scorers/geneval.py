@@ -1,0 +1,404 @@
+"""GenEval (Ghosh et al., NeurIPS 2023): is each object the prompt asks for there, in the right number, colour and
+position? An image is correct or not; a task's score is its share of correct images; the overall score is the mean
+over the tasks.
+
+The rules follow the benchmark's evaluation script (`geneval/evaluation/evaluate_images.py`):
+- A prompt's record (one JSON line of `evaluation_metadata.jsonl`) has a `tag` (single_object, two_object,
+  counting, colors, position, color_attr), `include` clauses (`class`, `count`, optional `color`, optional
+  `position` = [relation, index of an earlier include clause]) combined with AND, and `exclude` clauses (`class`,
+  `count`) combined with OR.
+- Detections of a class are kept in order of confidence when their score is above 0.3 (0.9 for the counting task),
+  at most 16 per class (an optional greedy suppression above an overlap threshold is off by default).
+- An include clause takes the `count` most confident detections of its class: fewer fails it. With a colour, each
+  of them is classified by CLIP zero-shot among ten colours on the masked crop, and fewer than `count` of the
+  asked colour fails it. With a position, each of them must stand in the asked relation to every object of the
+  clause it refers to (which must itself have matched).
+- An exclude clause fails when its class has at least `count` detections.
+- The relation of A to B: the centres' offset, each axis shrunk by 0.1 x the sum of the two boxes' sizes on that
+  axis (and kept at zero when it would change sign), divided by the offset's length; dx < -0.5 is "left of",
+  dx > 0.5 "right of", dy < -0.5 "above", dy > 0.5 "below" (image y grows downwards); no relation when the
+  shrunk offset vanishes.
+
+The detector is a Mask2Former COCO instance-segmentation model run through transformers (the benchmark runs
+mmdetection's); its per-query class scores and masks become scored boxes as mmdetection's Mask2Former does (the top
+100 (query, class) pairs, the class probability times the mean mask probability inside the binary mask, the box of
+the mask). The colour classifier is an open_clip model (the benchmark's: ViT-L-14 with OpenAI's weights).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lpo.curate.errors import InputError
+
+if TYPE_CHECKING:
+    import numpy
+    import PIL.Image
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
+RELATIONS = ("left of", "right of", "above", "below")
+# The benchmark's class names (`object_names.txt`): COCO's 80 things in COCO's order, a few renamed.
+CLASSES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow", "elephant",
+    "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard",
+    "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli",
+    "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed", "dining table", "toilet",
+    "tv", "laptop", "computer mouse", "tv remote", "computer keyboard", "cell phone", "microwave", "oven", "toaster",
+    "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
+)
+COLOR_TEMPLATES = ("a photo of a {color} {name}", "a photo of a {color}-colored {name}", "a photo of a {color} object")
+CROP_BACKGROUND = (153, 153, 153)  # the benchmark's "#999": what lies outside an object's mask in its crop
+DETECTIONS_PER_IMAGE = 100  # mmdetection's Mask2Former test setting (max_per_image)
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The benchmark's evaluation options (its defaults)."""
+
+    threshold: float = 0.3
+    counting_threshold: float = 0.9
+    max_objects: int = 16
+    max_overlap: float = 1.0  # 1.0: no suppression of overlapping boxes
+    position_threshold: float = 0.1
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One detected object: its box (x1, y1, x2, y2 in pixels), confidence, and binary mask (H x W) if any."""
+
+    box: tuple[float, float, float, float]
+    score: float
+    mask: Any = None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the rules
+
+
+def iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection over union of two boxes in inclusive pixel coordinates (a box from x1 to x2 is x2 - x1 + 1
+    wide), as the benchmark computes it."""
+    def area(box: Sequence[float]) -> float:
+        return max(box[2] - box[0] + 1, 0) * max(box[3] - box[1] + 1, 0)
+
+    inter = area((max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])))
+    union = area(a) + area(b) - inter
+    return inter / union if union else 0.0
+
+
+def keep_detections(found: dict[str, list[Detection]], tag: str, rules: Rules = Rules()) -> dict[str, list[Detection]]:
+    """Per class, the detections above the task's threshold, most confident first, at most `max_objects`, with
+    greedy suppression of overlaps at `max_overlap` (off at 1.0); classes left empty are dropped."""
+    threshold = rules.counting_threshold if tag == "counting" else rules.threshold
+    kept: dict[str, list[Detection]] = {}
+    for name, detections in found.items():
+        ordered = [d for d in sorted(detections, key=lambda d: -d.score) if d.score > threshold][:rules.max_objects]
+        chosen: list[Detection] = []
+        while ordered:
+            best = ordered.pop(0)
+            chosen.append(best)
+            if rules.max_overlap < 1:
+                ordered = [d for d in ordered if iou(best.box, d.box) < rules.max_overlap]
+        if chosen:
+            kept[name] = chosen
+    return kept
+
+
+def relative_position(a: Detection, b: Detection, position_threshold: float = 0.1) -> set[str]:
+    """The relations of A to B ("left of", "right of", "above", "below"; none, one or two of them)."""
+    ax1, ay1, ax2, ay2 = a.box
+    bx1, by1, bx2, by2 = b.box
+    offset = ((ax1 + ax2) / 2 - (bx1 + bx2) / 2, (ay1 + ay2) / 2 - (by1 + by2) / 2)
+    sizes = (abs(ax2 - ax1) + abs(bx2 - bx1), abs(ay2 - ay1) + abs(by2 - by1))
+    shrunk = [math.copysign(max(abs(o) - position_threshold * s, 0.0), o) for o, s in zip(offset, sizes)]
+    if all(abs(v) < 1e-3 for v in shrunk):
+        return set()
+    length = math.hypot(*offset)
+    dx, dy = shrunk[0] / length, shrunk[1] / length
+    relations = set()
+    if dx < -0.5:
+        relations.add("left of")
+    if dx > 0.5:
+        relations.add("right of")
+    if dy < -0.5:
+        relations.add("above")
+    if dy > 0.5:
+        relations.add("below")
+    return relations
+
+
+def evaluate(objects: dict[str, list[Detection]], record: dict[str, Any],
+             colours: Callable[[list[Detection], str], list[str]], rules: Rules = Rules()) -> tuple[bool, str]:
+    """(correct, reasons) of one image: `objects` are the kept detections per class (most confident first),
+    `colours(detections, class)` names each detection's colour."""
+    correct, reasons, groups = True, [], []
+    for clause in record.get("include", []):
+        name, count = clause["class"], clause["count"]
+        found = objects.get(name, [])[:count]
+        matched = len(found) >= count
+        if not matched:
+            reasons.append(f"expected {name}>={count}, found {len(found)}")
+        elif "color" in clause:
+            named = colours(found, name)
+            if named.count(clause["color"]) < count:
+                matched = False
+                seen = ", ".join(f"{named.count(c)} {c}" for c in COLORS if c in named)
+                reasons.append(f"expected {clause['color']} {name}>={count}, found {named.count(clause['color'])} "
+                               f"{clause['color']}; and {seen}")
+        if matched and "position" in clause:
+            relation, target = clause["position"]
+            if groups[target] is None:
+                matched = False
+                reasons.append(f"no target for {name} to be {relation}")
+            else:
+                for obj in found:
+                    failing = [other for other in groups[target]
+                               if relation not in relative_position(obj, other, rules.position_threshold)]
+                    if failing:
+                        actual = relative_position(obj, failing[0], rules.position_threshold)
+                        matched = False
+                        reasons.append(f"expected {name} {relation} target, found {' and '.join(sorted(actual))} "
+                                       "target")
+                        break
+        correct = correct and matched
+        groups.append(found if matched else None)
+    for clause in record.get("exclude", []):
+        name, count = clause["class"], clause["count"]
+        if len(objects.get(name, [])) >= count:
+            correct = False
+            reasons.append(f"expected {name}<{count}, found {len(objects[name])}")
+    return correct, "\n".join(reasons)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# prompt records
+
+
+def check_record(record: Any, where: str) -> dict[str, Any]:
+    """A GenEval metadata record, checked: its tag, its clauses' classes, counts, colours and positions."""
+    if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
+        raise InputError(f"{where}: not a GenEval record (a JSON object with prompt, tag, include).")
+    if record.get("tag") not in TASKS:
+        raise InputError(f"{where}: tag {record.get('tag')!r} is not one of GenEval's tasks {list(TASKS)}.")
+    includes = record.get("include")
+    if not isinstance(includes, list) or not includes:
+        raise InputError(f"{where}: a GenEval record needs a non-empty include list.")
+    for index, clause in enumerate(includes + list(record.get("exclude", []))):
+        if not isinstance(clause, dict) or clause.get("class") not in CLASSES:
+            named = clause.get("class") if isinstance(clause, dict) else clause
+            raise InputError(f"{where}: clause {index} names class {named!r}, not one of GenEval's 80 classes.")
+        if not isinstance(clause.get("count"), int) or clause["count"] < 1:
+            raise InputError(f"{where}: clause {index} has count {clause.get('count')!r}; counts are integers >= 1.")
+        if "color" in clause and clause["color"] not in COLORS:
+            raise InputError(f"{where}: colour {clause['color']!r} is not one of {list(COLORS)}.")
+        if "position" in clause:
+            position = clause["position"]
+            if (not isinstance(position, list) or len(position) != 2 or position[0] not in RELATIONS
+                    or not isinstance(position[1], int) or not 0 <= position[1] < index):
+                raise InputError(f"{where}: position {position!r} must be [relation, index of an earlier include "
+                                 f"clause], relation one of {list(RELATIONS)}.")
+    return record
+
+
+def read_records(path: Path) -> list[dict[str, Any]] | None:
+    """The records of a GenEval metadata file (JSON lines whose objects have `tag` and `include`), or None when
+    `path` is not one."""
+    if Path(path).suffix != ".jsonl":
+        return None
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    try:
+        first = json.loads(lines[0]) if lines else None
+    except ValueError:
+        return None
+    if not (isinstance(first, dict) and "tag" in first and "include" in first):
+        return None
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise InputError(f"{path}:{number} is not valid JSON; GenEval metadata is one JSON object a line.") \
+                from None
+        records.append(check_record(record, f"{path}:{number}"))
+    return records
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# detections from a transformers Mask2Former
+
+
+def instance_detections(class_logits: Any, mask_logits: Any, classes: Sequence[str],
+                        per_image: int = DETECTIONS_PER_IMAGE) -> dict[str, list[Detection]]:
+    """Scored boxes and masks per class from one image's Mask2Former outputs, as mmdetection's Mask2Former turns
+    them into instances: `class_logits` [queries, classes + 1 (no object)], `mask_logits` [queries, H, W] at the
+    image's size. The top `per_image` (query, class) pairs by class probability; the mask is its logits > 0; the
+    score is the class probability times the mean mask probability inside the mask; the box is the mask's extent
+    (x2, y2 one past its last pixel)."""
+    import torch
+
+    probs = class_logits.float().softmax(-1)[:, :-1]
+    n_classes = probs.shape[1]
+    top = probs.flatten().topk(min(per_image, probs.numel()))
+    queries, labels = top.indices // n_classes, top.indices % n_classes
+    logits = mask_logits.float()[queries]
+    binary = logits > 0
+    inside = binary.flatten(1).float()
+    mask_scores = (logits.sigmoid().flatten(1) * inside).sum(1) / (inside.sum(1) + 1e-6)
+    scores = (top.values * mask_scores).tolist()
+    found: dict[str, list[Detection]] = {}
+    for k, label in enumerate(labels.tolist()):
+        mask = binary[k]
+        columns, rows = torch.nonzero(mask.any(0)).flatten().tolist(), torch.nonzero(mask.any(1)).flatten().tolist()
+        box = (0.0, 0.0, 0.0, 0.0) if not columns else (
+            float(columns[0]), float(rows[0]), float(columns[-1] + 1), float(rows[-1] + 1))
+        found.setdefault(classes[label], []).append(Detection(box, scores[k], mask.detach().cpu().numpy()))
+    return found
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the scorer
+
+
+def masked_crop(image: PIL.Image.Image, detection: Detection) -> PIL.Image.Image:
+    """The object on the benchmark's grey background (outside its mask), cropped to its box."""
+    from PIL import Image
+
+    if detection.mask is not None:
+        blank = Image.new("RGB", image.size, CROP_BACKGROUND)
+        mask = Image.fromarray(detection.mask.astype("uint8") * 255)
+        image = Image.composite(image, blank, mask)
+    return image.crop(tuple(int(round(v)) for v in detection.box))
+
+
+class GenEvalScorer:
+    """`score(images, records)`: 1.0 where an image satisfies its GenEval record, else 0.0; `details` holds the
+    last batch's task, reasons and detected counts per image."""
+
+    name = "geneval"
+    needs_records = True
+
+    def __init__(self, detector: Any, processor: Any, clip_model: Any, clip_preprocess: Any, tokenizer: Any,
+                 model_id: str, device: str, dtype: Any, rules: Rules = Rules()) -> None:
+        self.detector, self.processor = detector, processor
+        self.clip_model, self.clip_preprocess, self.tokenizer = clip_model, clip_preprocess, tokenizer
+        self.model_id, self.device, self.dtype, self.rules = model_id, device, dtype, rules
+        self.scale = ("1 if every object of the record is found in the right count, colour and position, else 0; "
+                      "per task the share of correct images, overall the mean over tasks")
+        self.classes = _detector_classes(detector)
+        self._colour_weights: dict[str, Any] = {}
+        self.details: list[dict[str, Any]] = []
+
+    def score(self, images: list[PIL.Image.Image], records: list[dict[str, Any] | None]) -> numpy.ndarray:
+        import numpy as np
+        import torch
+
+        if len(images) != len(records):
+            raise ValueError(f"{len(images)} images but {len(records)} records")
+        out, self.details = [], []
+        with torch.inference_mode():
+            for image, record in zip(images, records):
+                if record is None:
+                    raise ValueError("geneval needs each image's GenEval record: pass the benchmark's metadata "
+                                     "file (evaluation_metadata.jsonl) as --prompts")
+                rgb = image.convert("RGB")
+                objects = keep_detections(self.detect(rgb), record["tag"], self.rules)
+                correct, reason = evaluate(objects, record, partial(self.colours, rgb), self.rules)
+                out.append(1.0 if correct else 0.0)
+                self.details.append({"task": record["tag"], "reason": reason,
+                                     "detected": {name: len(found) for name, found in objects.items()}})
+        return np.asarray(out, dtype=np.float64)
+
+    def detect(self, image: PIL.Image.Image) -> dict[str, list[Detection]]:
+        import torch
+
+        inputs = self.processor(images=[image], return_tensors="pt").to(self.device)
+        outputs = self.detector(pixel_values=inputs["pixel_values"].to(self.dtype),
+                                pixel_mask=inputs.get("pixel_mask"))
+        masks = outputs.masks_queries_logits[0:1].float()
+        masks = torch.nn.functional.interpolate(masks, size=inputs["pixel_values"].shape[-2:], mode="bilinear",
+                                                align_corners=False)[0]
+        valid = inputs["pixel_mask"][0].bool() if "pixel_mask" in inputs else torch.ones(masks.shape[-2:], dtype=bool)
+        height, width = int(valid.any(1).sum()), int(valid.any(0).sum())  # the resized image, without padding
+        masks = torch.nn.functional.interpolate(masks[None, :, :height, :width], size=image.size[::-1],
+                                                mode="bilinear", align_corners=False)[0]
+        return instance_detections(outputs.class_queries_logits[0].cpu(), masks.cpu(), self.classes)
+
+    def colours(self, image: PIL.Image.Image, found: list[Detection], name: str) -> list[str]:
+        """Each detection's colour: CLIP zero-shot over the ten colours, three templates averaged per colour."""
+        import torch
+
+        if name not in self._colour_weights:
+            weights = []
+            for colour in COLORS:
+                texts = [t.format(color=colour, name=name) for t in COLOR_TEMPLATES]
+                features = self.clip_model.encode_text(self.tokenizer(texts).to(self.device)).float()
+                mean = (features / features.norm(dim=-1, keepdim=True)).mean(0)
+                weights.append(mean / mean.norm())
+            self._colour_weights[name] = torch.stack(weights, dim=1)
+        crops = torch.stack([self.clip_preprocess(masked_crop(image, d)) for d in found]).to(self.device, self.dtype)
+        features = self.clip_model.encode_image(crops).float()
+        features = features / features.norm(dim=-1, keepdim=True)
+        return [COLORS[i] for i in (features @ self._colour_weights[name]).argmax(1).tolist()]
+
+
+def _detector_classes(detector: Any) -> tuple[str, ...]:
+    """GenEval's class name of each detector label: a COCO instance model's 80 labels, in COCO's order."""
+    labels = detector.config.id2label
+    if len(labels) != len(CLASSES):
+        raise InputError(f"the GenEval detector has {len(labels)} classes; GenEval reads a COCO instance "
+                         f"segmentation model's {len(CLASSES)} (e.g. facebook/mask2former-swin-small-coco-instance).")
+    return CLASSES
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# model spec: "DETECTOR", "DETECTOR,CLIP", or a folder holding detector/ and clip/ (as `lpo dev tiny-models` writes)
+
+DEFAULT_COLOUR_CLIP = "ViT-L-14:openai"  # the benchmark's colour classifier
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    """(detector, colour CLIP) of a geneval model spec."""
+    folder = Path(spec).expanduser()
+    if folder.is_dir() and (folder / "detector").is_dir():
+        return str(folder / "detector"), str(folder / "clip") if (folder / "clip").is_dir() else DEFAULT_COLOUR_CLIP
+    detector, _, colour = spec.partition(",")
+    return detector.strip(), colour.strip() or DEFAULT_COLOUR_CLIP
+
+
+def check_geneval(spec: str) -> None:
+    from lpo.curate.scorers.clip import check_clip
+    from lpo.curate.scorers.specs import transformers_config
+
+    detector, colour = parse_spec(spec)
+    transformers_config("geneval", detector, "a Mask2Former instance-segmentation model (model_type mask2former)",
+                        lambda model_type: model_type == "mask2former")
+    check_clip(colour)
+
+
+def load_geneval(spec: str, device: str, dtype: Any) -> GenEvalScorer:
+    import open_clip
+    from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
+
+    from lpo.curate.scorers.clip import _open_clip_spec, open_clip_precision
+
+    detector_spec, colour_spec = parse_spec(spec)
+    logger.info("loading geneval: detector %s, colour classifier %s on %s", detector_spec, colour_spec, device)
+    detector = Mask2FormerForUniversalSegmentation.from_pretrained(detector_spec, dtype=dtype).to(device).eval()
+    processor = AutoImageProcessor.from_pretrained(detector_spec)
+    name, tag, _ = _open_clip_spec(colour_spec)
+    clip_model, _, preprocess = open_clip.create_model_and_transforms(
+        name, pretrained=tag, precision=open_clip_precision("geneval", dtype), device=device)
+    return GenEvalScorer(detector, processor, clip_model.eval(), preprocess, open_clip.get_tokenizer(name),
+                         f"{detector_spec} + {colour_spec}", device, dtype)
