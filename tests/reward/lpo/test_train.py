@@ -260,7 +260,7 @@ def test_full_finetune_and_merge(tiny_models_dir, lrms, prompt_file, tmp_path):
 
 
 @pytest.mark.slow  # several processes (or a server) started: in the full run, not the quick loop
-@pytest.mark.parametrize("family", ["sd3"])  # sd15: test_grpo.py checks 2 processes against 1, LPO and GRPO
+@pytest.mark.parametrize("family", ["sd3"])  # test_grpo.py checks 2 processes against 1 (sd15 GRPO, sd3 LPO)
 def test_two_process_lpo(family, tiny_models_dir, lrms, prompt_file, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
