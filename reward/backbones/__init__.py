@@ -14,7 +14,8 @@ from lpo.reward.backbones.family import (
     read_subfolder_config,
     resolve_denoiser,
     resolve_lora,
+    split_model_spec,
 )
 
 __all__ = ["FAMILIES", "Family", "diffusers_dtype", "family_of", "get_family", "load_generator", "pixel_resolution",
-           "read_subfolder_config", "resolve_denoiser", "resolve_lora"]
+           "read_subfolder_config", "resolve_denoiser", "resolve_lora", "split_model_spec"]

@@ -266,8 +266,18 @@ def resolve_lora(path: str | Path) -> Path:
                      "wrote, or its run directory.")
 
 
-def _local_spec(spec: str) -> bool:
-    return Path(spec).expanduser().exists() or spec.startswith(("/", "./", "../", "~", ".\\")) or "\\" in spec
+def split_model_spec(spec: str | Path) -> tuple[str, str | None, bool]:
+    """(folder or hub repository, folder inside the repository, local?) of a model spec: an existing or path-like
+    local folder, `owner/repo`, or `owner/repo/sub/folder` (a folder inside a hub repository)."""
+    spec = str(spec)
+    path = Path(spec).expanduser()
+    if path.exists() or spec.startswith(("/", "./", "../", "~", ".\\")) or "\\" in spec:
+        return str(path), None, True
+    parts = spec.strip("/").split("/")
+    if len(parts) < 2:
+        raise InputError(f"{spec} is neither an existing folder nor a hub id (owner/repo, or owner/repo/sub/folder "
+                         "for a folder inside a repository).")
+    return "/".join(parts[:2]), "/".join(parts[2:]) or None, False
 
 
 def resolve_denoiser(spec: str | Path, family: Family) -> tuple[str, str | None, dict[str, Any]]:
@@ -279,8 +289,9 @@ def resolve_denoiser(spec: str | Path, family: Family) -> tuple[str, str | None,
     spec = str(spec)
     name = family.denoiser
     inside = (None, name, f"merged_{name}")
-    if _local_spec(spec):
-        path = Path(spec).expanduser()
+    root, sub, local = split_model_spec(spec)
+    if local:
+        path = Path(root)
         if not path.exists():
             raise InputError(f"{spec} does not exist; pass a folder saved with save_pretrained, a pipeline folder, "
                              "`lpo optimize --merge`'s run directory, or a hub id.")
@@ -291,22 +302,18 @@ def resolve_denoiser(spec: str | Path, family: Family) -> tuple[str, str | None,
                              "directory.")
         source, subfolder, config = str(found), None, json.loads((found / CONFIG_FILE).read_text())
     else:
-        source, subfolder, config = _hub_denoiser(spec, inside)
+        source, subfolder, config = _hub_denoiser(spec, root, sub, inside)
     if not family.accepts(config) or (family.denoiser == "unet") != ("UNet" in config.get("_class_name", "")):
         raise InputError(f"{spec} is a {config.get('_class_name', 'model')} that does not fit a {family.title} "
                          f"pipeline's {name}; pass a fine-tuned {name} of the base's family.")
     return source, subfolder, config
 
 
-def _hub_denoiser(spec: str, inside: tuple[str | None, ...]) -> tuple[str, str | None, dict[str, Any]]:
+def _hub_denoiser(spec: str, repo: str, sub: str | None,
+                  inside: tuple[str | None, ...]) -> tuple[str, str | None, dict[str, Any]]:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
-    parts = spec.strip("/").split("/")
-    if len(parts) < 2:
-        raise InputError(f"{spec} is neither an existing folder nor a hub id (owner/repo, or owner/repo/sub/folder "
-                         "for a folder inside a repository).")
-    repo, sub = "/".join(parts[:2]), "/".join(parts[2:]) or None
     unreadable = None
     for candidate in ((sub,) if sub else inside):
         try:

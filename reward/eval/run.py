@@ -9,7 +9,7 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from lpo.curate.errors import InputError
 from lpo.curate.manifest import write_text_atomic
@@ -42,9 +42,18 @@ def generation_settings(config: EvalConfig) -> dict[str, Any]:
             "guidance": guidance, "eta": eta, "seed": config.seed, "dtype": config.dtype}
 
 
-def validate(config: EvalConfig) -> tuple[list[str], dict[str, str], list[dict[str, Any]] | None]:
-    """Check everything that can be checked before a model loads; return the prompts, the metric specs and the
-    prompts' benchmark records (GenEval's metadata), if the prompt file carries them."""
+class Checked(NamedTuple):
+    """What `validate` found: the prompts, the metric specs, the prompts' benchmark records (GenEval's metadata, if
+    the prompt file carries them) and where a --denoiser's weights are read (a run directory names its merged_*)."""
+
+    prompts: list[str]
+    specs: dict[str, str]
+    records: list[dict[str, Any]] | None
+    denoiser_weights: str | None
+
+
+def validate(config: EvalConfig) -> Checked:
+    """Check everything that can be checked before a model loads."""
     from lpo.curate.device import resolve_dtype
     from lpo.reward.backbones import family_of, resolve_denoiser, resolve_lora
     from lpo.reward.lrm.model import check_lrm_matches
@@ -76,15 +85,17 @@ def validate(config: EvalConfig) -> tuple[list[str], dict[str, str], list[dict[s
     prompts, records = resolve_prompt_records(config.prompts, config.max_prompts)
     check_records(config.metrics, records, config.prompts)
     family = family_of(config.base)
+    denoiser_weights = None
     if config.denoiser is not None:
-        resolve_denoiser(config.denoiser, family)
+        source, subfolder, _ = resolve_denoiser(config.denoiser, family)
+        denoiser_weights = f"{source}/{subfolder}" if subfolder else source
     if config.lrm is not None:
         check_lrm_matches(config.lrm, family.name, config.base)
     specs = resolve_metric_specs(config.metrics, config.models, config.models_dir)
     if config.reward_url is not None:
         remote_scorers(config.reward_url, list(specs))  # reachable, before anything is generated
     _check_same_run(Path(config.out), generation_settings(config))
-    return prompts, specs, records
+    return Checked(prompts, specs, records, denoiser_weights)
 
 
 def _check_same_run(out: Path, settings: dict[str, Any]) -> None:
@@ -216,12 +227,12 @@ def run(config: EvalConfig) -> dict[str, Any]:
 
     from lpo.curate import config as cfg
     from lpo.curate.device import resolve_device, resolve_dtype
-    from lpo.reward.backbones import family_of, resolve_denoiser
+    from lpo.reward.backbones import family_of
     from lpo.reward.eval.score import _versions
     from lpo.reward.eval.stats import write_outputs
     from lpo.reward.serve.client import remote_scorers
 
-    prompts, specs, records = validate(config)
+    prompts, specs, records, denoiser_weights = validate(config)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = generation_settings(config)
@@ -241,11 +252,9 @@ def run(config: EvalConfig) -> dict[str, Any]:
     score_dtype = resolve_dtype(config.score_dtype, option="--score-dtype", auto=None)
     scores, models = score_items(items, specs, out, config.score_batch_size, device, score_dtype,
                                  remote_scorers(config.reward_url, list(specs)))
-    family = family_of(config.base)
-    if config.denoiser is not None:  # where the evaluated weights were read (a run directory names its merged_*)
-        source, subfolder, _ = resolve_denoiser(config.denoiser, family)
-        settings = settings | {"denoiser_weights": f"{source}/{subfolder}" if subfolder else source}
-    generation = {"sampler": family.sampler, **settings,
+    if denoiser_weights is not None:
+        settings = settings | {"denoiser_weights": denoiser_weights}
+    generation = {"sampler": family_of(config.base).sampler, **settings,
                   "torch_dtype": str(_generation_dtype(config, device)).removeprefix("torch."),
                   "images_per_prompt": config.images_per_prompt, "resolution": resolution,
                   "prompts_file": str(config.prompts)}

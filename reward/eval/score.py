@@ -44,15 +44,15 @@ def resolve_prompt_records(path: str | Path, max_prompts: int | None = None
             raise InputError(f"prompt directory {path} has no pairs.parquet; pass a prompt file, a manifest with a "
                              "`caption` column, or a directory written by `lpo curate ingest`.")
         path = path / "pairs.parquet"
+    first = slice(max_prompts or None)
     records = read_records(path) if path.is_file() else None
     if records is not None:
         prompts = [record["prompt"] for record in records]
         if len(set(prompts)) != len(prompts):
             raise InputError(f"{path} gives one prompt two records; each prompt of a GenEval metadata file must be "
                              "unique.")
-        return prompts[:max_prompts] if max_prompts else prompts, records[:max_prompts] if max_prompts else records
-    prompts = read_prompts(path)
-    return prompts[:max_prompts] if max_prompts else prompts, None
+        return prompts[first], records[first]
+    return read_prompts(path)[first], None
 
 
 def check_records(metrics: Sequence[str], records: list[dict[str, Any]] | None, prompts_file: Any) -> None:

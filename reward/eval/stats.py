@@ -70,13 +70,19 @@ def mean_over_tasks(tasks: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {"mean": mean, "sem": sem, "ci95": [mean - Z_95 * sem, mean + Z_95 * sem]}
 
 
-def by_task(frame: pl.DataFrame, column: str) -> dict[str, Any]:
-    """Per task (in order of first appearance) the clustered mean of `column`, and over tasks GenEval's overall
-    score as the main figure (`mean`, `ci95`); `image_accuracy` is the plain share over all images."""
+def per_task(frame: pl.DataFrame, column: str) -> dict[str, dict[str, Any]]:
+    """Per task (in order of first appearance) the prompt-clustered mean of `column`."""
     tasks = {}
     for task in frame["task"].unique(maintain_order=True).to_list():
         part = frame.filter(pl.col("task") == task) if task is not None else frame.filter(pl.col("task").is_null())
         tasks[str(task)] = clustered_mean_ci(part[column].to_numpy(), part["prompt"].to_numpy())
+    return tasks
+
+
+def by_task(frame: pl.DataFrame, column: str) -> dict[str, Any]:
+    """Per task the clustered mean of `column`, and over tasks GenEval's overall score as the main figure (`mean`,
+    `ci95`); `image_accuracy` is the plain share over all images."""
+    tasks = per_task(frame, column)
     plain = clustered_mean_ci(frame[column].to_numpy(), frame["prompt"].to_numpy())
     return {**plain, **mean_over_tasks(tasks), "image_accuracy": plain["mean"], "tasks": tasks,
             "statistics": "mean: the mean over tasks of each task's share of correct images (GenEval's overall); "
@@ -117,9 +123,10 @@ def write_outputs(items: Sequence[EvalItem], scores: dict[str, dict], models: di
                "metrics": {}}
     for metric in metrics:
         scored = frame.filter(pl.col(metric).is_not_null())
-        stats = clustered_mean_ci(scored[metric].to_numpy(), scored["prompt_index"].to_numpy())
         if metric in RECORD_METRICS:  # the benchmark's score: per task, then the mean over tasks
             stats = by_task(scored, metric)
+        else:
+            stats = clustered_mean_ci(scored[metric].to_numpy(), scored["prompt_index"].to_numpy())
         summary["metrics"][metric] = {**stats, "model_id": models[metric]["model_id"],
                                       "scale": models[metric]["scale"]}
     write_text_atomic(json.dumps(summary, indent=2) + "\n", out / SUMMARY_FILE)
@@ -249,10 +256,10 @@ def compare(config: EvalCompareConfig) -> dict[str, Any]:
         tasks = None
         if metric in RECORD_METRICS:  # compared as the benchmark scores: per task, then the mean over tasks
             paired = paired.with_columns(delta=pl.col(f"{metric}_b") - pl.col(metric))
-            tasks = by_task(paired, "delta")["tasks"]
+            tasks = per_task(paired, "delta")
             delta = {**delta, **mean_over_tasks(tasks)}
-            mean_a = by_task(paired, metric)["mean"]
-            mean_b = by_task(paired.with_columns(pl.col(f"{metric}_b").alias(metric)), metric)["mean"]
+            mean_a = mean_over_tasks(per_task(paired, metric))["mean"]
+            mean_b = mean_over_tasks(per_task(paired, f"{metric}_b"))["mean"]
         result["metrics"][metric] = {
             "mean_a": mean_a, "mean_b": mean_b, **({"tasks": tasks} if tasks is not None else {}),
             "delta": delta["mean"], "ci95": delta["ci95"], "sem": delta["sem"], "n_pairs": delta["n_images"],

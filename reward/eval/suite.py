@@ -106,9 +106,10 @@ def rows_of(config: EvalSuiteConfig, suite: dict[str, Any]) -> list[Row]:
             continue
         base = row.get("base") or suite["base"]
         key = "unet" if row.get("unet") else "transformer" if row.get("transformer") else None
-        if key is not None and family_of(base).denoiser != key:
-            raise InputError(f"row {row['name']!r}: {base} is a {family_of(base).title} pipeline, whose denoiser is a "
-                             f"{family_of(base).denoiser}; give `{family_of(base).denoiser}:` instead of `{key}:`.")
+        family = family_of(base) if key is not None else None
+        if family is not None and family.denoiser != key:
+            raise InputError(f"row {row['name']!r}: {base} is a {family.title} pipeline, whose denoiser is a "
+                             f"{family.denoiser}; give `{family.denoiser}:` instead of `{key}:`.")
         eval_config = EvalConfig(
             base=base, prompts=Path(suite["prompts"]), out=Path(config.out) / "rows" / slug(row["name"]),
             lora=Path(row["lora"]) if row.get("lora") else None, denoiser=row.get(key) if key else None,

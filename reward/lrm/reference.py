@@ -31,20 +31,11 @@ REFERENCE_SETTINGS = {"multi_scale": True, "vfe_scale": 7.5, "vfe_down": False} 
 PROVENANCE_FILE = "reference.json"
 
 
-def _split_spec(spec: str) -> tuple[str, str | None, bool]:
-    """(folder or hub repo, subfolder inside the repo, local?) of a source spec."""
-    path = Path(spec).expanduser()
-    if path.exists() or spec.startswith(("/", "./", "../", "~")):
-        return str(path), None, True
-    parts = spec.strip("/").split("/")
-    if len(parts) < 2:
-        raise InputError(f"{spec} is neither an existing folder nor a hub id (owner/repo or owner/repo/sub/folder).")
-    return "/".join(parts[:2]), "/".join(parts[2:]) or None, False
-
-
 def _file(spec: str, name: str, required: bool = True) -> Path | None:
     """A file of the reference checkpoint (`name` relative to it), local or downloaded; None if absent and optional."""
-    root, sub, local = _split_spec(spec)
+    from lpo.reward.backbones import split_model_spec
+
+    root, sub, local = split_model_spec(spec)
     if local:
         path = Path(root) / name
         if path.is_file():
@@ -73,7 +64,9 @@ def _file(spec: str, name: str, required: bool = True) -> Path | None:
 
 def _component(spec: str, name: str) -> tuple[str, str | None]:
     """(path or repo, subfolder) for a `from_pretrained` of the checkpoint's `name/` folder."""
-    root, sub, local = _split_spec(spec)
+    from lpo.reward.backbones import split_model_spec
+
+    root, sub, local = split_model_spec(spec)
     if local:
         return str(Path(root) / name), None
     return root, f"{sub}/{name}" if sub else name
