@@ -81,10 +81,14 @@ def per_task(frame: pl.DataFrame, column: str) -> dict[str, dict[str, Any]]:
 
 def by_task(frame: pl.DataFrame, column: str) -> dict[str, Any]:
     """Per task the clustered mean of `column`, and over tasks GenEval's overall score as the main figure (`mean`,
-    `ci95`); `image_accuracy` is the plain share over all images."""
+    `ci95`); `image_accuracy` is the plain share over all images and `prompt_accuracy` the share of prompts with at
+    least one correct image (the official summary's "% correct images" and "% correct prompts")."""
     tasks = per_task(frame, column)
     plain = clustered_mean_ci(frame[column].to_numpy(), frame["prompt"].to_numpy())
-    return {**plain, **mean_over_tasks(tasks), "image_accuracy": plain["mean"], "tasks": tasks,
+    any_correct = frame.group_by("prompt_index").agg((pl.col(column) > 0).any())[column]
+    prompt_accuracy = float(any_correct.mean()) if len(any_correct) else None
+    return {**plain, **mean_over_tasks(tasks), "image_accuracy": plain["mean"], "prompt_accuracy": prompt_accuracy,
+            "tasks": tasks,
             "statistics": "mean: the mean over tasks of each task's share of correct images (GenEval's overall); "
                           "ci95 from the tasks' prompt-clustered standard errors"}
 
@@ -159,6 +163,11 @@ def summary_markdown(summary: dict[str, Any]) -> str:
                          f"{t['n_images']} | | |")
     lines.append("")
     lines.append(f"{summary['images']} images over {summary['prompts']} prompts. {summary['statistics']}.")
+    for metric, s in summary["metrics"].items():
+        if "image_accuracy" in s:
+            lines.append(f"{metric}: {_fmt(s['mean'])} is the mean over tasks; correct images "
+                         f"{_fmt(s['image_accuracy'])}, prompts with a correct image "
+                         f"{_fmt(s.get('prompt_accuracy'))}.")
     generation = summary.get("generation")
     if generation:
         settings = ", ".join(f"{k} {v}" for k, v in generation.items() if v is not None)

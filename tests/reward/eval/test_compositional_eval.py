@@ -64,6 +64,12 @@ def test_geneval_and_b_vqa_run_through_eval_score_and_compare(tiny_models_dir, m
         assert stats["mean"] == pytest.approx(by_hand[task])
     assert geneval["mean"] == pytest.approx(sum(by_hand.values()) / len(by_hand))  # GenEval's overall
     assert geneval["image_accuracy"] == pytest.approx(table["geneval"].mean())
+    per_prompt = {}
+    for index, correct in zip(table["prompt_index"].to_list(), table["geneval"].to_list()):
+        per_prompt[index] = per_prompt.get(index, False) or correct == 1.0
+    assert geneval["prompt_accuracy"] == pytest.approx(sum(per_prompt.values()) / len(per_prompt))
+    markdown = (tmp_path / "a" / "summary.md").read_text()
+    assert f"prompts with a correct image {geneval['prompt_accuracy']:.4f}" in markdown
     details = [json.loads(line) for line in (tmp_path / "a" / "scores" / "geneval.jsonl").read_text().splitlines()]
     assert [d["detail"]["task"] for d in details] == table["task"].to_list()
     b_vqa = table["t2i-color"].to_numpy()
