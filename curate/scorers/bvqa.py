@@ -5,7 +5,11 @@ is asked "<phrase>?" and gives P(yes) = p("yes") / (p("yes") + p("no")) over the
 score is the product over the phrases (the benchmark asks at most 8). A category's score is the mean over its
 images. As the benchmark (`BLIPvqa_eval`): the question is tokenised to at most 35 tokens with BLIP's encoder token
 first, the answer decoder starts from BLIP's decoder token, and the weights are BLIP's VQA capfilt-large
-(`Salesforce/blip-vqa-capfilt-large` in transformers' format).
+(`Salesforce/blip-vqa-capfilt-large` in transformers' format). The image is resized as the benchmark's LAVIS
+`blip_image_eval` does (bicubic to a square, then the checkpoint's mean and std) to 480 px, the size BLIP's VQA model
+was fine-tuned and is run at there: 5/4 of the 384 px in the transformers checkpoint's config, whose position
+embeddings are interpolated to the larger grid (bicubic, as BLIP's own loader does). Any BLIP VQA checkpoint runs at
+5/4 of its configured size, rounded to whole patches.
 
 Noun phrases: the benchmark takes spaCy's `en_core_web_sm` noun chunks. Where spaCy and that model are installed
 they are used; otherwise a rule for the attribute-binding prompts splits the prompt at "and", commas and "with",
@@ -27,6 +31,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MAX_PHRASES = 8  # the benchmark's np_num
+RUN_SCALE = 480 / 384  # the benchmark's image size over the size the transformers checkpoint is configured for
 QUESTION_TOKENS = 35
 SPLIT = re.compile(r"\s*(?:,|;|\band\b|\bwith\b|\bnext to\b|\bon\b|\bin\b|\bof\b)\s*", re.IGNORECASE)
 
@@ -53,6 +58,23 @@ def noun_phrases(prompt: str, nlp: Any | None = None) -> list[str]:
     return phrases[:MAX_PHRASES]
 
 
+def run_image_size(image_size: int, patch_size: int) -> int:
+    """The side the benchmark runs a BLIP VQA model at: 5/4 of its configured size in whole patches (384 -> 480)."""
+    return max(1, round(image_size * RUN_SCALE / patch_size)) * patch_size
+
+
+def benchmark_pixels(images: list[PIL.Image.Image], size: int, mean: Sequence[float], std: Sequence[float]) -> Any:
+    """LAVIS `blip_image_eval`: each image resized bicubic to size x size, scaled to 0-1, normalised (mean, std)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    arrays = [np.asarray(image.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
+              for image in images]
+    pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    return (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
 def b_vqa(yes_probabilities: Sequence[float]) -> float:
     """An image's B-VQA score: the product of P(yes) over its phrases (1 for a prompt without any)."""
     score = 1.0
@@ -70,8 +92,10 @@ class BVQAScorer:
                  nlp: Any | None) -> None:
         self.name, self.model, self.processor = name, model, processor
         self.device, self.dtype, self.nlp = device, dtype, nlp
+        vision = model.config.vision_config
+        self.image_size = run_image_size(vision.image_size, vision.patch_size)
         splitter = "spaCy en_core_web_sm noun chunks" if nlp is not None else "rule-based phrases (spaCy absent)"
-        self.model_id = f"{model_id} ({splitter})"
+        self.model_id = f"{model_id} at {self.image_size} px ({splitter})"
         self.scale = "product over the prompt's noun phrases of P(yes | image, '<phrase>?'), 0-1"
         tokenizer = processor.tokenizer
         self.yes, self.no = tokenizer.convert_tokens_to_ids("yes"), tokenizer.convert_tokens_to_ids("no")
@@ -80,25 +104,38 @@ class BVQAScorer:
         self.details: list[dict[str, Any]] = []
 
     def yes_probability(self, images: list[PIL.Image.Image], questions: list[str]) -> Any:
-        """P(yes) / (P(yes) + P(no)) of the first answer token, one per (image, question)."""
+        """P(yes) / (P(yes) + P(no)) of the first answer token, one per (image, question); an image object passed
+        for several questions is encoded once. Questions run in groups of one token length, unpadded: transformers
+        5's BLIP text layers drop the cross-attention mask, so a padded question's answer would attend to its
+        padding and depend on what it was batched with (the benchmark masks padding; unpadded is the same)."""
         import torch
 
-        tokenizer = self.processor.tokenizer
-        pixels = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        text = tokenizer(questions, padding="longest", truncation=True, max_length=QUESTION_TOKENS,
-                         return_tensors="pt").to(self.device)
-        ids = text.input_ids.clone()
-        if self.encoder_token is not None:
-            ids[:, 0] = self.encoder_token  # BLIP's questions start with its encoder token, not [CLS]
-        image_embeds = self.model.vision_model(pixel_values=pixels.to(self.device, self.dtype))[0]
-        image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
-        question = self.model.text_encoder(input_ids=ids, attention_mask=text.attention_mask,
-                                           encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask)[0]
-        start = torch.full((len(questions), 1), self.model.config.text_config.bos_token_id, device=self.device)
-        logits = self.model.text_decoder(input_ids=start, encoder_hidden_states=question,
-                                         encoder_attention_mask=text.attention_mask).logits[:, 0].float()
-        probs = logits.softmax(-1)
-        return probs[:, self.yes] / (probs[:, self.yes] + probs[:, self.no])
+        image_processor = self.processor.image_processor
+        slots: dict[int, int] = {}
+        for image in images:
+            slots.setdefault(id(image), len(slots))
+        unique = list({id(image): image for image in images}.values())
+        pixels = benchmark_pixels(unique, self.image_size, image_processor.image_mean, image_processor.image_std)
+        image_embeds = self.model.vision_model(pixel_values=pixels.to(self.device, self.dtype),
+                                               interpolate_pos_encoding=True)[0]
+        encoded = self.processor.tokenizer(questions, truncation=True, max_length=QUESTION_TOKENS)["input_ids"]
+        by_length: dict[int, list[int]] = {}
+        for index, ids in enumerate(encoded):
+            by_length.setdefault(len(ids), []).append(index)
+        result = torch.empty(len(questions), dtype=torch.float32)
+        for indices in by_length.values():
+            ids = torch.tensor([encoded[i] for i in indices], device=self.device)
+            if self.encoder_token is not None:
+                ids[:, 0] = self.encoder_token  # BLIP's questions start with its encoder token, not [CLS]
+            embeds = image_embeds[[slots[id(images[i])] for i in indices]]
+            image_mask = torch.ones(embeds.shape[:-1], dtype=torch.long, device=self.device)
+            question = self.model.text_encoder(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                               encoder_hidden_states=embeds, encoder_attention_mask=image_mask)[0]
+            start = torch.full((len(indices), 1), self.model.config.text_config.bos_token_id, device=self.device)
+            logits = self.model.text_decoder(input_ids=start, encoder_hidden_states=question).logits[:, 0].float()
+            probs = logits.softmax(-1)
+            result[indices] = (probs[:, self.yes] / (probs[:, self.yes] + probs[:, self.no])).cpu()
+        return result
 
     def score(self, images: list[PIL.Image.Image], prompts: list[str]) -> numpy.ndarray:
         import numpy as np

@@ -190,3 +190,47 @@ def test_b_vqa_scores_an_image_as_the_product_over_its_phrases(monkeypatch) -> N
     assert scores.tolist() == pytest.approx([0.9 * 0.4, 0.7])
     assert asked == ["a green bench?", "a red car?", "a cat?"]
     assert scorer.details[0] == {"phrases": ["a green bench", "a red car"], "p_yes": pytest.approx([0.9, 0.4])}
+
+
+def test_b_vqa_runs_blip_as_the_benchmark_does(tmp_path) -> None:
+    """P(yes) against an independent path: the benchmark's image transform written with torchvision, and transformers'
+    own VQA `generate` (one question at a time, BLIP's [ENC] token first), its first answer token's logits. Asked in
+    one batch, questions of different lengths get the answers they get alone (no padding leaks into the answer)."""
+    from PIL import Image
+    from torchvision import transforms
+    from transformers import BlipForQuestionAnswering, BlipProcessor
+
+    from lpo.curate.scorers.bvqa import load_bvqa, run_image_size
+    from lpo.reward.toy.random_models import build_tiny_models
+
+    assert run_image_size(384, 16) == 480  # the benchmark's size for the transformers checkpoint's 384
+    build_tiny_models(tmp_path, ["t2i-color"])
+    path = tmp_path / "t2i-color"
+    scorer = load_bvqa("t2i-color", str(path), "cpu", torch.float32)
+    assert scorer.image_size == 40 and "at 40 px" in scorer.model_id  # 5/4 of the tiny model's 32, in 8-px patches
+    generator = torch.Generator().manual_seed(0)
+    first, second = (Image.fromarray((torch.rand(50, 70, 3, generator=generator) * 255).byte().numpy())
+                     for _ in range(2))
+    images = [first, second, first, second]  # questions of four token lengths, asked in one batch
+    questions = ["a green bench?", "a red car?", "a cat?", "a green bench and a red car?"]
+    assert len({len(scorer.processor.tokenizer(q).input_ids) for q in questions}) == 4
+    got = scorer.yes_probability(images, questions)
+
+    processor = BlipProcessor.from_pretrained(path)
+    model = BlipForQuestionAnswering.from_pretrained(path).eval()
+    mean, std = processor.image_processor.image_mean, processor.image_processor.image_std
+    transform = transforms.Compose([transforms.Resize((40, 40), interpolation=transforms.InterpolationMode.BICUBIC),
+                                    transforms.ToTensor(), transforms.Normalize(mean, std)])
+    tokenizer = processor.tokenizer
+    yes, no, enc = tokenizer.convert_tokens_to_ids(["yes", "no", "[ENC]"])
+    expected = []
+    for image, question in zip(images, questions):
+        ids = tokenizer(question, return_tensors="pt").input_ids
+        ids[:, 0] = enc
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, pixel_values=transform(image)[None], interpolate_pos_encoding=True,
+                                 max_new_tokens=1, output_logits=True, return_dict_in_generate=True)
+        probs = out.logits[0][0].softmax(-1)
+        expected.append(float(probs[yes] / (probs[yes] + probs[no])))
+    assert got.tolist() == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert len(set(round(v, 6) for v in expected)) == 4  # the images and questions tell apart
