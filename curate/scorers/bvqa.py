@@ -111,10 +111,8 @@ class BVQAScorer:
         import torch
 
         image_processor = self.processor.image_processor
-        slots: dict[int, int] = {}
-        for image in images:
-            slots.setdefault(id(image), len(slots))
         unique = list({id(image): image for image in images}.values())
+        slots = {id(image): k for k, image in enumerate(unique)}
         pixels = benchmark_pixels(unique, self.image_size, image_processor.image_mean, image_processor.image_std)
         image_embeds = self.model.vision_model(pixel_values=pixels.to(self.device, self.dtype),
                                                interpolate_pos_encoding=True)[0]
@@ -146,9 +144,8 @@ class BVQAScorer:
         asked = [(i, phrase) for i, prompt in enumerate(prompts) for phrase in noun_phrases(prompt, self.nlp)]
         yes: list[list[float]] = [[] for _ in images]
         if asked:
-            rgb = [image.convert("RGB") for image in images]
-            with torch.inference_mode():
-                values = self.yes_probability([rgb[i] for i, _ in asked], [f"{phrase}?" for _, phrase in asked])
+            with torch.inference_mode():  # RGB conversion happens once per image, in benchmark_pixels
+                values = self.yes_probability([images[i] for i, _ in asked], [f"{phrase}?" for _, phrase in asked])
             for (i, _), value in zip(asked, values.tolist()):
                 yes[i].append(value)
         self.details = [{"phrases": noun_phrases(p, self.nlp), "p_yes": y} for p, y in zip(prompts, yes)]
