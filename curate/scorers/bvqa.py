@@ -3,18 +3,23 @@
 For each noun phrase of the prompt ("a green bench and a red car": "a green bench", "a red car"), BLIP's VQA model
 is asked "<phrase>?" and gives P(yes) = p("yes") / (p("yes") + p("no")) over the first answer token; the image's
 score is the product over the phrases (the benchmark asks at most 8). A category's score is the mean over its
-images. As the benchmark (`BLIPvqa_eval`): the question is tokenised to at most 35 tokens with BLIP's encoder token
+images. As the benchmark (`BLIPvqa_eval`): the question is cleaned as BLIP's `pre_question` does (lower case, no
+`.!"()*#:;~`, at most 50 words), tokenised to at most 35 tokens with BLIP's encoder token `[ENC]` in place of the
 first, the answer decoder starts from BLIP's decoder token, and the weights are BLIP's VQA capfilt-large
-(`Salesforce/blip-vqa-capfilt-large` in transformers' format). The image is resized as the benchmark's LAVIS
-`blip_image_eval` does (bicubic to a square, then the checkpoint's mean and std) to 480 px, the size BLIP's VQA model
-was fine-tuned and is run at there: 5/4 of the 384 px in the transformers checkpoint's config, whose position
-embeddings are interpolated to the larger grid (bicubic, as BLIP's own loader does). Any BLIP VQA checkpoint runs at
-5/4 of its configured size, rounded to whole patches.
+(`Salesforce/blip-vqa-capfilt-large` in transformers' format). transformers' BLIP tokenizer does not declare
+`[ENC]` (its BLIP never uses it); BLIP's own tokenizer adds it right after `[DEC]`, the text decoder's start token,
+so where the tokenizer does not know it, its id is the start token's + 1, which must lie inside the checkpoint's
+vocabulary (30523 of 30524 for capfilt-large). The image is resized as BLIP's `transform_test` does (bicubic to a
+square, then the checkpoint's mean and std) to 480 px, the size BLIP's VQA model was fine-tuned and is run at
+there: 5/4 of the 384 px in the transformers checkpoint's config, whose position embeddings are interpolated to
+the larger grid (bicubic, as BLIP's own loader does). Any BLIP VQA checkpoint runs at 5/4 of its configured size,
+rounded to whole patches.
 
-Noun phrases: the benchmark takes spaCy's `en_core_web_sm` noun chunks. Where spaCy and that model are installed
-they are used; otherwise a rule for the attribute-binding prompts splits the prompt at "and", commas and "with",
-"on", "in", "of", "next to" (each part one phrase), which gives spaCy's chunks on the category's "a <attribute>
-<noun> and a <attribute> <noun>" prompts. The model id of the scores names the splitter used.
+Noun phrases: the benchmark takes spaCy's `en_core_web_sm` noun chunks, less the chunks "top", "the side", "the
+left" and "the right". Where spaCy and that model are installed they are used; otherwise a rule for the
+attribute-binding prompts splits the prompt at "and", commas and "with", "on", "in", "of", "next to" (each part one
+phrase), which gives spaCy's chunks on the category's "a <attribute> <noun> and a <attribute> <noun>" prompts. The
+model id of the scores names the splitter used and the encoder token's id.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import logging
 import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
+
+from lpo.curate.errors import InputError
 
 if TYPE_CHECKING:
     import numpy
@@ -33,6 +40,9 @@ logger = logging.getLogger(__name__)
 MAX_PHRASES = 8  # the benchmark's np_num
 RUN_SCALE = 480 / 384  # the benchmark's image size over the size the transformers checkpoint is configured for
 QUESTION_TOKENS = 35
+EXCLUDED_PHRASES = ("top", "the side", "the left", "the right")  # the benchmark's noun chunks not asked about
+MAX_QUESTION_WORDS = 50  # BLIP's pre_question
+QUESTION_PUNCTUATION = re.compile(r'[.!"()*#:;~]')
 SPLIT = re.compile(r"\s*(?:,|;|\band\b|\bwith\b|\bnext to\b|\bon\b|\bin\b|\bof\b)\s*", re.IGNORECASE)
 
 
@@ -53,9 +63,31 @@ def spacy_chunker() -> Any | None:
 
 
 def noun_phrases(prompt: str, nlp: Any | None = None) -> list[str]:
-    """The phrases asked about, at most `MAX_PHRASES`: spaCy's noun chunks with `nlp`, else `rule_phrases`."""
+    """The phrases asked about, at most `MAX_PHRASES`: spaCy's noun chunks with `nlp`, else `rule_phrases`, less
+    the benchmark's `EXCLUDED_PHRASES`."""
     phrases = [chunk.text for chunk in nlp(prompt).noun_chunks] if nlp is not None else rule_phrases(prompt)
-    return phrases[:MAX_PHRASES]
+    return [phrase for phrase in phrases if phrase not in EXCLUDED_PHRASES][:MAX_PHRASES]
+
+
+def question(phrase: str) -> str:
+    """The question asked about a phrase, "<phrase>?", cleaned as BLIP's `pre_question`: lower case, without
+    `.!"()*#:;~`, trailing spaces dropped, at most 50 words."""
+    text = QUESTION_PUNCTUATION.sub("", f"{phrase}?".lower()).rstrip(" ")
+    return " ".join(text.split(" ")[:MAX_QUESTION_WORDS])
+
+
+def encoder_token(tokenizer: Any, start_token: int, vocab_size: int) -> tuple[int, str]:
+    """(id, where it came from) of BLIP's `[ENC]` token: the tokenizer's, else the decoder start token's id + 1, as
+    BLIP's `init_tokenizer` adds `[ENC]` right after `[DEC]`; InputError when that id is outside the vocabulary."""
+    known = tokenizer.convert_tokens_to_ids("[ENC]")
+    if known is not None and known != tokenizer.unk_token_id:
+        return int(known), "the tokenizer's [ENC]"
+    if start_token + 1 >= vocab_size:
+        raise InputError(
+            f"the B-VQA model's tokenizer has no [ENC] token and its decoder start token {start_token} is the last "
+            f"of its {vocab_size}-token vocabulary, so BLIP's encoder token (start + 1) does not exist: pass a BLIP "
+            "VQA checkpoint trained with [DEC] and [ENC], such as Salesforce/blip-vqa-capfilt-large")
+    return start_token + 1, "[DEC] + 1"
 
 
 def run_image_size(image_size: int, patch_size: int) -> int:
@@ -64,7 +96,7 @@ def run_image_size(image_size: int, patch_size: int) -> int:
 
 
 def benchmark_pixels(images: list[PIL.Image.Image], size: int, mean: Sequence[float], std: Sequence[float]) -> Any:
-    """LAVIS `blip_image_eval`: each image resized bicubic to size x size, scaled to 0-1, normalised (mean, std)."""
+    """BLIP's `transform_test`: each image resized bicubic to size x size, scaled to 0-1, normalised (mean, std)."""
     import numpy as np
     import torch
     from PIL import Image
@@ -94,13 +126,13 @@ class BVQAScorer:
         self.device, self.dtype, self.nlp = device, dtype, nlp
         vision = model.config.vision_config
         self.image_size = run_image_size(vision.image_size, vision.patch_size)
-        splitter = "spaCy en_core_web_sm noun chunks" if nlp is not None else "rule-based phrases (spaCy absent)"
-        self.model_id = f"{model_id} at {self.image_size} px ({splitter})"
-        self.scale = "product over the prompt's noun phrases of P(yes | image, '<phrase>?'), 0-1"
         tokenizer = processor.tokenizer
         self.yes, self.no = tokenizer.convert_tokens_to_ids("yes"), tokenizer.convert_tokens_to_ids("no")
-        encoder = tokenizer.convert_tokens_to_ids("[ENC]")
-        self.encoder_token = None if encoder in (None, tokenizer.unk_token_id) else encoder
+        text = model.config.text_config
+        self.encoder_token, source = encoder_token(tokenizer, text.bos_token_id, text.vocab_size)
+        splitter = "spaCy en_core_web_sm noun chunks" if nlp is not None else "rule-based phrases (spaCy absent)"
+        self.model_id = f"{model_id} at {self.image_size} px, [ENC] = {self.encoder_token} ({source}) ({splitter})"
+        self.scale = "product over the prompt's noun phrases of P(yes | image, '<phrase>?'), 0-1"
         self.details: list[dict[str, Any]] = []
 
     def yes_probability(self, images: list[PIL.Image.Image], questions: list[str]) -> Any:
@@ -123,8 +155,7 @@ class BVQAScorer:
         result = torch.empty(len(questions), dtype=torch.float32)
         for indices in by_length.values():
             ids = torch.tensor([encoded[i] for i in indices], device=self.device)
-            if self.encoder_token is not None:
-                ids[:, 0] = self.encoder_token  # BLIP's questions start with its encoder token, not [CLS]
+            ids[:, 0] = self.encoder_token  # BLIP's questions start with its encoder token, not [CLS]
             embeds = image_embeds[[slots[id(images[i])] for i in indices]]
             image_mask = torch.ones(embeds.shape[:-1], dtype=torch.long, device=self.device)
             question = self.model.text_encoder(input_ids=ids, attention_mask=torch.ones_like(ids),
@@ -145,7 +176,7 @@ class BVQAScorer:
         yes: list[list[float]] = [[] for _ in images]
         if asked:
             with torch.inference_mode():  # RGB conversion happens once per image, in benchmark_pixels
-                values = self.yes_probability([images[i] for i, _ in asked], [f"{phrase}?" for _, phrase in asked])
+                values = self.yes_probability([images[i] for i, _ in asked], [question(phrase) for _, phrase in asked])
             for (i, _), value in zip(asked, values.tolist()):
                 yes[i].append(value)
         self.details = [{"phrases": noun_phrases(p, self.nlp), "p_yes": y} for p, y in zip(prompts, yes)]
@@ -153,10 +184,23 @@ class BVQAScorer:
 
 
 def check_bvqa(metric: str, spec: str) -> None:
-    from lpo.curate.scorers.specs import transformers_config
+    """A BLIP VQA model whose encoder token exists (its tokenizer's `[ENC]` or `[DEC]` + 1); a hub model is checked
+    where its config and tokenizer can be read."""
+    from transformers import AutoTokenizer
 
-    transformers_config(metric, spec, "a BLIP visual question answering model (model_type blip)",
-                        lambda model_type: model_type == "blip")
+    from lpo.curate.scorers.specs import hub_json, read_json, transformers_config
+
+    path = transformers_config(metric, spec, "a BLIP visual question answering model (model_type blip)",
+                               lambda model_type: model_type == "blip")
+    config = read_json(path / "config.json") if path is not None else hub_json(metric, spec, "config.json")
+    text = (config or {}).get("text_config") or {}
+    if "bos_token_id" not in text or "vocab_size" not in text:
+        return  # unreadable here, or transformers' BLIP defaults: checked again when the model loads
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path) if path is not None else spec)
+    except OSError:
+        return  # not downloaded yet: checked when the model loads
+    encoder_token(tokenizer, int(text["bos_token_id"]), int(text["vocab_size"]))
 
 
 def load_bvqa(metric: str, spec: str, device: str, dtype: Any) -> BVQAScorer:

@@ -6,7 +6,9 @@ v2 / v2.1 (open_clip).
 - ``hpsv2`` / ``hpsv21``: ``100 * cos`` of open_clip ViT-H-14 with the HPS v2 / v2.1 checkpoint (``xswu/HPSv2``:
   ``HPS_v2_compressed.pt`` / ``HPS_v2.1_compressed.pt``), as the HPS and LPO tables print it (about 24-32). Two
   metric names because the two versions are not comparable. HPS runs on open_clip directly (the ``hpsv2`` package
-  pins pytest 7.2 and protobuf < 4).
+  pins pytest 7.2 and protobuf < 4), with HPS's own image transform (``image_transform(..., resize_longest_max=True)``:
+  the long side resized bicubic to the model's size, zero-padded to a centred square), not open_clip's short-side
+  resize and centre crop; the two agree on square images.
 """
 
 from __future__ import annotations
@@ -98,6 +100,29 @@ class ClipScorer(Scorer):
         pixels = torch.stack([self.preprocess(image) for image in images]).to(self.device, self.dtype)
         image_features = normalise(self.model.encode_image(pixels))
         return (image_features * self.text_features(captions)).sum(-1)
+
+
+class LongSideTransform:
+    """HPS's evaluation transform (its open_clip fork's `ResizeMaxSize`, then ToTensor and Normalize): the image
+    resized bicubic so that its long side is `size` (each side rounded), pasted centred on a black `size` x `size`
+    square (the extra column or row to the right or bottom), scaled to 0-1 and normalised. HPS leaves an image whose
+    long side is already `size` unpadded, which its square-input model cannot take; here it is padded too."""
+
+    def __init__(self, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        self.size, self.mean, self.std = size, mean, std
+
+    def __call__(self, image: PIL.Image.Image) -> torch.Tensor:
+        import numpy as np
+        import torch
+        from PIL import Image
+
+        scale = self.size / max(image.size)
+        width, height = (round(side * scale) for side in image.size)
+        square = Image.new("RGB", (self.size, self.size), (0, 0, 0))
+        square.paste(image.convert("RGB").resize((width, height), Image.BICUBIC),
+                     ((self.size - width) // 2, (self.size - height) // 2))
+        pixels = torch.from_numpy(np.asarray(square, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        return (pixels - torch.tensor(self.mean).view(3, 1, 1)) / torch.tensor(self.std).view(3, 1, 1)
 
 
 class HpsScorer(ClipScorer):
@@ -296,8 +321,7 @@ def load_hps(metric: str, spec: str, device: str, dtype: torch.dtype) -> Scorer:
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(name, load_weights=False, precision=precision,
-                                                                     device=device)
+        model = open_clip.create_model(name, load_weights=False, precision=precision, device=device)
     finally:
         logging.disable(previous)
     try:
@@ -311,4 +335,8 @@ def load_hps(metric: str, spec: str, device: str, dtype: torch.dtype) -> Scorer:
     if unexpected:
         logger.warning("%s: ignored %d checkpoint entries the model does not use: %s", metric, len(unexpected),
                        unexpected[:5])
-    return HpsScorer(metric, model.eval(), preprocess, open_clip.get_tokenizer(name), model_id, device, dtype)
+    settings = open_clip.get_model_preprocess_cfg(model)
+    size = settings["size"] if isinstance(settings["size"], int) else settings["size"][0]
+    transform = LongSideTransform(size, tuple(settings["mean"]), tuple(settings["std"]))
+    return HpsScorer(metric, model.eval(), transform, open_clip.get_tokenizer(name),
+                     f"{model_id}, long side to {size} and zero-padded", device, dtype)

@@ -20,9 +20,15 @@ The rules follow the benchmark's evaluation script (`geneval/evaluation/evaluate
   shrunk offset vanishes.
 
 The detector is a Mask2Former COCO instance-segmentation model run through transformers (the benchmark runs
-mmdetection's); its per-query class scores and masks become scored boxes as mmdetection's Mask2Former does (the top
-100 (query, class) pairs, the class probability times the mean mask probability inside the binary mask, the box of
-the mask). The colour classifier is an open_clip model (the benchmark's: ViT-L-14 with OpenAI's weights).
+mmdetection's). It sees each image as mmdetection's test pipeline (`mask2former_*_lsj_8x2_50e_coco`) gives it:
+resized with the aspect kept so that the short side is 800 and the long side at most 1333 (`Resize(img_scale=(1333,
+800), keep_ratio=True)`: bilinear, no antialiasing, 8-bit, as mmcv's cv2 resize), normalised with ImageNet's mean
+and std in 0-255, zero-padded at the bottom and right to a multiple of 32; the checkpoint's own image processor is
+not used (the hub's is a fixed 384 x 384). Its per-query class scores and masks become scored boxes as
+mmdetection's Mask2Former does (the top 100 (query, class) pairs, the class probability times the mean mask
+probability inside the binary mask, the box of the mask). Its labels must name COCO's 80 classes in COCO's order
+(mmdetection's names, or GenEval's for the three it renames). The colour classifier is an open_clip model (the
+benchmark's: ViT-L-14 with OpenAI's weights).
 """
 
 from __future__ import annotations
@@ -58,9 +64,19 @@ CLASSES = (
     "tv", "laptop", "computer mouse", "tv remote", "computer keyboard", "cell phone", "microwave", "oven", "toaster",
     "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
 )
+# COCO's names as detectors' configs spell them (mmdetection's, which transformers' COCO label file copies), where
+# GenEval's `object_names.txt` renames a class.
+COCO_NAMES = {"computer mouse": "mouse", "tv remote": "remote", "computer keyboard": "keyboard"}
 COLOR_TEMPLATES = ("a photo of a {color} {name}", "a photo of a {color}-colored {name}", "a photo of a {color} object")
 CROP_BACKGROUND = (153, 153, 153)  # the benchmark's "#999": what lies outside an object's mask in its crop
 DETECTIONS_PER_IMAGE = 100  # mmdetection's Mask2Former test setting (max_per_image)
+# mmdetection's test pipeline for GenEval's detector: Resize(img_scale=(1333, 800), keep_ratio=True), Normalize,
+# Pad(size_divisor=32).
+DETECTOR_SHORT_SIDE, DETECTOR_LONG_SIDE, DETECTOR_PAD = 800, 1333, 32
+DETECTOR_MEAN = (123.675, 116.28, 103.53)
+DETECTOR_STD = (58.395, 57.12, 57.375)
+DETECTOR_INPUT = (f"detector input: short side {DETECTOR_SHORT_SIDE}, long side <= {DETECTOR_LONG_SIDE}, "
+                  f"padded to {DETECTOR_PAD}")
 
 
 @dataclass(frozen=True)
@@ -236,6 +252,36 @@ def read_records(path: Path) -> list[dict[str, Any]] | None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# the detector's input, as mmdetection's test pipeline makes it
+
+
+def detector_size(width: int, height: int) -> tuple[int, int]:
+    """(width, height) of an image resized as mmcv's `imrescale` to the scale (1333, 800): the largest factor that
+    keeps the long side <= 1333 and the short side <= 800, each side rounded half up."""
+    factor = min(DETECTOR_LONG_SIDE / max(width, height), DETECTOR_SHORT_SIDE / min(width, height))
+    return int(width * factor + 0.5), int(height * factor + 0.5)
+
+
+def detector_inputs(image: PIL.Image.Image) -> tuple[Any, Any]:
+    """(pixel_values [1, 3, H, W], pixel_mask [1, H, W]) of an RGB image as mmdetection's test pipeline feeds the
+    detector: resized to `detector_size` (bilinear without antialiasing, rounded to 8 bits, as cv2's INTER_LINEAR),
+    normalised, zero-padded at the bottom and right to multiples of 32; the mask is 1 on the image, 0 on padding."""
+    import numpy as np
+    import torch
+
+    width, height = detector_size(*image.size)
+    pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32)).permute(2, 0, 1)[None]
+    pixels = torch.nn.functional.interpolate(pixels, size=(height, width), mode="bilinear", align_corners=False,
+                                             antialias=False).round().clamp(0, 255)
+    pixels = (pixels - torch.tensor(DETECTOR_MEAN).view(1, 3, 1, 1)) / torch.tensor(DETECTOR_STD).view(1, 3, 1, 1)
+    padded = (-height % DETECTOR_PAD, -width % DETECTOR_PAD)
+    pixels = torch.nn.functional.pad(pixels, (0, padded[1], 0, padded[0]))
+    mask = torch.zeros(1, height + padded[0], width + padded[1], dtype=torch.long)
+    mask[:, :height, :width] = 1
+    return pixels, mask
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # detections from a transformers Mask2Former
 
 
@@ -289,14 +335,14 @@ class GenEvalScorer:
     name = "geneval"
     needs_records = True
 
-    def __init__(self, detector: Any, processor: Any, clip_model: Any, clip_preprocess: Any, tokenizer: Any,
-                 model_id: str, device: str, dtype: Any, rules: Rules = Rules()) -> None:
-        self.detector, self.processor = detector, processor
+    def __init__(self, detector: Any, clip_model: Any, clip_preprocess: Any, tokenizer: Any, model_id: str,
+                 device: str, dtype: Any, rules: Rules = Rules()) -> None:
+        self.detector = detector
         self.clip_model, self.clip_preprocess, self.tokenizer = clip_model, clip_preprocess, tokenizer
         self.model_id, self.device, self.dtype, self.rules = model_id, device, dtype, rules
         self.scale = ("1 if every object of the record is found in the right count, colour and position, else 0; "
                       "per task the share of correct images, overall the mean over tasks")
-        self.classes = _detector_classes(detector)
+        self.classes = detector_classes(detector.config.id2label, "the GenEval detector")
         self._colour_weights: dict[str, Any] = {}
         self.details: list[dict[str, Any]] = []
 
@@ -321,18 +367,18 @@ class GenEvalScorer:
         return np.asarray(out, dtype=np.float64)
 
     def detect(self, image: PIL.Image.Image) -> dict[str, list[Detection]]:
+        """Scored detections per class of an RGB image, the masks at the image's size: the mask logits are
+        upsampled to the padded input, cropped to the resized image and resized to the image, as mmdetection's
+        Mask2Former post-processing does."""
         import torch
 
-        inputs = self.processor(images=[image], return_tensors="pt").to(self.device)
-        outputs = self.detector(pixel_values=inputs["pixel_values"].to(self.dtype),
-                                pixel_mask=inputs.get("pixel_mask"))
+        pixels, pixel_mask = detector_inputs(image)
+        height, width = detector_size(*image.size)[::-1]
+        outputs = self.detector(pixel_values=pixels.to(self.device, self.dtype), pixel_mask=pixel_mask.to(self.device))
         masks = outputs.masks_queries_logits[0:1].float()
-        masks = torch.nn.functional.interpolate(masks, size=inputs["pixel_values"].shape[-2:], mode="bilinear",
+        masks = torch.nn.functional.interpolate(masks, size=pixels.shape[-2:], mode="bilinear", align_corners=False)
+        masks = torch.nn.functional.interpolate(masks[:, :, :height, :width], size=image.size[::-1], mode="bilinear",
                                                 align_corners=False)[0]
-        valid = inputs["pixel_mask"][0].bool() if "pixel_mask" in inputs else torch.ones(masks.shape[-2:], dtype=bool)
-        height, width = int(valid.any(1).sum()), int(valid.any(0).sum())  # the resized image, without padding
-        masks = torch.nn.functional.interpolate(masks[None, :, :height, :width], size=image.size[::-1],
-                                                mode="bilinear", align_corners=False)[0]
         return instance_detections(outputs.class_queries_logits[0].cpu(), masks.cpu(), self.classes)
 
     def colours(self, image: PIL.Image.Image, found: list[Detection], name: str) -> list[str]:
@@ -353,12 +399,25 @@ class GenEvalScorer:
         return [COLORS[i] for i in (features @ self._colour_weights[name]).argmax(1).tolist()]
 
 
-def _detector_classes(detector: Any) -> tuple[str, ...]:
-    """GenEval's class name of each detector label: a COCO instance model's 80 labels, in COCO's order."""
-    labels = detector.config.id2label
-    if len(labels) != len(CLASSES):
-        raise InputError(f"the GenEval detector has {len(labels)} classes; GenEval reads a COCO instance "
-                         f"segmentation model's {len(CLASSES)} (e.g. facebook/mask2former-swin-small-coco-instance).")
+def detector_classes(id2label: dict[Any, str], where: str) -> tuple[str, ...]:
+    """GenEval's class name of each detector label, checked by name: label k must be COCO's k-th class (GenEval's
+    name or mmdetection's, in any case, with '_' or '-' for spaces); InputError naming the labels that are not."""
+    labels = {int(k): v for k, v in id2label.items()}
+    if sorted(labels) != list(range(len(CLASSES))):
+        raise InputError(f"{where} has {len(labels)} classes; GenEval reads a COCO instance segmentation model's "
+                         f"{len(CLASSES)} (e.g. facebook/mask2former-swin-small-coco-instance).")
+
+    def spelled(name: str) -> str:
+        return " ".join(str(name).lower().replace("_", " ").replace("-", " ").split())
+
+    wrong = [(k, labels[k], name) for k, name in enumerate(CLASSES)
+             if spelled(labels[k]) not in (name, COCO_NAMES.get(name, name))]
+    if wrong:
+        shown = ", ".join(f"label {k} is {got!r} (expected {want!r})" for k, got, want in wrong[:4])
+        more = f" and {len(wrong) - 4} more" if len(wrong) > 4 else ""
+        raise InputError(f"{where}'s labels are not COCO's 80 classes in COCO's order: {shown}{more}; GenEval would "
+                         "misname its detections. Pass a COCO instance model such as "
+                         "facebook/mask2former-swin-small-coco-instance.")
     return CLASSES
 
 
@@ -379,26 +438,28 @@ def parse_spec(spec: str) -> tuple[str, str]:
 
 def check_geneval(spec: str) -> None:
     from lpo.curate.scorers.clip import check_clip
-    from lpo.curate.scorers.specs import transformers_config
+    from lpo.curate.scorers.specs import hub_json, read_json, transformers_config
 
     detector, colour = parse_spec(spec)
-    transformers_config("geneval", detector, "a Mask2Former instance-segmentation model (model_type mask2former)",
-                        lambda model_type: model_type == "mask2former")
+    path = transformers_config("geneval", detector, "a Mask2Former instance-segmentation model (model_type "
+                               "mask2former)", lambda model_type: model_type == "mask2former")
+    config = read_json(path / "config.json") if path is not None else hub_json("geneval", detector, "config.json")
+    if config is not None:
+        detector_classes(config.get("id2label") or {}, f"the GenEval detector {detector!r}")
     check_clip(colour)
 
 
 def load_geneval(spec: str, device: str, dtype: Any) -> GenEvalScorer:
     import open_clip
-    from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
+    from transformers import Mask2FormerForUniversalSegmentation
 
     from lpo.curate.scorers.clip import _open_clip_spec, open_clip_precision
 
     detector_spec, colour_spec = parse_spec(spec)
     logger.info("loading geneval: detector %s, colour classifier %s on %s", detector_spec, colour_spec, device)
     detector = Mask2FormerForUniversalSegmentation.from_pretrained(detector_spec, dtype=dtype).to(device).eval()
-    processor = AutoImageProcessor.from_pretrained(detector_spec)
     name, tag, _ = _open_clip_spec(colour_spec)
     clip_model, _, preprocess = open_clip.create_model_and_transforms(
         name, pretrained=tag, precision=open_clip_precision("geneval", dtype), device=device)
-    return GenEvalScorer(detector, processor, clip_model.eval(), preprocess, open_clip.get_tokenizer(name),
-                         f"{detector_spec} + {colour_spec}", device, dtype)
+    return GenEvalScorer(detector, clip_model.eval(), preprocess, open_clip.get_tokenizer(name),
+                         f"{detector_spec} + {colour_spec} ({DETECTOR_INPUT})", device, dtype)

@@ -171,6 +171,11 @@ def score_items(items: Sequence[EvalItem], specs: dict[str, str], out: Path, bat
         if todo:
             scorer = (remote or {}).get(metric) or load_scorer(metric, spec, device=device, dtype=dtype)
             info = {"spec": spec, "model_id": scorer.model_id, "scale": scorer.scale}
+            earlier = json.loads(header.read_text())["model_id"] if scores and header.is_file() else None
+            if earlier not in (None, scorer.model_id):  # e.g. a scorer whose computation changed since
+                raise InputError(f"{len(scores)} {metric} scores in {out / SCORES_DIR} were made as {earlier!r}; "
+                                 f"this run scores as {scorer.model_id!r}, and the two would mix in one mean: "
+                                 f"delete {out / SCORES_DIR / metric}.json and .jsonl to score {metric} again.")
             write_text_atomic(json.dumps(info, indent=2) + "\n", header)
             with open(out / SCORES_DIR / f"{metric}.jsonl", "a") as lines, _progress(metric, len(todo)) as advance:
                 for start in range(0, len(todo), batch_size):

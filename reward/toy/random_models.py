@@ -278,7 +278,8 @@ def _build_imagereward(path: Path) -> None:
 
 
 def _build_geneval(path: Path) -> None:
-    """`detector/`: a Mask2Former (Swin backbone) with GenEval's 80 COCO labels and its image processor; `clip/`: an
+    """`detector/`: a Mask2Former (Swin backbone) labelled as the hub's COCO instance models are (COCO's 80 classes
+    by mmdetection's names), with the hub's fixed 384 x 384 image processor (which GenEval does not use); `clip/`: an
     open_clip model for the colour classifier."""
     import torch
     from transformers import (
@@ -288,32 +289,34 @@ def _build_geneval(path: Path) -> None:
         SwinConfig,
     )
 
-    from lpo.curate.scorers.geneval import CLASSES
+    from lpo.curate.scorers.geneval import CLASSES, COCO_NAMES
 
     backbone = SwinConfig(image_size=64, patch_size=4, embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
                           window_size=2, out_features=["stage1", "stage2", "stage3", "stage4"])
+    labels = [COCO_NAMES.get(name, name) for name in CLASSES]
     config = Mask2FormerConfig(backbone_config=backbone, feature_size=32, mask_feature_size=32, hidden_dim=32,
                                encoder_feedforward_dim=32, encoder_layers=1, decoder_layers=2, num_attention_heads=2,
-                               dim_feedforward=32, num_queries=8, id2label=dict(enumerate(CLASSES)),
-                               label2id={name: i for i, name in enumerate(CLASSES)})
+                               dim_feedforward=32, num_queries=8, id2label=dict(enumerate(labels)),
+                               label2id={name: i for i, name in enumerate(labels)})
     detector = Mask2FormerForUniversalSegmentation(config)
     with torch.no_grad():  # it sees a car in every query, so the tests reach the colour classifier past the threshold
         detector.class_predictor.bias[CLASSES.index("car")] += 20.0
     detector.save_pretrained(path / "detector")
-    Mask2FormerImageProcessor(size={"shortest_edge": 64, "longest_edge": 64}, size_divisor=32,
-                              image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(
-        path / "detector")
+    Mask2FormerImageProcessor(size={"height": 384, "width": 384}, size_divisor=32, image_mean=[0.485, 0.456, 0.406],
+                              image_std=[0.229, 0.224, 0.225]).save_pretrained(path / "detector")
     (path / "clip").mkdir()
     _build_clip(path / "clip")
 
 
 def _build_blip_vqa(path: Path) -> None:
-    """A BLIP VQA model with a BERT tokenizer that knows BLIP's [DEC] and [ENC] tokens and the answers yes and no."""
+    """A BLIP VQA model laid out as transformers' BLIP checkpoints are: a BERT tokenizer that knows BLIP's [DEC] (the
+    decoder's start token) and the answers yes and no but not BLIP's [ENC], and a vocabulary one token larger than
+    the tokenizer's, whose last row is [ENC]'s (as 30523 of the hub checkpoint's 30524)."""
     from transformers import BlipConfig, BlipForQuestionAnswering, BlipImageProcessor, BlipProcessor
 
-    tokenizer = _bert_tokenizer(path, words=("yes", "no"), specials=("[DEC]", "[ENC]"))
+    tokenizer = _bert_tokenizer(path, words=("yes", "no"), specials=("[DEC]",))
     vocab = tokenizer.get_vocab()
-    text = {"vocab_size": len(vocab), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+    text = {"vocab_size": len(vocab) + 1, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
             "num_attention_heads": 2, "max_position_embeddings": 64, "pad_token_id": vocab["[PAD]"],
             "bos_token_id": vocab["[DEC]"], "sep_token_id": vocab["[SEP]"]}
     vision = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,

@@ -4,8 +4,10 @@ against a hand computation, and T2I-CompBench++'s B-VQA formula and noun phrases
 
 from __future__ import annotations
 
+import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -195,7 +197,8 @@ def test_b_vqa_scores_an_image_as_the_product_over_its_phrases(monkeypatch) -> N
 def test_b_vqa_runs_blip_as_the_benchmark_does(tmp_path) -> None:
     """P(yes) against an independent path: the benchmark's image transform written with torchvision, and transformers'
     own VQA `generate` (one question at a time, BLIP's [ENC] token first), its first answer token's logits. Asked in
-    one batch, questions of different lengths get the answers they get alone (no padding leaks into the answer)."""
+    one batch, questions of different lengths get the answers they get alone (no padding leaks into the answer). The
+    tokenizer does not know [ENC] (as transformers' BLIP tokenizers): its id is the config's decoder start + 1."""
     from PIL import Image
     from torchvision import transforms
     from transformers import BlipForQuestionAnswering, BlipProcessor
@@ -208,6 +211,8 @@ def test_b_vqa_runs_blip_as_the_benchmark_does(tmp_path) -> None:
     path = tmp_path / "t2i-color"
     scorer = load_bvqa("t2i-color", str(path), "cpu", torch.float32)
     assert scorer.image_size == 40 and "at 40 px" in scorer.model_id  # 5/4 of the tiny model's 32, in 8-px patches
+    enc = json.loads((path / "config.json").read_text())["text_config"]["bos_token_id"] + 1
+    assert scorer.encoder_token == enc and f"[ENC] = {enc} ([DEC] + 1)" in scorer.model_id
     generator = torch.Generator().manual_seed(0)
     first, second = (Image.fromarray((torch.rand(50, 70, 3, generator=generator) * 255).byte().numpy())
                      for _ in range(2))
@@ -222,7 +227,7 @@ def test_b_vqa_runs_blip_as_the_benchmark_does(tmp_path) -> None:
     transform = transforms.Compose([transforms.Resize((40, 40), interpolation=transforms.InterpolationMode.BICUBIC),
                                     transforms.ToTensor(), transforms.Normalize(mean, std)])
     tokenizer = processor.tokenizer
-    yes, no, enc = tokenizer.convert_tokens_to_ids(["yes", "no", "[ENC]"])
+    yes, no = tokenizer.convert_tokens_to_ids(["yes", "no"])
     expected = []
     for image, question in zip(images, questions):
         ids = tokenizer(question, return_tensors="pt").input_ids
@@ -234,3 +239,181 @@ def test_b_vqa_runs_blip_as_the_benchmark_does(tmp_path) -> None:
         expected.append(float(probs[yes] / (probs[yes] + probs[no])))
     assert got.tolist() == pytest.approx(expected, rel=1e-5, abs=1e-6)
     assert len(set(round(v, 6) for v in expected)) == 4  # the images and questions tell apart
+
+
+def _blip_without_a_vocabulary_row_for_enc(tmp_path):
+    """A tiny BLIP VQA folder whose vocabulary ends at the decoder start token: no id is left for [ENC]."""
+    from transformers import BlipForQuestionAnswering
+
+    from lpo.reward.toy.random_models import build_tiny_models
+
+    build_tiny_models(tmp_path, ["t2i-color"])
+    path = tmp_path / "t2i-color"
+    model = BlipForQuestionAnswering.from_pretrained(path)
+    model.config.text_config.vocab_size -= 1
+    BlipForQuestionAnswering(model.config).save_pretrained(path)
+    return path
+
+
+def test_b_vqa_takes_the_tokenizers_enc_token_or_refuses_when_none_exists(tmp_path) -> None:
+    """A tokenizer that declares [ENC] gives its id; one that does not, with no vocabulary row after [DEC], is refused
+    before any weights load (the check) and when loading, naming the fix."""
+    from transformers import BertTokenizer
+
+    from lpo.curate.scorers.bvqa import check_bvqa, encoder_token, load_bvqa
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "yes", "no"]) + "\n")
+    declared = BertTokenizer(str(vocab), additional_special_tokens=["[DEC]", "[ENC]"])
+    assert encoder_token(declared, start_token=7, vocab_size=9) == (8, "the tokenizer's [ENC]")
+    plain = BertTokenizer(str(vocab), additional_special_tokens=["[DEC]"])
+    assert encoder_token(plain, start_token=7, vocab_size=9) == (8, "[DEC] + 1")
+    with pytest.raises(InputError, match="no \\[ENC\\] token.*Salesforce/blip-vqa-capfilt-large"):
+        encoder_token(plain, start_token=7, vocab_size=8)
+
+    path = _blip_without_a_vocabulary_row_for_enc(tmp_path / "models")
+    with pytest.raises(InputError, match="encoder token \\(start \\+ 1\\) does not exist"):
+        check_bvqa("t2i-color", str(path))
+    with pytest.raises(InputError, match="encoder token \\(start \\+ 1\\) does not exist"):
+        load_bvqa("t2i-color", str(path), "cpu", torch.float32)
+
+
+def test_b_vqa_asks_every_question_with_the_encoder_token_first(tmp_path, monkeypatch) -> None:
+    """Through `score`: the first token of every question the text encoder sees is [DEC] + 1, whatever the tokenizer
+    puts there ([CLS]); the questions are the benchmark's cleaned "<phrase>?" (lower case, punctuation dropped)."""
+    from PIL import Image
+
+    from lpo.curate.scorers.bvqa import load_bvqa
+    from lpo.reward.toy.random_models import build_tiny_models
+
+    build_tiny_models(tmp_path, ["t2i-color"])
+    scorer = load_bvqa("t2i-color", str(tmp_path / "t2i-color"), "cpu", torch.float32)
+    start = scorer.model.config.text_config.bos_token_id
+    seen = []
+    encoder = scorer.model.text_encoder
+    original = encoder.forward
+
+    def record(input_ids=None, **kwargs):
+        seen.extend(input_ids.tolist())
+        return original(input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(encoder, "forward", record)
+    image = Image.new("RGB", (20, 30), (200, 40, 40))
+    scorer.score([image, image], ["A Red Car and a green bench.", "the (big) cat"])
+    tokenizer = scorer.processor.tokenizer
+    assert len(seen) == 3 and all(ids[0] == start + 1 for ids in seen)
+    assert tokenizer.cls_token_id not in [ids[0] for ids in seen]
+    assert sorted(tokenizer.decode(ids[1:-1]) for ids in seen) == ["a green bench?", "a red car?", "the big cat?"]
+
+
+def test_b_vqa_phrases_leave_out_the_benchmarks_exclusions_and_questions_are_cleaned() -> None:
+    from lpo.curate.scorers.bvqa import EXCLUDED_PHRASES, question
+
+    class Chunk:
+        def __init__(self, text):
+            self.text = text
+
+    class Doc:
+        def __init__(self, chunks):
+            self.noun_chunks = [Chunk(c) for c in chunks]
+
+    chunks = ["a red book", "top", "a blue table", "the left", "the side", "the right", "The left"]
+    assert noun_phrases("ignored", nlp=lambda prompt: Doc(chunks)) == ["a red book", "a blue table", "The left"]
+    assert set(EXCLUDED_PHRASES) == {"top", "the side", "the left", "the right"}
+    assert rule_phrases("a red book on top") == ["a red book", "top"]
+    assert noun_phrases("a red book on top") == ["a red book"]
+    assert question('A "Red" Car: (big)!') == "a red car big?"
+    assert question("a cat ~") == "a cat ?"
+    assert question(" ".join(["word"] * 60)).split(" ") == ["word"] * 50
+
+
+def _bilinear_by_hand(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """cv2's INTER_LINEAR written out: pixel centres at +0.5, sources clamped to the edges, no antialiasing."""
+    def axis(out_size, in_size):
+        source = np.clip((np.arange(out_size) + 0.5) * in_size / out_size - 0.5, 0, in_size - 1)
+        low = np.floor(source).astype(int)
+        return low, np.minimum(low + 1, in_size - 1), source - low
+
+    y0, y1, wy = axis(height, image.shape[0])
+    x0, x1, wx = axis(width, image.shape[1])
+    rows = image[y0] * (1 - wy)[:, None, None] + image[y1] * wy[:, None, None]
+    return rows[:, x0] * (1 - wx)[None, :, None] + rows[:, x1] * wx[None, :, None]
+
+
+@pytest.mark.parametrize("size, expected", [((512, 512), (800, 800)), ((512, 768), (800, 1200)),
+                                            ((1024, 1024), (800, 800)), ((2000, 500), (1333, 333)),
+                                            ((64, 48), (1067, 800))])
+def test_detector_size_is_mmdetections_keep_ratio_resize(size, expected) -> None:
+    from lpo.curate.scorers.geneval import detector_size
+
+    assert detector_size(*size) == expected  # (width, height): short side 800 unless the long one passes 1333
+
+
+def test_the_detector_sees_the_benchmarks_scale_whatever_its_processor_says(tmp_path, monkeypatch) -> None:
+    """A 512 px image reaches the detector as 800 x 800, a 512 x 768 one as 800 wide x 1200 tall (padded to 1216),
+    although the checkpoint's image processor (as the hub's) says 384 x 384; the pixels equal a hand computation of
+    mmdetection's pipeline (bilinear to the size, 8-bit, ImageNet mean/std in 0-255, zeros below the image)."""
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    from lpo.curate.scorers.geneval import DETECTOR_INPUT, load_geneval
+    from lpo.reward.toy.random_models import build_tiny_models
+
+    build_tiny_models(tmp_path, ["geneval"])
+    assert AutoImageProcessor.from_pretrained(tmp_path / "geneval" / "detector").size == {"height": 384, "width": 384}
+    scorer = load_geneval(str(tmp_path / "geneval"), "cpu", torch.float32)
+    assert DETECTOR_INPUT in scorer.model_id and "short side 800" in scorer.model_id
+    seen = []
+    original = scorer.detector.forward
+
+    def record(pixel_values=None, pixel_mask=None, **kwargs):
+        seen.append((pixel_values, pixel_mask))
+        return original(pixel_values=pixel_values, pixel_mask=pixel_mask, **kwargs)
+
+    monkeypatch.setattr(scorer.detector, "forward", record)
+    generator = np.random.default_rng(0)
+    square = generator.integers(0, 256, (512, 512, 3), dtype=np.uint8)
+    tall = generator.integers(0, 256, (768, 512, 3), dtype=np.uint8)  # 512 wide, 768 tall
+    for array in (square, tall):
+        found = scorer.detect(Image.fromarray(array))
+        assert all(d.mask.shape == array.shape[:2] for detections in found.values() for d in detections)
+    (square_pixels, square_mask), (tall_pixels, tall_mask) = seen
+    assert square_pixels.shape == (1, 3, 800, 800) and bool(square_mask.all())
+    assert tall_pixels.shape == (1, 3, 1216, 800)
+    assert tall_mask[0, :1200].all() and not tall_mask[0, 1200:].any()
+    mean, std = np.array([123.675, 116.28, 103.53]), np.array([58.395, 57.12, 57.375])
+    by_hand = (np.clip(np.round(_bilinear_by_hand(tall.astype(np.float64), 1200, 800)), 0, 255) - mean) / std
+    got = tall_pixels[0].permute(1, 2, 0).numpy()
+    # The 25/16 upscale puts many values exactly on .5 before 8-bit rounding, where float32 and float64 may round
+    # apart: at most one 8-bit step, and on few values; everywhere else equal to float32 precision.
+    assert np.abs(got[:1200] - by_hand).max() < 1.5 / 57
+    assert np.mean(np.abs(got[:1200] - by_hand) > 1e-4) < 1e-2
+    assert (got[1200:] == 0).all()
+
+
+def test_detector_labels_are_checked_by_name(tmp_path) -> None:
+    """COCO's 80 classes in COCO's order by mmdetection's names (the hub's) or GenEval's pass; another order, another
+    label set or unnamed labels are refused, by the spec check before any weights load."""
+    from lpo.curate.scorers.geneval import CLASSES, COCO_NAMES, check_geneval, detector_classes
+    from lpo.reward.toy.random_models import build_tiny_models
+
+    mmdet = [COCO_NAMES.get(name, name) for name in CLASSES]
+    assert detector_classes(dict(enumerate(mmdet)), "d") == CLASSES
+    assert detector_classes({str(k): name.upper().replace(" ", "_") for k, name in enumerate(CLASSES)}, "d") == CLASSES
+    swapped = list(mmdet)
+    swapped[1], swapped[2] = swapped[2], swapped[1]
+    with pytest.raises(InputError, match="label 1 is 'car' \\(expected 'bicycle'\\), label 2 is 'bicycle'"):
+        detector_classes(dict(enumerate(swapped)), "d")
+    with pytest.raises(InputError, match="label 0 is 'LABEL_0'.* and 76 more"):
+        detector_classes({k: f"LABEL_{k}" for k in range(80)}, "d")
+    with pytest.raises(InputError, match="has 81 classes"):
+        detector_classes(dict(enumerate([*mmdet, "extra"])), "d")
+
+    build_tiny_models(tmp_path, ["geneval"])
+    config_file = tmp_path / "geneval" / "detector" / "config.json"
+    check_geneval(str(tmp_path / "geneval"))
+    config = json.loads(config_file.read_text())
+    config["id2label"] = {str(k): name for k, name in enumerate(swapped)}
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(InputError, match="not COCO's 80 classes in COCO's order"):
+        check_geneval(str(tmp_path / "geneval"))

@@ -27,6 +27,43 @@ def images() -> list[Image.Image]:
             Image.fromarray(rng.integers(0, 256, (30, 30), dtype=np.uint8), "L")]
 
 
+def hps_transform_by_torchvision(image: Image.Image, size: int, mean, std) -> torch.Tensor:
+    """HPS's `image_transform(..., resize_longest_max=True)` written with torchvision: the long side resized bicubic
+    to `size`, zero-padded to a centred square (left/top get half the padding, rounded down), to tensor, normalised."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as F
+
+    scale = size / max(image.size)
+    height, width = round(image.height * scale), round(image.width * scale)
+    resized = F.resize(image.convert("RGB"), [height, width], InterpolationMode.BICUBIC)
+    pad_h, pad_w = size - height, size - width
+    padded = F.pad(resized, [pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2], fill=0)
+    return F.normalize(F.to_tensor(padded), mean, std)
+
+
+def test_hps_transform_resizes_the_long_side_and_pads(tiny_models_dir: Path) -> None:
+    """On non-square images HPS's transform equals the torchvision computation and differs from open_clip's default
+    (short side resized, centre-cropped); on a square image the two agree."""
+    import open_clip
+
+    from lpo.curate.scorers.clip import LongSideTransform
+
+    mean, std = (0.48, 0.45, 0.40), (0.26, 0.26, 0.27)
+    transform = LongSideTransform(32, mean, std)
+    default = open_clip.image_transform(32, is_train=False, mean=mean, std=std)
+    rng = np.random.default_rng(3)
+    for height, width in ((48, 40), (37, 100), (45, 45)):
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        got = transform(image)
+        assert got.shape == (3, 32, 32)
+        torch.testing.assert_close(got, hps_transform_by_torchvision(image, 32, mean, std), rtol=0, atol=1e-6)
+        assert torch.allclose(got, default(image), atol=1e-6) == (height == width)
+    wide = transform(Image.new("RGB", (100, 37), (255, 255, 255)))
+    black = (torch.zeros(3) - torch.tensor(mean)) / torch.tensor(std)
+    assert torch.allclose(wide[:, 0, :], black[:, None].expand(3, 32))  # the padding is black, above the image
+    assert torch.allclose(wide[:, -1, :], black[:, None].expand(3, 32))  # and below it
+
+
 def test_hps_is_100_times_the_cosine_of_the_hps_checkpoint(tiny_models_dir: Path, images) -> None:
     import open_clip
 
@@ -37,9 +74,11 @@ def test_hps_is_100_times_the_cosine_of_the_hps_checkpoint(tiny_models_dir: Path
         config = json.loads((folder / "open_clip_config.json").read_text())
         model = open_clip.CLIP(**config["model_cfg"]).eval()
         model.load_state_dict(torch.load(folder / file, weights_only=True)["state_dict"])
-        preprocess = open_clip.image_transform(config["model_cfg"]["vision_cfg"]["image_size"], is_train=False,
-                                               mean=config["preprocess_cfg"]["mean"],
-                                               std=config["preprocess_cfg"]["std"])
+
+        def preprocess(image, config=config):
+            return hps_transform_by_torchvision(image, config["model_cfg"]["vision_cfg"]["image_size"],
+                                                config["preprocess_cfg"]["mean"], config["preprocess_cfg"]["std"])
+
         tokenizer = open_clip.get_tokenizer("ViT-H-14")
         with torch.no_grad():
             image = model.encode_image(torch.stack([preprocess(im.convert("RGB")) for im in images]))

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from lpo.cli import app
 from lpo.curate import scorers as registry
+from lpo.curate.errors import InputError
 from lpo.curate.scorers import load_scorer
 from lpo.reward.eval import run as evaluate
 from lpo.reward.eval.config import EvalCompareConfig, EvalConfig, EvalScoreConfig
@@ -107,7 +108,8 @@ def test_summary_records_sampler_settings_and_each_metric_model_and_scale(runs, 
     assert generation["eta"] == 0.0 and generation["resolution"] == [64, 64] and generation["seed"] == 42
     assert generation["base"] == str(tiny_models_dir / "sd15") and generation["torch_dtype"] == "float32"
     metrics = summary["metrics"]
-    assert metrics["hpsv2"]["model_id"].endswith("HPS_v2_compressed.pt")
+    assert "HPS_v2_compressed.pt" in metrics["hpsv2"]["model_id"]
+    assert metrics["hpsv2"]["model_id"].endswith("long side to 32 and zero-padded")  # HPS's transform, in the id
     assert "100 x cosine" in metrics["hpsv2"]["scale"]
     assert "exp(logit_scale)" in metrics["pickscore"]["scale"]
     assert "1.0333" in metrics["imagereward"]["scale"]
@@ -171,6 +173,22 @@ def test_resume_does_not_regenerate_finished_images(tiny_models_dir, prompt_file
     monkeypatch.setattr(registry, "load_scorer", lambda *a, **k: pytest.fail("scored again"))
     evaluate.run(config)
     assert made == []
+
+
+def test_resume_refuses_to_mix_scores_of_a_changed_scorer(tiny_models_dir, prompt_file, tmp_path) -> None:
+    """Scores made before a scorer's computation changed (its model id says how it scores) are not topped up by the
+    changed scorer: the rerun stops with the fix, and the scores already written stay as they were."""
+    out = tmp_path / "run"
+    config = _config(tiny_models_dir, prompt_file, out, metrics=["hpsv2"])
+    evaluate.run(config)
+    header, lines = out / "scores" / "hpsv2.json", out / "scores" / "hpsv2.jsonl"
+    info = json.loads(header.read_text())
+    header.write_text(json.dumps({**info, "model_id": info["model_id"].split(", long side")[0]}))  # as before HPS's
+    kept = lines.read_text().splitlines()[:-1]  # one image left to score
+    lines.write_text("\n".join(kept) + "\n")
+    with pytest.raises(InputError, match="were made as .*this run scores as .*long side to 32.*delete"):
+        evaluate.run(config)
+    assert lines.read_text().splitlines() == kept
 
 
 def test_resume_refuses_changed_generation_settings(tiny_models_dir, prompt_file, runs) -> None:

@@ -81,7 +81,8 @@ def test_scorer_folders_load_and_score(metric: str, tiny_models_dir: Path) -> No
 @pytest.mark.parametrize("role", ["imagereward", "t2i-color"])
 def test_bert_tokenizers_spell_any_lower_case_caption(role: str, tiny_models_dir: Path) -> None:
     """The tiny BERT tokenizers hold their character vocabulary (no caption falls back to [UNK]), and BLIP's knows
-    its decoder and encoder tokens and the answers as whole words."""
+    its decoder token and the answers as whole words but, as transformers' BLIP tokenizers, not BLIP's encoder token,
+    whose row the model's vocabulary holds right after the decoder token's."""
     from transformers import AutoTokenizer
 
     folder = tiny_models_dir / role / ("tokenizer" if role == "imagereward" else "")
@@ -90,7 +91,12 @@ def test_bert_tokenizers_spell_any_lower_case_caption(role: str, tiny_models_dir
     assert tokenizer.unk_token_id not in ids and len(ids) > 10
     if role == "t2i-color":
         assert tokenizer.tokenize("yes no") == ["yes", "no"]
-        assert tokenizer.unk_token_id not in tokenizer.convert_tokens_to_ids(["[DEC]", "[ENC]"])
+        decoder_start = tokenizer.convert_tokens_to_ids("[DEC]")
+        assert decoder_start != tokenizer.unk_token_id
+        assert tokenizer.convert_tokens_to_ids("[ENC]") == tokenizer.unk_token_id
+        config = json.loads((folder / "config.json").read_text())["text_config"]
+        assert config["bos_token_id"] == decoder_start == len(tokenizer) - 1
+        assert config["vocab_size"] == len(tokenizer) + 1
 
 
 def _generate(pipeline) -> Image.Image:
