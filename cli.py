@@ -90,6 +90,7 @@ def report_filter(config: FilterConfig, summary: dict[str, Any]) -> None:
     table("Human label agreement per metric (labelled, non-tie pairs)",
            ("metric", "pairs", "metric prefers the human winner"), rows)
     out_console.print(f"{summary['rule_description']}. Images with errors: {summary['images_with_errors']}.")
+    out_console.print("Scored with: " + "; ".join(f"{metric} {model}" for metric, model in summary["models"].items()))
 
 
 MODEL_HELP_CURATE = dict(model_metrics=CURATION_METRICS)

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from lpo.curate.config import help_of
 from lpo.curate.errors import InputError
+from lpo.curate.scorers.specs import DEFAULT_MODELS, PAPER_FILTER_MODELS
 
 console = Console(stderr=True)
 out_console = Console()
@@ -100,6 +101,8 @@ def _model_fields(metrics: tuple[str, ...]) -> list[Field]:
                         "detector/ and clip/."}
     helps |= {f"t2i-{kind}": f"T2I-CompBench++ {kind} B-VQA model: a transformers BLIP VQA hub id or directory."
               for kind in ("color", "shape", "texture")}
+    helps = {metric: f"{text} Default: {DEFAULT_MODELS[metric]}." for metric, text in helps.items()}
+    helps["vqa"] += f" The lpo-paper filter rules: the paper's {PAPER_FILTER_MODELS['vqa']}."
     flags = {"geneval": ("--geneval-model", "--geneval-detector")}
     return [Field(_model_option(metric), Optional[str],  # noqa: UP045
                   typer.Option(None, *flags.get(metric, (f"--{metric}-model",)), help=helps[metric]))

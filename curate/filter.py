@@ -36,7 +36,9 @@ PLOT_FILE = "gaps.png"
 class FilterConfig:
     source: str = option(None, "A curation directory (from `lpo curate ingest`) or any SOURCE that ingest accepts.")
     out: Path = option(None, "Output directory for filtered.parquet, rejected.parquet and summary.json.")
-    rule: str = option("all", "Rule: all (every metric agrees), lpo-paper, lpo-paper-strict, lpo-paper-loose.")
+    rule: str = option("all", "Rule: all (every metric agrees), lpo-paper, lpo-paper-strict, lpo-paper-loose (the "
+                              "reference filter's thresholds, scored by default with the paper's models: VQAScore "
+                              "t2v:clip-flant5-xxl, which needs `pip install t2v-metrics==3.0`).")
     metrics: list[str] | None = option(None, "Metrics the rule uses (default: the rule's own; `all` uses "
                                              "pickscore,clip,vqa).")
     min_gap: dict[str, float] = option(help="Per-metric minimum winner-minus-loser gap (keep iff gap > value).",
@@ -57,8 +59,11 @@ class FilterConfig:
 
 
 def _score_config(config: FilterConfig, work_dir: Path, rule: mpcf.Rule) -> score.ScoreConfig:
+    """Scoring settings for the rule's metrics: the user's models, else `--models-dir`'s, else the rule's own (the
+    paper's models for the lpo-paper rules), else the registry's defaults."""
+    models = dict(config.models) if config.models_dir is not None else {**rule.models, **config.models}
     return score.ScoreConfig(
-        work_dir=work_dir, metrics=list(rule.metrics), models=dict(config.models), models_dir=config.models_dir,
+        work_dir=work_dir, metrics=list(rule.metrics), models=models, models_dir=config.models_dir,
         batch_size=config.batch_size, device=config.device, dtype=config.dtype, decode_workers=config.decode_workers,
     )
 
@@ -122,6 +127,8 @@ def summarise(scored: pl.DataFrame, rule: mpcf.Rule, work_dir: Path) -> dict[str
         "tie_max_gap": rule.tie_max_gap,
         "keep_ties": rule.keep_ties,
         "curation_dir": str(work_dir.resolve()),
+        "models": {m: score.recorded_model(work_dir, m) or "not recorded (scored before lpo recorded models)"
+                   for m in rule.metrics},
         "pairs": scored.height,
         "kept": kept.height,
         "kept_ties": kept.filter(pl.col("is_tie")).height,

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import polars as pl
 
 from lpo.curate.errors import InputError
-from lpo.curate.scorers.specs import CURATION_METRICS, DEFAULT_CURATION_METRICS
+from lpo.curate.scorers.specs import CURATION_METRICS, DEFAULT_CURATION_METRICS, PAPER_FILTER_MODELS
 
 # Tie thresholds: clip, vqa and aesthetic are the reference filter's; pickscore's is ours, on PickScore's
 # ~100x-cosine scale (0.5 points is well inside the spread between images of one prompt).
@@ -27,6 +27,9 @@ class Rule:
     min_gap: dict[str, float] = field(default_factory=dict)
     tie_max_gap: dict[str, float] = field(default_factory=dict)
     keep_ties: bool = False
+    # The model each metric is scored with unless the user names another: where a rule's thresholds were set on
+    # particular models (the paper's), those; otherwise the registry's defaults.
+    models: dict[str, str] = field(default_factory=dict)
 
     def describe(self) -> str:
         tests = " and ".join(f"{m}_gap > {self.min_gap[m]:g}" for m in self.metrics)
@@ -36,7 +39,7 @@ class Rule:
 
 def _paper(name: str, aesthetic_min: float) -> Rule:
     return Rule(name, PAPER_METRICS, {"aesthetic": aesthetic_min, "clip": 0.0, "vqa": 0.0},
-                {m: TIE_MAX_GAP[m] for m in PAPER_METRICS}, keep_ties=True)
+                {m: TIE_MAX_GAP[m] for m in PAPER_METRICS}, keep_ties=True, models=dict(PAPER_FILTER_MODELS))
 
 
 PRESETS: dict[str, Rule] = {
@@ -77,6 +80,7 @@ def build_rule(
         {m: (min_gap or {}).get(m, preset.min_gap.get(m, 0.0)) for m in chosen},
         {m: (tie_max_gap or {}).get(m, preset.tie_max_gap.get(m, TIE_MAX_GAP[m])) for m in chosen},
         preset.keep_ties if keep_ties is None else keep_ties,
+        preset.models,
     )
 
 

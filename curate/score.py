@@ -3,6 +3,8 @@
 Layout under the curation directory:
 - `scores/<metric>/part-<run>-r<rank>-<seq>.parquet`: scores written as they are produced (atomic files), so an
   interrupted run loses at most one flush of work; a rerun scores only the images no part file holds yet.
+- `scores/<metric>/model.json`: the model the metric's scores were made with; a rerun with another model for a
+  metric that has scores stops (scores of two models never mix in one column).
 - `scores.parquet`: the merged manifest (`image_uid`, one column per metric, `error`), rebuilt from the parts.
 
 Run under `accelerate launch`, each process scores a disjoint shard of the images (a stable hash of `image_uid`)
@@ -30,12 +32,13 @@ from lpo.curate.config import option
 from lpo.curate.errors import InputError
 from lpo.curate.ingest import image_parts, is_curation_dir
 from lpo.curate.manifest import scores_schema, write_atomic, write_text_atomic
-from lpo.curate.scorers.specs import DEFAULT_CURATION_METRICS
+from lpo.curate.scorers.specs import DEFAULT_CURATION_METRICS, DEFAULT_MODELS
 
 logger = logging.getLogger(__name__)
 
 SCORES_FILE = "scores.parquet"
 SCORES_DIR = "scores"
+MODEL_FILE = "model.json"
 
 
 @dataclass
@@ -73,12 +76,32 @@ def validate_models(config: ScoreConfig) -> dict[str, str | None]:
     return specs
 
 
+def model_id(metric: str, spec: str | None) -> str:
+    """The model a metric is scored with: its spec (a local path made absolute) or the registry's default."""
+    spec = spec or DEFAULT_MODELS[metric]
+    return str(Path(spec).expanduser().resolve()) if Path(spec).expanduser().exists() else spec
+
+
+def recorded_model(work_dir: Path, metric: str) -> str | None:
+    """The model the scores of `metric` in `work_dir` were made with, None when none is recorded."""
+    path = Path(work_dir) / SCORES_DIR / metric / MODEL_FILE
+    return json.loads(path.read_text())["model"] if path.is_file() else None
+
+
 def validate(config: ScoreConfig) -> dict[str, str | None]:
     """Check everything that can be checked before a model loads; return the resolved model specs."""
     if config.work_dir is None or not is_curation_dir(config.work_dir):
         raise InputError(f"{config.work_dir} is not a curation directory (no pairs.parquet and images/); "
                          "run `lpo curate ingest SOURCE --out DIR` first.")
-    return validate_models(config)
+    specs = validate_models(config)
+    for metric, spec in specs.items():
+        recorded = recorded_model(config.work_dir, metric)
+        if recorded is not None and recorded != model_id(metric, spec):
+            raise InputError(
+                f"the {metric} scores in {Path(config.work_dir) / SCORES_DIR / metric} were made with {recorded}, "
+                f"and this run asks for {model_id(metric, spec)}: pass --{metric}-model {recorded} to use them, or "
+                f"delete that folder to score {metric} again with the new model.")
+    return specs
 
 
 def shard_of(uid: str, world: int) -> int:
@@ -195,11 +218,17 @@ def run(config: ScoreConfig) -> dict[str, Any]:
     mine = {u for u in all_uids if shard_of(u, state.num_processes) == state.process_index}
     report: dict[str, Any] = {"images": len(all_uids), "processes": state.num_processes, "metrics": {}}
     for metric in config.metrics:
-        todo = mine - scored_uids(work_dir, metric)
+        model = model_id(metric, specs[metric])
+        done = scored_uids(work_dir, metric)
+        # scores made before models were recorded stay unattributed rather than credited to this run's model
+        if state.is_main_process and not done and recorded_model(work_dir, metric) is None:
+            write_text_atomic(json.dumps({"metric": metric, "model": model}) + "\n",
+                              work_dir / SCORES_DIR / metric / MODEL_FILE)
+        todo = mine - done
         scored = 0
         if todo:
             scored = _score_with_progress(work_dir, metric, specs[metric], todo, config, state, device, dtype)
-        report["metrics"][metric] = {"scored_now": scored, "model": specs[metric] or "default"}
+        report["metrics"][metric] = {"scored_now": scored, "model": model}
         logger.info("%s: scored %d images on rank %d", metric, scored, state.process_index)
     state.wait_for_everyone()
     if state.is_main_process:

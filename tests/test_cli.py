@@ -71,6 +71,46 @@ def test_refilter_of_a_curation_dir_reuses_its_scores(filtered: Path, tmp_path: 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["metrics"] == ["aesthetic", "clip", "vqa"] and summary["min_gap"]["clip"] == 0.001
     assert summary["keep_ties"] is True and summary["pairs"] == pq.read_metadata(SAMPLE).num_rows
+    # --models-dir's models, not the rule's own, scored them: the summary and the printout name each one
+    assert summary["models"] == {m: str((tiny_models_dir / m).resolve()) for m in ("aesthetic", "clip", "vqa")}
+    assert "Scored with: aesthetic" in result.output
+
+
+def test_the_paper_rules_score_with_the_papers_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --models-dir or a --vqa-model, --rule lpo-paper* scores VQA with the paper's CLIP-FlanT5-XXL: where
+    t2v_metrics is not installed, exit 2 naming the install, before anything is written."""
+    import importlib.util
+
+    from lpo.curate import filter as curate_filter
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "t2v_metrics" else real(name, *a))
+    for rule in ("lpo-paper", "lpo-paper-strict", "lpo-paper-loose"):
+        out = tmp_path / rule
+        result = invoke("curate", "filter", SAMPLE, "--out", out, "--rule", rule, "--device", "cpu")
+        assert result.exit_code == 2, result.output
+        text = result.output.replace("\n", "")
+        assert "t2v:clip-flant5-xxl" in text and "pip install t2v-metrics==3.0" in text
+        assert not out.exists()
+    config = curate_filter.FilterConfig(source=str(SAMPLE), out=tmp_path / "x", rule="lpo-paper",
+                                        models={"clip": "hf-hub:org/other"})
+    models = curate_filter._score_config(config, tmp_path, mpcf.build_rule("lpo-paper")).models
+    assert models == {"aesthetic": "trl-lib/ddpo-aesthetic-predictor", "clip": "hf-hub:org/other",
+                      "vqa": "t2v:clip-flant5-xxl"}  # the user's choice wins; the rest are the paper's
+    config.rule = "all"
+    assert curate_filter._score_config(config, tmp_path, mpcf.build_rule("all")).models == {"clip": "hf-hub:org/other"}
+
+
+def test_help_prints_every_metrics_default_model() -> None:
+    from lpo.curate.scorers.specs import DEFAULT_MODELS
+
+    for command, metrics in ((("curate", "filter"), CURATION_METRICS), (("eval",), tuple(DEFAULT_MODELS))):
+        result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "400"})
+        text = " ".join(result.output.split())
+        for metric in metrics:
+            assert f"Default: {DEFAULT_MODELS[metric]}." in text, (command, metric)
+    assert "The lpo-paper filter rules: the paper's t2v:clip-flant5-xxl." in text
 
 
 @pytest.mark.parametrize(

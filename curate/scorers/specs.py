@@ -39,6 +39,10 @@ DEFAULT_MODELS: dict[str, str] = {
     "geneval": "facebook/mask2former-swin-small-coco-instance",  # + the colour CLIP, ViT-L-14:openai
     **{metric: "Salesforce/blip-vqa-capfilt-large" for metric in T2I_METRICS},
 }
+# The models the LPO paper's filter thresholds were set on (design/method.md section 3): VQAScore from CLIP-FlanT5-XXL
+# (t2v_metrics), LAION's ViT-H-14 CLIP and the LAION aesthetic predictor (the last two are the registry's defaults).
+PAPER_FILTER_MODELS: dict[str, str] = {"aesthetic": DEFAULT_MODELS["aesthetic"], "clip": DEFAULT_MODELS["clip"],
+                                       "vqa": "t2v:clip-flant5-xxl"}
 
 
 def check_metric(metric: str, metrics: tuple[str, ...] = METRICS) -> None:

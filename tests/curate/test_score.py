@@ -149,6 +149,25 @@ def test_bad_inputs_fail_before_any_model_loads(curated, tiny_models_dir, tmp_pa
     assert made == []
 
 
+def test_scores_of_another_model_never_mix_into_a_metric(curated, tiny_models_dir, tmp_path, monkeypatch):
+    """Each metric's scores record their model; a rerun naming the same model by another path spelling continues,
+    one naming another model stops with exit-2 input error before any model loads, and nothing is rescored."""
+    work = _fresh_copy(curated, tmp_path)
+    report = score.run(_config(work, tiny_models_dir, metrics=["clip"]))
+    model = str((tiny_models_dir / "clip").resolve())
+    assert report["metrics"]["clip"]["model"] == model and score.recorded_model(work, "clip") == model
+    before = sorted((work / "scores").rglob("part-*.parquet"))
+    monkeypatch.chdir(tiny_models_dir)
+    again = score.run(score.ScoreConfig(work_dir=work, metrics=["clip"], models={"clip": "./clip"}, device="cpu"))
+    assert again["metrics"]["clip"] == {"scored_now": 0, "model": model}
+    other = tmp_path / "other-clip"
+    shutil.copytree(tiny_models_dir / "clip", other)
+    monkeypatch.setattr(scorers, "load_scorer", lambda *a, **k: pytest.fail("a model loaded"))
+    with pytest.raises(InputError, match=f"were made with {model}, and this run asks for {other}"):
+        score.run(score.ScoreConfig(work_dir=work, metrics=["clip"], models={"clip": str(other)}, device="cpu"))
+    assert sorted((work / "scores").rglob("part-*.parquet")) == before
+
+
 @pytest.mark.slow  # several processes (or a server) started: in the full run, not the quick loop
 def test_two_process_sharded_run_matches_one_process(curated, tiny_models_dir, tmp_path):
     single = _fresh_copy(curated, tmp_path / "one")
