@@ -139,6 +139,10 @@ def report_reward_eval(config: RewardEvalConfig, result: dict[str, Any]) -> None
     columns = ("timestep", *(f"{name} ({s['pairs']} pairs)" for name, s in sets.items()))
     table(f"LRM pairwise accuracy -> {result['out']}", columns,
           [(t, *(f"{s['accuracy'][t]:.3f}" for s in sets.values())) for t in timesteps], right=columns)
+    if "blind_timestep" in result:
+        blind = f"told t={result['blind_timestep']:g}"
+        table(f"the same LRM {blind} at every noise level (timestep-blind control)", columns,
+              [(t, *(f"{s['accuracy_blind'][t]:.3f}" for s in sets.values())) for t in timesteps], right=columns)
 
 
 def report_reward_score(config: RewardScoreConfig, records: list[dict[str, Any]]) -> None:
@@ -315,8 +319,10 @@ command(eval_app, "compare", EvalCompareConfig, lazy("lpo.reward.eval.stats", "c
 def report_demo(config: DemoConfig, summary: dict[str, Any]) -> None:
     from lpo.reward.toy.demo import SUMMARY_FILE
 
-    rows = [(c["claim"], c["measured"], "[green]yes[/]" if c["holds"] else "[red]no[/]") for c in summary["claims"]]
-    table(f"lpo demo -> {config.out}", ("claim", "measured", "holds"), rows)
+    colour = {"yes": "green", "no": "red", "not shown": "yellow"}
+    rows = [(c["claim"], c["measured"], f"[{colour[c['verdict']]}]{c['verdict']}[/]") for c in summary["claims"]]
+    table(f"lpo demo -> {config.out}", ("claim", "measured; effect [95% interval]", "holds"), rows)
+    out_console.print("holds: yes when the whole 95% interval is above zero, no when below it, not shown otherwise")
     out = Path(config.out)
     out_console.print(f"written: {out / 'demo.md'}, {out / 'demo.png'}, {out / SUMMARY_FILE}")
 

@@ -20,6 +20,10 @@ from lpo.reward.lrm.loss import pair_labels, pairwise_correct
 
 logger = logging.getLogger(__name__)
 
+PER_PAIR_FILE = "per_pair.parquet"
+PER_PAIR_SCHEMA = {"set": pl.String, "pair_id": pl.String, "timestep": pl.Float64, "blind": pl.Boolean,
+                   "told_timestep": pl.Float64, "correct": pl.Float64}
+
 
 def usable_pairs(pairs: pl.DataFrame) -> pl.DataFrame:
     """Pairs with a decision: a winner, or a tie."""
@@ -39,12 +43,17 @@ def accuracy_per_timestep(model: Any, cache: LatentCache, pairs: pl.DataFrame, n
                           timesteps: tuple[float, ...] | list[float] = EVAL_TIMESTEPS, seed: int = 1234,
                           batch_size: int = 32, rank: int = 0, world: int = 1,
                           total: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                          to_latents: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[float, float]:
+                          to_latents: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                          told: float | None = None, per_pair: torch.Tensor | None = None) -> dict[float, float]:
     """Accuracy at each t: every pair is noised by its own seeds (`pair_noise`), so runs compare exactly.
 
     Under several processes each scores the pairs `rank::world` and `total` sums the counts over them; `model` may
     then be the trainer's wrapped model (DDP, DeepSpeed, FSDP: pass `to_latents`, the unwrapped model's), which is
-    only called, and every process makes the same number of calls (FSDP gathers the weights at each)."""
+    only called, and every process makes the same number of calls (FSDP gathers the weights at each).
+
+    `told`: the timestep the model is given at every noise level instead of the true one (a timestep-blind
+    control); `per_pair` ([len(timesteps), pairs]) receives each of this process's pairs' correctness (1, 0, or
+    0.5 for a tie)."""
     model_was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -68,9 +77,13 @@ def accuracy_per_timestep(model: Any, cache: LatentCache, pairs: pl.DataFrame, n
             noise = torch.cat([torch.stack([d[1][0] for d in draws]), torch.stack([d[1][1] for d in draws])])
             steps = torch.full((2 * n,), t)
             noisy = noise_scheduler.add_noise(to_latents(mean + std * eps), noise, steps)
-            scores = model(noisy.to(device), steps.to(device), captions).float().cpu()
+            given = steps if told is None else torch.full((2 * n,), told)
+            scores = model(noisy.to(device), given.to(device), captions).float().cpu()
             if not padding:
-                correct[k] += pairwise_correct(scores[:n], scores[n:], labels_all[rows]).sum().item()
+                right = pairwise_correct(scores[:n], scores[n:], labels_all[rows])
+                correct[k] += right.sum().item()
+                if per_pair is not None:
+                    per_pair[k, rows] = right.to(per_pair.dtype)
     if total is not None:
         correct = total(correct)
     model.train(model_was_training)
@@ -153,6 +166,8 @@ def run(config: RewardEvalConfig) -> dict[str, Any]:
     if config.out is None and not Path(source).is_dir():
         raise InputError(f"{config.lrm} is a hub model: give --out DIR for accuracy.json and the data.")
     timesteps = default_timesteps(lrm_config, source, subfolder, config.timesteps)
+    if config.blind_timestep is not None:
+        default_timesteps(lrm_config, source, subfolder, [config.blind_timestep])  # a timestep the LRM takes
     out = Path(config.out) if config.out else model_dir / "eval"
     sets = {}
     for name, path in evaluation_sets(config, out).items():
@@ -169,21 +184,35 @@ def run(config: RewardEvalConfig) -> dict[str, Any]:
                         lrm_config["resolution"], device=device, subfolder=vae_subfolder)
     model = LatentRewardModel.from_pretrained(source, subfolder).to(device)
     noise = get_family(lrm_config["family"]).noise_schedule(*component(source, subfolder, "scheduler"))
-    results, curves = {}, {}
+    results, curves, rows = {}, {}, []
     for name, (path, pairs) in sets.items():
         encoded = only_encoded(pairs, cache)
-        accuracy = accuracy_per_timestep(model, cache, encoded, noise, timesteps, config.seed, config.batch_size)
-        curves[name] = accuracy
-        results[name] = {"manifest": str(path), "pairs": encoded.height,
-                         "skipped_pairs_with_undecodable_images": pairs.height - encoded.height,
-                         "accuracy": {str(t): a for t, a in accuracy.items()}}
-        if flow_matching:  # the noise level of a flow-matching model is sigma = timestep / 1000
-            results[name]["accuracy_by_sigma"] = {str(round(t / 1000, 6)): a for t, a in accuracy.items()}
+        told = [None] if config.blind_timestep is None else [None, config.blind_timestep]
+        for given in told:
+            correct = torch.zeros(len(timesteps), encoded.height, dtype=torch.float64)
+            accuracy = accuracy_per_timestep(model, cache, encoded, noise, timesteps, config.seed, config.batch_size,
+                                             told=given, per_pair=correct)
+            rows += [{"set": name, "pair_id": pair_id, "timestep": float(t), "blind": given is not None,
+                      "told_timestep": float(t if given is None else given), "correct": value}
+                     for k, t in enumerate(timesteps)
+                     for pair_id, value in zip(encoded["pair_id"].to_list(), correct[k].tolist())]
+            if given is not None:
+                results[name]["accuracy_blind"] = {str(t): a for t, a in accuracy.items()}
+                continue
+            curves[name] = accuracy
+            results[name] = {"manifest": str(path), "pairs": encoded.height,
+                             "skipped_pairs_with_undecodable_images": pairs.height - encoded.height,
+                             "accuracy": {str(t): a for t, a in accuracy.items()}}
+            if flow_matching:  # the noise level of a flow-matching model is sigma = timestep / 1000
+                results[name]["accuracy_by_sigma"] = {str(round(t / 1000, 6)): a for t, a in accuracy.items()}
     result = {"lrm": str(config.lrm) if not Path(source).is_dir() else str(model_dir), "seed": config.seed,
               "dataset": config.dataset, "sets": results}
     if config.manifest is not None:  # one set: its figures at the top level too
         result |= next(iter(results.values()))
+    if config.blind_timestep is not None:
+        result["blind_timestep"] = config.blind_timestep
     out.mkdir(parents=True, exist_ok=True)
+    pl.DataFrame(rows, schema=PER_PAIR_SCHEMA).write_parquet(out / PER_PAIR_FILE)
     (out / "accuracy.json").write_text(json.dumps(result, indent=2) + "\n")
     plot_accuracy(curves, out / "accuracy.png", sigma=flow_matching)
     result["out"] = str(out)

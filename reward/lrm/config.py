@@ -120,6 +120,9 @@ class RewardEvalConfig:
     timesteps: list[float] = option(help="Timesteps to evaluate (default: sd15/sdxl 1,251,501,751,951; sd3, flux "
                                          "five points of the 20-step sampler grid).", factory=list)
     seed: int = option(1234, "Noise seed (the same seed gives the same noise for every model).")
+    blind_timestep: float | None = option(None, "Also score every noise level telling the LRM this timestep instead "
+                                                "of the true one (a timestep-blind control: what knowing the noise "
+                                                "level is worth); reported as accuracy_blind.")
     latent_cache: Path | None = option(None, "Root folder of VAE-latent caches to reuse and extend; default: "
                                              "OUT/latent_cache.")
     batch_size: int = option(32, "Pairs per forward.")

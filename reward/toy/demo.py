@@ -35,6 +35,8 @@ import polars as pl
 
 from lpo.curate import config as cfg
 from lpo.curate.errors import InputError
+from lpo.reward.toy import claims as judged
+from lpo.reward.toy.claims import noise_label
 from lpo.reward.toy.config import DemoConfig
 
 logger = logging.getLogger(__name__)
@@ -185,6 +187,16 @@ def label_agreement(pairs: pl.DataFrame, oracle: pl.DataFrame) -> dict[str, floa
     return {"pairs": pairs.height, "decided": decided.height, "agreement": agree}
 
 
+def agreement_per_pair(pairs: pl.DataFrame, oracle: pl.DataFrame, kept: pl.DataFrame) -> dict[str, list]:
+    """For each labelled pair the oracle decides, in pair order: whether its winner is the oracle's (1/0) and
+    whether MPCF kept it."""
+    joined = pairs.join(oracle, on=["image_0_uid", "image_1_uid"], how="inner").sort("pair_id")
+    decided = joined.filter(pl.col("winner").is_not_null() & (pl.col("oracle_0") != pl.col("oracle_1")))
+    truth = pl.when(pl.col("oracle_0") > pl.col("oracle_1")).then(0).otherwise(1)
+    agree = decided.select((pl.col("winner") == truth).cast(pl.Int8))["winner"].to_list()
+    return {"per_pair_agree": agree, "per_pair_kept": decided["pair_id"].is_in(kept["pair_id"].implode()).to_list()}
+
+
 def curate(config: DemoConfig, out: Path, data: dict[str, Any]) -> dict[str, Any]:
     from lpo.curate import filter as curate_filter
     from lpo.curate import ingest
@@ -196,8 +208,8 @@ def curate(config: DemoConfig, out: Path, data: dict[str, Any]) -> dict[str, Any
     oracle = pl.read_parquet(data["train"], columns=["image_0_uid", "image_1_uid", "oracle_0", "oracle_1"])
     raw = pl.read_parquet(out / "curate" / ingest.PAIRS_FILE)
     kept = pl.read_parquet(out / "curate" / curate_filter.FILTERED_FILE)
-    return {"raw": label_agreement(raw, oracle), "kept": label_agreement(kept, oracle),
-            "kept_share": kept.height / max(raw.height, 1), "filter": summary}
+    return {"raw": label_agreement(raw, oracle) | agreement_per_pair(raw, oracle, kept),
+            "kept": label_agreement(kept, oracle), "kept_share": kept.height / max(raw.height, 1), "filter": summary}
 
 
 def _manifest(out: Path, which: str) -> Path:
@@ -212,6 +224,7 @@ def train_lrm(config: DemoConfig, out: Path, name: str) -> dict[str, Any]:
     held-out pairs, so nothing is selected on them."""
     from lpo.reward.lrm import accuracy, train
     from lpo.reward.lrm.config import RewardEvalConfig, RewardTrainConfig
+    from lpo.reward.lrm.model import read_lrm_config, resolve_lrm
 
     which, init = LRM_RUNS[name]
     run_dir = out / name
@@ -221,11 +234,17 @@ def train_lrm(config: DemoConfig, out: Path, name: str) -> dict[str, Any]:
         warmup_steps=max(1, config.lrm_steps // 20), vfe_scale=config.vfe_scale, text_projection_init="", init=init,
         save_every=max(1, config.lrm_steps // 4), seed=config.seed, device="cpu", latent_cache=out / LATENT_CACHE,
         resume=train.latest_checkpoint(run_dir) is not None))
+    # the LRM the rest of the demo uses is also told the least noisy level at every level: a timestep-blind control
+    levels = accuracy.default_timesteps(read_lrm_config(run_dir / "last"), *resolve_lrm(run_dir / "last"))
+    blind = min(levels) if name == "lrm-mpcf" else None
     evaluation = accuracy.run(RewardEvalConfig(lrm=run_dir / "last", manifest=out / "val" / "pairs.parquet",
                                                out=run_dir / "eval", timesteps=[], seed=config.seed,
-                                               batch_size=128, latent_cache=out / LATENT_CACHE, device="cpu"))
+                                               blind_timestep=blind, batch_size=128, latent_cache=out / LATENT_CACHE,
+                                               device="cpu"))
     return {"pairs": which, "init": init, "train_pairs": summary["train_pairs"], "steps": summary["steps"],
-            "accuracy": evaluation["accuracy"], "eval_pairs": evaluation["pairs"], "model": str(run_dir / "last")}
+            "accuracy": evaluation["accuracy"], "accuracy_blind": evaluation.get("accuracy_blind"),
+            "per_pair": str(run_dir / "eval" / accuracy.PER_PAIR_FILE), "eval_pairs": evaluation["pairs"],
+            "model": str(run_dir / "last")}
 
 
 def _base(config: DemoConfig) -> str:
@@ -295,7 +314,7 @@ def compare_generators(config: DemoConfig, out: Path, results: dict[str, Any]) -
     from lpo.reward.lpo.sample import image_seed
     from lpo.reward.lpo.sampler import sample
     from lpo.reward.lrm.model import LatentRewardModel
-    from lpo.reward.toy.world import Scene, match_rates, perceive
+    from lpo.reward.toy.world import Scene, agreement, match_rates, perceive
 
     _, held_out = split_prompts(config)
     n = config.images_per_prompt
@@ -319,11 +338,14 @@ def compare_generators(config: DemoConfig, out: Path, results: dict[str, Any]) -
             reward = lrm.score(latents.to(lrm.dtype), torch.full((len(prompts),), model.clean_timestep()),
                                prompts).tolist()
         images = model.decode(latents)
-        rates = match_rates([Scene.from_caption(p) for p in prompts], [perceive(np.asarray(i)) for i in images])
+        wanted, seen = [Scene.from_caption(p) for p in prompts], [perceive(np.asarray(i)) for i in images]
+        rates = match_rates(wanted, seen)
         save_image_grid(images[: GRID_PROMPTS * n], min(GRID_PROMPTS, len(held_out)), samples_dir / f"{variant}.png")
         result[variant] = {
             **{k: rates[k] for k in ("oracle", "fg_colour_correct", "shape_correct", "bg_colour_correct")},
             "lrm_reward": float(np.mean(reward)),
+            "oracle_per_image": [agreement(w, s) for w, s in zip(wanted, seen, strict=True)],
+            "lrm_reward_per_image": reward,
             "grid": str(samples_dir / f"{variant}.png"),
         }
     return result
@@ -331,44 +353,6 @@ def compare_generators(config: DemoConfig, out: Path, results: dict[str, Any]) -
 
 # ---------------------------------------------------------------------------------------------------------------
 # report
-
-
-def noise_label(timestep: str, family: str) -> str:
-    """A noise level as the family's sampler names it: t = 1 for DDPM timesteps, sigma = 0.001 for flow matching."""
-    return f"t={timestep}" if family == "sd15" else f"sigma={float(timestep) / 1000:.3f}"
-
-
-def claims(results: dict[str, Any], family: str = "sd15") -> list[dict[str, Any]]:
-    """The paper's claims in miniature, each with the measured numbers and whether this run shows it."""
-    cur, samples = results["curate"], results["samples"]
-    acc = {name: results[name]["accuracy"] for name in LRM_RUNS}
-    low, high = (list(acc["lrm-mpcf"])[i] for i in (0, -1))  # the least and the most noisy level evaluated
-    low_label, high_label = noise_label(low, family), noise_label(high, family)
-    base, guided, lpo = samples["base"], samples["guided"], samples["lpo"]
-    return [
-        {"claim": "MPCF raises the labels' agreement with the oracle",
-         "measured": f"{cur['raw']['agreement']:.1%} raw -> {cur['kept']['agreement']:.1%} kept "
-                     f"({cur['kept_share']:.0%} of pairs kept)",
-         "holds": cur["kept"]["agreement"] > cur["raw"]["agreement"]},
-        {"claim": f"an LRM trained on MPCF-kept pairs beats one trained on the raw pairs ({low_label})",
-         "measured": f"{acc['lrm-mpcf'][low]:.1%} vs {acc['lrm-raw'][low]:.1%}",
-         "holds": acc["lrm-mpcf"][low] > acc["lrm-raw"][low]},
-        {"claim": f"a diffusion-initialised backbone beats a fresh one at the same budget ({low_label})",
-         "measured": f"{acc['lrm-mpcf'][low]:.1%} vs {acc['lrm-mpcf-fresh'][low]:.1%}",
-         "holds": acc["lrm-mpcf"][low] > acc["lrm-mpcf-fresh"][low]},
-        {"claim": "the LRM is noise-aware: accurate at low noise, less so at high noise",
-         "measured": f"{acc['lrm-mpcf'][low]:.1%} at {low_label}, {acc['lrm-mpcf'][high]:.1%} at {high_label}",
-         "holds": acc["lrm-mpcf"][low] > acc["lrm-mpcf"][high]},
-        {"claim": "LPO raises the oracle alignment of generated images on held-out captions",
-         "measured": f"{base['oracle']:.3f} base -> {lpo['oracle']:.3f} LPO",
-         "holds": lpo["oracle"] > base["oracle"]},
-        {"claim": "LRM-guided sampling raises the LRM reward over plain sampling",
-         "measured": f"{base['lrm_reward']:.2f} plain -> {guided['lrm_reward']:.2f} guided",
-         "holds": guided["lrm_reward"] > base["lrm_reward"]},
-        {"claim": "LRM-guided sampling raises the oracle alignment over plain sampling",
-         "measured": f"{base['oracle']:.3f} plain -> {guided['oracle']:.3f} guided",
-         "holds": guided["oracle"] > base["oracle"]},
-    ]
 
 
 def costs(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -386,7 +370,8 @@ def costs(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def report(config: DemoConfig, out: Path, results: dict[str, Any]) -> dict[str, Any]:
-    summary = {"config": cfg.to_dict(config), "family": config.family, "claims": claims(results, config.family),
+    summary = {"config": cfg.to_dict(config), "family": config.family,
+               "claims": judged.claims(judged.evidence(results), config.family),
                "costs": costs(results), "seconds": {name: r.get("seconds") for name, r in results.items()},
                **results}
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
@@ -402,8 +387,11 @@ def markdown(summary: dict[str, Any]) -> str:
     cur, samples, family = summary["curate"], summary["samples"], summary.get("family", "sd15")
     levels = list(summary["lrm-mpcf"]["accuracy"])
     lines = [f"# lpo demo on the toy world ({family})", "",
-             "| what | measured | holds |", "|---|---|---|"]
-    lines += [f"| {c['claim']} | {c['measured']} | {'yes' if c['holds'] else 'no'} |" for c in summary["claims"]]
+             "| claim | measured; effect [95% interval] | holds |", "|---|---|---|"]
+    lines += [f"| {c['claim']} | {c['measured']} | {c['verdict']} |" for c in summary["claims"]]
+    lines += ["", "A claim holds (yes) when its whole 95% interval is above zero, fails (no) when it is below, and is "
+                  "not shown when the interval includes zero (bootstrap over pairs, or over captions for the "
+                  "generators)."]
     lines += ["", "| LRM (held-out pairs, accuracy) | " + " | ".join(noise_label(t, family) for t in levels) + " |",
               "|---|" + "---|" * len(levels)]
     for name, (pairs, init) in LRM_RUNS.items():

@@ -1,5 +1,6 @@
-"""`lpo demo` on a reduced configuration: the paper's claims in miniature, with margins beyond seed noise (marked
-`slow`: the demo runs once, about 7 minutes on 2 CPU cores), and its input checks (fast)."""
+"""`lpo demo` on a reduced configuration: the paper's claims in miniature, each asserted by the lower end of its 95%
+interval (marked `slow`: the demo runs once, about 8 minutes on 2 CPU cores); every stage on a tiny budget from the
+command line, GRPO included, and the input checks (fast)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from lpo.reward.toy.config import DemoConfig
 SHIPPED = Path(__file__).resolve().parents[3] / "manifests" / "toy-models"
 # The demo's own budget (smaller budgets leave the LPO and backbone effects within seed noise), with a smaller
 # held-out pair set: about 7 minutes on 2 CPU cores.
-REDUCED = {"val_prompts": 100, "grpo": False}  # GRPO is reported, not asserted: the sd3 demo test runs it
+REDUCED = {"val_prompts": 100, "grpo": False}  # GRPO is reported, not claimed: the tiny-budget test runs its stage
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +49,10 @@ def test_label_agreement_counts_only_pairs_the_oracle_decides() -> None:
     assert label_agreement(pairs, oracle) == {"pairs": 5, "decided": 2, "agreement": 0.5}
 
 
+def claim(summary: dict, start: str) -> dict:
+    return next(c for c in summary["claims"] if c["claim"].startswith(start))
+
+
 @pytest.mark.slow
 def test_mpcf_raises_label_agreement_and_keeps_enough_pairs(demo_run) -> None:
     _, summary = demo_run
@@ -55,27 +60,34 @@ def test_mpcf_raises_label_agreement_and_keeps_enough_pairs(demo_run) -> None:
     assert 0.6 <= raw["agreement"] <= 0.8  # 30% flips
     assert kept["agreement"] >= 0.9
     assert summary["curate"]["kept_share"] >= 0.25
+    # the 95% interval's lower end; seeds 0 and 1 of this configuration: +29.0 [+27.7, +30.4] / [+27.6, +30.3] points
+    assert claim(summary, "MPCF raises")["interval"][0] > 0
 
 
 @pytest.mark.slow
 def test_lrm_claims(demo_run) -> None:
+    """Clean labels (seeds 0 / 1: +11.6 [+7.9, +15.5] / +11.3 [+7.1, +15.3] points) and the diffusion backbone (+4.6
+    [+1.7, +7.7] / +5.2 [+2.2, +8.3]) each beat their alternative with the 95% interval above zero; the accuracy falls
+    with noise. The timestep-blind control is reported, not asserted: on both seeds the toy UNet LRM is as accurate
+    told t=1 at every level as told the true one (-0.4 [-1.7, +1.1] / +0.9 [-0.5, +2.2]; README: the demo)."""
     _, summary = demo_run
-    mpcf, raw, fresh = (summary[name]["accuracy"] for name in ("lrm-mpcf", "lrm-raw", "lrm-mpcf-fresh"))
-    # seeds 0 and 1 of the full demo: 0.892 / 0.892 at t=1; +14.5 / +11.3 over raw; +3.6 / +4.9 over fresh
+    mpcf = summary["lrm-mpcf"]["accuracy"]
     assert mpcf["1"] >= 0.85
-    assert mpcf["1"] >= raw["1"] + 0.05
-    assert mpcf["1"] >= fresh["1"] + 0.02
-    assert mpcf["1"] >= mpcf["951"] + 0.1
+    assert claim(summary, "an LRM trained on MPCF-kept pairs")["interval"][0] > 0
+    assert claim(summary, "a diffusion-initialised backbone")["interval"][0] > 0
+    assert mpcf["1"] >= mpcf["501"] >= mpcf["951"] + 0.1  # pure noise says less than a clean latent
+    noise = claim(summary, "the LRM is noise-aware")
+    assert noise["verdict"] in ("yes", "no", "not shown") and noise["interval"][0] <= noise["effect"]
 
 
 @pytest.mark.slow
 def test_guided_sampling_and_lpo_improve_the_generator(demo_run) -> None:
+    """Seeds 0 / 1, per caption: LPO +9.1 [+4.4, +14.7] / +4.2 [+0.3, +8.5] oracle points; guided sampling +0.94
+    [+0.69, +1.24] / +0.87 [+0.69, +1.06] LRM reward and +8.5 [+2.8, +14.0] / +7.9 [+3.0, +14.2] oracle points."""
     _, summary = demo_run
-    samples = summary["samples"]
-    # seeds 0 and 1 of the full demo: reward +0.94 / +0.87 and oracle +8.5 / +8.0 points guided; LPO +9.1 / +4.3
-    assert samples["guided"]["lrm_reward"] >= samples["base"]["lrm_reward"] + 0.4
-    assert samples["guided"]["oracle"] >= samples["base"]["oracle"] + 0.03
-    assert samples["lpo"]["oracle"] >= samples["base"]["oracle"] + 0.02
+    for start in ("LPO raises the oracle", "LRM-guided sampling raises the LRM reward",
+                  "LRM-guided sampling raises the oracle"):
+        assert claim(summary, start)["interval"][0] > 0, start
 
 
 @pytest.mark.slow
@@ -84,9 +96,11 @@ def test_report_files_and_claims(demo_run) -> None:
     out = Path(config.out)
     assert {"demo.md", "demo.png", "demo_summary.json"} <= {p.name for p in out.iterdir()}
     saved = json.loads((out / "demo_summary.json").read_text())
-    assert [c["holds"] for c in saved["claims"]] == [c["holds"] for c in summary["claims"]]
+    assert [c["verdict"] for c in saved["claims"]] == [c["verdict"] for c in summary["claims"]]
     assert len(summary["claims"]) == 7
-    assert "| LRM (held-out pairs, accuracy) |" in (out / "demo.md").read_text()
+    text = (out / "demo.md").read_text()
+    assert "| LRM (held-out pairs, accuracy) |" in text
+    assert all(f"| {c['claim']} | {c['measured']} | {c['verdict']} |" in text for c in summary["claims"])
 
 
 @pytest.mark.slow
@@ -112,6 +126,32 @@ def test_bad_settings_stop_before_anything_is_written(tmp_path: Path, change: di
     with pytest.raises(InputError, match=message):
         demo.run(DemoConfig(out=tmp_path / "run", models=SHIPPED, **change))
     assert not (tmp_path / "run").exists()
+
+
+def test_every_stage_runs_from_the_command_line_grpo_included(tmp_path: Path) -> None:
+    """`lpo demo` end to end on a tiny budget (about 30 s): every stage, GRPO included, and a report whose claims
+    each carry a verdict from their interval."""
+    from lpo.cli import app
+
+    out = tmp_path / "run"
+    args = ["demo", "--out", str(out), "--models", str(SHIPPED), "--train-prompts", "60", "--val-prompts", "20",
+            "--lrm-steps", "5", "--lpo-epochs", "1", "--images-per-prompt", "2", "--held-out-prompts", "6",
+            "--steps", "4"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    stages = {p.stem for p in (out / "stages").glob("*.json")}
+    assert stages == {"data", "curate", "lrm-raw", "lrm-mpcf", "lrm-mpcf-fresh", "lpo", "grpo", "samples"}
+    summary = json.loads((out / "demo_summary.json").read_text())
+    assert summary["grpo"]["groups_trained"] > 0 and summary["grpo"]["updates"] > 0
+    assert {"base", "guided", "lpo", "grpo"} <= set(summary["samples"]) and set(summary["costs"]) == {"lpo", "grpo"}
+    assert len(summary["samples"]["grpo"]["oracle_per_image"]) == 6 * 2
+    assert summary["lrm-mpcf"]["accuracy_blind"] is not None and summary["lrm-raw"]["accuracy_blind"] is None
+    assert len(summary["claims"]) == 7
+    for claim in summary["claims"]:
+        assert claim["verdict"] in ("yes", "no", "not shown") and claim["verdict"] in result.output
+        assert claim["interval"][0] <= claim["effect"] <= claim["interval"][1]
+    text = (out / "demo.md").read_text()
+    assert "| claim | measured; effect [95% interval] | holds |" in text and "| grpo |" in text
 
 
 def test_cli_rejects_a_models_folder_without_the_toy_models(tmp_path: Path) -> None:

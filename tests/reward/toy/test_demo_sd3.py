@@ -1,6 +1,7 @@
-"""`lpo demo --family sd3`: the paper's claims in miniature on the flow-matching toy generator, with margins beyond
-seed noise (marked `slow`: the demo runs once, without its GRPO stage, whose optimizer `tests/reward/lpo/test_grpo.py`
-runs end to end on this family), and what only the flow family changes (fast)."""
+"""`lpo demo --family sd3`: the paper's claims in miniature on the flow-matching toy generator, each asserted by the
+lower end of its 95% interval where it holds on both measured seeds (marked `slow`: the demo runs once, without its
+GRPO stage, whose optimizer `tests/reward/lpo/test_grpo.py` runs end to end on this family), and what only the flow
+family changes (fast)."""
 
 from __future__ import annotations
 
@@ -56,33 +57,44 @@ def test_an_unknown_family_or_a_missing_generator_stops_before_anything_is_writt
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+def claim(summary: dict, start: str) -> dict:
+    return next(c for c in summary["claims"] if c["claim"].startswith(start))
+
+
 @pytest.mark.slow
 def test_sd3_mpcf_and_lrm_claims(sd3_run) -> None:
+    """Each claim by the lower end of its 95% interval, as measured on seeds 0 and 1 of this configuration (README:
+    the flow-matching demo): MPCF +29.0 [+27.7, +30.4] / [+27.6, +30.3] points; clean labels +13.3 [+9.9, +16.8] /
+    +17.7 [+14.2, +21.4]; the diffusion backbone +3.2 [+0.8, +5.6] / +3.7 [+1.4, +6.0]."""
     _, summary = sd3_run
     raw, kept = summary["curate"]["raw"], summary["curate"]["kept"]
     assert 0.6 <= raw["agreement"] <= 0.8 and kept["agreement"] >= 0.9  # the same pairs as the sd15 demo
-    mpcf, raw_lrm = summary["lrm-mpcf"]["accuracy"], summary["lrm-raw"]["accuracy"]
+    mpcf = summary["lrm-mpcf"]["accuracy"]
     levels = list(mpcf)
     assert [float(t) for t in levels] == sorted(float(t) for t in levels) and float(levels[-1]) == 1000.0
-    low, high = levels[0], levels[-1]
-    # seeds 0 and 1 of the demo: 0.875 / 0.880 at sigma 0.001; +13.3 / +17.6 points over raw; 0.538 / 0.480 at 1
-    assert mpcf[low] >= 0.82
-    assert mpcf[low] >= raw_lrm[low] + 0.08
-    assert mpcf[low] >= mpcf[high] + 0.2  # pure noise (sigma 1) says nothing: chance
-    assert mpcf[low] >= mpcf[levels[2]] >= mpcf[levels[3]]  # accuracy falls with noise
+    for start in ("MPCF raises", "an LRM trained on MPCF-kept pairs", "a diffusion-initialised backbone"):
+        assert claim(summary, start)["interval"][0] > 0, start
+    assert mpcf[levels[0]] >= 0.82
+    assert mpcf[levels[0]] >= mpcf[levels[2]] >= mpcf[levels[3]] >= mpcf[levels[-1]] + 0.1  # falls with noise
 
 
 @pytest.mark.slow
 def test_sd3_guided_sampling_and_lpo_raise_the_lrm_reward(sd3_run) -> None:
+    """Guided sampling raises the LRM reward (+0.90 [+0.57, +1.25] / +0.74 [+0.53, +0.99]) and so does LPO (per
+    caption: +0.39 [+0.19, +0.62] / +0.34 [+0.18, +0.55]). The oracle alignment moves within noise on this model
+    (guided +0.1 [-2.2, +2.1] / +0.4 [-3.2, +3.8] points, LPO +1.9 [+0.0, +4.0] / +1.0 [-1.3, +3.6]; README: the
+    flow-matching demo), so those claims are reported, and only a significant loss would fail here."""
+    from lpo.reward.toy.claims import mean_interval, per_caption
+
     _, summary = sd3_run
     samples = summary["samples"]
-    # seeds 0 and 1: LRM reward +0.90 / +0.74 guided, +0.39 / +0.35 after LPO. The oracle alignment after LPO,
-    # +0.018 / +0.000, is within seed noise on this model (README: the flow-matching demo), so it is reported, not
-    # asserted: only that LPO does not cost it
-    base, guided, lpo = samples["base"], samples["guided"], samples["lpo"]
-    assert guided["lrm_reward"] >= base["lrm_reward"] + 0.4
-    assert lpo["lrm_reward"] >= base["lrm_reward"] + 0.2
-    assert lpo["oracle"] >= base["oracle"] - 0.02
+    assert claim(summary, "LRM-guided sampling raises the LRM reward")["interval"][0] > 0
+    n = samples["images_per_prompt"]
+    lpo_gain = (per_caption(samples["lpo"]["lrm_reward_per_image"], n)
+                - per_caption(samples["base"]["lrm_reward_per_image"], n))
+    assert mean_interval(lpo_gain)[0] > 0
+    for start in ("LPO raises the oracle", "LRM-guided sampling raises the oracle"):
+        assert claim(summary, start)["verdict"] != "no", start
 
 
 @pytest.mark.slow
@@ -93,7 +105,8 @@ def test_sd3_report_gives_the_costs_and_the_noise_levels_as_sigma(sd3_run) -> No
     assert "grpo" not in summary["costs"] and "grpo" not in summary["samples"]  # --no-grpo
     text = (Path(config.out) / "demo.md").read_text()
     assert "| fine-tuning | trajectories |" in text and "sigma=0.001" in text and "| grpo |" not in text
-    assert all(c["holds"] is not None for c in summary["claims"]) and len(summary["claims"]) == 7
+    assert len(summary["claims"]) == 7
+    assert all(f"| {c['claim']} | {c['measured']} | {c['verdict']} |" in text for c in summary["claims"])
 
 
 def test_a_rerun_with_the_same_settings_is_accepted_and_other_settings_are_refused(tmp_path: Path) -> None:
