@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -200,9 +201,10 @@ def test_guided_sampling_with_one_candidate_is_plain_sampling(tiny_models_dir, l
     torch.testing.assert_close(alone[0], plain[1], rtol=1e-4, atol=1e-5)
 
 
-def test_resume_continues_the_same_run(tiny_models_dir, lrms, prompt_file, tmp_path, monkeypatch):
+@pytest.mark.parametrize("family", ["sd15", "sd3"])  # the UNet's DDIM and the flow SDE sampler
+def test_resume_continues_the_same_run(family, tiny_models_dir, lrms, prompt_file, tmp_path, monkeypatch):
     straight = tmp_path / "straight"
-    lpo_train.run(_config("sd15", tiny_models_dir, lrms, prompt_file, straight, save_every_rounds=1))
+    lpo_train.run(_config(family, tiny_models_dir, lrms, prompt_file, straight, save_every_rounds=1))
     split = tmp_path / "split"
     real_save = checkpoints.save
 
@@ -212,10 +214,10 @@ def test_resume_continues_the_same_run(tiny_models_dir, lrms, prompt_file, tmp_p
 
     monkeypatch.setattr(checkpoints, "save", killed_after_first_round)
     with pytest.raises(KeyboardInterrupt):
-        lpo_train.run(_config("sd15", tiny_models_dir, lrms, prompt_file, split, save_every_rounds=1))
+        lpo_train.run(_config(family, tiny_models_dir, lrms, prompt_file, split, save_every_rounds=1))
     monkeypatch.setattr(checkpoints, "save", real_save)
     assert lpo_train.latest_checkpoint(split).name == "round-1"
-    lpo_train.run(_config("sd15", tiny_models_dir, lrms, prompt_file, split, save_every_rounds=1, resume=True))
+    lpo_train.run(_config(family, tiny_models_dir, lrms, prompt_file, split, save_every_rounds=1, resume=True))
     a = load_file(straight / "lora" / "pytorch_lora_weights.safetensors")
     b = load_file(split / "lora" / "pytorch_lora_weights.safetensors")
     assert a.keys() == b.keys()
@@ -280,6 +282,45 @@ def test_two_process_lpo(family, tiny_models_dir, lrms, prompt_file, tmp_path):
     logged = checkpoints.read_metrics(out)
     assert [r["update"] for r in logged] == list(range(1, summary["updates"] + 1)) and logged
     assert all(r["lr"] == 1e-3 and r["tuples"] == 4 and math.isfinite(r["loss"]) for r in logged)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3", "flux"])
+def test_one_round_under_bf16_autocast_on_the_cpu(family, tiny_models_dir, lrms, prompt_file, tmp_path,
+                                                  fresh_accelerator_state):
+    """The half-precision path (frozen weights and LRM in bf16, autocast forwards, float32 step maths and LoRA)
+    runs on a CPU: finite losses, and at the first update, where the LoRA's B is still zero so the policy is the
+    reference, the loss is log 2 (log-ratio difference 0) to bf16 rounding of the two identical forwards: 1e-3."""
+    out = tmp_path / "run"
+    lpo_train.run(_config(family, tiny_models_dir, lrms, prompt_file, out, mixed_precision="bf16", epochs=1,
+                          sample_batch_size=3, validation_images=0))
+    logged = checkpoints.read_metrics(out)
+    assert logged and all(math.isfinite(r["loss"]) for r in logged)
+    assert logged[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").exists()
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_sample_command_on_the_flow_families(family, tiny_models_dir, lrms, tmp_path):
+    """`lpo sample` from the command line on SD3 and FLUX: plain and LRM-guided images of the pipeline's size, one
+    record each, guided images other than the plain ones from the same seeds."""
+    from PIL import Image
+
+    out = tmp_path / "samples"
+    result = CliRunner().invoke(app, ["sample", "--base", str(tiny_models_dir / family), "--prompt", PROMPTS[0],
+                                      "--out", str(out), "--lrm", str(lrms[family]), "--candidates", "3",
+                                      "--steps", "4", "--images-per-prompt", "2"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "samples.json").read_text())
+    by_kind = {kind: [r for r in summary["images"] if r["kind"] == kind] for kind in ("plain", "guided")}
+    assert [len(records) for records in by_kind.values()] == [2, 2]
+    pipeline = json.loads((tiny_models_dir / family / "model_index.json").read_text())
+    assert pipeline["_class_name"].startswith("StableDiffusion3" if family == "sd3" else "Flux")
+    sizes = {Image.open(r["path"]).size for r in summary["images"]}
+    assert len(sizes) == 1
+    for plain, guided in zip(by_kind["plain"], by_kind["guided"]):
+        assert plain["seed"] == guided["seed"]
+        assert not np.array_equal(np.asarray(Image.open(plain["path"])), np.asarray(Image.open(guided["path"])))
+    assert set(summary["mean_lrm_score"]) == {"plain", "guided"}
 
 
 def test_sample_command_reports_the_guided_gain(tiny_models_dir, lrms, tmp_path):

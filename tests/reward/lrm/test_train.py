@@ -68,6 +68,45 @@ def test_training_updates_the_model_and_exports_best_and_last(family, manifest, 
     assert cache  # latents were cached once, on disk
 
 
+def test_best_is_the_argmax_at_the_selection_level_and_holds_that_checkpoints_weights(manifest, tiny_models_dir,
+                                                                                      tmp_path, monkeypatch):
+    """Validation accuracies scripted per update: at the selection level (t=501 here) the best is update 3, at
+    t=1 update 6 (the last). best_step is 3 and best/ holds the weights the model had at update 3, not the last."""
+    from lpo.reward.lrm import accuracy
+
+    scripted = {501: [0.5, 0.6, 0.8, 0.7, 0.75, 0.6], 1: [0.5, 0.55, 0.6, 0.7, 0.8, 0.9]}
+    weights = []
+
+    def validation(model, cache, pairs, noise, timesteps, **kwargs):
+        weights.append({k: v.detach().clone() for k, v in getattr(model, "module", model).state_dict().items()})
+        return {t: scripted[int(t)][len(weights) - 1] for t in timesteps}
+
+    monkeypatch.setattr(accuracy, "accuracy_per_timestep", validation)
+    out = tmp_path / "run"
+    summary = train.run(_config(manifest, tiny_models_dir / "sd15", out, max_steps=6, eval_every=1, save_every=3,
+                                eval_timesteps=[1, 501], select_timestep=501))
+    assert [r["step"] for r in summary["history"]] == [1, 2, 3, 4, 5, 6]
+    assert summary["best_step"] == 3 and summary["best_accuracy"] == 0.8
+    best = LatentRewardModel.from_pretrained(out / "best").state_dict()
+    last = LatentRewardModel.from_pretrained(out / "last").state_dict()
+    assert set(best) == set(weights[2])
+    assert all(torch.equal(best[k], weights[2][k]) for k in best)
+    assert not all(torch.equal(best[k], last[k]) for k in best)  # the best is not simply the last
+
+
+@pytest.mark.parametrize("family", ["sd15", "sd3"])
+def test_an_update_under_bf16_autocast_on_the_cpu(family, manifest, tiny_models_dir, tmp_path,
+                                                 fresh_accelerator_state):
+    """`--mixed-precision bf16` on a CPU: both updates run under autocast with finite losses and export."""
+    out = tmp_path / "run"
+    summary = train.run(_config(manifest, tiny_models_dir / family, out, max_steps=2, eval_every=2, save_every=2,
+                                mixed_precision="bf16"))
+    logged = checkpoints.read_metrics(out)
+    assert summary["steps"] == 2 and [r["update"] for r in logged] == [1, 2]
+    assert all(math.isfinite(r["loss"]) for r in logged)
+    assert LatentRewardModel.from_pretrained(out / "last").config.family == family
+
+
 def test_resume_continues_the_same_run(manifest, tiny_models_dir, tmp_path, monkeypatch):
     straight = tmp_path / "straight"
     train.run(_config(manifest, tiny_models_dir / "sd15", straight, max_steps=4))
@@ -207,11 +246,26 @@ def test_eval_and_score_commands(manifest, tiny_models_dir, tmp_path):
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in result.output.strip().splitlines()]
+    # recomputed with diffusers' own pieces: the exported VAE's posterior sample (seed 0), its scaling factor, the
+    # exported scheduler's add_noise at t=1 with the same generator's next draw, then the LRM on those latents
+    from diffusers import AutoencoderKL, DDPMScheduler
     from PIL import Image
+    from torchvision.transforms import functional as TF
 
     model = LatentRewardModel.from_pretrained(out / "best")
-    expected = model.score_images([Image.open(p) for p in paths], [images["caption"][0]] * 2, t=1, seed=0)
+    vae = AutoencoderKL.from_pretrained(out / "best" / "vae").eval()  # not subfolder=: the root holds weights too
+    scheduler = DDPMScheduler.from_pretrained(out / "best" / "scheduler")
+    side = model.config.resolution
+    pixels = torch.stack([TF.to_tensor(Image.open(p).convert("RGB").resize((side, side), Image.BILINEAR)) * 2 - 1
+                          for p in paths])
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        latents = vae.encode(pixels).latent_dist.sample(generator=generator) * vae.config.scaling_factor
+        steps = torch.tensor([1, 1])
+        noisy = scheduler.add_noise(latents, torch.randn(latents.shape, generator=generator), steps)
+        expected = model.score(noisy, steps, [images["caption"][0]] * 2)
     assert [line["score"] for line in lines] == pytest.approx(expected.tolist(), abs=1e-5)
+    assert len({round(line["score"], 4) for line in lines}) == 2  # two images, two scores
     bad = runner.invoke(app, ["reward", "score", "--lrm", str(out / "best"), "--images", str(paths[0]),
                               "--images", str(paths[1]), "--prompt", "a", "--prompt", "b", "--prompt", "c"])
     assert bad.exit_code == 2 and "2 images but 3 prompts" in bad.output
