@@ -126,6 +126,71 @@ def test_imagereward_normalises_the_mlp_output_with_the_authors_constants(tiny_m
     assert features[0, 0] != features[1, 0]  # the text encoder attends to the image
 
 
+def _blip_vision_from_the_checkpoint(state: dict[str, torch.Tensor], vision: dict[str, int]):
+    """transformers' BlipVisionModel holding ImageReward.pt's `blip.visual_encoder.*` weights (BLIP's ViT: LayerNorm
+    eps 1e-6, exact GELU), renamed from BLIP's layout to transformers' by hand."""
+    from transformers import BlipVisionConfig, BlipVisionModel
+
+    config = BlipVisionConfig(hidden_size=vision["embed_dim"], intermediate_size=4 * vision["embed_dim"],
+                              num_hidden_layers=vision["depth"], num_attention_heads=vision["num_heads"],
+                              image_size=vision["image_size"], patch_size=vision["patch_size"], layer_norm_eps=1e-6,
+                              hidden_act="gelu")
+    model = BlipVisionModel(config).eval()
+    blip = {k.removeprefix("blip.visual_encoder."): v for k, v in state.items()
+            if k.startswith("blip.visual_encoder.")}
+    renamed = {"embeddings.class_embedding": blip["cls_token"], "embeddings.position_embedding": blip["pos_embed"],
+               "embeddings.patch_embedding.weight": blip["patch_embed.proj.weight"],
+               "embeddings.patch_embedding.bias": blip["patch_embed.proj.bias"],
+               "post_layernorm.weight": blip["norm.weight"], "post_layernorm.bias": blip["norm.bias"]}
+    parts = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.qkv": "self_attn.qkv",
+             "attn.proj": "self_attn.projection", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+    for layer in range(vision["depth"]):
+        for ours, theirs in parts.items():
+            for kind in ("weight", "bias"):
+                renamed[f"encoder.layers.{layer}.{theirs}.{kind}"] = blip[f"blocks.{layer}.{ours}.{kind}"]
+    missing, unexpected = model.load_state_dict(renamed, strict=False)
+    assert not unexpected and all("position_ids" in k for k in missing), (missing, unexpected)
+    return model
+
+
+def test_imagereward_features_equal_transformers_blip_on_the_checkpoint(tiny_models_dir, images) -> None:
+    """ImageReward's [CLS] feature recomputed with transformers alone from ImageReward.pt: its BLIP vision model
+    (not timm) on the benchmark's transform (bicubic short side, centre crop, CLIP mean/std, by torchvision), then
+    transformers' BLIP text encoder cross-attending to all image tokens; equal to the scorer's to float32 rounding."""
+    from torchvision import transforms
+    from transformers import AutoTokenizer, BlipTextConfig, BlipTextModel
+
+    folder = tiny_models_dir / "imagereward"
+    config = json.loads((folder / "config.json").read_text())
+    med = json.loads((folder / "med_config.json").read_text())
+    state = torch.load(folder / "ImageReward.pt", weights_only=True)
+    vision = _blip_vision_from_the_checkpoint(state, config["vision"])
+    text = BlipTextModel(BlipTextConfig(
+        vocab_size=med["vocab_size"], hidden_size=med["hidden_size"], intermediate_size=med["intermediate_size"],
+        num_hidden_layers=med["num_hidden_layers"], num_attention_heads=med["num_attention_heads"],
+        max_position_embeddings=med["max_position_embeddings"], encoder_hidden_size=config["vision"]["embed_dim"],
+        pad_token_id=0, bos_token_id=None, eos_token_id=None, sep_token_id=None, is_decoder=True,
+    ), add_pooling_layer=False).eval()
+    text.load_state_dict({k.removeprefix("blip.text_encoder."): v for k, v in state.items()
+                          if k.startswith("blip.text_encoder.") and not k.endswith("position_ids")}, strict=False)
+    size = config["vision"]["image_size"]
+    transform = transforms.Compose([transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
+                                    transforms.CenterCrop(size), transforms.ToTensor(),
+                                    transforms.Normalize((0.48145466, 0.4578275, 0.40821073),
+                                                         (0.26862954, 0.26130258, 0.27577711))])
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    captions = ["a red cube", "two dogs"]
+    rgb = [image.convert("RGB") for image in images]
+    with torch.no_grad():
+        tokens = tokenizer(captions, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+        image_tokens = vision(pixel_values=torch.stack([transform(image) for image in rgb])).last_hidden_state
+        expected = text(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
+                        encoder_hidden_states=image_tokens).last_hidden_state[:, 0]
+        got = load_scorer("imagereward", str(folder)).features(rgb, captions)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got[0], got[1])
+
+
 def test_imagereward_refuses_a_checkpoint_of_another_shape(tiny_models_dir, tmp_path) -> None:
     folder = _imagereward_with_head(tiny_models_dir, tmp_path, {"layers.0.weight": torch.zeros(32, 7)})
     with pytest.raises(InputError, match="MLP"):

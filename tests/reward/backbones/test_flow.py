@@ -53,21 +53,47 @@ def _sde_reference(x, v, sigma, sigma_next, sigma_one, a):
     return x + drift * dt, g * math.sqrt(-dt)
 
 
-def test_sde_step_mean_and_std_equal_the_reverse_sde_in_closed_form() -> None:
-    scheduler = _sd3_scheduler(10)
-    sigmas = scheduler.sigmas.double().numpy()
-    generator = torch.Generator().manual_seed(1)
+def _assert_steps_follow_the_reverse_sde(scheduler, sigmas: np.ndarray, a: float, channels: int, seed: int) -> None:
+    """Every step of the scheduler's grid: mean, std and the child's timestep equal `_sde_reference` on `sigmas`."""
+    generator = torch.Generator().manual_seed(seed)
     for i, t in enumerate(scheduler.timesteps.tolist()):
-        x = torch.randn(1, 4, 2, 2, generator=generator, dtype=torch.float64)
-        v = torch.randn(1, 4, 2, 2, generator=generator, dtype=torch.float64)
-        stats = flow.step_stats(scheduler, v, torch.tensor([t]), x, 0.7)
-        mean, std = _sde_reference(x.numpy(), v.numpy(), sigmas[i], sigmas[i + 1], sigmas[1], 0.7)
+        x = torch.randn(1, channels, 2, 2, generator=generator, dtype=torch.float64)
+        v = torch.randn(1, channels, 2, 2, generator=generator, dtype=torch.float64)
+        stats = flow.step_stats(scheduler, v, torch.tensor([t]), x, a)
+        mean, std = _sde_reference(x.numpy(), v.numpy(), sigmas[i], sigmas[i + 1], sigmas[1], a)
         np.testing.assert_allclose(stats.mean.numpy(), mean, rtol=1e-5, atol=1e-6)
         assert stats.std.flatten()[0].item() == pytest.approx(std, rel=1e-6)
         assert stats.prev_timestep.item() == pytest.approx(sigmas[i + 1] * 1000, rel=1e-6)
+
+
+def test_sde_step_mean_and_std_equal_the_reverse_sde_in_closed_form() -> None:
+    scheduler = _sd3_scheduler(10)
+    _assert_steps_follow_the_reverse_sde(scheduler, scheduler.sigmas.double().numpy(), 0.7, 4, seed=1)
     # the stds flow.md section 4.1 lists for SD3 at 10 steps, a = 0.7
     stds = flow.step_std(scheduler, torch.arange(10), 0.7).numpy()
     np.testing.assert_allclose(stds.round(3), [.700, .743, .536, .446, .392, .353, .319, .282, .225, .006], atol=1e-3)
+
+
+def test_sde_step_on_fluxs_grid_equals_the_closed_form() -> None:
+    """FLUX.1's grid at 1024 px (4096 image tokens): sigmas linspace(1, 1/20, 20), shifted exponentially with mu
+    1.15 (the pipeline's resolution rule at its max sequence length), then 0; the SDE step at a = 0.9 on it equals
+    the reverse SDE written out, the first step's g taking the grid's second sigma (sigma = 1 there). The last step
+    goes from sigma 0.1425 to 0 with std 0.1385 (flow.md section 9)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                max_image_seq_len=4096)
+    timesteps = flow.set_grid(scheduler, 20, image_tokens=4096, linear_sigmas=True)
+    mu = 1.15
+    expected = [math.exp(mu) / (math.exp(mu) + (1 / u - 1)) for u in np.linspace(1.0, 1 / 20, 20)] + [0.0]
+    np.testing.assert_allclose(scheduler.sigmas.double().numpy(), expected, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(timesteps, [1000 * s for s in expected[:-1]], rtol=1e-5)
+    # the step on the grid as the scheduler holds it (float32); the grid itself equals the formula above
+    _assert_steps_follow_the_reverse_sde(scheduler, scheduler.sigmas.double().numpy(), 0.9, 16, seed=3)
+    sigmas = np.asarray(expected)
+    assert sigmas[-2] == pytest.approx(0.1425, abs=1e-4)
+    assert flow.step_std(scheduler, torch.tensor([19]), 0.9).item() == pytest.approx(0.1385, abs=1e-4)
 
 
 def test_log_density_is_the_normal_distributions() -> None:

@@ -122,3 +122,33 @@ def test_a_suite_reports_geneval_as_the_mean_over_tasks(tiny_models_dir, metadat
         images = pl.read_parquet(tmp_path / "table" / "rows" / folder / "images.parquet")
         by_hand = _by_task_by_hand(images, "geneval")
         assert row["metrics"]["geneval"]["mean"] == pytest.approx(sum(by_hand.values()) / len(by_hand))
+
+
+def test_geneval_overall_is_the_mean_over_tasks_not_over_images() -> None:
+    """Three tasks with 8, 4 and 6 images and three correct in two of them: the overall score is the mean of the
+    tasks' shares (0.5, 1, 1/6), not the share of all images (9/18), and "% correct prompts" counts the prompts with
+    at least one correct image (4 of 6); the interval combines the tasks' standard errors."""
+    import math
+
+    from lpo.reward.eval.stats import by_task
+
+    rows = [("single_object", 0, [1, 1, 1, 0]), ("single_object", 1, [1, 0, 0, 0]), ("counting", 2, [1, 1, 1, 1]),
+            ("position", 3, [0, 0]), ("position", 4, [0, 1]), ("position", 5, [0, 0])]
+    frame = pl.DataFrame([{"task": task, "prompt_index": index, "prompt": f"prompt {index}", "geneval": float(v)}
+                          for task, index, values in rows for v in values])
+    result = by_task(frame, "geneval")
+    shares = {"single_object": 0.5, "counting": 1.0, "position": 1 / 6}
+    assert {task: t["mean"] for task, t in result["tasks"].items()} == pytest.approx(shares)
+    assert [t["n_images"] for t in result["tasks"].values()] == [8, 4, 6]
+    assert result["mean"] == pytest.approx((0.5 + 1.0 + 1 / 6) / 3)
+    assert result["image_accuracy"] == pytest.approx(9 / 18) and result["prompt_accuracy"] == pytest.approx(4 / 6)
+    # standard errors clustered by prompt, by hand: sqrt(G / (G - 1) * sum of squared cluster residual sums) / n
+    single = math.sqrt(2 / 1 * ((3 - 2) ** 2 + (1 - 2) ** 2)) / 8
+    position = math.sqrt(3 / 2 * ((0 - 1 / 3) ** 2 + (1 - 1 / 3) ** 2 + (0 - 1 / 3) ** 2)) / 6
+    assert result["tasks"]["single_object"]["sem"] == pytest.approx(single)
+    assert result["tasks"]["position"]["sem"] == pytest.approx(position)
+    assert result["tasks"]["counting"]["sem"] is None  # one prompt: no clustered error, so no overall interval
+    assert result["sem"] is None and result["ci95"] is None
+    two = by_task(frame.filter(pl.col("task") != "counting"), "geneval")
+    half = 1.959963984540054 * math.sqrt(single**2 + position**2) / 2
+    assert two["ci95"] == pytest.approx([two["mean"] - half, two["mean"] + half])

@@ -279,11 +279,20 @@ def test_lrm_guided_generation_and_prompts_from_a_curation_dir(tiny_models_dir, 
     curation = tmp_path / "pap-val"
     curation.mkdir()
     pl.DataFrame({"caption": [PROMPTS[0], PROMPTS[1], PROMPTS[0]]}).write_parquet(curation / "pairs.parquet")
-    summary = evaluate.run(_config(tiny_models_dir, curation, tmp_path / "guided", lrm=lrm, candidates=2,
+    summary = evaluate.run(_config(tiny_models_dir, curation, tmp_path / "guided", lrm=lrm, candidates=4, steps=3,
                                    metrics=["pickscore"], images_per_prompt=1, batch_size=2))
     assert summary["images"] == 2 and summary["prompts"] == 2  # captions of the manifest, each once
-    assert summary["generation"]["lrm"] == str(lrm) and summary["generation"]["candidates"] == 2
+    assert summary["generation"]["lrm"] == str(lrm) and summary["generation"]["candidates"] == 4
     assert summary["generation"]["eta"] == 1.0  # guided sampling needs a stochastic step
+    # the same prompts, seeds and step noise without the LRM: other images (guidance chose other children)
+    evaluate.run(_config(tiny_models_dir, curation, tmp_path / "plain", metrics=["pickscore"], images_per_prompt=1,
+                         batch_size=2, eta=1.0, steps=3))
+    guided, plain = (pl.read_parquet(tmp_path / run / "images.parquet").sort("prompt_index")
+                     for run in ("guided", "plain"))
+    assert guided["seed"].to_list() == plain["seed"].to_list()
+    pixels = {run: [np.asarray(Image.open(tmp_path / run / path)) for path in table["image_path"]]
+              for run, table in (("guided", guided), ("plain", plain))}
+    assert all(not np.array_equal(a, b) for a, b in zip(pixels["guided"], pixels["plain"]))
 
 
 def test_base_and_lora_runs_compare(tiny_models_dir, prompt_file, tmp_path) -> None:

@@ -59,6 +59,18 @@ def test_match_rates_count_each_attribute_and_average_the_oracle() -> None:
                                    "oracle": (0.7 + 0.8) / 2})
 
 
+def test_the_pixel_oracle_reads_back_every_caption_of_the_world() -> None:
+    """`perceive`, the ground truth of every demo claim: ten renders of each of the 90 captions (random position,
+    size and pixel noise) read back as the scene asked for; and a render of another scene reads back as that one."""
+    from lpo.reward.toy.world import perceive, render
+
+    rng = np.random.default_rng(0)
+    read = [(scene, perceive(render(scene, rng))) for scene in all_scenes() for _ in range(10)]
+    assert len(read) == 900 and [(want, got) for want, got in read if got != want] == []
+    red_circle, blue_square = Scene("red", "circle", "blue"), Scene("blue", "square", "red")
+    assert perceive(render(blue_square, rng)) == blue_square != red_circle
+
+
 def test_clip_loss_matches_a_loop_over_rows_and_columns() -> None:
     from lpo.reward.toy.trainer import clip_loss
 
