@@ -94,7 +94,7 @@ def test_best_is_the_argmax_at_the_selection_level_and_holds_that_checkpoints_we
     assert not all(torch.equal(best[k], last[k]) for k in best)  # the best is not simply the last
 
 
-@pytest.mark.parametrize("family", ["sd15", "sd3"])
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3", "flux"])
 def test_an_update_under_bf16_autocast_on_the_cpu(family, manifest, tiny_models_dir, tmp_path,
                                                  fresh_accelerator_state):
     """`--mixed-precision bf16` on a CPU: both updates run under autocast with finite losses and export."""

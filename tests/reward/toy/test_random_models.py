@@ -232,3 +232,21 @@ def test_the_roles_help_names_every_role() -> None:
 
     named = help_of(TinyModelsConfig, "roles").split("): ", 1)[1].rstrip(".").split(", ")
     assert named == list(ROLES)
+
+
+def test_the_command_line_writes_the_same_folders(tiny_models_dir: Path, tmp_path: Path) -> None:
+    """`lpo dev tiny-models DIR --roles ...`: the folders the library writes, weight for weight, and a listing."""
+    from typer.testing import CliRunner
+
+    from lpo.cli import app
+
+    result = CliRunner().invoke(app, ["dev", "tiny-models", str(tmp_path / "cli"), "--roles", "clip,aesthetic"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "cli").iterdir()) == ["aesthetic", "clip"]
+    assert "clip" in result.output and "aesthetic" in result.output
+    for role in ("clip", "aesthetic"):
+        first, second = _weights(tiny_models_dir / role), _weights(tmp_path / "cli" / role)
+        assert first and first.keys() == second.keys()
+        assert all(torch.equal(t, second[name][k]) for name, tensors in first.items() for k, t in tensors.items())
+    bad = CliRunner().invoke(app, ["dev", "tiny-models", str(tmp_path / "bad"), "--roles", "sd4"])
+    assert bad.exit_code == 2 and "sd4" in bad.output and not (tmp_path / "bad").exists()
