@@ -7,6 +7,7 @@ import json
 import logging
 import math
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -187,24 +188,16 @@ def run(config: RewardEvalConfig) -> dict[str, Any]:
     results, curves, rows = {}, {}, []
     for name, (path, pairs) in sets.items():
         encoded = only_encoded(pairs, cache)
-        told = [None] if config.blind_timestep is None else [None, config.blind_timestep]
-        for given in told:
-            correct = torch.zeros(len(timesteps), encoded.height, dtype=torch.float64)
-            accuracy = accuracy_per_timestep(model, cache, encoded, noise, timesteps, config.seed, config.batch_size,
-                                             told=given, per_pair=correct)
-            rows += [{"set": name, "pair_id": pair_id, "timestep": float(t), "blind": given is not None,
-                      "told_timestep": float(t if given is None else given), "correct": value}
-                     for k, t in enumerate(timesteps)
-                     for pair_id, value in zip(encoded["pair_id"].to_list(), correct[k].tolist())]
-            if given is not None:
-                results[name]["accuracy_blind"] = {str(t): a for t, a in accuracy.items()}
-                continue
-            curves[name] = accuracy
-            results[name] = {"manifest": str(path), "pairs": encoded.height,
-                             "skipped_pairs_with_undecodable_images": pairs.height - encoded.height,
-                             "accuracy": {str(t): a for t, a in accuracy.items()}}
-            if flow_matching:  # the noise level of a flow-matching model is sigma = timestep / 1000
-                results[name]["accuracy_by_sigma"] = {str(round(t / 1000, 6)): a for t, a in accuracy.items()}
+        evaluate = partial(_evaluate_set, model, cache, encoded, noise, timesteps, config, name, rows)
+        accuracy = curves[name] = evaluate(None)
+        results[name] = {"manifest": str(path), "pairs": encoded.height,
+                         "skipped_pairs_with_undecodable_images": pairs.height - encoded.height,
+                         "accuracy": {str(t): a for t, a in accuracy.items()}}
+        if flow_matching:  # the noise level of a flow-matching model is sigma = timestep / 1000
+            results[name]["accuracy_by_sigma"] = {str(round(t / 1000, 6)): a for t, a in accuracy.items()}
+        if config.blind_timestep is not None:
+            blind = evaluate(config.blind_timestep)
+            results[name]["accuracy_blind"] = {str(t): a for t, a in blind.items()}
     result = {"lrm": str(config.lrm) if not Path(source).is_dir() else str(model_dir), "seed": config.seed,
               "dataset": config.dataset, "sets": results}
     if config.manifest is not None:  # one set: its figures at the top level too
@@ -217,6 +210,20 @@ def run(config: RewardEvalConfig) -> dict[str, Any]:
     plot_accuracy(curves, out / "accuracy.png", sigma=flow_matching)
     result["out"] = str(out)
     return result
+
+
+def _evaluate_set(model: Any, cache: LatentCache, pairs: pl.DataFrame, noise: Any, timesteps: list, config: Any,
+                  name: str, rows: list[dict[str, Any]], told: float | None) -> dict[float, float]:
+    """The accuracy per timestep of one evaluation set (the model told `told` instead of the true timestep, when
+    given), appending each pair's correctness at each level to `rows`."""
+    correct = torch.zeros(len(timesteps), pairs.height, dtype=torch.float64)
+    accuracy = accuracy_per_timestep(model, cache, pairs, noise, timesteps, config.seed, config.batch_size, told=told,
+                                     per_pair=correct)
+    ids = pairs["pair_id"].to_list()
+    rows.extend({"set": name, "pair_id": pair_id, "timestep": float(t), "blind": told is not None,
+                 "told_timestep": float(t if told is None else told), "correct": value}
+                for k, t in enumerate(timesteps) for pair_id, value in zip(ids, correct[k].tolist()))
+    return accuracy
 
 
 def validate_score(config: RewardScoreConfig) -> tuple[list[Any], float]:

@@ -178,23 +178,27 @@ def make_data(config: DemoConfig, out: Path) -> dict[str, Any]:
     return {"train": str(train), "val": str(out / "data" / "val.parquet")}
 
 
-def label_agreement(pairs: pl.DataFrame, oracle: pl.DataFrame) -> dict[str, float | int]:
-    """Share of the labelled pairs whose winner is the oracle's, over the pairs the oracle does not call a tie."""
+def decided_agreement(pairs: pl.DataFrame, oracle: pl.DataFrame) -> pl.DataFrame:
+    """The labelled pairs the oracle decides (no oracle tie), each with `agree`: whether its winner is the oracle's."""
     joined = pairs.join(oracle, on=["image_0_uid", "image_1_uid"], how="inner")
     decided = joined.filter(pl.col("winner").is_not_null() & (pl.col("oracle_0") != pl.col("oracle_1")))
     truth = pl.when(pl.col("oracle_0") > pl.col("oracle_1")).then(0).otherwise(1)
-    agree = decided.select((pl.col("winner") == truth).mean()).item() if decided.height else float("nan")
+    return decided.with_columns((pl.col("winner") == truth).cast(pl.Int8).alias("agree"))
+
+
+def label_agreement(pairs: pl.DataFrame, oracle: pl.DataFrame) -> dict[str, float | int]:
+    """Share of the labelled pairs whose winner is the oracle's, over the pairs the oracle does not call a tie."""
+    decided = decided_agreement(pairs, oracle)
+    agree = decided["agree"].mean() if decided.height else float("nan")
     return {"pairs": pairs.height, "decided": decided.height, "agreement": agree}
 
 
 def agreement_per_pair(pairs: pl.DataFrame, oracle: pl.DataFrame, kept: pl.DataFrame) -> dict[str, list]:
-    """For each labelled pair the oracle decides, in pair order: whether its winner is the oracle's (1/0) and
-    whether MPCF kept it."""
-    joined = pairs.join(oracle, on=["image_0_uid", "image_1_uid"], how="inner").sort("pair_id")
-    decided = joined.filter(pl.col("winner").is_not_null() & (pl.col("oracle_0") != pl.col("oracle_1")))
-    truth = pl.when(pl.col("oracle_0") > pl.col("oracle_1")).then(0).otherwise(1)
-    agree = decided.select((pl.col("winner") == truth).cast(pl.Int8))["winner"].to_list()
-    return {"per_pair_agree": agree, "per_pair_kept": decided["pair_id"].is_in(kept["pair_id"].implode()).to_list()}
+    """For each labelled pair the oracle decides: whether its winner is the oracle's (1/0) and whether MPCF kept it,
+    the units the MPCF claim resamples."""
+    decided = decided_agreement(pairs, oracle)
+    return {"per_pair_agree": decided["agree"].to_list(),
+            "per_pair_kept": decided["pair_id"].is_in(kept["pair_id"].implode()).to_list()}
 
 
 def curate(config: DemoConfig, out: Path, data: dict[str, Any]) -> dict[str, Any]:
