@@ -188,11 +188,10 @@ def check_bvqa(metric: str, spec: str) -> None:
     where its config and tokenizer can be read."""
     from transformers import AutoTokenizer
 
-    from lpo.curate.scorers.specs import hub_json, read_json, transformers_config
+    from lpo.curate.scorers.specs import checked_config
 
-    path = transformers_config(metric, spec, "a BLIP visual question answering model (model_type blip)",
-                               lambda model_type: model_type == "blip")
-    config = read_json(path / "config.json") if path is not None else hub_json(metric, spec, "config.json")
+    path, config = checked_config(metric, spec, "a BLIP visual question answering model (model_type blip)",
+                                  lambda model_type: model_type == "blip")
     text = (config or {}).get("text_config") or {}
     if "bos_token_id" not in text or "vocab_size" not in text:
         return  # unreadable here, or transformers' BLIP defaults: checked again when the model loads

@@ -438,12 +438,11 @@ def parse_spec(spec: str) -> tuple[str, str]:
 
 def check_geneval(spec: str) -> None:
     from lpo.curate.scorers.clip import check_clip
-    from lpo.curate.scorers.specs import hub_json, read_json, transformers_config
+    from lpo.curate.scorers.specs import checked_config
 
     detector, colour = parse_spec(spec)
-    path = transformers_config("geneval", detector, "a Mask2Former instance-segmentation model (model_type "
+    _, config = checked_config("geneval", detector, "a Mask2Former instance-segmentation model (model_type "
                                "mask2former)", lambda model_type: model_type == "mask2former")
-    config = read_json(path / "config.json") if path is not None else hub_json("geneval", detector, "config.json")
     if config is not None:
         detector_classes(config.get("id2label") or {}, f"the GenEval detector {detector!r}")
     check_clip(colour)

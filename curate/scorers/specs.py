@@ -173,21 +173,30 @@ def check_model_type(metric: str, spec: str, config: dict | None, where: str, ex
 
 
 def transformers_config(metric: str, spec: str, expected: str, accept: Callable[[str], bool]) -> Path | None:
-    """Check that `spec` (local dir or hub id) is a transformers model whose model_type `accept`s."""
+    """Check that `spec` (local dir or hub id) is a transformers model whose model_type `accept`s; its local path
+    (None for a hub id)."""
+    return checked_config(metric, spec, expected, accept)[0]
+
+
+def checked_config(metric: str, spec: str, expected: str,
+                   accept: Callable[[str], bool]) -> tuple[Path | None, dict | None]:
+    """`transformers_config`'s check, returning (local path or None, the parsed config.json, None when a hub config
+    could not be read), so a caller checking more of the config reads it once."""
     path = local_path(metric, spec)
     if path is None:
-        check_model_type(metric, spec, hub_json(metric, spec, "config.json"), "its hub config.json", expected,
-                          accept)
-        return None
+        config = hub_json(metric, spec, "config.json")
+        check_model_type(metric, spec, config, "its hub config.json", expected, accept)
+        return None, config
     config_file = path / "config.json"
-    if not path.is_dir() or not config_file.is_file() or "model_type" not in read_json(config_file):
+    config = read_json(config_file) if path.is_dir() and config_file.is_file() else None
+    if config is None or "model_type" not in config:
         found = describe_dir(path) if path.is_dir() else "a file"
         raise InputError(
             f"{metric} model {str(path)!r}: expected {expected} (a folder with config.json), found {found}; "
             f"pass a model such as {DEFAULT_MODELS[metric]!r}"
         )
-    check_model_type(metric, str(path), read_json(config_file), str(config_file), expected, accept)
-    return path
+    check_model_type(metric, str(path), config, str(config_file), expected, accept)
+    return path, config
 
 
 def resolve_relative(base: Path, value: str) -> str:
