@@ -317,12 +317,13 @@ command(eval_app, "compare", EvalCompareConfig, lazy("lpo.reward.eval.stats", "c
 
 
 def report_demo(config: DemoConfig, summary: dict[str, Any]) -> None:
+    from lpo.reward.toy.claims import VERDICT_RULE
     from lpo.reward.toy.demo import SUMMARY_FILE
 
     colour = {"yes": "green", "no": "red", "not shown": "yellow"}
     rows = [(c["claim"], c["measured"], f"[{colour[c['verdict']]}]{c['verdict']}[/]") for c in summary["claims"]]
     table(f"lpo demo -> {config.out}", ("claim", "measured; effect [95% interval]", "holds"), rows)
-    out_console.print("holds: yes when the whole 95% interval is above zero, no when below it, not shown otherwise")
+    out_console.print(f"holds: {VERDICT_RULE}")
     out = Path(config.out)
     out_console.print(f"written: {out / 'demo.md'}, {out / 'demo.png'}, {out / SUMMARY_FILE}")
 

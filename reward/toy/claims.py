@@ -19,6 +19,9 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+VERDICT_RULE = ("a claim holds (yes) when its whole 95% interval is above zero, fails (no) when it is below, and is "
+                "not shown when the interval includes zero (bootstrap over pairs, or over captions for the "
+                "generators)")
 RESAMPLES = 2000
 LEVEL = 0.95
 SEED = 0  # the bootstrap's own seed: the same evidence always gives the same interval

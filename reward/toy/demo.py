@@ -239,8 +239,9 @@ def train_lrm(config: DemoConfig, out: Path, name: str) -> dict[str, Any]:
         save_every=max(1, config.lrm_steps // 4), seed=config.seed, device="cpu", latent_cache=out / LATENT_CACHE,
         resume=train.latest_checkpoint(run_dir) is not None))
     # the LRM the rest of the demo uses is also told the least noisy level at every level: a timestep-blind control
-    levels = accuracy.default_timesteps(read_lrm_config(run_dir / "last"), *resolve_lrm(run_dir / "last"))
-    blind = min(levels) if name == "lrm-mpcf" else None
+    blind = None
+    if name == "lrm-mpcf":
+        blind = min(accuracy.default_timesteps(read_lrm_config(run_dir / "last"), *resolve_lrm(run_dir / "last")))
     evaluation = accuracy.run(RewardEvalConfig(lrm=run_dir / "last", manifest=out / "val" / "pairs.parquet",
                                                out=run_dir / "eval", timesteps=[], seed=config.seed,
                                                blind_timestep=blind, batch_size=128, latent_cache=out / LATENT_CACHE,
@@ -393,9 +394,7 @@ def markdown(summary: dict[str, Any]) -> str:
     lines = [f"# lpo demo on the toy world ({family})", "",
              "| claim | measured; effect [95% interval] | holds |", "|---|---|---|"]
     lines += [f"| {c['claim']} | {c['measured']} | {c['verdict']} |" for c in summary["claims"]]
-    lines += ["", "A claim holds (yes) when its whole 95% interval is above zero, fails (no) when it is below, and is "
-                  "not shown when the interval includes zero (bootstrap over pairs, or over captions for the "
-                  "generators)."]
+    lines += ["", judged.VERDICT_RULE[0].upper() + judged.VERDICT_RULE[1:] + "."]
     lines += ["", "| LRM (held-out pairs, accuracy) | " + " | ".join(noise_label(t, family) for t in levels) + " |",
               "|---|" + "---|" * len(levels)]
     for name, (pairs, init) in LRM_RUNS.items():
