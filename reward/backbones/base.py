@@ -40,9 +40,12 @@ def load_lora_quietly(pipeline: Any, path: str | Path) -> None:
         diffusers_logging.set_verbosity(level)
 
 
-def classifier_free(out: torch.Tensor, guidance: float) -> torch.Tensor:
-    """uncond + guidance * (cond - uncond) of a denoiser output over the batch [uncond; cond]."""
+def classifier_free(out: torch.Tensor, guidance: float, detach_uncond: bool = False) -> torch.Tensor:
+    """uncond + guidance * (cond - uncond) of a denoiser output over the batch [uncond; cond]; `detach_uncond` stops
+    the gradient through the unconditional half (its value is unchanged)."""
     uncond, conditional = out.chunk(2)
+    if detach_uncond:
+        uncond = uncond.detach()
     return uncond + guidance * (conditional - uncond)
 
 
@@ -94,6 +97,27 @@ class Generator(ABC):
         self.base = base
         self.vae = pipeline.vae
         self.scheduler = getattr(diffusers, self.scheduler_class).from_config(pipeline.scheduler.config)
+        self.sampler = self.family.default_sampler  # the stochastic step `step` takes (`use_sampler`)
+        self.side: int | None = None  # the image side sampled at (`use_resolution`; None: the native one)
+
+    def use_resolution(self, pixels: int | None) -> None:
+        """Sample (and train) at image side `pixels` (None: the pipeline's native side); an InputError names the
+        sides the pipeline takes."""
+        from lpo.reward.backbones.family import check_resolution
+
+        check_resolution(pixels, self.family, dict(self.denoiser.config), dict(self.vae.config))
+        self.side = pixels
+
+    def use_sampler(self, name: str | None) -> None:
+        """Take the family's stochastic step `name` (None: the family's default)."""
+        from lpo.curate.errors import InputError
+
+        if name is None:
+            name = self.family.default_sampler
+        if name not in self.family.samplers:
+            raise InputError(f"--sampler {name!r}: {self.family.title} samples with "
+                             f"{', '.join(self.family.samplers)}.")
+        self.sampler = name
 
     @classmethod
     def load(cls, base: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Generator:
@@ -123,13 +147,24 @@ class Generator(ABC):
 
     @property
     @abstractmethod
+    def latent_channels(self) -> int:
+        """Channels of one latent."""
+
+    @property
     def latent_shape(self) -> tuple[int, ...]:
-        """[C, H, W] of one latent at the model's native resolution."""
+        """[C, H, W] of one latent at the resolution sampled at."""
+        side = self.resolution // self.pipeline.vae_scale_factor
+        return (self.latent_channels, side, side)
+
+    @property
+    def native_resolution(self) -> int:
+        """The pipeline's own image side in pixels: the denoiser's latent sample size times the VAE's downscaling."""
+        return int(self.denoiser.config.sample_size) * self.pipeline.vae_scale_factor
 
     @property
     def resolution(self) -> int:
-        """The native image side in pixels: the denoiser's latent sample size times the VAE's downscaling."""
-        return int(self.denoiser.config.sample_size) * self.pipeline.vae_scale_factor
+        """The image side sampled at: `use_resolution`'s, else the native one."""
+        return self.side or self.native_resolution
 
     @abstractmethod
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
@@ -137,9 +172,10 @@ class Generator(ABC):
 
     @abstractmethod
     def predict(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning, guidance: float,
-                denoiser: Any = None) -> torch.Tensor:
+                denoiser: Any = None, detach_uncond: bool = False) -> torch.Tensor:
         """The (guided) denoiser output the step maths take (noise for DDIM families, velocity for flow ones);
-        `denoiser` replaces the model's own (the LPO policy or its reference)."""
+        `denoiser` replaces the model's own (the LPO policy or its reference); `detach_uncond` stops the gradient
+        through classifier-free guidance's unconditional half (no effect without one)."""
 
     @abstractmethod
     def timesteps(self, steps: int) -> list:
@@ -161,7 +197,25 @@ class Generator(ABC):
 
     @abstractmethod
     def step_stds(self, noise_level: float) -> tuple[list, torch.Tensor]:
-        """(timesteps, float64 std of each step) of the grid the last `timesteps` call set."""
+        """(timesteps, float64 std of each trained step) of the grid the last `timesteps` call set."""
+
+    @abstractmethod
+    def noise_sigmas(self, timesteps: list) -> torch.Tensor:
+        """The noise share of the forward process at each timestep (float64): sigma for flow matching,
+        sqrt(1 - alphas_cumprod) for DDPM schedules."""
+
+    def step_kappas(self, noise_level: float) -> tuple[list, torch.Tensor]:
+        """(timesteps, kappa of each trained step) of the grid the last `timesteps` call set: kappa = |d mean /
+        d model output| / std, how far a unit change of the denoiser's output moves the step's log-density (in
+        units of its noise), the per-step strength of a log-ratio signal. The step is affine in the output, so the
+        mean's change between outputs 0 and 1 is the derivative."""
+        timesteps, stds = self.step_stds(noise_level)
+        t = torch.as_tensor(timesteps)
+        sample = torch.zeros(len(timesteps), 1, 1, 1)
+        zero = self.step(torch.zeros_like(sample), t, sample, noise_level).mean
+        one = self.step(torch.ones_like(sample), t, sample, noise_level).mean
+        gain = (one - zero).to(torch.float64).abs().flatten()
+        return timesteps, gain / stds
 
     @abstractmethod
     def decode(self, latents: torch.Tensor) -> list[Any]:
@@ -183,9 +237,11 @@ class Generator(ABC):
         load_lora_quietly(self.pipeline, path)
 
     @abstractmethod
-    def save_lora(self, directory: str | Path, layers: dict[str, torch.Tensor]) -> None:
+    def save_lora(self, directory: str | Path, layers: dict[str, torch.Tensor],
+                  metadata: dict[str, Any] | None = None) -> None:
         """Write the denoiser's LoRA layers (PEFT's `get_peft_model_state_dict`) in the naming the family's pipeline
-        reads, where `pipe.load_lora_weights(directory)` finds them."""
+        reads, where `pipe.load_lora_weights(directory)` finds them, with the adapter's config (`metadata`: its
+        `LoraConfig.to_dict()`, so a loader applies the alpha it was trained with, not alpha = rank)."""
 
 
 class LRMBackbone(nn.Module, ABC):

@@ -33,7 +33,7 @@ class Family:
     title: str  # for messages: "SD1.x/2.x"
     denoiser: str  # the pipeline subfolder of the denoising network: "unet" or "transformer"
     pipeline: str  # the diffusers pipeline class
-    sampler: str  # the stochastic sampler LPO and sampling use, by name
+    sampler: str  # the kind of sampler, for messages: "DDIM" or "flow-matching" (`samplers`: its stochastic steps)
     accepts: Callable[[dict[str, Any]], bool]  # given the denoiser's config.json
     adapters: tuple[str, str]  # "module:class" of the family's Generator and LRMBackbone
     lora_targets: tuple[str, ...]  # module names LoRA adapts in LPO
@@ -42,6 +42,9 @@ class Family:
     pipeline_kwargs: dict[str, Any] = field(default_factory=dict)  # extra from_pretrained arguments
     optional_components: tuple[str, ...] = ()  # pipeline parts a saved pipeline may leave out (SD3: T5)
     half_precision: str = "fp16"  # the half precision it runs in on GPUs (FLUX.1 overflows in float16)
+    samplers: tuple[str, ...] = ("ddim",)  # the stochastic steps `--sampler` takes
+    # LPO's thresholds by image side where they depend on it (the nearest side's; else `lpo_defaults["threshold"]`)
+    thresholds_by_resolution: dict[int, list[float]] = field(default_factory=dict)
 
     def sampling(self, eta: float | None, guidance: float | None, guided: bool) -> tuple[float, float]:
         """(step noise, guidance) of sampling where the user left them unset: the family's LPO values, the step
@@ -50,10 +53,25 @@ class Family:
             eta = self.lpo_defaults["eta"] if guided else 0.0
         return eta, guidance if guidance is not None else self.lpo_defaults["guidance"]
 
+    def threshold_at(self, pixels: int) -> list[float]:
+        """LPO's default thresholds at an image side: the family's one range, or that of the nearest side in
+        `thresholds_by_resolution` (on a log scale)."""
+        import math
+
+        if not self.thresholds_by_resolution:
+            return list(self.lpo_defaults["threshold"])
+        side = min(self.thresholds_by_resolution, key=lambda s: abs(math.log(s / pixels)))
+        return list(self.thresholds_by_resolution[side])
+
+    @property
+    def default_sampler(self) -> str:
+        """The stochastic step LPO, guided sampling and evaluation take when `--sampler` is left unset."""
+        return self.lpo_defaults.get("sampler", self.samplers[0])
+
     @property
     def flow_matching(self) -> bool:
         """Whether the family's timesteps are sigma x 1000 of a flow-matching schedule (else DDPM's integers)."""
-        return self.sampler == "flow-SDE"
+        return self.sampler == "flow-matching"
 
     @property
     def generator(self) -> type:
@@ -116,6 +134,11 @@ UNET_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 MMDIT_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out")
 # FLUX.1 as Flow-GRPO adapts it: the attention (also the single-stream blocks' q/k/v) and the double blocks' MLPs
 FLUX_LORA_TARGETS = (*MMDIT_LORA_TARGETS, "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
+# the flow families' stochastic step and LPO calibration, chosen on the flow demo's ablation (README): the
+# coefficients-preserving step raised the oracle by 7-8 points where the SDE step raised it by 1-3; the kappa beta
+# schedule and sigma thresholds moved it by less than seed noise, so the paper's one beta and std thresholds stay
+FLOW_CALIBRATION = {"sampler": "cps", "beta_schedule": "constant", "threshold_scale": "std"}
+FLOW_THRESHOLDS = {512: [0.35, 0.5], 1024: [0.45, 0.6]}
 FAMILIES: dict[str, Family] = {family.name: family for family in (
     # LPO defaults are those of the released runs (design/method.md section 9.2).
     Family(name="sd15", title="SD1.x/2.x", denoiser="unet", pipeline="StableDiffusionPipeline", sampler="DDIM",
@@ -123,7 +146,8 @@ FAMILIES: dict[str, Family] = {family.name: family for family in (
            adapters=("lpo.reward.backbones.unet:UNetGenerator", "lpo.reward.backbones.unet:UNetLRMBackbone"),
            lora_targets=UNET_LORA_TARGETS,
            lpo_defaults={"lora_rank": 4, "lr": 6e-5, "threshold": [0.35, 0.5], "sample_batch_size": 5,
-                         "train_batch_size": 10, "gradient_checkpointing": False, "eta": 1.0, "guidance": 5.0},
+                         "train_batch_size": 10, "gradient_checkpointing": False, "eta": 1.0, "guidance": 5.0,
+                         "sampler": "ddim", "beta_schedule": "constant", "threshold_scale": "std"},
            lrm_defaults={"gradient_checkpointing": False},
            pipeline_kwargs={"safety_checker": None, "requires_safety_checker": False}),
     Family(name="sdxl", title="SDXL", denoiser="unet", pipeline="StableDiffusionXLPipeline", sampler="DDIM",
@@ -131,26 +155,32 @@ FAMILIES: dict[str, Family] = {family.name: family for family in (
            adapters=("lpo.reward.backbones.unet:SDXLGenerator", "lpo.reward.backbones.unet:SDXLLRMBackbone"),
            lora_targets=UNET_LORA_TARGETS,
            lpo_defaults={"lora_rank": 64, "lr": 1e-5, "threshold": [0.45, 0.6], "sample_batch_size": 4,
-                         "train_batch_size": 4, "gradient_checkpointing": True, "eta": 1.0, "guidance": 5.0},
+                         "train_batch_size": 4, "gradient_checkpointing": True, "eta": 1.0, "guidance": 5.0,
+                         "sampler": "ddim", "beta_schedule": "constant", "threshold_scale": "std"},
            # a full SDXL LRM step does not fit 80 GB at the paper's 4 pairs without it (`lpo reward train --dry-run`)
            lrm_defaults={"gradient_checkpointing": True}),
-    # Flow-matching: the SDE form of the Euler step with noise level 0.7 and CFG 4.5 (Flow-GRPO's SD3.5-Medium
-    # settings); LPO-XL's learning rate; the threshold range of SD1.5 at SD3's 512 px training resolution.
+    # Flow-matching: noise level 0.7 and CFG 4.5 (Flow-GRPO's SD3.5-Medium settings); LPO-XL's learning rate; the
+    # thresholds by resolution: SD1.5's range at 512 px, SDXL's at 1024 (LPO's own choices at those sides)
     Family(name="sd3", title="SD3/SD3.5", denoiser="transformer", pipeline="StableDiffusion3Pipeline",
-           sampler="flow-SDE", accepts=_is_sd3,
+           sampler="flow-matching", accepts=_is_sd3,
            adapters=("lpo.reward.backbones.mmdit:SD3Generator", "lpo.reward.backbones.mmdit:SD3LRMBackbone"),
            lora_targets=MMDIT_LORA_TARGETS, optional_components=("text_encoder_3", "tokenizer_3"),
-           lpo_defaults={"lora_rank": 32, "lr": 1e-5, "threshold": [0.35, 0.5], "sample_batch_size": 4,
-                         "train_batch_size": 4, "gradient_checkpointing": True, "eta": 0.7, "guidance": 4.5},
+           samplers=("sde", "cps"),
+           thresholds_by_resolution=FLOW_THRESHOLDS,
+           lpo_defaults={"lora_rank": 32, "lr": 1e-5, "sample_batch_size": 4,
+                         "train_batch_size": 4, "gradient_checkpointing": True, "eta": 0.7, "guidance": 4.5,
+                         **FLOW_CALIBRATION},
            lrm_defaults={"gradient_checkpointing": True}),
     # FLUX.1-dev: no CFG, the embedded guidance 3.5 (the pipeline's); noise level 0.9 and LoRA rank 64 (Flow-GRPO's
     # FLUX settings)
-    Family(name="flux", title="FLUX.1", denoiser="transformer", pipeline="FluxPipeline", sampler="flow-SDE",
+    Family(name="flux", title="FLUX.1", denoiser="transformer", pipeline="FluxPipeline", sampler="flow-matching",
            accepts=_is_flux,
            adapters=("lpo.reward.backbones.flux:FluxGenerator", "lpo.reward.backbones.flux:FluxLRMBackbone"),
-           lora_targets=FLUX_LORA_TARGETS, half_precision="bf16",
-           lpo_defaults={"lora_rank": 64, "lr": 1e-5, "threshold": [0.35, 0.5], "sample_batch_size": 4,
-                         "train_batch_size": 4, "gradient_checkpointing": True, "eta": 0.9, "guidance": 3.5},
+           lora_targets=FLUX_LORA_TARGETS, half_precision="bf16", samplers=("sde", "cps"),
+           thresholds_by_resolution=FLOW_THRESHOLDS,
+           lpo_defaults={"lora_rank": 64, "lr": 1e-5, "sample_batch_size": 4,
+                         "train_batch_size": 4, "gradient_checkpointing": True, "eta": 0.9, "guidance": 3.5,
+                         **FLOW_CALIBRATION},
            lrm_defaults={"gradient_checkpointing": True}),
 )}
 
@@ -243,6 +273,37 @@ def pixel_resolution(denoiser_config: dict[str, Any], base: str, vae: str | None
     if "sample_size" not in denoiser_config:
         return int(vae_config["sample_size"])
     return int(denoiser_config["sample_size"]) * 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def resolution_rule(family: Family, denoiser_config: dict[str, Any],
+                    vae_config: dict[str, Any]) -> tuple[int, int | None]:
+    """(multiple, maximum or None) of the image sides a pipeline samples: the VAE's downscaling times the UNet's
+    downsampling or the transformer's patch (FLUX packs 2x2), up to SD3's largest position embedding."""
+    scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    if family.denoiser == "unet":
+        return scale * 2 ** (len(denoiser_config["block_out_channels"]) - 1), None
+    patch = int(denoiser_config.get("patch_size", 2)) if family.name == "sd3" else 2
+    largest = denoiser_config.get("pos_embed_max_size")
+    return scale * patch, (int(largest) * patch * scale if largest else None)
+
+
+def check_resolution(pixels: int | None, family: Family, denoiser_config: dict[str, Any],
+                     vae_config: dict[str, Any]) -> None:
+    """Refuse (InputError) an image side the pipeline cannot sample at; None (the native side) passes."""
+    if pixels is None:
+        return
+    multiple, largest = resolution_rule(family, denoiser_config, vae_config)
+    if pixels < multiple or pixels % multiple or (largest is not None and pixels > largest):
+        bound = f" and at most {largest}" if largest is not None else ""
+        raise InputError(f"--resolution {pixels}: this {family.title} pipeline samples image sides that are "
+                         f"multiples of {multiple}{bound} (e.g. {max(multiple, (512 // multiple) * multiple)}).")
+
+
+def check_base_resolution(pixels: int | None, base: str, family: Family) -> None:
+    """`check_resolution` from a pipeline's config files (folder or hub id) before any weights load."""
+    if pixels is not None:
+        check_resolution(pixels, family, read_subfolder_config(base, family.denoiser),
+                         read_subfolder_config(base, "vae"))
 
 
 def latent_side(denoiser_config: dict[str, Any], base: str) -> int:

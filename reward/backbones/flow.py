@@ -4,30 +4,46 @@ process.
 Forward process: x_sigma = (1 - sigma) x0 + sigma eps, at the model timestep sigma * 1000; the denoiser predicts the
 velocity v ~ eps - x0, and the sampler's Euler step is x' = x + (sigma' - sigma) v.
 
-LPO needs a stochastic step with a likelihood. The Euler ODE step is deterministic, so the step is taken in its SDE
-form (the reverse SDE dx = [v + g^2 / (2 sigma) (x + (1 - sigma) v)] dt + g dW, which keeps the ODE's marginals;
-the formulation of Flow-GRPO, arXiv 2505.05470). For a step from sigma to sigma' (dt = sigma' - sigma < 0) with
-noise level a:
+LPO needs a stochastic step with a likelihood. The Euler ODE step is deterministic, so a step from sigma to sigma'
+(dt = sigma' - sigma < 0) is taken in one of two stochastic forms, each a Gaussian N(mean, std^2 I) with noise
+level a (`--eta`):
 
-    g    = a * sqrt(sigma / (1 - sigma))          (at sigma = 1 the denominator uses 1 - sigma of the next grid point)
-    mean = x (1 + g^2 dt / (2 sigma)) + v (1 + g^2 (1 - sigma) / (2 sigma)) dt
-    std  = g * sqrt(-dt)
+- `sde` (Flow-GRPO, arXiv 2505.05470): the reverse SDE dx = [v + g^2 / (2 sigma) (x + (1 - sigma) v)] dt + g dW,
+  which keeps the ODE's marginals:
 
-With a = 0 it is exactly the Euler step of diffusers' `FlowMatchEulerDiscreteScheduler`. Everything is computed in
-float64 and returned in float32, whatever the model's dtype.
+      g    = a * sqrt(sigma / (1 - sigma))     (at sigma = 1 the denominator uses 1 - sigma of the next grid point)
+      mean = x (1 + g^2 dt / (2 sigma)) + v (1 + g^2 (1 - sigma) / (2 sigma)) dt
+      std  = g * sqrt(-dt)
 
-The step to sigma = 0 (the last one) is nearly deterministic (std ~ 0.006 at a = 0.7 on SD3's grid): it forms no
-preference pairs (`trained_steps`).
+  The noise a step adds is only partly removed by the steps after it: a child at nominal sigma' carries more noise
+  than sigma', and the last steps' noise stays in the image.
+- `cps` (the coefficients-preserving step, arXiv 2509.05952; the DDIM-like flow step): with the predictions
+  x0 = x - sigma v and x1 = x + (1 - sigma) v,
+
+      std  = sigma' * sin(a * pi / 2)
+      mean = (1 - sigma') x0 + sqrt(sigma'^2 - std^2) x1
+
+  so a child is (1 - sigma') x0 + sigma' times unit noise: it sits at its nominal noise level, as the reward model
+  reads it. Its log-density is the Gaussian's own (not the scaled squared error some implementations call one), so
+  LPO's and GRPO's ratios are likelihood ratios.
+
+With a = 0 both are exactly the Euler step of diffusers' `FlowMatchEulerDiscreteScheduler`. The step to sigma = 0
+(the last one) is the deterministic Euler step under both: it forms no preference pairs (`trained_steps`), and noise
+added there would stay in the image. Everything is computed in float64 and returned in float32, whatever the
+model's dtype.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lpo.reward.backbones.base import StepStats
+
+SAMPLERS = ("sde", "cps")  # the stochastic steps of the flow families; the first is the default
 
 NUM_TRAIN_TIMESTEPS = 1000  # the model timestep is sigma * 1000 (diffusers' convention for SD3 and FLUX)
 
@@ -95,27 +111,43 @@ def _sigmas(scheduler: Any, index: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return sigma, sigma_next, denominator
 
 
-def step_std(scheduler: Any, index: torch.Tensor, noise_level: float) -> torch.Tensor:
-    """std of the SDE step at each grid index (float64, [B])."""
+def _check_sampler(sampler: str) -> None:
+    if sampler not in SAMPLERS:
+        raise ValueError(f"flow sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
+
+
+def step_std(scheduler: Any, index: torch.Tensor, noise_level: float, sampler: str = "sde") -> torch.Tensor:
+    """std of the stochastic step at each grid index (float64, [B]); 0 for the step to sigma = 0."""
+    _check_sampler(sampler)
     sigma, sigma_next, denominator = _sigmas(scheduler, index)
+    if sampler == "cps":
+        return sigma_next * math.sin(noise_level * math.pi / 2)
     g = noise_level * torch.sqrt(sigma / denominator)
-    return g * torch.sqrt(sigma - sigma_next)
+    return torch.where(sigma_next > 0, g * torch.sqrt(sigma - sigma_next), torch.zeros_like(sigma))
 
 
 def step_stats(scheduler: Any, velocity: torch.Tensor, timesteps: torch.Tensor, sample: torch.Tensor,
-               noise_level: float) -> StepStats:
-    """Mean and std of the SDE step from `sample` at `timesteps` (one per batch element) given the velocity."""
+               noise_level: float, sampler: str = "sde") -> StepStats:
+    """Mean and std of the stochastic step (`sde` or `cps`) from `sample` at `timesteps` (one per batch element)
+    given the velocity; the step to sigma = 0 is the deterministic Euler step."""
+    _check_sampler(sampler)
     index = grid_index(scheduler, timesteps)
     sigma, sigma_next, denominator = _sigmas(scheduler, index)
     shape = (-1,) + (1,) * (sample.dim() - 1)
     device = sample.device
     sigma_, next_ = sigma.to(device).view(shape), sigma_next.to(device).view(shape)
-    g2 = (noise_level**2) * (sigma / denominator).to(device).view(shape)
-    dt = next_ - sigma_
     x, v = sample.to(torch.float64), velocity.to(torch.float64)
-    mean = x * (1 + g2 * dt / (2 * sigma_)) + v * (1 + g2 * (1 - sigma_) / (2 * sigma_)) * dt
-    std = torch.sqrt(g2 * -dt)
     x0 = x - sigma_ * v
+    std = step_std(scheduler, index, noise_level, sampler).to(device).view(shape)
+    if sampler == "cps":
+        x1 = x + (1 - sigma_) * v
+        mean = (1 - next_) * x0 + torch.sqrt((next_**2 - std**2).clamp(min=0)) * x1
+    else:
+        g2 = (noise_level**2) * (sigma / denominator).to(device).view(shape)
+        dt = next_ - sigma_
+        mean = x * (1 + g2 * dt / (2 * sigma_)) + v * (1 + g2 * (1 - sigma_) / (2 * sigma_)) * dt
+    # the last step, to sigma = 0: Euler, x + (0 - sigma) v = x0, whatever the sampler
+    mean = torch.where(next_ > 0, mean, x0)
     prev = sigma_next * NUM_TRAIN_TIMESTEPS
     return StepStats(mean.float(), std.float(), x0.float(), prev.float())
 

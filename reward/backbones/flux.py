@@ -67,13 +67,12 @@ class FluxGenerator(FlowGenerator):
     classifier_free = False
 
     @property
-    def resolution(self) -> int:
+    def native_resolution(self) -> int:
         return int(self.vae.config.sample_size)  # FLUX's transformer config names no sample size
 
     @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        side = self.resolution // self.pipeline.vae_scale_factor
-        return (int(self.transformer.config.in_channels) // 4, side, side)
+    def latent_channels(self) -> int:
+        return int(self.transformer.config.in_channels) // 4  # 2x2 patches packed into channels
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
@@ -83,7 +82,7 @@ class FluxGenerator(FlowGenerator):
         return Conditioning(context, None, pooled, None)
 
     def predict(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning, guidance: float,
-                denoiser: Any = None) -> torch.Tensor:
+                denoiser: Any = None, detach_uncond: bool = False) -> torch.Tensor:
         """The velocity at the embedded guidance `guidance` (the model's forward takes sigma = timestep / 1000)."""
         transformer = denoiser if denoiser is not None else self.transformer
         n, _, height, width = latents.shape
@@ -121,9 +120,11 @@ class FluxGenerator(FlowGenerator):
                              "probability flow, so the SDE step LPO trains on would not be the model's sampler. "
                              "Use a guidance-distilled FLUX.1 such as black-forest-labs/FLUX.1-dev.")
 
-    def save_lora(self, directory: str | Path, layers: dict[str, torch.Tensor]) -> None:
+    def save_lora(self, directory: str | Path, layers: dict[str, torch.Tensor],
+                  metadata: dict[str, Any] | None = None) -> None:
         """In PEFT naming, as diffusers' FLUX training scripts save."""
-        type(self.pipeline).save_lora_weights(directory, transformer_lora_layers=layers, safe_serialization=True)
+        type(self.pipeline).save_lora_weights(directory, transformer_lora_layers=layers, safe_serialization=True,
+                                              transformer_lora_adapter_metadata=metadata)
 
 
 class FluxLRMBackbone(MMDiTLRMBackbone):

@@ -50,7 +50,8 @@ def t5_tokens(tokenizer: Any) -> int:
 
 
 class FlowGenerator(Generator):
-    """What the flow-matching families share: the grid, the SDE step, the VAE's shift and scale."""
+    """What the flow-matching families share: the grid, the stochastic step (`sde` or `cps`, `flow.SAMPLERS`), the
+    VAE's shift and scale."""
 
     scheduler_class = "FlowMatchEulerDiscreteScheduler"
 
@@ -80,11 +81,16 @@ class FlowGenerator(Generator):
 
     def step(self, output: torch.Tensor, timesteps: torch.Tensor, sample: torch.Tensor,
              noise_level: float) -> StepStats:
-        return flow.step_stats(self.scheduler, output, timesteps, sample, noise_level)
+        return flow.step_stats(self.scheduler, output, timesteps, sample, noise_level, self.sampler)
 
     def step_stds(self, noise_level: float) -> tuple[list[float], torch.Tensor]:
         index = flow.trained_steps(self.scheduler)
-        return self.scheduler.timesteps[index].tolist(), flow.step_std(self.scheduler, index, noise_level)
+        return self.scheduler.timesteps[index].tolist(), flow.step_std(self.scheduler, index, noise_level,
+                                                                        self.sampler)
+
+    def noise_sigmas(self, timesteps: list[float]) -> torch.Tensor:
+        """The forward process's noise share at each timestep: sigma = timestep / 1000."""
+        return torch.as_tensor(timesteps, dtype=torch.float64) / flow.NUM_TRAIN_TIMESTEPS
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[Any]:
@@ -97,10 +103,8 @@ class SD3Generator(FlowGenerator):
     """An SD3 / SD3.5 pipeline: CFG on the velocity, the pooled CLIP vector beside the token sequence."""
 
     @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        config = self.transformer.config
-        size = int(config.sample_size)
-        return (int(config.in_channels), size, size)
+    def latent_channels(self) -> int:
+        return int(self.transformer.config.in_channels)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
@@ -111,7 +115,7 @@ class SD3Generator(FlowGenerator):
         return Conditioning(cond, uncond, pooled, uncond_pooled)
 
     def predict(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning, guidance: float,
-                denoiser: Any = None) -> torch.Tensor:
+                denoiser: Any = None, detach_uncond: bool = False) -> torch.Tensor:
         """v_uncond + guidance * (v_cond - v_uncond), both halves in one transformer forward."""
         transformer = denoiser if denoiser is not None else self.transformer
         n = latents.shape[0]
@@ -124,7 +128,7 @@ class SD3Generator(FlowGenerator):
                           encoder_hidden_states=torch.cat([cond.uncond_context, cond.context]),
                           pooled_projections=torch.cat([cond.uncond_pooled, cond.pooled]),
                           timestep=torch.cat([timesteps, timesteps])).sample
-        return classifier_free(out, guidance)
+        return classifier_free(out, guidance, detach_uncond)
 
     @classmethod
     def trace(cls, denoiser: nn.Module, n: int) -> torch.Tensor:
@@ -136,10 +140,12 @@ class SD3Generator(FlowGenerator):
                         pooled_projections=torch.zeros(n, config.pooled_projection_dim, device=device),
                         timestep=torch.zeros(n, device=device)).sample
 
-    def save_lora(self, directory: str | Path, layers: dict[str, torch.Tensor]) -> None:
+    def save_lora(self, directory: str | Path, layers: dict[str, torch.Tensor],
+                  metadata: dict[str, Any] | None = None) -> None:
         """In PEFT naming, as diffusers' SD3 training scripts save: `convert_state_dict_to_diffusers` would rename
         only the `to_q/k/v/out` layers to the old UNet naming, which the SD3 loader then silently drops."""
-        type(self.pipeline).save_lora_weights(directory, transformer_lora_layers=layers, safe_serialization=True)
+        type(self.pipeline).save_lora_weights(directory, transformer_lora_layers=layers, safe_serialization=True,
+                                              transformer_lora_adapter_metadata=metadata)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -36,9 +36,8 @@ class UNetGenerator(Generator):
         return self.pipeline.unet
 
     @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        size = int(self.unet.config.sample_size)
-        return (int(self.unet.config.in_channels), size, size)
+    def latent_channels(self) -> int:
+        return int(self.unet.config.in_channels)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
@@ -46,7 +45,7 @@ class UNetGenerator(Generator):
         return Conditioning(cond, uncond)
 
     def predict(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning, guidance: float,
-                denoiser: Any = None) -> torch.Tensor:
+                denoiser: Any = None, detach_uncond: bool = False) -> torch.Tensor:
         """eps_uncond + guidance * (eps_cond - eps_uncond), both halves in one UNet forward."""
         unet = denoiser if denoiser is not None else self.unet
         n = latents.shape[0]
@@ -63,7 +62,7 @@ class UNetGenerator(Generator):
                                            "time_ids": torch.cat([cond.time_ids, cond.time_ids])}
         out = unet(torch.cat([latents, latents]), torch.cat([timesteps, timesteps]),
                    encoder_hidden_states=torch.cat([cond.uncond_context, cond.context]), **kwargs).sample
-        return classifier_free(out, guidance)
+        return classifier_free(out, guidance, detach_uncond)
 
     @classmethod
     def trace(cls, denoiser: nn.Module, n: int) -> torch.Tensor:
@@ -98,16 +97,23 @@ class UNetGenerator(Generator):
         timesteps = self.scheduler.timesteps.to(torch.long)
         return timesteps.tolist(), ddim.step_std(self.scheduler, timesteps, noise_level)
 
+    def noise_sigmas(self, timesteps: list[int]) -> torch.Tensor:
+        """The forward process's noise share at each timestep: sqrt(1 - alphas_cumprod[t])."""
+        cumprod = self.scheduler.alphas_cumprod.to(torch.float64)
+        return torch.sqrt(1 - cumprod[torch.as_tensor(timesteps, dtype=torch.long)])
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[Any]:
         vae = self.vae
         return to_pil(vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample)
 
-    def save_lora(self, directory: str | Path, layers: dict[str, torch.Tensor]) -> None:
+    def save_lora(self, directory: str | Path, layers: dict[str, torch.Tensor],
+                  metadata: dict[str, Any] | None = None) -> None:
         """In diffusers' UNet LoRA naming (`convert_state_dict_to_diffusers`, as its UNet training scripts save)."""
         from diffusers.utils import convert_state_dict_to_diffusers
 
         type(self.pipeline).save_lora_weights(directory, unet_lora_layers=convert_state_dict_to_diffusers(layers),
+                                              unet_lora_adapter_metadata=metadata,
                                               safe_serialization=True)
 
 

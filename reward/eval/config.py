@@ -45,10 +45,13 @@ class EvalConfig:
     images_per_prompt: int = option(4, "Images per prompt; image i of prompt p uses seed + 1000 * p + i.")
     max_prompts: int | None = option(None, "Use only the first N prompts (default: all).")
     steps: int = option(20, "Sampler steps (DDIM for sd15/sdxl, the flow-matching Euler step for sd3/flux).")
+    resolution: int | None = option(None, "Image side in pixels (default: the pipeline's own).")
     guidance: float | None = option(None, "Guidance scale (default: the family's LPO value: CFG sd15/sdxl 5.0, sd3 "
                                           "4.5; FLUX.1's embedded guidance 3.5; the reference used CFG 7.5 for the "
                                           "SD1.5 base and Diffusion-DPO-1.5).")
-    eta: float | None = option(None, "Step noise: DDIM eta or the flow SDE's noise level (default: 0.0, as the "
+    sampler: str | None = option(None, "The stochastic step where eta > 0: ddim (sd15, sdxl); cps (default) or sde "
+                                       "(sd3, flux). A flow sampler's last step is deterministic.")
+    eta: float | None = option(None, "Step noise: DDIM eta or the flow step's noise level (default: 0.0, as the "
                                      "reference; with --lrm the family's LPO value, sd15/sdxl 1.0, sd3 0.7, flux "
                                      "0.9).")
     seed: int = option(42, "Base seed.")

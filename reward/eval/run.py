@@ -28,18 +28,22 @@ logger = logging.getLogger(__name__)
 
 MAX_IMAGES_PER_PROMPT = 1000  # the seed of image i of prompt p is seed + 1000 * p + i
 # The settings a resumed run must share with the images already on disk.
-GENERATION_KEYS = ("base", "lora", "denoiser", "lrm", "candidates", "steps", "guidance", "eta", "seed", "dtype")
+GENERATION_KEYS = ("base", "lora", "denoiser", "lrm", "candidates", "steps", "guidance", "eta", "sampler",
+                   "resolution", "seed", "dtype")
 
 
 def generation_settings(config: EvalConfig) -> dict[str, Any]:
     """What the images depend on, with the family's defaults filled in (guidance; eta with an LRM)."""
     from lpo.reward.backbones import family_of
 
-    eta, guidance = family_of(config.base).sampling(config.eta, config.guidance, guided=config.lrm is not None)
-    return {"base": config.base, "lora": str(config.lora) if config.lora else None,
+    family = family_of(config.base)
+    eta, guidance = family.sampling(config.eta, config.guidance, guided=config.lrm is not None)
+    return {"sampler": config.sampler or family.default_sampler, "base": config.base,
+            "lora": str(config.lora) if config.lora else None,
             "denoiser": str(config.denoiser) if config.denoiser else None,
             "lrm": str(config.lrm) if config.lrm else None, "candidates": config.candidates, "steps": config.steps,
-            "guidance": guidance, "eta": eta, "seed": config.seed, "dtype": config.dtype}
+            "guidance": guidance, "eta": eta, "resolution": config.resolution, "seed": config.seed,
+            "dtype": config.dtype}
 
 
 class Checked(NamedTuple):
@@ -56,6 +60,7 @@ def validate(config: EvalConfig) -> Checked:
     """Check everything that can be checked before a model loads."""
     from lpo.curate.device import resolve_dtype
     from lpo.reward.backbones import family_of, resolve_denoiser, resolve_lora
+    from lpo.reward.backbones.family import check_base_resolution
     from lpo.reward.lrm.model import check_lrm_matches
     from lpo.reward.serve.client import remote_scorers
 
@@ -73,6 +78,10 @@ def validate(config: EvalConfig) -> Checked:
         raise InputError(f"--grid-prompts {config.grid_prompts} must be 0 or more.")
     if config.candidates > 1 and config.lrm is None and config.reward_url is None:
         raise InputError("--candidates > 1 needs --lrm (or --reward-url) to choose between the candidates.")
+    family = family_of(config.base)
+    if config.sampler is not None and config.sampler not in family.samplers:
+        raise InputError(f"--sampler {config.sampler!r}: {family.title} samples with {', '.join(family.samplers)}.")
+    check_base_resolution(config.resolution, config.base, family)
     eta = generation_settings(config)["eta"]
     if config.lrm is not None and eta <= 0:
         raise InputError(f"--eta {eta}: LRM-guided sampling needs eta > 0 (with eta 0 every candidate is the same).")
@@ -183,6 +192,8 @@ def _load_models(config: EvalConfig, device: str) -> tuple[Any, Any]:
 
     model = load_generator(config.base, lora=config.lora, denoiser=config.denoiser,
                            dtype=_generation_dtype(config, device), device=device)
+    model.use_sampler(config.sampler)
+    model.use_resolution(config.resolution)
     if config.lrm is not None:
         lrm = LatentRewardModel.from_pretrained(config.lrm).to(device)
     elif config.reward_url is not None and config.candidates > 1:

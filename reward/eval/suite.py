@@ -28,9 +28,9 @@ logger = logging.getLogger(__name__)
 
 SHARED_KEYS = {"title": str, "source": str, "note": str, "base": str, "prompts": str, "metrics": list,
                "models": dict, "images_per_prompt": int, "max_prompts": int, "steps": int, "guidance": (int, float),
-               "eta": (int, float), "seed": int, "rows": list}
+               "eta": (int, float), "sampler": str, "resolution": int, "seed": int, "rows": list}
 ROW_KEYS = {"name": str, "base": str, "lora": str, "unet": str, "transformer": str, "lrm": str, "candidates": int,
-            "guidance": (int, float), "eta": (int, float), "paper": dict, "note": str}
+            "guidance": (int, float), "eta": (int, float), "sampler": str, "paper": dict, "note": str}
 TABLE_MD, TABLE_JSON, TABLE_PNG, RESOLVED_SUITE = "table.md", "table.json", "table.png", "suite.json"
 
 
@@ -118,7 +118,9 @@ def rows_of(config: EvalSuiteConfig, suite: dict[str, Any]) -> list[Row]:
             images_per_prompt=suite.get("images_per_prompt", 4),
             max_prompts=config.max_prompts or suite.get("max_prompts"), steps=suite.get("steps", 20),
             guidance=row.get("guidance", suite.get("guidance")), eta=row.get("eta", suite.get("eta")),
-            seed=suite.get("seed", 42), batch_size=config.batch_size, score_batch_size=config.score_batch_size,
+            sampler=row.get("sampler", suite.get("sampler")), resolution=suite.get("resolution"),
+            seed=suite.get("seed", 42),
+            batch_size=config.batch_size, score_batch_size=config.score_batch_size,
             device=config.device, dtype=config.dtype, score_dtype=config.score_dtype)
         rows.append(Row(row["name"], eval_config, dict(row.get("paper") or {}), row.get("note")))
     return rows

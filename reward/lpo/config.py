@@ -8,6 +8,9 @@ from pathlib import Path
 
 from lpo.curate.config import option
 
+BETA_SCHEDULES = ("constant", "kappa")  # --beta-schedule
+THRESHOLD_SCALES = ("std", "sigma")  # --threshold-scale
+
 
 @dataclass
 class LPOConfig:
@@ -29,24 +32,54 @@ class LPOConfig:
                                                 "(sd15 10, sdxl 4).")
     candidates: int = option(4, "K: children sampled from each x_t and scored by the LRM.")
     steps: int = option(20, "Sampler steps per trajectory.")
+    resolution: int | None = option(None, "Image side in pixels to sample and train at (default: the pipeline's own: "
+                                          "SD1.5 512, SDXL 1024, SD3.5-Medium 1024, FLUX.1-dev 1024).")
     guidance: float | None = option(None, "Guidance in sampling and in the loss: classifier-free (sd15, sdxl 5.0; "
                                           "sd3 4.5) or FLUX.1's embedded guidance (flux 3.5).")
-    eta: float | None = option(None, "Step noise: DDIM eta (sd15, sdxl 1.0) or the flow SDE's noise level a (sd3 "
+    sampler: str | None = option(None, "The stochastic step: ddim (sd15, sdxl); for sd3 and flux cps (the "
+                                       "coefficients-preserving step: a child sits at its nominal noise level; the "
+                                       "default) or sde (Flow-GRPO's SDE). A flow sampler's last step, to sigma 0, "
+                                       "is deterministic.")
+    eta: float | None = option(None, "Step noise: DDIM eta (sd15, sdxl 1.0) or the flow step's noise level a (sd3 "
                                      "0.7, flux 0.9); must be > 0, the step must be stochastic to have a "
                                      "likelihood.")
     beta: float = option(500.0, "LPO: DPO inverse temperature on the log-ratio difference (per latent element: with "
                                 "--logprob-reduction sum it is divided by the element count).")
+    beta_schedule: str | None = option(None, "LPO: constant (one beta and one ratio clamp for every step, the "
+                                             "paper's) or kappa (each step's log-ratio divided by its kappa / the "
+                                             "median kappa of the trained steps before the clamp and beta, kappa = "
+                                             "|d mean / d model output| / std: a unit change of the model's output "
+                                             "then weighs the same at every step). Default: the family's (sd15, "
+                                             "sdxl constant).")
     clip_eps: float = option(0.1, "Ratio clip: LPO clamps r = p_theta / p_ref to [1 - eps, 1 + eps]; GRPO clips "
                                   "r = p_theta / p_sampling there (PPO).")
-    grpo_kl: float = option(0.1, "GRPO: weight of the exact KL to the reference step (0 skips the reference "
-                                 "forward).")
-    threshold: list[float] | None = option(None, "LPO's softmax-gap thresholds at the least and the noisiest step, "
-                                                 "linear in the step's std (sd15 0.35,0.5; sdxl 0.45,0.6).")
+    grpo_kl: float = option(0.1, "GRPO: weight of the exact KL of the policy's step to the reference's (mean over "
+                                 "latent elements of (mean - mean_ref)^2 / (2 std^2); 0 skips the reference "
+                                 "forward). Flow-GRPO's KL is this times the step's -dt, so its weights mean 4-55x "
+                                 "less than the same number here.")
+    grpo_filter: bool = option(False, "GRPO: train only the groups whose best and worst child pass LPO's "
+                                      "--threshold (the rest carry little signal).")
+    threshold: list[float] | None = option(None, "LPO's softmax-gap thresholds at the least and the noisiest step "
+                                                 "(sd15 0.35,0.5; sdxl 0.45,0.6; sd3 and flux by the resolution: "
+                                                 "0.35,0.5 at 512 px, 0.45,0.6 at 1024, the nearest side's).")
+    threshold_scale: str | None = option(None, "What the thresholds are linear in between the least and the noisiest "
+                                         "trained step: std (the step's std, the paper's) or sigma (the forward "
+                                         "process's noise share at the step: sigma for flow models, "
+                                         "sqrt(1 - alphas_cumprod) for DDPM). Default: the family's (sd15, "
+                                         "sdxl std).")
     score_timestep: str = option("parent", "Timestep the LRM scores a child at: parent (reference) or child.")
     logprob_reduction: str = option("mean", "Reduce the step log-density over latent elements: mean (reference) "
-                                            "or sum (the sample's likelihood; the ratio clip then bounds it).")
+                                            "or sum (the sample's likelihood; the ratio clip then bounds it; LPO "
+                                            "only: GRPO's clip and KL weight are per element).")
     lora_rank: int | None = option(None, "LoRA rank on attention q/k/v/out (sd15 4, sdxl 64; sd3 32 and flux 64, "
                                          "both streams, flux also the MLPs); 0 = full fine-tuning.")
+    lora_alpha: float | None = option(None, "LoRA alpha, the update's scale being alpha / rank (default: the rank, "
+                                            "scale 1, the reference's; Flow-GRPO and diffusers' scripts use 2 x "
+                                            "rank). Saved with the LoRA, so `load_lora_weights` applies it.")
+    lora_single_stream: bool = option(False, "flux: also adapt the single-stream blocks' MLP projections (proj_mlp, "
+                                             "proj_out; not the model's output head).")
+    detach_uncond: bool = option(False, "CFG families: stop the gradient through the unconditional half of the "
+                                        "training forward (Flow-GRPO does; the reference LPO code trains both).")
     lr: float | None = option(None, "AdamW learning rate (sd15 6e-5; sdxl, sd3, flux 1e-5).")
     weight_decay: float = option(1e-4, "AdamW weight decay.")
     max_grad_norm: float = option(1.0, "Gradient clipping that really clips (the reference runs had it silently "
@@ -95,9 +128,12 @@ class SampleConfig:
     candidates: int = option(1, "K: candidates per step for LRM-guided sampling (continue from the best).")
     images_per_prompt: int = option(1, "Images per prompt; image i of prompt p uses seed + 1000 * p + i.")
     steps: int = option(20, "Sampler steps.")
+    resolution: int | None = option(None, "Image side in pixels (default: the pipeline's own).")
     guidance: float | None = option(None, "Guidance scale (default: the family's, as LPO: CFG sd15, sdxl 5.0, sd3 "
                                           "4.5; FLUX.1's embedded guidance 3.5).")
-    eta: float | None = option(None, "Step noise, DDIM eta or the flow SDE's noise level (default: with --lrm, which "
+    sampler: str | None = option(None, "The stochastic step: ddim (sd15, sdxl); cps (default) or sde (sd3, flux). A "
+                                       "flow sampler's last step is deterministic.")
+    eta: float | None = option(None, "Step noise, DDIM eta or the flow step's noise level (default: with --lrm, which "
                                      "needs a stochastic step, the family's: sd15, sdxl 1.0, sd3 0.7, flux 0.9; 0.0 "
                                      "without).")
     score_timestep: str = option("parent", "Timestep the LRM scores candidates at: parent or child.")

@@ -56,19 +56,35 @@ def grpo_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantage: tor
     policy_loss = -surrogate.mean()
     kl_mean = kl.mean() if kl is not None else torch.zeros((), device=log_prob.device)
     loss = policy_loss + kl_weight * kl_mean if kl is not None else policy_loss
+    deviation = (ratio - 1).abs().detach()
     return {"loss": loss, "policy_loss": policy_loss.detach(), "kl": kl_mean.detach(),
-            "clip_fraction": ((ratio - 1).abs() > eps).float().mean().detach(), "ratio": ratio.mean().detach()}
+            "clip_fraction": (deviation > eps).float().mean(), "ratio": ratio.mean().detach(),
+            "ratio_deviation": deviation.flatten()}
+
+
+RATIO_QUANTILES = (0.5, 0.9, 0.99)
+
+
+def ratio_summary(deviations: torch.Tensor) -> dict[str, float]:
+    """The max and the 50/90/99% quantiles of |ratio - 1| over a round's children: where the PPO clip would act."""
+    deviations = deviations.double()
+    out = {"ratio_deviation_max": deviations.max().item()}
+    for q in RATIO_QUANTILES:
+        out[f"ratio_deviation_p{round(q * 100)}"] = torch.quantile(deviations, q).item()
+    return out
 
 
 def group_log_probs(model: Any, policy: Any, reference: Any, batch: dict[str, torch.Tensor], cond: Any,
-                    guidance: float, eta: float, reduce: str, with_kl: bool) -> dict[str, torch.Tensor]:
+                    guidance: float, eta: float, reduce: str, with_kl: bool,
+                    detach_uncond: bool = False) -> dict[str, torch.Tensor]:
     """log p_theta of every child [P, K] from one policy forward per parent, and (with_kl) the exact KL to the
     reference [P] from one reference forward per parent."""
     from lpo.reward.lpo.step import gaussian_log_prob
 
     x_t, t, children = batch["x_t"], batch["t"], batch["children"]
     parents, k = children.shape[:2]
-    step = model.step(model.predict(x_t, t, cond, guidance, denoiser=policy), t, x_t, eta)
+    step = model.step(model.predict(x_t, t, cond, guidance, denoiser=policy, detach_uncond=detach_uncond), t, x_t,
+                      eta)
     mean = step.mean[:, None].expand(children.shape).reshape(parents * k, *children.shape[2:])
     std = step.std[:, None].expand(parents, k, *step.std.shape[1:]).reshape(parents * k, *step.std.shape[1:])
     out = {"log_prob": gaussian_log_prob(children.reshape(parents * k, *children.shape[2:]), mean, std,

@@ -22,6 +22,7 @@ def image_seed(seed: int, prompt_index: int, image_index: int) -> int:
 
 def validate(config: SampleConfig) -> None:
     from lpo.reward.backbones import family_of, resolve_denoiser, resolve_lora
+    from lpo.reward.backbones.family import check_base_resolution
     from lpo.reward.lrm.model import check_lrm_matches
 
     if not config.base or not config.out:
@@ -29,6 +30,9 @@ def validate(config: SampleConfig) -> None:
     if not config.prompts or not all(p.strip() for p in config.prompts):
         raise InputError("give at least one non-empty --prompt.")
     family = family_of(config.base)
+    if config.sampler is not None and config.sampler not in family.samplers:
+        raise InputError(f"--sampler {config.sampler!r}: {family.title} samples with {', '.join(family.samplers)}.")
+    check_base_resolution(config.resolution, config.base, family)
     if config.lrm is not None:
         check_lrm_matches(config.lrm, family.name, config.base)
     if config.candidates > 1 and config.lrm is None:
@@ -57,6 +61,8 @@ def run(config: SampleConfig) -> dict[str, Any]:
     device = resolve_device(config.device)
     model = load_generator(config.base, lora=config.lora, denoiser=config.denoiser, device=device)
     eta, guidance = model.family.sampling(config.eta, config.guidance, guided=config.lrm is not None)
+    model.use_sampler(config.sampler)
+    model.use_resolution(config.resolution)
     lrm = LatentRewardModel.from_pretrained(config.lrm).to(device) if config.lrm is not None else None
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -87,7 +93,7 @@ def run(config: SampleConfig) -> dict[str, Any]:
     summary: dict[str, Any] = {"base": config.base, "lora": str(config.lora) if config.lora else None,
                                "denoiser": config.denoiser, "lrm": str(config.lrm) if config.lrm else None,
                                "candidates": config.candidates, "steps": config.steps, "guidance": guidance,
-                               "eta": eta, "resolution": model.resolution, "images": records}
+                               "eta": eta, "sampler": model.sampler, "resolution": model.resolution, "images": records}
     if lrm is not None:
         mean = {kind: sum(r["lrm_score"] for r in records if r["kind"] == kind) /
                 max(1, sum(r["kind"] == kind for r in records)) for kind in ("guided", "plain")}

@@ -48,11 +48,12 @@ def score_candidates(lrm: Any, candidates: torch.Tensor, timestep: float, prompt
 
 def branch(model: Generator, latents: torch.Tensor, t: float, cond: Conditioning, guidance: float, eta: float,
            generators: list[torch.Generator], k: int, denoiser: Any = None) -> tuple[StepStats, torch.Tensor]:
-    """The step from x_t at `t` and k children drawn from it ([k, B, ...]; with eta 0, the mean alone)."""
+    """The step from x_t at `t` and k children drawn from it ([k, B, ...]); a deterministic step (eta 0, or a flow
+    sampler's last step to sigma = 0) gives its mean alone ([1, B, ...]) and draws no noise."""
     timesteps = torch.full((latents.shape[0],), t)
     output = model.predict(latents, timesteps, cond, guidance, denoiser=denoiser)
     stats = model.step(output, timesteps, latents, eta)
-    if eta == 0:
+    if eta == 0 or not bool((stats.std > 0).any()):
         return stats, stats.mean[None]
     return stats, stats.mean[None] + stats.std[None] * _noise(generators, k, model.latent_shape).to(stats.mean)
 
@@ -98,49 +99,59 @@ class Rollout:
 def rollout(model: Generator, cond: Conditioning, prompts: list[str], lrm: Any, generators: list[torch.Generator],
             thresholds: dict[float, float], steps: int = 20, guidance: float = 5.0, eta: float = 1.0, k: int = 4,
             score_timestep: str = "parent", denoiser: Any = None, objective: str = "lpo",
-            reduce: str = "mean") -> Rollout:
+            reduce: str = "mean", group_filter: bool = False) -> Rollout:
     """One sampling round for a batch of prompts (see the module docstring); `reduce` is how GRPO's sampling
-    log-densities are reduced over latent elements."""
-    from lpo.reward.lpo.grpo import advantages
-    from lpo.reward.lpo.step import gaussian_log_prob
-
+    log-densities are reduced over latent elements; `group_filter` keeps only GRPO groups whose best and worst
+    child pass LPO's threshold."""
     timesteps = model.timesteps(steps)
     latents = model.initial_latents(generators).to(model.device)  # float32: the step maths' dtype
     text = lrm.encode_text(prompts)
     result = Rollout()
     for i, t in enumerate(timesteps):
         stats, children = branch(model, latents, t, cond, guidance, eta, generators, k, denoiser)
-        scores = score_candidates(lrm, children, scoring_timestep(t, stats, score_timestep), prompts, text)
-        best, worst = scores.argmax(0), scores.argmin(0)
-        gap = scores.gather(0, best[None])[0] - scores.gather(0, worst[None])[0]
-        # a deterministic step (sigma_t = 0, e.g. the last step when alphas_cumprod ends at 1) has no likelihood
         threshold = thresholds.get(t)
-        trained = (stats.std.flatten().cpu() > 0) & (threshold is not None)
-        # LPO: softmax([s_w, s_l])[0] - softmax(...)[1] = tanh(gap / 2) must exceed the threshold
-        if objective == "lpo":
-            valid = trained & (torch.tanh(gap / 2) > (threshold if threshold is not None else float("inf")))
-        else:
-            valid = trained
-        for b in torch.nonzero(valid).flatten().tolist():
-            result.x_t.append(latents[b].cpu())
-            result.timesteps.append(t)
-            result.prompt_index.append(b)
-            result.step_index.append(i)
-            if objective == "lpo":
-                result.x_w.append(children[best[b], b].cpu())
-                result.x_l.append(children[worst[b], b].cpu())
-            else:
-                group = children[:, b]
-                mean = stats.mean[b:b + 1].expand(group.shape)
-                std = stats.std[b:b + 1].expand(k, *stats.std.shape[1:])
-                result.children.append(group.cpu())
-                result.old_log_prob.append(gaussian_log_prob(group, mean, std, reduce).cpu())
-                result.advantages.append(advantages(scores[:, b]))
-            result.valid_per_band[band_of(t)] += 1
+        # a deterministic step (a flow sampler's last, or sigma_t = 0 when alphas_cumprod ends at 1) has no
+        # likelihood, and a step without a threshold is not trained: neither is scored
+        if children.shape[0] > 1 and threshold is not None:
+            scores = score_candidates(lrm, children, scoring_timestep(t, stats, score_timestep), prompts, text)
+            _keep(result, i, t, latents, stats, children, scores, threshold, objective, reduce, group_filter)
         pick = torch.stack([torch.randint(k, (1,), generator=g) for g in generators]).flatten()
-        latents = children[pick, torch.arange(latents.shape[0])]
+        latents = children[pick % children.shape[0], torch.arange(latents.shape[0])]
     result.final = latents
     return result
+
+
+def _keep(result: Rollout, i: int, t: float, latents: torch.Tensor, stats: StepStats, children: torch.Tensor,
+          scores: torch.Tensor, threshold: float, objective: str, reduce: str, group_filter: bool) -> None:
+    """Add step i's items to the round: LPO's best/worst pair where their softmax gap passes the threshold, or
+    GRPO's whole group (where the gap passes, with `group_filter`)."""
+    from lpo.reward.lpo.grpo import advantages
+    from lpo.reward.lpo.step import gaussian_log_prob
+
+    k = children.shape[0]
+    best, worst = scores.argmax(0), scores.argmin(0)
+    gap = scores.gather(0, best[None])[0] - scores.gather(0, worst[None])[0]
+    # softmax([s_w, s_l])[0] - softmax(...)[1] = tanh(gap / 2) must exceed the threshold
+    passes = torch.tanh(gap / 2) > threshold
+    valid = stats.std.flatten().cpu() > 0
+    if objective == "lpo" or group_filter:
+        valid = valid & passes
+    for b in torch.nonzero(valid).flatten().tolist():
+        result.x_t.append(latents[b].cpu())
+        result.timesteps.append(t)
+        result.prompt_index.append(b)
+        result.step_index.append(i)
+        if objective == "lpo":
+            result.x_w.append(children[best[b], b].cpu())
+            result.x_l.append(children[worst[b], b].cpu())
+        else:
+            group = children[:, b]
+            mean = stats.mean[b:b + 1].expand(group.shape)
+            std = stats.std[b:b + 1].expand(k, *stats.std.shape[1:])
+            result.children.append(group.cpu())
+            result.old_log_prob.append(gaussian_log_prob(group, mean, std, reduce).cpu())
+            result.advantages.append(advantages(scores[:, b]))
+        result.valid_per_band[band_of(t)] += 1
 
 
 @torch.no_grad()
@@ -156,11 +167,11 @@ def sample(model: Generator, cond: Conditioning, generators: list[torch.Generato
     chosen = []
     for t in timesteps:
         stats, children = branch(model, latents, t, cond, guidance, eta, generators, candidates, denoiser)
-        if guided:
+        best = torch.zeros(latents.shape[0], dtype=torch.long)
+        if guided and children.shape[0] > 1:  # a deterministic step has one candidate: nothing to choose
             best = score_candidates(lrm, children, scoring_timestep(t, stats, score_timestep), prompts, text).argmax(0)
+        if guided:
             chosen.append(best)
-        else:
-            best = torch.zeros(latents.shape[0], dtype=torch.long)
         latents = children[best.to(children.device), torch.arange(latents.shape[0])]
     return {"latents": latents, "chosen": torch.stack(chosen) if chosen else None}
 

@@ -30,7 +30,7 @@ from lpo.curate import config as cfg
 from lpo.curate.errors import InputError
 from lpo.reward import checkpoints, engine
 from lpo.reward.checkpoints import CHECKPOINTS
-from lpo.reward.lpo.config import LPOConfig
+from lpo.reward.lpo.config import BETA_SCHEDULES, THRESHOLD_SCALES, LPOConfig
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ def validate(config: LPOConfig) -> list[str]:
     """Everything checkable before any model loads; returns the prompts."""
     from lpo.curate.prompts import read_prompts
     from lpo.reward.backbones import FAMILIES, family_of
+    from lpo.reward.backbones.family import check_base_resolution
     from lpo.reward.lrm.model import check_lrm_matches
     from lpo.reward.serve.client import remote_lrm
 
@@ -70,11 +71,28 @@ def validate(config: LPOConfig) -> list[str]:
         raise InputError("--score-timestep is parent or child; --logprob-reduction is mean or sum.")
     if config.objective not in ("lpo", "grpo"):
         raise InputError(f"--objective {config.objective!r} is not lpo or grpo.")
+    samplers, resolved = FAMILIES[found].samplers, config.resolved()
+    if resolved.sampler not in samplers:
+        raise InputError(f"--sampler {resolved.sampler!r}: {FAMILIES[found].title} samples with "
+                         f"{', '.join(samplers)}.")
+    if resolved.beta_schedule not in BETA_SCHEDULES or resolved.threshold_scale not in THRESHOLD_SCALES:
+        raise InputError(f"--beta-schedule is {' or '.join(BETA_SCHEDULES)}; --threshold-scale is "
+                         f"{' or '.join(THRESHOLD_SCALES)}.")
+    if config.lora_single_stream and found != "flux":
+        raise InputError("--lora-single-stream adapts FLUX.1's single-stream blocks; an "
+                         f"{found} model has none.")
+    if config.lora_alpha is not None and config.lora_alpha <= 0:
+        raise InputError(f"--lora-alpha {config.lora_alpha} must be > 0 (the LoRA's scale is alpha / rank).")
+    if config.objective == "grpo" and config.logprob_reduction == "sum":
+        raise InputError("--logprob-reduction sum cannot train GRPO: its --clip-eps and --grpo-kl are per latent "
+                         "element, so a summed log-ratio leaves the clip at once (a ratio of e^19 gives a gradient "
+                         "of 1e8, beyond e^20 it is dropped). Use --logprob-reduction mean.")
     if not 0 < config.clip_eps < 1 or config.grpo_kl < 0:
         raise InputError("--clip-eps must be in (0, 1) and --grpo-kl at least 0.")
-    resolved = config.resolved()
-    if len(resolved.threshold) != 2 or not 0 <= resolved.threshold[0] <= resolved.threshold[1] < 1:
-        raise InputError(f"--threshold {resolved.threshold} must be two values 0 <= low <= high < 1.")
+    threshold = resolved.threshold
+    if threshold is not None and (len(threshold) != 2 or not 0 <= threshold[0] <= threshold[1] < 1):
+        raise InputError(f"--threshold {threshold} must be two values 0 <= low <= high < 1.")
+    check_base_resolution(config.resolution, config.base, FAMILIES[found])
     for name in ("epochs", "steps", "sample_batch_size", "train_batch_size"):
         if getattr(resolved, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1.")
@@ -128,7 +146,8 @@ def step_log_probs(model: Any, policy: Any, reference: Reference, batch: dict[st
     from lpo.reward.lpo.step import gaussian_log_prob
 
     x_t, t = batch["x_t"], batch["t"]
-    policy = model.step(model.predict(x_t, t, cond, config.guidance, denoiser=policy), t, x_t, config.eta)
+    policy = model.step(model.predict(x_t, t, cond, config.guidance, denoiser=policy,
+                                      detach_uncond=config.detach_uncond), t, x_t, config.eta)
     ref = model.step(model.predict(x_t, t, cond, config.guidance, denoiser=reference), t, x_t, config.eta)
     reduce = config.logprob_reduction
     return {
@@ -137,6 +156,49 @@ def step_log_probs(model: Any, policy: Any, reference: Reference, batch: dict[st
         "ref_w": gaussian_log_prob(batch["x_w"], ref.mean, ref.std, reduce),
         "ref_l": gaussian_log_prob(batch["x_l"], ref.mean, ref.std, reduce),
     }
+
+
+def step_thresholds(model: Any, config: LPOConfig) -> dict:
+    """Per trained timestep of the grid the last `model.timesteps` call set: the softmax-gap threshold, linear
+    between --threshold's low (least noisy trained step) and high (noisiest) in the step's std or in the forward
+    process's noise share (`--threshold-scale`)."""
+    from lpo.reward.lpo.step import threshold_schedule
+
+    timesteps, stds = model.step_stds(config.eta)
+    if config.threshold_scale not in THRESHOLD_SCALES:
+        raise ValueError(f"threshold_scale {config.threshold_scale!r} (resolve the config first)")
+    scale = stds if config.threshold_scale == "std" else model.noise_sigmas(timesteps)
+    return threshold_schedule(timesteps, scale, *config.threshold)
+
+
+def log_ratio_scales(model: Any, config: LPOConfig) -> dict | None:
+    """`--beta-schedule kappa`: per trained timestep, the factor median(kappa) / kappa_t each step's log-ratio is
+    multiplied by before the clamp and beta; None for the constant schedule."""
+    if config.beta_schedule not in BETA_SCHEDULES:
+        raise ValueError(f"beta_schedule {config.beta_schedule!r} (resolve the config first)")
+    if config.beta_schedule == "constant":
+        return None
+    timesteps, kappas = model.step_kappas(config.eta)
+    reference = kappas.median()
+    return {t: float(reference / kappa) for t, kappa in zip(timesteps, kappas)}
+
+
+def per_step(values: dict, timesteps: torch.Tensor) -> torch.Tensor:
+    """The value of each timestep's nearest key (timesteps come back from tensors in float32) [B], float32."""
+    keys = torch.tensor(list(values), dtype=torch.float64)
+    index = (timesteps.to(torch.float64).reshape(-1, 1) - keys).abs().argmin(dim=1)
+    return torch.tensor(list(values.values()), dtype=torch.float32)[index]
+
+
+def lora_targets(denoiser: Any, family: Any, config: LPOConfig) -> list[str]:
+    """The modules LoRA adapts: the family's (matched by name suffix, as PEFT does), and with
+    `--lora-single-stream` FLUX's single-stream blocks' MLP in and out projections (named in full, so the model's
+    own output head `proj_out` is not among them)."""
+    targets = list(family.lora_targets)
+    if config.lora_single_stream:
+        targets += [name for name, _ in denoiser.named_modules()
+                    if name.startswith("single_transformer_blocks.") and name.endswith((".proj_mlp", ".proj_out"))]
+    return targets
 
 
 def effective_beta(config: LPOConfig, elements: int) -> float:
@@ -154,7 +216,6 @@ def run(config: LPOConfig) -> dict[str, Any]:
 
     from lpo.curate.device import mixed_precision, precision_dtype
     from lpo.reward.backbones import get_family, load_generator
-    from lpo.reward.lpo.step import threshold_schedule
     from lpo.reward.lrm.model import LatentRewardModel
     from lpo.reward.serve.client import remote_lrm
 
@@ -193,8 +254,9 @@ def run(config: LPOConfig) -> dict[str, Any]:
         from peft import LoraConfig
 
         denoiser.requires_grad_(False)
-        denoiser.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_rank, init_lora_weights="gaussian",
-                                        target_modules=list(family.lora_targets)))
+        denoiser.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha or config.lora_rank,
+                                        init_lora_weights="gaussian", target_modules=lora_targets(denoiser, family,
+                                                                                                  config)))
         for param in denoiser.parameters():
             if param.requires_grad:
                 param.data = param.data.float()  # trainable LoRA weights in fp32, the frozen base in half
@@ -208,8 +270,13 @@ def run(config: LPOConfig) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.999),
                                   eps=1e-8)
     denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
+    model.use_sampler(config.sampler)
+    model.use_resolution(config.resolution)
+    if config.threshold is None:  # the family's thresholds at the side sampled at
+        config = dataclasses.replace(config, threshold=family.threshold_at(model.resolution))
     model.timesteps(config.steps)
-    thresholds = threshold_schedule(*model.step_stds(config.eta), *config.threshold)
+    thresholds = step_thresholds(model, config)
+    scales = log_ratio_scales(model, config)
 
     unit = "groups" if config.objective == "grpo" else "tuples"
     state = {"round": 0, "updates": 0, f"{unit}_trained": 0, "rounds": []}
@@ -236,7 +303,7 @@ def run(config: LPOConfig) -> dict[str, Any]:
         task = progress.add_task("rounds", total=total_rounds, completed=state["round"], info="")
         while state["round"] < total_rounds:
             record = _round(config, accelerator, model, denoiser, reference, lrm, optimizer, prompts, thresholds,
-                            state, rank, world, metrics)
+                            scales, state, rank, world, metrics)
             state["rounds"].append(record)
             state[f"{unit}_trained"] += record[f"{unit}_trained"]
             state["round"] += 1
@@ -260,8 +327,8 @@ def run(config: LPOConfig) -> dict[str, Any]:
             "outputs": outputs, **outputs}
 
 
-def _round(config, accelerator, model, denoiser, reference, lrm, optimizer, prompts, thresholds, state, rank,
-           world, metrics) -> dict[str, Any]:
+def _round(config, accelerator, model, denoiser, reference, lrm, optimizer, prompts, thresholds, scales, state,
+           rank, world, metrics) -> dict[str, Any]:
     from accelerate.utils import gather_object
 
     from lpo.reward.lpo.sampler import rollout
@@ -278,7 +345,7 @@ def _round(config, accelerator, model, denoiser, reference, lrm, optimizer, prom
     started = time.perf_counter()
     result = rollout(model, cond, batch_prompts, lrm, generators, thresholds, config.steps, config.guidance,
                      config.eta, config.candidates, config.score_timestep, denoiser=policy, objective=config.objective,
-                     reduce=config.logprob_reduction)
+                     reduce=config.logprob_reduction, group_filter=config.grpo_filter)
     final_scores = lrm.score(result.final.to(lrm.device, lrm.dtype),
                              torch.full((len(batch_prompts),), model.clean_timestep(), device=lrm.device),
                              batch_prompts).float()
@@ -309,6 +376,7 @@ def _round(config, accelerator, model, denoiser, reference, lrm, optimizer, prom
     keys = ("loss", "policy_loss", "kl", "clip_fraction", "ratio") if grpo else (
         "loss", "implicit_accuracy", "margin", "ratio_w", "ratio_l")
     logs: dict[str, list[float]] = {key: [] for key in keys}
+    deviations = []  # GRPO: |ratio - 1| of every child trained on
     for start in range(0, len(mine), config.train_batch_size):
         chunk = mine[start:start + config.train_batch_size]
         device = accelerator.device  # latents stay float32 for the step maths; the denoiser casts its input
@@ -317,7 +385,7 @@ def _round(config, accelerator, model, denoiser, reference, lrm, optimizer, prom
         chunk_cond = model.encode_prompts([c["prompt"] for c in chunk])
         with accelerator.autocast():
             losses = _grpo_losses(model, denoiser, reference, batch, chunk_cond, config) if grpo else \
-                _lpo_losses(model, denoiser, reference, batch, chunk_cond, config)
+                _lpo_losses(model, denoiser, reference, batch, chunk_cond, config, scales)
         if not torch.isfinite(losses["loss"]):
             raise InputError(f"{config.objective.upper()} loss became {losses['loss'].item()} in round "
                              f"{state['round']}; the last checkpoint in {Path(config.out) / CHECKPOINTS} is intact. "
@@ -330,6 +398,8 @@ def _round(config, accelerator, model, denoiser, reference, lrm, optimizer, prom
         optimizer.zero_grad()
         for key in logs:
             logs[key].append(losses[key].item())
+        if grpo:
+            deviations.append(losses["ratio_deviation"])
         # every process trains the same number of chunks: the update's numbers over all of them
         second = "clip_fraction" if grpo else "implicit_accuracy"
         shared = accelerator.reduce(torch.tensor([losses["loss"].item(), losses[second].item()],
@@ -339,6 +409,11 @@ def _round(config, accelerator, model, denoiser, reference, lrm, optimizer, prom
                        second: shared[1].item(), unit: len(chunk) * world})
     record[f"{unit}_trained"] = share * world
     record.update({key: sum(values) / len(values) for key, values in logs.items()})
+    if grpo:
+        from lpo.reward.lpo.grpo import ratio_summary
+
+        # every process trains `share` groups of K: the same count, so the gather lines up
+        record.update(ratio_summary(accelerator.gather(torch.cat(deviations).to(accelerator.device)).cpu()))
     # denoiser forwards of the training (a CFG forward, both halves in one batch, counts once): the policy's, and
     # the reference's unless GRPO runs without its KL term
     passes = 1 if grpo and config.grpo_kl == 0 else 2
@@ -347,19 +422,21 @@ def _round(config, accelerator, model, denoiser, reference, lrm, optimizer, prom
     return record
 
 
-def _lpo_losses(model, denoiser, reference, batch, cond, config: LPOConfig) -> dict[str, torch.Tensor]:
+def _lpo_losses(model, denoiser, reference, batch, cond, config: LPOConfig,
+                scales: dict | None = None) -> dict[str, torch.Tensor]:
     from lpo.reward.lpo.loss import lpo_loss
 
     log_probs = step_log_probs(model, denoiser, reference, batch, cond, config)
+    scale = None if scales is None else per_step(scales, batch["t"]).to(log_probs["w"].device)
     return lpo_loss(log_probs["w"], log_probs["l"], log_probs["ref_w"], log_probs["ref_l"],
-                    effective_beta(config, batch["x_w"][0].numel()), config.clip_eps)
+                    effective_beta(config, batch["x_w"][0].numel()), config.clip_eps, scale)
 
 
 def _grpo_losses(model, denoiser, reference, batch, cond, config: LPOConfig) -> dict[str, torch.Tensor]:
     from lpo.reward.lpo.grpo import group_log_probs, grpo_loss
 
     out = group_log_probs(model, denoiser, reference, batch, cond, config.guidance, config.eta,
-                          config.logprob_reduction, with_kl=config.grpo_kl > 0)
+                          config.logprob_reduction, with_kl=config.grpo_kl > 0, detach_uncond=config.detach_uncond)
     return grpo_loss(out["log_prob"], batch["old_log_prob"], batch["advantages"], config.clip_eps, out.get("kl"),
                      config.grpo_kl)
 
@@ -392,7 +469,8 @@ def _export(config: LPOConfig, accelerator, model, denoiser, out: Path) -> dict[
 
         from lpo.reward.backbones.base import load_lora_quietly
 
-        model.save_lora(out / "lora", get_peft_model_state_dict(policy))
+        (adapter,) = policy.active_adapters()
+        model.save_lora(out / "lora", get_peft_model_state_dict(policy), policy.peft_config[adapter].to_dict())
         outputs["lora"] = str(out / "lora")
         if config.merge:
             merged = model.family.load_pipeline(config.base)

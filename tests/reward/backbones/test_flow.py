@@ -31,13 +31,14 @@ def test_sd3_grid_is_the_shifted_linspace_with_the_shift_applied_twice() -> None
                                [1.0, .9601, .9133, .8577, .7904, .7073, .6022, .4649, .2780, .0089], atol=1e-4)
 
 
-def test_noise_level_zero_is_exactly_the_schedulers_euler_step() -> None:
+@pytest.mark.parametrize("sampler", flow.SAMPLERS)
+def test_noise_level_zero_is_exactly_the_schedulers_euler_step(sampler: str) -> None:
     scheduler = _sd3_scheduler(10)
     generator = torch.Generator().manual_seed(0)
     for i, t in enumerate(scheduler.timesteps.tolist()):
         x = torch.randn(2, 16, 8, 8, generator=generator)
         v = torch.randn(2, 16, 8, 8, generator=generator)
-        stats = flow.step_stats(scheduler, v, torch.full((2,), t), x, 0.0)
+        stats = flow.step_stats(scheduler, v, torch.full((2,), t), x, 0.0, sampler)
         reference = _sd3_scheduler(10)
         reference.set_begin_index(i)  # the scheduler's own step i
         expected = reference.step(v, torch.tensor(t), x).prev_sample
@@ -45,10 +46,13 @@ def test_noise_level_zero_is_exactly_the_schedulers_euler_step() -> None:
         assert torch.all(stats.std == 0)
 
 
-def _sde_reference(x, v, sigma, sigma_next, sigma_one, a):
-    """The reverse SDE dx = [v + g^2/(2 sigma) (x + (1 - sigma) v)] dt + g dW, one Euler-Maruyama step, in numpy."""
-    g = a * math.sqrt(sigma / (1 - (sigma_one if sigma >= 1 else sigma)))
+def _sde_reference(x, v, sigma, sigma_next, sigma_one, a, final_euler=True):
+    """The reverse SDE dx = [v + g^2/(2 sigma) (x + (1 - sigma) v)] dt + g dW, one Euler-Maruyama step, in numpy;
+    the step to sigma 0 is the ODE's Euler step (unless `final_euler` is off: the SDE's own last step)."""
     dt = sigma_next - sigma
+    if sigma_next == 0 and final_euler:
+        return x + v * dt, 0.0
+    g = a * math.sqrt(sigma / (1 - (sigma_one if sigma >= 1 else sigma)))
     drift = v + g**2 / (2 * sigma) * (x + (1 - sigma) * v)
     return x + drift * dt, g * math.sqrt(-dt)
 
@@ -69,9 +73,9 @@ def _assert_steps_follow_the_reverse_sde(scheduler, sigmas: np.ndarray, a: float
 def test_sde_step_mean_and_std_equal_the_reverse_sde_in_closed_form() -> None:
     scheduler = _sd3_scheduler(10)
     _assert_steps_follow_the_reverse_sde(scheduler, scheduler.sigmas.double().numpy(), 0.7, 4, seed=1)
-    # the stds flow.md section 4.1 lists for SD3 at 10 steps, a = 0.7
+    # the stds flow.md section 4.1 lists for SD3 at 10 steps, a = 0.7, but the last (.006), now deterministic
     stds = flow.step_std(scheduler, torch.arange(10), 0.7).numpy()
-    np.testing.assert_allclose(stds.round(3), [.700, .743, .536, .446, .392, .353, .319, .282, .225, .006], atol=1e-3)
+    np.testing.assert_allclose(stds.round(3), [.700, .743, .536, .446, .392, .353, .319, .282, .225, 0], atol=1e-3)
 
 
 def test_sde_step_on_fluxs_grid_equals_the_closed_form() -> None:
@@ -93,16 +97,69 @@ def test_sde_step_on_fluxs_grid_equals_the_closed_form() -> None:
     _assert_steps_follow_the_reverse_sde(scheduler, scheduler.sigmas.double().numpy(), 0.9, 16, seed=3)
     sigmas = np.asarray(expected)
     assert sigmas[-2] == pytest.approx(0.1425, abs=1e-4)
-    assert flow.step_std(scheduler, torch.tensor([19]), 0.9).item() == pytest.approx(0.1385, abs=1e-4)
+    # the noise the SDE's own last step would leave in the image; ours takes the deterministic Euler step there
+    assert _sde_reference(0.0, 0.0, sigmas[-2], 0.0, sigmas[1], 0.9, final_euler=False)[1] == pytest.approx(0.1385,
+                                                                                                          abs=1e-4)
+    assert flow.step_std(scheduler, torch.tensor([19]), 0.9).item() == 0
 
 
-def test_log_density_is_the_normal_distributions() -> None:
+def _cps_reference(x, v, sigma, sigma_next, a):
+    """The coefficients-preserving step (arXiv 2509.05952) written out in numpy: predicted clean sample and noise,
+    recombined at sigma' with the noise split between the predicted and a fresh one."""
+    x0, x1 = x - sigma * v, x + (1 - sigma) * v
+    std = sigma_next * math.sin(a * math.pi / 2)
+    return (1 - sigma_next) * x0 + math.sqrt(sigma_next**2 - std**2) * x1, std
+
+
+@pytest.mark.parametrize("grid", ["sd3", "flux"])
+def test_cps_step_equals_the_coefficients_preserving_formula(grid: str) -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if grid == "sd3":
+        scheduler, a = _sd3_scheduler(10), 0.7
+    else:
+        scheduler, a = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True), 0.9
+        flow.set_grid(scheduler, 20, image_tokens=4096, linear_sigmas=True)
+    sigmas = scheduler.sigmas.double().numpy()
+    generator = torch.Generator().manual_seed(4)
+    for i, t in enumerate(scheduler.timesteps.tolist()):
+        x = torch.randn(1, 16, 2, 2, generator=generator, dtype=torch.float64)
+        v = torch.randn(1, 16, 2, 2, generator=generator, dtype=torch.float64)
+        stats = flow.step_stats(scheduler, v, torch.tensor([t]), x, a, "cps")
+        mean, std = _cps_reference(x.numpy(), v.numpy(), sigmas[i], sigmas[i + 1], a)
+        np.testing.assert_allclose(stats.mean.numpy(), mean, rtol=1e-5, atol=1e-6)
+        assert stats.std.flatten()[0].item() == pytest.approx(std, rel=1e-6, abs=1e-12)
+    assert stats.std.item() == 0  # the last step, to sigma 0, is deterministic
+
+
+@pytest.mark.parametrize("sampler", flow.SAMPLERS)
+def test_a_child_carries_its_nominal_noise_only_under_cps(sampler: str) -> None:
+    """With the exact velocity of a single data point x0 (v = eps - x0 at x = (1 - sigma) x0 + sigma eps), a child
+    is (1 - sigma') x0 + c eps + std z: its noise variance is c^2 + std^2. The CPS step keeps it at sigma'^2 (the
+    child sits where its timestep says); the SDE step leaves more (sigma'^2 + g^2 |dt| (1 - sigma'/sigma) +
+    g^4 dt^2 / (4 sigma^2)), which the LRM would read as a less noisy latent than it is."""
+    scheduler = _sd3_scheduler(10)
+    sigmas = scheduler.sigmas.double()
+    for i, t in enumerate(scheduler.timesteps.tolist()):
+        sigma, following = sigmas[i].item(), sigmas[i + 1].item()
+        eps = torch.ones(1, 1, 1, 1, dtype=torch.float64)
+        x, v = sigma * eps, eps  # x0 = 0
+        stats = flow.step_stats(scheduler, v, torch.tensor([t]), x, 0.7, sampler)
+        variance = stats.mean.double().item() ** 2 + stats.std.double().item() ** 2
+        if sampler == "cps" or following == 0:
+            assert variance == pytest.approx(following**2, rel=1e-5, abs=1e-12)
+        else:
+            assert variance > following**2 * 1.01
+
+
+@pytest.mark.parametrize("sampler", flow.SAMPLERS)
+def test_log_density_is_the_normal_distributions(sampler: str) -> None:
     scheduler = _sd3_scheduler(20)
     generator = torch.Generator().manual_seed(2)
     x = torch.randn(3, 16, 4, 4, generator=generator)
     v = torch.randn(3, 16, 4, 4, generator=generator)
     t = torch.tensor(scheduler.timesteps[[0, 7, 18]].tolist())
-    stats = flow.step_stats(scheduler, v, t, x, 0.7)
+    stats = flow.step_stats(scheduler, v, t, x, 0.7, sampler)
     child = stats.mean + stats.std * torch.randn(x.shape, generator=generator)
     expected = torch.distributions.Normal(stats.mean.double(), stats.std.double()).log_prob(child.double())
     torch.testing.assert_close(gaussian_log_prob(child, stats.mean, stats.std).double(),

@@ -104,7 +104,7 @@ def test_seeds_are_per_image_and_images_do_not_depend_on_the_batch(runs) -> None
 def test_summary_records_sampler_settings_and_each_metric_model_and_scale(runs, tiny_models_dir) -> None:
     summary = json.loads((runs[1] / "summary.json").read_text())
     generation = summary["generation"]
-    assert generation["sampler"] == "DDIM" and generation["steps"] == 1 and generation["guidance"] == 5.0
+    assert generation["sampler"] == "ddim" and generation["steps"] == 1 and generation["guidance"] == 5.0
     assert generation["eta"] == 0.0 and generation["resolution"] == [64, 64] and generation["seed"] == 42
     assert generation["base"] == str(tiny_models_dir / "sd15") and generation["torch_dtype"] == "float32"
     metrics = summary["metrics"]
@@ -428,7 +428,7 @@ def test_flow_families_generate_guided_and_with_a_fine_tuned_transformer(family,
               "--images-per-prompt", 1, "--steps", 3, "--max-prompts", 2, "--device", "cpu"]
     assert invoke("eval", *common, "--out", tmp_path / "plain").exit_code == 0
     plain = json.loads((tmp_path / "plain" / "summary.json").read_text())["generation"]
-    assert plain["sampler"] == "flow-SDE" and plain["guidance"] == guidance and plain["eta"] == 0.0
+    assert plain["sampler"] == "cps" and plain["guidance"] == guidance and plain["eta"] == 0.0
     assert invoke("eval", *common, "--lrm", lrm, "--candidates", 2, "--out", tmp_path / "guided").exit_code == 0
     guided = json.loads((tmp_path / "guided" / "summary.json").read_text())["generation"]
     assert guided["eta"] == noise and guided["candidates"] == 2

@@ -76,6 +76,23 @@ def test_grpo_loss_equals_the_written_out_surrogate_and_its_clip_fraction() -> N
     assert out["kl"].item() == pytest.approx(0.2)
     no_kl = grpo.grpo_loss(log_prob, old, adv, eps=0.1)
     assert no_kl["loss"].item() == pytest.approx(want - 0.1 * 0.2, rel=1e-12)
+    # |ratio - 1| of every child, summarised per round as where the clip would act
+    np.testing.assert_allclose(out["ratio_deviation"].numpy(), np.abs(ratios - 1).flatten(), rtol=1e-12)
+    summary = grpo.ratio_summary(out["ratio_deviation"])
+    assert summary["ratio_deviation_max"] == pytest.approx(np.abs(ratios - 1).max())
+    for q in (50, 90, 99):
+        assert summary[f"ratio_deviation_p{q}"] == pytest.approx(np.quantile(np.abs(ratios - 1), q / 100))
+
+
+def test_grpo_refuses_summed_log_densities(tiny_models_dir, lrms, prompt_file, tmp_path) -> None:
+    """--clip-eps and --grpo-kl are per latent element: with a summed log-density a ratio leaves any clip at once
+    (a summed log-ratio of 19 is a ratio of 1.8e8), so GRPO with `sum` is refused before any model loads."""
+    from lpo.curate.errors import InputError
+
+    with pytest.raises(InputError, match="--logprob-reduction sum cannot train GRPO"):
+        lpo_train.run(_config("sd15", tiny_models_dir, lrms, prompt_file, tmp_path / "run",
+                              logprob_reduction="sum"))
+    assert not (tmp_path / "run").exists()
 
 
 def test_grpo_gradient_equals_the_analytic_gradient_on_the_step_mean() -> None:
@@ -207,6 +224,10 @@ def test_grpo_trains_a_lora_and_logs_its_clip_fraction(family, tiny_models_dir, 
     assert first["groups"] == 2 * stochastic == first["groups_trained"]  # every trained step of both trajectories
     assert summary["groups_trained"] == sum(r["groups_trained"] for r in summary["history"])
     assert all(0 <= r["clip_fraction"] <= 1 and math.isfinite(r["loss"]) for r in summary["history"])
+    # the round's |ratio - 1| quantiles, in order
+    for r in summary["history"]:
+        assert 0 <= r["ratio_deviation_p50"] <= r["ratio_deviation_p90"] <= r["ratio_deviation_p99"] \
+            <= r["ratio_deviation_max"]
     logged = checkpoints.read_metrics(out)
     assert logged and all({"clip_fraction", "groups", "loss"} <= set(r) for r in logged)
     lora = load_file(out / "lora" / "pytorch_lora_weights.safetensors")

@@ -138,9 +138,10 @@ def test_children_are_scored_at_the_parents_or_their_own_timestep(where, generat
 
     monkeypatch.setattr(sampler, "score_candidates", score)
     timesteps = generator.timesteps(len(SCRIPT))
+    every_step = {t: 0.0 for t in timesteps}  # a step without a threshold is not trained, so not scored
     sampler.rollout(generator, generator.encode_prompts(PROMPTS), PROMPTS, NoTextLRM(),
-                    [torch.Generator().manual_seed(s) for s in (3, 4)], {}, steps=len(SCRIPT), guidance=1.0, eta=1.0,
-                    k=K, score_timestep=where)
+                    [torch.Generator().manual_seed(s) for s in (3, 4)], every_step, steps=len(SCRIPT), guidance=1.0,
+                    eta=1.0, k=K, score_timestep=where)
     if where == "parent":
         assert told == list(timesteps)
     else:

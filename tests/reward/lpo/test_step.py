@@ -120,3 +120,102 @@ def test_beta_is_per_element_under_both_reductions() -> None:
 
     assert effective_beta(LPOConfig(beta=500.0), 256) == 500.0
     assert effective_beta(LPOConfig(beta=500.0, logprob_reduction="sum"), 256) == pytest.approx(500.0 / 256)
+
+
+def test_a_per_step_scale_multiplies_the_log_ratio_before_the_clamp() -> None:
+    """`--beta-schedule kappa`: the tuple's log-ratios times s, then the clamp, then beta; s = 1 is the plain loss."""
+    beta, eps = 500.0, 0.1
+    log_w, log_l = torch.tensor([1e-4, 0.05, -3e-4]), torch.tensor([-2e-4, 0.0, 1e-4])
+    zero = torch.zeros(3)
+    scale = torch.tensor([1.0, 4.0, 20.0])
+    out = lpo_loss(log_w, log_l, zero, zero, beta, eps, scale)
+    low, high = math.log(1 - eps), math.log(1 + eps)
+    expected = []
+    for win, lose, s in zip(log_w.tolist(), log_l.tolist(), scale.tolist()):
+        margin = beta * (min(max(s * win, low), high) - min(max(s * lose, low), high))
+        expected.append(math.log1p(math.exp(-margin)))
+    assert out["loss"].item() == pytest.approx(sum(expected) / 3, rel=1e-5)
+    plain = lpo_loss(log_w, log_l, zero, zero, beta, eps)
+    assert lpo_loss(log_w, log_l, zero, zero, beta, eps, torch.ones(3))["loss"].item() == plain["loss"].item()
+    # 0.05 x 4 = 0.2 is beyond log 1.1: the second tuple's winner sits at the clamp
+    assert out["ratio_w"].item() == pytest.approx((math.exp(1e-4) + 1.1 + math.exp(-6e-3)) / 3, rel=1e-5)
+
+
+def test_kappa_is_the_closed_form_on_ddim_and_flow_grids(tiny_models_dir) -> None:
+    """kappa = |d mean / d output| / std of every trained step, as `Generator.step_kappas` finds it from the step
+    itself, against the closed forms: DDIM (eta 1, SD1.5's schedule) |sqrt(1 - a_prev - s^2) - sqrt(a_prev)
+    sqrt(1 - a_t) / sqrt(a_t)| / s, 0.6-0.9 for t >= 151; the flow SDE (flow.md section 9) (1 + a^2 / 2) sqrt(-dt)
+    sqrt((1 - sigma) / sigma) / a for sigma < 1 (0.026 at SD3-20's first step, 1.59 at its 19th); the CPS step
+    |sqrt(sigma'^2 - s^2) (1 - sigma) - (1 - sigma') sigma| / s."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from lpo.reward.backbones import load_generator
+
+    unet = load_generator(str(tiny_models_dir / "sd15"))
+    unet.scheduler = sd_scheduler(20)
+    timesteps, kappas = unet.step_kappas(1.0)
+    cumprod = unet.scheduler.alphas_cumprod.double()
+    for t, kappa in zip(timesteps, kappas.tolist()):
+        a_t = cumprod[t].item()
+        a_prev = cumprod[t - 50].item() if t >= 50 else cumprod[0].item()
+        s = math.sqrt((1 - a_prev) / (1 - a_t)) * math.sqrt(1 - a_t / a_prev)
+        gain = abs(math.sqrt(max(1 - a_prev - s**2, 0)) - math.sqrt(a_prev) * math.sqrt(1 - a_t) / math.sqrt(a_t))
+        assert kappa == pytest.approx(gain / s, rel=1e-4)
+        if t >= 151:
+            assert 0.6 < kappa < 0.9
+    flow_model = load_generator(str(tiny_models_dir / "sd3"))
+    flow_model.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    flow_model.scheduler.set_timesteps(20)
+    sigmas = flow_model.scheduler.sigmas.double().tolist()
+    flow_model.use_sampler("sde")
+    timesteps, kappas = flow_model.step_kappas(0.7)
+    assert len(timesteps) == 19  # the deterministic last step has no kappa
+    for i, kappa in enumerate(kappas.tolist()):
+        sigma, following = sigmas[i], sigmas[i + 1]
+        g = 0.7 * math.sqrt(sigma / (1 - (sigmas[1] if sigma >= 1 else sigma)))
+        dt = following - sigma
+        expected = (1 + g**2 * (1 - sigma) / (2 * sigma)) * -dt / (g * math.sqrt(-dt))
+        assert kappa == pytest.approx(expected, rel=1e-4)
+        if sigma < 1:
+            assert kappa == pytest.approx((1 + 0.7**2 / 2) * math.sqrt(-dt) * math.sqrt((1 - sigma) / sigma) / 0.7,
+                                          rel=1e-4)
+    assert kappas[0].item() == pytest.approx(0.026, abs=1e-3) and kappas[18].item() == pytest.approx(1.59, abs=0.01)
+    flow_model.use_sampler("cps")
+    _, cps = flow_model.step_kappas(0.7)
+    for i, kappa in enumerate(cps.tolist()):
+        sigma, following = sigmas[i], sigmas[i + 1]
+        s = following * math.sin(0.7 * math.pi / 2)
+        assert kappa == pytest.approx(abs(math.sqrt(following**2 - s**2) * (1 - sigma) - (1 - following) * sigma) / s,
+                                      rel=1e-4)
+
+
+def test_thresholds_on_sigma_are_linear_in_the_noise_share(tiny_models_dir) -> None:
+    """`--threshold-scale sigma`: low at the least noisy trained step, high at the noisiest, linear in the forward
+    process's noise share (sigma for flow; sqrt(1 - alphas_cumprod) for DDPM) instead of the step's std."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from lpo.reward.backbones import load_generator
+    from lpo.reward.lpo.config import LPOConfig
+    from lpo.reward.lpo.train import step_thresholds
+
+    model = load_generator(str(tiny_models_dir / "sd3"))
+    model.use_sampler("sde")  # the std of the SDE step; the CPS step's is proportional to sigma'
+    model.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    model.timesteps(20)
+    table = step_thresholds(model, LPOConfig(family="sd3", threshold=[0.35, 0.5], threshold_scale="sigma",
+                                             eta=0.7).resolved())
+    sigmas = [t / 1000 for t in table]
+    lo, hi = min(sigmas), max(sigmas)
+    for t, value in table.items():
+        assert value == pytest.approx(0.35 + (t / 1000 - lo) / (hi - lo) * 0.15, rel=1e-6)
+    # the std table puts 15 of the 19 steps below 0.415 (flow.md section 9); sigma puts 4 there
+    on_std = step_thresholds(model, LPOConfig(family="sd3", threshold=[0.35, 0.5], eta=0.7).resolved())
+    assert sum(v < 0.415 for v in on_std.values()) == 15
+    assert sum(v < 0.415 for v in table.values()) == 4
+    unet = load_generator(str(tiny_models_dir / "sd15"))
+    unet.scheduler = sd_scheduler(20)
+    ddpm = step_thresholds(unet, LPOConfig(threshold=[0.35, 0.5], threshold_scale="sigma", eta=1.0).resolved())
+    cumprod = unet.scheduler.alphas_cumprod.double()
+    shares = {t: math.sqrt(1 - cumprod[t].item()) for t in ddpm}
+    lo, hi = min(shares.values()), max(shares.values())
+    assert ddpm == pytest.approx({t: 0.35 + (s - lo) / (hi - lo) * 0.15 for t, s in shares.items()}, rel=1e-6)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -118,8 +119,8 @@ def test_one_policy_and_one_reference_forward_per_batch(tiny_models_dir, lrms):
     assert model.unet.active_adapters()  # the adapter is back on after the reference forward
 
 
-@pytest.mark.parametrize("family", ["sd15", "sd3", "flux"])
-def test_on_policy_the_ratio_is_exactly_one(family, tiny_models_dir, lrms):
+@pytest.mark.parametrize("family, sampler_name", [("sd15", "ddim"), ("sd3", "sde"), ("sd3", "cps"), ("flux", "cps")])
+def test_on_policy_the_ratio_is_exactly_one(family, sampler_name, tiny_models_dir, lrms):
     """Before any update the policy is the reference (LoRA B starts at 0): recomputed in training batches of another
     composition, every tuple's log-ratio is exactly 0 (the flow-RL community's sanity check that sampling and
     training take the same path), and the log-densities equal the sampler's own step."""
@@ -131,7 +132,8 @@ def test_on_policy_the_ratio_is_exactly_one(family, tiny_models_dir, lrms):
     family_ = FAMILIES[family]
     model.denoiser.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
                                           target_modules=list(family_.lora_targets)))
-    config = LPOConfig(family=family).resolved()
+    config = LPOConfig(family=family, sampler=sampler_name).resolved()
+    model.use_sampler(config.sampler)
     lrm = LatentRewardModel.from_pretrained(lrms[family])
     model.timesteps(4)
     thresholds = {t: 0.0 for t in model.step_stds(config.eta)[0]}
@@ -185,6 +187,43 @@ def test_guided_sampling_continues_from_the_best_candidate(tiny_models_dir, lrms
         chosen = children[best, torch.arange(2)]
         following = inputs[step + 1] if step + 1 < len(inputs) else result["latents"]
         torch.testing.assert_close(following, chosen)
+
+
+@pytest.mark.parametrize("sampler_name", ["sde", "cps"])
+def test_flow_sampling_ends_with_the_deterministic_euler_step(sampler_name, tiny_models_dir, lrms, monkeypatch):
+    """On FLUX (where the SDE's own last step would leave noise of std 0.14 at 1024 px), plain and LRM-guided
+    sampling, as `lpo sample --lrm` and `lpo eval` run it: the final latent is its parent's Euler step to sigma 0,
+    x - sigma v, with the velocity the model gave there; the candidates of that step are not scored (there is one)."""
+    model = load_generator(str(tiny_models_dir / "flux"))
+    model.use_sampler(sampler_name)
+    lrm = LatentRewardModel.from_pretrained(lrms["flux"])
+    calls, scored = [], []
+    real_predict, real_score = model.predict, sampler.score_candidates
+
+    def record(latents, timesteps, *args, **kwargs):
+        velocity = real_predict(latents, timesteps, *args, **kwargs)
+        calls.append((latents.clone(), timesteps.clone(), velocity.clone()))
+        return velocity
+
+    def record_scores(lrm_, children, *args):
+        scored.append(children.shape[0])
+        return real_score(lrm_, children, *args)
+
+    monkeypatch.setattr(model, "predict", record)
+    monkeypatch.setattr(sampler, "score_candidates", record_scores)
+    cond = model.encode_prompts(PROMPTS[:2])
+    for guided in (False, True):
+        calls.clear()
+        scored.clear()
+        result = sampler.sample(model, cond, [torch.Generator().manual_seed(s) for s in (1, 2)], steps=4,
+                                eta=0.9, lrm=lrm if guided else None, prompts=PROMPTS[:2],
+                                candidates=3 if guided else 1)
+        parent, t, velocity = calls[-1]
+        sigma_last = model.scheduler.sigmas[-2].double().item()
+        assert t[0].item() == pytest.approx(sigma_last * 1000, rel=1e-6) and model.scheduler.sigmas[-1] == 0
+        expected = parent.double() - sigma_last * velocity.double()
+        torch.testing.assert_close(result["latents"].double(), expected, rtol=1e-5, atol=1e-5)
+        assert scored == ([3, 3, 3] if guided else [])
 
 
 def test_guided_sampling_with_one_candidate_is_plain_sampling(tiny_models_dir, lrms):
@@ -339,3 +378,141 @@ def test_sample_command_reports_the_guided_gain(tiny_models_dir, lrms, tmp_path)
     bad = CliRunner().invoke(app, ["sample", "--base", str(tiny_models_dir / "sdxl"), "--prompt", "x", "--out",
                                    str(tmp_path / "bad"), "--lrm", str(lrms["sd15"]), "--candidates", "2"])
     assert bad.exit_code == 2 and "latent spaces differ" in bad.output
+
+
+def test_flow_calibration_options_train_end_to_end(tiny_models_dir, lrms, prompt_file, tmp_path):
+    """The CPS step with `--beta-schedule kappa`, `--threshold-scale sigma` and `--detach-uncond` trains on SD3:
+    each tuple's log-ratio scale is median(kappa) / kappa of its own step (looked up from the float32 timesteps the
+    batch carries)."""
+    config = _config("sd3", tiny_models_dir, lrms, prompt_file, tmp_path / "run", sampler="cps",
+                     beta_schedule="kappa", threshold_scale="sigma", threshold=[0.0, 0.2], steps=4,
+                     detach_uncond=True)
+    model = load_generator(str(tiny_models_dir / "sd3"))
+    model.use_sampler("cps")
+    model.timesteps(4)
+    scales = lpo_train.log_ratio_scales(model, config.resolved())
+    timesteps, kappas = model.step_kappas(config.resolved().eta)
+    assert list(scales) == timesteps and len(scales) == 3
+    for t, kappa in zip(timesteps, kappas.tolist()):
+        assert scales[t] == pytest.approx(kappas.median().item() / kappa)
+    carried = torch.tensor(timesteps, dtype=torch.float32).flip(0)
+    assert lpo_train.per_step(scales, carried).tolist() == pytest.approx(list(scales.values())[::-1], rel=1e-6)
+    assert lpo_train.log_ratio_scales(model, dataclasses.replace(config, beta_schedule="constant")) is None
+    summary = lpo_train.run(config)
+    assert summary["tuples_trained"] > 0 and all(math.isfinite(r["loss"]) for r in summary["history"])
+    saved = json.loads((tmp_path / "run" / lpo_train.CONFIG_FILE).read_text())
+    assert (saved["sampler"], saved["beta_schedule"], saved["threshold_scale"]) == ("cps", "kappa", "sigma")
+
+
+def test_grpo_group_filter_keeps_only_groups_whose_gap_passes(tiny_models_dir, lrms):
+    model = load_generator(str(tiny_models_dir / "sd3"))
+    lrm = LatentRewardModel.from_pretrained(lrms["sd3"])
+    model.timesteps(4)
+    cond = model.encode_prompts(PROMPTS[:2])
+    thresholds = {t: 0.02 for t in model.step_stds(0.7)[0]}
+    runs = {}
+    for group_filter in (False, True):
+        runs[group_filter] = sampler.rollout(model, cond, PROMPTS[:2], lrm,
+                                             [torch.Generator().manual_seed(s) for s in (1, 2)], thresholds, steps=4,
+                                             guidance=4.5, eta=0.7, k=3, objective="grpo", group_filter=group_filter)
+    unfiltered, filtered = runs[False], runs[True]
+    assert len(unfiltered) == 2 * len(thresholds)
+    lpo = sampler.rollout(model, cond, PROMPTS[:2], lrm, [torch.Generator().manual_seed(s) for s in (1, 2)],
+                          thresholds, steps=4, guidance=4.5, eta=0.7, k=3, objective="lpo")
+    # the same trajectories and scores: GRPO's filtered groups are exactly LPO's passing pairs
+    assert [(i, b) for i, b in zip(filtered.step_index, filtered.prompt_index)] == \
+        [(i, b) for i, b in zip(lpo.step_index, lpo.prompt_index)]
+    assert len(filtered) <= len(unfiltered) and len(filtered) == len(lpo)
+
+
+@pytest.mark.parametrize("family, pixels", [("sd15", 128), ("sd3", 96), ("flux", 96)])
+def test_sampling_at_another_resolution(family, pixels, tiny_models_dir):
+    """`--resolution`: latents of side pixels / 8 (the tiny pipelines' VAEs downscale 8x; native 64 px), images of
+    that side, and FLUX's grid shifted for its token count (the pipeline's own rule at that size)."""
+    model = load_generator(str(tiny_models_dir / family))
+    assert model.resolution == model.native_resolution == 64
+    native_grid = model.timesteps(4)
+    model.use_resolution(pixels)
+    assert model.resolution == pixels and model.latent_shape[1:] == (pixels // 8, pixels // 8)
+    latents = sampler.sample(model, model.encode_prompts(PROMPTS[:1]), [torch.Generator().manual_seed(0)], steps=2,
+                             eta=0.0)["latents"]
+    assert latents.shape[2:] == (pixels // 8, pixels // 8)
+    assert model.decode(latents)[0].size == (pixels, pixels)
+    grid = model.timesteps(4)
+    if family == "flux":  # the dynamic shift grows with the image's tokens
+        assert grid[1] > native_grid[1]
+        from diffusers import FluxPipeline
+
+        pipeline = FluxPipeline.from_pretrained(str(tiny_models_dir / "flux"))
+        pipeline.set_progress_bar_config(disable=True)
+        pipeline(PROMPTS[0], num_inference_steps=4, height=pixels, width=pixels, output_type="latent",
+                 generator=torch.Generator().manual_seed(0))
+        assert grid == pipeline.scheduler.timesteps.tolist()
+    else:
+        assert grid == native_grid
+
+
+def test_resolutions_a_pipeline_cannot_sample_are_refused_before_loading(tiny_models_dir, lrms, prompt_file,
+                                                                         tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["sample", "--base", str(tiny_models_dir / "sd3"), "--prompt", PROMPTS[0],
+                                 "--out", str(tmp_path / "a"), "--resolution", "100"])
+    assert result.exit_code == 2 and "multiples of 16" in result.output and not (tmp_path / "a").exists()
+    result = runner.invoke(app, ["optimize", "sd3", "--base", str(tiny_models_dir / "sd3"), "--lrm",
+                                 str(lrms["sd3"]), "--prompts", str(prompt_file), "--out", str(tmp_path / "b"),
+                                 "--resolution", "272"])
+    assert result.exit_code == 2 and "at most 256" in result.output and not (tmp_path / "b").exists()
+    with pytest.raises(InputError, match="multiples of"):
+        load_generator(str(tiny_models_dir / "sd15")).use_resolution(100)
+
+
+def test_flow_thresholds_follow_the_resolution() -> None:
+    """sd3 and flux default to SD1.5's thresholds at 512 px and SDXL's at 1024 (the nearest side's on a log scale);
+    the UNet families keep their one range."""
+    assert FAMILIES["sd3"].threshold_at(512) == [0.35, 0.5] and FAMILIES["flux"].threshold_at(1024) == [0.45, 0.6]
+    assert FAMILIES["sd3"].threshold_at(768) == [0.45, 0.6] and FAMILIES["sd3"].threshold_at(64) == [0.35, 0.5]
+    assert FAMILIES["sd15"].threshold_at(1024) == [0.35, 0.5] and FAMILIES["sdxl"].threshold_at(512) == [0.45, 0.6]
+    assert LPOConfig(family="sd3").resolved().threshold is None  # chosen once the side is known
+
+
+@pytest.mark.parametrize("family", ["sd15", "sd3"])
+def test_lora_alpha_is_saved_and_applied_by_diffusers_loader(family, tiny_models_dir, lrms, prompt_file, tmp_path):
+    """With alpha = 2 x rank the LoRA's update is scaled by 2: the saved file carries the adapter's config, so
+    `load_lora_weights` applies alpha 8 (without it, a loader would take alpha = rank and halve the update)."""
+    out = tmp_path / "run"
+    lpo_train.run(_config(family, tiny_models_dir, lrms, prompt_file, out, lora_alpha=8.0, validation_images=0))
+    model = load_generator(str(tiny_models_dir / family))
+    model.pipeline.load_lora_weights(str(out / "lora"))
+    (adapter,) = model.denoiser.active_adapters()
+    assert model.denoiser.peft_config[adapter].lora_alpha == 8 and model.denoiser.peft_config[adapter].r == 4
+    scalings = [m.scaling[adapter] for m in model.denoiser.modules() if hasattr(m, "scaling") and adapter in m.scaling]
+    assert scalings and all(s == pytest.approx(2.0) for s in scalings)
+
+
+def test_flux_single_stream_lora_reaches_the_mlp_projections_not_the_output_head(tiny_models_dir, lrms,
+                                                                                  prompt_file, tmp_path):
+    out = tmp_path / "run"
+    lpo_train.run(_config("flux", tiny_models_dir, lrms, prompt_file, out, lora_single_stream=True,
+                          validation_images=0))
+    saved = load_file(out / "lora" / "pytorch_lora_weights.safetensors")
+    single = {k for k in saved if ".single_transformer_blocks." in k}
+    assert any(".proj_mlp." in k for k in single) and any(".proj_out." in k for k in single)
+    assert not any(k.startswith("transformer.proj_out.") for k in saved)  # the model's output head is not adapted
+    model = load_generator(str(tiny_models_dir / "flux"))
+    model.pipeline.load_lora_weights(str(out / "lora"))
+    names = {name for name, _ in model.denoiser.named_modules()}
+    assert any(n.startswith("single_transformer_blocks.") and n.endswith("proj_mlp.lora_A.default_0") for n in names)
+    with pytest.raises(InputError, match="single-stream"):
+        lpo_train.run(_config("sd3", tiny_models_dir, lrms, prompt_file, tmp_path / "x", lora_single_stream=True))
+
+
+def test_detaching_the_unconditional_half_keeps_the_value_and_stops_its_gradient() -> None:
+    from lpo.reward.backbones.base import classifier_free
+
+    out = torch.randn(4, 3, requires_grad=True)
+    for detach in (False, True):
+        out.grad = None
+        guided = classifier_free(out, 4.5, detach)
+        torch.testing.assert_close(guided, out[:2] + 4.5 * (out[2:] - out[:2]))
+        guided.sum().backward()
+        assert torch.all(out.grad[:2] == (0.0 if detach else -3.5)) and torch.all(out.grad[2:] == 4.5)
