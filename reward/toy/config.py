@@ -12,7 +12,7 @@ from lpo.curate.config import option
 class DemoConfig:
     out: Path = option(Path("runs/demo"), "Run directory: data, curation, LRMs, LPO, samples, demo.md, demo.png.")
     family: str = option("sd15", "Toy generator: sd15 (a UNet sampled with DDIM) or sd3 (an SD3 transformer sampled "
-                                 "with the flow-matching SDE step).")
+                                 "with a stochastic flow-matching step; LRMs from sd3/, LPO on sd3-early/).")
     models: Path = option(Path("manifests/toy-models"), "Toy world models (sd15/, sd3/, pickscore/, clip/), as "
                                                         "`lpo dev toy-models` writes them.")
     train_prompts: int = option(1000, "Toy prompts of the training pairs (4 images and 6 pairs each).")
@@ -31,6 +31,12 @@ class DemoConfig:
     lpo_lr: float = option(1e-3, "LPO learning rate.")
     lpo_lora_rank: int = option(8, "LPO LoRA rank (0 = full fine-tuning).")
     lpo_beta: float = option(500.0, "LPO beta.")
+    lpo_beta_schedule: str | None = option(None, "LPO's --beta-schedule: constant or kappa (default: the family's "
+                                                 "demo setting).")
+    lpo_threshold_scale: str | None = option(None, "LPO's --threshold-scale: std or sigma (default: the family's demo "
+                                                   "setting).")
+    sampler: str | None = option(None, "The stochastic step of LPO, GRPO and every sampler in the demo: ddim (sd15); "
+                                       "cps or sde (sd3). Default: the family's (sd3 cps).")
     lpo_threshold: list[float] | None = option(None, "LPO softmax-gap thresholds at the least and the noisiest step "
                                                      "(sd15 0.05,0.3; sd3 0.05,0.3): lower than SD1.5's 0.35..0.5, "
                                                      "as the toy LRM's score gaps are smaller.")
@@ -60,6 +66,8 @@ class ToyModelsConfig:
     diffusion_steps: int = option(700, "UNet + text encoder training steps.")
     clip_steps: int = option(400, "Training steps of each CLIP-style scorer.")
     sd3_steps: int = option(800, "Transformer + text encoders training steps of the SD3-format generator.")
+    sd3_early_steps: int = option(300, "Updates after which the same SD3 run is also saved as sd3-early/ (a generator "
+                                       "with room to improve; at most --sd3-steps).")
     pickscore_temperature: float = option(0.1, "Soft-target temperature of the pickscore model (oracle ordering).")
     clip_temperature: float = option(0.03, "Soft-target temperature of the clip model (near-exact caption matching).")
 

@@ -17,7 +17,9 @@ and resumes an interrupted trainer from its checkpoint):
 6. the report: `demo_summary.json`, `demo.md` (tables) and `demo.png` (accuracy against noise, sample grids).
 
 `--family sd15` runs it on the toy UNet model (DDIM, timesteps t); `--family sd3` on the toy SD3 transformer (the
-flow-matching SDE sampler, timesteps sigma x 1000). Everything else is the same code.
+flow-matching coefficients-preserving step, timesteps sigma x 1000): its LRMs start from `sd3/`, LPO, GRPO and the
+comparison use `sd3-early/`, the same training run stopped at 300 of its 800 updates, which leaves room to improve.
+Everything else is the same code.
 """
 
 from __future__ import annotations
@@ -53,14 +55,19 @@ LRM_RUNS = {  # name -> (training manifest, backbone init)
 }
 GRID_PROMPTS = 6  # held-out captions shown in the sample grids, one row each
 FAMILIES = ("sd15", "sd3")
+# the toy model each family's LPO fine-tunes: sd3/ draws 93% of the held-out shape colours right without guidance,
+# which leaves an LRM reading 8x8 latents little to improve; 300 of its 800 updates draw about two thirds
+GENERATORS = {"sd15": "sd15", "sd3": "sd3-early"}
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     # sd15: CFG 1.5 leaves its base model room to improve (at CFG 3 its samples reach oracle 0.74)
-    "sd15": {"guidance": 1.5, "lpo_threshold": [0.05, 0.3], "lrm_steps": 400, "lpo_epochs": 20},
-    # sd3: its base model draws the colours right far more often (without guidance 86% of shape colours, at CFG 3
-    # all); without guidance it leaves room to improve, and each step costs one forward instead of two. Fewer LRM
-    # updates and epochs keep the demo, GRPO included, within 10 minutes (LPO's reward on its training trajectories
-    # levels off after about 14 epochs here)
-    "sd3": {"guidance": 1.0, "lpo_threshold": [0.05, 0.3], "lrm_steps": 300, "lpo_epochs": 14},
+    "sd15": {"guidance": 1.5, "lpo_threshold": [0.05, 0.3], "lrm_steps": 400, "lpo_epochs": 20, "sampler": "ddim",
+             "lpo_beta_schedule": "constant", "lpo_threshold_scale": "std"},
+    # sd3: the generator is sd3-early (GENERATORS); without guidance it leaves room to improve, and each step
+    # costs one forward instead of two. Fewer LRM updates and epochs keep the demo, GRPO included, within 10 minutes
+    # (LPO's reward on its training trajectories levels off after about 14 epochs here). The flow family's own
+    # step and calibration (the coefficients-preserving step, one beta, thresholds on the step's std)
+    "sd3": {"guidance": 1.0, "lpo_threshold": [0.05, 0.3], "lrm_steps": 300, "lpo_epochs": 14, "sampler": "cps",
+            "lpo_beta_schedule": "constant", "lpo_threshold_scale": "std"},
 }
 
 
@@ -82,7 +89,8 @@ def validate(config: DemoConfig) -> None:
         raise InputError(f"--family {config.family!r}: the toy world's generators are {', '.join(FAMILIES)}.")
     given, config = config, resolved(config)
     models = Path(config.models)
-    expected = {config.family: "model_index.json", "pickscore": "config.json", "clip": "open_clip_config.json"}
+    expected = {config.family: "model_index.json", GENERATORS[config.family]: "model_index.json",
+                "pickscore": "config.json", "clip": "open_clip_config.json"}
     missing = [f"{role}/{name}" for role, name in expected.items() if not (models / role / name).is_file()]
     if missing:
         raise InputError(f"{models} lacks {', '.join(missing)}: give the toy models folder (manifests/toy-models in "
@@ -106,6 +114,16 @@ def validate(config: DemoConfig) -> None:
         raise InputError(f"lpo_threshold {low_high} must be two values 0 <= low <= high < 1.")
     if config.score_timestep not in ("parent", "child"):
         raise InputError(f"score_timestep {config.score_timestep!r} is not parent or child.")
+    from lpo.reward.backbones import get_family
+    from lpo.reward.lpo.config import BETA_SCHEDULES, THRESHOLD_SCALES
+
+    samplers = get_family(config.family).samplers
+    if config.sampler not in samplers:
+        raise InputError(f"--sampler {config.sampler!r}: the {config.family} toy model samples with "
+                         f"{', '.join(samplers)}.")
+    if config.lpo_beta_schedule not in BETA_SCHEDULES or config.lpo_threshold_scale not in THRESHOLD_SCALES:
+        raise InputError(f"--lpo-beta-schedule is {' or '.join(BETA_SCHEDULES)}; --lpo-threshold-scale is "
+                         f"{' or '.join(THRESHOLD_SCALES)}.")
     path = Path(config.out) / CONFIG_FILE
     if path.is_file():
         saved, now = json.loads(path.read_text()), cfg.to_dict(given)  # as saved: the family defaults left unset
@@ -253,11 +271,19 @@ def train_lrm(config: DemoConfig, out: Path, name: str) -> dict[str, Any]:
 
 
 def _base(config: DemoConfig) -> str:
+    """The pipeline the LRMs' backbones come from."""
     return str(Path(config.models) / config.family)
 
 
+def _generator(config: DemoConfig) -> str:
+    """The pipeline LPO and GRPO fine-tune and every sampler compares: the family's toy model, or for sd3 the same
+    training run stopped early (`sd3-early/`), which leaves room to improve; the LRMs read its latents, made by the
+    same VAE."""
+    return str(Path(config.models) / GENERATORS[config.family])
+
+
 def _eta(config: DemoConfig) -> float:
-    """The family's step noise (DDIM eta 1 for sd15, the flow SDE's noise level 0.7 for sd3), as LPO defaults to."""
+    """The family's step noise (DDIM eta 1 for sd15, the flow step's noise level 0.7 for sd3), as LPO defaults to."""
     from lpo.reward.lpo.config import LPOConfig
 
     return LPOConfig(family=config.family).resolved().eta
@@ -284,10 +310,11 @@ def optimize(config: DemoConfig, out: Path, objective: str) -> dict[str, Any]:
     prompt_file.write_text("\n".join(train_prompts) + "\n")
     run_dir = out / objective
     summary = lpo_train.run(LPOConfig(
-        family=config.family, base=_base(config), lrm=out / "lrm-mpcf" / "last", prompts=prompt_file,
+        family=config.family, base=_generator(config), lrm=out / "lrm-mpcf" / "last", prompts=prompt_file,
         out=run_dir, objective=objective, epochs=config.lpo_epochs, sample_batch_size=config.lpo_sample_batch_size,
         train_batch_size=config.lpo_train_batch_size, candidates=config.candidates, steps=config.steps,
-        guidance=config.guidance, eta=_eta(config), beta=config.lpo_beta, grpo_kl=config.grpo_kl,
+        guidance=config.guidance, sampler=config.sampler, eta=_eta(config), beta=config.lpo_beta,
+        beta_schedule=config.lpo_beta_schedule, threshold_scale=config.lpo_threshold_scale, grpo_kl=config.grpo_kl,
         lora_rank=config.lpo_lora_rank, lr=config.lpo_lr, threshold=list(config.lpo_threshold),
         score_timestep=config.score_timestep, validation_prompts=held_out[:3], seed=config.seed, device="cpu",
         resume=lpo_train.latest_checkpoint(run_dir) is not None))
@@ -325,14 +352,16 @@ def compare_generators(config: DemoConfig, out: Path, results: dict[str, Any]) -
     n = config.images_per_prompt
     prompts = [p for p in held_out for _ in range(n)]
     seeds = [image_seed(config.seed, p, i) for p in range(len(held_out)) for i in range(n)]
-    base = _base(config)
+    base = _generator(config)
     lrm = LatentRewardModel.from_pretrained(out / "lrm-mpcf" / "last").requires_grad_(False)
     eta = _eta(config)
     result: dict[str, Any] = {"prompts": held_out, "images_per_prompt": n, "steps": config.steps,
-                              "guidance": config.guidance, "eta": eta, "candidates": config.candidates}
+                              "guidance": config.guidance, "eta": eta, "sampler": config.sampler,
+                              "candidates": config.candidates}
     samples_dir = out / "samples"
     for variant in variants(config):
         model = _load_generator(base, results[variant] if variant in ("lpo", "grpo") else None)
+        model.use_sampler(config.sampler)
         cond = model.encode_prompts(prompts)
         generators = [torch.Generator().manual_seed(s) for s in seeds]
         latents = sample(model, cond, generators, config.steps, config.guidance, eta=eta,

@@ -10,7 +10,7 @@ and saved in the real on-disk formats the toolkit loads:
 - `pickscore/`: a transformers CLIPModel + CLIPProcessor trained like a preference model: its image-caption
   similarities follow the oracle's weights (shape colour 0.5, shape 0.3, background 0.2) through soft targets.
 - `sd3/`: a StableDiffusion3Pipeline trained on the flow-matching objective, reusing the VAE of `sd15/`
-  (`lpo.reward.toy.flow_trainer`).
+  (`lpo.reward.toy.flow_trainer`); `sd3-early/`: the same run after 300 of its 800 updates.
 - `clip/`: an open_clip model folder (its tokenizer inside) trained to match images with their exact captions
   (near-hard targets).
 
@@ -299,9 +299,13 @@ def validate(config: ToyModelsConfig) -> None:
 
     if not config.out:
         raise InputError("an output directory is required.")
-    for name in ("batch_size", "vae_batch_size", "vae_steps", "diffusion_steps", "clip_steps", "sd3_steps"):
+    for name in ("batch_size", "vae_batch_size", "vae_steps", "diffusion_steps", "clip_steps", "sd3_steps",
+                 "sd3_early_steps"):
         if getattr(config, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1.")
+    if config.sd3_early_steps > config.sd3_steps:
+        raise InputError(f"--sd3-early-steps {config.sd3_early_steps} must be at most --sd3-steps "
+                         f"{config.sd3_steps} (it is a snapshot of the same run).")
     if config.diffusion_images < 512:
         raise InputError("--diffusion-images must be at least 512 (images are rendered in batches of 512).")
     for name in ("pickscore_temperature", "clip_temperature"):
@@ -359,13 +363,15 @@ def run(config: ToyModelsConfig) -> dict[str, Any]:
 
         vae = vae if vae is not None else AutoencoderKL.from_pretrained(out / "sd15", subfolder="vae")
         torch.manual_seed(config.seed + 4)
-        pipeline, summary["sd3"] = flow_trainer.train_sd3(config, vae, np.random.default_rng(config.seed + 4))
+        pipeline, early, summary["sd3"] = flow_trainer.train_sd3(config, vae, np.random.default_rng(config.seed + 4))
         pipeline.save_pretrained(out / "sd3")
+        early.save_pretrained(out / "sd3-early")
         lap("sd3")
     if "sd15" in models:
         summary["samples"] = [sample_accuracy(out / "sd15", g) for g in (1.0, 3.0)]
     if "sd3" in models:
         summary["sd3"]["samples"] = [sample_accuracy(out / "sd3", g) for g in (1.0, 3.0)]
+        summary["sd3"]["early_samples"] = [sample_accuracy(out / "sd3-early", g) for g in (1.0, 3.0)]
     agreement = summary.setdefault("scorer_agreement_with_oracle", {})
     agreement.update({m: scorer_agreement(m, out / m) for m in ("pickscore", "clip") if m in models})
     lap("checks")

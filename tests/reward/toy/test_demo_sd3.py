@@ -79,22 +79,26 @@ def test_sd3_mpcf_and_lrm_claims(sd3_run) -> None:
 
 
 @pytest.mark.slow
-def test_sd3_guided_sampling_and_lpo_raise_the_lrm_reward(sd3_run) -> None:
-    """Guided sampling raises the LRM reward (+0.90 [+0.57, +1.25] / +0.74 [+0.53, +0.99]) and so does LPO (per
-    caption: +0.39 [+0.19, +0.62] / +0.34 [+0.18, +0.55]). The oracle alignment moves within noise on this model
-    (guided +0.1 [-2.2, +2.1] / +0.4 [-3.2, +3.8] points, LPO +1.9 [+0.0, +4.0] / +1.0 [-1.3, +3.6]; README: the
-    flow-matching demo), so those claims are reported, and only a significant loss would fail here."""
+def test_sd3_lpo_and_guided_sampling_raise_the_oracle_and_the_lrm_reward(sd3_run) -> None:
+    """On sd3-early with the coefficients-preserving step (README: the flow-matching demo and its ablation), LPO
+    raised the held-out oracle alignment by +7.3 [+3.5, +11.3] and +8.4 [+4.8, +12.6] points on seeds 0 and 1, and
+    guided sampling by +11.0 [+7.4, +14.4] and +8.9 [+4.2, +14.2]: both claims hold, and the effects are at least
+    the issue's 5 and 3 points, a margin below the smaller seed's. The LRM reward moves with them."""
     from lpo.reward.toy.claims import mean_interval, per_caption
 
     _, summary = sd3_run
     samples = summary["samples"]
+    assert samples["sampler"] == "cps"
+    for start, least in (("LPO raises the oracle", 0.05), ("LRM-guided sampling raises the oracle", 0.03)):
+        found = claim(summary, start)
+        assert found["verdict"] == "yes" and found["effect"] >= least, (start, found["measured"])
     assert claim(summary, "LRM-guided sampling raises the LRM reward")["interval"][0] > 0
     n = samples["images_per_prompt"]
     lpo_gain = (per_caption(samples["lpo"]["lrm_reward_per_image"], n)
                 - per_caption(samples["base"]["lrm_reward_per_image"], n))
     assert mean_interval(lpo_gain)[0] > 0
-    for start in ("LPO raises the oracle", "LRM-guided sampling raises the oracle"):
-        assert claim(summary, start)["verdict"] != "no", start
+    # the base leaves room: sd3-early draws well under the 93% of shape colours sd3/ draws
+    assert samples["base"]["fg_colour_correct"] <= 0.8
 
 
 @pytest.mark.slow
