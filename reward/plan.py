@@ -171,6 +171,7 @@ def lrm_plan(config: Any, family: Any, train_pairs: int, images: int, processes:
     plan = Plan(f"lpo reward train --dry-run: {family.title} LRM, {world} process(es), sharding {sharding}")
     plan.add("base", config.base)
     plan.add("resolution / latent", f"{resolution} px / {list(model.config.latent_shape)}")
+    resolution_note(plan, getattr(config, "resolution", None), resolution)
     # the frozen parts (SD3's and FLUX's text encoders) are loaded in the run's half precision
     memory_rows(plan, trained, frozen, 2 if half else 4, world, sharding, activations, config.gpu_memory_gb)
     plan.add("micro-batch per process", f"{config.batch_size} pairs ({latents} latents through the "
@@ -226,13 +227,20 @@ def _frozen_parts(config: Any, family: Any) -> int:
     return frozen
 
 
+def resolution_note(plan: Plan, asked: int | None, native: int) -> None:
+    """Say so where the run's side differs from the one the activations were traced at (the pipeline's own)."""
+    if asked is not None and asked != native:
+        plan.add("note", f"activations are traced at the pipeline's {native} px; at {asked} px they scale by about "
+                         f"{(asked / native) ** 2:.2f}x (more where attention is quadratic in the tokens)")
+
+
 def lpo_plan(config: Any, family: Any, rounds_per_epoch: Callable[[int], int], processes: int | None,
              sharding: str) -> Plan:
     """The plan of `lpo optimize <family>`: the denoiser on the meta device, one training forward traced;
     `rounds_per_epoch(processes)` is the trainer's."""
     import diffusers
 
-    from lpo.reward.backbones import read_subfolder_config
+    from lpo.reward.backbones import pixel_resolution, read_subfolder_config
 
     world, sharding = launch_setup(processes, sharding)
     if sharding == "fsdp":
@@ -253,6 +261,9 @@ def lpo_plan(config: Any, family: Any, rounds_per_epoch: Callable[[int], int], p
                                    bool(config.gradient_checkpointing))
     plan = Plan(f"lpo optimize {family.name} --dry-run: {world} process(es), sharding {sharding}")
     plan.add("base", config.base)
+    native = pixel_resolution(denoiser_config, config.base)
+    plan.add("resolution", f"{config.resolution or native} px")
+    resolution_note(plan, config.resolution, native)
     memory_rows(plan, trained, frozen, 2 if half else 4, world, sharding, activations, config.gpu_memory_gb)
     per_epoch = rounds_per_epoch(world)
     plan.add("LoRA", f"rank {config.lora_rank} on {', '.join(family.lora_targets)}" if config.lora_rank else

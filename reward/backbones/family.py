@@ -306,6 +306,20 @@ def check_base_resolution(pixels: int | None, base: str, family: Family) -> None
                          read_subfolder_config(base, "vae"))
 
 
+def base_resolution(base: str, family: Family, pixels: int | None = None, vae: str | None = None) -> int:
+    """The image side a run on `base` uses: `pixels` where given (checked against the pipeline), else the
+    pipeline's own (`pixel_resolution`)."""
+    if pixels is not None:
+        check_base_resolution(pixels, base, family)
+        return pixels
+    return pixel_resolution(read_subfolder_config(base, family.denoiser), base, vae)
+
+
+def latent_side_at(base: str, pixels: int) -> int:
+    """The latent side of an image of side `pixels` under the base's VAE."""
+    return pixels // 2 ** (len(read_subfolder_config(base, "vae")["block_out_channels"]) - 1)
+
+
 def latent_side(denoiser_config: dict[str, Any], base: str) -> int:
     """The latent side at the model's native resolution: the denoiser's sample_size, or (FLUX) the VAE's
     sample_size over its downscaling factor."""

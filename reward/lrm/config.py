@@ -33,6 +33,8 @@ class RewardTrainConfig:
                                                  "(default: the least noisy of --eval-timesteps).")
     depth: int | None = option(None, "sd3, flux: joint blocks the LRM runs (default: sd3 3/4 of them, 18 of "
                                      "SD3-Medium's 24; flux its 19 double-stream blocks); the rest are not built.")
+    resolution: int | None = option(None, "Image side in pixels the LRM reads (images are encoded at it; default: "
+                                          "the base's own, SD1.5 512, SDXL, SD3.5-Medium and FLUX.1-dev 1024).")
     batch_size: int = option(16, "Pairs per process per micro-step.")
     grad_accum: int = option(1, "Micro-steps per optimizer update.")
     max_steps: int = option(4000, "Optimizer updates.")
@@ -78,9 +80,10 @@ class RewardTrainConfig:
         defaults = family_.lrm_defaults
         config = dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
         if not (config.timesteps and config.eval_timesteps):
-            from lpo.reward.backbones.family import latent_side, read_subfolder_config
+            from lpo.reward.backbones.family import latent_side, latent_side_at, read_subfolder_config
 
-            side = latent_side(read_subfolder_config(self.base, family_.denoiser), self.base)
+            side = latent_side(read_subfolder_config(self.base, family_.denoiser), self.base) \
+                if self.resolution is None else latent_side_at(self.base, self.resolution)
             train, evaluation = family_.lrm_backbone.default_timesteps(self.base, "scheduler", (0, side, side))
             config = dataclasses.replace(config, timesteps=config.timesteps or train,
                                          eval_timesteps=config.eval_timesteps or evaluation)
@@ -99,6 +102,8 @@ class RewardCacheConfig:
     out: Path = option(None, "Root folder of the caches (one subfolder per VAE and resolution); pass it to "
                              "`lpo reward train --latent-cache`.")
     vae: str | None = option(None, "VAE to encode with instead of the base's vae/ (as `lpo reward train --vae`).")
+    resolution: int | None = option(None, "Image side to encode at (as `lpo reward train --resolution`; default: the "
+                                          "base's own).")
     batch_size: int = option(16, "Images per VAE forward.")
     timeout_minutes: float = option(120.0, "Process-group timeout under accelerate launch.")
     device: str = option("auto", "auto, cpu or cuda (under accelerate launch, each process's own).")

@@ -273,7 +273,8 @@ def run(config: RewardCacheConfig) -> dict:
 
     from lpo.curate.device import resolve_device
     from lpo.curate.manifest import PAIRS_SCHEMA, check_schema
-    from lpo.reward.backbones import family_of, pixel_resolution, read_subfolder_config
+    from lpo.reward.backbones import family_of
+    from lpo.reward.backbones.family import base_resolution
 
     if not config.manifests or not config.base or not config.out:
         raise InputError("--manifest (one or more), --base and --out are required.")
@@ -282,7 +283,7 @@ def run(config: RewardCacheConfig) -> dict:
     if config.batch_size < 1:
         raise InputError("--batch-size must be at least 1.")
     family = family_of(config.base)
-    resolution = pixel_resolution(read_subfolder_config(config.base, family.denoiser), config.base, config.vae)
+    resolution = base_resolution(config.base, family, config.resolution, config.vae)
     vae_source, subfolder = (config.vae, None) if config.vae else (config.base, "vae")
     sources = manifest_sources(config.manifests)
     kwargs = InitProcessGroupKwargs(timeout=timedelta(minutes=config.timeout_minutes)).to_kwargs()

@@ -32,6 +32,7 @@ from torch import nn
 from lpo.curate.errors import InputError
 from lpo.reward.backbones import diffusers_dtype, family_of, get_family, read_subfolder_config
 from lpo.reward.backbones.base import LRMBackbone
+from lpo.reward.backbones.family import check_resolution
 
 logger = logging.getLogger(__name__)
 
@@ -85,24 +86,31 @@ class LatentRewardModel(ModelMixin, ConfigMixin):
                   vfe_scale: float = 7.5, vfe_down: bool = False, projection_dim: int | None = None,
                   text_projection_init: str | None = DEFAULT_TEXT_PROJECTION_INIT,
                   dtype: torch.dtype = torch.float32, pretrained: bool = True,
-                  depth: int | None = None, frozen_dtype: torch.dtype | None = None) -> LatentRewardModel:
+                  depth: int | None = None, frozen_dtype: torch.dtype | None = None,
+                  resolution: int | None = None) -> LatentRewardModel:
         """Build an untrained LRM from a diffusers pipeline (hub id or local directory). With `pretrained=False` the
         backbone keeps the base's architecture but starts from fresh random weights (the ablation against a
         diffusion-initialised backbone). `text_projection_init` initialises a text projection (families whose pooled
         text is not projected and who bring no initial projection of their own: SD1.x/2.x) from a CLIP model's (the
         paper used CLIP ViT-L/14's). `depth`: the blocks a transformer family's backbone runs. `frozen_dtype`: the
         dtype of parts that never train and are kept outside the module (SD3's and FLUX's text encoders; the
-        trainer's half precision, so T5-XXL takes 9.5 GB instead of 19)."""
+        trainer's half precision, so T5-XXL takes 9.5 GB instead of 19). `resolution`: the image side it reads
+        (default: the base's own); its latents are that side over the VAE's downscaling."""
         family = family_of(base)
         backbone = family.lrm_backbone.from_base(base, dtype=dtype, pretrained=pretrained, depth=depth,
                                                  frozen_dtype=frozen_dtype)
         vae_config = read_subfolder_config(base, "vae")
+        latent_shape = list(backbone.latent_shape)
+        if resolution is not None:
+            check_resolution(resolution, family, read_subfolder_config(base, family.denoiser), vae_config)
+            side = resolution // 2 ** (len(vae_config["block_out_channels"]) - 1)
+            backbone.resolution, latent_shape = resolution, [latent_shape[0], side, side]
         text_dim = backbone.text_width if backbone.text_projected else (projection_dim or backbone.projection_dim)
         model = cls(
             family=family.name, base=base, taps=list(taps) if taps is not None else backbone.default_taps(),
             projection_dim=text_dim, resolution=backbone.resolution, components=backbone.components,
             multi_scale=multi_scale, vfe_scale=vfe_scale, vfe_down=vfe_down,
-            latent_shape=list(backbone.latent_shape),
+            latent_shape=latent_shape,
             vae_scaling_factor=float(vae_config.get("scaling_factor", 0.18215)),
             vae_shift_factor=float(vae_config.get("shift_factor") or 0.0), depth=backbone.depth, backbone=backbone,
         )

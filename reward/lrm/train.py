@@ -43,6 +43,7 @@ def validate(config: RewardTrainConfig) -> tuple[RewardTrainConfig, Any]:
     """Everything checkable before a model loads; returns the config with the family's defaults, and the family."""
     from lpo.curate.manifest import PAIRS_SCHEMA, check_schema
     from lpo.reward.backbones import family_of
+    from lpo.reward.backbones.family import check_base_resolution
     from lpo.reward.lrm.model import check_text_projection_init
 
     for name in ("manifest", "base", "out"):
@@ -52,6 +53,7 @@ def validate(config: RewardTrainConfig) -> tuple[RewardTrainConfig, Any]:
     if config.val_manifest is not None:
         check_schema(config.val_manifest, PAIRS_SCHEMA, "validation")
     family = family_of(config.base)
+    check_base_resolution(config.resolution, config.base, family)
     if config.depth is not None and family.denoiser != "transformer":
         raise InputError(f"--depth sets the joint blocks of a transformer family's LRM; {config.base} is an "
                          f"{family.name} UNet (its taps fix what runs). Drop --depth.")
@@ -100,11 +102,11 @@ def split_validation(pairs: pl.DataFrame, fraction: float, seed: int) -> tuple[p
 
 def _plan(config: RewardTrainConfig, family: Any, train_pairs: pl.DataFrame, uids: set[str]) -> Any:
     """The --dry-run plan; the images to encode are those no cache folder of this VAE and resolution holds."""
-    from lpo.reward.backbones import pixel_resolution, read_subfolder_config
+    from lpo.reward.backbones.family import base_resolution
     from lpo.reward.lrm.latents import LatentCache
     from lpo.reward.plan import lrm_plan
 
-    resolution = pixel_resolution(read_subfolder_config(config.base, family.denoiser), config.base, config.vae)
+    resolution = base_resolution(config.base, family, config.resolution, config.vae)
     vae, subfolder = (config.vae, None) if config.vae else (config.base, "vae")
     cached: set[str] = set()
     for meta in Path(config.latent_cache or Path(config.out) / "latent_cache").glob("vae-*/cache.json"):
@@ -141,7 +143,7 @@ def run(config: RewardTrainConfig) -> dict[str, Any]:
 
     from lpo.curate.device import mixed_precision, precision_dtype
     from lpo.curate.manifest import curation_dir_of, read_pairs
-    from lpo.reward.backbones import pixel_resolution, read_subfolder_config
+    from lpo.reward.backbones.family import base_resolution
     from lpo.reward.lrm.accuracy import accuracy_per_timestep, plot_accuracy, usable_pairs
     from lpo.reward.lrm.latents import build_cache, only_encoded, pair_uids
     from lpo.reward.lrm.model import LatentRewardModel, export_components
@@ -175,7 +177,7 @@ def run(config: RewardTrainConfig) -> dict[str, Any]:
         cfg.save(config, out / CONFIG_FILE)
 
     # 1. latents, once per unique image: every process encodes its shard, then all read the whole cache
-    resolution = pixel_resolution(read_subfolder_config(config.base, family.denoiser), config.base, config.vae)
+    resolution = base_resolution(config.base, family, config.resolution, config.vae)
     vae_source, subfolder = (config.vae, None) if config.vae else (config.base, "vae")
     uids = pair_uids(pairs) | pair_uids(val_pairs)
     # each manifest's images live in its own curation directory: encode them from there
@@ -195,7 +197,7 @@ def run(config: RewardTrainConfig) -> dict[str, Any]:
     model = LatentRewardModel.from_base(
         config.base, multi_scale=config.multi_scale, vfe_scale=config.vfe_scale, vfe_down=config.vfe_down,
         text_projection_init=config.text_projection_init or None, pretrained=config.init == "diffusion",
-        depth=config.depth, frozen_dtype=precision_dtype(precision))
+        depth=config.depth, frozen_dtype=precision_dtype(precision), resolution=config.resolution)
     if config.gradient_checkpointing:
         model.backbone.enable_gradient_checkpointing()
     model.train()

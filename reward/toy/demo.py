@@ -197,8 +197,9 @@ def make_data(config: DemoConfig, out: Path) -> dict[str, Any]:
 
 
 def decided_agreement(pairs: pl.DataFrame, oracle: pl.DataFrame) -> pl.DataFrame:
-    """The labelled pairs the oracle decides (no oracle tie), each with `agree`: whether its winner is the oracle's."""
-    joined = pairs.join(oracle, on=["image_0_uid", "image_1_uid"], how="inner")
+    """The labelled pairs the oracle decides (no oracle tie), each with `agree`: whether its winner is the oracle's,
+    in pair_id order (a join's row order is not fixed, and the claims' bootstrap resamples by position)."""
+    joined = pairs.join(oracle, on=["image_0_uid", "image_1_uid"], how="inner").sort("pair_id")
     decided = joined.filter(pl.col("winner").is_not_null() & (pl.col("oracle_0") != pl.col("oracle_1")))
     truth = pl.when(pl.col("oracle_0") > pl.col("oracle_1")).then(0).otherwise(1)
     return decided.with_columns((pl.col("winner") == truth).cast(pl.Int8).alias("agree"))

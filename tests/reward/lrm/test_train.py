@@ -351,3 +351,34 @@ def test_flow_lrm_trains_on_the_sampler_grid_and_reports_accuracy_against_sigma(
     unet = runner.invoke(app, ["reward", "train", "--manifest", str(manifest), "--base",
                                str(tiny_models_dir / "sd15"), "--out", str(tmp_path / "bad2"), "--depth", "3"])
     assert unet.exit_code == 2 and "--depth" in unet.output
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_an_lrm_trained_at_another_resolution_reads_and_scores_at_it(family, manifest, tiny_models_dir, tmp_path):
+    """`--resolution 96` on pipelines of 64 px: the latent cache is made at 96 px (12x12 latents), the saved LRM
+    reads that side (SDXL's size conditioning says 96; FLUX's grid is shifted for its 36 tokens, as the pipeline's
+    rule gives), scores images at it, and a side the pipeline cannot take is refused before anything loads."""
+    from lpo.reward.backbones import load_generator
+
+    out = tmp_path / "run"
+    train.run(_config(manifest, tiny_models_dir / family, out, resolution=96, max_steps=2, eval_every=2,
+                      save_every=2))
+    caches = [json.loads(p.read_text()) for p in (out / "latent_cache").glob("vae-*/cache.json")]
+    assert [c["resolution"] for c in caches] == [96]
+    model = LatentRewardModel.from_pretrained(out / "last")
+    assert model.config.resolution == 96 and list(model.config.latent_shape)[1:] == [12, 12]
+    assert model.backbone.resolution == 96
+    from PIL import Image
+
+    scores = model.score_images([Image.new("RGB", (50, 70), (200, 30, 30))] * 2, ["a red circle"] * 2)
+    assert torch.isfinite(torch.as_tensor(scores)).all()
+    if family == "flux":  # the LRM's training grid is the 20-step sampler's at 96 px, not at 64
+        generator = load_generator(str(tiny_models_dir / "flux"))
+        native = sorted(generator.timesteps(20))[-2]
+        generator.use_resolution(96)
+        at_96 = sorted(generator.timesteps(20))[-2]
+        trained = sorted(json.loads((out / train.CONFIG_FILE).read_text())["timesteps"])[-2]
+        assert trained == pytest.approx(at_96, abs=1e-3) and abs(trained - native) > 0.05  # 16 vs 36 tokens
+    with pytest.raises(InputError, match="multiples of"):
+        train.run(_config(manifest, tiny_models_dir / family, tmp_path / "bad", resolution=100))
+    assert not (tmp_path / "bad").exists()
