@@ -110,14 +110,8 @@ class Generator(ABC):
 
     def use_sampler(self, name: str | None) -> None:
         """Take the family's stochastic step `name` (None: the family's default)."""
-        from lpo.curate.errors import InputError
-
-        if name is None:
-            name = self.family.default_sampler
-        if name not in self.family.samplers:
-            raise InputError(f"--sampler {name!r}: {self.family.title} samples with "
-                             f"{', '.join(self.family.samplers)}.")
-        self.sampler = name
+        self.family.check_sampler(name)
+        self.sampler = name if name is not None else self.family.default_sampler
 
     @classmethod
     def load(cls, base: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Generator:

@@ -63,6 +63,11 @@ class Family:
         side = min(self.thresholds_by_resolution, key=lambda s: abs(math.log(s / pixels)))
         return list(self.thresholds_by_resolution[side])
 
+    def check_sampler(self, name: str | None, where: str = "") -> None:
+        """Refuse (InputError) a stochastic step the family does not take; None (the default) passes."""
+        if name is not None and name not in self.samplers:
+            raise InputError(f"--sampler {name!r}: {where or self.title} samples with {', '.join(self.samplers)}.")
+
     @property
     def default_sampler(self) -> str:
         """The stochastic step LPO, guided sampling and evaluation take when `--sampler` is left unset."""

@@ -79,8 +79,7 @@ def validate(config: EvalConfig) -> Checked:
     if config.candidates > 1 and config.lrm is None and config.reward_url is None:
         raise InputError("--candidates > 1 needs --lrm (or --reward-url) to choose between the candidates.")
     family = family_of(config.base)
-    if config.sampler is not None and config.sampler not in family.samplers:
-        raise InputError(f"--sampler {config.sampler!r}: {family.title} samples with {', '.join(family.samplers)}.")
+    family.check_sampler(config.sampler)
     check_base_resolution(config.resolution, config.base, family)
     eta = generation_settings(config)["eta"]
     if config.lrm is not None and eta <= 0:

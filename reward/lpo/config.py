@@ -12,6 +12,16 @@ BETA_SCHEDULES = ("constant", "kappa")  # --beta-schedule
 THRESHOLD_SCALES = ("std", "sigma")  # --threshold-scale
 
 
+def check_calibration(beta_schedule: str, threshold_scale: str, prefix: str = "") -> None:
+    """Refuse (InputError) an unknown beta schedule or threshold scale; `prefix` names the options (`lpo-` for the
+    demo's)."""
+    from lpo.curate.errors import InputError
+
+    if beta_schedule not in BETA_SCHEDULES or threshold_scale not in THRESHOLD_SCALES:
+        raise InputError(f"--{prefix}beta-schedule is {' or '.join(BETA_SCHEDULES)}; --{prefix}threshold-scale is "
+                         f"{' or '.join(THRESHOLD_SCALES)}.")
+
+
 @dataclass
 class LPOConfig:
     family: str = option("sd15", "Base model family (`lpo optimize <family>`): sd15 (SD1.x/2.x), sdxl, sd3 "

@@ -30,8 +30,7 @@ def validate(config: SampleConfig) -> None:
     if not config.prompts or not all(p.strip() for p in config.prompts):
         raise InputError("give at least one non-empty --prompt.")
     family = family_of(config.base)
-    if config.sampler is not None and config.sampler not in family.samplers:
-        raise InputError(f"--sampler {config.sampler!r}: {family.title} samples with {', '.join(family.samplers)}.")
+    family.check_sampler(config.sampler)
     check_base_resolution(config.resolution, config.base, family)
     if config.lrm is not None:
         check_lrm_matches(config.lrm, family.name, config.base)

@@ -30,7 +30,7 @@ from lpo.curate import config as cfg
 from lpo.curate.errors import InputError
 from lpo.reward import checkpoints, engine
 from lpo.reward.checkpoints import CHECKPOINTS
-from lpo.reward.lpo.config import BETA_SCHEDULES, THRESHOLD_SCALES, LPOConfig
+from lpo.reward.lpo.config import BETA_SCHEDULES, THRESHOLD_SCALES, LPOConfig, check_calibration
 
 logger = logging.getLogger(__name__)
 
@@ -71,13 +71,9 @@ def validate(config: LPOConfig) -> list[str]:
         raise InputError("--score-timestep is parent or child; --logprob-reduction is mean or sum.")
     if config.objective not in ("lpo", "grpo"):
         raise InputError(f"--objective {config.objective!r} is not lpo or grpo.")
-    samplers, resolved = FAMILIES[found].samplers, config.resolved()
-    if resolved.sampler not in samplers:
-        raise InputError(f"--sampler {resolved.sampler!r}: {FAMILIES[found].title} samples with "
-                         f"{', '.join(samplers)}.")
-    if resolved.beta_schedule not in BETA_SCHEDULES or resolved.threshold_scale not in THRESHOLD_SCALES:
-        raise InputError(f"--beta-schedule is {' or '.join(BETA_SCHEDULES)}; --threshold-scale is "
-                         f"{' or '.join(THRESHOLD_SCALES)}.")
+    resolved = config.resolved()
+    FAMILIES[found].check_sampler(resolved.sampler)
+    check_calibration(resolved.beta_schedule, resolved.threshold_scale)
     if config.lora_single_stream and found != "flux":
         raise InputError("--lora-single-stream adapts FLUX.1's single-stream blocks; an "
                          f"{found} model has none.")

@@ -115,15 +115,10 @@ def validate(config: DemoConfig) -> None:
     if config.score_timestep not in ("parent", "child"):
         raise InputError(f"score_timestep {config.score_timestep!r} is not parent or child.")
     from lpo.reward.backbones import get_family
-    from lpo.reward.lpo.config import BETA_SCHEDULES, THRESHOLD_SCALES
+    from lpo.reward.lpo.config import check_calibration
 
-    samplers = get_family(config.family).samplers
-    if config.sampler not in samplers:
-        raise InputError(f"--sampler {config.sampler!r}: the {config.family} toy model samples with "
-                         f"{', '.join(samplers)}.")
-    if config.lpo_beta_schedule not in BETA_SCHEDULES or config.lpo_threshold_scale not in THRESHOLD_SCALES:
-        raise InputError(f"--lpo-beta-schedule is {' or '.join(BETA_SCHEDULES)}; --lpo-threshold-scale is "
-                         f"{' or '.join(THRESHOLD_SCALES)}.")
+    get_family(config.family).check_sampler(config.sampler, f"the {config.family} toy model")
+    check_calibration(config.lpo_beta_schedule, config.lpo_threshold_scale, "lpo-")
     path = Path(config.out) / CONFIG_FILE
     if path.is_file():
         saved, now = json.loads(path.read_text()), cfg.to_dict(given)  # as saved: the family defaults left unset
@@ -198,8 +193,9 @@ def make_data(config: DemoConfig, out: Path) -> dict[str, Any]:
 
 def decided_agreement(pairs: pl.DataFrame, oracle: pl.DataFrame) -> pl.DataFrame:
     """The labelled pairs the oracle decides (no oracle tie), each with `agree`: whether its winner is the oracle's,
-    in pair_id order (a join's row order is not fixed, and the claims' bootstrap resamples by position)."""
-    joined = pairs.join(oracle, on=["image_0_uid", "image_1_uid"], how="inner").sort("pair_id")
+    ordered by their images (a join's row order is not fixed, and the claims' bootstrap resamples by position)."""
+    keys = ["image_0_uid", "image_1_uid"]
+    joined = pairs.join(oracle, on=keys, how="inner").sort(keys)
     decided = joined.filter(pl.col("winner").is_not_null() & (pl.col("oracle_0") != pl.col("oracle_1")))
     truth = pl.when(pl.col("oracle_0") > pl.col("oracle_1")).then(0).otherwise(1)
     return decided.with_columns((pl.col("winner") == truth).cast(pl.Int8).alias("agree"))

@@ -108,7 +108,7 @@ def test_flow_families_name_noise_levels_as_sigma() -> None:
     assert "sigma=0.001" in text and "sigma=0.264..sigma=1.000" in text and "t=" not in text.replace("sigma=", "")
 
 
-def test_the_curated_pairs_come_in_pair_id_order_whatever_the_join_gives() -> None:
+def test_the_curated_pairs_come_in_one_order_whatever_the_join_gives() -> None:
     """The MPCF claim's bootstrap resamples pairs by position: the same pairs in another row order (a join's order is
     not fixed) must give the same per-pair lists, so the same interval."""
     import polars as pl
@@ -121,5 +121,5 @@ def test_the_curated_pairs_come_in_pair_id_order_whatever_the_join_gives() -> No
                            "oracle_0": [1.0, 1.0, 0.0, 1.0], "oracle_1": [0.0, 0.0, 1.0, 0.0]})
     kept = pl.DataFrame({"pair_id": ["p1"]})
     first = agreement_per_pair(pairs, oracle, kept)
-    assert first == {"per_pair_agree": [0, 0, 1], "per_pair_kept": [True, False, False]}  # p1, p2, p3
+    assert first == {"per_pair_agree": [1, 0, 0], "per_pair_kept": [False, True, False]}  # by images: p3, p1, p2
     assert agreement_per_pair(pairs.reverse(), oracle.reverse(), kept) == first

@@ -64,7 +64,7 @@ def claim(summary: dict, start: str) -> dict:
 @pytest.mark.slow
 def test_sd3_mpcf_and_lrm_claims(sd3_run) -> None:
     """Each claim by the lower end of its 95% interval, as measured on seeds 0 and 1 of this configuration (README:
-    the flow-matching demo): MPCF +29.0 [+27.7, +30.4] / [+27.6, +30.3] points; clean labels +13.3 [+9.9, +16.8] /
+    the flow-matching demo): MPCF +29.0 [+27.8, +30.3] / [+27.7, +30.3] points; clean labels +13.3 [+9.9, +16.8] /
     +17.7 [+14.2, +21.4]; the diffusion backbone +3.2 [+0.8, +5.6] / +3.7 [+1.4, +6.0]."""
     _, summary = sd3_run
     raw, kept = summary["curate"]["raw"], summary["curate"]["kept"]
