@@ -40,8 +40,9 @@ class DemoConfig:
     lpo_threshold: list[float] | None = option(None, "LPO softmax-gap thresholds at the least and the noisiest step "
                                                      "(sd15 0.05,0.3; sd3 0.05,0.3): lower than SD1.5's 0.35..0.5, "
                                                      "as the toy LRM's score gaps are smaller.")
-    grpo: bool = option(True, "Also fine-tune with step-wise GRPO (`--objective grpo`) on as many sampled "
-                              "trajectories as LPO, and compare it.")
+    grpo: bool = option(False, "Also fine-tune with step-wise GRPO (`--objective grpo`) on as many sampled "
+                               "trajectories as LPO, and compare it (off by default: about 5 more minutes on 2 CPU "
+                               "cores, and its numbers are reported, not claimed).")
     grpo_kl: float = option(0.1, "GRPO's KL weight (the paper's 0.1).")
     score_timestep: str = option("parent", "Timestep the LRM scores candidates at in LPO and guided sampling: "
                                            "parent or child.")

@@ -10,8 +10,8 @@ and resumes an interrupted trainer from its checkpoint):
 3. `lrm-raw`, `lrm-mpcf`, `lrm-mpcf-fresh`: `lpo reward train` with the same budget on the raw pairs, on the kept
    pairs, and on the kept pairs from a freshly initialised backbone; pairwise accuracy per timestep on the held-out
    pairs (`lpo reward eval` of the final models).
-4. `lpo`: `lpo optimize <family>` with the MPCF-trained LRM on the captions not held out; `grpo` (unless
-   `--no-grpo`): the same with `--objective grpo`, on as many sampled trajectories.
+4. `lpo`: `lpo optimize <family>` with the MPCF-trained LRM on the captions not held out; `grpo` (with
+   `--grpo`): the same with `--objective grpo`, on as many sampled trajectories.
 5. `samples`: the base model, LRM-guided sampling and the LPO- (and GRPO-) tuned models on the held-out captions
    with the same seeds and sampler settings; oracle alignment read from the pixels and the LRM reward of each image.
 6. the report: `demo_summary.json`, `demo.md` (tables) and `demo.png` (accuracy against noise, sample grids).

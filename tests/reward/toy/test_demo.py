@@ -136,7 +136,7 @@ def test_every_stage_runs_from_the_command_line_grpo_included(tmp_path: Path) ->
     out = tmp_path / "run"
     args = ["demo", "--out", str(out), "--models", str(SHIPPED), "--train-prompts", "60", "--val-prompts", "20",
             "--lrm-steps", "5", "--lpo-epochs", "1", "--images-per-prompt", "2", "--held-out-prompts", "6",
-            "--steps", "4"]
+            "--steps", "4", "--grpo"]
     result = CliRunner().invoke(app, args, env={"COLUMNS": "300"})
     assert result.exit_code == 0, result.output
     stages = {p.stem for p in (out / "stages").glob("*.json")}

@@ -106,7 +106,7 @@ def test_sd3_report_gives_the_costs_and_the_noise_levels_as_sigma(sd3_run) -> No
     config, summary = sd3_run
     costs = summary["costs"]["lpo"]
     assert costs["trajectories"] > 0 and costs["items"] > 0 and costs["train_forwards"] > 0
-    assert "grpo" not in summary["costs"] and "grpo" not in summary["samples"]  # --no-grpo
+    assert "grpo" not in summary["costs"] and "grpo" not in summary["samples"]  # GRPO is opt-in (--grpo)
     text = (Path(config.out) / "demo.md").read_text()
     assert "| fine-tuning | trajectories |" in text and "sigma=0.001" in text and "| grpo |" not in text
     assert len(summary["claims"]) == 7
