@@ -1,5 +1,5 @@
 """The `lpo` command line: every command's options are its config dataclass's fields (one default and one help
-string each, `lpo.curate.config`); a command builds the config, calls one library function and prints a summary."""
+string each, `lpo.core.config`); a command builds the config, calls one library function and prints a summary."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ from typing import Any
 
 import typer
 
-from lpo.curate.commands import command, console, lazy, out_console, stops_with_code_1, table
+from lpo.core.commands import command, console, lazy, out_console, table
 from lpo.curate.filter import FilterConfig
 from lpo.curate.ingest import IngestConfig
+from lpo.curate.options import model_options
 from lpo.curate.score import ScoreConfig
 from lpo.curate.scorers.specs import CURATION_METRICS, METRICS
 from lpo.reward.eval.config import EvalCompareConfig, EvalConfig, EvalScoreConfig, EvalSuiteConfig
@@ -93,7 +94,7 @@ def report_filter(config: FilterConfig, summary: dict[str, Any]) -> None:
     out_console.print("Scored with: " + "; ".join(f"{metric} {model}" for metric, model in summary["models"].items()))
 
 
-MODEL_HELP_CURATE = dict(model_metrics=CURATION_METRICS)
+MODEL_HELP_CURATE = dict(options=model_options(CURATION_METRICS))
 command(curate_app, "ingest", IngestConfig, lazy("lpo.curate.ingest", "run"), report_ingest,
         arguments=("source",), required=("source", "out"),
         help="Read Pick-a-Pic pairs into DIR/pairs.parquet and DIR/images/ (each unique image once). Resumable.")
@@ -151,8 +152,7 @@ def report_reward_score(config: RewardScoreConfig, records: list[dict[str, Any]]
 
 
 command(reward_app, "train", RewardTrainConfig,
-        stops_with_code_1("TrainingDiverged", "training stopped")(lazy("lpo.reward.lrm.train", "run")),
-        report_reward_train,
+        lazy("lpo.reward.lrm.train", "run"), report_reward_train, failure="training stopped",
         required=("manifest", "base", "out"),
         help="Train a latent reward model on kept pairs (soft-label Bradley-Terry on noisy latents). Resumable.")
 command(reward_app, "cache", RewardCacheConfig, lazy("lpo.reward.lrm.latents", "run"),
@@ -175,8 +175,9 @@ command(reward_app, "import-reference", ImportReferenceConfig, lazy("lpo.reward.
         help="Convert an LRM saved by the reference code (unet/, text_encoder/, state_dict.pt; the released "
              "casiatao/LRM/lrm_sd15 and lrm_sdxl) into this toolkit's format, usable by every --lrm option.")
 command(reward_app, "serve", ServeConfig,
-        stops_with_code_1("ServeFailed", "reward service failed")(lazy("lpo.reward.serve.server", "run")),
-        lambda config, result: console.print("reward service stopped"), **MODEL_HELP_CURATE,
+        lazy("lpo.reward.serve.server", "run"),
+        lambda config, result: console.print("reward service stopped"), failure="reward service failed",
+        **MODEL_HELP_CURATE,
         help="Serve the LRM and the curation scorers over HTTP (LitServe: dynamic batching, one worker per device).")
 
 
@@ -215,7 +216,7 @@ def _optimize_commands() -> None:
 
     for family in FAMILIES.values():
         command(optimize_app, family.name, LPOConfig, lazy("lpo.reward.lpo.train", "run"), report_optimize,
-                required=("base", "prompts", "out"), fixed={"family": family.name},
+                failure="training stopped", required=("base", "prompts", "out"), fixed={"family": family.name},
                 repeatable=("validation_prompts",), flags={"validation_prompts": ("--validation-prompt",)},
                 help=f"Fine-tune a {family.title} model with LPO: at every {family.sampler} step sample K children, "
                      "let the LRM pick winner and loser, train a DPO-style loss on the step's log-probability. "
@@ -292,7 +293,7 @@ def report_suite(config: EvalSuiteConfig, result: dict[str, Any]) -> None:
     out_console.print(f"written: {out / 'table.md'}, {out / 'table.json'}, {out / 'table.png'}")
 
 
-EVAL_MODELS = dict(model_metrics=METRICS)
+EVAL_MODELS = dict(options=model_options(METRICS))
 command(eval_app, None, EvalConfig, lazy("lpo.reward.eval.run", "run"), report_eval, callback=True,
         flags={"guidance": ("--cfg", "--guidance"), "denoiser": DENOISER_FLAGS}, **EVAL_MODELS,
         help="Generate every (prompt, image) with its own seed, score every image, write images.parquet, "

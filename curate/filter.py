@@ -10,17 +10,17 @@ from typing import Any
 
 import polars as pl
 
-from lpo.curate import config as cfg
+from lpo.core import config as cfg
+from lpo.core.config import option
+from lpo.core.errors import InputError
+from lpo.core.files import write_text_atomic
 from lpo.curate import ingest, mpcf, score
-from lpo.curate.config import option
-from lpo.curate.errors import InputError
 from lpo.curate.manifest import (
     PAIRS_SCHEMA,
     AtomicWriter,
     scan,
     scored_pairs_schema,
     scores_schema,
-    write_text_atomic,
 )
 
 logger = logging.getLogger(__name__)

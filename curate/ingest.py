@@ -22,10 +22,11 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lpo.curate import config as cfg
-from lpo.curate.config import option
-from lpo.curate.errors import InputError
-from lpo.curate.manifest import IMAGES_SCHEMA, PAIRS_SCHEMA, concat_atomic, write_atomic, write_text_atomic
+from lpo.core import config as cfg
+from lpo.core.config import option
+from lpo.core.errors import InputError
+from lpo.core.files import write_text_atomic
+from lpo.curate.manifest import IMAGES_SCHEMA, PAIRS_SCHEMA, concat_atomic, write_atomic
 
 logger = logging.getLogger(__name__)
 

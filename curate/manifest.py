@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -12,7 +10,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lpo.curate.errors import InputError
+from lpo.core.errors import InputError
+from lpo.core.files import atomic_path
 
 SCHEMA_VERSION = 1
 
@@ -97,21 +96,13 @@ def to_arrow(df: pl.DataFrame, schema: pa.Schema) -> pa.Table:
 
 def write_atomic(table: pa.Table | pl.DataFrame, path: str | Path, schema: pa.Schema | None = None) -> Path:
     """Write a parquet file so that readers only ever see a complete file (temp file in the same dir, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(table, pl.DataFrame):
         table = to_arrow(table, schema) if schema is not None else table.to_arrow()
     elif schema is not None:
         table = table.select(schema.names).cast(schema)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 class AtomicWriter:
@@ -127,10 +118,8 @@ class AtomicWriter:
         self.path, self.schema, self.rows = Path(path), schema, 0
 
     def __enter__(self) -> AtomicWriter:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        os.close(fd)
-        self.writer = pq.ParquetWriter(self.tmp, self.schema, compression="zstd")
+        self.target = atomic_path(self.path)
+        self.writer = pq.ParquetWriter(self.target.__enter__(), self.schema, compression="zstd")
         return self
 
     def write(self, table: pa.Table | pl.DataFrame) -> None:
@@ -141,10 +130,7 @@ class AtomicWriter:
 
     def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
         self.writer.close()
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        else:
-            Path(self.tmp).unlink(missing_ok=True)
+        self.target.__exit__(exc_type, exc, traceback)
 
 
 def concat_atomic(parts: list[Path], path: str | Path, schema: pa.Schema) -> int:
@@ -153,17 +139,6 @@ def concat_atomic(parts: list[Path], path: str | Path, schema: pa.Schema) -> int
         for part in parts:
             out.write(pq.read_table(part))
     return out.rows
-
-
-def write_text_atomic(text: str, path: str | Path) -> Path:
-    """Write a small text file (JSON summary, config) atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-    return path
 
 
 def curation_dir_of(path: str | Path) -> Path:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
-from lpo.curate.errors import InputError
+from lpo.core.errors import InputError
 from lpo.curate.scorers.specs import CURATION_METRICS, DEFAULT_CURATION_METRICS, PAPER_FILTER_MODELS
 
 # Tie thresholds: clip, vqa and aesthetic are the reference filter's; pickscore's is ours, on PickScore's
@@ -82,22 +82,6 @@ def build_rule(
         preset.keep_ties if keep_ties is None else keep_ties,
         preset.models,
     )
-
-
-def parse_thresholds(values: list[str] | None, option_name: str) -> dict[str, float]:
-    """Parse repeated `metric=value` options."""
-    out: dict[str, float] = {}
-    for item in values or []:
-        metric, sep, number = item.partition("=")
-        try:
-            if not sep:
-                raise ValueError
-            out[metric.strip()] = float(number)
-        except ValueError:
-            raise InputError(
-                f"{option_name} '{item}' is not of the form metric=value, e.g. {option_name} clip=0.01."
-            ) from None
-    return out
 
 
 def with_gaps(pairs: pl.LazyFrame | pl.DataFrame, scores: pl.LazyFrame | pl.DataFrame,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lpo.curate.errors import InputError
+from lpo.core.errors import InputError
 
 
 def read_prompts(path: str | Path) -> list[str]:

@@ -26,12 +26,13 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lpo.curate import config as cfg
+from lpo.core import config as cfg
+from lpo.core.config import option
+from lpo.core.errors import InputError
+from lpo.core.files import write_text_atomic
 from lpo.curate import images
-from lpo.curate.config import option
-from lpo.curate.errors import InputError
 from lpo.curate.ingest import image_parts, is_curation_dir
-from lpo.curate.manifest import scores_schema, write_atomic, write_text_atomic
+from lpo.curate.manifest import scores_schema, write_atomic
 from lpo.curate.scorers.specs import DEFAULT_CURATION_METRICS, DEFAULT_MODELS
 
 logger = logging.getLogger(__name__)
@@ -147,7 +148,7 @@ class _PartWriter:
 
 def _process_device(requested: str, state: Any) -> str:
     """Under accelerate launch each process scores on its own device; alone, the one asked for."""
-    from lpo.curate.device import resolve_device
+    from lpo.core.device import resolve_device
 
     if state.num_processes > 1 or requested == "auto":
         return str(state.device)
@@ -204,7 +205,7 @@ def run(config: ScoreConfig) -> dict[str, Any]:
     """Score the images of `config.work_dir` with each metric; resumable and shardable across processes."""
     from accelerate import PartialState
 
-    from lpo.curate.device import resolve_dtype
+    from lpo.core.device import resolve_dtype
 
     specs = validate(config)
     work_dir = Path(config.work_dir)

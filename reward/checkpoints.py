@@ -55,8 +55,8 @@ def resume(accelerator: Any, out: Path, prefix: str, fresh: dict[str, Any]) -> d
 def check_run_dir(config: Any, out: Path, config_file: str, resumable: set[str], prefix: str) -> None:
     """Before any model loads: `--resume` needs a run in `out` made with the same settings (bar the `resumable`
     fields); without it, `out` must not hold checkpoints already."""
-    from lpo.curate.config import to_dict
-    from lpo.curate.errors import InputError
+    from lpo.core.config import to_dict
+    from lpo.core.errors import InputError
 
     path = Path(out) / config_file
     if config.resume:
@@ -80,7 +80,7 @@ class MetricsLog:
         self.path = Path(out) / METRICS_FILE
         self.main_process = main_process
         if main_process and self.path.is_file():
-            from lpo.curate.manifest import write_text_atomic
+            from lpo.core.files import write_text_atomic
 
             kept = []
             for line in self.path.read_text().splitlines():

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lpo.curate.errors import InputError
+from lpo.core.errors import InputError
 
 
 def agree(accelerator: Any, micro_batch: int, grad_accum: int, max_grad_norm: float) -> None:

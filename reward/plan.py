@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lpo.curate.errors import InputError
+from lpo.core.errors import InputError
 
 SHARDINGS = ("auto", "none", "zero2", "fsdp")
 GB = 1e9

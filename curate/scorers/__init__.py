@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from lpo.curate.errors import InputError
+from lpo.core.errors import InputError
 from lpo.curate.scorers import aesthetic, bvqa, clip, geneval, imagereward, vqa
 from lpo.curate.scorers.base import Scorer, TextFeatureCache, pooled_features
 from lpo.curate.scorers.specs import (

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lpo.curate.errors import InputError
+from lpo.core.errors import InputError
 from lpo.curate.scorers.base import Scorer, laion_mlp_head, normalise, pooled_features, read_state_dict
 from lpo.curate.scorers.specs import (
     DEFAULT_MODELS,

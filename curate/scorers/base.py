@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lpo.curate.errors import InputError
+from lpo.core.errors import InputError
 
 if TYPE_CHECKING:
     import numpy

@@ -29,7 +29,7 @@ import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from lpo.curate.errors import InputError
+from lpo.core.errors import InputError
 
 if TYPE_CHECKING:
     import numpy

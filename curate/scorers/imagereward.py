@@ -15,7 +15,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lpo.curate.errors import InputError
+from lpo.core.errors import InputError
 from lpo.curate.scorers.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Scorer, laion_mlp_head, read_state_dict
 from lpo.curate.scorers.specs import IMAGEREWARD_REPO, describe_dir, hub_file, local_path, read_json, resolve_relative
 

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from lpo.curate.errors import InputError
+from lpo.core.errors import InputError
 
 logger = logging.getLogger(__name__)
 

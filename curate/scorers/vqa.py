@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lpo.curate.errors import InputError
+from lpo.core.errors import InputError
 from lpo.curate.scorers.base import Scorer
 from lpo.curate.scorers.specs import read_json, transformers_config
 

@@ -85,7 +85,7 @@ def lrm_timesteps(scheduler: Any, image_tokens: int, linear_sigmas: bool = False
 
 
 def check_timesteps(values: list[float]) -> list[float]:
-    from lpo.curate.errors import InputError
+    from lpo.core.errors import InputError
 
     bad = [t for t in values if not 0 < t <= NUM_TRAIN_TIMESTEPS]
     if bad or not values:

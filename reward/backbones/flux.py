@@ -111,7 +111,7 @@ class FluxGenerator(FlowGenerator):
     @staticmethod
     def check_lpo(base: str) -> None:
         """FLUX.1-schnell (no guidance embedder: timestep-distilled) has no meaningful step likelihood."""
-        from lpo.curate.errors import InputError
+        from lpo.core.errors import InputError
         from lpo.reward.backbones.family import read_subfolder_config
 
         if not read_subfolder_config(base, "transformer").get("guidance_embeds", False):

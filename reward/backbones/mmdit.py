@@ -316,7 +316,7 @@ class MMDiTLRMBackbone(LRMBackbone):
     def encoders(self) -> list[nn.Module]:
         """The base's frozen text encoders, loaded on first use where the module is."""
         if self._encoders is None:
-            from lpo.curate.errors import InputError
+            from lpo.core.errors import InputError
 
             if not self.base:
                 raise InputError("this reward model names no base pipeline to load its frozen text encoders from; "
@@ -362,7 +362,7 @@ class MMDiTLRMBackbone(LRMBackbone):
         return sorted({tap for tap in (round(self.depth / 3), round(2 * self.depth / 3)) if 1 <= tap < self.depth})
 
     def feature_channels(self, taps: list[int]) -> list[int]:
-        from lpo.curate.errors import InputError
+        from lpo.core.errors import InputError
 
         for tap in taps:
             if not 1 <= tap <= self.depth:

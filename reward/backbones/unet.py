@@ -256,7 +256,7 @@ class UNetLRMBackbone(LRMBackbone):
 
     @staticmethod
     def check_timesteps(values: list[float]) -> list[int]:
-        from lpo.curate.errors import InputError
+        from lpo.core.errors import InputError
 
         bad = [t for t in values if not (0 <= t < 1000 and float(t).is_integer())]
         if bad or not values:
@@ -292,7 +292,7 @@ class UNetLRMBackbone(LRMBackbone):
         return default_taps(self.unet.config)
 
     def feature_channels(self, taps: list[int]) -> list[int]:
-        from lpo.curate.errors import InputError
+        from lpo.core.errors import InputError
 
         available = res_channels(self.unet.config)
         for tap in taps:

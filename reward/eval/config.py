@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from lpo.curate.config import option
+from lpo.core.config import option
 
 EVAL_METRICS_HELP = ("Comma-separated metrics, from: pickscore, hpsv2, hpsv21, imagereward, aesthetic, clip, vqa, "
                      "geneval (with GenEval's metadata file as --prompts), t2i-color, t2i-shape, t2i-texture "

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from lpo.curate.errors import InputError
-from lpo.curate.manifest import write_text_atomic
+from lpo.core.errors import InputError
+from lpo.core.files import write_text_atomic
 from lpo.reward.eval.config import EvalConfig
 from lpo.reward.eval.items import IMAGES_DIR, RECORDS_FILE, RUN_FILE, EvalItem
 from lpo.reward.eval.score import (
@@ -58,7 +58,7 @@ class Checked(NamedTuple):
 
 def validate(config: EvalConfig) -> Checked:
     """Check everything that can be checked before a model loads."""
-    from lpo.curate.device import resolve_dtype
+    from lpo.core.device import resolve_dtype
     from lpo.reward.backbones import family_of, resolve_denoiser, resolve_lora
     from lpo.reward.backbones.family import check_base_resolution
     from lpo.reward.lrm.model import check_lrm_matches
@@ -175,7 +175,7 @@ def _generation_dtype(config: EvalConfig, device: str) -> Any:
     float32 on the CPU."""
     import torch
 
-    from lpo.curate.device import resolve_dtype
+    from lpo.core.device import resolve_dtype
     from lpo.reward.backbones import family_of
 
     half = torch.bfloat16 if family_of(config.base).half_precision == "bf16" else torch.float16
@@ -235,8 +235,8 @@ def run(config: EvalConfig) -> dict[str, Any]:
     metric, and write the per-image table, the summary and the grid."""
     from PIL import Image
 
-    from lpo.curate import config as cfg
-    from lpo.curate.device import resolve_device, resolve_dtype
+    from lpo.core import config as cfg
+    from lpo.core.device import resolve_device, resolve_dtype
     from lpo.reward.backbones import family_of
     from lpo.reward.eval.score import _versions
     from lpo.reward.eval.stats import write_outputs

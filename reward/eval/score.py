@@ -13,8 +13,8 @@ from typing import Any
 
 import polars as pl
 
-from lpo.curate.errors import InputError
-from lpo.curate.manifest import write_text_atomic
+from lpo.core.errors import InputError
+from lpo.core.files import write_text_atomic
 from lpo.reward.eval.config import EvalScoreConfig
 from lpo.reward.eval.items import SCORES_DIR, TABLE_FILE, EvalItem
 
@@ -328,8 +328,8 @@ def _resolve_images(images: Path, prompts: list[str] | None) -> list[EvalItem]:
 
 def score_existing(config: EvalScoreConfig) -> dict[str, Any]:
     """Score images that already exist (paired with prompts by `resolve_images`); same outputs as `run`."""
-    from lpo.curate import config as cfg
-    from lpo.curate.device import resolve_device, resolve_dtype
+    from lpo.core import config as cfg
+    from lpo.core.device import resolve_device, resolve_dtype
     from lpo.reward.eval.stats import write_outputs
     from lpo.reward.serve.client import remote_scorers
 

@@ -21,8 +21,9 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from lpo.curate.errors import InputError
-from lpo.curate.manifest import write_atomic, write_text_atomic
+from lpo.core.errors import InputError
+from lpo.core.files import write_text_atomic
+from lpo.curate.manifest import write_atomic
 from lpo.curate.scorers.specs import RECORD_METRICS
 from lpo.reward.eval.config import EvalCompareConfig
 from lpo.reward.eval.items import GRID_FILE, SUMMARY_FILE, SUMMARY_MD, TABLE_FILE, EvalItem, table_schema

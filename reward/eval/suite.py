@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lpo.curate.errors import InputError
+from lpo.core.errors import InputError
 from lpo.reward.eval.config import EvalCompareConfig, EvalConfig, EvalSuiteConfig
 from lpo.reward.eval.items import SUMMARY_FILE
 
@@ -58,7 +58,7 @@ def _check_keys(mapping: Any, known: dict[str, Any], where: str) -> dict[str, An
 
 def read_suite(path: Path) -> dict[str, Any]:
     """The suite file, with its keys and rows checked."""
-    from lpo.curate.config import _read_config_file
+    from lpo.core.config import _read_config_file
 
     path = Path(path)
     suite = _check_keys(_read_config_file(path, "suite"), SHARED_KEYS, f"suite {path}")
@@ -127,7 +127,7 @@ def rows_of(config: EvalSuiteConfig, suite: dict[str, Any]) -> list[Row]:
 
 
 def _as_json(config: Any) -> dict[str, Any]:
-    from lpo.curate.config import to_dict
+    from lpo.core.config import to_dict
 
     return json.loads(json.dumps(to_dict(config), default=str))
 
@@ -141,7 +141,7 @@ def is_finished(row: Row) -> bool:
 
 def run(config: EvalSuiteConfig) -> dict[str, Any]:
     """Check every row, run the unfinished ones (resumable), reuse the finished, and write the table."""
-    from lpo.curate.manifest import write_text_atomic
+    from lpo.core.files import write_text_atomic
     from lpo.reward.eval import run as evaluation
 
     if not config.suite or not config.out:
@@ -169,7 +169,7 @@ def run(config: EvalSuiteConfig) -> dict[str, Any]:
 def write_table(suite: dict[str, Any], rows: list[Row], out: Path) -> dict[str, Any]:
     """table.json, table.md and table.png: per row and metric the mean and its interval, the paired difference
     against the first row, and the paper's number."""
-    from lpo.curate.manifest import write_text_atomic
+    from lpo.core.files import write_text_atomic
     from lpo.reward.eval.stats import COMPARE_STATISTICS, STATISTICS, compare
 
     metrics = list(suite["metrics"])

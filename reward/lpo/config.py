@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from lpo.curate.config import option
+from lpo.core.config import option
 
 BETA_SCHEDULES = ("constant", "kappa")  # --beta-schedule
 THRESHOLD_SCALES = ("std", "sigma")  # --threshold-scale
@@ -15,7 +15,7 @@ THRESHOLD_SCALES = ("std", "sigma")  # --threshold-scale
 def check_calibration(beta_schedule: str, threshold_scale: str, prefix: str = "") -> None:
     """Refuse (InputError) an unknown beta schedule or threshold scale; `prefix` names the options (`lpo-` for the
     demo's)."""
-    from lpo.curate.errors import InputError
+    from lpo.core.errors import InputError
 
     if beta_schedule not in BETA_SCHEDULES or threshold_scale not in THRESHOLD_SCALES:
         raise InputError(f"--{prefix}beta-schedule is {' or '.join(BETA_SCHEDULES)}; --{prefix}threshold-scale is "

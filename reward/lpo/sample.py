@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from lpo.curate.errors import InputError
+from lpo.core.errors import InputError
 from lpo.reward.lpo.config import SampleConfig
 
 logger = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def validate(config: SampleConfig) -> None:
 def run(config: SampleConfig) -> dict[str, Any]:
     """Generate every (prompt, image) with its own seed; with an LRM, also plain samples with the same seeds, and
     the LRM score of both."""
-    from lpo.curate.device import resolve_device
+    from lpo.core.device import resolve_device
     from lpo.reward.backbones import load_generator
     from lpo.reward.lpo.sampler import sample
     from lpo.reward.lrm.model import LatentRewardModel

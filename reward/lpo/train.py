@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from lpo.curate import config as cfg
-from lpo.curate.errors import InputError
+from lpo.core import config as cfg
+from lpo.core.errors import InputError, TrainingDiverged
 from lpo.reward import checkpoints, engine
 from lpo.reward.checkpoints import CHECKPOINTS
 from lpo.reward.lpo.config import BETA_SCHEDULES, THRESHOLD_SCALES, LPOConfig, check_calibration
@@ -210,7 +210,7 @@ def run(config: LPOConfig) -> dict[str, Any]:
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, set_seed
 
-    from lpo.curate.device import mixed_precision, precision_dtype
+    from lpo.core.device import mixed_precision, precision_dtype
     from lpo.reward.backbones import get_family, load_generator
     from lpo.reward.lrm.model import LatentRewardModel
     from lpo.reward.serve.client import remote_lrm
@@ -383,9 +383,9 @@ def _round(config, accelerator, model, denoiser, reference, lrm, optimizer, prom
             losses = _grpo_losses(model, denoiser, reference, batch, chunk_cond, config) if grpo else \
                 _lpo_losses(model, denoiser, reference, batch, chunk_cond, config, scales)
         if not torch.isfinite(losses["loss"]):
-            raise InputError(f"{config.objective.upper()} loss became {losses['loss'].item()} in round "
-                             f"{state['round']}; the last checkpoint in {Path(config.out) / CHECKPOINTS} is intact. "
-                             "Lower --lr (or --beta).")
+            raise TrainingDiverged(f"{config.objective.upper()} loss became {losses['loss'].item()} in round "
+                                   f"{state['round']}; the last checkpoint in {Path(config.out) / CHECKPOINTS} is "
+                                   "intact. Lower --lr (or --beta).")
         accelerator.backward(losses["loss"])
         if config.max_grad_norm > 0 and accelerator.sync_gradients:
             accelerator.clip_grad_norm_([p for p in denoiser.parameters() if p.requires_grad], config.max_grad_norm)

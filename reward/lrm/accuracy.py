@@ -14,7 +14,7 @@ from typing import Any
 import polars as pl
 import torch
 
-from lpo.curate.errors import InputError
+from lpo.core.errors import InputError
 from lpo.reward.lrm.config import EVAL_TIMESTEPS, RewardEvalConfig, RewardScoreConfig
 from lpo.reward.lrm.latents import LatentCache
 from lpo.reward.lrm.loss import pair_labels, pairwise_correct
@@ -155,7 +155,7 @@ def evaluation_sets(config: RewardEvalConfig, out: Path) -> dict[str, Path]:
 def run(config: RewardEvalConfig) -> dict[str, Any]:
     """`lpo reward eval`: accuracy per timestep on each evaluation set (a manifest, or Pick-a-Pic's splits) as JSON
     plus a PNG plot."""
-    from lpo.curate.device import resolve_device
+    from lpo.core.device import resolve_device
     from lpo.curate.manifest import curation_dir_of, read_pairs
     from lpo.reward.backbones import get_family
     from lpo.reward.lrm.latents import build_cache, only_encoded, pair_uids
@@ -254,7 +254,7 @@ def validate_score(config: RewardScoreConfig) -> tuple[list[Any], float]:
 
 def score(config: RewardScoreConfig) -> list[dict[str, Any]]:
     """`lpo reward score`: encode each image with the VAE saved beside the LRM, noise it to t, score it."""
-    from lpo.curate.device import resolve_device
+    from lpo.core.device import resolve_device
     from lpo.reward.lrm.model import LatentRewardModel
 
     images, t = validate_score(config)

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from lpo.curate.config import option
+from lpo.core.config import option
 
 CANDIDATE_TIMESTEPS = list(range(1, 952, 50))  # the reference's training timesteps {1, 51, ..., 951}
 EVAL_TIMESTEPS = (1, 251, 501, 751, 951)

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import struct
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +28,9 @@ import numpy as np
 import polars as pl
 import torch
 
+from lpo.core.errors import InputError
+from lpo.core.files import atomic_path
 from lpo.curate import images as curate_images
-from lpo.curate.errors import InputError
 from lpo.curate.score import shard_of
 from lpo.reward.images import image_to_tensor
 from lpo.reward.lrm.config import RewardCacheConfig
@@ -161,11 +161,9 @@ class LatentCache:
         self.directory.mkdir(parents=True, exist_ok=True)
         digest = hashlib.blake2b("\n".join(uids).encode(), digest_size=8).hexdigest()
         path = self.directory / f"part-r{rank:03d}-{digest}.safetensors"
-        fd, tmp = tempfile.mkstemp(prefix=".part-", suffix=".tmp", dir=self.directory)
-        os.close(fd)
-        save_file({"mean": mean.to(torch.float16).contiguous(), "std": std.to(torch.float16).contiguous()}, tmp,
-                  metadata={"uids": json.dumps(uids)})
-        os.replace(tmp, path)
+        with atomic_path(path, prefix=".part-") as tmp:
+            save_file({"mean": mean.to(torch.float16).contiguous(), "std": std.to(torch.float16).contiguous()}, tmp,
+                      metadata={"uids": json.dumps(uids)})
         part, _ = _read_header(path)
         self.index.update((uid, (part, row)) for row, uid in enumerate(uids))
         return path
@@ -181,7 +179,7 @@ def check_meta(directory: Path, meta: dict) -> None:
             raise InputError(f"latent cache {directory} was made with another VAE or resolution ({found}); delete "
                              "it or pass another --latent-cache.")
         return
-    from lpo.curate.manifest import write_text_atomic
+    from lpo.core.files import write_text_atomic
 
     directory.mkdir(parents=True, exist_ok=True)
     write_text_atomic(json.dumps(meta, indent=2) + "\n", path)
@@ -271,7 +269,7 @@ def run(config: RewardCacheConfig) -> dict:
     from accelerate import PartialState
     from accelerate.utils import InitProcessGroupKwargs
 
-    from lpo.curate.device import resolve_device
+    from lpo.core.device import resolve_device
     from lpo.curate.manifest import PAIRS_SCHEMA, check_schema
     from lpo.reward.backbones import family_of
     from lpo.reward.backbones.family import base_resolution

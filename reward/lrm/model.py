@@ -29,7 +29,7 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
-from lpo.curate.errors import InputError
+from lpo.core.errors import InputError
 from lpo.reward.backbones import diffusers_dtype, family_of, get_family, read_subfolder_config
 from lpo.reward.backbones.base import LRMBackbone
 from lpo.reward.backbones.family import check_resolution

@@ -21,7 +21,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from lpo.curate.errors import InputError
+from lpo.core.errors import InputError
 from lpo.reward.lrm.config import ImportReferenceConfig
 
 logger = logging.getLogger(__name__)

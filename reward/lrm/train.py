@@ -21,8 +21,8 @@ from typing import Any
 import polars as pl
 import torch
 
-from lpo.curate import config as cfg
-from lpo.curate.errors import InputError
+from lpo.core import config as cfg
+from lpo.core.errors import InputError, TrainingDiverged
 from lpo.reward import checkpoints, engine
 from lpo.reward.checkpoints import CHECKPOINTS
 from lpo.reward.lrm.config import RewardTrainConfig
@@ -33,10 +33,6 @@ logger = logging.getLogger(__name__)
 RESUMABLE_FIELDS = {"resume", "max_steps", "eval_every", "save_every", "log_with", "device", "latent_cache",
                     "timeout_minutes", "dry_run", "processes", "sharding", "gpu_memory_gb"}
 CONFIG_FILE = "train_config.json"
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is left as it was."""
 
 
 def validate(config: RewardTrainConfig) -> tuple[RewardTrainConfig, Any]:
@@ -141,7 +137,7 @@ def run(config: RewardTrainConfig) -> dict[str, Any]:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
 
-    from lpo.curate.device import mixed_precision, precision_dtype
+    from lpo.core.device import mixed_precision, precision_dtype
     from lpo.curate.manifest import curation_dir_of, read_pairs
     from lpo.reward.backbones.family import base_resolution
     from lpo.reward.lrm.accuracy import accuracy_per_timestep, plot_accuracy, usable_pairs

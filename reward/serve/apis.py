@@ -59,7 +59,7 @@ class _ScoringAPI(ls.LitAPI):
         self.cpu_threads = cpu_threads
 
     def setup(self, device: str) -> None:
-        from lpo.curate.device import resolve_dtype
+        from lpo.core.device import resolve_dtype
 
         _configure_worker_logging(self.log_level)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the whole process group; the server stops us

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from lpo.curate.errors import InputError
+from lpo.core.errors import InputError
 from lpo.reward.serve.protocol import IMAGES_ROUTE, LATENTS_ROUTE, TOKEN_ENV
 
 if TYPE_CHECKING:

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lpo.curate.config import option
-from lpo.curate.errors import InputError
+from lpo.core.config import option
+from lpo.core.errors import InputError, RunFailed
 from lpo.reward.serve.protocol import DEFAULT_NUM_TIMESTEPS, IMAGES_ROUTE, LATENTS_ROUTE, TOKEN_ENV, timestep_range
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ OPEN_HOSTS = ("0.0.0.0", "::")  # the other addresses LitServe can bind
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
-class ServeFailed(RuntimeError):
+class ServeFailed(RunFailed):
     """The server could not start although its inputs were valid (a worker failed to load its models)."""
 
 
@@ -132,7 +132,7 @@ def _check_options(config: ServeConfig) -> None:
 
 
 def _accelerator(device: str) -> str:
-    from lpo.curate.device import cuda_available
+    from lpo.core.device import cuda_available
 
     if device not in ("auto", "cpu", "cuda"):
         raise InputError(f"--device {device} is not one of auto, cpu, cuda (cuda serves every visible GPU; pick GPUs "

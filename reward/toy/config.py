@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from lpo.curate.config import option
+from lpo.core.config import option
 
 
 @dataclass

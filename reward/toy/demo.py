@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from lpo.curate import config as cfg
-from lpo.curate.errors import InputError
+from lpo.core import config as cfg
+from lpo.core.errors import InputError
 from lpo.reward.toy import claims as judged
 from lpo.reward.toy.claims import noise_label
 from lpo.reward.toy.config import DemoConfig

@@ -20,7 +20,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-from lpo.curate.errors import InputError
+from lpo.core.errors import InputError
 from lpo.curate.scorers.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from lpo.reward.toy import random_pipelines
 from lpo.reward.toy.config import TinyModelsConfig

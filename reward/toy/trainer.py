@@ -295,7 +295,7 @@ MODELS = ("sd15", "pickscore", "clip", "sd3")  # in training order; sd3 reuses s
 
 
 def validate(config: ToyModelsConfig) -> None:
-    from lpo.curate.errors import InputError
+    from lpo.core.errors import InputError
 
     if not config.out:
         raise InputError("an output directory is required.")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from lpo.curate.errors import InputError
+from lpo.core.errors import InputError
 from lpo.curate.scorers.bvqa import b_vqa, noun_phrases, rule_phrases
 from lpo.curate.scorers.geneval import (
     Detection,

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lpo.curate.errors import InputError
+from lpo.core.errors import InputError
 from lpo.curate.scorers import check_model_spec, load_scorer
 from lpo.curate.scorers.clip import HPS_CHECKPOINTS
 from lpo.curate.scorers.imagereward import IMAGEREWARD_MEAN, IMAGEREWARD_STD

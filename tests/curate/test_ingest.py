@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from lpo.core.errors import InputError
 from lpo.curate import ingest
-from lpo.curate.errors import InputError
 from lpo.curate.manifest import IMAGES_SCHEMA, PAIRS_SCHEMA, check_schema
 from lpo.reward.toy.world import make_pickapic_table
 

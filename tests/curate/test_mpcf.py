@@ -8,8 +8,8 @@ import random
 import polars as pl
 import pytest
 
+from lpo.core.errors import InputError
 from lpo.curate import mpcf
-from lpo.curate.errors import InputError
 
 METRICS = ("pickscore", "clip", "vqa", "aesthetic")
 
@@ -169,10 +169,3 @@ def test_bad_rule_options_are_input_errors(kwargs: dict, needle: str) -> None:
         mpcf.build_rule(**kwargs)
     assert needle in str(err.value)
 
-
-def test_parse_thresholds() -> None:
-    assert mpcf.parse_thresholds(["clip=0.01", "vqa=-1e-3"], "--min-gap") == {"clip": 0.01, "vqa": -0.001}
-    with pytest.raises(InputError, match="metric=value"):
-        mpcf.parse_thresholds(["clip:0.01"], "--min-gap")
-    with pytest.raises(InputError, match="metric=value"):
-        mpcf.parse_thresholds(["clip=high"], "--min-gap")

@@ -11,8 +11,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from lpo.core.errors import InputError
 from lpo.curate import ingest, score, scorers
-from lpo.curate.errors import InputError
 from lpo.curate.manifest import check_schema, scores_schema
 from lpo.reward.toy.world import write_pickapic_parquet
 

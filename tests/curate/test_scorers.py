@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
+from lpo.core.errors import InputError
 from lpo.curate import scorers
-from lpo.curate.errors import InputError
 from lpo.curate.scorers import CURATION_METRICS, METRICS, TextFeatureCache, check_model_spec, load_scorer
 
 CAPTIONS = ["a red cube on a table", "cat", "two dogs playing in the snow at night, photorealistic"]

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from lpo.curate.errors import InputError
+from lpo.core.errors import InputError
 from lpo.reward import engine
 
 

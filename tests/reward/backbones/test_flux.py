@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lpo.curate.errors import InputError
+from lpo.core.errors import InputError
 from lpo.reward.backbones import FAMILIES, family_of, load_generator
 from lpo.reward.backbones.flux import image_ids, pack, unpack
 from lpo.reward.lpo.sampler import sample

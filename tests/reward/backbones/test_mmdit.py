@@ -171,7 +171,7 @@ def test_a_step_changes_the_transformer_and_projections_not_the_text_encoders(sd
 
 
 def test_a_pipeline_without_a_transformer_config_is_refused(tmp_path: Path, sd3: str) -> None:
-    from lpo.curate.errors import InputError
+    from lpo.core.errors import InputError
 
     shutil.copytree(sd3, tmp_path / "broken")
     (tmp_path / "broken" / "transformer" / "config.json").unlink()

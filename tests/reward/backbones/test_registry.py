@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from lpo.curate.errors import InputError
+from lpo.core.errors import InputError
 from lpo.reward.backbones import FAMILIES, family_of, get_family, load_generator, resolve_denoiser, resolve_lora
 
 

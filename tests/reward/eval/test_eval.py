@@ -16,8 +16,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from lpo.cli import app
+from lpo.core.errors import InputError
 from lpo.curate import scorers as registry
-from lpo.curate.errors import InputError
 from lpo.curate.scorers import load_scorer
 from lpo.reward.eval import run as evaluate
 from lpo.reward.eval.config import EvalCompareConfig, EvalConfig, EvalScoreConfig

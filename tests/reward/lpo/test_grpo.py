@@ -87,7 +87,7 @@ def test_grpo_loss_equals_the_written_out_surrogate_and_its_clip_fraction() -> N
 def test_grpo_refuses_summed_log_densities(tiny_models_dir, lrms, prompt_file, tmp_path) -> None:
     """--clip-eps and --grpo-kl are per latent element: with a summed log-density a ratio leaves any clip at once
     (a summed log-ratio of 19 is a ratio of 1.8e8), so GRPO with `sum` is refused before any model loads."""
-    from lpo.curate.errors import InputError
+    from lpo.core.errors import InputError
 
     with pytest.raises(InputError, match="--logprob-reduction sum cannot train GRPO"):
         lpo_train.run(_config("sd15", tiny_models_dir, lrms, prompt_file, tmp_path / "run",
@@ -254,7 +254,7 @@ def test_grpo_resume_continues_the_same_run(family, tiny_models_dir, lrms, promp
     b = load_file(split / "lora" / "pytorch_lora_weights.safetensors")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
-    from lpo.curate.errors import InputError
+    from lpo.core.errors import InputError
 
     with pytest.raises(InputError, match="objective"):
         lpo_train.run(_config(family, tiny_models_dir, lrms, prompt_file, split, objective="lpo", resume=True))

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from lpo.cli import app
-from lpo.curate.errors import InputError
+from lpo.core.errors import InputError
 from lpo.reward import checkpoints
 from lpo.reward.backbones import FAMILIES, load_generator
 from lpo.reward.lpo import sampler

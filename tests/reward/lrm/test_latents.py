@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lpo.core.errors import InputError
 from lpo.curate import ingest
-from lpo.curate.errors import InputError
 from lpo.reward.lrm.latents import LatentCache, build_cache, cache_dir, check_meta, vae_fingerprint
 from lpo.reward.toy.world import write_pickapic_parquet
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lpo.curate.errors import InputError
+from lpo.core.errors import InputError
 from lpo.reward.backbones.unet import default_taps, res_channels
 from lpo.reward.lrm.loss import bradley_terry_loss, pair_labels, pair_weights, pairwise_correct
 from lpo.reward.lrm.model import LatentRewardModel

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from lpo.cli import app
+from lpo.core.errors import InputError
 from lpo.curate import ingest
-from lpo.curate.errors import InputError
 from lpo.reward import checkpoints
 from lpo.reward.lrm import train
 from lpo.reward.lrm.config import RewardTrainConfig

@@ -13,7 +13,7 @@ import polars as pl
 import pytest
 from typer.testing import CliRunner
 
-from lpo.curate.errors import InputError
+from lpo.core.errors import InputError
 from lpo.reward.toy.config import DemoConfig
 
 SHIPPED = Path(__file__).resolve().parents[3] / "manifests" / "toy-models"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lpo.curate.errors import InputError
+from lpo.core.errors import InputError
 from lpo.reward.toy.config import DemoConfig
 
 SHIPPED = Path(__file__).resolve().parents[3] / "manifests" / "toy-models"
@@ -117,7 +117,7 @@ def test_a_rerun_with_the_same_settings_is_accepted_and_other_settings_are_refus
     """The saved config keeps the family's defaults unset, and a rerun compares like with like."""
     import dataclasses
 
-    from lpo.curate import config as cfg
+    from lpo.core import config as cfg
     from lpo.reward.toy import demo
 
     config = DemoConfig(out=tmp_path, family="sd3", models=SHIPPED)

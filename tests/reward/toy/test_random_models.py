@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lpo.curate.errors import InputError
+from lpo.core.errors import InputError
 from lpo.curate.scorers import METRICS, load_scorer
 from lpo.reward.toy.random_models import ROLES, build_tiny_models, clip_tokenizer
 
@@ -227,7 +227,7 @@ def test_unknown_role_is_an_input_error(tmp_path: Path) -> None:
 
 
 def test_the_roles_help_names_every_role() -> None:
-    from lpo.curate.config import help_of
+    from lpo.core.config import help_of
     from lpo.reward.toy.config import TinyModelsConfig
 
     named = help_of(TinyModelsConfig, "roles").split("): ", 1)[1].rstrip(".").split(", ")

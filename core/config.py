@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 from typing import Any, TypeVar
 
-from lpo.curate.errors import InputError
+from lpo.core.errors import InputError
+from lpo.core.files import write_text_atomic
 
 T = TypeVar("T")
 
@@ -75,6 +76,22 @@ def _read_config_file(path: Path, name: str) -> dict[str, Any]:
     return data
 
 
+def parse_key_values(values: list[str] | None, option_name: str) -> dict[str, float]:
+    """Parse repeated `key=value` options (`--min-gap clip=0.01`) into numbers by key."""
+    out: dict[str, float] = {}
+    for item in values or []:
+        key, sep, number = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            out[key.strip()] = float(number)
+        except ValueError:
+            raise InputError(
+                f"{option_name} '{item}' is not of the form metric=value, e.g. {option_name} clip=0.01."
+            ) from None
+    return out
+
+
 def to_dict(config: Any) -> dict[str, Any]:
     """A JSON-ready dict of a config (paths as strings)."""
     out = {}
@@ -86,6 +103,4 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 def save(config: Any, path: str | Path) -> Path:
     """Write the resolved config next to an output, so every run says how it was made."""
-    from lpo.curate.manifest import write_text_atomic
-
     return write_text_atomic(json.dumps(to_dict(config), indent=2, default=str) + "\n", path)

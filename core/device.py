@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lpo.curate.errors import InputError
+from lpo.core.errors import InputError
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 PRECISION_DTYPES = {"fp16": "float16", "bf16": "bfloat16"}  # accelerate's mixed-precision names
