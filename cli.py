@@ -27,7 +27,7 @@ from lpo.reward.lrm.config import (
     RewardScoreConfig,
     RewardTrainConfig,
 )
-from lpo.reward.serve.server import ServeConfig
+from lpo.reward.serve.config import ServeConfig
 from lpo.reward.toy.config import DemoConfig, SampleDataConfig, TinyModelsConfig, ToyModelsConfig
 
 app = typer.Typer(help="Curate preference pairs, train latent reward models and run latent preference optimisation.",

@@ -28,11 +28,14 @@ import pyarrow.parquet as pq
 
 from lpo.core import config as cfg
 from lpo.core.config import option
+from lpo.core.device import resolve_device, resolve_dtype
 from lpo.core.errors import InputError
 from lpo.core.files import write_text_atomic
 from lpo.curate import images
 from lpo.curate.ingest import image_parts, is_curation_dir
 from lpo.curate.manifest import scores_schema, write_atomic
+from lpo.curate.scorers import CURATION_METRICS, check_model_spec, load_scorer, resolve_specs
+from lpo.curate.scorers.base import score_each
 from lpo.curate.scorers.specs import DEFAULT_CURATION_METRICS, DEFAULT_MODELS
 
 logger = logging.getLogger(__name__)
@@ -61,7 +64,6 @@ class ScoreConfig:
 def validate_models(config: ScoreConfig) -> dict[str, str | None]:
     """Check metrics, batch options and model specs (no weights load); return the resolved model specs (None: the
     registry default)."""
-    from lpo.curate.scorers import CURATION_METRICS, check_model_spec, resolve_specs
 
     if not config.metrics:
         raise InputError("no metrics selected; pass --metrics, e.g. pickscore,clip,vqa.")
@@ -148,7 +150,6 @@ class _PartWriter:
 
 def _process_device(requested: str, state: Any) -> str:
     """Under accelerate launch each process scores on its own device; alone, the one asked for."""
-    from lpo.core.device import resolve_device
 
     if state.num_processes > 1 or requested == "auto":
         return str(state.device)
@@ -158,7 +159,6 @@ def _process_device(requested: str, state: Any) -> str:
 def score_metric(work_dir: Path, metric: str, scorer: Any, todo: set[str], config: ScoreConfig, rank: int,
                  progress: Any = None) -> int:
     """Score the images in `todo` with `scorer`, writing part files as it goes. Returns the number scored."""
-    from lpo.curate.scorers.base import score_each
 
     writer = _PartWriter(work_dir / SCORES_DIR / metric, metric, rank, config.flush_every)
     try:
@@ -205,8 +205,6 @@ def run(config: ScoreConfig) -> dict[str, Any]:
     """Score the images of `config.work_dir` with each metric; resumable and shardable across processes."""
     from accelerate import PartialState
 
-    from lpo.core.device import resolve_dtype
-
     specs = validate(config)
     work_dir = Path(config.work_dir)
     cpu = config.device == "cpu"
@@ -247,8 +245,6 @@ def run(config: ScoreConfig) -> dict[str, Any]:
 
 def _score_with_progress(work_dir, metric, spec, todo, config, state, device, dtype) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from lpo.curate.scorers import load_scorer
 
     scorer = load_scorer(metric, spec, device=device, dtype=dtype)
     if not state.is_main_process:

@@ -9,6 +9,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from lpo.core.config import to_dict
+from lpo.core.errors import InputError
+from lpo.core.files import write_text_atomic
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
@@ -55,8 +59,6 @@ def resume(accelerator: Any, out: Path, prefix: str, fresh: dict[str, Any]) -> d
 def check_run_dir(config: Any, out: Path, config_file: str, resumable: set[str], prefix: str) -> None:
     """Before any model loads: `--resume` needs a run in `out` made with the same settings (bar the `resumable`
     fields); without it, `out` must not hold checkpoints already."""
-    from lpo.core.config import to_dict
-    from lpo.core.errors import InputError
 
     path = Path(out) / config_file
     if config.resume:
@@ -80,8 +82,6 @@ class MetricsLog:
         self.path = Path(out) / METRICS_FILE
         self.main_process = main_process
         if main_process and self.path.is_file():
-            from lpo.core.files import write_text_atomic
-
             kept = []
             for line in self.path.read_text().splitlines():
                 try:

@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from lpo.core.errors import InputError
+from lpo.reward.backbones import pixel_resolution, read_subfolder_config
+from lpo.reward.lrm.model import LatentRewardModel, read_lrm_config
 
 SHARDINGS = ("auto", "none", "zero2", "fsdp")
 GB = 1e9
@@ -143,8 +145,6 @@ def _meta(build: Callable[[], nn.Module]) -> nn.Module:
 
 def lrm_plan(config: Any, family: Any, train_pairs: int, images: int, processes: int | None, sharding: str) -> Plan:
     """The plan of `lpo reward train`: the reward model on the meta device, one training micro-step traced."""
-    from lpo.reward.backbones import pixel_resolution
-    from lpo.reward.lrm.model import LatentRewardModel
 
     world, sharding = launch_setup(processes, sharding)
     backbone_class = family.lrm_backbone
@@ -209,8 +209,6 @@ def component_parameters(part: dict[str, Any]) -> int:
 
 def _frozen_parts(config: Any, family: Any) -> int:
     """Parameters of what LPO keeps frozen besides the denoiser: text encoders, VAE, and the local LRM."""
-    from lpo.reward.backbones import read_subfolder_config
-    from lpo.reward.lrm.model import LatentRewardModel, read_lrm_config
 
     frozen = 0
     for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae"):
@@ -239,8 +237,6 @@ def lpo_plan(config: Any, family: Any, rounds_per_epoch: Callable[[int], int], p
     """The plan of `lpo optimize <family>`: the denoiser on the meta device, one training forward traced;
     `rounds_per_epoch(processes)` is the trainer's."""
     import diffusers
-
-    from lpo.reward.backbones import pixel_resolution, read_subfolder_config
 
     world, sharding = launch_setup(processes, sharding)
     if sharding == "fsdp":

@@ -112,3 +112,42 @@ def test_ci_runs_the_readme_test_command() -> None:
     command = next(line for line in (REPO / ".ci" / "run").read_text().splitlines() if "pytest" in line)
     assert f"\n{command}\n" in readme
     assert "ruff check ." in command and '-m "not gpu"' in command  # lint first; slow tests included
+
+
+HEAVY = ("torch", "diffusers", "transformers", "accelerate", "peft", "open_clip")
+
+
+def test_the_command_line_loads_no_model_library(tmp_path: Path) -> None:
+    """`import lpo.cli` and `lpo --help` stay fast: torch, diffusers, transformers and the rest load only when a
+    command runs (the command line's edge is the one place for lazy imports)."""
+    code = ("import sys, runpy\nsys.argv = ['lpo', '--help']\nimport lpo.cli\nloaded = [m for m in {heavy} if m in "
+            "sys.modules]\ntry:\n    lpo.cli.main()\nexcept SystemExit:\n    pass\n"
+            "print(loaded, [m for m in {heavy} if m in sys.modules])").format(heavy=HEAVY)
+    result = _outside(tmp_path, code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[] []"
+
+
+def _nested_imports(path: Path) -> list[tuple[int, str]]:
+    """(line, module) of each import below a module's top level, except under a top-level `if`/`try` (an optional
+    extra)."""
+    tree = ast.parse(path.read_text())
+    top = {id(node) for node in tree.body}
+    guarded = {id(inner) for node in tree.body if isinstance(node, (ast.If, ast.Try)) for inner in ast.walk(node)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in top | guarded:
+            found.append((node.lineno, node.module if isinstance(node, ast.ImportFrom) else node.names[0].name))
+    return found
+
+
+def test_library_modules_import_our_modules_at_their_top() -> None:
+    """Inside the library every module imports our modules at its top, so its import list is its honest map; only the
+    command line imports a command's module when the command runs."""
+    lazy = [(str(path.relative_to(REPO)), line, module)
+            for path in [*(REPO / "core").rglob("*.py"), *(REPO / "curate").rglob("*.py"),
+                         *(REPO / "reward").rglob("*.py")]
+            for line, module in _nested_imports(path) if module and module.startswith("lpo")]
+    assert not lazy, lazy
+    edge = [module for _, module in _nested_imports(REPO / "cli.py") if module.startswith("lpo")]
+    assert len(edge) <= 6, edge

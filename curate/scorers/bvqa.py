@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from lpo.core.errors import InputError
+from lpo.curate.scorers.specs import checked_config
 
 if TYPE_CHECKING:
     import numpy
@@ -187,8 +188,6 @@ def check_bvqa(metric: str, spec: str) -> None:
     """A BLIP VQA model whose encoder token exists (its tokenizer's `[ENC]` or `[DEC]` + 1); a hub model is checked
     where its config and tokenizer can be read."""
     from transformers import AutoTokenizer
-
-    from lpo.curate.scorers.specs import checked_config
 
     path, config = checked_config(metric, spec, "a BLIP visual question answering model (model_type blip)",
                                   lambda model_type: model_type == "blip")

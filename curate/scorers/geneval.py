@@ -43,6 +43,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lpo.core.errors import InputError
+from lpo.curate.scorers.clip import _open_clip_spec, check_clip, open_clip_precision
+from lpo.curate.scorers.specs import checked_config
 
 if TYPE_CHECKING:
     import numpy
@@ -437,9 +439,6 @@ def parse_spec(spec: str) -> tuple[str, str]:
 
 
 def check_geneval(spec: str) -> None:
-    from lpo.curate.scorers.clip import check_clip
-    from lpo.curate.scorers.specs import checked_config
-
     detector, colour = parse_spec(spec)
     _, config = checked_config("geneval", detector, "a Mask2Former instance-segmentation model (model_type "
                                "mask2former)", lambda model_type: model_type == "mask2former")
@@ -451,8 +450,6 @@ def check_geneval(spec: str) -> None:
 def load_geneval(spec: str, device: str, dtype: Any) -> GenEvalScorer:
     import open_clip
     from transformers import Mask2FormerForUniversalSegmentation
-
-    from lpo.curate.scorers.clip import _open_clip_spec, open_clip_precision
 
     detector_spec, colour_spec = parse_spec(spec)
     logger.info("loading geneval: detector %s, colour classifier %s on %s", detector_spec, colour_spec, device)

@@ -18,13 +18,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from lpo.reward.backbones.family import Family
+from lpo.reward.backbones.family import Family, check_resolution
 
 
 def load_lora_quietly(pipeline: Any, path: str | Path) -> None:
@@ -103,7 +102,6 @@ class Generator(ABC):
     def use_resolution(self, pixels: int | None) -> None:
         """Sample (and train) at image side `pixels` (None: the pipeline's native side); an InputError names the
         sides the pipeline takes."""
-        from lpo.reward.backbones.family import check_resolution
 
         check_resolution(pixels, self.family, dict(self.denoiser.config), dict(self.vae.config))
         self.side = pixels

@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from lpo.core.errors import InputError
 from lpo.reward.backbones.base import StepStats
 
 SAMPLERS = ("sde", "cps")  # the stochastic steps of the flow families; the first is the default
@@ -85,8 +86,6 @@ def lrm_timesteps(scheduler: Any, image_tokens: int, linear_sigmas: bool = False
 
 
 def check_timesteps(values: list[float]) -> list[float]:
-    from lpo.core.errors import InputError
-
     bad = [t for t in values if not 0 < t <= NUM_TRAIN_TIMESTEPS]
     if bad or not values:
         raise InputError(f"flow-matching timesteps are sigma x {NUM_TRAIN_TIMESTEPS}, in (0, {NUM_TRAIN_TIMESTEPS}]; "

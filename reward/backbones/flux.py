@@ -25,8 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from lpo.core.errors import InputError
 from lpo.reward.backbones.base import Conditioning
-from lpo.reward.backbones.family import get_family
+from lpo.reward.backbones.family import get_family, read_subfolder_config
 from lpo.reward.backbones.mmdit import FlowGenerator, MMDiTLRMBackbone
 
 T5_MAX_LENGTH = 512  # the FLUX pipeline's default max_sequence_length
@@ -111,8 +112,6 @@ class FluxGenerator(FlowGenerator):
     @staticmethod
     def check_lpo(base: str) -> None:
         """FLUX.1-schnell (no guidance embedder: timestep-distilled) has no meaningful step likelihood."""
-        from lpo.core.errors import InputError
-        from lpo.reward.backbones.family import read_subfolder_config
 
         if not read_subfolder_config(base, "transformer").get("guidance_embeds", False):
             raise InputError(f"{base} is a timestep-distilled FLUX model (no guidance embedder, as FLUX.1-schnell): "

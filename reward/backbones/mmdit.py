@@ -24,9 +24,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from lpo.core.errors import InputError
 from lpo.reward.backbones import flow
 from lpo.reward.backbones.base import Conditioning, Generator, LRMBackbone, StepStats, classifier_free
-from lpo.reward.backbones.family import diffusers_dtype, get_family
+from lpo.reward.backbones.family import (
+    diffusers_dtype,
+    get_family,
+    has_subfolder,
+    pixel_resolution,
+    read_subfolder_config,
+)
 from lpo.reward.images import to_pil
 
 T5_MAX_LENGTH = 256  # the SD3 pipeline's default max_sequence_length
@@ -254,8 +261,6 @@ class MMDiTLRMBackbone(LRMBackbone):
         import diffusers
         from transformers import AutoTokenizer
 
-        from lpo.reward.backbones.family import pixel_resolution, read_subfolder_config
-
         config = read_subfolder_config(base, "transformer")
         depth = depth or cls.default_depth(config)
         if pretrained:
@@ -273,8 +278,6 @@ class MMDiTLRMBackbone(LRMBackbone):
 
     @classmethod
     def components_from_base(cls, base: str) -> dict[str, dict[str, Any]]:
-        from lpo.reward.backbones.family import read_subfolder_config
-
         return {name: read_subfolder_config(base, name) for name in ("transformer", *cls._encoder_names(base))}
 
     @classmethod
@@ -316,8 +319,6 @@ class MMDiTLRMBackbone(LRMBackbone):
     def encoders(self) -> list[nn.Module]:
         """The base's frozen text encoders, loaded on first use where the module is."""
         if self._encoders is None:
-            from lpo.core.errors import InputError
-
             if not self.base:
                 raise InputError("this reward model names no base pipeline to load its frozen text encoders from; "
                                  "build it with LatentRewardModel.from_base.")
@@ -362,8 +363,6 @@ class MMDiTLRMBackbone(LRMBackbone):
         return sorted({tap for tap in (round(self.depth / 3), round(2 * self.depth / 3)) if 1 <= tap < self.depth})
 
     def feature_channels(self, taps: list[int]) -> list[int]:
-        from lpo.core.errors import InputError
-
         for tap in taps:
             if not 1 <= tap <= self.depth:
                 raise InputError(f"feature tap {tap} is not one of the LRM's joint blocks (1..{self.depth}, "
@@ -403,8 +402,6 @@ class SD3LRMBackbone(MMDiTLRMBackbone):
 
     @classmethod
     def _encoder_names(cls, base: str) -> list[str]:
-        from lpo.reward.backbones.family import has_subfolder
-
         return [*CLIP_ENCODERS, *([T5_ENCODER] if has_subfolder(base, T5_ENCODER) else [])]
 
     @staticmethod

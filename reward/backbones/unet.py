@@ -17,10 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from lpo.core.errors import InputError
 from lpo.reward.backbones import ddim
 from lpo.reward.backbones.base import Conditioning, Generator, LRMBackbone, StepStats, classifier_free
-from lpo.reward.backbones.family import diffusers_dtype, get_family
+from lpo.reward.backbones.family import diffusers_dtype, get_family, pixel_resolution, read_subfolder_config
 from lpo.reward.images import to_pil
+from lpo.reward.lrm.config import CANDIDATE_TIMESTEPS, EVAL_TIMESTEPS
 
 # ---------------------------------------------------------------------------------------------------------------
 # generator
@@ -200,8 +202,6 @@ class UNetLRMBackbone(LRMBackbone):
         from diffusers import UNet2DConditionModel
         from transformers import AutoTokenizer
 
-        from lpo.reward.backbones.family import pixel_resolution, read_subfolder_config
-
         if pretrained:
             unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", **diffusers_dtype(dtype))
         else:
@@ -221,8 +221,6 @@ class UNetLRMBackbone(LRMBackbone):
 
     @classmethod
     def components_from_base(cls, base: str) -> dict[str, dict[str, Any]]:
-        from lpo.reward.backbones.family import read_subfolder_config
-
         return {name: read_subfolder_config(base, name) for name in ("unet", *cls.text_encoders)}
 
     @classmethod
@@ -250,14 +248,10 @@ class UNetLRMBackbone(LRMBackbone):
     @classmethod
     def default_timesteps(cls, source: str | Path, subfolder: str | None,
                           latent_shape: tuple[int, ...]) -> tuple[list, list]:
-        from lpo.reward.lrm.config import CANDIDATE_TIMESTEPS, EVAL_TIMESTEPS
-
         return list(CANDIDATE_TIMESTEPS), list(EVAL_TIMESTEPS)
 
     @staticmethod
     def check_timesteps(values: list[float]) -> list[int]:
-        from lpo.core.errors import InputError
-
         bad = [t for t in values if not (0 <= t < 1000 and float(t).is_integer())]
         if bad or not values:
             raise InputError(f"timesteps must be non-empty integers in [0, 999]; got {bad or values}.")
@@ -292,8 +286,6 @@ class UNetLRMBackbone(LRMBackbone):
         return default_taps(self.unet.config)
 
     def feature_channels(self, taps: list[int]) -> list[int]:
-        from lpo.core.errors import InputError
-
         available = res_channels(self.unet.config)
         for tap in taps:
             if not 0 <= tap < len(available):

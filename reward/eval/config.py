@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lpo.core.config import option
+from lpo.curate.scorers.specs import DEFAULT_EVAL_METRICS
 
 EVAL_METRICS_HELP = ("Comma-separated metrics, from: pickscore, hpsv2, hpsv21, imagereward, aesthetic, clip, vqa, "
                      "geneval (with GenEval's metadata file as --prompts), t2i-color, t2i-shape, t2i-texture "
@@ -13,8 +14,6 @@ EVAL_METRICS_HELP = ("Comma-separated metrics, from: pickscore, hpsv2, hpsv21, i
 
 
 def _default_eval_metrics() -> list[str]:
-    from lpo.curate.scorers.specs import DEFAULT_EVAL_METRICS
-
     return list(DEFAULT_EVAL_METRICS)
 
 

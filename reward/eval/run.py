@@ -11,18 +11,28 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from lpo.core import config as cfg
+from lpo.core.device import resolve_device, resolve_dtype
 from lpo.core.errors import InputError
 from lpo.core.files import write_text_atomic
+from lpo.reward.backbones import family_of, load_generator, resolve_denoiser, resolve_lora
+from lpo.reward.backbones.family import check_base_resolution
 from lpo.reward.eval.config import EvalConfig
 from lpo.reward.eval.items import IMAGES_DIR, RECORDS_FILE, RUN_FILE, EvalItem
 from lpo.reward.eval.score import (
     _check_positive,
     _progress,
+    _versions,
     check_records,
     resolve_metric_specs,
     resolve_prompt_records,
     score_items,
 )
+from lpo.reward.eval.stats import write_outputs
+from lpo.reward.lpo.sample import image_seed
+from lpo.reward.lpo.sampler import sample
+from lpo.reward.lrm.model import LatentRewardModel, check_lrm_matches
+from lpo.reward.serve.client import remote_lrm, remote_scorers
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +44,6 @@ GENERATION_KEYS = ("base", "lora", "denoiser", "lrm", "candidates", "steps", "gu
 
 def generation_settings(config: EvalConfig) -> dict[str, Any]:
     """What the images depend on, with the family's defaults filled in (guidance; eta with an LRM)."""
-    from lpo.reward.backbones import family_of
 
     family = family_of(config.base)
     eta, guidance = family.sampling(config.eta, config.guidance, guided=config.lrm is not None)
@@ -58,11 +67,6 @@ class Checked(NamedTuple):
 
 def validate(config: EvalConfig) -> Checked:
     """Check everything that can be checked before a model loads."""
-    from lpo.core.device import resolve_dtype
-    from lpo.reward.backbones import family_of, resolve_denoiser, resolve_lora
-    from lpo.reward.backbones.family import check_base_resolution
-    from lpo.reward.lrm.model import check_lrm_matches
-    from lpo.reward.serve.client import remote_scorers
 
     missing = [f"--{name}" for name in ("base", "prompts", "out") if not getattr(config, name)]
     if missing:
@@ -120,7 +124,6 @@ def _check_same_run(out: Path, settings: dict[str, Any]) -> None:
 def plan(prompts: Sequence[str], images_per_prompt: int, seed: int, out: Path,
          records: Sequence[dict[str, Any]] | None = None) -> list[EvalItem]:
     """Every (prompt, image) of a run, with its seed, its file and its prompt's record."""
-    from lpo.reward.lpo.sample import image_seed
 
     items = []
     for p, prompt in enumerate(prompts):
@@ -175,9 +178,6 @@ def _generation_dtype(config: EvalConfig, device: str) -> Any:
     float32 on the CPU."""
     import torch
 
-    from lpo.core.device import resolve_dtype
-    from lpo.reward.backbones import family_of
-
     half = torch.bfloat16 if family_of(config.base).half_precision == "bf16" else torch.float16
     auto = half if device.startswith("cuda") else torch.float32
     return resolve_dtype(config.dtype, option="--dtype", auto=auto)
@@ -185,9 +185,6 @@ def _generation_dtype(config: EvalConfig, device: str) -> Any:
 
 def _load_models(config: EvalConfig, device: str) -> tuple[Any, Any]:
     """The generator (LoRA loaded) and the LRM that guides it, if any (local, or served with --reward-url)."""
-    from lpo.reward.backbones import load_generator
-    from lpo.reward.lrm.model import LatentRewardModel
-    from lpo.reward.serve.client import remote_lrm
 
     model = load_generator(config.base, lora=config.lora, denoiser=config.denoiser,
                            dtype=_generation_dtype(config, device), device=device)
@@ -205,8 +202,6 @@ def _load_models(config: EvalConfig, device: str) -> tuple[Any, Any]:
 def generate(config: EvalConfig, todo: Sequence[EvalItem], out: Path, device: str) -> None:
     """Generate `todo` in batches, each image from its own generator; append a record once its file is in place."""
     import torch
-
-    from lpo.reward.lpo.sampler import sample
 
     model, lrm = _load_models(config, device)
     settings = generation_settings(config)
@@ -234,13 +229,6 @@ def run(config: EvalConfig) -> dict[str, Any]:
     """Generate every (prompt, image) with its own seed (skipping finished images), score every image with every
     metric, and write the per-image table, the summary and the grid."""
     from PIL import Image
-
-    from lpo.core import config as cfg
-    from lpo.core.device import resolve_device, resolve_dtype
-    from lpo.reward.backbones import family_of
-    from lpo.reward.eval.score import _versions
-    from lpo.reward.eval.stats import write_outputs
-    from lpo.reward.serve.client import remote_scorers
 
     prompts, specs, records, denoiser_weights = validate(config)
     out = Path(config.out)

@@ -13,10 +13,19 @@ from typing import Any
 
 import polars as pl
 
+from lpo.core import config as cfg
+from lpo.core.device import resolve_device, resolve_dtype
 from lpo.core.errors import InputError
 from lpo.core.files import write_text_atomic
+from lpo.curate.prompts import read_prompts
+from lpo.curate.scorers import METRICS, check_model_spec, load_scorer, prefetch, resolve_specs
+from lpo.curate.scorers.base import score_each
+from lpo.curate.scorers.geneval import read_records
+from lpo.curate.scorers.specs import RECORD_METRICS
 from lpo.reward.eval.config import EvalScoreConfig
 from lpo.reward.eval.items import SCORES_DIR, TABLE_FILE, EvalItem
+from lpo.reward.eval.stats import write_outputs
+from lpo.reward.serve.client import remote_scorers
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +44,6 @@ def resolve_prompt_records(path: str | Path, max_prompts: int | None = None
                            ) -> tuple[list[str], list[dict[str, Any]] | None]:
     """(prompts, one benchmark record per prompt or None): GenEval's `evaluation_metadata.jsonl` gives each prompt
     its record (the task and the objects asked for, which `geneval` scores against); any other prompt file none."""
-    from lpo.curate.prompts import read_prompts
-    from lpo.curate.scorers.geneval import read_records
 
     path = Path(path)
     if path.is_dir():
@@ -57,7 +64,6 @@ def resolve_prompt_records(path: str | Path, max_prompts: int | None = None
 
 def check_records(metrics: Sequence[str], records: list[dict[str, Any]] | None, prompts_file: Any) -> None:
     """A metric that scores against each prompt's record (geneval) needs a prompt file that carries them."""
-    from lpo.curate.scorers.specs import RECORD_METRICS
 
     needing = [m for m in metrics if m in RECORD_METRICS]
     if needing and records is None:
@@ -80,7 +86,6 @@ def resolve_metric_specs(metrics: Sequence[str], models: dict[str, str], models_
                          ) -> dict[str, str]:
     """The model spec of each metric (explicit, else models_dir/<metric>, else the registry default), checked
     without loading any weights (hub checkpoints of HPS and ImageReward are downloaded here)."""
-    from lpo.curate.scorers import METRICS, check_model_spec, prefetch, resolve_specs
 
     if not metrics:
         raise InputError(f"no metrics selected; pass --metrics, e.g. {','.join(METRICS[:5])}.")
@@ -153,10 +158,6 @@ def score_items(items: Sequence[EvalItem], specs: dict[str, str], out: Path, bat
     import gc
 
     import torch
-
-    from lpo.curate.scorers import load_scorer
-    from lpo.curate.scorers.base import score_each
-    from lpo.curate.scorers.specs import RECORD_METRICS
 
     all_scores, models = {}, {}
     (out / SCORES_DIR).mkdir(parents=True, exist_ok=True)
@@ -328,10 +329,6 @@ def _resolve_images(images: Path, prompts: list[str] | None) -> list[EvalItem]:
 
 def score_existing(config: EvalScoreConfig) -> dict[str, Any]:
     """Score images that already exist (paired with prompts by `resolve_images`); same outputs as `run`."""
-    from lpo.core import config as cfg
-    from lpo.core.device import resolve_device, resolve_dtype
-    from lpo.reward.eval.stats import write_outputs
-    from lpo.reward.serve.client import remote_scorers
 
     if not config.images or not config.out:
         raise InputError("--images and --out are required, e.g. `lpo eval score --images runs/samples --out DIR`.")

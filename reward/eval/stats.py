@@ -23,10 +23,11 @@ import pyarrow as pa
 
 from lpo.core.errors import InputError
 from lpo.core.files import write_text_atomic
-from lpo.curate.manifest import write_atomic
+from lpo.curate.manifest import check_schema, write_atomic
 from lpo.curate.scorers.specs import RECORD_METRICS
 from lpo.reward.eval.config import EvalCompareConfig
 from lpo.reward.eval.items import GRID_FILE, SUMMARY_FILE, SUMMARY_MD, TABLE_FILE, EvalItem, table_schema
+from lpo.reward.images import save_image_grid
 
 Z_95 = NormalDist().inv_cdf(0.975)
 STATISTICS = ("mean over images; std per image (ddof 1); ci95: normal interval, mean +- 1.96 standard errors "
@@ -180,8 +181,6 @@ def save_grid(items: Sequence[EvalItem], prompts: int, path: Path) -> Path | Non
     """A PNG grid, one row per prompt (the first `prompts` by index), its images in image order."""
     from PIL import Image
 
-    from lpo.reward.images import save_image_grid
-
     rows: dict[int, list[EvalItem]] = {}
     for item in sorted(items, key=lambda it: (it.prompt_index, it.image_index)):
         if item.prompt_index in rows or len(rows) < prompts:
@@ -209,7 +208,6 @@ def save_grid(items: Sequence[EvalItem], prompts: int, path: Path) -> Path | Non
 
 def read_run(run_dir: Path) -> tuple[pl.DataFrame, dict[str, Any]]:
     """The per-image table and summary of a run directory."""
-    from lpo.curate.manifest import check_schema
 
     run_dir = Path(run_dir)
     table, summary = run_dir / TABLE_FILE, run_dir / SUMMARY_FILE

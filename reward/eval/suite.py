@@ -20,9 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lpo.core.config import _read_config_file, to_dict
 from lpo.core.errors import InputError
+from lpo.core.files import write_text_atomic
+from lpo.reward.backbones import family_of
+from lpo.reward.eval import run as evaluation
 from lpo.reward.eval.config import EvalCompareConfig, EvalConfig, EvalSuiteConfig
 from lpo.reward.eval.items import SUMMARY_FILE
+from lpo.reward.eval.stats import COMPARE_STATISTICS, STATISTICS, compare
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +63,6 @@ def _check_keys(mapping: Any, known: dict[str, Any], where: str) -> dict[str, An
 
 def read_suite(path: Path) -> dict[str, Any]:
     """The suite file, with its keys and rows checked."""
-    from lpo.core.config import _read_config_file
 
     path = Path(path)
     suite = _check_keys(_read_config_file(path, "suite"), SHARED_KEYS, f"suite {path}")
@@ -93,7 +97,6 @@ def slug(name: str) -> str:
 
 def rows_of(config: EvalSuiteConfig, suite: dict[str, Any]) -> list[Row]:
     """Every selected row's `lpo eval` config: the suite's shared settings, the row's own, the command's overrides."""
-    from lpo.reward.backbones import family_of
 
     wanted = list(config.rows or [])
     known = [row["name"] for row in suite["rows"]]
@@ -127,8 +130,6 @@ def rows_of(config: EvalSuiteConfig, suite: dict[str, Any]) -> list[Row]:
 
 
 def _as_json(config: Any) -> dict[str, Any]:
-    from lpo.core.config import to_dict
-
     return json.loads(json.dumps(to_dict(config), default=str))
 
 
@@ -141,8 +142,6 @@ def is_finished(row: Row) -> bool:
 
 def run(config: EvalSuiteConfig) -> dict[str, Any]:
     """Check every row, run the unfinished ones (resumable), reuse the finished, and write the table."""
-    from lpo.core.files import write_text_atomic
-    from lpo.reward.eval import run as evaluation
 
     if not config.suite or not config.out:
         raise InputError("give a suite file and --out, e.g. `lpo eval suite manifests/suites/lpo-sd15.yaml --out "
@@ -169,8 +168,6 @@ def run(config: EvalSuiteConfig) -> dict[str, Any]:
 def write_table(suite: dict[str, Any], rows: list[Row], out: Path) -> dict[str, Any]:
     """table.json, table.md and table.png: per row and metric the mean and its interval, the paired difference
     against the first row, and the paper's number."""
-    from lpo.core.files import write_text_atomic
-    from lpo.reward.eval.stats import COMPARE_STATISTICS, STATISTICS, compare
 
     metrics = list(suite["metrics"])
     baseline = rows[0]

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lpo.core.config import option
+from lpo.core.errors import InputError
+from lpo.reward.backbones import get_family
 
 BETA_SCHEDULES = ("constant", "kappa")  # --beta-schedule
 THRESHOLD_SCALES = ("std", "sigma")  # --threshold-scale
@@ -15,7 +17,6 @@ THRESHOLD_SCALES = ("std", "sigma")  # --threshold-scale
 def check_calibration(beta_schedule: str, threshold_scale: str, prefix: str = "") -> None:
     """Refuse (InputError) an unknown beta schedule or threshold scale; `prefix` names the options (`lpo-` for the
     demo's)."""
-    from lpo.core.errors import InputError
 
     if beta_schedule not in BETA_SCHEDULES or threshold_scale not in THRESHOLD_SCALES:
         raise InputError(f"--{prefix}beta-schedule is {' or '.join(BETA_SCHEDULES)}; --{prefix}threshold-scale is "
@@ -117,7 +118,6 @@ class LPOConfig:
 
     def resolved(self) -> LPOConfig:
         """A copy with the family's defaults filled in where a field is left at None."""
-        from lpo.reward.backbones import get_family
 
         defaults = get_family(self.family).lpo_defaults
         return dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from lpo.reward.lpo.step import gaussian_log_prob
+
 ADVANTAGE_CLIP = 5.0
 STD_EPS = 1e-4
 MAX_LOG_RATIO = 20.0  # exp() of a summed log-density difference overflows; beyond e^20 the ratio is clipped anyway
@@ -79,7 +81,6 @@ def group_log_probs(model: Any, policy: Any, reference: Any, batch: dict[str, to
                     detach_uncond: bool = False) -> dict[str, torch.Tensor]:
     """log p_theta of every child [P, K] from one policy forward per parent, and (with_kl) the exact KL to the
     reference [P] from one reference forward per parent."""
-    from lpo.reward.lpo.step import gaussian_log_prob
 
     x_t, t, children = batch["x_t"], batch["t"], batch["children"]
     parents, k = children.shape[:2]

@@ -9,8 +9,13 @@ from typing import Any
 
 import torch
 
+from lpo.core.device import resolve_device
 from lpo.core.errors import InputError
+from lpo.reward.backbones import family_of, load_generator, resolve_denoiser, resolve_lora
+from lpo.reward.backbones.family import check_base_resolution
 from lpo.reward.lpo.config import SampleConfig
+from lpo.reward.lpo.sampler import sample
+from lpo.reward.lrm.model import LatentRewardModel, check_lrm_matches
 
 logger = logging.getLogger(__name__)
 
@@ -21,10 +26,6 @@ def image_seed(seed: int, prompt_index: int, image_index: int) -> int:
 
 
 def validate(config: SampleConfig) -> None:
-    from lpo.reward.backbones import family_of, resolve_denoiser, resolve_lora
-    from lpo.reward.backbones.family import check_base_resolution
-    from lpo.reward.lrm.model import check_lrm_matches
-
     if not config.base or not config.out:
         raise InputError("--base and --out are required.")
     if not config.prompts or not all(p.strip() for p in config.prompts):
@@ -51,10 +52,6 @@ def validate(config: SampleConfig) -> None:
 def run(config: SampleConfig) -> dict[str, Any]:
     """Generate every (prompt, image) with its own seed; with an LRM, also plain samples with the same seeds, and
     the LRM score of both."""
-    from lpo.core.device import resolve_device
-    from lpo.reward.backbones import load_generator
-    from lpo.reward.lpo.sampler import sample
-    from lpo.reward.lrm.model import LatentRewardModel
 
     validate(config)
     device = resolve_device(config.device)

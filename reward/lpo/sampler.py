@@ -21,6 +21,8 @@ from typing import Any
 import torch
 
 from lpo.reward.backbones.base import Conditioning, Generator, StepStats
+from lpo.reward.lpo.grpo import advantages
+from lpo.reward.lpo.step import gaussian_log_prob
 
 NOISE_BANDS = ((751, 1000, "t>751"), (501, 751, "501-751"), (251, 501, "251-501"), (0, 251, "1-251"))
 
@@ -125,8 +127,6 @@ def _keep(result: Rollout, i: int, t: float, latents: torch.Tensor, stats: StepS
           scores: torch.Tensor, threshold: float, objective: str, reduce: str, group_filter: bool) -> None:
     """Add step i's items to the round: LPO's best/worst pair where their softmax gap passes the threshold, or
     GRPO's whole group (where the gap passes, with `group_filter`)."""
-    from lpo.reward.lpo.grpo import advantages
-    from lpo.reward.lpo.step import gaussian_log_prob
 
     k = children.shape[0]
     best, worst = scores.argmax(0), scores.argmin(0)

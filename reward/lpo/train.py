@@ -27,10 +27,23 @@ from typing import Any
 import torch
 
 from lpo.core import config as cfg
+from lpo.core.device import mixed_precision, precision_dtype
 from lpo.core.errors import InputError, TrainingDiverged
+from lpo.curate.prompts import read_prompts
 from lpo.reward import checkpoints, engine
+from lpo.reward.backbones import FAMILIES, family_of, get_family, load_generator
+from lpo.reward.backbones.base import load_lora_quietly
+from lpo.reward.backbones.family import check_base_resolution
 from lpo.reward.checkpoints import CHECKPOINTS
+from lpo.reward.images import save_image_grid
 from lpo.reward.lpo.config import BETA_SCHEDULES, THRESHOLD_SCALES, LPOConfig, check_calibration
+from lpo.reward.lpo.grpo import group_log_probs, grpo_loss, ratio_summary
+from lpo.reward.lpo.loss import lpo_loss
+from lpo.reward.lpo.sampler import rollout, sample
+from lpo.reward.lpo.step import gaussian_log_prob, threshold_schedule
+from lpo.reward.lrm.model import LatentRewardModel, check_lrm_matches
+from lpo.reward.plan import lpo_plan
+from lpo.reward.serve.client import remote_lrm
 
 logger = logging.getLogger(__name__)
 
@@ -41,11 +54,6 @@ CONFIG_FILE = "lpo_config.json"
 
 def validate(config: LPOConfig) -> list[str]:
     """Everything checkable before any model loads; returns the prompts."""
-    from lpo.curate.prompts import read_prompts
-    from lpo.reward.backbones import FAMILIES, family_of
-    from lpo.reward.backbones.family import check_base_resolution
-    from lpo.reward.lrm.model import check_lrm_matches
-    from lpo.reward.serve.client import remote_lrm
 
     for name in ("base", "prompts", "out"):
         if not getattr(config, name):
@@ -139,7 +147,6 @@ class Reference:
 def step_log_probs(model: Any, policy: Any, reference: Reference, batch: dict[str, Any], cond: Any,
                    config: LPOConfig) -> dict[str, torch.Tensor]:
     """log p_theta and log p_ref of x_w and x_l: one policy forward and one reference forward for the batch."""
-    from lpo.reward.lpo.step import gaussian_log_prob
 
     x_t, t = batch["x_t"], batch["t"]
     policy = model.step(model.predict(x_t, t, cond, config.guidance, denoiser=policy,
@@ -158,7 +165,6 @@ def step_thresholds(model: Any, config: LPOConfig) -> dict:
     """Per trained timestep of the grid the last `model.timesteps` call set: the softmax-gap threshold, linear
     between --threshold's low (least noisy trained step) and high (noisiest) in the step's std or in the forward
     process's noise share (`--threshold-scale`)."""
-    from lpo.reward.lpo.step import threshold_schedule
 
     timesteps, stds = model.step_stds(config.eta)
     if config.threshold_scale not in THRESHOLD_SCALES:
@@ -210,17 +216,10 @@ def run(config: LPOConfig) -> dict[str, Any]:
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, set_seed
 
-    from lpo.core.device import mixed_precision, precision_dtype
-    from lpo.reward.backbones import get_family, load_generator
-    from lpo.reward.lrm.model import LatentRewardModel
-    from lpo.reward.serve.client import remote_lrm
-
     prompts = validate(config)
     config = config.resolved()
     family = get_family(config.family)
     if config.dry_run:
-        from lpo.reward.plan import lpo_plan
-
         return {"plan": lpo_plan(config, family, lambda world: rounds_per_epoch(len(prompts), config.sample_batch_size,
                                                                                  world),
                                  config.processes, config.sharding)}
@@ -327,8 +326,6 @@ def _round(config, accelerator, model, denoiser, reference, lrm, optimizer, prom
            rank, world, metrics) -> dict[str, Any]:
     from accelerate.utils import gather_object
 
-    from lpo.reward.lpo.sampler import rollout
-
     epoch, indices = round_prompts(prompts, state["round"], rank, world, config.sample_batch_size, config.seed)
     batch_prompts = [prompts[i] for i in indices]
     base_seed = (config.seed * 1_000_003 + state["round"]) * 1_009 + rank
@@ -406,8 +403,6 @@ def _round(config, accelerator, model, denoiser, reference, lrm, optimizer, prom
     record[f"{unit}_trained"] = share * world
     record.update({key: sum(values) / len(values) for key, values in logs.items()})
     if grpo:
-        from lpo.reward.lpo.grpo import ratio_summary
-
         # every process trains `share` groups of K: the same count, so the gather lines up
         record.update(ratio_summary(accelerator.gather(torch.cat(deviations).to(accelerator.device)).cpu()))
     # denoiser forwards of the training (a CFG forward, both halves in one batch, counts once): the policy's, and
@@ -420,8 +415,6 @@ def _round(config, accelerator, model, denoiser, reference, lrm, optimizer, prom
 
 def _lpo_losses(model, denoiser, reference, batch, cond, config: LPOConfig,
                 scales: dict | None = None) -> dict[str, torch.Tensor]:
-    from lpo.reward.lpo.loss import lpo_loss
-
     log_probs = step_log_probs(model, denoiser, reference, batch, cond, config)
     scale = None if scales is None else per_step(scales, batch["t"]).to(log_probs["w"].device)
     return lpo_loss(log_probs["w"], log_probs["l"], log_probs["ref_w"], log_probs["ref_l"],
@@ -429,8 +422,6 @@ def _lpo_losses(model, denoiser, reference, batch, cond, config: LPOConfig,
 
 
 def _grpo_losses(model, denoiser, reference, batch, cond, config: LPOConfig) -> dict[str, torch.Tensor]:
-    from lpo.reward.lpo.grpo import group_log_probs, grpo_loss
-
     out = group_log_probs(model, denoiser, reference, batch, cond, config.guidance, config.eta,
                           config.logprob_reduction, with_kl=config.grpo_kl > 0, detach_uncond=config.detach_uncond)
     return grpo_loss(out["log_prob"], batch["old_log_prob"], batch["advantages"], config.clip_eps, out.get("kl"),
@@ -438,9 +429,6 @@ def _grpo_losses(model, denoiser, reference, batch, cond, config: LPOConfig) -> 
 
 
 def _validation_grid(model, denoiser, prompts: list[str], config: LPOConfig, path: Path) -> Path:
-    from lpo.reward.images import save_image_grid
-    from lpo.reward.lpo.sampler import sample
-
     denoiser.eval()
     images = []
     for i, prompt in enumerate(prompts):
@@ -462,8 +450,6 @@ def _export(config: LPOConfig, accelerator, model, denoiser, out: Path) -> dict[
     name = model.family.denoiser
     if config.lora_rank > 0:
         from peft.utils import get_peft_model_state_dict
-
-        from lpo.reward.backbones.base import load_lora_quietly
 
         (adapter,) = policy.active_adapters()
         model.save_lora(out / "lora", get_peft_model_state_dict(policy), policy.peft_config[adapter].to_dict())

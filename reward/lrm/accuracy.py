@@ -14,10 +14,16 @@ from typing import Any
 import polars as pl
 import torch
 
+from lpo.core.device import resolve_device
 from lpo.core.errors import InputError
+from lpo.curate.ingest import PAIRS_FILE, IngestConfig
+from lpo.curate.ingest import run as ingest
+from lpo.curate.manifest import curation_dir_of, read_pairs
+from lpo.reward.backbones import get_family
 from lpo.reward.lrm.config import EVAL_TIMESTEPS, RewardEvalConfig, RewardScoreConfig
-from lpo.reward.lrm.latents import LatentCache
+from lpo.reward.lrm.latents import LatentCache, build_cache, only_encoded, pair_uids
 from lpo.reward.lrm.loss import pair_labels, pairwise_correct
+from lpo.reward.lrm.model import LatentRewardModel, component, read_lrm_config, resolve_lrm
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +101,6 @@ def default_timesteps(lrm_config: dict[str, Any], source: str, subfolder: str | 
                       given: list[float] | None = None) -> list:
     """The evaluation timesteps of a saved LRM: `given`, checked for its family, or its family's defaults from the
     noise schedule saved beside it."""
-    from lpo.reward.backbones import get_family
-    from lpo.reward.lrm.model import component
 
     backbone = get_family(lrm_config["family"]).lrm_backbone
     if given:
@@ -134,8 +138,6 @@ def plot_accuracy(curves: dict[str, dict[float, float]], path: Path, title: str 
 def evaluation_sets(config: RewardEvalConfig, out: Path) -> dict[str, Path]:
     """Name -> pairs manifest: the --manifest, or each split of --dataset ingested under OUT/pickapic/ (resumable:
     a finished split is not read again)."""
-    from lpo.curate.ingest import PAIRS_FILE, IngestConfig
-    from lpo.curate.ingest import run as ingest
 
     if (config.manifest is None) == (config.dataset is None):
         raise InputError("give --manifest FILE or --dataset ID_OR_PATH (e.g. --dataset yuvalkirstain/pickapic_v1 for "
@@ -155,11 +157,6 @@ def evaluation_sets(config: RewardEvalConfig, out: Path) -> dict[str, Path]:
 def run(config: RewardEvalConfig) -> dict[str, Any]:
     """`lpo reward eval`: accuracy per timestep on each evaluation set (a manifest, or Pick-a-Pic's splits) as JSON
     plus a PNG plot."""
-    from lpo.core.device import resolve_device
-    from lpo.curate.manifest import curation_dir_of, read_pairs
-    from lpo.reward.backbones import get_family
-    from lpo.reward.lrm.latents import build_cache, only_encoded, pair_uids
-    from lpo.reward.lrm.model import LatentRewardModel, component, read_lrm_config, resolve_lrm
 
     lrm_config = read_lrm_config(config.lrm)
     source, subfolder = resolve_lrm(config.lrm)
@@ -231,8 +228,6 @@ def validate_score(config: RewardScoreConfig) -> tuple[list[Any], float]:
     (default: the least noisy evaluation timestep of the LRM's family)."""
     from PIL import Image
 
-    from lpo.reward.lrm.model import read_lrm_config, resolve_lrm
-
     lrm_config = read_lrm_config(config.lrm)
     t = default_timesteps(lrm_config, *resolve_lrm(config.lrm), [config.t] if config.t is not None else None)[0]
     if not config.images:
@@ -254,8 +249,6 @@ def validate_score(config: RewardScoreConfig) -> tuple[list[Any], float]:
 
 def score(config: RewardScoreConfig) -> list[dict[str, Any]]:
     """`lpo reward score`: encode each image with the VAE saved beside the LRM, noise it to t, score it."""
-    from lpo.core.device import resolve_device
-    from lpo.reward.lrm.model import LatentRewardModel
 
     images, t = validate_score(config)
     prompts = list(config.prompts) * len(images) if len(config.prompts) == 1 else list(config.prompts)

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lpo.core.config import option
+from lpo.reward.backbones import get_family
+from lpo.reward.backbones.family import latent_side, latent_side_at, read_subfolder_config
 
 CANDIDATE_TIMESTEPS = list(range(1, 952, 50))  # the reference's training timesteps {1, 51, ..., 951}
 EVAL_TIMESTEPS = (1, 251, 501, 751, 951)
@@ -74,14 +76,11 @@ class RewardTrainConfig:
 
     def resolved(self, family: str) -> RewardTrainConfig:
         """A copy with the family's defaults filled in where a field is left at None."""
-        from lpo.reward.backbones import get_family
 
         family_ = get_family(family)
         defaults = family_.lrm_defaults
         config = dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
         if not (config.timesteps and config.eval_timesteps):
-            from lpo.reward.backbones.family import latent_side, latent_side_at, read_subfolder_config
-
             side = latent_side(read_subfolder_config(self.base, family_.denoiser), self.base) \
                 if self.resolution is None else latent_side_at(self.base, self.resolution)
             train, evaluation = family_.lrm_backbone.default_timesteps(self.base, "scheduler", (0, side, side))

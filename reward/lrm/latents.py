@@ -28,10 +28,14 @@ import numpy as np
 import polars as pl
 import torch
 
+from lpo.core.device import resolve_device
 from lpo.core.errors import InputError
-from lpo.core.files import atomic_path
+from lpo.core.files import atomic_path, write_text_atomic
 from lpo.curate import images as curate_images
+from lpo.curate.manifest import PAIRS_SCHEMA, check_schema, curation_dir_of, read_pairs
 from lpo.curate.score import shard_of
+from lpo.reward.backbones import family_of
+from lpo.reward.backbones.family import base_resolution
 from lpo.reward.images import image_to_tensor
 from lpo.reward.lrm.config import RewardCacheConfig
 
@@ -179,7 +183,6 @@ def check_meta(directory: Path, meta: dict) -> None:
             raise InputError(f"latent cache {directory} was made with another VAE or resolution ({found}); delete "
                              "it or pass another --latent-cache.")
         return
-    from lpo.core.files import write_text_atomic
 
     directory.mkdir(parents=True, exist_ok=True)
     write_text_atomic(json.dumps(meta, indent=2) + "\n", path)
@@ -252,7 +255,6 @@ def only_encoded(pairs: pl.DataFrame, cache: LatentCache) -> pl.DataFrame:
 
 def manifest_sources(manifests: Iterable[Path]) -> dict[Path, set[str]]:
     """Curation directory -> the uids of the usable pairs of each manifest that lives there."""
-    from lpo.curate.manifest import curation_dir_of, read_pairs
 
     sources: dict[Path, set[str]] = {}
     for manifest in manifests:
@@ -268,11 +270,6 @@ def run(config: RewardCacheConfig) -> dict:
 
     from accelerate import PartialState
     from accelerate.utils import InitProcessGroupKwargs
-
-    from lpo.core.device import resolve_device
-    from lpo.curate.manifest import PAIRS_SCHEMA, check_schema
-    from lpo.reward.backbones import family_of
-    from lpo.reward.backbones.family import base_resolution
 
     if not config.manifests or not config.base or not config.out:
         raise InputError("--manifest (one or more), --base and --out are required.")

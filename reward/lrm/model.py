@@ -30,9 +30,11 @@ from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 from lpo.core.errors import InputError
+from lpo.curate.scorers.specs import is_path_like
 from lpo.reward.backbones import diffusers_dtype, family_of, get_family, read_subfolder_config
 from lpo.reward.backbones.base import LRMBackbone
 from lpo.reward.backbones.family import check_resolution
+from lpo.reward.images import image_to_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -267,8 +269,6 @@ class LatentRewardModel(ModelMixin, ConfigMixin):
         """Encode images with the VAE saved beside the model, noise them to timestep `t` (seeded), and score."""
         from diffusers import AutoencoderKL
 
-        from lpo.reward.images import image_to_tensor
-
         if not self._pixel_side:
             if self.source is None:
                 raise InputError("score_images needs the VAE saved beside the model (vae/ in the folder given to "
@@ -325,8 +325,6 @@ def read_lrm_config(source: str | Path, subfolder: str | None = None) -> dict[st
     path = Path(source) / (subfolder or "") / CONFIG_FILE
     if not Path(source).exists():
         from huggingface_hub import hf_hub_download
-
-        from lpo.curate.scorers.specs import is_path_like
 
         if is_path_like(source):
             raise InputError(f"{source} does not exist: pass a latent reward model directory (the folder "

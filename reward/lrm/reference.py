@@ -22,7 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from lpo.core.errors import InputError
+from lpo.reward.backbones import family_of, read_subfolder_config, split_model_spec
+from lpo.reward.backbones.unet import default_taps, res_channels
 from lpo.reward.lrm.config import ImportReferenceConfig
+from lpo.reward.lrm.model import LatentRewardModel, export_components
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +36,6 @@ PROVENANCE_FILE = "reference.json"
 
 def _file(spec: str, name: str, required: bool = True) -> Path | None:
     """A file of the reference checkpoint (`name` relative to it), local or downloaded; None if absent and optional."""
-    from lpo.reward.backbones import split_model_spec
 
     root, sub, local = split_model_spec(spec)
     if local:
@@ -64,7 +66,6 @@ def _file(spec: str, name: str, required: bool = True) -> Path | None:
 
 def _component(spec: str, name: str) -> tuple[str, str | None]:
     """(path or repo, subfolder) for a `from_pretrained` of the checkpoint's `name/` folder."""
-    from lpo.reward.backbones import split_model_spec
 
     root, sub, local = split_model_spec(spec)
     if local:
@@ -107,7 +108,6 @@ def read_state(path: Path, family: str) -> dict[str, Any]:
 
 def validate(config: ImportReferenceConfig) -> tuple[Any, dict[str, Any], Path]:
     """Everything checkable before a model is built: the layout, the family, the state file's contents."""
-    from lpo.reward.backbones import family_of
 
     for name in ("source", "base", "out"):
         if not getattr(config, name):
@@ -135,8 +135,6 @@ def validate(config: ImportReferenceConfig) -> tuple[Any, dict[str, Any], Path]:
 
 def expected_shapes(base: str, family: str, unet_config: dict[str, Any]) -> dict[str, tuple[int, int]]:
     """The projections' shapes of the LRM built on `base` with the reference settings, from config files alone."""
-    from lpo.reward.backbones import read_subfolder_config
-    from lpo.reward.backbones.unet import default_taps, res_channels
 
     channels = res_channels(unet_config)
     width = sum(channels[i] for i in default_taps(unet_config)) + unet_config["block_out_channels"][-1]
@@ -151,8 +149,6 @@ def run(config: ImportReferenceConfig) -> dict[str, Any]:
     into it, and save it with the VAE and noise schedule beside it."""
     import torch
     from diffusers import UNet2DConditionModel
-
-    from lpo.reward.lrm.model import LatentRewardModel, export_components
 
     family, state, state_path = validate(config)
     model = LatentRewardModel.from_base(config.base, **REFERENCE_SETTINGS, text_projection_init=None,

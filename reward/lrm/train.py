@@ -22,10 +22,19 @@ import polars as pl
 import torch
 
 from lpo.core import config as cfg
+from lpo.core.device import mixed_precision, precision_dtype
 from lpo.core.errors import InputError, TrainingDiverged
+from lpo.curate.manifest import PAIRS_SCHEMA, check_schema, curation_dir_of, read_pairs
 from lpo.reward import checkpoints, engine
+from lpo.reward.backbones import family_of, get_family, read_subfolder_config
+from lpo.reward.backbones.family import base_resolution, check_base_resolution
 from lpo.reward.checkpoints import CHECKPOINTS
+from lpo.reward.lrm.accuracy import accuracy_per_timestep, plot_accuracy, usable_pairs
 from lpo.reward.lrm.config import RewardTrainConfig
+from lpo.reward.lrm.latents import LatentCache, build_cache, only_encoded, pair_uids
+from lpo.reward.lrm.loss import bradley_terry_loss, pair_labels, pair_weights, pairwise_correct
+from lpo.reward.lrm.model import LatentRewardModel, check_text_projection_init, export_components
+from lpo.reward.plan import lrm_plan
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +46,6 @@ CONFIG_FILE = "train_config.json"
 
 def validate(config: RewardTrainConfig) -> tuple[RewardTrainConfig, Any]:
     """Everything checkable before a model loads; returns the config with the family's defaults, and the family."""
-    from lpo.curate.manifest import PAIRS_SCHEMA, check_schema
-    from lpo.reward.backbones import family_of
-    from lpo.reward.backbones.family import check_base_resolution
-    from lpo.reward.lrm.model import check_text_projection_init
 
     for name in ("manifest", "base", "out"):
         if not getattr(config, name):
@@ -54,8 +59,6 @@ def validate(config: RewardTrainConfig) -> tuple[RewardTrainConfig, Any]:
         raise InputError(f"--depth sets the joint blocks of a transformer family's LRM; {config.base} is an "
                          f"{family.name} UNet (its taps fix what runs). Drop --depth.")
     if config.depth is not None:
-        from lpo.reward.backbones import read_subfolder_config
-
         blocks = int(read_subfolder_config(config.base, family.denoiser)["num_layers"])
         if not 1 <= config.depth <= blocks:
             raise InputError(f"--depth {config.depth}: {config.base}'s transformer has {blocks} joint blocks; give "
@@ -98,9 +101,6 @@ def split_validation(pairs: pl.DataFrame, fraction: float, seed: int) -> tuple[p
 
 def _plan(config: RewardTrainConfig, family: Any, train_pairs: pl.DataFrame, uids: set[str]) -> Any:
     """The --dry-run plan; the images to encode are those no cache folder of this VAE and resolution holds."""
-    from lpo.reward.backbones.family import base_resolution
-    from lpo.reward.lrm.latents import LatentCache
-    from lpo.reward.plan import lrm_plan
 
     resolution = base_resolution(config.base, family, config.resolution, config.vae)
     vae, subfolder = (config.vae, None) if config.vae else (config.base, "vae")
@@ -136,13 +136,6 @@ def run(config: RewardTrainConfig) -> dict[str, Any]:
 
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
-
-    from lpo.core.device import mixed_precision, precision_dtype
-    from lpo.curate.manifest import curation_dir_of, read_pairs
-    from lpo.reward.backbones.family import base_resolution
-    from lpo.reward.lrm.accuracy import accuracy_per_timestep, plot_accuracy, usable_pairs
-    from lpo.reward.lrm.latents import build_cache, only_encoded, pair_uids
-    from lpo.reward.lrm.model import LatentRewardModel, export_components
 
     config, family = validate(config)
     out = Path(config.out)
@@ -235,9 +228,6 @@ def run(config: RewardTrainConfig) -> dict[str, Any]:
 def _loop(config, accelerator, model, optimizer, schedule, cache, noise_scheduler, train, val_pairs, state, out,
           accuracy_per_timestep, plot_accuracy, export_components) -> dict[str, Any]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from lpo.reward.backbones import get_family
-    from lpo.reward.lrm.loss import bradley_terry_loss, pair_labels, pair_weights, pairwise_correct
 
     n = len(train["caption"])
     rank, world = accelerator.process_index, accelerator.num_processes

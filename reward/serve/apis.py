@@ -23,6 +23,9 @@ import litserve as ls
 import torch
 from starlette.responses import JSONResponse
 
+from lpo.core.device import resolve_dtype
+from lpo.curate.scorers import load_scorer
+from lpo.reward.lrm.model import LatentRewardModel
 from lpo.reward.serve.protocol import IMAGES_ROUTE, LATENT_DTYPES, LATENTS_ROUTE, Rejected, timestep_range
 from lpo.reward.serve.requests import ImageRequest, LatentRequest, decode_images, decode_latents
 
@@ -59,8 +62,6 @@ class _ScoringAPI(ls.LitAPI):
         self.cpu_threads = cpu_threads
 
     def setup(self, device: str) -> None:
-        from lpo.core.device import resolve_dtype
-
         _configure_worker_logging(self.log_level)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the whole process group; the server stops us
         if device == "cpu" and self.cpu_threads:
@@ -146,8 +147,6 @@ class ImageScoreAPI(_ScoringAPI):
         self.metrics = tuple(specs)
 
     def load(self, device: str) -> dict[str, dict[str, Any]]:
-        from lpo.curate.scorers import load_scorer
-
         self.scorers = {metric: load_scorer(metric, spec, device=device, dtype=self.torch_dtype)
                         for metric, spec in self.specs.items()}
         return {m: {"model_id": s.model_id, "scale": s.scale} for m, s in self.scorers.items()}
@@ -190,8 +189,6 @@ class LatentScoreAPI(_ScoringAPI):
         self.continuous = continuous  # flow matching: timesteps are sigma x num_timesteps, any number in range
 
     def load(self, device: str) -> dict[str, dict[str, Any]]:
-        from lpo.reward.lrm.model import LatentRewardModel
-
         self.model = LatentRewardModel.from_pretrained(self.lrm, dtype=self.torch_dtype).to(device)
         bound = float(self.model.logit_scale.detach().exp())
         return {"lrm": {"model_id": self.lrm, "family": self.model.config.family,

@@ -13,8 +13,8 @@ Routes (request and response JSON in README.md, "Reward service"):
   scales and request limits), ``GET /stats`` (batches run per route and their sizes).
 
 `lpo.reward.serve.client.RewardClient` calls these routes with the same signatures as the in-process scorers and
-LRM. This module imports nothing heavy, so `lpo --help` stays fast; the gateway, the request decoders and the
-LitServe classes live beside it (`gateway`, `requests`, `apis`).
+LRM. The gateway, the request decoders and the LitServe classes live beside
+it (`gateway`, `requests`, `apis`); the options in `config`.
 """
 
 from __future__ import annotations
@@ -29,8 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lpo.core.config import option
+from lpo.core.device import cuda_available
 from lpo.core.errors import InputError, RunFailed
+from lpo.curate.score import ScoreConfig, validate_models
+from lpo.reward.backbones import get_family
+from lpo.reward.lrm.model import read_lrm_config, resolve_lrm
+from lpo.reward.serve import apis, gateway
+from lpo.reward.serve.config import ServeConfig
 from lpo.reward.serve.protocol import DEFAULT_NUM_TIMESTEPS, IMAGES_ROUTE, LATENTS_ROUTE, TOKEN_ENV, timestep_range
 
 logger = logging.getLogger(__name__)
@@ -42,32 +47,6 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 class ServeFailed(RunFailed):
     """The server could not start although its inputs were valid (a worker failed to load its models)."""
-
-
-@dataclass
-class ServeConfig:
-    lrm: Path | None = option(None, "Latent reward model (a folder or run directory of `lpo reward train`, or a "
-                                    "hub id), served on POST /score/latents.")
-    metrics: list[str] = option(help="Image metrics served on POST /score/images: pickscore, clip, vqa, aesthetic.",
-                                factory=list)
-    models: dict[str, str] = option(
-        help="Model per metric (hub id or local directory); unset metrics use --models-dir or the registry default.",
-        factory=dict)
-    models_dir: Path | None = option(None, "A directory with one model folder per metric (as `lpo dev tiny-models` "
-                                           "writes); used for metrics without an explicit model.")
-    host: str = option("127.0.0.1", "Address to bind: 127.0.0.1 (loopback), 0.0.0.0 or :: (every interface; needs "
-                                    "a token).")
-    port: int = option(8000, "TCP port (1024-65535).")
-    token: str | None = option(None, f"Bearer token clients must send. Required off loopback; prefer the {TOKEN_ENV} "
-                                     "environment variable (a token on the command line shows in `ps`).")
-    max_batch_size: int = option(8, "Requests a worker gathers into one model call (1 turns batching off).")
-    batch_timeout_ms: float = option(10.0, "How long a worker waits to fill a batch before it runs what it has.")
-    workers_per_device: int = option(1, "Inference workers per device and route (each holds its own model copy).")
-    device: str = option("auto", "Device: auto (every visible GPU, else CPU), cpu or cuda (every visible GPU).")
-    dtype: str = option("auto", "Model dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, float16, bfloat16.")
-    max_items_per_request: int = option(64, "Most images or latents one request may carry (more: 422).")
-    max_request_mb: float = option(64.0, "Largest request body in MiB (more: 413).")
-    request_timeout_s: float = option(60.0, "Seconds a request may wait for a worker before it gets a 504.")
 
 
 @dataclass
@@ -132,8 +111,6 @@ def _check_options(config: ServeConfig) -> None:
 
 
 def _accelerator(device: str) -> str:
-    from lpo.core.device import cuda_available
-
     if device not in ("auto", "cpu", "cuda"):
         raise InputError(f"--device {device} is not one of auto, cpu, cuda (cuda serves every visible GPU; pick GPUs "
                          "with CUDA_VISIBLE_DEVICES).")
@@ -149,8 +126,6 @@ def _accelerator(device: str) -> str:
 def _lrm_inputs(lrm: Path) -> tuple[tuple[int, ...], int, bool]:
     """The latent shape [C, H, W] the LRM takes, its number of diffusion timesteps and whether they are continuous
     (flow matching), from its files alone."""
-    from lpo.reward.backbones import get_family
-    from lpo.reward.lrm.model import read_lrm_config, resolve_lrm
 
     config = read_lrm_config(lrm)
     source, subfolder = resolve_lrm(lrm)
@@ -163,7 +138,6 @@ def _lrm_inputs(lrm: Path) -> tuple[tuple[int, ...], int, bool]:
 
 def validate(config: ServeConfig) -> ServePlan:
     """Check everything that can be checked before a model loads: address, token, limits, models."""
-    from lpo.curate.score import ScoreConfig, validate_models
 
     if config.lrm is None and not config.metrics:
         raise InputError("nothing to serve: pass --lrm DIR, --metrics (e.g. pickscore,clip), or both.")
@@ -220,8 +194,6 @@ def run(config: ServeConfig) -> None:
 
     plan = validate(config)
     import litserve as ls
-
-    from lpo.reward.serve import apis, gateway
 
     verbose = logger.isEnabledFor(logging.DEBUG)
     routes = bool(plan.specs) + (config.lrm is not None)

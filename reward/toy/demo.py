@@ -37,9 +37,29 @@ import polars as pl
 
 from lpo.core import config as cfg
 from lpo.core.errors import InputError
+from lpo.curate import filter as curate_filter
+from lpo.curate import ingest
+from lpo.reward.backbones import get_family, load_generator
+from lpo.reward.images import save_image_grid
+from lpo.reward.lpo import train as lpo_train
+from lpo.reward.lpo.config import LPOConfig, check_calibration
+from lpo.reward.lpo.sample import image_seed
+from lpo.reward.lpo.sampler import sample
+from lpo.reward.lrm import accuracy, train
+from lpo.reward.lrm.config import RewardEvalConfig, RewardTrainConfig
+from lpo.reward.lrm.model import LatentRewardModel, read_lrm_config, resolve_lrm
 from lpo.reward.toy import claims as judged
 from lpo.reward.toy.claims import noise_label
 from lpo.reward.toy.config import DemoConfig
+from lpo.reward.toy.world import (
+    Scene,
+    agreement,
+    all_scenes,
+    make_pickapic_table,
+    match_rates,
+    perceive,
+    write_pickapic_parquet,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +103,6 @@ def resolved(config: DemoConfig) -> DemoConfig:
 
 def validate(config: DemoConfig) -> None:
     """Everything checkable before any model loads."""
-    from lpo.reward.toy.world import all_scenes
 
     if config.family not in FAMILIES:
         raise InputError(f"--family {config.family!r}: the toy world's generators are {', '.join(FAMILIES)}.")
@@ -114,8 +133,6 @@ def validate(config: DemoConfig) -> None:
         raise InputError(f"lpo_threshold {low_high} must be two values 0 <= low <= high < 1.")
     if config.score_timestep not in ("parent", "child"):
         raise InputError(f"score_timestep {config.score_timestep!r} is not parent or child.")
-    from lpo.reward.backbones import get_family
-    from lpo.reward.lpo.config import check_calibration
 
     get_family(config.family).check_sampler(config.sampler, f"the {config.family} toy model")
     check_calibration(config.lpo_beta_schedule, config.lpo_threshold_scale, "lpo-")
@@ -179,8 +196,6 @@ def make_data(config: DemoConfig, out: Path) -> dict[str, Any]:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from lpo.reward.toy.world import make_pickapic_table, write_pickapic_parquet
-
     train = write_pickapic_parquet(out / "data" / "train.parquet", num_prompts=config.train_prompts,
                                    flip_rate=config.flip_rate, tie_rate=config.tie_rate, seed=config.seed)
     # the held-out pairs carry the oracle's labels; pairs the oracle calls a tie are left out, since any model
@@ -217,9 +232,6 @@ def agreement_per_pair(pairs: pl.DataFrame, oracle: pl.DataFrame, kept: pl.DataF
 
 
 def curate(config: DemoConfig, out: Path, data: dict[str, Any]) -> dict[str, Any]:
-    from lpo.curate import filter as curate_filter
-    from lpo.curate import ingest
-
     summary = curate_filter.run(curate_filter.FilterConfig(
         source=data["train"], out=out / "curate", rule="all", metrics=list(METRICS), models_dir=Path(config.models),
         device="cpu", decode_workers=2, plot=True))
@@ -232,18 +244,12 @@ def curate(config: DemoConfig, out: Path, data: dict[str, Any]) -> dict[str, Any
 
 
 def _manifest(out: Path, which: str) -> Path:
-    from lpo.curate import filter as curate_filter
-    from lpo.curate import ingest
-
     return out / "curate" / (ingest.PAIRS_FILE if which == "raw" else curate_filter.FILTERED_FILE)
 
 
 def train_lrm(config: DemoConfig, out: Path, name: str) -> dict[str, Any]:
     """`lpo reward train` (no validation split: every pair trains), then `lpo reward eval` of the final model on the
     held-out pairs, so nothing is selected on them."""
-    from lpo.reward.lrm import accuracy, train
-    from lpo.reward.lrm.config import RewardEvalConfig, RewardTrainConfig
-    from lpo.reward.lrm.model import read_lrm_config, resolve_lrm
 
     which, init = LRM_RUNS[name]
     run_dir = out / name
@@ -281,14 +287,12 @@ def _generator(config: DemoConfig) -> str:
 
 def _eta(config: DemoConfig) -> float:
     """The family's step noise (DDIM eta 1 for sd15, the flow step's noise level 0.7 for sd3), as LPO defaults to."""
-    from lpo.reward.lpo.config import LPOConfig
 
     return LPOConfig(family=config.family).resolved().eta
 
 
 def split_prompts(config: DemoConfig) -> tuple[list[str], list[str]]:
     """(LPO training captions, held-out captions): a seeded split of the world's captions."""
-    from lpo.reward.toy.world import all_scenes
 
     captions = [scene.caption for scene in all_scenes()]
     order = np.random.default_rng(config.seed).permutation(len(captions))
@@ -299,8 +303,6 @@ def split_prompts(config: DemoConfig) -> tuple[list[str], list[str]]:
 def optimize(config: DemoConfig, out: Path, objective: str) -> dict[str, Any]:
     """`lpo optimize <family> --objective lpo|grpo` with the MPCF-trained LRM; both objectives sample as many
     trajectories (the same epochs, prompts and sampling batch)."""
-    from lpo.reward.lpo import train as lpo_train
-    from lpo.reward.lpo.config import LPOConfig
 
     train_prompts, held_out = split_prompts(config)
     prompt_file = out / "lpo_prompts.txt"
@@ -329,7 +331,6 @@ def optimize(config: DemoConfig, out: Path, objective: str) -> dict[str, Any]:
 
 def _load_generator(base: str, lpo: dict[str, Any] | None) -> Any:
     """The base generator, or the LPO-tuned one (its LoRA loaded, or its fully fine-tuned denoiser swapped in)."""
-    from lpo.reward.backbones import load_generator
 
     if lpo is None:
         return load_generator(base)
@@ -338,12 +339,6 @@ def _load_generator(base: str, lpo: dict[str, Any] | None) -> Any:
 
 def compare_generators(config: DemoConfig, out: Path, results: dict[str, Any]) -> dict[str, Any]:
     import torch
-
-    from lpo.reward.images import save_image_grid
-    from lpo.reward.lpo.sample import image_seed
-    from lpo.reward.lpo.sampler import sample
-    from lpo.reward.lrm.model import LatentRewardModel
-    from lpo.reward.toy.world import Scene, agreement, match_rates, perceive
 
     _, held_out = split_prompts(config)
     n = config.images_per_prompt

@@ -27,7 +27,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lpo.reward.backbones.mmdit import encode_sd3_prompts, t5_tokens
 from lpo.reward.toy.config import ToyModelsConfig
+from lpo.reward.toy.world import IMAGE_SIZE, render_batch, text_encoder_config, toy_t5_tokenizer, toy_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +43,6 @@ def sd3_vae(vae: Any, rng: np.random.Generator) -> Any:
     """A copy of the SD1.5 toy VAE with SD3's shift and scale, both measured on 512 fresh renders."""
     import copy
 
-    from lpo.reward.toy.world import render_batch
-
     vae = copy.deepcopy(vae)
     _, pixels = render_batch(rng, 512)
     with torch.no_grad():
@@ -55,8 +55,6 @@ def sd3_vae(vae: Any, rng: np.random.Generator) -> Any:
 def build_text_encoders(tokenizer: Any, t5_tokenizer: Any) -> list[Any]:
     from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    from lpo.reward.toy.world import text_encoder_config
-
     clip_config = text_encoder_config(tokenizer)
     clip_config.projection_dim = WIDTH
     t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=JOINT_WIDTH, d_kv=16, d_ff=2 * JOINT_WIDTH,
@@ -67,8 +65,6 @@ def build_text_encoders(tokenizer: Any, t5_tokenizer: Any) -> list[Any]:
 
 def build_transformer() -> Any:
     from diffusers import SD3Transformer2DModel
-
-    from lpo.reward.toy.world import IMAGE_SIZE
 
     return SD3Transformer2DModel(sample_size=IMAGE_SIZE // 4, patch_size=2, in_channels=4, out_channels=4,
                                  num_layers=4, attention_head_dim=16, num_attention_heads=4,
@@ -93,8 +89,6 @@ def train_sd3(config: ToyModelsConfig, vae: Any, rng: np.random.Generator) -> tu
     """Transformer and text encoders trained together on cached latents; returns the pipeline, the pipeline of the
     same run after `config.sd3_early_steps` updates (the learning rate is constant, so it is the model a run of that
     many steps gives) and a summary."""
-    from lpo.reward.backbones.mmdit import encode_sd3_prompts, t5_tokens
-    from lpo.reward.toy.world import render_batch, toy_t5_tokenizer, toy_tokenizer
 
     vae = sd3_vae(vae, rng)
     tokenizers = [toy_tokenizer(CLIP_TOKENS), toy_tokenizer(CLIP_TOKENS), toy_t5_tokenizer(T5_TOKENS)]

@@ -22,6 +22,7 @@ from typing import Any
 
 from lpo.core.errors import InputError
 from lpo.curate.scorers.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from lpo.curate.scorers.geneval import CLASSES, COCO_NAMES
 from lpo.reward.toy import random_pipelines
 from lpo.reward.toy.config import TinyModelsConfig
 from lpo.reward.toy.random_text import CONTEXT_LENGTH, clip_text_config, clip_tokenizer
@@ -288,8 +289,6 @@ def _build_geneval(path: Path) -> None:
         Mask2FormerImageProcessor,
         SwinConfig,
     )
-
-    from lpo.curate.scorers.geneval import CLASSES, COCO_NAMES
 
     backbone = SwinConfig(image_size=64, patch_size=4, embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
                           window_size=2, out_features=["stage1", "stage2", "stage3", "stage4"])

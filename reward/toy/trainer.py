@@ -30,8 +30,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lpo.core.errors import InputError
+from lpo.curate.scorers import load_scorer, pooled_features
 from lpo.curate.scorers.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from lpo.reward.backbones import load_generator
 from lpo.reward.images import to_uint8
+from lpo.reward.lpo.sampler import sample
+from lpo.reward.toy import flow_trainer
 from lpo.reward.toy.config import ToyModelsConfig
 from lpo.reward.toy.random_models import OPEN_CLIP_PREPROCESS, clip_image_processor
 from lpo.reward.toy.world import (
@@ -41,6 +46,7 @@ from lpo.reward.toy.world import (
     Scene,
     agreement,
     all_scenes,
+    corrupt,
     match_rates,
     perceive,
     random_scene,
@@ -170,8 +176,6 @@ def save_pipeline(path: Path, vae: Any, unet: Any, text_encoder: Any, tokenizer:
 
 def sample_accuracy(pipeline_dir: Path, guidance: float, n: int = 64, steps: int = 20, seed: int = 0) -> dict:
     """Share of samples (DDIM, eta 0) whose shape colour, background and shape the pixel reader finds as asked."""
-    from lpo.reward.backbones import load_generator
-    from lpo.reward.lpo.sampler import sample
 
     model = load_generator(str(pipeline_dir))
     rng = np.random.default_rng(seed)
@@ -232,8 +236,6 @@ def _vision_config() -> dict[str, Any]:
 def train_pickscore(config: ToyModelsConfig, path: Path, rng: np.random.Generator) -> None:
     from transformers import CLIPConfig, CLIPModel, CLIPProcessor
 
-    from lpo.curate.scorers import pooled_features
-
     tokenizer = toy_tokenizer()
     model = CLIPModel(CLIPConfig(text_config=text_encoder_config(tokenizer).to_dict(), vision_config=_vision_config(),
                                  projection_dim=TEXT_WIDTH))
@@ -270,9 +272,6 @@ def scorer_agreement(metric: str, path: Path, pairs: int = 300, seed: int = 7) -
     """Share of clean toy pairs (different oracle scores) that the scorer orders as the oracle does."""
     from PIL import Image
 
-    from lpo.curate.scorers import load_scorer
-    from lpo.reward.toy.world import corrupt
-
     rng = np.random.default_rng(seed)
     scorer = load_scorer(metric, str(path))
     images, captions, truth = [], [], []
@@ -295,8 +294,6 @@ MODELS = ("sd15", "pickscore", "clip", "sd3")  # in training order; sd3 reuses s
 
 
 def validate(config: ToyModelsConfig) -> None:
-    from lpo.core.errors import InputError
-
     if not config.out:
         raise InputError("an output directory is required.")
     for name in ("batch_size", "vae_batch_size", "vae_steps", "diffusion_steps", "clip_steps", "sd3_steps",
@@ -358,8 +355,6 @@ def run(config: ToyModelsConfig) -> dict[str, Any]:
         lap("clip")
     if "sd3" in models:
         from diffusers import AutoencoderKL
-
-        from lpo.reward.toy import flow_trainer
 
         vae = vae if vae is not None else AutoencoderKL.from_pretrained(out / "sd15", subfolder="vae")
         torch.manual_seed(config.seed + 4)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from lpo.core.errors import InputError
 from lpo.reward.toy.config import SampleDataConfig
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -277,7 +278,6 @@ def write_pickapic_parquet(path: str | Path, **kwargs) -> Path:
 
 def run(config: SampleDataConfig) -> Path:
     """`lpo dev sample-data`: check the settings, then write the pairs."""
-    from lpo.core.errors import InputError
 
     if config.prompts < 1 or not 0 <= config.flip_rate <= 1:
         raise InputError("--prompts must be at least 1 and --flip-rate in [0, 1].")
