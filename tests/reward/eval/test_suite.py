@@ -148,16 +148,17 @@ SHIPPED = ["lpo-sd15", "lpo-sdxl", "lpo-sd3-medium", "geneval-sd15", "geneval-sd
 
 
 @pytest.mark.parametrize("name", SHIPPED)
-def test_shipped_suites_read_and_the_readme_shows_their_paper_numbers(name) -> None:
-    """Every shipped suite reads, gives the paper's number for every metric of every row, and the README's table
-    under that suite's name carries the same numbers (in the suite's metric order) beside each row's weights."""
+def test_shipped_suites_read_and_the_evaluation_docs_show_their_paper_numbers(name) -> None:
+    """Every shipped suite reads, gives the paper's number for every metric of every row, and the table of
+    docs/evaluation.md under that suite's name carries the same numbers (in the suite's metric order) beside each
+    row's weights."""
     from lpo.reward.eval.suite import read_suite
 
     root = Path(__file__).parents[3]
     suite = read_suite(root / "manifests" / "suites" / f"{name}.yaml")
-    readme = (root / "README.md").read_text()
-    assert f"`{name}.yaml`" in readme
-    after = readme[readme.index(f"`{name}.yaml`"):].splitlines()
+    page = (root / "docs" / "evaluation.md").read_text()
+    assert f"`{name}.yaml`" in page
+    after = page[page.index(f"`{name}.yaml`"):].splitlines()
     start = next(i for i, line in enumerate(after) if line.startswith("|"))
     table = []
     for line in after[start:]:

@@ -69,7 +69,7 @@ def test_lrm_claims(demo_run) -> None:
     """Clean labels (seeds 0 / 1: +11.6 [+7.9, +15.5] / +11.3 [+7.1, +15.3] points) and the diffusion backbone (+4.6
     [+1.7, +7.7] / +5.2 [+2.2, +8.3]) each beat their alternative with the 95% interval above zero; the accuracy falls
     with noise. The timestep-blind control is reported, not asserted: on both seeds the toy UNet LRM is as accurate
-    told t=1 at every level as told the true one (-0.4 [-1.7, +1.1] / +0.9 [-0.5, +2.2]; README: the demo)."""
+    told t=1 at every level as told the true one (-0.4 [-1.7, +1.1] / +0.9 [-0.5, +2.2]; docs/demo.md)."""
     _, summary = demo_run
     mpcf = summary["lrm-mpcf"]["accuracy"]
     assert mpcf["1"] >= 0.85

@@ -63,9 +63,9 @@ def claim(summary: dict, start: str) -> dict:
 
 @pytest.mark.slow
 def test_sd3_mpcf_and_lrm_claims(sd3_run) -> None:
-    """Each claim by the lower end of its 95% interval, as measured on seeds 0 and 1 of this configuration (README:
-    the flow-matching demo): MPCF +29.0 [+27.8, +30.3] / [+27.7, +30.3] points; clean labels +13.3 [+9.9, +16.8] /
-    +17.7 [+14.2, +21.4]; the diffusion backbone +3.2 [+0.8, +5.6] / +3.7 [+1.4, +6.0]."""
+    """Each claim by the lower end of its 95% interval, as measured on seeds 0 and 1 of this configuration
+    (docs/demo.md, the flow-matching demo): MPCF +29.0 [+27.8, +30.3] / [+27.7, +30.3] points; clean labels +13.3
+    [+9.9, +16.8] / +17.7 [+14.2, +21.4]; the diffusion backbone +3.2 [+0.8, +5.6] / +3.7 [+1.4, +6.0]."""
     _, summary = sd3_run
     raw, kept = summary["curate"]["raw"], summary["curate"]["kept"]
     assert 0.6 <= raw["agreement"] <= 0.8 and kept["agreement"] >= 0.9  # the same pairs as the sd15 demo
@@ -80,7 +80,7 @@ def test_sd3_mpcf_and_lrm_claims(sd3_run) -> None:
 
 @pytest.mark.slow
 def test_sd3_lpo_and_guided_sampling_raise_the_oracle_and_the_lrm_reward(sd3_run) -> None:
-    """On sd3-early with the coefficients-preserving step (README: the flow-matching demo and its ablation), LPO
+    """On sd3-early with the coefficients-preserving step (docs/demo.md: the flow-matching demo and its ablation), LPO
     raised the held-out oracle alignment by +7.3 [+3.5, +11.3] and +8.4 [+4.8, +12.6] points on seeds 0 and 1, and
     guided sampling by +11.0 [+7.4, +14.4] and +8.9 [+4.2, +14.2]: both claims hold, and the effects are at least
     the issue's 5 and 3 points, a margin below the smaller seed's. The LRM reward moves with them."""
