@@ -13,10 +13,8 @@ from typing import Any
 import typer
 
 from lpo.core.commands import command, console, lazy, out_console, table
-from lpo.curate.filter import FilterConfig
-from lpo.curate.ingest import IngestConfig
+from lpo.curate.config import FilterConfig, IngestConfig, ScoreConfig
 from lpo.curate.options import model_options
-from lpo.curate.score import ScoreConfig
 from lpo.curate.scorers.specs import CURATION_METRICS, METRICS
 from lpo.reward.eval.config import EvalCompareConfig, EvalConfig, EvalScoreConfig, EvalSuiteConfig
 from lpo.reward.lpo.config import LPOConfig, SampleConfig
@@ -338,8 +336,9 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
 
 command(app, "demo", DemoConfig, run_demo, report_demo,
         help="Show on the toy world, in minutes on a CPU, that MPCF, the latent reward model and LPO learn: curation, "
-             "three LRMs, LPO and step-wise GRPO fine-tuning, guided sampling and a before/after comparison, on the "
-             "toy UNet (--family sd15) or flow-matching SD3 model (--family sd3). Rerun to continue a stopped run.")
+             "three LRMs, LPO fine-tuning (and step-wise GRPO with --grpo), guided sampling and a before/after "
+             "comparison, on the toy UNet (--family sd15) or flow-matching SD3 model (--family sd3). Rerun to "
+             "continue a stopped run.")
 command(dev_app, "tiny-models", TinyModelsConfig, lazy("lpo.reward.toy.random_models", "run"),
         lambda config, written: [out_console.print(f"{role:10s} {path}") for role, path in written.items()],
         arguments=("out",), required=("out",), config_file=False,

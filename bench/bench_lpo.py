@@ -3,8 +3,8 @@
     python bench/bench_lpo.py [--tuples 1] [--candidates 4] [--steps 4] [--repeats 2] [--threads N] [--sections 1 2 3]
 
 1. The loss step (forward + backward over a batch of preference tuples, LoRA rank 4): one policy and one reference
-   CFG forward per batch, as `lpo.reward.lpo.train.step_log_probs` does, against the reference code's four (policy and
-   reference each run again for the loser, on the same x_t, t and prompt).
+   CFG forward per batch, as `lpo.reward.lpo.objectives.step_log_probs` does, against the reference code's four
+   (policy and reference each run again for the loser, on the same x_t, t and prompt).
 2. LRM scoring of K candidates of a step in one batch (`lpo.reward.lpo.sampler.score_candidates`) against one at a
    time.
 3. One LPO round for one prompt (`--steps` DDIM steps of the branching sampler, then training on its tuples), split
@@ -120,7 +120,7 @@ def main() -> None:
 
 
 def loss_section(args, loss_step, model, reference, batch, cond, config) -> None:
-    from lpo.reward.lpo.train import step_log_probs
+    from lpo.reward.lpo.objectives import step_log_probs
 
     steps = fastest({
         "2 passes": loss_step(lambda: step_log_probs(model, model.unet, reference, batch, cond, config)),
@@ -156,7 +156,7 @@ def scoring_section(args, lrm, prompt, generator, k) -> None:
 def round_section(args, model, reference, lrm, prompt, config, k) -> None:
     from lpo.reward.lpo import sampler
     from lpo.reward.lpo.loss import lpo_loss
-    from lpo.reward.lpo.train import step_log_probs
+    from lpo.reward.lpo.objectives import step_log_probs
 
     timers = {"sampling": 0.0, "scoring": 0.0}
     real_predict, real_score = model.predict, sampler.score_candidates

@@ -298,7 +298,8 @@ def lpo(model: Any, clock: Clock, steps: int, prompts: int, k: int) -> dict[str,
     from lpo.reward.lpo import sampler
     from lpo.reward.lpo.config import LPOConfig
     from lpo.reward.lpo.loss import lpo_loss
-    from lpo.reward.lpo.train import Reference, step_log_probs
+    from lpo.reward.lpo.objectives import step_log_probs
+    from lpo.reward.lpo.train import Reference
 
     lrm = reward_model(model).eval().requires_grad_(False).to(model.dtype)
     unet = model.unet
@@ -362,7 +363,8 @@ def flow(model: Any, clock: Clock, tiny: Path | None, steps: int = 20, prompts: 
 
     from lpo.reward.lpo import sampler
     from lpo.reward.lpo.config import LPOConfig
-    from lpo.reward.lpo.train import Reference, _grpo_losses, _lpo_losses
+    from lpo.reward.lpo.objectives import GRPO, LPO
+    from lpo.reward.lpo.train import Reference
 
     out: dict[str, Any] = {"model": f"{model.base}, {model.resolution} px, LRM depth "
                                     f"{model.family.lrm_backbone.default_depth(model.transformer.config)}"}
@@ -411,11 +413,12 @@ def flow(model: Any, clock: Clock, tiny: Path | None, steps: int = 20, prompts: 
     reference = Reference(denoiser, lora=True)
     configs = {name: LPOConfig(family="sd3", objective=name, steps=steps, candidates=k).resolved()
                for name in ("lpo", "grpo")}
-    losses = {"lpo": _lpo_losses, "grpo": _grpo_losses}
+    objectives = {"lpo": LPO(), "grpo": GRPO()}
 
     def train_on(objective: str, batch: dict[str, torch.Tensor], cond: Any) -> None:
         with torch.autocast(model.device.type, dtype=half, enabled=model.device.type == "cuda"):
-            loss = losses[objective](model, denoiser, reference, batch, cond, configs[objective])["loss"]
+            loss = objectives[objective].losses(model, denoiser, reference, batch, cond, configs[objective],
+                                                None)["loss"]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
 from lpo.core import config as cfg
-from lpo.core.config import option
 from lpo.core.errors import InputError
 from lpo.core.files import write_text_atomic
 from lpo.curate import ingest, mpcf, score
+from lpo.curate.config import FilterConfig
 from lpo.curate.manifest import (
     PAIRS_SCHEMA,
     AtomicWriter,
@@ -30,32 +29,6 @@ WRITE_ROWS = 100_000  # rows of the scored pairs per written piece
 REJECTED_FILE = "rejected.parquet"
 SUMMARY_FILE = "summary.json"
 PLOT_FILE = "gaps.png"
-
-
-@dataclass
-class FilterConfig:
-    source: str = option(None, "A curation directory (from `lpo curate ingest`) or any SOURCE that ingest accepts.")
-    out: Path = option(None, "Output directory for filtered.parquet, rejected.parquet and summary.json.")
-    rule: str = option("all", "Rule: all (every metric agrees), lpo-paper, lpo-paper-strict, lpo-paper-loose (the "
-                              "reference filter's thresholds, scored by default with the paper's models: VQAScore "
-                              "t2v:clip-flant5-xxl, which needs `pip install t2v-metrics==3.0`).")
-    metrics: list[str] | None = option(None, "Metrics the rule uses (default: the rule's own; `all` uses "
-                                             "pickscore,clip,vqa).")
-    min_gap: dict[str, float] = option(help="Per-metric minimum winner-minus-loser gap (keep iff gap > value).",
-                                       factory=dict)
-    tie_max_gap: dict[str, float] = option(help="Per-metric maximum |gap| for a tie to be kept (keep iff < value).",
-                                           factory=dict)
-    keep_ties: bool | None = option(None, "Keep ties whose gaps are all under the tie thresholds (default: off "
-                                          "for `all`, on for the lpo-paper rules).")
-    plot: bool = option(False, "Also save a PNG of the per-metric gap histograms.")
-    split: str = option("train", "Dataset split, when SOURCE is ingested.")
-    limit: int | None = option(None, "Read at most this many source rows, when SOURCE is ingested.")
-    models: dict[str, str] = option(help="Model per metric (hub id or local directory).", factory=dict)
-    models_dir: Path | None = option(None, "A directory with one model folder per metric (`lpo dev tiny-models`).")
-    batch_size: int = option(32, "Images per model forward when scoring.")
-    device: str = option("auto", "Scoring device: auto, cpu, cuda, cuda:N.")
-    dtype: str = option("auto", "Scoring dtype: auto, float32, float16, bfloat16.")
-    decode_workers: int = option(4, "Image-decoding threads when scoring.")
 
 
 def _score_config(config: FilterConfig, work_dir: Path, rule: mpcf.Rule) -> score.ScoreConfig:

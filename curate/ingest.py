@@ -23,9 +23,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lpo.core import config as cfg
-from lpo.core.config import option
 from lpo.core.errors import InputError
 from lpo.core.files import write_text_atomic
+from lpo.curate.config import IngestConfig
 from lpo.curate.manifest import IMAGES_SCHEMA, PAIRS_SCHEMA, concat_atomic, write_atomic
 
 logger = logging.getLogger(__name__)
@@ -35,16 +35,6 @@ OPTIONAL_COLUMNS = ("has_label", "num_example_per_prompt", "user_id", "ranking_i
 PAIRS_FILE = "pairs.parquet"
 IMAGES_DIR = "images"
 STATE_DIR = "ingest"
-
-
-@dataclass
-class IngestConfig:
-    source: str = option(None, "Hub dataset id (streamed), a save_to_disk directory, or parquet "
-                               "file(s)/directory/glob.")
-    out: Path = option(None, "Curation directory to write (pairs.parquet, images/).")
-    split: str = option("train", "Dataset split to read.")
-    limit: int | None = option(None, "Read at most this many source rows.")
-    chunk_rows: int = option(512, "Source rows per chunk; each chunk is written atomically and is the resume unit.")
 
 
 @dataclass

@@ -6,22 +6,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from lpo.core.commands import Field, OptionGroup
-from lpo.curate.scorers.specs import DEFAULT_MODELS, PAPER_FILTER_MODELS
-
-HELPS = {
-    "pickscore": "PickScore model: hub id or local directory.",
-    "clip": "CLIP model: hf-hub:ID, ARCH:TAG or local open_clip directory.",
-    "vqa": "VQA model: vision-language hub id or directory, or t2v:MODEL.",
-    "aesthetic": "Aesthetic predictor: hub id or local directory.",
-    "hpsv2": "HPS v2 model: hub repo with HPS_v2_compressed.pt, a folder holding it, or the file.",
-    "hpsv21": "HPS v2.1 model: hub repo with HPS_v2.1_compressed.pt, a folder holding it, or the file.",
-    "imagereward": "ImageReward model: hub id or a folder with ImageReward.pt and med_config.json.",
-    "geneval": "GenEval detector (a transformers Mask2Former COCO instance model), optionally ',CLIP' for the colour "
-               "classifier (open_clip spec; default ViT-L-14:openai), or a folder with detector/ and clip/.",
-    **{f"t2i-{kind}": f"T2I-CompBench++ {kind} B-VQA model: a transformers BLIP VQA hub id or directory."
-       for kind in ("color", "shape", "texture")},
-}
-FLAGS = {"geneval": ("--geneval-model", "--geneval-detector")}
+from lpo.curate.scorers.specs import METRIC_RECORDS
 
 
 def parameter_name(metric: str) -> str:
@@ -30,9 +15,10 @@ def parameter_name(metric: str) -> str:
 
 
 def help_for(metric: str) -> str:
-    text = f"{HELPS[metric]} Default: {DEFAULT_MODELS[metric]}."
-    if metric in PAPER_FILTER_MODELS and PAPER_FILTER_MODELS[metric] != DEFAULT_MODELS[metric]:
-        text += f" The lpo-paper filter rules: the paper's {PAPER_FILTER_MODELS[metric]}."
+    record = METRIC_RECORDS[metric]
+    text = f"{record.model_help} Default: {record.default_model}."
+    if record.paper_filter_model not in (None, record.default_model):
+        text += f" The lpo-paper filter rules: the paper's {record.paper_filter_model}."
     return text
 
 
@@ -43,5 +29,6 @@ def model_options(metrics: tuple[str, ...]) -> OptionGroup:
     def collect(given: dict[str, Any]) -> dict[str, str] | None:
         return {names[name]: value for name, value in given.items() if value} or None
 
-    return OptionGroup("models", [Field(parameter_name(m), Optional[str],  # noqa: UP045
-                                        FLAGS.get(m, (f"--{m}-model",)), help_for(m)) for m in metrics], collect)
+    options = [Field(parameter_name(m), Optional[str], METRIC_RECORDS[m].flags or (f"--{m}-model",),  # noqa: UP045
+                     help_for(m)) for m in metrics]
+    return OptionGroup("models", options, collect)

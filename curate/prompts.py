@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 from lpo.core.errors import InputError
 
 
@@ -17,8 +19,6 @@ def read_prompts(path: str | Path) -> list[str]:
     if not path.is_file():
         raise InputError(f"prompt file {path} does not exist; give a .txt, .json or .parquet file of prompts.")
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
         if "caption" not in pq.read_schema(path).names:
             raise InputError(f"{path} has no 'caption' column; give a manifest with captions or a prompt file.")
         prompts = pq.read_table(path, columns=["caption"]).column("caption").to_pylist()

@@ -18,7 +18,6 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,38 +26,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lpo.core import config as cfg
-from lpo.core.config import option
 from lpo.core.device import resolve_device, resolve_dtype
 from lpo.core.errors import InputError
 from lpo.core.files import write_text_atomic
 from lpo.curate import images
+from lpo.curate.config import ScoreConfig
 from lpo.curate.ingest import image_parts, is_curation_dir
 from lpo.curate.manifest import scores_schema, write_atomic
 from lpo.curate.scorers import CURATION_METRICS, check_model_spec, load_scorer, resolve_specs
 from lpo.curate.scorers.base import score_each
-from lpo.curate.scorers.specs import DEFAULT_CURATION_METRICS, DEFAULT_MODELS
+from lpo.curate.scorers.specs import DEFAULT_MODELS
 
 logger = logging.getLogger(__name__)
 
 SCORES_FILE = "scores.parquet"
 SCORES_DIR = "scores"
 MODEL_FILE = "model.json"
-
-
-@dataclass
-class ScoreConfig:
-    work_dir: Path = option(None, "Curation directory written by `lpo curate ingest`.")
-    metrics: list[str] = option(help="Metrics to compute.", factory=lambda: list(DEFAULT_CURATION_METRICS))
-    models: dict[str, str] = option(
-        help="Model per metric (hub id or local directory); unset metrics use the registry default.", factory=dict)
-    models_dir: Path | None = option(None, "A directory with one model folder per metric (as `lpo dev tiny-models` "
-                                           "writes); used for metrics without an explicit model.")
-    batch_size: int = option(32, "Images per model forward.")
-    device: str = option("auto", "Device: auto, cpu, cuda, cuda:N (under accelerate launch each process uses its "
-                                 "own).")
-    dtype: str = option("auto", "Model dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, float16, bfloat16.")
-    decode_workers: int = option(4, "Threads that read and decode images while the model runs.")
-    flush_every: int = option(1024, "Write a part file after this many images (the most work an interruption loses).")
 
 
 def validate_models(config: ScoreConfig) -> dict[str, str | None]:

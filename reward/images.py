@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 
 
 def to_uint8(images: torch.Tensor) -> Any:
@@ -15,15 +17,12 @@ def to_uint8(images: torch.Tensor) -> Any:
 
 def to_pil(images: torch.Tensor) -> list[Any]:
     """[n, 3, H, W] in [-1, 1] -> n PIL images."""
-    from PIL import Image
 
     return [Image.fromarray(a) for a in to_uint8(images)]
 
 
 def image_to_tensor(image: Any, resolution: int) -> torch.Tensor:
     """RGB, resized to resolution x resolution (bilinear, aspect ignored, as the reference), scaled to [-1, 1]."""
-    import numpy as np
-    from PIL import Image
 
     image = image.convert("RGB").resize((resolution, resolution), Image.BILINEAR)
     array = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)
@@ -32,7 +31,6 @@ def image_to_tensor(image: Any, resolution: int) -> torch.Tensor:
 
 def save_image_grid(images: list[Any], rows: int, path: str | Path) -> Path:
     """A grid PNG of equally sized images, row-major."""
-    from PIL import Image
 
     cols = max(1, -(-len(images) // rows))
     width, height = images[0].size

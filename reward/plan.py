@@ -22,7 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import diffusers
 import torch
+import transformers
+from accelerate import init_empty_weights
 from torch import nn
 
 from lpo.core.errors import InputError
@@ -137,8 +140,6 @@ def memory_rows(plan: Plan, trained: int, frozen: int, frozen_bytes: int, world:
 
 
 def _meta(build: Callable[[], nn.Module]) -> nn.Module:
-    from accelerate import init_empty_weights
-
     with init_empty_weights(include_buffers=True):
         return build()
 
@@ -195,8 +196,6 @@ def lora_parameters(denoiser: nn.Module, targets: tuple[str, ...], rank: int) ->
 
 def component_parameters(part: dict[str, Any]) -> int:
     """Parameters of a pipeline component (a diffusers or transformers model) from its config, built on meta."""
-    import diffusers
-    import transformers
 
     if "_class_name" in part:
         module = _meta(lambda: getattr(diffusers, part["_class_name"]).from_config(part))
@@ -236,7 +235,6 @@ def lpo_plan(config: Any, family: Any, rounds_per_epoch: Callable[[int], int], p
              sharding: str) -> Plan:
     """The plan of `lpo optimize <family>`: the denoiser on the meta device, one training forward traced;
     `rounds_per_epoch(processes)` is the trainer's."""
-    import diffusers
 
     world, sharding = launch_setup(processes, sharding)
     if sharding == "fsdp":

@@ -120,9 +120,9 @@ HEAVY = ("torch", "diffusers", "transformers", "accelerate", "peft", "open_clip"
 def test_the_command_line_loads_no_model_library(tmp_path: Path) -> None:
     """`import lpo.cli` and `lpo --help` stay fast: torch, diffusers, transformers and the rest load only when a
     command runs (the command line's edge is the one place for lazy imports)."""
-    code = ("import sys, runpy\nsys.argv = ['lpo', '--help']\nimport lpo.cli\nloaded = [m for m in {heavy} if m in "
+    code = (f"import sys, runpy\nsys.argv = ['lpo', '--help']\nimport lpo.cli\nloaded = [m for m in {HEAVY} if m in "
             "sys.modules]\ntry:\n    lpo.cli.main()\nexcept SystemExit:\n    pass\n"
-            "print(loaded, [m for m in {heavy} if m in sys.modules])").format(heavy=HEAVY)
+            f"print(loaded, [m for m in {HEAVY} if m in sys.modules])")
     result = _outside(tmp_path, code)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[] []"

@@ -12,24 +12,27 @@
 | geneval | geneval | GenEval: 1 if the image satisfies its prompt's record (objects, counts, colours, positions) |
 | t2i-color, t2i-shape, t2i-texture | bvqa | T2I-CompBench++ B-VQA: product of BLIP-VQA P(yes) over noun phrases |
 
-Curation (`lpo curate score`, MPCF, the reward service's image route) uses `CURATION_METRICS`; evaluation
-(`lpo eval`) all of them. `check_model_spec` validates a spec without reading weights; `load_scorer` loads.
+Each metric is one `Metric` record in `specs.REGISTRY` (default model, option help, its scorer module's check,
+load and prefetch functions, load options, where it is used); every table below is a view of it. Curation (`lpo
+curate score`, MPCF, the reward service's image route) uses `CURATION_METRICS`; evaluation (`lpo eval`) all of them.
+`check_model_spec` validates a spec without reading weights; `load_scorer` loads.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from lpo.core.device import resolve_dtype
 from lpo.core.errors import InputError
-from lpo.curate.scorers import aesthetic, bvqa, clip, geneval, imagereward, vqa
 from lpo.curate.scorers.base import Scorer, TextFeatureCache, pooled_features
 from lpo.curate.scorers.specs import (
     CURATION_METRICS,
     DEFAULT_EVAL_METRICS,
     DEFAULT_MODELS,
+    METRIC_RECORDS,
     METRICS,
-    T2I_METRICS,
+    REGISTRY,
+    Metric,
     check_metric,
     resolve_specs,
 )
@@ -37,44 +40,9 @@ from lpo.curate.scorers.specs import (
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["CURATION_METRICS", "DEFAULT_EVAL_METRICS", "DEFAULT_MODELS", "METRICS", "Scorer", "TextFeatureCache",
-           "check_model_spec", "load_scorer", "pooled_features", "prefetch", "resolve_specs"]
-
-_CHECKS: dict[str, Callable[[str], None]] = {
-    "pickscore": clip.check_pickscore,
-    "clip": clip.check_clip,
-    "hpsv2": lambda spec: clip.check_hps("hpsv2", spec),
-    "hpsv21": lambda spec: clip.check_hps("hpsv21", spec),
-    "vqa": vqa.check_vqa,
-    "aesthetic": aesthetic.check_aesthetic,
-    "imagereward": imagereward.check_imagereward,
-    "geneval": geneval.check_geneval,
-    **{metric: (lambda spec, metric=metric: bvqa.check_bvqa(metric, spec)) for metric in T2I_METRICS},
-}
-_LOADERS: dict[str, Callable[..., Scorer]] = {
-    "pickscore": clip.load_pickscore,
-    "clip": clip.load_clip,
-    "hpsv2": lambda spec, **kw: clip.load_hps("hpsv2", spec, **kw),
-    "hpsv21": lambda spec, **kw: clip.load_hps("hpsv21", spec, **kw),
-    "vqa": vqa.load_vqa,
-    "aesthetic": aesthetic.load_aesthetic,
-    "imagereward": imagereward.load_imagereward,
-    "geneval": geneval.load_geneval,
-    **{metric: (lambda spec, metric=metric, **kw: bvqa.load_bvqa(metric, spec, **kw)) for metric in T2I_METRICS},
-}
-# Loader options per metric (see load_scorer).
-_OPTIONS: dict[str, set[str]] = {
-    "pickscore": {"processor", "text_cache_size"},
-    "clip": {"text_cache_size"},
-    "vqa": {"question_template", "answer"},
-    "aesthetic": {"clip_model", "head_file"},
-    "hpsv2": set(),
-    "hpsv21": set(),
-    "imagereward": set(),
-    "geneval": set(),
-    **{metric: set() for metric in T2I_METRICS},
-}
-
+__all__ = ["CURATION_METRICS", "DEFAULT_EVAL_METRICS", "DEFAULT_MODELS", "METRICS", "METRIC_RECORDS", "REGISTRY",
+           "Metric", "Scorer", "TextFeatureCache", "check_model_spec", "load_scorer", "pooled_features", "prefetch",
+           "resolve_specs"]
 
 def check_model_spec(metric: str, spec: str) -> None:
     """Validate a metric name and model spec before any weights load; raise InputError when unusable.
@@ -88,16 +56,15 @@ def check_model_spec(metric: str, spec: str) -> None:
             f"{metric} model spec {spec!r} is empty: expected a local path or a hub id such as "
             f"{DEFAULT_MODELS[metric]!r}"
         )
-    _CHECKS[metric](spec)
+    METRIC_RECORDS[metric].function("check")(spec)
 
 
 def prefetch(metric: str, spec: str) -> None:
     """Download the hub files an HPS or ImageReward spec needs now, so an unavailable checkpoint stops a run before
     its images are generated rather than after (the other metrics load from the hub's cache when scoring)."""
-    if metric in clip.HPS_CHECKPOINTS:
-        clip.prefetch_hps(metric, spec)
-    elif metric == "imagereward":
-        imagereward.prefetch_imagereward(spec)
+    download = METRIC_RECORDS[metric].function("prefetch")
+    if download is not None:
+        download(spec)
 
 
 def load_scorer(metric: str, spec: str | None = None, *, device: str = "cpu", dtype: torch.dtype | None = None,
@@ -108,14 +75,13 @@ def load_scorer(metric: str, spec: str | None = None, *, device: str = "cpu", dt
     (with ``{}`` for the caption), ``answer``; aesthetic ``clip_model``, ``head_file``.
     """
     check_metric(metric)
-    unknown = sorted(set(options) - _OPTIONS[metric])
+    record = METRIC_RECORDS[metric]
+    unknown = sorted(set(options) - set(record.options))
     if unknown:
         raise InputError(
             f"unknown {metric} scorer option(s) {', '.join(unknown)}: expected "
-            f"{', '.join(sorted(_OPTIONS[metric])) or 'none'}; remove or rename them"
+            f"{', '.join(sorted(record.options)) or 'none'}; remove or rename them"
         )
-    spec = spec or DEFAULT_MODELS[metric]
+    spec = spec or record.default_model
     check_model_spec(metric, spec)
-    import torch
-
-    return _LOADERS[metric](spec, device=device, dtype=dtype or torch.float32, **options)
+    return record.function("load")(spec, device=device, dtype=dtype or resolve_dtype("float32"), **options)

@@ -6,43 +6,101 @@ skipped with a warning when the hub cannot be reached)."""
 
 from __future__ import annotations
 
+import functools
+import importlib
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lpo.core.errors import InputError
 
 logger = logging.getLogger(__name__)
 
-# Every metric of the registry, in the order tables list them; curation (scoring, MPCF, the reward service) uses the
-# first four, evaluation all of them.
-CURATION_METRICS: tuple[str, ...] = ("pickscore", "clip", "vqa", "aesthetic")
-DEFAULT_CURATION_METRICS: tuple[str, ...] = ("pickscore", "clip", "vqa")  # scoring's default and the `all` rule's
-METRICS: tuple[str, ...] = ("pickscore", "hpsv2", "hpsv21", "imagereward", "aesthetic", "clip", "vqa", "geneval",
-                             "t2i-color", "t2i-shape", "t2i-texture")
-# Compositional benchmarks: GenEval reads each prompt's record; T2I-CompBench++'s attribute binding (B-VQA).
-T2I_METRICS: tuple[str, ...] = ("t2i-color", "t2i-shape", "t2i-texture")
-RECORD_METRICS: tuple[str, ...] = ("geneval",)
-# The metrics of the LPO paper's Pick-a-Pic table (design/field.md section 6).
-DEFAULT_EVAL_METRICS: tuple[str, ...] = ("pickscore", "hpsv2", "hpsv21", "imagereward", "aesthetic")
 HPS_REPO = "xswu/HPSv2"
 IMAGEREWARD_REPO = "THUDM/ImageReward"
-DEFAULT_MODELS: dict[str, str] = {
-    "pickscore": "yuvalkirstain/PickScore_v1",
-    "clip": "hf-hub:laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
-    "vqa": "Qwen/Qwen2.5-VL-7B-Instruct",
-    "aesthetic": "trl-lib/ddpo-aesthetic-predictor",
-    "hpsv2": HPS_REPO,
-    "hpsv21": HPS_REPO,
-    "imagereward": IMAGEREWARD_REPO,
-    "geneval": "facebook/mask2former-swin-small-coco-instance",  # + the colour CLIP, ViT-L-14:openai
-    **{metric: "Salesforce/blip-vqa-capfilt-large" for metric in T2I_METRICS},
-}
+BVQA_MODEL = "Salesforce/blip-vqa-capfilt-large"
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One metric of the registry: what varies by metric is a field here, so a new metric is one record (plus its
+    scorer's check and load functions, and its tests).
+
+    `check`, `load` and `prefetch` name functions of the scorer module `lpo.curate.scorers.<module>`, imported when
+    the metric is first used: `check(spec)` refuses an unusable model spec before any weights load,
+    `load(spec, device=, dtype=, **options)` returns the Scorer, `prefetch(spec)` downloads what the load will need.
+    With `by_name` each takes the metric's name first (one function serving several metrics)."""
+
+    name: str
+    default_model: str
+    model_help: str  # the `--<name>-model` option's help; the default model is appended
+    module: str
+    check: str
+    load: str
+    options: tuple[str, ...] = ()  # the load options `load_scorer` accepts
+    prefetch: str | None = None
+    by_name: bool = False
+    curation_rank: int = 0  # its place among the curation metrics (scoring, MPCF, the reward service); 0: not one
+    curation_default: bool = False  # scored by default and filtered on by the `all` rule
+    eval_default: bool = False  # in `lpo eval`'s default metrics (the LPO paper's Pick-a-Pic table)
+    needs_record: bool = False  # scored against each prompt's benchmark record, not its text (GenEval)
+    paper_filter_model: str | None = None  # the model the LPO paper's filter thresholds were set on
+    flags: tuple[str, ...] = ()  # the model option's flags (default: --<name>-model)
+
+    def function(self, role: str) -> Callable[..., Any]:
+        """The scorer module's `check`, `load` or `prefetch` function (None when the metric has no such step)."""
+        name = getattr(self, role)
+        if name is None:
+            return None
+        function = getattr(importlib.import_module(f"lpo.curate.scorers.{self.module}"), name)
+        return functools.partial(function, self.name) if self.by_name else function
+
+
+# Every metric, in the order tables list them (the LPO paper's table first).
+REGISTRY: tuple[Metric, ...] = (
+    Metric("pickscore", "yuvalkirstain/PickScore_v1", "PickScore model: hub id or local directory.", "clip",
+           "check_pickscore", "load_pickscore", options=("processor", "text_cache_size"), curation_rank=1,
+           curation_default=True, eval_default=True),
+    Metric("hpsv2", HPS_REPO, "HPS v2 model: hub repo with HPS_v2_compressed.pt, a folder holding it, or the file.",
+           "clip", "check_hps", "load_hps", prefetch="prefetch_hps", by_name=True, eval_default=True),
+    Metric("hpsv21", HPS_REPO, "HPS v2.1 model: hub repo with HPS_v2.1_compressed.pt, a folder holding it, or the "
+           "file.", "clip", "check_hps", "load_hps", prefetch="prefetch_hps", by_name=True, eval_default=True),
+    Metric("imagereward", IMAGEREWARD_REPO, "ImageReward model: hub id or a folder with ImageReward.pt and "
+           "med_config.json.", "imagereward", "check_imagereward", "load_imagereward",
+           prefetch="prefetch_imagereward", eval_default=True),
+    Metric("aesthetic", "trl-lib/ddpo-aesthetic-predictor", "Aesthetic predictor: hub id or local directory.",
+           "aesthetic", "check_aesthetic", "load_aesthetic", options=("clip_model", "head_file"), curation_rank=4,
+           eval_default=True, paper_filter_model="trl-lib/ddpo-aesthetic-predictor"),
+    Metric("clip", "hf-hub:laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "CLIP model: hf-hub:ID, ARCH:TAG or local "
+           "open_clip directory.", "clip", "check_clip", "load_clip", options=("text_cache_size",), curation_rank=2,
+           curation_default=True, paper_filter_model="hf-hub:laion/CLIP-ViT-H-14-laion2B-s32B-b79K"),
+    Metric("vqa", "Qwen/Qwen2.5-VL-7B-Instruct", "VQA model: vision-language hub id or directory, or t2v:MODEL.",
+           "vqa", "check_vqa", "load_vqa", options=("question_template", "answer"), curation_rank=3,
+           curation_default=True, paper_filter_model="t2v:clip-flant5-xxl"),
+    Metric("geneval", "facebook/mask2former-swin-small-coco-instance",  # + the colour CLIP, ViT-L-14:openai
+           "GenEval detector (a transformers Mask2Former COCO instance model), optionally ',CLIP' for the colour "
+           "classifier (open_clip spec; default ViT-L-14:openai), or a folder with detector/ and clip/.", "geneval",
+           "check_geneval", "load_geneval", needs_record=True, flags=("--geneval-model", "--geneval-detector")),
+    *(Metric(f"t2i-{kind}", BVQA_MODEL, f"T2I-CompBench++ {kind} B-VQA model: a transformers BLIP VQA hub id or "
+             "directory.", "bvqa", "check_bvqa", "load_bvqa", by_name=True) for kind in ("color", "shape", "texture")),
+)
+METRIC_RECORDS: dict[str, Metric] = {metric.name: metric for metric in REGISTRY}
+
+# The registry's views, for the code that asks one question of it.
+METRICS: tuple[str, ...] = tuple(METRIC_RECORDS)
+CURATION_METRICS: tuple[str, ...] = tuple(m.name for m in sorted((m for m in REGISTRY if m.curation_rank),
+                                                                 key=lambda m: m.curation_rank))
+DEFAULT_CURATION_METRICS: tuple[str, ...] = tuple(m for m in CURATION_METRICS if METRIC_RECORDS[m].curation_default)
+T2I_METRICS: tuple[str, ...] = tuple(m.name for m in REGISTRY if m.module == "bvqa")
+RECORD_METRICS: tuple[str, ...] = tuple(m.name for m in REGISTRY if m.needs_record)
+DEFAULT_EVAL_METRICS: tuple[str, ...] = tuple(m.name for m in REGISTRY if m.eval_default)
+DEFAULT_MODELS: dict[str, str] = {m.name: m.default_model for m in REGISTRY}
 # The models the LPO paper's filter thresholds were set on (design/method.md section 3): VQAScore from CLIP-FlanT5-XXL
 # (t2v_metrics), LAION's ViT-H-14 CLIP and the LAION aesthetic predictor (the last two are the registry's defaults).
-PAPER_FILTER_MODELS: dict[str, str] = {"aesthetic": DEFAULT_MODELS["aesthetic"], "clip": DEFAULT_MODELS["clip"],
-                                       "vqa": "t2v:clip-flant5-xxl"}
+PAPER_FILTER_MODELS: dict[str, str] = {m.name: m.paper_filter_model for m in REGISTRY if m.paper_filter_model}
 
 
 def check_metric(metric: str, metrics: tuple[str, ...] = METRICS) -> None:

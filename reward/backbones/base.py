@@ -20,8 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
+from diffusers.utils import logging as diffusers_logging
 from torch import nn
+from transformers import AutoTokenizer
 
 from lpo.reward.backbones.family import Family, check_resolution
 
@@ -29,7 +32,6 @@ from lpo.reward.backbones.family import Family, check_resolution
 def load_lora_quietly(pipeline: Any, path: str | Path) -> None:
     """`pipeline.load_lora_weights(path)` without diffusers' warning that a denoiser-only LoRA (what LPO writes) has
     no text-encoder keys."""
-    from diffusers.utils import logging as diffusers_logging
 
     level = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()
@@ -90,8 +92,6 @@ class Generator(ABC):
     classifier_free = True  # guidance runs an unconditional half in the same forward (not FLUX.1's embedded one)
 
     def __init__(self, pipeline: Any, base: str):
-        import diffusers
-
         self.pipeline = pipeline
         self.base = base
         self.vae = pipeline.vae
@@ -353,8 +353,6 @@ class LRMBackbone(nn.Module, ABC):
             tokenizer.save_pretrained(Path(directory) / name.replace("text_encoder", "tokenizer"))
 
     def load_tokenizers(self, source: str | Path, subfolder: str | None = None) -> None:
-        from transformers import AutoTokenizer
-
         prefix = f"{subfolder}/" if subfolder else ""
         self.tokenizers = [AutoTokenizer.from_pretrained(source, subfolder=prefix + name.replace("text_encoder",
                                                                                                   "tokenizer"))

@@ -139,7 +139,7 @@ UNET_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 MMDIT_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out")
 # FLUX.1 as Flow-GRPO adapts it: the attention (also the single-stream blocks' q/k/v) and the double blocks' MLPs
 FLUX_LORA_TARGETS = (*MMDIT_LORA_TARGETS, "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
-# the flow families' stochastic step and LPO calibration, chosen on the flow demo's ablation (README): the
+# the flow families' stochastic step and LPO calibration, chosen on the flow demo's ablation (docs/demo.md): the
 # coefficients-preserving step raised the oracle by 7-8 points where the SDE step raised it by 1-3; the kappa beta
 # schedule and sigma thresholds moved it by less than seed noise, so the paper's one beta and std thresholds stay
 FLOW_CALIBRATION = {"sampler": "cps", "beta_schedule": "constant", "threshold_scale": "std"}

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 
 from lpo.core.errors import InputError
 from lpo.reward.backbones.base import StepStats
@@ -167,8 +168,6 @@ class FlowNoise:
 
     @classmethod
     def from_pretrained(cls, source: str | Path, subfolder: str | None = "scheduler") -> FlowNoise:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
         return cls(FlowMatchEulerDiscreteScheduler.from_pretrained(source, subfolder=subfolder))
 
     @property

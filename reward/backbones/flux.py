@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import FluxTransformer2DModel
 from torch import nn
+from transformers import CLIPTextModel, T5EncoderModel
 
 from lpo.core.errors import InputError
 from lpo.reward.backbones.base import Conditioning
@@ -138,8 +140,6 @@ class FluxLRMBackbone(MMDiTLRMBackbone):
 
     @staticmethod
     def _encoder_class(name: str) -> type:
-        from transformers import CLIPTextModel, T5EncoderModel
-
         return T5EncoderModel if name == "text_encoder_2" else CLIPTextModel
 
     @staticmethod
@@ -157,8 +157,6 @@ class FluxLRMBackbone(MMDiTLRMBackbone):
 
     @classmethod
     def truncated_transformer(cls, config: dict[str, Any], depth: int) -> nn.Module:
-        from diffusers import FluxTransformer2DModel
-
         model = FluxTransformer2DModel.from_config({**config, "num_layers": depth, "num_single_layers": 0})
         model.register_to_config(num_layers=config["num_layers"], num_single_layers=config["num_single_layers"])
         return model

@@ -21,8 +21,12 @@ from abc import abstractmethod
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
+from diffusers import SD3Transformer2DModel
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
 from lpo.core.errors import InputError
 from lpo.reward.backbones import flow
@@ -258,8 +262,6 @@ class MMDiTLRMBackbone(LRMBackbone):
                   depth: int | None = None, frozen_dtype: torch.dtype | None = None) -> MMDiTLRMBackbone:
         """`pretrained=False` starts the transformer from fresh weights; the frozen text encoders are the base's
         either way, in `frozen_dtype` (default `dtype`)."""
-        import diffusers
-        from transformers import AutoTokenizer
 
         config = read_subfolder_config(base, "transformer")
         depth = depth or cls.default_depth(config)
@@ -345,8 +347,6 @@ class MMDiTLRMBackbone(LRMBackbone):
     def run_block(self, block: nn.Module, **inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """One joint block, checkpointed while training with gradient checkpointing on."""
         if self.checkpointing and torch.is_grad_enabled():
-            from torch.utils.checkpoint import checkpoint
-
             return checkpoint(block, use_reentrant=False, **inputs)
         return block(**inputs)
 
@@ -406,8 +406,6 @@ class SD3LRMBackbone(MMDiTLRMBackbone):
 
     @staticmethod
     def _encoder_class(name: str) -> type:
-        from transformers import CLIPTextModelWithProjection, T5EncoderModel
-
         return T5EncoderModel if name == T5_ENCODER else CLIPTextModelWithProjection
 
     @staticmethod
@@ -428,7 +426,6 @@ class SD3LRMBackbone(MMDiTLRMBackbone):
         """Only the first `depth` joint blocks and no output head, never the whole model. Blocks before the model's
         last are built as the stock model builds them (the stock model's last block updates the image stream
         only)."""
-        from diffusers import SD3Transformer2DModel
 
         layers = int(config["num_layers"])
         model = SD3Transformer2DModel.from_config({**config, "num_layers": depth if depth == layers else depth + 1})

@@ -15,7 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers.utils import convert_state_dict_to_diffusers
 from torch import nn
+from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
 from lpo.core.errors import InputError
 from lpo.reward.backbones import ddim
@@ -112,7 +115,6 @@ class UNetGenerator(Generator):
     def save_lora(self, directory: str | Path, layers: dict[str, torch.Tensor],
                   metadata: dict[str, Any] | None = None) -> None:
         """In diffusers' UNet LoRA naming (`convert_state_dict_to_diffusers`, as its UNet training scripts save)."""
-        from diffusers.utils import convert_state_dict_to_diffusers
 
         type(self.pipeline).save_lora_weights(directory, unet_lora_layers=convert_state_dict_to_diffusers(layers),
                                               unet_lora_adapter_metadata=metadata,
@@ -199,9 +201,6 @@ class UNetLRMBackbone(LRMBackbone):
     @classmethod
     def from_base(cls, base: str, dtype: torch.dtype = torch.float32, pretrained: bool = True,
                   depth: int | None = None, frozen_dtype: torch.dtype | None = None) -> UNetLRMBackbone:
-        from diffusers import UNet2DConditionModel
-        from transformers import AutoTokenizer
-
         if pretrained:
             unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", **diffusers_dtype(dtype))
         else:
@@ -226,8 +225,6 @@ class UNetLRMBackbone(LRMBackbone):
     @classmethod
     def from_components(cls, components: dict[str, dict[str, Any]], resolution: int, depth: int | None = None,
                         base: str | None = None) -> UNetLRMBackbone:
-        from diffusers import UNet2DConditionModel
-
         unet = UNet2DConditionModel.from_config(components["unet"])
         encoders = [encoder_class(encoder_class.config_class.from_dict(components[name]))
                     for name, encoder_class in zip(cls.text_encoders, cls._encoder_classes())]
@@ -235,14 +232,10 @@ class UNetLRMBackbone(LRMBackbone):
 
     @staticmethod
     def _encoder_classes() -> list[type]:
-        from transformers import CLIPTextModel
-
         return [CLIPTextModel]
 
     @staticmethod
     def noise_schedule(source: str | Path, subfolder: str = "scheduler") -> Any:
-        from diffusers import DDPMScheduler
-
         return DDPMScheduler.from_pretrained(source, subfolder=subfolder)
 
     @classmethod
@@ -363,8 +356,6 @@ class SDXLLRMBackbone(UNetLRMBackbone):
 
     @staticmethod
     def _encoder_classes() -> list[type]:
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
         return [CLIPTextModel, CLIPTextModelWithProjection]
 
     @property

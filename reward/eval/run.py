@@ -11,6 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import torch
+from PIL import Image
+
 from lpo.core import config as cfg
 from lpo.core.device import resolve_device, resolve_dtype
 from lpo.core.errors import InputError
@@ -176,7 +179,6 @@ def _save_image_atomic(image: Any, path: Path) -> None:
 def _generation_dtype(config: EvalConfig, device: str) -> Any:
     """--dtype: auto is the family's half precision on CUDA (float16; FLUX.1 bfloat16; the VAE stays float32) and
     float32 on the CPU."""
-    import torch
 
     half = torch.bfloat16 if family_of(config.base).half_precision == "bf16" else torch.float16
     auto = half if device.startswith("cuda") else torch.float32
@@ -201,7 +203,6 @@ def _load_models(config: EvalConfig, device: str) -> tuple[Any, Any]:
 
 def generate(config: EvalConfig, todo: Sequence[EvalItem], out: Path, device: str) -> None:
     """Generate `todo` in batches, each image from its own generator; append a record once its file is in place."""
-    import torch
 
     model, lrm = _load_models(config, device)
     settings = generation_settings(config)
@@ -228,7 +229,6 @@ def generate(config: EvalConfig, todo: Sequence[EvalItem], out: Path, device: st
 def run(config: EvalConfig) -> dict[str, Any]:
     """Generate every (prompt, image) with its own seed (skipping finished images), score every image with every
     metric, and write the per-image table, the summary and the grid."""
-    from PIL import Image
 
     prompts, specs, records, denoiser_weights = validate(config)
     out = Path(config.out)

@@ -3,15 +3,21 @@ per metric and image; and pairing images that exist with their prompts (a manife
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import json
 import logging
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import polars as pl
+import torch
+from PIL import Image
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from lpo.core import config as cfg
 from lpo.core.device import resolve_device, resolve_dtype
@@ -74,7 +80,6 @@ def check_records(metrics: Sequence[str], records: list[dict[str, Any]] | None, 
 
 def with_records(items: list[EvalItem], records: list[dict[str, Any]] | None) -> list[EvalItem]:
     """Each item with its prompt's record (by prompt text, so manifests in any order match)."""
-    import dataclasses
 
     if records is None:
         return items
@@ -108,8 +113,6 @@ def _check_positive(**values: int | None) -> None:
 
 @contextmanager
 def _progress(description: str, total: int) -> Iterator[Any]:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, transient=True) as progress:
         task = progress.add_task(description, total=total)
@@ -136,8 +139,6 @@ def _read_scores(out: Path, metric: str, spec: str) -> dict[str, tuple[float | N
 
 
 def _open_images(batch: Sequence[EvalItem]) -> tuple[list[Any], list[str | None]]:
-    from PIL import Image
-
     images, errors = [], []
     for item in batch:
         try:
@@ -155,9 +156,6 @@ def score_items(items: Sequence[EvalItem], specs: dict[str, str], out: Path, bat
                 ) -> tuple[dict[str, dict[str, tuple[float | None, str | None]]], dict[str, dict]]:
     """Score every item with every metric (one model in memory at a time), resuming from scores/<metric>.jsonl.
     Returns the scores per metric by item key, and each metric's spec, model id and scale."""
-    import gc
-
-    import torch
 
     all_scores, models = {}, {}
     (out / SCORES_DIR).mkdir(parents=True, exist_ok=True)
@@ -349,8 +347,6 @@ def score_existing(config: EvalScoreConfig) -> dict[str, Any]:
 
 
 def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
     found = {}
     for package in ("torch", "diffusers", "transformers", "open_clip_torch", "timm"):
         try:

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 import pyarrow as pa
+from PIL import Image
 
 from lpo.core.errors import InputError
 from lpo.core.files import write_text_atomic
@@ -179,7 +180,6 @@ def summary_markdown(summary: dict[str, Any]) -> str:
 
 def save_grid(items: Sequence[EvalItem], prompts: int, path: Path) -> Path | None:
     """A PNG grid, one row per prompt (the first `prompts` by index), its images in image order."""
-    from PIL import Image
 
     rows: dict[int, list[EvalItem]] = {}
     for item in sorted(items, key=lambda it: (it.prompt_index, it.image_index)):

@@ -21,10 +21,17 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs, gather_object, set_seed
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from lpo.core import config as cfg
 from lpo.core.device import mixed_precision, precision_dtype
@@ -37,10 +44,9 @@ from lpo.reward.backbones.family import check_base_resolution
 from lpo.reward.checkpoints import CHECKPOINTS
 from lpo.reward.images import save_image_grid
 from lpo.reward.lpo.config import BETA_SCHEDULES, THRESHOLD_SCALES, LPOConfig, check_calibration
-from lpo.reward.lpo.grpo import group_log_probs, grpo_loss, ratio_summary
-from lpo.reward.lpo.loss import lpo_loss
+from lpo.reward.lpo.objectives import OBJECTIVES, Objective
 from lpo.reward.lpo.sampler import rollout, sample
-from lpo.reward.lpo.step import gaussian_log_prob, threshold_schedule
+from lpo.reward.lpo.step import threshold_schedule
 from lpo.reward.lrm.model import LatentRewardModel, check_lrm_matches
 from lpo.reward.plan import lpo_plan
 from lpo.reward.serve.client import remote_lrm
@@ -77,8 +83,9 @@ def validate(config: LPOConfig) -> list[str]:
         raise InputError("--candidates must be at least 2 to form a winner and a loser.")
     if config.score_timestep not in ("parent", "child") or config.logprob_reduction not in ("mean", "sum"):
         raise InputError("--score-timestep is parent or child; --logprob-reduction is mean or sum.")
-    if config.objective not in ("lpo", "grpo"):
-        raise InputError(f"--objective {config.objective!r} is not lpo or grpo.")
+    if config.objective not in OBJECTIVES:
+        raise InputError(f"--objective {config.objective!r} is not one of {', '.join(OBJECTIVES)}.")
+    OBJECTIVES[config.objective].check(config)
     resolved = config.resolved()
     FAMILIES[found].check_sampler(resolved.sampler)
     check_calibration(resolved.beta_schedule, resolved.threshold_scale)
@@ -87,10 +94,6 @@ def validate(config: LPOConfig) -> list[str]:
                          f"{found} model has none.")
     if config.lora_alpha is not None and config.lora_alpha <= 0:
         raise InputError(f"--lora-alpha {config.lora_alpha} must be > 0 (the LoRA's scale is alpha / rank).")
-    if config.objective == "grpo" and config.logprob_reduction == "sum":
-        raise InputError("--logprob-reduction sum cannot train GRPO: its --clip-eps and --grpo-kl are per latent "
-                         "element, so a summed log-ratio leaves the clip at once (a ratio of e^19 gives a gradient "
-                         "of 1e8, beyond e^20 it is dropped). Use --logprob-reduction mean.")
     if not 0 < config.clip_eps < 1 or config.grpo_kl < 0:
         raise InputError("--clip-eps must be in (0, 1) and --grpo-kl at least 0.")
     threshold = resolved.threshold
@@ -144,23 +147,6 @@ class Reference:
                 self.denoiser.enable_adapters()
 
 
-def step_log_probs(model: Any, policy: Any, reference: Reference, batch: dict[str, Any], cond: Any,
-                   config: LPOConfig) -> dict[str, torch.Tensor]:
-    """log p_theta and log p_ref of x_w and x_l: one policy forward and one reference forward for the batch."""
-
-    x_t, t = batch["x_t"], batch["t"]
-    policy = model.step(model.predict(x_t, t, cond, config.guidance, denoiser=policy,
-                                      detach_uncond=config.detach_uncond), t, x_t, config.eta)
-    ref = model.step(model.predict(x_t, t, cond, config.guidance, denoiser=reference), t, x_t, config.eta)
-    reduce = config.logprob_reduction
-    return {
-        "w": gaussian_log_prob(batch["x_w"], policy.mean, policy.std, reduce),
-        "l": gaussian_log_prob(batch["x_l"], policy.mean, policy.std, reduce),
-        "ref_w": gaussian_log_prob(batch["x_w"], ref.mean, ref.std, reduce),
-        "ref_l": gaussian_log_prob(batch["x_l"], ref.mean, ref.std, reduce),
-    }
-
-
 def step_thresholds(model: Any, config: LPOConfig) -> dict:
     """Per trained timestep of the grid the last `model.timesteps` call set: the softmax-gap threshold, linear
     between --threshold's low (least noisy trained step) and high (noisiest) in the step's std or in the forward
@@ -185,13 +171,6 @@ def log_ratio_scales(model: Any, config: LPOConfig) -> dict | None:
     return {t: float(reference / kappa) for t, kappa in zip(timesteps, kappas)}
 
 
-def per_step(values: dict, timesteps: torch.Tensor) -> torch.Tensor:
-    """The value of each timestep's nearest key (timesteps come back from tensors in float32) [B], float32."""
-    keys = torch.tensor(list(values), dtype=torch.float64)
-    index = (timesteps.to(torch.float64).reshape(-1, 1) - keys).abs().argmin(dim=1)
-    return torch.tensor(list(values.values()), dtype=torch.float32)[index]
-
-
 def lora_targets(denoiser: Any, family: Any, config: LPOConfig) -> list[str]:
     """The modules LoRA adapts: the family's (matched by name suffix, as PEFT does), and with
     `--lora-single-stream` FLUX's single-stream blocks' MLP in and out projections (named in full, so the model's
@@ -203,18 +182,8 @@ def lora_targets(denoiser: Any, family: Any, config: LPOConfig) -> list[str]:
     return targets
 
 
-def effective_beta(config: LPOConfig, elements: int) -> float:
-    """beta per latent element: a summed log-density is `elements` times the mean, so beta is divided by it and one
-    --beta means one temperature under both reductions."""
-    return config.beta / elements if config.logprob_reduction == "sum" else config.beta
-
-
 def run(config: LPOConfig) -> dict[str, Any]:
     """Fine-tune; returns a summary (rounds, tuples trained on, per-round logs, output paths)."""
-    from datetime import timedelta
-
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs, set_seed
 
     prompts = validate(config)
     config = config.resolved()
@@ -246,8 +215,6 @@ def run(config: LPOConfig) -> dict[str, Any]:
     denoiser = model.denoiser
     lora = config.lora_rank > 0
     if lora:
-        from peft import LoraConfig
-
         denoiser.requires_grad_(False)
         denoiser.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha or config.lora_rank,
                                         init_lora_weights="gaussian", target_modules=lora_targets(denoiser, family,
@@ -273,40 +240,35 @@ def run(config: LPOConfig) -> dict[str, Any]:
     thresholds = step_thresholds(model, config)
     scales = log_ratio_scales(model, config)
 
-    unit = "groups" if config.objective == "grpo" else "tuples"
+    objective = OBJECTIVES[config.objective]
+    unit = objective.unit
     state = {"round": 0, "updates": 0, f"{unit}_trained": 0, "rounds": []}
     if config.resume:
         state = checkpoints.resume(accelerator, out, "round", state)
     metrics = checkpoints.MetricsLog(out, accelerator.is_main_process, state.get("updates", 0))
-    world, rank = accelerator.num_processes, accelerator.process_index
-    per_epoch = rounds_per_epoch(len(prompts), config.sample_batch_size, world)
+    run = Run(config, objective, accelerator, model, denoiser, reference, lrm, optimizer, prompts, thresholds, scales,
+              metrics, state)
+    per_epoch = rounds_per_epoch(len(prompts), config.sample_batch_size, run.world)
     total_rounds = per_epoch * config.epochs
     logger.info("%s on %d prompts: %d prompts/process/round x %d processes, %d rounds per epoch, %d epochs; "
                 "K=%d, %d steps, guidance %.1f, %s", config.objective.upper(), len(prompts), config.sample_batch_size,
-                world, per_epoch, config.epochs, config.candidates, config.steps, config.guidance,
-                f"clip {config.clip_eps}, KL {config.grpo_kl}" if config.objective == "grpo" else
-                f"beta {config.beta:.0f}, thresholds {min(thresholds.values()):.3f}..{max(thresholds.values()):.3f}")
+                run.world, per_epoch, config.epochs, config.candidates, config.steps, config.guidance,
+                objective.settings(config, thresholds))
     if config.log_with:
         accelerator.init_trackers("lpo-optimize", config={k: str(v) for k, v in dataclasses.asdict(config).items()})
     validation_prompts = config.validation_prompts or prompts[:3]
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = (TextColumn(f"[bold]{config.objective.upper()}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[info]}"), TimeRemainingColumn())
     with Progress(*columns, disable=not accelerator.is_main_process) as progress:
         task = progress.add_task("rounds", total=total_rounds, completed=state["round"], info="")
         while state["round"] < total_rounds:
-            record = _round(config, accelerator, model, denoiser, reference, lrm, optimizer, prompts, thresholds,
-                            scales, state, rank, world, metrics)
+            record = run.round()
             state["rounds"].append(record)
             state[f"{unit}_trained"] += record[f"{unit}_trained"]
             state["round"] += 1
             accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=state["round"])
-            info = (f"groups {record['groups']} clipped {record.get('clip_fraction', float('nan')):.3f}"
-                    if unit == "groups" else f"pairs {record['valid_pairs']} acc "
-                    f"{record.get('implicit_accuracy', float('nan')):.2f}")
-            progress.update(task, completed=state["round"], info=info)
+            progress.update(task, completed=state["round"], info=objective.progress(record))
             epoch_done = state["round"] % per_epoch == 0
             if epoch_done or (config.save_every_rounds and state["round"] % config.save_every_rounds == 0):
                 checkpoints.save(accelerator, out, "round", state["round"], state)
@@ -322,110 +284,127 @@ def run(config: LPOConfig) -> dict[str, Any]:
             "outputs": outputs, **outputs}
 
 
-def _round(config, accelerator, model, denoiser, reference, lrm, optimizer, prompts, thresholds, scales, state,
-           rank, world, metrics) -> dict[str, Any]:
-    from accelerate.utils import gather_object
+@dataclass
+class Run:
+    """One `lpo optimize` run: what every round reads, and the state it updates (`state`: rounds done, updates,
+    items trained, the per-round records)."""
 
-    epoch, indices = round_prompts(prompts, state["round"], rank, world, config.sample_batch_size, config.seed)
-    batch_prompts = [prompts[i] for i in indices]
-    base_seed = (config.seed * 1_000_003 + state["round"]) * 1_009 + rank
-    # trajectory j of rank r is trajectory r x batch + j of the round: the same noise for any number of processes
-    round_seed = (base_seed - rank) * 101 + rank * config.sample_batch_size
-    generators = [torch.Generator().manual_seed(round_seed + j) for j in range(len(batch_prompts))]
-    policy = accelerator.unwrap_model(denoiser)
-    policy.eval()
-    cond = model.encode_prompts(batch_prompts)
-    started = time.perf_counter()
-    result = rollout(model, cond, batch_prompts, lrm, generators, thresholds, config.steps, config.guidance,
-                     config.eta, config.candidates, config.score_timestep, denoiser=policy, objective=config.objective,
-                     reduce=config.logprob_reduction, group_filter=config.grpo_filter)
-    final_scores = lrm.score(result.final.to(lrm.device, lrm.dtype),
-                             torch.full((len(batch_prompts),), model.clean_timestep(), device=lrm.device),
-                             batch_prompts).float()
-    grpo = config.objective == "grpo"
-    fields = ("children", "old_log_prob", "advantages") if grpo else ("x_w", "x_l")
-    # (step, trajectory of the round): the same order of items for any number of processes
-    local = [{"x_t": result.x_t[i], "t": result.timesteps[i], "prompt": batch_prompts[result.prompt_index[i]],
-              "key": (result.step_index[i], rank * config.sample_batch_size + result.prompt_index[i]),
-              **{name: getattr(result, name)[i] for name in fields}} for i in range(len(result))]
-    items = sorted(gather_object(local) if world > 1 else local, key=lambda item: item["key"])
-    bands = {name: count for name, count in result.valid_per_band.items()}
-    if world > 1:
-        bands = {name: sum(counts) for name, counts in zip(bands, zip(*gather_object([list(bands.values())])))}
-    unit = "groups" if grpo else "tuples"
-    record: dict[str, Any] = {"round": state["round"], "epoch": epoch,
-                              ("groups" if grpo else "valid_pairs"): len(items), f"{unit}_trained": 0,
-                              "final_lrm_score": accelerator.gather(final_scores).mean().item(),
-                              **{f"valid_{name}": count for name, count in bands.items()}}
-    record["sample_seconds"] = round(time.perf_counter() - started, 3)
-    share = len(items) // world
-    if share == 0:
+    config: LPOConfig
+    objective: Objective
+    accelerator: Accelerator
+    model: Any  # the family's Generator
+    denoiser: Any  # the policy, prepared by accelerate
+    reference: Reference
+    lrm: Any
+    optimizer: torch.optim.Optimizer
+    prompts: list[str]
+    thresholds: dict
+    scales: dict | None
+    metrics: checkpoints.MetricsLog
+    state: dict[str, Any]
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    def round(self) -> dict[str, Any]:
+        """Sample this round's trajectories with the current policy, gather the objective's items from every
+        process in one order, and train on them once; returns the round's record."""
+        config, rank, world = self.config, self.rank, self.world
+        epoch, indices = round_prompts(self.prompts, self.state["round"], rank, world, config.sample_batch_size,
+                                       config.seed)
+        batch_prompts = [self.prompts[i] for i in indices]
+        base_seed = (config.seed * 1_000_003 + self.state["round"]) * 1_009 + rank
+        # trajectory j of rank r is trajectory r x batch + j of the round: the same noise for any number of processes
+        round_seed = (base_seed - rank) * 101 + rank * config.sample_batch_size
+        generators = [torch.Generator().manual_seed(round_seed + j) for j in range(len(batch_prompts))]
+        items, record = self._rollout(batch_prompts, generators, epoch)
+        share = len(items) // world
+        if share == 0:
+            return record
+        started = time.perf_counter()
+        order = torch.randperm(len(items), generator=torch.Generator().manual_seed(base_seed - rank)).tolist()
+        # interleaved: chunk j of every process together is chunk j of one process with world x the batch size
+        mine = [items[i] for i in order[rank:share * world:world]]
+        record.update(self._train(mine))
+        record[f"{self.objective.unit}_trained"] = share * world
+        record.update({"updates": math.ceil(share / config.train_batch_size),
+                       "train_forwards": self.objective.forwards(config) * share * world,
+                       "train_seconds": round(time.perf_counter() - started, 3)})
         return record
-    started = time.perf_counter()
-    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(base_seed - rank)).tolist()
-    # interleaved: chunk j of every process together is chunk j of one process with world x the batch size
-    mine = [items[i] for i in order[rank:share * world:world]]
-    denoiser.train()
-    keys = ("loss", "policy_loss", "kl", "clip_fraction", "ratio") if grpo else (
-        "loss", "implicit_accuracy", "margin", "ratio_w", "ratio_l")
-    logs: dict[str, list[float]] = {key: [] for key in keys}
-    deviations = []  # GRPO: |ratio - 1| of every child trained on
-    for start in range(0, len(mine), config.train_batch_size):
-        chunk = mine[start:start + config.train_batch_size]
-        device = accelerator.device  # latents stay float32 for the step maths; the denoiser casts its input
-        batch = {"x_t": torch.stack([c["x_t"] for c in chunk]).to(device), "t": torch.tensor([c["t"] for c in chunk]),
-                 **{name: torch.stack([c[name] for c in chunk]).to(device) for name in fields}}
-        chunk_cond = model.encode_prompts([c["prompt"] for c in chunk])
-        with accelerator.autocast():
-            losses = _grpo_losses(model, denoiser, reference, batch, chunk_cond, config) if grpo else \
-                _lpo_losses(model, denoiser, reference, batch, chunk_cond, config, scales)
-        if not torch.isfinite(losses["loss"]):
-            raise TrainingDiverged(f"{config.objective.upper()} loss became {losses['loss'].item()} in round "
-                                   f"{state['round']}; the last checkpoint in {Path(config.out) / CHECKPOINTS} is "
-                                   "intact. Lower --lr (or --beta).")
-        accelerator.backward(losses["loss"])
-        if config.max_grad_norm > 0 and accelerator.sync_gradients:
-            accelerator.clip_grad_norm_([p for p in denoiser.parameters() if p.requires_grad], config.max_grad_norm)
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        optimizer.zero_grad()
-        for key in logs:
-            logs[key].append(losses[key].item())
-        if grpo:
-            deviations.append(losses["ratio_deviation"])
-        # every process trains the same number of chunks: the update's numbers over all of them
-        second = "clip_fraction" if grpo else "implicit_accuracy"
-        shared = accelerator.reduce(torch.tensor([losses["loss"].item(), losses[second].item()],
-                                                 dtype=torch.float64, device=accelerator.device), "mean")
-        state["updates"] = state.get("updates", 0) + 1
-        metrics.write({"update": state["updates"], "round": state["round"], "lr": lr, "loss": shared[0].item(),
-                       second: shared[1].item(), unit: len(chunk) * world})
-    record[f"{unit}_trained"] = share * world
-    record.update({key: sum(values) / len(values) for key, values in logs.items()})
-    if grpo:
-        # every process trains `share` groups of K: the same count, so the gather lines up
-        record.update(ratio_summary(accelerator.gather(torch.cat(deviations).to(accelerator.device)).cpu()))
-    # denoiser forwards of the training (a CFG forward, both halves in one batch, counts once): the policy's, and
-    # the reference's unless GRPO runs without its KL term
-    passes = 1 if grpo and config.grpo_kl == 0 else 2
-    record.update({"updates": math.ceil(share / config.train_batch_size), "train_forwards": passes * share * world,
-                   "train_seconds": round(time.perf_counter() - started, 3)})
-    return record
 
+    def _rollout(self, batch_prompts: list[str], generators: list[torch.Generator],
+                 epoch: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        config, model, lrm, objective = self.config, self.model, self.lrm, self.objective
+        policy = self.accelerator.unwrap_model(self.denoiser)
+        policy.eval()
+        cond = model.encode_prompts(batch_prompts)
+        started = time.perf_counter()
+        result = rollout(model, cond, batch_prompts, lrm, generators, self.thresholds, config.steps, config.guidance,
+                         config.eta, config.candidates, config.score_timestep, denoiser=policy,
+                         objective=objective.name, reduce=config.logprob_reduction, group_filter=config.grpo_filter)
+        final_scores = lrm.score(result.final.to(lrm.device, lrm.dtype),
+                                 torch.full((len(batch_prompts),), model.clean_timestep(), device=lrm.device),
+                                 batch_prompts).float()
+        # (step, trajectory of the round): the same order of items for any number of processes
+        local = [{"x_t": result.x_t[i], "t": result.timesteps[i], "prompt": batch_prompts[result.prompt_index[i]],
+                  "key": (result.step_index[i], self.rank * config.sample_batch_size + result.prompt_index[i]),
+                  **{name: getattr(result, name)[i] for name in objective.fields}} for i in range(len(result))]
+        items = sorted(gather_object(local) if self.world > 1 else local, key=lambda item: item["key"])
+        bands = dict(result.valid_per_band)
+        if self.world > 1:
+            bands = {name: sum(counts) for name, counts in zip(bands, zip(*gather_object([list(bands.values())])))}
+        record: dict[str, Any] = {"round": self.state["round"], "epoch": epoch, objective.found: len(items),
+                                  f"{objective.unit}_trained": 0,
+                                  "final_lrm_score": self.accelerator.gather(final_scores).mean().item(),
+                                  **{f"valid_{name}": count for name, count in bands.items()}}
+        record["sample_seconds"] = round(time.perf_counter() - started, 3)
+        return items, record
 
-def _lpo_losses(model, denoiser, reference, batch, cond, config: LPOConfig,
-                scales: dict | None = None) -> dict[str, torch.Tensor]:
-    log_probs = step_log_probs(model, denoiser, reference, batch, cond, config)
-    scale = None if scales is None else per_step(scales, batch["t"]).to(log_probs["w"].device)
-    return lpo_loss(log_probs["w"], log_probs["l"], log_probs["ref_w"], log_probs["ref_l"],
-                    effective_beta(config, batch["x_w"][0].numel()), config.clip_eps, scale)
-
-
-def _grpo_losses(model, denoiser, reference, batch, cond, config: LPOConfig) -> dict[str, torch.Tensor]:
-    out = group_log_probs(model, denoiser, reference, batch, cond, config.guidance, config.eta,
-                          config.logprob_reduction, with_kl=config.grpo_kl > 0, detach_uncond=config.detach_uncond)
-    return grpo_loss(out["log_prob"], batch["old_log_prob"], batch["advantages"], config.clip_eps, out.get("kl"),
-                     config.grpo_kl)
+    def _train(self, mine: list[dict[str, Any]]) -> dict[str, Any]:
+        """One optimizer update per chunk of `train_batch_size` items; the means of the logged losses, and the
+        objective's round summary."""
+        config, accelerator, objective, denoiser = self.config, self.accelerator, self.objective, self.denoiser
+        denoiser.train()
+        logs: dict[str, list[float]] = {key: [] for key in objective.logged}
+        per_chunk = []
+        for start in range(0, len(mine), config.train_batch_size):
+            chunk = mine[start:start + config.train_batch_size]
+            device = accelerator.device  # latents stay float32 for the step maths; the denoiser casts its input
+            batch = {"x_t": torch.stack([c["x_t"] for c in chunk]).to(device),
+                     "t": torch.tensor([c["t"] for c in chunk]),
+                     **{name: torch.stack([c[name] for c in chunk]).to(device) for name in objective.fields}}
+            chunk_cond = self.model.encode_prompts([c["prompt"] for c in chunk])
+            with accelerator.autocast():
+                losses = objective.losses(self.model, denoiser, self.reference, batch, chunk_cond, config,
+                                          self.scales)
+            if not torch.isfinite(losses["loss"]):
+                raise TrainingDiverged(f"{config.objective.upper()} loss became {losses['loss'].item()} in round "
+                                       f"{self.state['round']}; the last checkpoint in "
+                                       f"{Path(config.out) / CHECKPOINTS} is intact. Lower --lr (or --beta).")
+            accelerator.backward(losses["loss"])
+            if config.max_grad_norm > 0 and accelerator.sync_gradients:
+                accelerator.clip_grad_norm_([p for p in denoiser.parameters() if p.requires_grad],
+                                            config.max_grad_norm)
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.optimizer.step()
+            self.optimizer.zero_grad()
+            for key in logs:
+                logs[key].append(losses[key].item())
+            per_chunk.append({key: value.detach() for key, value in losses.items()})
+            # every process trains the same number of chunks: the update's numbers over all of them
+            shared = accelerator.reduce(torch.tensor([losses["loss"].item(), losses[objective.shared].item()],
+                                                     dtype=torch.float64, device=accelerator.device), "mean")
+            self.state["updates"] = self.state.get("updates", 0) + 1
+            self.metrics.write({"update": self.state["updates"], "round": self.state["round"], "lr": lr,
+                                "loss": shared[0].item(), objective.shared: shared[1].item(),
+                                objective.unit: len(chunk) * self.world})
+        return {**{key: sum(values) / len(values) for key, values in logs.items()},
+                **objective.summary(per_chunk, lambda tensor: accelerator.gather(tensor.to(accelerator.device)))}
 
 
 def _validation_grid(model, denoiser, prompts: list[str], config: LPOConfig, path: Path) -> Path:
@@ -449,8 +428,6 @@ def _export(config: LPOConfig, accelerator, model, denoiser, out: Path) -> dict[
     policy = accelerator.unwrap_model(denoiser)
     name = model.family.denoiser
     if config.lora_rank > 0:
-        from peft.utils import get_peft_model_state_dict
-
         (adapter,) = policy.active_adapters()
         model.save_lora(out / "lora", get_peft_model_state_dict(policy), policy.peft_config[adapter].to_dict())
         outputs["lora"] = str(out / "lora")

@@ -13,6 +13,7 @@ from typing import Any
 
 import polars as pl
 import torch
+from PIL import Image
 
 from lpo.core.device import resolve_device
 from lpo.core.errors import InputError
@@ -226,7 +227,6 @@ def _evaluate_set(model: Any, cache: LatentCache, pairs: pl.DataFrame, noise: An
 def validate_score(config: RewardScoreConfig) -> tuple[list[Any], float]:
     """Everything `lpo reward score` can check before a model loads; returns the opened images and the timestep
     (default: the least noisy evaluation timestep of the LRM's family)."""
-    from PIL import Image
 
     lrm_config = read_lrm_config(config.lrm)
     t = default_timesteps(lrm_config, *resolve_lrm(config.lrm), [config.t] if config.t is not None else None)[0]

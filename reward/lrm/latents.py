@@ -22,11 +22,17 @@ import os
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import torch
+from accelerate import PartialState
+from accelerate.utils import InitProcessGroupKwargs
+from diffusers import AutoencoderKL
+from huggingface_hub import hf_hub_download
+from safetensors.torch import save_file
 
 from lpo.core.device import resolve_device
 from lpo.core.errors import InputError
@@ -54,8 +60,6 @@ def vae_fingerprint(source: str, subfolder: str | None = None) -> str:
     if folder.is_dir():
         files = [folder / "config.json"] + [folder / name for name in WEIGHT_FILES if (folder / name).is_file()][:1]
     else:
-        from huggingface_hub import hf_hub_download
-
         files = [Path(hf_hub_download(source, "config.json", subfolder=subfolder))]
         for name in WEIGHT_FILES:
             try:
@@ -160,7 +164,6 @@ class LatentCache:
 
     def write_part(self, uids: list[str], mean: torch.Tensor, std: torch.Tensor, rank: int = 0) -> Path:
         """Write one part file atomically (a temp file, then a rename); its name is unique to its rank and uids."""
-        from safetensors.torch import save_file
 
         self.directory.mkdir(parents=True, exist_ok=True)
         digest = hashlib.blake2b("\n".join(uids).encode(), digest_size=8).hexdigest()
@@ -204,7 +207,6 @@ def build_cache(root: Path, sources: dict[Path, set[str]], vae_source: str, reso
             for curation_dir, uids in sources.items()}
     if not any(todo.values()):
         return cache
-    from diffusers import AutoencoderKL
 
     count = sum(len(uids) for uids in todo.values())
     logger.info("encoding %d images with the VAE of %s at %d px on process %d of %d (cached in %s)", count,
@@ -266,10 +268,6 @@ def manifest_sources(manifests: Iterable[Path]) -> dict[Path, set[str]]:
 def run(config: RewardCacheConfig) -> dict:
     """`lpo reward cache`: encode the images of the manifests once, every process its shard, into the cache of the
     base's VAE (or `--vae`) and resolution under `config.out`; `lpo reward train --latent-cache` reuses it."""
-    from datetime import timedelta
-
-    from accelerate import PartialState
-    from accelerate.utils import InitProcessGroupKwargs
 
     if not config.manifests or not config.base or not config.out:
         raise InputError("--manifest (one or more), --base and --out are required.")

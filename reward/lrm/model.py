@@ -25,9 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import ConfigMixin, ModelMixin
+from diffusers import AutoencoderKL, ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
+from huggingface_hub import hf_hub_download
+from safetensors.torch import save_file
 from torch import nn
+from transformers import CLIPModel
 
 from lpo.core.errors import InputError
 from lpo.curate.scorers.specs import is_path_like
@@ -133,7 +136,6 @@ class LatentRewardModel(ModelMixin, ConfigMixin):
 
     def init_text_projection(self, clip_id: str) -> None:
         """Initialise the text projection from a CLIP model's (the paper used CLIP ViT-L/14's)."""
-        from transformers import CLIPModel
 
         try:
             weight = CLIPModel.from_pretrained(clip_id).text_projection.weight
@@ -160,8 +162,6 @@ class LatentRewardModel(ModelMixin, ConfigMixin):
         if state_dict is None:
             super().save_pretrained(directory, **kwargs)
         else:
-            from safetensors.torch import save_file
-
             directory.mkdir(parents=True, exist_ok=True)
             self.save_config(directory)
             save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()},
@@ -267,7 +267,6 @@ class LatentRewardModel(ModelMixin, ConfigMixin):
     @torch.no_grad()
     def score_images(self, images: list[Any], prompts: list[str], t: float = 1, seed: int = 0) -> torch.Tensor:
         """Encode images with the VAE saved beside the model, noise them to timestep `t` (seeded), and score."""
-        from diffusers import AutoencoderKL
 
         if not self._pixel_side:
             if self.source is None:
@@ -324,8 +323,6 @@ def read_lrm_config(source: str | Path, subfolder: str | None = None) -> dict[st
     source, subfolder = resolve_lrm(source, subfolder)
     path = Path(source) / (subfolder or "") / CONFIG_FILE
     if not Path(source).exists():
-        from huggingface_hub import hf_hub_download
-
         if is_path_like(source):
             raise InputError(f"{source} does not exist: pass a latent reward model directory (the folder "
                              "`lpo reward train` wrote, or its run directory) or a hub id.")
@@ -359,7 +356,6 @@ def check_text_projection_init(family_name: str, clip_id: str | None) -> None:
         if not (Path(clip_id) / CONFIG_FILE).is_file():
             raise InputError(f"--text-projection-init {clip_id} has no {CONFIG_FILE}; {fix}.")
         return
-    from huggingface_hub import hf_hub_download
 
     try:
         hf_hub_download(clip_id, CONFIG_FILE)
@@ -370,7 +366,6 @@ def check_text_projection_init(family_name: str, clip_id: str | None) -> None:
 
 def export_components(directory: str | Path, base: str, vae: str | None = None) -> None:
     """Copy the VAE and the noise schedule beside a saved LRM, so scoring images needs nothing else."""
-    from diffusers import AutoencoderKL
 
     directory = Path(directory)
     model = AutoencoderKL.from_pretrained(vae) if vae else AutoencoderKL.from_pretrained(base, subfolder="vae")

@@ -21,6 +21,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+from diffusers import UNet2DConditionModel
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
 from lpo.core.errors import InputError
 from lpo.reward.backbones import family_of, read_subfolder_config, split_model_spec
 from lpo.reward.backbones.unet import default_taps, res_channels
@@ -43,9 +48,6 @@ def _file(spec: str, name: str, required: bool = True) -> Path | None:
         if path.is_file():
             return path
     else:
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
         inside = f"{sub}/{name}" if sub else name
         folder, _, filename = inside.rpartition("/")
         try:
@@ -75,7 +77,6 @@ def _component(spec: str, name: str) -> tuple[str, str | None]:
 
 def read_state(path: Path, family: str) -> dict[str, Any]:
     """The projections and logit scale of `state_dict.pt`, as tensors; anything else in it is refused."""
-    import torch
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -147,8 +148,6 @@ def expected_shapes(base: str, family: str, unet_config: dict[str, Any]) -> dict
 def run(config: ImportReferenceConfig) -> dict[str, Any]:
     """Build the toolkit's LRM from the base's configs with the reference settings, load the checkpoint's weights
     into it, and save it with the VAE and noise schedule beside it."""
-    import torch
-    from diffusers import UNet2DConditionModel
 
     family, state, state_path = validate(config)
     model = LatentRewardModel.from_base(config.base, **REFERENCE_SETTINGS, text_projection_init=None,

@@ -15,11 +15,15 @@ import json
 import logging
 import math
 import shutil
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from lpo.core import config as cfg
 from lpo.core.device import mixed_precision, precision_dtype
@@ -132,10 +136,6 @@ def lr_lambda(warmup: int, total: int):
 
 def run(config: RewardTrainConfig) -> dict[str, Any]:
     """Train; returns a summary (steps, effective batch, best validation accuracy, export paths)."""
-    from datetime import timedelta
-
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
 
     config, family = validate(config)
     out = Path(config.out)
@@ -227,8 +227,6 @@ def run(config: RewardTrainConfig) -> dict[str, Any]:
 
 def _loop(config, accelerator, model, optimizer, schedule, cache, noise_scheduler, train, val_pairs, state, out,
           accuracy_per_timestep, plot_accuracy, export_components) -> dict[str, Any]:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     n = len(train["caption"])
     rank, world = accelerator.process_index, accelerator.num_processes
     to_latents = accelerator.unwrap_model(model).to_latents

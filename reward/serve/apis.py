@@ -20,6 +20,7 @@ from collections import defaultdict
 from typing import Any
 
 import litserve as ls
+import numpy as np
 import torch
 from starlette.responses import JSONResponse
 
@@ -155,8 +156,6 @@ class ImageScoreAPI(_ScoringAPI):
         return decode_images(request, self.metrics, self.max_items)
 
     def score(self, requests: list[ImageRequest]) -> list[dict[str, Any]]:
-        import numpy as np
-
         by_metric: dict[str, list[int]] = defaultdict(list)
         for i, request in enumerate(requests):
             by_metric[request.metric].append(i)

@@ -28,6 +28,10 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import torch
+from safetensors.torch import save
+
 from lpo.core.errors import InputError
 from lpo.reward.serve.protocol import IMAGES_ROUTE, LATENTS_ROUTE, TOKEN_ENV
 
@@ -76,7 +80,6 @@ class RewardClient:
         """Score image i against prompts[i] with `metric`: float64 scores, as `Scorer.score(images, prompts)`.
 
         Images are PIL images (sent losslessly as PNG) or encoded image file bytes (sent as they are)."""
-        import numpy as np
 
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts: pass one prompt per image")
@@ -95,8 +98,6 @@ class RewardClient:
         1000 for flow matching) against prompts: a [B] CPU tensor in the
         served model's dtype, as `LatentRewardModel.score(latents, timesteps, prompts)`. float64 latents are sent as
         float32 (what a float32 model computes in anyway)."""
-        import torch
-        from safetensors.torch import save
 
         latents = latents.detach().to("cpu")
         if latents.dtype == torch.float64:
@@ -259,8 +260,6 @@ class RemoteLatentRewardModel:
     """The served LRM with the part of `LatentRewardModel`'s interface that sampling and LPO use."""
 
     def __init__(self, client: RewardClient, info: dict[str, Any]) -> None:
-        import torch
-
         self.client = client
         self.family = info["family"]
         self.model_id = f"{info.get('model_id')} (served at {client.url})"

@@ -11,6 +11,8 @@ It also hands LitServe one canonical JSON body per route, whatever the client se
 from __future__ import annotations
 
 import base64
+import email
+import email.policy
 import hmac
 import json
 from typing import Any
@@ -137,15 +139,12 @@ def _check_json(body: bytes) -> None:
     try:
         value = json.loads(body)
     except (ValueError, UnicodeDecodeError) as err:
-        raise Rejected(400, f"malformed JSON body ({err}); send one JSON object (README, 'Reward service')") from None
+        raise Rejected(400, f"malformed JSON body ({err}); send one JSON object (docs/serving.md)") from None
     if not isinstance(value, dict):
         raise Rejected(422, f"the JSON body is a {type(value).__name__}; send one JSON object with the route's fields")
 
 
 def _multipart_images(content_type: str, body: bytes) -> dict[str, Any]:
-    import email
-    import email.policy
-
     message = email.message_from_bytes(b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body,
                                        policy=email.policy.HTTP)
     if not message.is_multipart() or message.defects:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from PIL import Image
+from safetensors.torch import load
 
 from lpo.reward.serve.protocol import IMAGES_ROUTE, LATENT_DTYPES, LATENTS_ROUTE, Rejected
 
@@ -71,8 +73,6 @@ def _base64(value: Any, where: str) -> bytes:
 
 
 def _image(data: bytes, where: str) -> Any:
-    from PIL import Image
-
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
@@ -100,8 +100,6 @@ def decode_images(request: Any, metrics: tuple[str, ...], max_items: int) -> Ima
 
 
 def _safetensors(data: bytes, where: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors.torch import load
-
     try:
         tensors = load(data)
         header_size = int.from_bytes(data[:8], "little")

@@ -4,7 +4,7 @@ Trainers on many GPUs and nodes call rewards over the network instead of each lo
 LitServe: one inference worker per device (and per route) loads the models once, and requests that arrive within
 `batch_timeout_ms` of each other are scored in one model call (dynamic batching, up to `max_batch_size` requests).
 
-Routes (request and response JSON in README.md, "Reward service"):
+Routes (request and response JSON in docs/serving.md):
 - ``POST /score/images``: images (base64 in JSON, multipart files, or one raw encoded image) scored against prompts
   on one loaded metric; the scores of `lpo.curate.scorers.load_scorer(metric).score(images, prompts)`.
 - ``POST /score/latents``: noisy latents (a safetensors body, or base64 raw data with shape and dtype in JSON) with

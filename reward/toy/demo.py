@@ -34,6 +34,12 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from diffusers.utils import logging as diffusers_logging
+from PIL import Image
+from transformers.utils import logging as transformers_logging
 
 from lpo.core import config as cfg
 from lpo.core.errors import InputError
@@ -147,7 +153,6 @@ def validate(config: DemoConfig) -> None:
 
 def run(config: DemoConfig) -> dict[str, Any]:
     """Run (or continue) the demo; returns the summary that demo.md and demo.png show."""
-    import torch
 
     validate(config)
     out = Path(config.out)
@@ -181,8 +186,6 @@ def run(config: DemoConfig) -> dict[str, Any]:
 
 def _quiet_loading() -> None:
     """The demo loads dozens of tiny models: keep the libraries' per-load progress bars off the display."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
 
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
@@ -193,9 +196,6 @@ def _quiet_loading() -> None:
 
 
 def make_data(config: DemoConfig, out: Path) -> dict[str, Any]:
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
     train = write_pickapic_parquet(out / "data" / "train.parquet", num_prompts=config.train_prompts,
                                    flip_rate=config.flip_rate, tie_rate=config.tie_rate, seed=config.seed)
     # the held-out pairs carry the oracle's labels; pairs the oracle calls a tie are left out, since any model
@@ -338,8 +338,6 @@ def _load_generator(base: str, lpo: dict[str, Any] | None) -> Any:
 
 
 def compare_generators(config: DemoConfig, out: Path, results: dict[str, Any]) -> dict[str, Any]:
-    import torch
-
     _, held_out = split_prompts(config)
     n = config.images_per_prompt
     prompts = [p for p in held_out for _ in range(n)]
@@ -446,7 +444,6 @@ def figure(summary: dict[str, Any], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from PIL import Image
 
     family = summary.get("family", "sd15")
     shown = [v for v in NAMES if v in summary["samples"]]

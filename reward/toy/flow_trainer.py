@@ -20,12 +20,15 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from lpo.reward.backbones.mmdit import encode_sd3_prompts, t5_tokens
 from lpo.reward.toy.config import ToyModelsConfig
@@ -41,7 +44,6 @@ CLIP_TOKENS, T5_TOKENS = 10, 8  # a caption's 7 words with CLIP's start and end 
 
 def sd3_vae(vae: Any, rng: np.random.Generator) -> Any:
     """A copy of the SD1.5 toy VAE with SD3's shift and scale, both measured on 512 fresh renders."""
-    import copy
 
     vae = copy.deepcopy(vae)
     _, pixels = render_batch(rng, 512)
@@ -53,8 +55,6 @@ def sd3_vae(vae: Any, rng: np.random.Generator) -> Any:
 
 
 def build_text_encoders(tokenizer: Any, t5_tokenizer: Any) -> list[Any]:
-    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
-
     clip_config = text_encoder_config(tokenizer)
     clip_config.projection_dim = WIDTH
     t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=JOINT_WIDTH, d_kv=16, d_ff=2 * JOINT_WIDTH,
@@ -64,8 +64,6 @@ def build_text_encoders(tokenizer: Any, t5_tokenizer: Any) -> list[Any]:
 
 
 def build_transformer() -> Any:
-    from diffusers import SD3Transformer2DModel
-
     return SD3Transformer2DModel(sample_size=IMAGE_SIZE // 4, patch_size=2, in_channels=4, out_channels=4,
                                  num_layers=4, attention_head_dim=16, num_attention_heads=4,
                                  joint_attention_dim=JOINT_WIDTH, caption_projection_dim=WIDTH,
@@ -74,9 +72,6 @@ def build_transformer() -> Any:
 
 def _pipeline(vae: Any, transformer: Any, encoders: list[Any], tokenizers: list[Any]) -> Any:
     """A StableDiffusion3Pipeline of copies of the trained modules (in eval mode), the toy scheduler."""
-    import copy
-
-    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
     transformer, encoders = copy.deepcopy(transformer).eval(), [copy.deepcopy(e).eval() for e in encoders]
     return StableDiffusion3Pipeline(

@@ -15,10 +15,40 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import string
 from collections.abc import Callable, Iterable
+from functools import partial
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
+
+import open_clip
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import (
+    BertTokenizer,
+    BlipConfig,
+    BlipForQuestionAnswering,
+    BlipImageProcessor,
+    BlipProcessor,
+    BlipTextConfig,
+    BlipTextModel,
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    Mask2FormerConfig,
+    Mask2FormerForUniversalSegmentation,
+    Mask2FormerImageProcessor,
+    PreTrainedTokenizerFast,
+    SwinConfig,
+)
 
 from lpo.core.errors import InputError
 from lpo.curate.scorers.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
@@ -49,8 +79,6 @@ VQA_CHAT_TEMPLATE = (
 
 
 def _clip_vision_config() -> Any:
-    from transformers import CLIPVisionConfig
-
     return CLIPVisionConfig(
         hidden_size=32,
         intermediate_size=64,
@@ -63,7 +91,6 @@ def _clip_vision_config() -> Any:
 
 def clip_image_processor(size: int = SCORER_IMAGE_SIZE) -> Any:
     """A CLIP image processor for `size` x `size` inputs with OpenAI CLIP's normalisation."""
-    from transformers import CLIPImageProcessor
 
     return CLIPImageProcessor(
         size={"shortest_edge": size},
@@ -74,8 +101,6 @@ def clip_image_processor(size: int = SCORER_IMAGE_SIZE) -> Any:
 
 
 def _save_transformers_clip(path: Path, projection_dim: int) -> None:
-    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
-
     tokenizer = clip_tokenizer()
     config = CLIPConfig(
         text_config=clip_text_config(tokenizer).to_dict(),
@@ -102,9 +127,6 @@ def _open_clip_configs() -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _build_clip(path: Path) -> None:
-    import open_clip
-    from safetensors.torch import save_file
-
     model_cfg, preprocess_cfg = _open_clip_configs()
     model = open_clip.CLIP(**model_cfg)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
@@ -114,9 +136,6 @@ def _build_clip(path: Path) -> None:
 
 
 def _vqa_tokenizer() -> Any:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
     vocab = {token: i for i, token in enumerate(VQA_SPECIAL_TOKENS)}
     for char in sorted(pre_tokenizers.ByteLevel.alphabet()):
         vocab[char] = len(vocab)
@@ -144,8 +163,6 @@ def _vqa_tokenizer() -> Any:
 
 
 def _build_vqa(path: Path) -> None:
-    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-
     tokenizer = _vqa_tokenizer()
     text_config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -179,9 +196,6 @@ def _build_vqa(path: Path) -> None:
 
 
 def _build_aesthetic(path: Path) -> None:
-    import torch
-    from safetensors.torch import save_file
-
     projection_dim = 16
     _save_transformers_clip(path / "clip", projection_dim=projection_dim)
     widths = [projection_dim, 32, 16, 8, 4, 1]  # the real head is 768, 1024, 128, 64, 16, 1
@@ -197,8 +211,6 @@ def _build_aesthetic(path: Path) -> None:
 
 def _build_hps(path: Path, checkpoint: str) -> None:
     """An open_clip folder whose weights are an HPS-format checkpoint ({"state_dict": ...} in a .pt file)."""
-    import open_clip
-    import torch
 
     model_cfg, preprocess_cfg = _open_clip_configs()
     model = open_clip.CLIP(**model_cfg)
@@ -208,8 +220,6 @@ def _build_hps(path: Path, checkpoint: str) -> None:
 
 
 def _build_hpsv21(path: Path) -> None:
-    import torch
-
     torch.rand(1)  # other weights than hpsv2's from the same seed, so tests can tell the two versions apart
     _build_hps(path, "HPS_v2.1_compressed.pt")
 
@@ -217,9 +227,6 @@ def _build_hpsv21(path: Path) -> None:
 def _bert_tokenizer(path: Path, words: tuple[str, ...] = (), specials: tuple[str, ...] = ()) -> Any:
     """A BERT WordPiece tokenizer over single characters (any lower-case ASCII caption tokenises), with `words` as
     whole tokens and `specials` as special tokens at the end of the vocabulary."""
-    import string
-
-    from transformers import BertTokenizer
 
     chars = string.ascii_lowercase + string.digits + string.punctuation
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, *chars, *(f"##{c}" for c in chars), *specials]
@@ -235,11 +242,8 @@ def _bert_tokenizer(path: Path, words: tuple[str, ...] = (), specials: tuple[str
 def _build_imagereward(path: Path) -> None:
     """ImageReward's on-disk format: ImageReward.pt (blip.visual_encoder.*, blip.text_encoder.*, mlp.layers.*) and
     BLIP's med_config.json, plus a config.json naming the tiny ViT and a local BERT tokenizer."""
-    from functools import partial
 
-    import torch
     from timm.models.vision_transformer import VisionTransformer
-    from transformers import BlipTextConfig, BlipTextModel
 
     tokenizer = _bert_tokenizer(path / "tokenizer")
     vision_cfg = {"image_size": SCORER_IMAGE_SIZE, "patch_size": PATCH_SIZE, "embed_dim": 32, "depth": 2,
@@ -282,13 +286,6 @@ def _build_geneval(path: Path) -> None:
     """`detector/`: a Mask2Former (Swin backbone) labelled as the hub's COCO instance models are (COCO's 80 classes
     by mmdetection's names), with the hub's fixed 384 x 384 image processor (which GenEval does not use); `clip/`: an
     open_clip model for the colour classifier."""
-    import torch
-    from transformers import (
-        Mask2FormerConfig,
-        Mask2FormerForUniversalSegmentation,
-        Mask2FormerImageProcessor,
-        SwinConfig,
-    )
 
     backbone = SwinConfig(image_size=64, patch_size=4, embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
                           window_size=2, out_features=["stage1", "stage2", "stage3", "stage4"])
@@ -311,7 +308,6 @@ def _build_blip_vqa(path: Path) -> None:
     """A BLIP VQA model laid out as transformers' BLIP checkpoints are: a BERT tokenizer that knows BLIP's [DEC] (the
     decoder's start token) and the answers yes and no but not BLIP's [ENC], and a vocabulary one token larger than
     the tokenizer's, whose last row is [ENC]'s (as 30523 of the hub checkpoint's 30524)."""
-    from transformers import BlipConfig, BlipForQuestionAnswering, BlipImageProcessor, BlipProcessor
 
     tokenizer = _bert_tokenizer(path, words=("yes", "no"), specials=("[DEC]",))
     vocab = tokenizer.get_vocab()
@@ -347,7 +343,6 @@ _BUILDERS: dict[str, Callable[[Path], None]] = {
 
 def build_tiny_models(out_dir: str | Path, roles: Iterable[str] = ROLES, seed: int = 0) -> dict[str, Path]:
     """Write a tiny model folder per role under `out_dir` (replacing old ones); return role -> folder."""
-    import torch
 
     roles = tuple(roles)
     unknown = [role for role in roles if role not in _BUILDERS]

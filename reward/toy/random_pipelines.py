@@ -6,14 +6,27 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
 from lpo.reward.toy.random_text import TEXT_WIDTH, clip_text_config, clip_tokenizer, t5_tokenizer
 
 SD_SAMPLE_SIZE = 8  # latents; the VAE's 8x downsampling makes 64-pixel images
 
 
 def _vae(scaling_factor: float, latent_channels: int = 4, shift_factor: float | None = None) -> Any:
-    from diffusers import AutoencoderKL
-
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -35,9 +48,6 @@ def _sd_scheduler_kwargs() -> dict[str, Any]:
 
 
 def build_sd15(path: Path) -> None:
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
     tokenizer = clip_tokenizer()
     text_encoder = CLIPTextModel(clip_text_config(tokenizer))
     # SD1.5 layout: 3 cross-attention down blocks + 1 plain, 2 layers each, so down_block_res_samples has 12
@@ -69,9 +79,6 @@ def build_sd15(path: Path) -> None:
 
 
 def build_sdxl(path: Path) -> None:
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
     tokenizer = clip_tokenizer()
     pooled_dim = 32
     time_embed_dim = 8
@@ -112,9 +119,6 @@ def build_sdxl(path: Path) -> None:
 
 
 def build_sd3(path: Path) -> None:
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
-
     joint_dim = 2 * TEXT_WIDTH  # both CLIPs' penultimate states side by side; T5's width must match
     t5_tokenizer_ = t5_tokenizer()
     t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer_), d_model=joint_dim, d_kv=8, d_ff=2 * joint_dim,
@@ -142,9 +146,6 @@ def build_sd3(path: Path) -> None:
 
 
 def build_flux(path: Path) -> None:
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextModel, T5Config, T5EncoderModel
-
     t5_tokenizer_ = t5_tokenizer()
     t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer_), d_model=TEXT_WIDTH, d_kv=8, d_ff=2 * TEXT_WIDTH,
                                  num_layers=1, num_heads=2, pad_token_id=0, eos_token_id=1,

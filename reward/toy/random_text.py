@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers.pre_tokenizers import ByteLevel
+from transformers import CLIPTextConfig, CLIPTokenizer, T5TokenizerFast
+
 TEXT_WIDTH = 32
 CONTEXT_LENGTH = 77
 
 
 def clip_tokenizer() -> Any:
     """A CLIPTokenizer over single bytes (no merges): any caption tokenises, the vocabulary has 514 entries."""
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import CLIPTokenizer
 
     chars = sorted(ByteLevel.alphabet())
     vocab = {c: i for i, c in enumerate(chars)}
@@ -22,8 +24,6 @@ def clip_tokenizer() -> Any:
 
 
 def clip_text_config(tokenizer: Any, **extra: Any) -> Any:
-    from transformers import CLIPTextConfig
-
     return CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=TEXT_WIDTH,
@@ -40,9 +40,6 @@ def clip_text_config(tokenizer: Any, **extra: Any) -> Any:
 
 def t5_tokenizer() -> Any:
     """A T5 tokenizer (SentencePiece-style unigram over single characters, `</s>` appended), built offline."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import T5TokenizerFast
 
     specials = ["<pad>", "</s>", "<unk>"]
     pieces = [(token, 0.0) for token in specials] + [(c, -1.0) for c in sorted(ByteLevel.alphabet())] + [

@@ -27,8 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import open_clip
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from PIL import Image
+from safetensors.torch import save_file
+from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTextModel
 
 from lpo.core.errors import InputError
 from lpo.curate.scorers import load_scorer, pooled_features
@@ -73,8 +78,6 @@ def _token_ids(tokenizer: Any, captions: list[str]) -> torch.Tensor:
 
 
 def build_vae() -> Any:
-    from diffusers import AutoencoderKL
-
     return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
                          up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(32, 64, 64),
                          layers_per_block=1, latent_channels=4, norm_num_groups=16, sample_size=IMAGE_SIZE)
@@ -116,8 +119,6 @@ def train_vae(config: ToyModelsConfig, rng: np.random.Generator) -> tuple[Any, d
 
 
 def build_unet() -> Any:
-    from diffusers import UNet2DConditionModel
-
     return UNet2DConditionModel(sample_size=IMAGE_SIZE // 4, in_channels=4, out_channels=4, layers_per_block=1,
                                 block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D",) * 2,
                                 up_block_types=("CrossAttnUpBlock2D",) * 2, cross_attention_dim=TEXT_WIDTH,
@@ -126,8 +127,6 @@ def build_unet() -> Any:
 
 def train_diffusion(config: ToyModelsConfig, vae: Any, rng: np.random.Generator) -> tuple[Any, Any, Any, dict]:
     """UNet and text encoder trained together on cached VAE latents; returns them, the tokenizer and a summary."""
-    from diffusers import DDPMScheduler
-    from transformers import CLIPTextModel
 
     tokenizer = toy_tokenizer()
     text_encoder = CLIPTextModel(text_encoder_config(tokenizer))
@@ -165,8 +164,6 @@ def train_diffusion(config: ToyModelsConfig, vae: Any, rng: np.random.Generator)
 
 
 def save_pipeline(path: Path, vae: Any, unet: Any, text_encoder: Any, tokenizer: Any) -> None:
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
     scheduler = DDIMScheduler(**NOISE_SCHEDULE, steps_offset=1, set_alpha_to_one=False, clip_sample=False)
     pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                        scheduler=scheduler, safety_checker=None, feature_extractor=None,
@@ -234,8 +231,6 @@ def _vision_config() -> dict[str, Any]:
 
 
 def train_pickscore(config: ToyModelsConfig, path: Path, rng: np.random.Generator) -> None:
-    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
-
     tokenizer = toy_tokenizer()
     model = CLIPModel(CLIPConfig(text_config=text_encoder_config(tokenizer).to_dict(), vision_config=_vision_config(),
                                  projection_dim=TEXT_WIDTH))
@@ -247,9 +242,6 @@ def train_pickscore(config: ToyModelsConfig, path: Path, rng: np.random.Generato
 
 
 def train_open_clip(config: ToyModelsConfig, path: Path, rng: np.random.Generator) -> None:
-    import open_clip
-    from safetensors.torch import save_file
-
     tokenizer = toy_tokenizer()
     model_cfg = {
         "embed_dim": TEXT_WIDTH,
@@ -270,7 +262,6 @@ def train_open_clip(config: ToyModelsConfig, path: Path, rng: np.random.Generato
 
 def scorer_agreement(metric: str, path: Path, pairs: int = 300, seed: int = 7) -> float:
     """Share of clean toy pairs (different oracle scores) that the scorer orders as the oracle does."""
-    from PIL import Image
 
     rng = np.random.default_rng(seed)
     scorer = load_scorer(metric, str(path))
@@ -354,8 +345,6 @@ def run(config: ToyModelsConfig) -> dict[str, Any]:
         train_open_clip(config, out / "clip", np.random.default_rng(config.seed + 3))
         lap("clip")
     if "sd3" in models:
-        from diffusers import AutoencoderKL
-
         vae = vae if vae is not None else AutoencoderKL.from_pretrained(out / "sd15", subfolder="vae")
         torch.manual_seed(config.seed + 4)
         pipeline, early, summary["sd3"] = flow_trainer.train_sd3(config, vae, np.random.default_rng(config.seed + 4))

@@ -15,6 +15,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers.pre_tokenizers import ByteLevel
+from transformers import CLIPTextConfig, CLIPTokenizer, T5TokenizerFast
 
 from lpo.core.errors import InputError
 from lpo.reward.toy.config import SampleDataConfig
@@ -127,7 +133,6 @@ def oracle(image: np.ndarray, caption: str) -> float:
 
 def render_batch(rng: np.random.Generator, n: int) -> tuple[list[Scene], Any]:
     """n random scenes and their renders as a float tensor [n, 3, 32, 32] in [0, 1] (for the toy models' trainers)."""
-    import torch
 
     scenes = [random_scene(rng) for _ in range(n)]
     pixels = np.stack([render(scene, rng, IMAGE_SIZE) for scene in scenes])
@@ -136,7 +141,6 @@ def render_batch(rng: np.random.Generator, n: int) -> tuple[list[Scene], Any]:
 
 def text_encoder_config(tokenizer: Any) -> Any:
     """The toy models' CLIP text encoder config (2 layers, width 64) over `tokenizer`."""
-    from transformers import CLIPTextConfig
 
     return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=TEXT_WIDTH, intermediate_size=2 * TEXT_WIDTH,
                           num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=TOKENIZER_MAX_LENGTH,
@@ -148,8 +152,6 @@ def toy_tokenizer(max_length: int = TOKENIZER_MAX_LENGTH):
     """A CLIPTokenizer whose byte-level BPE merges make each word of the world one token ("red</w>", ...); any
     other text still tokenises, byte by byte. Built here, so nothing is downloaded; the end token has the highest
     id, as in CLIP (open_clip's argmax pooling finds it)."""
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import CLIPTokenizer
 
     chars = sorted(ByteLevel.alphabet())
     vocab = {c: i for i, c in enumerate(chars)}
@@ -170,9 +172,6 @@ def toy_t5_tokenizer(max_length: int = TOKENIZER_MAX_LENGTH):
     """A T5 tokenizer (SentencePiece-style unigram, `</s>` appended) with each word of the world one piece
     ("\u2581red"); any other text still tokenises, character by character. Its `model_max_length` is what the SD3
     toy model's T5 reads (`lpo.reward.backbones.mmdit.t5_tokens`)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import T5TokenizerFast
 
     specials = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
     words = [("\u2581" + word, 0.0) for word in WORDS]  # a whole word scores far above its characters
@@ -207,8 +206,6 @@ def corrupt(scene: Scene, rng: np.random.Generator) -> Scene:
 
 
 def encode_png(image: np.ndarray) -> bytes:
-    from PIL import Image
-
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
     return buffer.getvalue()
@@ -268,7 +265,6 @@ def make_pickapic_table(
 
 def write_pickapic_parquet(path: str | Path, **kwargs) -> Path:
     """Write `make_pickapic_table(**kwargs)` to `path`."""
-    import pyarrow.parquet as pq
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -62,7 +62,7 @@ def counting(monkeypatch):
         made.append(wrapped)
         return wrapped
 
-    monkeypatch.setattr(scorers, "load_scorer", load)
+    monkeypatch.setattr(score, "load_scorer", load)
     return made, fail
 
 
@@ -162,7 +162,7 @@ def test_scores_of_another_model_never_mix_into_a_metric(curated, tiny_models_di
     assert again["metrics"]["clip"] == {"scored_now": 0, "model": model}
     other = tmp_path / "other-clip"
     shutil.copytree(tiny_models_dir / "clip", other)
-    monkeypatch.setattr(scorers, "load_scorer", lambda *a, **k: pytest.fail("a model loaded"))
+    monkeypatch.setattr(score, "load_scorer", lambda *a, **k: pytest.fail("a model loaded"))
     with pytest.raises(InputError, match=f"were made with {model}, and this run asks for {other}"):
         score.run(score.ScoreConfig(work_dir=work, metrics=["clip"], models={"clip": str(other)}, device="cpu"))
     assert sorted((work / "scores").rglob("part-*.parquet")) == before

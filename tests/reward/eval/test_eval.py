@@ -17,9 +17,9 @@ from typer.testing import CliRunner
 
 from lpo.cli import app
 from lpo.core.errors import InputError
-from lpo.curate import scorers as registry
 from lpo.curate.scorers import load_scorer
 from lpo.reward.eval import run as evaluate
+from lpo.reward.eval import score as eval_score
 from lpo.reward.eval.config import EvalCompareConfig, EvalConfig, EvalScoreConfig
 from lpo.reward.eval.items import EvalItem
 from lpo.reward.eval.score import score_existing
@@ -152,14 +152,14 @@ def test_resume_does_not_regenerate_finished_images(tiny_models_dir, prompt_file
 
     out = tmp_path / "resumed"
     config = _config(tiny_models_dir, prompt_file, out, batch_size=3, score_batch_size=3)
-    monkeypatch.setattr(sampler, "sample", lambda *a, **k: counting(*a, fail_after=1, **k))
+    monkeypatch.setattr(evaluate, "sample", lambda *a, **k: counting(*a, fail_after=1, **k))
     with pytest.raises(_Interrupt):  # interrupted after the first batch of 3 images
         evaluate.run(config)
     assert len((out / "generated.jsonl").read_text().splitlines()) == 3 and not (out / "images.parquet").exists()
     with open(out / "generated.jsonl", "a") as records:
         records.write('{"key": "p00001-i01", "prom')  # a record torn by the interruption
     made.clear()
-    monkeypatch.setattr(sampler, "sample", counting)
+    monkeypatch.setattr(evaluate, "sample", counting)
     evaluate.run(config)
     assert made == [3]  # only the three images that were not finished
     table = pl.read_parquet(out / "images.parquet").sort("prompt_index", "image_index")
@@ -170,7 +170,7 @@ def test_resume_does_not_regenerate_finished_images(tiny_models_dir, prompt_file
                               np.asarray(Image.open(runs[3] / row["image_path"])))
     # a finished run: nothing generated, nothing scored again
     made.clear()
-    monkeypatch.setattr(registry, "load_scorer", lambda *a, **k: pytest.fail("scored again"))
+    monkeypatch.setattr(eval_score, "load_scorer", lambda *a, **k: pytest.fail("scored again"))
     evaluate.run(config)
     assert made == []
 

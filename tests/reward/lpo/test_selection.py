@@ -110,7 +110,7 @@ def test_low_goes_to_the_least_noisy_step_and_high_to_the_noisiest(family, tiny_
         captured["stds"] = model.step_stds(eta)
         raise Stop
 
-    monkeypatch.setattr(sampler, "rollout", capture)
+    monkeypatch.setattr(lpo_train, "rollout", capture)
     config = LPOConfig(family=family, base=str(tiny_models_dir / family), lrm=lrms[family], prompts=prompt_file,
                        out=tmp_path / "run", epochs=1, sample_batch_size=2, candidates=2, steps=8,
                        threshold=[0.1, 0.7], device="cpu", validation_images=0)

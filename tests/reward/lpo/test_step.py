@@ -116,7 +116,7 @@ def test_a_summed_log_ratio_far_outside_the_clip_gives_finite_gradients() -> Non
 
 def test_beta_is_per_element_under_both_reductions() -> None:
     from lpo.reward.lpo.config import LPOConfig
-    from lpo.reward.lpo.train import effective_beta
+    from lpo.reward.lpo.objectives import effective_beta
 
     assert effective_beta(LPOConfig(beta=500.0), 256) == 500.0
     assert effective_beta(LPOConfig(beta=500.0, logprob_reduction="sum"), 256) == pytest.approx(500.0 / 256)

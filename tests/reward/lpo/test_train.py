@@ -20,7 +20,7 @@ from lpo.cli import app
 from lpo.core.errors import InputError
 from lpo.reward import checkpoints
 from lpo.reward.backbones import FAMILIES, load_generator
-from lpo.reward.lpo import sampler
+from lpo.reward.lpo import objectives, sampler
 from lpo.reward.lpo import train as lpo_train
 from lpo.reward.lpo.config import LPOConfig
 from lpo.reward.lrm.model import LatentRewardModel
@@ -104,7 +104,7 @@ def test_one_policy_and_one_reference_forward_per_batch(tiny_models_dir, lrms):
     shape = (3, *model.latent_shape)
     batch = {"x_t": torch.randn(shape, generator=generator), "t": torch.tensor([667, 334, 1]),
              "x_w": torch.randn(shape, generator=generator), "x_l": torch.randn(shape, generator=generator)}
-    log_probs = lpo_train.step_log_probs(model, model.unet, reference, batch, model.encode_prompts(PROMPTS), config)
+    log_probs = objectives.step_log_probs(model, model.unet, reference, batch, model.encode_prompts(PROMPTS), config)
     hook.remove()
     assert calls == [6, 6]  # policy and reference, each one CFG forward (cond + uncond) for all 3 tuples
     assert not torch.allclose(log_probs["w"], log_probs["ref_w"])
@@ -112,7 +112,7 @@ def test_one_policy_and_one_reference_forward_per_batch(tiny_models_dir, lrms):
     plain = load_generator(str(tiny_models_dir / "sd15"))
     plain.unet.load_state_dict(base)
     plain.timesteps(3)
-    ref_again = lpo_train.step_log_probs(plain, plain.unet, lpo_train.Reference(plain.unet, lora=False), batch,
+    ref_again = objectives.step_log_probs(plain, plain.unet, lpo_train.Reference(plain.unet, lora=False), batch,
                                          plain.encode_prompts(PROMPTS), config)
     torch.testing.assert_close(log_probs["ref_w"], ref_again["ref_w"], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(log_probs["ref_w"], ref_again["w"], rtol=1e-4, atol=1e-4)
@@ -148,7 +148,7 @@ def test_on_policy_the_ratio_is_exactly_one(family, sampler_name, tiny_models_di
     for chunk in (order[:3], order[3:]):
         batch = {"x_t": tuples["x_t"][chunk], "t": tuples["t"][chunk], "x_w": tuples["x_w"][chunk],
                  "x_l": tuples["x_l"][chunk]}
-        log_probs = lpo_train.step_log_probs(model, model.denoiser, reference, batch,
+        log_probs = objectives.step_log_probs(model, model.denoiser, reference, batch,
                                              cond.select(tuples["prompt"][chunk]), config)
         assert torch.equal(log_probs["w"], log_probs["ref_w"]) and torch.equal(log_probs["l"], log_probs["ref_l"])
         # the same step the sampler took from x_t, one tuple at a time
@@ -396,7 +396,7 @@ def test_flow_calibration_options_train_end_to_end(tiny_models_dir, lrms, prompt
     for t, kappa in zip(timesteps, kappas.tolist()):
         assert scales[t] == pytest.approx(kappas.median().item() / kappa)
     carried = torch.tensor(timesteps, dtype=torch.float32).flip(0)
-    assert lpo_train.per_step(scales, carried).tolist() == pytest.approx(list(scales.values())[::-1], rel=1e-6)
+    assert objectives.per_step(scales, carried).tolist() == pytest.approx(list(scales.values())[::-1], rel=1e-6)
     assert lpo_train.log_ratio_scales(model, dataclasses.replace(config, beta_schedule="constant")) is None
     summary = lpo_train.run(config)
     assert summary["tuples_trained"] > 0 and all(math.isfinite(r["loss"]) for r in summary["history"])

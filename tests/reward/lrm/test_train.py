@@ -72,7 +72,6 @@ def test_best_is_the_argmax_at_the_selection_level_and_holds_that_checkpoints_we
                                                                                       tmp_path, monkeypatch):
     """Validation accuracies scripted per update: at the selection level (t=501 here) the best is update 3, at
     t=1 update 6 (the last). best_step is 3 and best/ holds the weights the model had at update 3, not the last."""
-    from lpo.reward.lrm import accuracy
 
     scripted = {501: [0.5, 0.6, 0.8, 0.7, 0.75, 0.6], 1: [0.5, 0.55, 0.6, 0.7, 0.8, 0.9]}
     weights = []
@@ -81,7 +80,7 @@ def test_best_is_the_argmax_at_the_selection_level_and_holds_that_checkpoints_we
         weights.append({k: v.detach().clone() for k, v in getattr(model, "module", model).state_dict().items()})
         return {t: scripted[int(t)][len(weights) - 1] for t in timesteps}
 
-    monkeypatch.setattr(accuracy, "accuracy_per_timestep", validation)
+    monkeypatch.setattr(train, "accuracy_per_timestep", validation)
     out = tmp_path / "run"
     summary = train.run(_config(manifest, tiny_models_dir / "sd15", out, max_steps=6, eval_every=1, save_every=3,
                                 eval_timesteps=[1, 501], select_timestep=501))
@@ -148,7 +147,7 @@ def test_nan_loss_stops_with_the_last_checkpoint_intact(manifest, tiny_models_di
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] >= 3 else loss
 
-    monkeypatch.setattr(lrm_loss, "bradley_terry_loss", explodes_on_third_update)
+    monkeypatch.setattr(train, "bradley_terry_loss", explodes_on_third_update)
     out = tmp_path / "nan"
     with pytest.raises(train.TrainingDiverged, match="intact"):
         train.run(_config(manifest, tiny_models_dir / "sd15", out, max_steps=5, save_every=1, eval_every=100))
