@@ -32,6 +32,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=rank)  # stable: every other file keeps its order
 
 
+@pytest.fixture(autouse=True)
+def _hub_files_read_afresh():
+    """Hub files are fetched once per process (`lpo.core.refs`); each test fakes its own hub, so each starts without
+    the files an earlier test fetched."""
+    from lpo.core.refs import forget_downloads
+
+    forget_downloads()
+    yield
+
+
 @pytest.fixture
 def fresh_accelerator_state():
     """accelerate keeps one AcceleratorState per process and refuses another mixed precision in it: a test that

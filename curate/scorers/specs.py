@@ -15,7 +15,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RemoteEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+from lpo.core import refs
 from lpo.core.errors import InputError
+from lpo.core.refs import cached_download, is_path_like
 
 logger = logging.getLogger(__name__)
 
@@ -128,8 +139,6 @@ def resolve_specs(metrics: list[str] | tuple[str, ...], models: dict[str, str], 
     return specs
 
 
-def is_path_like(spec: str) -> bool:
-    return spec.startswith(("/", "./", "../", "~", ".\\")) or "\\" in spec or spec.count("/") > 1
 
 
 def local_path(metric: str, spec: str) -> Path | None:
@@ -137,10 +146,11 @@ def local_path(metric: str, spec: str) -> Path | None:
     path = Path(spec).expanduser()
     if path.exists():
         return path
-    if is_path_like(spec):
+    if is_path_like(spec) or spec.strip("/").count("/") > 1:
+        inside = "" if is_path_like(spec) else " (a folder inside a hub repository is not read for scorers)"
         raise InputError(
             f"{metric} model path {spec!r} does not exist: it is neither an existing path nor a hub id (ORG/NAME) "
-            f"such as {DEFAULT_MODELS[metric]!r}; fix the path"
+            f"such as {DEFAULT_MODELS[metric]!r}{inside}; fix the path"
         )
     return None
 
@@ -171,18 +181,8 @@ def describe_dir(path: Path) -> str:
 
 def hub_json(metric: str, repo_id: str, filename: str) -> dict | None:
     """`filename` of a hub repo, parsed; None when the hub cannot be reached (the load reports it later)."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        RemoteEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
     try:
-        path = hf_hub_download(repo_id, filename)
+        path = cached_download(repo_id, filename)
     except GatedRepoError as err:
         raise InputError(
             f"{metric} model {repo_id!r} is gated on the Hugging Face Hub: accept its licence on the model page, "
@@ -206,15 +206,11 @@ def hub_json(metric: str, repo_id: str, filename: str) -> dict | None:
 
 def hub_file(metric: str, repo: str, filename: str) -> Path:
     """A file of a hub repo from the local cache or the Hub; InputError naming the download when unavailable."""
-    from huggingface_hub import hf_hub_download
-
     try:
-        return Path(hf_hub_download(repo, filename))
-    except Exception as err:  # offline, missing file, gated, bad id: all mean the same fix
-        raise InputError(
-            f"{metric} needs {filename} from the Hub repo {repo!r}, which could not be read ({type(err).__name__}); "
-            f"download it (`hf download {repo} {filename}`) or pass a local folder with --{metric}-model"
-        ) from None
+        return refs.hub_file(repo, filename)
+    except InputError as err:
+        raise InputError(f"{metric} needs {filename} from the Hub repo {repo!r}: {err} (`hf download {repo} "
+                         f"{filename}`, or a local folder with --{metric}-model)") from None
 
 
 def check_model_type(metric: str, spec: str, config: dict | None, where: str, expected: str,

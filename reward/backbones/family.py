@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lpo.core.errors import InputError
+from lpo.core.refs import ModelRef, hub_file
 
 if TYPE_CHECKING:
     import torch
@@ -209,13 +210,7 @@ def read_subfolder_config(base: str, subfolder: str) -> dict[str, Any]:
             raise InputError(f"{base} has no {subfolder}/{CONFIG_FILE}; give a diffusers pipeline directory of a "
                              f"supported family ({_supported()}) with {subfolder}/, vae/, text_encoder/, tokenizer/.")
         return json.loads(local.read_text())
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return json.loads(Path(hf_hub_download(base, f"{subfolder}/{CONFIG_FILE}")).read_text())
-    except Exception as err:  # hub errors come in many types; all mean "not a usable pipeline id"
-        raise InputError(f"could not read {subfolder}/{CONFIG_FILE} of '{base}' ({type(err).__name__}); give a "
-                         "diffusers pipeline directory or a reachable hub id.") from err
+    return json.loads(hub_file(base, CONFIG_FILE, subfolder, spec=base).read_text())
 
 
 def has_subfolder(base: str, subfolder: str) -> bool:
@@ -227,13 +222,7 @@ def has_subfolder(base: str, subfolder: str) -> bool:
             if not (isinstance(entry, list) and entry[0] is not None):
                 return False
         return (Path(base) / subfolder).is_dir()
-    from huggingface_hub import hf_hub_download
-
-    try:
-        index = json.loads(Path(hf_hub_download(base, "model_index.json")).read_text())
-    except Exception as err:  # hub errors come in many types; all mean "not a usable pipeline id"
-        raise InputError(f"could not read model_index.json of '{base}' ({type(err).__name__}); give a diffusers "
-                         "pipeline directory or a reachable hub id.") from err
+    index = json.loads(hub_file(base, "model_index.json", spec=base).read_text())
     entry = index.get(subfolder)
     return isinstance(entry, list) and entry[0] is not None
 
@@ -346,20 +335,6 @@ def resolve_lora(path: str | Path) -> Path:
                      "wrote, or its run directory.")
 
 
-def split_model_spec(spec: str | Path) -> tuple[str, str | None, bool]:
-    """(folder or hub repository, folder inside the repository, local?) of a model spec: an existing or path-like
-    local folder, `owner/repo`, or `owner/repo/sub/folder` (a folder inside a hub repository)."""
-    spec = str(spec)
-    path = Path(spec).expanduser()
-    if path.exists() or spec.startswith(("/", "./", "../", "~", ".\\")) or "\\" in spec:
-        return str(path), None, True
-    parts = spec.strip("/").split("/")
-    if len(parts) < 2:
-        raise InputError(f"{spec} is neither an existing folder nor a hub id (owner/repo, or owner/repo/sub/folder "
-                         "for a folder inside a repository).")
-    return "/".join(parts[:2]), "/".join(parts[2:]) or None, False
-
-
 def resolve_denoiser(spec: str | Path, family: Family) -> tuple[str, str | None, dict[str, Any]]:
     """(folder or hub id, subfolder, config) of a fine-tuned denoiser for `family`'s pipelines, checked against the
     family before any weights load. `spec` is a folder saved with save_pretrained; a folder holding one in `unet/`
@@ -369,9 +344,9 @@ def resolve_denoiser(spec: str | Path, family: Family) -> tuple[str, str | None,
     spec = str(spec)
     name = family.denoiser
     inside = (None, name, f"merged_{name}")
-    root, sub, local = split_model_spec(spec)
-    if local:
-        path = Path(root)
+    ref = ModelRef.parse(spec)
+    if ref.local:
+        path = Path(ref.root)
         if not path.exists():
             raise InputError(f"{spec} does not exist; pass a folder saved with save_pretrained, a pipeline folder, "
                              "`lpo optimize --merge`'s run directory, or a hub id.")
@@ -382,36 +357,27 @@ def resolve_denoiser(spec: str | Path, family: Family) -> tuple[str, str | None,
                              "directory.")
         source, subfolder, config = str(found), None, json.loads((found / CONFIG_FILE).read_text())
     else:
-        source, subfolder, config = _hub_denoiser(spec, root, sub, inside)
+        source, subfolder, config = _hub_denoiser(ref, inside)
     if not family.accepts(config) or (family.denoiser == "unet") != ("UNet" in config.get("_class_name", "")):
         raise InputError(f"{spec} is a {config.get('_class_name', 'model')} that does not fit a {family.title} "
                          f"pipeline's {name}; pass a fine-tuned {name} of the base's family.")
     return source, subfolder, config
 
 
-def _hub_denoiser(spec: str, repo: str, sub: str | None,
-                  inside: tuple[str | None, ...]) -> tuple[str, str | None, dict[str, Any]]:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
+def _hub_denoiser(ref: ModelRef, inside: tuple[str | None, ...]) -> tuple[str, str | None, dict[str, Any]]:
     unreadable = None
-    for candidate in ((sub,) if sub else inside):
+    for candidate in ((ref.subfolder,) if ref.subfolder else inside):
         try:
-            path = hf_hub_download(repo, CONFIG_FILE, subfolder=candidate)
-        except LocalEntryNotFoundError as err:  # offline (or unreachable) and not in the local cache
-            unreadable = err
-        except EntryNotFoundError:  # the repository has no such file
+            path = hub_file(ref.root, CONFIG_FILE, candidate, spec=ref.spec, missing_ok=True)
+        except InputError as err:  # unreadable (offline and not cached, gated, no such repository): try the rest
+            unreadable = unreadable or err
             continue
-        except Exception as err:  # missing repository, gated, bad id: the same fix
-            unreadable = err
-            break
-        else:
-            return repo, candidate, json.loads(Path(path).read_text())
+        if path is not None:
+            return ref.root, candidate, json.loads(path.read_text())
     if unreadable is not None:
-        raise InputError(f"could not read {CONFIG_FILE} of '{spec}' ({type(unreadable).__name__}); pass a local "
-                         "folder, or a hub id (owner/repo or owner/repo/sub/folder) that is reachable or cached.")
-    where = sub or " or ".join(str(c or "its root") for c in inside)
-    raise InputError(f"the hub repository {repo} has no {CONFIG_FILE} in {where}; name the folder that holds the "
+        raise unreadable
+    where = ref.subfolder or " or ".join(str(c or "its root") for c in inside)
+    raise InputError(f"the hub repository {ref.root} has no {CONFIG_FILE} in {where}; name the folder that holds the "
                      "denoiser, e.g. owner/repo/sub/folder.")
 
 

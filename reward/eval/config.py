@@ -7,6 +7,7 @@ from pathlib import Path
 
 from lpo.core.config import option
 from lpo.curate.scorers.specs import DEFAULT_EVAL_METRICS
+from lpo.reward.lpo.config import GenerationOptions
 
 EVAL_METRICS_HELP = ("Comma-separated metrics, from: pickscore, hpsv2, hpsv21, imagereward, aesthetic, clip, vqa, "
                      "geneval (with GenEval's metadata file as --prompts), t2i-color, t2i-shape, t2i-texture "
@@ -18,22 +19,11 @@ def _default_eval_metrics() -> list[str]:
 
 
 @dataclass
-class EvalConfig:
-    base: str = option(None, "Diffusers pipeline of a supported family (SD1.x/2.x, SDXL, SD3/SD3.5, FLUX.1; hub id "
-                             "or local directory) to generate with.")
+class EvalConfig(GenerationOptions):
     prompts: Path = option(None, "Prompts: .txt, .json, a manifest with `caption`, a curation directory (e.g. "
                                  "`lpo curate ingest ID --split validation_unique --out DIR`), or GenEval's "
                                  "evaluation_metadata.jsonl (each prompt keeps its record for --metrics geneval).")
     out: Path = option(None, "Run directory: images/, images.parquet, summary.json, summary.md, grid.png.")
-    lora: Path | None = option(None, "A LoRA to load into the pipeline: `lpo optimize`'s out/lora (or its run "
-                                        "directory).")
-    denoiser: str | None = option(None, "A fine-tuned UNet or transformer in place of the base's: a folder saved "
-                                        "with save_pretrained, a pipeline folder or `lpo optimize --merge`'s run "
-                                        "directory, a hub id, or owner/repo/sub/folder (a folder inside a hub "
-                                        "repository, e.g. casiatao/LPO/lpo_sd15_merge/unet).")
-    lrm: Path | None = option(None, "Latent reward model for LRM-guided sampling (with --candidates K > 1): a "
-                                       "folder or run directory of `lpo reward train`, or a hub id.")
-    candidates: int = option(1, "K: candidates per step for LRM-guided sampling.")
     metrics: list[str] = option(help=EVAL_METRICS_HELP, factory=_default_eval_metrics)
     models: dict[str, str] = option(help="Model per metric (hub id or local directory); unset metrics use the "
                                          "registry default.", factory=dict)
@@ -43,16 +33,6 @@ class EvalConfig:
                                           "there (and guide with its LRM when --candidates > 1 and no --lrm).")
     images_per_prompt: int = option(4, "Images per prompt; image i of prompt p uses seed + 1000 * p + i.")
     max_prompts: int | None = option(None, "Use only the first N prompts (default: all).")
-    steps: int = option(20, "Sampler steps (DDIM for sd15/sdxl, the flow-matching Euler step for sd3/flux).")
-    resolution: int | None = option(None, "Image side in pixels (default: the pipeline's own).")
-    guidance: float | None = option(None, "Guidance scale (default: the family's LPO value: CFG sd15/sdxl 5.0, sd3 "
-                                          "4.5; FLUX.1's embedded guidance 3.5; the reference used CFG 7.5 for the "
-                                          "SD1.5 base and Diffusion-DPO-1.5).")
-    sampler: str | None = option(None, "The stochastic step where eta > 0: ddim (sd15, sdxl); cps (default) or sde "
-                                       "(sd3, flux). A flow sampler's last step is deterministic.")
-    eta: float | None = option(None, "Step noise: DDIM eta or the flow step's noise level (default: 0.0, as the "
-                                     "reference; with --lrm the family's LPO value, sd15/sdxl 1.0, sd3 0.7, flux "
-                                     "0.9).")
     seed: int = option(42, "Base seed.")
     batch_size: int = option(4, "Images per generation batch (a seed gives the same image in any batch).")
     score_batch_size: int = option(16, "Images per scorer forward.")

@@ -18,8 +18,7 @@ from lpo.core import config as cfg
 from lpo.core.device import resolve_device, resolve_dtype
 from lpo.core.errors import InputError
 from lpo.core.files import write_text_atomic
-from lpo.reward.backbones import family_of, load_generator, resolve_denoiser, resolve_lora
-from lpo.reward.backbones.family import check_base_resolution
+from lpo.reward.backbones import family_of
 from lpo.reward.eval.config import EvalConfig
 from lpo.reward.eval.items import IMAGES_DIR, RECORDS_FILE, RUN_FILE, EvalItem
 from lpo.reward.eval.score import (
@@ -32,9 +31,10 @@ from lpo.reward.eval.score import (
     score_items,
 )
 from lpo.reward.eval.stats import write_outputs
+from lpo.reward.lpo import generation
 from lpo.reward.lpo.sample import image_seed
 from lpo.reward.lpo.sampler import sample
-from lpo.reward.lrm.model import LatentRewardModel, check_lrm_matches
+from lpo.reward.lrm.model import LatentRewardModel
 from lpo.reward.serve.client import remote_lrm, remote_scorers
 
 logger = logging.getLogger(__name__)
@@ -47,15 +47,7 @@ GENERATION_KEYS = ("base", "lora", "denoiser", "lrm", "candidates", "steps", "gu
 
 def generation_settings(config: EvalConfig) -> dict[str, Any]:
     """What the images depend on, with the family's defaults filled in (guidance; eta with an LRM)."""
-
-    family = family_of(config.base)
-    eta, guidance = family.sampling(config.eta, config.guidance, guided=config.lrm is not None)
-    return {"sampler": config.sampler or family.default_sampler, "base": config.base,
-            "lora": str(config.lora) if config.lora else None,
-            "denoiser": str(config.denoiser) if config.denoiser else None,
-            "lrm": str(config.lrm) if config.lrm else None, "candidates": config.candidates, "steps": config.steps,
-            "guidance": guidance, "eta": eta, "resolution": config.resolution, "seed": config.seed,
-            "dtype": config.dtype}
+    return generation.settings(config) | {"seed": config.seed, "dtype": config.dtype}
 
 
 class Checked(NamedTuple):
@@ -75,37 +67,18 @@ def validate(config: EvalConfig) -> Checked:
     if missing:
         raise InputError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required, e.g. "
                          "`lpo eval --base DIR --prompts prompts.txt --out runs/eval-base`.")
-    _check_positive(images_per_prompt=config.images_per_prompt, steps=config.steps, batch_size=config.batch_size,
-                    score_batch_size=config.score_batch_size, candidates=config.candidates,
-                    max_prompts=config.max_prompts)
+    _check_positive(images_per_prompt=config.images_per_prompt, batch_size=config.batch_size,
+                    score_batch_size=config.score_batch_size, max_prompts=config.max_prompts)
     if config.images_per_prompt > MAX_IMAGES_PER_PROMPT:
         raise InputError(f"--images-per-prompt {config.images_per_prompt}: at most {MAX_IMAGES_PER_PROMPT} (image i "
                          "of prompt p uses seed + 1000 * p + i, so more would share seeds).")
     if config.grid_prompts < 0:
         raise InputError(f"--grid-prompts {config.grid_prompts} must be 0 or more.")
-    if config.candidates > 1 and config.lrm is None and config.reward_url is None:
-        raise InputError("--candidates > 1 needs --lrm (or --reward-url) to choose between the candidates.")
-    family = family_of(config.base)
-    family.check_sampler(config.sampler)
-    check_base_resolution(config.resolution, config.base, family)
-    eta = generation_settings(config)["eta"]
-    if config.lrm is not None and eta <= 0:
-        raise InputError(f"--eta {eta}: LRM-guided sampling needs eta > 0 (with eta 0 every candidate is the same).")
+    _, denoiser_weights = generation.check(config, reward_url=config.reward_url, has_reward_url=True)
     resolve_dtype(config.dtype, option="--dtype")
     resolve_dtype(config.score_dtype, option="--score-dtype", auto=None)
-    if config.lora is not None:
-        resolve_lora(config.lora)
-    if config.denoiser is not None and config.lora is not None:
-        raise InputError("give --lora or --denoiser, not both: a LoRA adapts the base's own denoiser.")
     prompts, records = resolve_prompt_records(config.prompts, config.max_prompts)
     check_records(config.metrics, records, config.prompts)
-    family = family_of(config.base)
-    denoiser_weights = None
-    if config.denoiser is not None:
-        source, subfolder, _ = resolve_denoiser(config.denoiser, family)
-        denoiser_weights = f"{source}/{subfolder}" if subfolder else source
-    if config.lrm is not None:
-        check_lrm_matches(config.lrm, family.name, config.base)
     specs = resolve_metric_specs(config.metrics, config.models, config.models_dir)
     if config.reward_url is not None:
         remote_scorers(config.reward_url, list(specs))  # reachable, before anything is generated
@@ -188,10 +161,7 @@ def _generation_dtype(config: EvalConfig, device: str) -> Any:
 def _load_models(config: EvalConfig, device: str) -> tuple[Any, Any]:
     """The generator (LoRA loaded) and the LRM that guides it, if any (local, or served with --reward-url)."""
 
-    model = load_generator(config.base, lora=config.lora, denoiser=config.denoiser,
-                           dtype=_generation_dtype(config, device), device=device)
-    model.use_sampler(config.sampler)
-    model.use_resolution(config.resolution)
+    model = generation.load(config, device=device, dtype=_generation_dtype(config, device))
     if config.lrm is not None:
         lrm = LatentRewardModel.from_pretrained(config.lrm).to(device)
     elif config.reward_url is not None and config.candidates > 1:
@@ -252,9 +222,9 @@ def run(config: EvalConfig) -> dict[str, Any]:
                                  remote_scorers(config.reward_url, list(specs)))
     if denoiser_weights is not None:
         settings = settings | {"denoiser_weights": denoiser_weights}
-    generation = {"sampler": family_of(config.base).sampler, **settings,
-                  "torch_dtype": str(_generation_dtype(config, device)).removeprefix("torch."),
-                  "images_per_prompt": config.images_per_prompt, "resolution": resolution,
-                  "prompts_file": str(config.prompts)}
-    meta = {"generation": generation, "generated_now": len(todo), "versions": _versions()}
+    made_with = {"sampler": family_of(config.base).sampler, **settings,
+                 "torch_dtype": str(_generation_dtype(config, device)).removeprefix("torch."),
+                 "images_per_prompt": config.images_per_prompt, "resolution": resolution,
+                 "prompts_file": str(config.prompts)}
+    meta = {"generation": made_with, "generated_now": len(todo), "versions": _versions()}
     return write_outputs(items, scores, models, out, meta, config.grid_prompts)

@@ -124,28 +124,38 @@ class LPOConfig:
 
 
 @dataclass
-class SampleConfig:
-    base: str = option(None, "Diffusers pipeline (hub id or local directory).")
-    prompts: list[str] = option(help="Prompts to generate.", factory=list)
-    out: Path = option(None, "Directory for the images and samples.json.")
+class GenerationOptions:
+    """The options an image is generated with, besides its prompt and seed, declared once for every command that
+    generates (`lpo sample`, `lpo eval`); `lpo.reward.lpo.generation` checks them and loads the generator."""
+
+    base: str = option(None, "Diffusers pipeline of a supported family (SD1.x/2.x, SDXL, SD3/SD3.5, FLUX.1; hub id "
+                             "or local directory) to generate with.")
     lora: Path | None = option(None, "A LoRA to load into the pipeline: `lpo optimize`'s out/lora (or its run "
                                         "directory).")
-    denoiser: str | None = option(None, "A fine-tuned UNet or transformer in place of the base's: a folder, a "
-                                        "pipeline folder or `lpo optimize --merge`'s run directory, a hub id, or "
-                                        "owner/repo/sub/folder (a folder inside a hub repository).")
-    lrm: Path | None = option(None, "Latent reward model for guided sampling (with --candidates K > 1): a folder "
-                                       "or run directory of `lpo reward train`, or a hub id.")
+    denoiser: str | None = option(None, "A fine-tuned UNet or transformer in place of the base's: a folder saved "
+                                        "with save_pretrained, a pipeline folder or `lpo optimize --merge`'s run "
+                                        "directory, a hub id, or owner/repo/sub/folder (a folder inside a hub "
+                                        "repository, e.g. casiatao/LPO/lpo_sd15_merge/unet).")
+    lrm: Path | None = option(None, "Latent reward model for LRM-guided sampling (with --candidates K > 1): a "
+                                       "folder or run directory of `lpo reward train`, or a hub id.")
     candidates: int = option(1, "K: candidates per step for LRM-guided sampling (continue from the best).")
-    images_per_prompt: int = option(1, "Images per prompt; image i of prompt p uses seed + 1000 * p + i.")
-    steps: int = option(20, "Sampler steps.")
+    steps: int = option(20, "Sampler steps (DDIM for sd15/sdxl, the flow-matching step for sd3/flux).")
     resolution: int | None = option(None, "Image side in pixels (default: the pipeline's own).")
-    guidance: float | None = option(None, "Guidance scale (default: the family's, as LPO: CFG sd15, sdxl 5.0, sd3 "
-                                          "4.5; FLUX.1's embedded guidance 3.5).")
-    sampler: str | None = option(None, "The stochastic step: ddim (sd15, sdxl); cps (default) or sde (sd3, flux). A "
-                                       "flow sampler's last step is deterministic.")
-    eta: float | None = option(None, "Step noise, DDIM eta or the flow step's noise level (default: with --lrm, which "
-                                     "needs a stochastic step, the family's: sd15, sdxl 1.0, sd3 0.7, flux 0.9; 0.0 "
-                                     "without).")
+    guidance: float | None = option(None, "Guidance scale (default: the family's LPO value: CFG sd15/sdxl 5.0, sd3 "
+                                          "4.5; FLUX.1's embedded guidance 3.5; the reference used CFG 7.5 for the "
+                                          "SD1.5 base and Diffusion-DPO-1.5).")
+    sampler: str | None = option(None, "The stochastic step where eta > 0: ddim (sd15, sdxl); cps (default) or sde "
+                                       "(sd3, flux). A flow sampler's last step is deterministic.")
+    eta: float | None = option(None, "Step noise: DDIM eta or the flow step's noise level (default: 0.0, as the "
+                                     "reference; with --lrm, which needs a stochastic step, the family's LPO value: "
+                                     "sd15/sdxl 1.0, sd3 0.7, flux 0.9).")
+
+
+@dataclass
+class SampleConfig(GenerationOptions):
+    prompts: list[str] = option(help="Prompts to generate.", factory=list)
+    out: Path = option(None, "Directory for the images and samples.json.")
+    images_per_prompt: int = option(1, "Images per prompt; image i of prompt p uses seed + 1000 * p + i.")
     score_timestep: str = option("parent", "Timestep the LRM scores candidates at: parent or child.")
     seed: int = option(0, "Base seed.")
     device: str = option("auto", "auto, cpu or cuda.")

@@ -11,11 +11,10 @@ import torch
 
 from lpo.core.device import resolve_device
 from lpo.core.errors import InputError
-from lpo.reward.backbones import family_of, load_generator, resolve_denoiser, resolve_lora
-from lpo.reward.backbones.family import check_base_resolution
+from lpo.reward.lpo import generation
 from lpo.reward.lpo.config import SampleConfig
 from lpo.reward.lpo.sampler import sample
-from lpo.reward.lrm.model import LatentRewardModel, check_lrm_matches
+from lpo.reward.lrm.model import LatentRewardModel
 
 logger = logging.getLogger(__name__)
 
@@ -30,23 +29,9 @@ def validate(config: SampleConfig) -> None:
         raise InputError("--base and --out are required.")
     if not config.prompts or not all(p.strip() for p in config.prompts):
         raise InputError("give at least one non-empty --prompt.")
-    family = family_of(config.base)
-    family.check_sampler(config.sampler)
-    check_base_resolution(config.resolution, config.base, family)
-    if config.lrm is not None:
-        check_lrm_matches(config.lrm, family.name, config.base)
-    if config.candidates > 1 and config.lrm is None:
-        raise InputError("--candidates > 1 needs --lrm to choose between the candidates.")
-    if config.candidates < 1 or config.images_per_prompt < 1 or config.steps < 1:
-        raise InputError("--candidates, --images-per-prompt and --steps must be at least 1.")
-    if config.lrm is not None and config.eta is not None and config.eta <= 0:
-        raise InputError("LRM-guided sampling needs --eta > 0 (with eta 0 every candidate is the same).")
-    if config.lora is not None:
-        resolve_lora(config.lora)
-    if config.denoiser is not None and config.lora is not None:
-        raise InputError("give --lora or --denoiser, not both: a LoRA adapts the base's own denoiser.")
-    if config.denoiser is not None:
-        resolve_denoiser(config.denoiser, family)
+    if config.images_per_prompt < 1:
+        raise InputError(f"--images-per-prompt {config.images_per_prompt}: must be at least 1.")
+    generation.check(config)
 
 
 def run(config: SampleConfig) -> dict[str, Any]:
@@ -55,10 +40,8 @@ def run(config: SampleConfig) -> dict[str, Any]:
 
     validate(config)
     device = resolve_device(config.device)
-    model = load_generator(config.base, lora=config.lora, denoiser=config.denoiser, device=device)
+    model = generation.load(config, device=device)
     eta, guidance = model.family.sampling(config.eta, config.guidance, guided=config.lrm is not None)
-    model.use_sampler(config.sampler)
-    model.use_resolution(config.resolution)
     lrm = LatentRewardModel.from_pretrained(config.lrm).to(device) if config.lrm is not None else None
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)

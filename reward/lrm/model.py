@@ -27,13 +27,12 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL, ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
-from huggingface_hub import hf_hub_download
 from safetensors.torch import save_file
 from torch import nn
 from transformers import CLIPModel
 
 from lpo.core.errors import InputError
-from lpo.curate.scorers.specs import is_path_like
+from lpo.core.refs import ModelRef, hub_file, is_path_like
 from lpo.reward.backbones import diffusers_dtype, family_of, get_family, read_subfolder_config
 from lpo.reward.backbones.base import LRMBackbone
 from lpo.reward.backbones.family import check_resolution
@@ -173,8 +172,8 @@ class LatentRewardModel(ModelMixin, ConfigMixin):
     def from_pretrained(cls, source: str | Path, subfolder: str | None = None, dtype: torch.dtype = torch.float32,
                         **kwargs: Any) -> LatentRewardModel:
         """Load a saved LRM (a folder, a run directory of `lpo reward train`, or a hub id); needs nothing else."""
-        read_lrm_config(source, subfolder)  # a clear refusal for a folder that holds no reward model
         source, subfolder = resolve_lrm(source, subfolder)
+        _read_config(source, subfolder)  # a clear refusal for a folder that holds no reward model
         model = super().from_pretrained(source, subfolder=subfolder, **diffusers_dtype(dtype), **kwargs)
         model.backbone.load_tokenizers(source, subfolder)
         model.source = (source, subfolder)
@@ -299,7 +298,10 @@ class LatentRewardModel(ModelMixin, ConfigMixin):
 
 def resolve_lrm(source: str | Path, subfolder: str | None = None) -> tuple[str, str | None]:
     """(folder or hub id, subfolder) of a saved LRM. A run directory of `lpo reward train` gives its `best/` export
-    (else `last/`), and says so."""
+    (else `last/`), and says so; a hub id may name a folder inside its repository (`owner/repo/sub/folder`)."""
+    if not Path(source).exists() and not is_path_like(str(source)):
+        ref = ModelRef.parse(source)
+        return ref.root, ref.inside(subfolder)
     path = Path(source) / (subfolder or "")
     if path.is_dir() and not (path / CONFIG_FILE).is_file():
         for name in RUN_SUBFOLDERS:
@@ -320,19 +322,21 @@ def component(source: str, subfolder: str | None, name: str) -> tuple[str, str |
 
 def read_lrm_config(source: str | Path, subfolder: str | None = None) -> dict[str, Any]:
     """The config of a saved LRM (a folder, a run directory or a hub id), checked without loading weights."""
-    source, subfolder = resolve_lrm(source, subfolder)
+    return _read_config(*resolve_lrm(source, subfolder))
+
+
+def _read_config(source: str, subfolder: str | None) -> dict[str, Any]:
+    """The config of the LRM `resolve_lrm` found."""
     path = Path(source) / (subfolder or "") / CONFIG_FILE
     if not Path(source).exists():
-        if is_path_like(source):
+        if is_path_like(str(source)):
             raise InputError(f"{source} does not exist: pass a latent reward model directory (the folder "
                              "`lpo reward train` wrote, or its run directory) or a hub id.")
-
         try:
-            path = Path(hf_hub_download(source, CONFIG_FILE, subfolder=subfolder))
-        except Exception as err:  # offline, missing, gated, bad id: the same fix
-            raise InputError(f"{source} is neither a latent reward model directory nor a reachable hub repo "
-                             f"({type(err).__name__}); pass the folder `lpo reward train` wrote (or its run "
-                             "directory).") from None
+            path = hub_file(str(source), CONFIG_FILE, subfolder)
+        except InputError as err:
+            raise InputError(f"{err} It is neither a latent reward model directory nor a readable hub repository: "
+                             "pass the folder `lpo reward train` wrote (or its run directory).") from None
     if not path.is_file():
         raise InputError(f"{path.parent} is not a latent reward model directory (no {CONFIG_FILE}, and no best/ or "
                          "last/ model in it); pass the folder `lpo reward train --out` wrote, or its best/ or last/.")
@@ -358,10 +362,9 @@ def check_text_projection_init(family_name: str, clip_id: str | None) -> None:
         return
 
     try:
-        hf_hub_download(clip_id, CONFIG_FILE)
-    except Exception as err:  # offline, missing, gated, bad id: the same fix
-        raise InputError(f"could not read the CLIP model '{clip_id}' whose text projection initialises the LRM's "
-                         f"({type(err).__name__}); {fix}.") from None
+        hub_file(clip_id, CONFIG_FILE)
+    except InputError as err:
+        raise InputError(f"the CLIP model whose text projection initialises the LRM's: {err} Or {fix}.") from None
 
 
 def export_components(directory: str | Path, base: str, vae: str | None = None) -> None:

@@ -23,11 +23,10 @@ from typing import Any
 
 import torch
 from diffusers import UNet2DConditionModel
-from huggingface_hub import hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
 from lpo.core.errors import InputError
-from lpo.reward.backbones import family_of, read_subfolder_config, split_model_spec
+from lpo.core.refs import ModelRef
+from lpo.reward.backbones import family_of, read_subfolder_config
 from lpo.reward.backbones.unet import default_taps, res_channels
 from lpo.reward.lrm.config import ImportReferenceConfig
 from lpo.reward.lrm.model import LatentRewardModel, export_components
@@ -41,38 +40,19 @@ PROVENANCE_FILE = "reference.json"
 
 def _file(spec: str, name: str, required: bool = True) -> Path | None:
     """A file of the reference checkpoint (`name` relative to it), local or downloaded; None if absent and optional."""
-
-    root, sub, local = split_model_spec(spec)
-    if local:
-        path = Path(root) / name
-        if path.is_file():
-            return path
-    else:
-        inside = f"{sub}/{name}" if sub else name
-        folder, _, filename = inside.rpartition("/")
-        try:
-            return Path(hf_hub_download(root, filename, subfolder=folder or None))
-        except LocalEntryNotFoundError as err:
-            raise InputError(f"could not read {name} of '{spec}' ({type(err).__name__}: offline and not cached); "
-                             "download it, or pass a local folder.") from None
-        except EntryNotFoundError:
-            pass
-        except Exception as err:  # missing repository, gated, bad id
-            raise InputError(f"could not read {name} of '{spec}' ({type(err).__name__}); pass a local folder or a "
-                             "reachable hub id.") from None
-    if required:
+    path = ModelRef.parse(spec).file(name, required=False)
+    if path is None and required:
         raise InputError(f"{spec} has no {name}: not an LRM in the reference layout (unet/, text_encoder/, "
                          f"{STATE_FILE}).")
-    return None
+    return path
 
 
 def _component(spec: str, name: str) -> tuple[str, str | None]:
     """(path or repo, subfolder) for a `from_pretrained` of the checkpoint's `name/` folder."""
-
-    root, sub, local = split_model_spec(spec)
-    if local:
-        return str(Path(root) / name), None
-    return root, f"{sub}/{name}" if sub else name
+    ref = ModelRef.parse(spec)
+    if ref.local:
+        return str(Path(ref.root) / name), None
+    return ref.root, ref.inside(name)
 
 
 def read_state(path: Path, family: str) -> dict[str, Any]:

@@ -218,120 +218,138 @@ def run(config: RewardTrainConfig) -> dict[str, Any]:
         "tie": torch.tensor(train_pairs["is_tie"].to_list()),
         "weight": torch.tensor(train_pairs["num_example_per_prompt"].fill_null(0).to_list()),
     }
-    summary = _loop(config, accelerator, model, optimizer, schedule, cache, noise_scheduler, train, val_pairs, state,
-                    out, accuracy_per_timestep, plot_accuracy, export_components)
+    summary = Training(config, accelerator, model, optimizer, schedule, cache, noise_scheduler, train, val_pairs,
+                       state, out).loop()
     accelerator.end_training()
     return summary | {"effective_batch_size": effective, "train_pairs": train_pairs.height,
                       "validation_pairs": val_pairs.height, "skipped_images": len(missing)}
 
 
-def _loop(config, accelerator, model, optimizer, schedule, cache, noise_scheduler, train, val_pairs, state, out,
-          accuracy_per_timestep, plot_accuracy, export_components) -> dict[str, Any]:
-    n = len(train["caption"])
-    rank, world = accelerator.process_index, accelerator.num_processes
-    to_latents = accelerator.unwrap_model(model).to_latents
-    candidates = torch.tensor(config.timesteps)
-    micro = state["step"] * config.grad_accum
-    running = {"loss": 0.0, "correct": 0.0, "count": 0}
-    columns = (TextColumn("[bold]LRM"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-               TimeRemainingColumn())
-    progress = Progress(*columns, disable=not accelerator.is_main_process, transient=False)
-    metrics = checkpoints.MetricsLog(out, accelerator.is_main_process, state["step"])
-    with progress:
-        task = progress.add_task("train", total=config.max_steps, completed=state["step"], info="")
-        while state["step"] < config.max_steps:
-            idx = batch_indices(micro, rank, world, n, config.batch_size, config.seed)
-            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + micro * 1_009 + rank)
-            uids = [train["uid0"][i] for i in idx] + [train["uid1"][i] for i in idx]
-            clean = to_latents(cache.sample(uids, generator))
-            t = candidates[torch.randint(len(candidates), (len(idx),), generator=generator)]
-            steps = torch.cat([t, t])
-            noisy = noise_scheduler.add_noise(clean, torch.randn(clean.shape, generator=generator), steps)
-            labels = pair_labels(train["winner"][idx], train["tie"][idx]).to(accelerator.device)
-            weights = pair_weights(train["weight"][idx]).to(accelerator.device)
-            total = accelerator.reduce(weights.sum().detach(), reduction="sum")
-            with accelerator.accumulate(model):
-                scores = model(noisy.to(accelerator.device), steps.to(accelerator.device),
-                               [train["caption"][i] for i in idx] * 2)
-                s0, s1 = scores[: len(idx)], scores[len(idx):]
-                # DDP averages gradients over processes; scale so the result is the global weighted mean
-                loss = bradley_terry_loss(s0, s1, labels, weights, total) * world
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(f"loss became {loss.item()} at update {state['step']}; the last "
-                                           f"checkpoint in {out / CHECKPOINTS} is intact. Lower --lr or check "
-                                           "the data.")
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                lr = optimizer.param_groups[0]["lr"]  # the rate this update applies
-                optimizer.step()
-                schedule.step() if accelerator.sync_gradients else None
-                optimizer.zero_grad()
-            micro += 1
-            running["loss"] += loss.item() / world
-            running["correct"] += pairwise_correct(s0.detach(), s1.detach(), labels).sum().item()
-            running["count"] += len(idx)
-            if not accelerator.sync_gradients:
-                continue
-            state["step"] += 1
-            # over every process: the loss of the global batch (each process's is its share times world) and the
-            # share of its pairs ranked as labelled
-            totals = accelerator.reduce(torch.tensor([running["loss"], running["correct"], running["count"]],
-                                                     dtype=torch.float64, device=accelerator.device), "sum")
-            logs = {"loss": totals[0].item() / config.grad_accum, "train_accuracy": totals[1].item() /
-                    max(totals[2].item(), 1), "lr": lr}
-            running = {"loss": 0.0, "correct": 0.0, "count": 0}
-            accelerator.log(logs, step=state["step"])
-            metrics.write({"update": state["step"], **logs})
-            progress.update(task, completed=state["step"], info=f"loss {logs['loss']:.3f} acc "
-                            f"{logs['train_accuracy']:.2f}")
-            final = state["step"] == config.max_steps
-            if val_pairs.height and (state["step"] % config.eval_every == 0 or final):
-                _validate(config, accelerator, model, cache, noise_scheduler, val_pairs, state, out,
-                          accuracy_per_timestep, export_components)
-            if state["step"] % config.save_every == 0 or final:
-                checkpoints.save(accelerator, out, "step", state["step"], state, config.keep_checkpoints)
-    last = out / "last"
-    _export(accelerator, model, last, config, export_components)
-    if accelerator.is_main_process:
-        if state["best_step"] is None:  # no validation set: the last model is the only candidate
-            shutil.copytree(last, out / "best", dirs_exist_ok=True)
-        if state["history"]:
-            plot_accuracy({"validation": {float(t): a for t, a in state["history"][-1]["accuracy"].items()}},
-                          out / "accuracy.png",
-                          sigma=get_family(accelerator.unwrap_model(model).config.family).flow_matching)
-        (out / "train_summary.json").write_text(json.dumps(state, indent=2) + "\n")
-    accelerator.wait_for_everyone()
-    return {"steps": state["step"], "best_step": state["best_step"], "best_accuracy": state["best_accuracy"],
-            "history": state["history"], "best": str(out / "best"), "last": str(out / "last")}
+@dataclasses.dataclass
+class Training:
+    """One `lpo reward train` run: what the loop reads, and the state it updates (`state`: the update count, the
+    best validation accuracy and its update, the validation history)."""
 
+    config: RewardTrainConfig
+    accelerator: Accelerator
+    model: Any  # prepared by accelerate
+    optimizer: torch.optim.Optimizer
+    schedule: Any
+    cache: LatentCache
+    noise_scheduler: Any
+    train: dict[str, Any]  # the training pairs' columns
+    val_pairs: pl.DataFrame
+    state: dict[str, Any]
+    out: Path
 
-def _export(accelerator: Any, model: Any, directory: Path, config: RewardTrainConfig, export_components: Any) -> None:
-    """Save the model where `from_pretrained` loads it, with its VAE and noise schedule. Every process takes part:
-    under FSDP the full weights are gathered from the shards."""
-    state_dict = accelerator.get_state_dict(model)
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(directory, state_dict=state_dict)
-        export_components(directory, config.base, config.vae)
-    accelerator.wait_for_everyone()
+    def loop(self) -> dict[str, Any]:
+        config, accelerator, model, optimizer, schedule = (self.config, self.accelerator, self.model, self.optimizer,
+                                                           self.schedule)
+        cache, noise_scheduler, train, state, out = self.cache, self.noise_scheduler, self.train, self.state, self.out
+        n = len(train["caption"])
+        rank, world = accelerator.process_index, accelerator.num_processes
+        to_latents = accelerator.unwrap_model(model).to_latents
+        candidates = torch.tensor(config.timesteps)
+        micro = state["step"] * config.grad_accum
+        running = {"loss": 0.0, "correct": 0.0, "count": 0}
+        columns = (TextColumn("[bold]LRM"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                   TimeRemainingColumn())
+        progress = Progress(*columns, disable=not accelerator.is_main_process, transient=False)
+        metrics = checkpoints.MetricsLog(out, accelerator.is_main_process, state["step"])
+        with progress:
+            task = progress.add_task("train", total=config.max_steps, completed=state["step"], info="")
+            while state["step"] < config.max_steps:
+                idx = batch_indices(micro, rank, world, n, config.batch_size, config.seed)
+                generator = torch.Generator().manual_seed(config.seed * 1_000_003 + micro * 1_009 + rank)
+                uids = [train["uid0"][i] for i in idx] + [train["uid1"][i] for i in idx]
+                clean = to_latents(cache.sample(uids, generator))
+                t = candidates[torch.randint(len(candidates), (len(idx),), generator=generator)]
+                steps = torch.cat([t, t])
+                noisy = noise_scheduler.add_noise(clean, torch.randn(clean.shape, generator=generator), steps)
+                labels = pair_labels(train["winner"][idx], train["tie"][idx]).to(accelerator.device)
+                weights = pair_weights(train["weight"][idx]).to(accelerator.device)
+                total = accelerator.reduce(weights.sum().detach(), reduction="sum")
+                with accelerator.accumulate(model):
+                    scores = model(noisy.to(accelerator.device), steps.to(accelerator.device),
+                                   [train["caption"][i] for i in idx] * 2)
+                    s0, s1 = scores[: len(idx)], scores[len(idx):]
+                    # DDP averages gradients over processes; scale so the result is the global weighted mean
+                    loss = bradley_terry_loss(s0, s1, labels, weights, total) * world
+                    if not torch.isfinite(loss):
+                        raise TrainingDiverged(f"loss became {loss.item()} at update {state['step']}; the last "
+                                               f"checkpoint in {out / CHECKPOINTS} is intact. Lower --lr or check "
+                                               "the data.")
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and config.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                    lr = optimizer.param_groups[0]["lr"]  # the rate this update applies
+                    optimizer.step()
+                    schedule.step() if accelerator.sync_gradients else None
+                    optimizer.zero_grad()
+                micro += 1
+                running["loss"] += loss.item() / world
+                running["correct"] += pairwise_correct(s0.detach(), s1.detach(), labels).sum().item()
+                running["count"] += len(idx)
+                if not accelerator.sync_gradients:
+                    continue
+                state["step"] += 1
+                # over every process: the loss of the global batch (each process's is its share times world) and the
+                # share of its pairs ranked as labelled
+                totals = accelerator.reduce(torch.tensor([running["loss"], running["correct"], running["count"]],
+                                                         dtype=torch.float64, device=accelerator.device), "sum")
+                logs = {"loss": totals[0].item() / config.grad_accum, "train_accuracy": totals[1].item() /
+                        max(totals[2].item(), 1), "lr": lr}
+                running = {"loss": 0.0, "correct": 0.0, "count": 0}
+                accelerator.log(logs, step=state["step"])
+                metrics.write({"update": state["step"], **logs})
+                progress.update(task, completed=state["step"], info=f"loss {logs['loss']:.3f} acc "
+                                f"{logs['train_accuracy']:.2f}")
+                final = state["step"] == config.max_steps
+                if self.val_pairs.height and (state["step"] % config.eval_every == 0 or final):
+                    self._validate()
+                if state["step"] % config.save_every == 0 or final:
+                    checkpoints.save(accelerator, out, "step", state["step"], state, config.keep_checkpoints)
+        last = out / "last"
+        self._export(last)
+        if accelerator.is_main_process:
+            if state["best_step"] is None:  # no validation set: the last model is the only candidate
+                shutil.copytree(last, out / "best", dirs_exist_ok=True)
+            if state["history"]:
+                plot_accuracy({"validation": {float(t): a for t, a in state["history"][-1]["accuracy"].items()}},
+                              out / "accuracy.png",
+                              sigma=get_family(accelerator.unwrap_model(model).config.family).flow_matching)
+            (out / "train_summary.json").write_text(json.dumps(state, indent=2) + "\n")
+        accelerator.wait_for_everyone()
+        return {"steps": state["step"], "best_step": state["best_step"], "best_accuracy": state["best_accuracy"],
+                "history": state["history"], "best": str(out / "best"), "last": str(out / "last")}
 
+    def _export(self, directory: Path) -> None:
+        """Save the model where `from_pretrained` loads it, with its VAE and noise schedule. Every process takes
+        part: under FSDP the full weights are gathered from the shards."""
+        accelerator = self.accelerator
+        state_dict = accelerator.get_state_dict(self.model)
+        if accelerator.is_main_process:
+            accelerator.unwrap_model(self.model).save_pretrained(directory, state_dict=state_dict)
+            export_components(directory, self.config.base, self.config.vae)
+        accelerator.wait_for_everyone()
 
-def _validate(config, accelerator, model, cache, noise_scheduler, val_pairs, state, out, accuracy_per_timestep,
-              export_components) -> None:
-    """Every process scores its share of the validation pairs; the main process keeps the record and the best."""
-    unwrapped = accelerator.unwrap_model(model)
-    accuracy = accuracy_per_timestep(model, cache, val_pairs, noise_scheduler, config.eval_timesteps,
-                                     seed=config.seed, batch_size=config.batch_size, rank=accelerator.process_index,
-                                     world=accelerator.num_processes,
-                                     total=lambda x: accelerator.reduce(x.to(accelerator.device), "sum").cpu(),
-                                     to_latents=unwrapped.to_latents)
-    record = {"step": state["step"], "accuracy": {str(t): a for t, a in accuracy.items()}}
-    state["history"].append(record)
-    accelerator.log({f"val_accuracy_t{t}": a for t, a in accuracy.items()}, step=state["step"])
-    logger.info("update %d: validation accuracy %s", state["step"],
-                ", ".join(f"t={t}: {a:.3f}" for t, a in accuracy.items()))
-    selected = accuracy.get(config.select_timestep, next(iter(accuracy.values())))
-    if selected > state["best_accuracy"]:  # the same numbers on every process: the same bookkeeping
-        state["best_accuracy"], state["best_step"] = selected, state["step"]
-        _export(accelerator, model, out / "best", config, export_components)
-    accelerator.wait_for_everyone()
+    def _validate(self) -> None:
+        """Every process scores its share of the validation pairs; the main process keeps the record and the
+        best."""
+        config, accelerator, model, state = self.config, self.accelerator, self.model, self.state
+        unwrapped = accelerator.unwrap_model(model)
+        accuracy = accuracy_per_timestep(model, self.cache, self.val_pairs, self.noise_scheduler,
+                                         config.eval_timesteps, seed=config.seed, batch_size=config.batch_size,
+                                         rank=accelerator.process_index, world=accelerator.num_processes,
+                                         total=lambda x: accelerator.reduce(x.to(accelerator.device), "sum").cpu(),
+                                         to_latents=unwrapped.to_latents)
+        record = {"step": state["step"], "accuracy": {str(t): a for t, a in accuracy.items()}}
+        state["history"].append(record)
+        accelerator.log({f"val_accuracy_t{t}": a for t, a in accuracy.items()}, step=state["step"])
+        logger.info("update %d: validation accuracy %s", state["step"],
+                    ", ".join(f"t={t}: {a:.3f}" for t, a in accuracy.items()))
+        selected = accuracy.get(config.select_timestep, next(iter(accuracy.values())))
+        if selected > state["best_accuracy"]:  # the same numbers on every process: the same bookkeeping
+            state["best_accuracy"], state["best_step"] = selected, state["step"]
+            self._export(self.out / "best")
+        accelerator.wait_for_everyone()

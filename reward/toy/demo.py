@@ -45,10 +45,11 @@ from lpo.core import config as cfg
 from lpo.core.errors import InputError
 from lpo.curate import filter as curate_filter
 from lpo.curate import ingest
-from lpo.reward.backbones import get_family, load_generator
+from lpo.reward.backbones import get_family
 from lpo.reward.images import save_image_grid
+from lpo.reward.lpo import generation
 from lpo.reward.lpo import train as lpo_train
-from lpo.reward.lpo.config import LPOConfig, check_calibration
+from lpo.reward.lpo.config import GenerationOptions, LPOConfig, check_calibration
 from lpo.reward.lpo.sample import image_seed
 from lpo.reward.lpo.sampler import sample
 from lpo.reward.lrm import accuracy, train
@@ -329,12 +330,10 @@ def optimize(config: DemoConfig, out: Path, objective: str) -> dict[str, Any]:
             "final_lrm_score_last_round": history[-1]["final_lrm_score"] if history else None}
 
 
-def _load_generator(base: str, lpo: dict[str, Any] | None) -> Any:
+def _load_generator(base: str, lpo: dict[str, Any] | None, sampler: str | None) -> Any:
     """The base generator, or the LPO-tuned one (its LoRA loaded, or its fully fine-tuned denoiser swapped in)."""
-
-    if lpo is None:
-        return load_generator(base)
-    return load_generator(base, lora=lpo["output"]) if lpo["lora"] else load_generator(base, denoiser=lpo["output"])
+    tuned = {} if lpo is None else {"lora" if lpo["lora"] else "denoiser": lpo["output"]}
+    return generation.load(GenerationOptions(base=base, sampler=sampler, **tuned))
 
 
 def compare_generators(config: DemoConfig, out: Path, results: dict[str, Any]) -> dict[str, Any]:
@@ -350,8 +349,7 @@ def compare_generators(config: DemoConfig, out: Path, results: dict[str, Any]) -
                               "candidates": config.candidates}
     samples_dir = out / "samples"
     for variant in variants(config):
-        model = _load_generator(base, results[variant] if variant in ("lpo", "grpo") else None)
-        model.use_sampler(config.sampler)
+        model = _load_generator(base, results[variant] if variant in ("lpo", "grpo") else None, config.sampler)
         cond = model.encode_prompts(prompts)
         generators = [torch.Generator().manual_seed(s) for s in seeds]
         latents = sample(model, cond, generators, config.steps, config.guidance, eta=eta,

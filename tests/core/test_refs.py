@@ -1,0 +1,88 @@
+"""Model references: one parser for local paths and hub ids, hub files read once per process, and each kind of hub
+failure turned into a message that names its fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import huggingface_hub
+import pytest
+from huggingface_hub.errors import (
+    GatedRepoError,
+    LocalEntryNotFoundError,
+    RemoteEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+from lpo.core import refs
+from lpo.core.errors import InputError
+from lpo.core.refs import ModelRef
+
+
+def test_one_rule_for_paths_and_hub_ids(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert ModelRef.parse("a/b") == ModelRef("a/b", "a/b", None, True)  # exists: a local folder
+    assert ModelRef.parse("./missing").local and ModelRef.parse("/abs/missing").local
+    assert ModelRef.parse("~/x").root == str(Path("~/x").expanduser())
+    assert ModelRef.parse("owner/repo") == ModelRef("owner/repo", "owner/repo", None, False)
+    ref = ModelRef.parse("casiatao/LPO/lpo_sd15_merge/unet")
+    assert (ref.root, ref.subfolder, ref.local) == ("casiatao/LPO", "lpo_sd15_merge/unet", False)
+    assert ref.inside("scheduler") == "lpo_sd15_merge/unet/scheduler" and ref.inside(None) == "lpo_sd15_merge/unet"
+    for bad in ("justaname", "owner//repo"):
+        with pytest.raises(InputError, match="neither an existing folder nor a hub id"):
+            ModelRef.parse(bad)
+
+
+def test_a_hub_file_is_fetched_once_per_process(tmp_path: Path, monkeypatch) -> None:
+    calls = []
+    target = tmp_path / "config.json"
+    target.write_text('{"a": 1}')
+
+    def download(repo, filename, subfolder=None):
+        calls.append((repo, filename, subfolder))
+        return str(target)
+
+    refs.forget_downloads()
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    ref = ModelRef.parse("owner/repo/sub")
+    assert ref.read_json("unet/config.json") == {"a": 1}
+    assert ref.read_json("unet/config.json") == {"a": 1}
+    assert calls == [("owner/repo", "config.json", "sub/unet")]
+    refs.forget_downloads()
+
+
+def _response(status: int) -> SimpleNamespace:
+    """What the hub's HTTP errors read of a response."""
+    return SimpleNamespace(status_code=status, headers={}, request=None)
+
+
+@pytest.mark.parametrize(("error", "fix"), [
+    (LocalEntryNotFoundError("not cached"), "HF_HUB_OFFLINE is set"),
+    (GatedRepoError("gated", response=_response(403)), "hf auth login"),
+    (RevisionNotFoundError("no rev", response=_response(404)), "existing branch, tag or commit"),
+    (RepositoryNotFoundError("no repo", response=_response(404)), "check the id"),
+    (RemoteEntryNotFoundError("no file", response=_response(404)), "name the folder that holds the model"),
+])
+def test_each_hub_failure_names_its_fix(error, fix, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def download(*args, **kwargs):
+        raise error
+
+    refs.forget_downloads()
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    with pytest.raises(InputError) as refused:
+        ModelRef.parse("owner/repo/sub").file("config.json")
+    message = str(refused.value)
+    assert message.startswith(f"could not read config.json of 'owner/repo/sub' ({type(error).__name__})")
+    assert fix in message
+    # a file the repository lacks is None when optional; offline-and-uncached is never "absent"
+    if isinstance(error, RemoteEntryNotFoundError):
+        assert ModelRef.parse("owner/repo").file("x.json", required=False) is None
+    if isinstance(error, LocalEntryNotFoundError):
+        with pytest.raises(InputError, match="HF_HUB_OFFLINE"):
+            ModelRef.parse("owner/repo").file("x.json", required=False)
+    refs.forget_downloads()
