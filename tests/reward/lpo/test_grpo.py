@@ -298,3 +298,11 @@ def test_two_processes_train_as_one_process_with_twice_the_batch(family, objecti
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=tolerance)
     one_log, two_log = checkpoints.read_metrics(tmp_path / "one"), checkpoints.read_metrics(tmp_path / "two")
     assert [r["loss"] for r in one_log] == pytest.approx([r["loss"] for r in two_log], rel=1e-3, abs=1e-5)
+    # the items are gathered from both processes (3 prompts: 2 rounds of 1 prompt per process), and one metrics line
+    # per optimizer update is written once, by the main process, with the global batch's numbers
+    assert runs["two"]["round"] == 2
+    if objective == "lpo":  # 2 trajectories x the 2 steps that form pairs (a flow sampler's last one forms none)
+        assert runs["two"]["rounds"][0]["valid_pairs"] == 4
+    assert [r["update"] for r in two_log] == list(range(1, runs["two"]["updates"] + 1))
+    unit = "groups" if objective == "grpo" else "tuples"
+    assert all(r["lr"] == 1e-3 and r[unit] == 2 and math.isfinite(r["loss"]) for r in two_log)
