@@ -190,9 +190,9 @@ def report_optimize(config: LPOConfig, summary: dict[str, Any]) -> None:
     if "plan" in summary:
         report_plan(summary["plan"])
         return
-    keys, names = (("groups", "groups_trained", "clip_fraction"), ("groups", "clip fraction")) if \
-        config.objective == "grpo" else (("valid_pairs", "tuples_trained", "implicit_accuracy"), ("valid pairs",
-                                                                                                "implicit acc"))
+    described = summary["objective"]  # the round record's keys of this objective
+    keys = (described["found"], f"{described['unit']}_trained", described["shared"])
+    names = (keys[0].replace("_", " "), keys[2].replace("_", " "))
     rows = [(r["round"], r[keys[0]], r[keys[1]], f"{r.get(keys[2], float('nan')):.3f}",
              f"{r.get('loss', float('nan')):.4f}", f"{r['final_lrm_score']:.3f}") for r in summary["history"][-10:]]
     columns = ("round", names[0], "trained", names[1], "loss", "final LRM score")

@@ -57,6 +57,7 @@ class Objective:
 
     name: ClassVar[str]
     unit: ClassVar[str]  # what is trained on, counted in the summary as `<unit>_trained`
+    noun: ClassVar[str]  # the items trained on, as a report names them
     found: ClassVar[str]  # the round record's count of the items the rollout produced
     fields: ClassVar[tuple[str, ...]]  # the rollout's per-item fields the loss reads (besides x_t, t, prompt)
     logged: ClassVar[tuple[str, ...]]  # the loss's outputs averaged into the round record
@@ -88,7 +89,7 @@ class Objective:
 
 
 class LPO(Objective):
-    name, unit, found = "lpo", "tuples", "valid_pairs"
+    name, unit, noun, found = "lpo", "tuples", "tuples", "valid_pairs"
     fields = ("x_w", "x_l")
     logged = ("loss", "implicit_accuracy", "margin", "ratio_w", "ratio_l")
     shared = "implicit_accuracy"
@@ -110,7 +111,7 @@ class LPO(Objective):
 
 
 class GRPO(Objective):
-    name, unit, found = "grpo", "groups", "groups"
+    name, unit, noun, found = "grpo", "groups", "groups of K", "groups"
     fields = ("children", "old_log_prob", "advantages")
     logged = ("loss", "policy_loss", "kl", "clip_fraction", "ratio")
     shared = "clip_fraction"

@@ -281,7 +281,8 @@ def run(config: LPOConfig) -> dict[str, Any]:
         (out / "lpo_summary.json").write_text(json.dumps(state, indent=2) + "\n")
     accelerator.end_training()
     return {"rounds": state["round"], f"{unit}_trained": state[f"{unit}_trained"], "history": state["rounds"],
-            "outputs": outputs, **outputs}
+            "objective": {"unit": unit, "found": objective.found, "shared": objective.shared}, "outputs": outputs,
+            **outputs}
 
 
 @dataclass

@@ -50,6 +50,7 @@ from lpo.reward.images import save_image_grid
 from lpo.reward.lpo import generation
 from lpo.reward.lpo import train as lpo_train
 from lpo.reward.lpo.config import GenerationOptions, LPOConfig, check_calibration
+from lpo.reward.lpo.objectives import OBJECTIVES
 from lpo.reward.lpo.sample import image_seed
 from lpo.reward.lpo.sampler import sample
 from lpo.reward.lrm import accuracy, train
@@ -320,7 +321,7 @@ def optimize(config: DemoConfig, out: Path, objective: str) -> dict[str, Any]:
         resume=lpo_train.latest_checkpoint(run_dir) is not None))
     output = next(iter(summary["outputs"].values()))  # the LoRA, or the fully fine-tuned denoiser
     history = summary["history"]
-    unit = "groups" if objective == "grpo" else "tuples"
+    unit = OBJECTIVES[objective].unit
     total = {key: sum(r.get(key, 0) for r in history) for key in ("updates", "train_forwards", "train_seconds",
                                                                    "sample_seconds")}
     return {"rounds": summary["rounds"], f"{unit}_trained": summary[f"{unit}_trained"], "output": output,
@@ -381,13 +382,13 @@ def costs(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """What each fine-tuning objective spent on the same sampled trajectories: items trained, optimizer updates,
     denoiser forwards of the training, seconds of training and of sampling."""
     out = {}
-    for objective in ("lpo", "grpo"):
-        if objective in results:
-            r = results[objective]
-            items = r.get("groups_trained", r.get("tuples_trained"))
-            out[objective] = {"trajectories": r.get("trajectories"), "items": items, "updates": r.get("updates"),
-                              "train_forwards": r.get("train_forwards"), "train_seconds": r.get("train_seconds"),
-                              "sample_seconds": r.get("sample_seconds")}
+    for objective in OBJECTIVES.values():
+        if objective.name in results:
+            r = results[objective.name]
+            items = r.get(f"{objective.unit}_trained")
+            out[objective.name] = {"trajectories": r.get("trajectories"), "items": items,
+                                   "updates": r.get("updates"), "train_forwards": r.get("train_forwards"),
+                                   "train_seconds": r.get("train_seconds"), "sample_seconds": r.get("sample_seconds")}
     return out
 
 
@@ -428,9 +429,8 @@ def markdown(summary: dict[str, Any]) -> str:
         lines += ["", "| fine-tuning | trajectories | items trained | updates | training forwards | training s | "
                       "sampling s |", "|---|---|---|---|---|---|---|"]
         for objective, c in cost.items():
-            unit = "groups of K" if objective == "grpo" else "tuples"
-            lines.append(f"| {objective} | {c['trajectories']} | {c['items']} {unit} | {c['updates']} | "
-                         f"{c['train_forwards']} | {c['train_seconds']} | {c['sample_seconds']} |")
+            lines.append(f"| {objective} | {c['trajectories']} | {c['items']} {OBJECTIVES[objective].noun} | "
+                         f"{c['updates']} | {c['train_forwards']} | {c['train_seconds']} | {c['sample_seconds']} |")
     lines += ["", f"Label agreement with the oracle: raw {cur['raw']['agreement']:.3f} over {cur['raw']['decided']} "
                   f"decided pairs; kept {cur['kept']['agreement']:.3f} over {cur['kept']['decided']}.",
               "Seconds per stage: " + ", ".join(f"{k} {v}" for k, v in summary["seconds"].items()), ""]

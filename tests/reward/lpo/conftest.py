@@ -1,5 +1,5 @@
 """Fixtures of the LPO and GRPO tests: a random-weight LRM per family, saved as the trainers load it, and a
-prompt file."""
+prompt file, built once per test process (read, never written, by the tests)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 PROMPTS = ["a red circle on a blue background", "a green square on a white background", "a white triangle"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def lrms(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from lpo.reward.lrm.model import LatentRewardModel, export_components
 
@@ -26,7 +26,7 @@ def lrms(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def prompt_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
     path.write_text("\n".join(PROMPTS) + "\n")
