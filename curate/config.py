@@ -60,3 +60,6 @@ class FilterConfig:
     device: str = option("auto", "Scoring device: auto, cpu, cuda, cuda:N.")
     dtype: str = option("auto", "Scoring dtype: auto, float32, float16, bfloat16.")
     decode_workers: int = option(4, "Image-decoding threads when scoring.")
+    overwrite: bool = option(False, "Replace a filter run already in --out that was made with other settings (its "
+                                    "manifests, summary and plot are removed first). Without it such a run is "
+                                    "refused and left as it was.")

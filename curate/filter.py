@@ -10,6 +10,7 @@ from typing import Any
 import polars as pl
 
 from lpo.core import config as cfg
+from lpo.core import rundir
 from lpo.core.errors import InputError
 from lpo.core.files import write_text_atomic
 from lpo.curate import ingest, mpcf, score
@@ -29,6 +30,12 @@ WRITE_ROWS = 100_000  # rows of the scored pairs per written piece
 REJECTED_FILE = "rejected.parquet"
 SUMMARY_FILE = "summary.json"
 PLOT_FILE = "gaps.png"
+# what a filter run writes into --out (its curation directory's pairs, images and scores stay)
+CONFIG_FILE = "filter_config.json"
+FILTER_OUTPUTS = (FILTERED_FILE, REJECTED_FILE, SUMMARY_FILE, PLOT_FILE, CONFIG_FILE)
+# the settings the filtered manifests depend on; the rest (batch size, device, ...) only decide how fast
+DECISIVE = ("source", "rule", "metrics", "min_gap", "tie_max_gap", "keep_ties", "split", "limit", "models",
+            "models_dir")
 
 
 def _score_config(config: FilterConfig, work_dir: Path, rule: mpcf.Rule) -> score.ScoreConfig:
@@ -47,6 +54,8 @@ def run(config: FilterConfig) -> dict[str, Any]:
         raise InputError("no output directory given; pass --out DIR.")
     rule = mpcf.build_rule(config.rule, config.metrics, config.min_gap, config.tie_max_gap, config.keep_ties)
     out = Path(config.out)
+    rundir.claim(out, "curation")
+    _check_same_filter(config, out)
     source_is_dir = config.source is not None and ingest.is_curation_dir(config.source)
     work_dir = Path(config.source) if source_is_dir else out
     if not source_is_dir:
@@ -56,10 +65,38 @@ def run(config: FilterConfig) -> dict[str, Any]:
         score.validate_models(_score_config(config, work_dir, rule))
         ingest.run(ingest.IngestConfig(source=config.source, out=out, split=config.split, limit=config.limit))
     score.run(_score_config(config, work_dir, rule))
+    if config.overwrite:
+        rundir.replace(out, FILTER_OUTPUTS)
     summary = filter_dir(work_dir, out, rule, plot=config.plot)
-    cfg.save(config, out / "filter_config.json")
+    cfg.save(config, out / CONFIG_FILE)
     return summary
 
+
+def _decisive(values: dict[str, Any]) -> dict[str, Any]:
+    """The decisive settings, with local paths resolved (the same folder by a relative or an absolute path is the
+    same source)."""
+    out = {}
+    for key in DECISIVE:
+        value = values.get(key)
+        if key in ("source", "models_dir") and value is not None and Path(value).exists():
+            value = str(Path(value).resolve())
+        if key == "models" and value:
+            value = {m: str(Path(v).resolve()) if Path(v).exists() else v for m, v in value.items()}
+        out[key] = value
+    return out
+
+
+def _check_same_filter(config: FilterConfig, out: Path) -> None:
+    """A filter run already in `out` is continued (rewritten with the same results) when its settings are these,
+    replaced with --overwrite, and otherwise refused before anything is written."""
+    path = out / CONFIG_FILE
+    if not path.is_file() or config.overwrite:
+        return
+    saved, now = _decisive(json.loads(path.read_text())), _decisive(cfg.to_dict(config))
+    changed = [f"{k}={saved[k]!r} (now {now[k]!r})" for k in DECISIVE if saved[k] != now[k]]
+    if changed:
+        raise InputError(f"{out} holds a filter run made with {', '.join(changed)}; pass --overwrite to replace "
+                         "it, or a new --out to keep it.")
 
 def filter_dir(work_dir: Path, out: Path, rule: mpcf.Rule, plot: bool = False) -> dict[str, Any]:
     """Apply `rule` to the scored pairs of `work_dir`; write filtered/rejected manifests and the summary to `out`."""

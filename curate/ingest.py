@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lpo.core import config as cfg
+from lpo.core import rundir
 from lpo.core.errors import InputError
 from lpo.core.files import write_text_atomic
 from lpo.curate.config import IngestConfig
@@ -256,6 +257,15 @@ def normalise_batch(batch: pa.RecordBatch, source: str) -> tuple[pl.DataFrame, C
     return frame, skipped
 
 
+def _same_source(identity: dict[str, Any]) -> dict[str, Any]:
+    """An ingest's identity with a local source as its resolved path: the same files by a relative or an absolute
+    path (or from another working directory) are the same source."""
+    source = identity.get("source")
+    if isinstance(source, str) and Path(source).exists():
+        identity = {**identity, "source": str(Path(source).resolve())}
+    return identity
+
+
 class _Ingester:
     def __init__(self, config: IngestConfig, source: Source):
         self.config = config
@@ -271,7 +281,7 @@ class _Ingester:
                 raise InputError(f"{self.out} already holds {PAIRS_FILE} without ingest state; use a new --out.")
             return {"rows_done": 0, "chunks": 0, "done": False, "skipped": {}, "rows_read": 0}
         state = json.loads(self.state_path.read_text())
-        if state["identity"] != self.identity:
+        if _same_source(state["identity"]) != _same_source(self.identity):
             raise InputError(
                 f"{self.out} holds an ingest of {state['identity']}, not {self.identity}; "
                 "use a new --out directory, or delete the old one to start over."
@@ -371,6 +381,7 @@ def run(config: IngestConfig) -> IngestSummary:
         raise InputError("no source given; pass a parquet file/directory, a save_to_disk directory, or a dataset id.")
     if config.out is None:
         raise InputError("no output directory given; pass --out DIR.")
+    rundir.claim(config.out, "curation")
     if config.chunk_rows < 1:
         raise InputError(f"--chunk-rows must be at least 1, got {config.chunk_rows}.")
     if config.limit is not None and config.limit < 1:

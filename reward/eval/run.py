@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from lpo.core import config as cfg
+from lpo.core import rundir
 from lpo.core.device import resolve_device, resolve_dtype
 from lpo.core.errors import InputError
 from lpo.core.files import write_text_atomic
@@ -74,6 +75,8 @@ def validate(config: EvalConfig) -> Checked:
                          "of prompt p uses seed + 1000 * p + i, so more would share seeds).")
     if config.grid_prompts < 0:
         raise InputError(f"--grid-prompts {config.grid_prompts} must be 0 or more.")
+    rundir.claim(config.out, "eval")
+    resolve_device(config.device)  # a GPU asked for where there is none: refused before anything is written
     _, denoiser_weights = generation.check(config, reward_url=config.reward_url, has_reward_url=True)
     resolve_dtype(config.dtype, option="--dtype")
     resolve_dtype(config.score_dtype, option="--score-dtype", auto=None)

@@ -20,6 +20,7 @@ from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from lpo.core import config as cfg
+from lpo.core import rundir
 from lpo.core.device import resolve_device, resolve_dtype
 from lpo.core.errors import InputError
 from lpo.core.files import write_text_atomic
@@ -332,6 +333,8 @@ def score_existing(config: EvalScoreConfig) -> dict[str, Any]:
         raise InputError("--images and --out are required, e.g. `lpo eval score --images runs/samples --out DIR`.")
     _check_positive(score_batch_size=config.score_batch_size)
     resolve_dtype(config.score_dtype, option="--score-dtype", auto=None)
+    rundir.claim(config.out, "eval")
+    resolve_device(config.device)
     items = resolve_images(Path(config.images), config.prompts)
     if any(item.record is None for item in items):  # a metric that reads records needs them for every image
         check_records(config.metrics, None, config.prompts)

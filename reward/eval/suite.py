@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lpo.core import rundir
 from lpo.core.config import _read_config_file, to_dict
 from lpo.core.errors import InputError
 from lpo.core.files import write_text_atomic
@@ -146,6 +147,7 @@ def run(config: EvalSuiteConfig) -> dict[str, Any]:
     if not config.suite or not config.out:
         raise InputError("give a suite file and --out, e.g. `lpo eval suite manifests/suites/lpo-sd15.yaml --out "
                          "runs/table-sd15`.")
+    rundir.claim(config.out, "suite")
     suite = read_suite(config.suite)
     rows = rows_of(config, suite)
     for row in rows:  # every row's input, before any model loads

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from lpo.core import rundir
 from lpo.core.device import resolve_device
 from lpo.core.errors import InputError
 from lpo.reward.lpo import generation
@@ -31,6 +32,7 @@ def validate(config: SampleConfig) -> None:
         raise InputError("give at least one non-empty --prompt.")
     if config.images_per_prompt < 1:
         raise InputError(f"--images-per-prompt {config.images_per_prompt}: must be at least 1.")
+    rundir.claim(config.out, "samples")
     generation.check(config)
 
 

@@ -34,6 +34,7 @@ from peft.utils import get_peft_model_state_dict
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from lpo.core import config as cfg
+from lpo.core import rundir
 from lpo.core.device import mixed_precision, precision_dtype
 from lpo.core.errors import InputError, TrainingDiverged
 from lpo.curate.prompts import read_prompts
@@ -64,6 +65,8 @@ def validate(config: LPOConfig) -> list[str]:
     for name in ("base", "prompts", "out"):
         if not getattr(config, name):
             raise InputError(f"--{name} is required.")
+    if not config.dry_run:
+        rundir.claim(config.out, "lpo")
     if (config.lrm is None) == (config.reward_url is None):
         raise InputError("give the latent reward model as either --lrm DIR or --reward-url URL (one of them).")
     if config.family not in FAMILIES:

@@ -26,6 +26,7 @@ from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwar
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from lpo.core import config as cfg
+from lpo.core import rundir
 from lpo.core.device import mixed_precision, precision_dtype
 from lpo.core.errors import InputError, TrainingDiverged
 from lpo.curate.manifest import PAIRS_SCHEMA, check_schema, curation_dir_of, read_pairs
@@ -54,6 +55,8 @@ def validate(config: RewardTrainConfig) -> tuple[RewardTrainConfig, Any]:
     for name in ("manifest", "base", "out"):
         if not getattr(config, name):
             raise InputError(f"--{name} is required.")
+    if not config.dry_run:
+        rundir.claim(config.out, "lrm")
     check_schema(config.manifest, PAIRS_SCHEMA, "filtered")
     if config.val_manifest is not None:
         check_schema(config.val_manifest, PAIRS_SCHEMA, "validation")

@@ -42,6 +42,7 @@ from PIL import Image
 from transformers.utils import logging as transformers_logging
 
 from lpo.core import config as cfg
+from lpo.core import rundir
 from lpo.core.errors import InputError
 from lpo.curate import filter as curate_filter
 from lpo.curate import ingest
@@ -144,6 +145,7 @@ def validate(config: DemoConfig) -> None:
 
     get_family(config.family).check_sampler(config.sampler, f"the {config.family} toy model")
     check_calibration(config.lpo_beta_schedule, config.lpo_threshold_scale, "lpo-")
+    rundir.claim(config.out, "demo")
     path = Path(config.out) / CONFIG_FILE
     if path.is_file():
         saved, now = json.loads(path.read_text()), cfg.to_dict(given)  # as saved: the family defaults left unset
