@@ -165,11 +165,11 @@ command(reward_app, "eval", RewardEvalConfig, lazy("lpo.reward.lrm.accuracy", "r
              "Pick-a-Pic's validation_unique and test_unique (--dataset): JSON and a PNG plot.")
 command(reward_app, "score", RewardScoreConfig, lazy("lpo.reward.lrm.accuracy", "score"), report_reward_score,
         required=("lrm", "images", "prompts"), repeatable=("images", "prompts"), flags={"prompts": ("--prompt",)},
-        config_file=False, help="Score image files against prompts with an LRM (encode, noise to t, score).")
+        help="Score image files against prompts with an LRM (encode, noise to t, score).")
 command(reward_app, "import-reference", ImportReferenceConfig, lazy("lpo.reward.lrm.reference", "run"),
         lambda config, r: out_console.print(f"{r['family']} LRM from {r['source']} -> {r['out']} (text encoders: "
                                             f"{r['text_encoders']}; logit scale {r['logit_scale']:.4f})"),
-        arguments=("source",), required=("source", "base", "out"), config_file=False,
+        arguments=("source",), required=("source", "base", "out"),
         help="Convert an LRM saved by the reference code (unet/, text_encoder/, state_dict.pt; the released "
              "casiatao/LRM/lrm_sd15 and lrm_sdxl) into this toolkit's format, usable by every --lrm option.")
 command(reward_app, "serve", ServeConfig,
@@ -301,12 +301,12 @@ command(eval_app, "score", EvalScoreConfig, lazy("lpo.reward.eval.score", "score
         help="Score images that already exist: a manifest pairs each file with its prompt, or files named "
              "<prompt index>_<image index>.png are matched to --prompts. Mismatches exit 2.")
 command(eval_app, "suite", EvalSuiteConfig, lazy("lpo.reward.eval.suite", "run"), report_suite,
-        arguments=("suite",), required=("suite", "out"), config_file=False,
+        arguments=("suite",), required=("suite", "out"),
         help="Run a suite of rows (base, LoRA, fine-tuned UNet/transformer, LRM-guided) on the same prompts and "
              "seeds, each a resumable `lpo eval` run (finished rows are reused), and write the table: means with 95% "
              "intervals, paired differences against the first row, the paper's numbers (table.md/.json/.png).")
 command(eval_app, "compare", EvalCompareConfig, lazy("lpo.reward.eval.stats", "compare"), report_compare,
-        arguments=("run_a", "run_b"), required=("run_a", "run_b"), config_file=False,
+        arguments=("run_a", "run_b"), required=("run_a", "run_b"),
         help="Per-metric means of two runs, the paired difference (by prompt and image index) with a 95% interval, "
              "and the per-prompt win rate; a rich table and markdown.")
 
@@ -341,7 +341,7 @@ command(app, "demo", DemoConfig, run_demo, report_demo,
              "continue a stopped run.")
 command(dev_app, "tiny-models", TinyModelsConfig, lazy("lpo.reward.toy.random_models", "run"),
         lambda config, written: [out_console.print(f"{role:10s} {path}") for role, path in written.items()],
-        arguments=("out",), required=("out",), config_file=False,
+        arguments=("out",), required=("out",),
         help="Write tiny random-weight models in the real on-disk formats (pickscore, clip, vqa, aesthetic, sd15, "
              "sdxl, sd3, flux, hpsv2, hpsv21, imagereward, geneval, t2i-color, t2i-shape, t2i-texture).")
 command(dev_app, "toy-models", ToyModelsConfig, lazy("lpo.reward.toy.trainer", "run"),
@@ -353,7 +353,7 @@ command(dev_app, "toy-models", ToyModelsConfig, lazy("lpo.reward.toy.trainer", "
              "pipeline. About 16 minutes on 2 CPU cores; not resumable.")
 command(dev_app, "sample-data", SampleDataConfig, lazy("lpo.reward.toy.world", "run"),
         lambda config, path: typer.echo(json.dumps({"written": str(path)})),
-        arguments=("out",), required=("out",), config_file=False,
+        arguments=("out",), required=("out",),
         help="Write synthetic toy-world preference pairs (shapes and colours, with a known oracle) in Pick-a-Pic's "
              "schema.")
 

@@ -58,10 +58,12 @@ class Field:
     parse: Callable[[Any], Any] = lambda value: value
 
     def parameter(self) -> inspect.Parameter:
+        # a required value may come from --config too, so the command checks it once the config is built
+        text = f"{self.help} Required (here or in --config)." if self.required else self.help
         if self.flags:
-            default = typer.Option(... if self.required else None, *self.flags, help=self.help)
+            default = typer.Option(None, *self.flags, help=text, show_default=False)
         else:
-            default = typer.Argument(... if self.required else None, help=self.help)
+            default = typer.Argument(None, help=text, show_default=False)
         return inspect.Parameter(self.name, inspect.Parameter.KEYWORD_ONLY, default=default,
                                  annotation=self.annotation)
 
@@ -140,6 +142,11 @@ def command(group: typer.Typer, name: str | None, cls: type, run: Callable[[Any]
             if options:
                 overrides[options.field] = options.collect(grouped)
             config = cfg.build(cls, config_path, **overrides, **fixed)
+            missing = [f.flags[0].split("/")[0] if f.flags else f.name.upper() for f in fields
+                       if f.required and getattr(config, f.name, None) in (None, "", [])]
+            if missing:
+                raise InputError(f"missing {', '.join(missing)}: give {'it' if len(missing) == 1 else 'them'} on "
+                                 "the command line or in --config.")
             result = run(config)
         except InputError as err:
             console.print(f"[bold red]error:[/] {err}")

@@ -41,6 +41,15 @@ def resolve_dtype(name: str, device: str | None = None, option: str = "--dtype",
     return getattr(torch, name)
 
 
+PRECISIONS = ("auto", "no", "fp16", "bf16")
+
+
+def check_mixed_precision(name: str) -> None:
+    """--mixed-precision is one accelerate runs on both GPUs and CPUs here (fp8 needs extra libraries and GPUs)."""
+    if name not in PRECISIONS:
+        raise InputError(f"--mixed-precision {name} is not one of {', '.join(PRECISIONS)}; pick one of them.")
+
+
 def mixed_precision(name: str, cuda: bool, auto: str) -> str:
     """accelerate's mixed precision: `name`, or `auto`'s choice on CUDA and none ("no") on the CPU."""
     return name if name != "auto" else (auto if cuda else "no")

@@ -88,8 +88,8 @@ def hub_error(err: Exception, spec: str, filename: str) -> InputError:
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
         reason = "HF_HUB_OFFLINE is set and the file is not in the local cache" if offline else \
             "the hub is unreachable and the file is not in the local cache"
-        return InputError(f"{what}: {reason}; download it first (`hf download {spec.split('/')[0]}/...` on a "
-                          "machine with access, or unset HF_HUB_OFFLINE), or pass a local folder.")
+        return InputError(f"{what}: {reason}; download it first (`hf download {'/'.join(spec.split('/')[:2])}` on "
+                          "a machine with access, or unset HF_HUB_OFFLINE), or pass a local folder.")
     if isinstance(err, GatedRepoError):
         return InputError(f"{what}: the repository is gated; accept its licence on the hub and log in (`hf auth "
                           "login`, or set HF_TOKEN), or pass a local folder.")

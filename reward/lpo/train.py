@@ -35,7 +35,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from lpo.core import config as cfg
 from lpo.core import rundir
-from lpo.core.device import mixed_precision, precision_dtype
+from lpo.core.device import check_mixed_precision, mixed_precision, precision_dtype
 from lpo.core.errors import InputError, TrainingDiverged
 from lpo.curate.prompts import read_prompts
 from lpo.reward import checkpoints, engine
@@ -97,6 +97,12 @@ def validate(config: LPOConfig) -> list[str]:
                          f"{found} model has none.")
     if config.lora_alpha is not None and config.lora_alpha <= 0:
         raise InputError(f"--lora-alpha {config.lora_alpha} must be > 0 (the LoRA's scale is alpha / rank).")
+    check_mixed_precision(config.mixed_precision)
+    for name, holds, rule in (("lr", resolved.lr > 0, "> 0"), ("weight_decay", config.weight_decay >= 0, ">= 0"),
+                              ("max_grad_norm", config.max_grad_norm >= 0, ">= 0 (0 turns clipping off)"),
+                              ("save_every_rounds", config.save_every_rounds >= 0, ">= 0 (0: each epoch)")):
+        if not holds:
+            raise InputError(f"--{name.replace('_', '-')} {getattr(resolved, name)} must be {rule}.")
     if not 0 < config.clip_eps < 1 or config.grpo_kl < 0:
         raise InputError("--clip-eps must be in (0, 1) and --grpo-kl at least 0.")
     threshold = resolved.threshold

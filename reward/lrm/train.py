@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pyarrow.parquet as pq
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
@@ -27,7 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from lpo.core import config as cfg
 from lpo.core import rundir
-from lpo.core.device import mixed_precision, precision_dtype
+from lpo.core.device import check_mixed_precision, mixed_precision, precision_dtype
 from lpo.core.errors import InputError, TrainingDiverged
 from lpo.curate.manifest import PAIRS_SCHEMA, check_schema, curation_dir_of, read_pairs
 from lpo.reward import checkpoints, engine
@@ -58,6 +59,11 @@ def validate(config: RewardTrainConfig) -> tuple[RewardTrainConfig, Any]:
     if not config.dry_run:
         rundir.claim(config.out, "lrm")
     check_schema(config.manifest, PAIRS_SCHEMA, "filtered")
+    if "reason" in pq.read_schema(config.manifest).names:
+        raise InputError(f"{config.manifest} holds the pairs the filter rejected (each with its `reason`); train on "
+                         "the kept pairs, filtered.parquet beside it.")
+    check_mixed_precision(config.mixed_precision)
+    _check_ranges(config)
     if config.val_manifest is not None:
         check_schema(config.val_manifest, PAIRS_SCHEMA, "validation")
     family = family_of(config.base)
@@ -83,6 +89,22 @@ def validate(config: RewardTrainConfig) -> tuple[RewardTrainConfig, Any]:
     if not config.dry_run:
         checkpoints.check_run_dir(config, Path(config.out), CONFIG_FILE, RESUMABLE_FIELDS, "step")
     return config, family
+
+
+def _check_ranges(config: RewardTrainConfig) -> None:
+    """Numbers that would train wrongly without an error: each refused with the option's name and its range."""
+    rules = [("lr", config.lr > 0, "> 0"), ("weight_decay", config.weight_decay >= 0, ">= 0"),
+             ("max_grad_norm", config.max_grad_norm >= 0, ">= 0 (0 turns clipping off)"),
+             ("warmup_steps", config.warmup_steps >= 0, ">= 0"), ("eval_every", config.eval_every >= 1, ">= 1"),
+             ("save_every", config.save_every >= 1, ">= 1"),
+             ("keep_checkpoints", config.keep_checkpoints >= 1, ">= 1")]
+    for name, holds, rule in rules:
+        if not holds:
+            raise InputError(f"--{name.replace('_', '-')} {getattr(config, name)} must be {rule}.")
+    if config.warmup_steps > config.max_steps:
+        logger.warning("--warmup-steps %d exceeds --max-steps %d: the run ends at lr %.3g, before its learning rate "
+                       "reaches --lr %g; lower --warmup-steps to train at the full rate.", config.warmup_steps,
+                       config.max_steps, config.lr * config.max_steps / config.warmup_steps, config.lr)
 
 
 def latest_checkpoint(out: Path) -> Path | None:
