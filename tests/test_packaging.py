@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,3 +152,31 @@ def test_library_modules_import_our_modules_at_their_top() -> None:
     assert not lazy, lazy
     edge = [module for _, module in _nested_imports(REPO / "cli.py") if module.startswith("lpo")]
     assert len(edge) <= 6, edge
+
+
+@pytest.mark.slow  # builds and installs a wheel, then runs the demo on a tiny budget
+def test_a_built_wheel_runs_the_demo_and_finds_the_suites_by_name(tmp_path: Path) -> None:
+    """The toy models, suites and sample ship inside the wheel: installed outside the checkout (its dependencies
+    from this environment), `lpo demo` with its default --models and `lpo eval suite`'s shipped names work."""
+    wheels, target = tmp_path / "wheels", tmp_path / "site"
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(REPO)],
+                           capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr[-2000:]
+    (wheel,) = wheels.glob("lpo-*.whl")
+    installed = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+                                str(wheel)], capture_output=True, text=True, timeout=600)
+    assert installed.returncode == 0, installed.stderr[-2000:]
+    env = {**os.environ, "PYTHONPATH": str(target), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    where = tmp_path / "elsewhere"
+    where.mkdir()
+    found = subprocess.run([sys.executable, "-c", "import lpo; from lpo.reward.eval.suite import read_suite; "
+                            "print(lpo.__file__, len(read_suite('lpo-sd15')['rows']))"],
+                           cwd=where, env=env, capture_output=True, text=True, timeout=120)
+    assert found.returncode == 0, found.stderr[-2000:]
+    assert found.stdout.startswith(str(target)) and found.stdout.split()[-1] == "4"
+    demo = subprocess.run([sys.executable, "-m", "lpo", "demo", "--out", "run", "--train-prompts", "60",
+                           "--val-prompts", "20", "--lrm-steps", "5", "--lpo-epochs", "1", "--images-per-prompt", "2",
+                           "--held-out-prompts", "6", "--steps", "4"],
+                          cwd=where, env=env, capture_output=True, text=True, timeout=900)
+    assert demo.returncode == 0, demo.stderr[-3000:]
+    assert (where / "run" / "demo.md").is_file() and not (where / "manifests").exists()

@@ -24,6 +24,7 @@ from lpo.core import rundir
 from lpo.core.config import _read_config_file, to_dict
 from lpo.core.errors import InputError
 from lpo.core.files import write_text_atomic
+from lpo.core.shipped import resolve_shipped, shipped
 from lpo.reward.backbones import family_of
 from lpo.reward.eval import run as evaluation
 from lpo.reward.eval.config import EvalCompareConfig, EvalConfig, EvalSuiteConfig
@@ -63,9 +64,11 @@ def _check_keys(mapping: Any, known: dict[str, Any], where: str) -> dict[str, An
 
 
 def read_suite(path: Path) -> dict[str, Any]:
-    """The suite file, with its keys and rows checked."""
+    """The suite file (a path, or a shipped suite's name: `lpo-sd15`), with its keys and rows checked."""
 
-    path = Path(path)
+    path = resolve_shipped(path)
+    if not path.exists() and not path.suffix and len(path.parts) == 1 and shipped("suites", f"{path}.yaml").exists():
+        path = shipped("suites", f"{path}.yaml")
     suite = _check_keys(_read_config_file(path, "suite"), SHARED_KEYS, f"suite {path}")
     for key in ("prompts", "metrics", "rows"):
         if not suite.get(key):

@@ -44,6 +44,7 @@ from transformers.utils import logging as transformers_logging
 from lpo.core import config as cfg
 from lpo.core import rundir
 from lpo.core.errors import InputError
+from lpo.core.shipped import resolve_shipped
 from lpo.curate import filter as curate_filter
 from lpo.curate import ingest
 from lpo.reward.backbones import get_family
@@ -116,7 +117,7 @@ def validate(config: DemoConfig) -> None:
     if config.family not in FAMILIES:
         raise InputError(f"--family {config.family!r}: the toy world's generators are {', '.join(FAMILIES)}.")
     given, config = config, resolved(config)
-    models = Path(config.models)
+    models = resolve_shipped(config.models)
     expected = {config.family: "model_index.json", GENERATORS[config.family]: "model_index.json",
                 "pickscore": "config.json", "clip": "open_clip_config.json"}
     missing = [f"{role}/{name}" for role, name in expected.items() if not (models / role / name).is_file()]
@@ -237,8 +238,8 @@ def agreement_per_pair(pairs: pl.DataFrame, oracle: pl.DataFrame, kept: pl.DataF
 
 def curate(config: DemoConfig, out: Path, data: dict[str, Any]) -> dict[str, Any]:
     summary = curate_filter.run(curate_filter.FilterConfig(
-        source=data["train"], out=out / "curate", rule="all", metrics=list(METRICS), models_dir=Path(config.models),
-        device="cpu", decode_workers=2, plot=True))
+        source=data["train"], out=out / "curate", rule="all", metrics=list(METRICS),
+        models_dir=resolve_shipped(config.models), device="cpu", decode_workers=2, plot=True))
     ingest.run(ingest.IngestConfig(source=data["val"], out=out / "val"))
     oracle = pl.read_parquet(data["train"], columns=["image_0_uid", "image_1_uid", "oracle_0", "oracle_1"])
     raw = pl.read_parquet(out / "curate" / ingest.PAIRS_FILE)
@@ -279,14 +280,14 @@ def train_lrm(config: DemoConfig, out: Path, name: str) -> dict[str, Any]:
 
 def _base(config: DemoConfig) -> str:
     """The pipeline the LRMs' backbones come from."""
-    return str(Path(config.models) / config.family)
+    return str(resolve_shipped(config.models) / config.family)
 
 
 def _generator(config: DemoConfig) -> str:
     """The pipeline LPO and GRPO fine-tune and every sampler compares: the family's toy model, or for sd3 the same
     training run stopped early (`sd3-early/`), which leaves room to improve; the LRMs read its latents, made by the
     same VAE."""
-    return str(Path(config.models) / GENERATORS[config.family])
+    return str(resolve_shipped(config.models) / GENERATORS[config.family])
 
 
 def _eta(config: DemoConfig) -> float:

@@ -16,6 +16,7 @@ import yaml
 from typer.testing import CliRunner
 
 from lpo.cli import app
+from lpo.core.errors import InputError
 from lpo.reward.eval import run as evaluation
 
 PROMPTS = ["a red circle on a blue background", "a green square", "three cats on a sofa"]
@@ -173,3 +174,12 @@ def test_shipped_suites_read_and_the_evaluation_docs_show_their_paper_numbers(na
         assert line.startswith(f"| {row['name'].split(' (')[0]} | {shown} |"), (row["name"], line)
         numbers = [float(cell) for cell in line.strip("|").split("|")[2:]]
         assert numbers == [row["paper"][m] for m in suite["metrics"]], row["name"]
+
+
+def test_a_shipped_suite_is_found_by_its_name_or_its_repository_path(tmp_path: Path, monkeypatch) -> None:
+    from lpo.reward.eval.suite import read_suite
+
+    monkeypatch.chdir(tmp_path)  # outside the checkout: neither name is a path here
+    assert read_suite("lpo-sd15") == read_suite("manifests/suites/lpo-sd15.yaml")
+    with pytest.raises(InputError):
+        read_suite("no-such-suite")
