@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,8 @@ from lpo.reward.serve.config import ServeConfig
 from lpo.reward.toy.config import DemoConfig, SampleDataConfig, TinyModelsConfig, ToyModelsConfig
 
 app = typer.Typer(help="Curate preference pairs, train latent reward models and run latent preference optimisation.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+                  no_args_is_help=True, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]})
 curate_app = typer.Typer(help="Pick-a-Pic ingest, image scoring and MPCF filtering into parquet manifests.",
                          no_args_is_help=True)
 reward_app = typer.Typer(help="Latent reward model (LRM): train, evaluate per timestep, score images, serve rewards.",
@@ -43,8 +45,16 @@ for sub, name in ((curate_app, "curate"), (reward_app, "reward"), (optimize_app,
                   (dev_app, "dev")):
     app.add_typer(sub, name=name)
 
+def _print_version(shown: bool) -> None:
+    if shown:
+        typer.echo(f"lpo {version('lpo')}")
+        raise typer.Exit(0)
+
+
 @app.callback()
-def main_options(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug messages.")) -> None:
+def main_options(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug messages."),
+                 show_version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                                   help="Print lpo's version and exit.")) -> None:
     # Our package logs progress at INFO; third-party libraries only speak up with warnings (or with --verbose).
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -222,6 +232,15 @@ def _optimize_commands() -> None:
 
 
 _optimize_commands()
+
+
+@optimize_app.command("sd2", hidden=True,
+                      context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def _sd2() -> None:
+    """SD2.x pipelines belong to the sd15 family (the same UNet, another text encoder)."""
+    console.print("[bold red]error:[/] SD2.x pipelines belong to the sd15 family: run `lpo optimize sd15 --base "
+                  "<your SD2.x pipeline>`.")
+    raise typer.Exit(code=2)
 command(app, "sample", SampleConfig, lazy("lpo.reward.lpo.sample", "run"), report_sample,
         required=("base", "prompts", "out"), repeatable=("prompts",),
         flags={"prompts": ("--prompt",), "denoiser": DENOISER_FLAGS},

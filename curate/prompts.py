@@ -1,5 +1,5 @@
-"""Prompt lists for generation and preference optimisation: a text file, a JSON list, or any manifest with a
-`caption` column."""
+"""Prompt lists for generation and preference optimisation: a text file, a JSON list, any manifest with a `caption`
+column, or a curation directory (its pairs' captions). Every command that reads prompts reads them here."""
 
 from __future__ import annotations
 
@@ -13,11 +13,17 @@ from lpo.core.errors import InputError
 
 def read_prompts(path: str | Path) -> list[str]:
     """Unique, non-empty prompts in file order. Accepts .txt (one per line), .json (a list of strings, or of
-    objects with a `caption` or `prompt` field, as SPO's and LPO's 4k-prompt files) and .parquet (a `caption`
-    column, e.g. a pairs or filtered manifest)."""
+    objects with a `caption` or `prompt` field, as SPO's and LPO's 4k-prompt files), .parquet (a `caption`
+    column, e.g. a pairs or filtered manifest) and a curation directory (`lpo curate ingest`'s: its pairs.parquet)."""
     path = Path(path)
+    if path.is_dir():
+        if not (path / "pairs.parquet").is_file():
+            raise InputError(f"prompt directory {path} has no pairs.parquet; pass a prompt file, a manifest with a "
+                             "`caption` column, or a directory written by `lpo curate ingest`.")
+        path = path / "pairs.parquet"
     if not path.is_file():
-        raise InputError(f"prompt file {path} does not exist; give a .txt, .json or .parquet file of prompts.")
+        raise InputError(f"prompt file {path} does not exist; give a .txt, .json or .parquet file of prompts, or a "
+                         "curation directory.")
     if path.suffix == ".parquet":
         if "caption" not in pq.read_schema(path).names:
             raise InputError(f"{path} has no 'caption' column; give a manifest with captions or a prompt file.")

@@ -194,3 +194,19 @@ def test_sample_data_command_writes_pickapic_schema(tmp_path: Path) -> None:
     labelled = table.filter(pl.col("label_0") != pl.col("label_1"))
     agree = labelled.filter((pl.col("label_0") > pl.col("label_1")) == (pl.col("oracle_0") > pl.col("oracle_1")))
     assert agree.height == labelled.height  # no flips: labels follow the oracle
+
+
+def test_version_short_help_and_the_sd2_family_hint() -> None:
+    from importlib.metadata import version
+
+    assert invoke("--version").output.strip() == f"lpo {version('lpo')}"
+    short, long = invoke("reward", "train", "-h"), invoke("reward", "train", "--help")
+    assert short.exit_code == 0 and short.output == long.output
+    sd2 = runner.invoke(app, ["optimize", "sd2", "--base", "stabilityai/stable-diffusion-2-1"])
+    assert sd2.exit_code == 2 and "belong to the sd15 family" in sd2.output
+
+
+def test_one_prompt_reader_takes_a_curation_directory(filtered: Path) -> None:
+    from lpo.curate.prompts import read_prompts
+
+    assert read_prompts(filtered) == read_prompts(filtered / "pairs.parquet") and read_prompts(filtered)

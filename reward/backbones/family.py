@@ -392,7 +392,8 @@ def load_generator(base: str, *, family: Family | None = None, lora: str | Path 
     dtype = dtype or torch.float32
     found = family_of(base)
     if family is not None and family is not found:
-        raise InputError(f"{base} is an {found.name} pipeline, not {family.name}; use `lpo optimize {found.name}`.")
+        raise InputError(f"{base} is a pipeline of the {found.name} family, not {family.name}; use `lpo optimize "
+                         f"{found.name}`.")
     model = found.generator.load(base, dtype=dtype, device=device)
     if dtype != torch.float32:
         model.vae.to(torch.float32)

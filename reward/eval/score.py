@@ -53,11 +53,6 @@ def resolve_prompt_records(path: str | Path, max_prompts: int | None = None
     its record (the task and the objects asked for, which `geneval` scores against); any other prompt file none."""
 
     path = Path(path)
-    if path.is_dir():
-        if not (path / "pairs.parquet").is_file():
-            raise InputError(f"prompt directory {path} has no pairs.parquet; pass a prompt file, a manifest with a "
-                             "`caption` column, or a directory written by `lpo curate ingest`.")
-        path = path / "pairs.parquet"
     first = slice(max_prompts or None)
     records = read_records(path) if path.is_file() else None
     if records is not None:

@@ -288,7 +288,8 @@ def compare_markdown(result: dict[str, Any]) -> str:
     lines = [f"| metric | A: {name_a} | B: {name_b} | delta (B - A) | 95% CI of delta | B wins (prompts) |",
              "|---|---|---|---|---|---|"]
     for metric, m in result["metrics"].items():
-        win = "n/a" if m["win_rate"] is None else f"{100 * m['win_rate']:.1f}% ({m['wins']}/{m['n_prompts']})"
+        win = "n/a" if m["win_rate"] is None else \
+            f"{100 * m['win_rate']:.1f}% ({m['wins']} up, {m['ties']} tied, {m['losses']} down)"
         lines.append(f"| {metric} | {_fmt(m['mean_a'])} | {_fmt(m['mean_b'])} | {_fmt(m['delta'], 4)} | "
                      f"{_fmt_ci(m['ci95'])} | {win} |")
         for task, t in (m.get("tasks") or {}).items():

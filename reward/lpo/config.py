@@ -157,5 +157,6 @@ class SampleConfig(GenerationOptions):
     out: Path = option(None, "Directory for the images and samples.json.")
     images_per_prompt: int = option(1, "Images per prompt; image i of prompt p uses seed + 1000 * p + i.")
     score_timestep: str = option("parent", "Timestep the LRM scores candidates at: parent or child.")
-    seed: int = option(0, "Base seed.")
+    seed: int = option(42, "Base seed (the default of `lpo eval` and the trainers too: a prompt index and seed give "
+                           "`lpo eval`'s image).")
     device: str = option("auto", "auto, cpu or cuda.")

@@ -73,7 +73,7 @@ def validate(config: LPOConfig) -> list[str]:
         raise InputError(f"family {config.family!r} is not one of {', '.join(FAMILIES)}.")
     found = family_of(config.base).name
     if found != config.family:
-        raise InputError(f"{config.base} is an {found} pipeline; run `lpo optimize {found}` instead.")
+        raise InputError(f"{config.base} is a pipeline of the {found} family; run `lpo optimize {found}` instead.")
     FAMILIES[found].generator.check_lpo(config.base)
     if config.lrm is not None:
         check_lrm_matches(config.lrm, found, config.base)

@@ -99,8 +99,8 @@ def validate(config: ImportReferenceConfig) -> tuple[Any, dict[str, Any], Path]:
         raise InputError(f"{out} already holds a model; pick a new --out (nothing was changed).")
     family = family_of(config.base)
     if family.name not in ("sd15", "sdxl"):
-        raise InputError(f"{config.base} is an {family.name} pipeline; the reference code released LRMs for SD1.x "
-                         "(sd15) and SDXL (sdxl) only.")
+        raise InputError(f"{config.base} is a pipeline of the {family.name} family; the reference code released LRMs "
+                         "for SD1.x (sd15) and SDXL (sdxl) only.")
     unet_config = json.loads(_file(config.source, "unet/config.json").read_text())
     if not family.accepts(unet_config) or "UNet" not in unet_config.get("_class_name", ""):
         raise InputError(f"{config.source}'s unet does not fit the {family.title} pipeline {config.base}; pass the "

@@ -302,7 +302,7 @@ def remote_lrm(url: str, family: str, base: str) -> RemoteLatentRewardModel:
     remote = RemoteLatentRewardModel(client, models["lrm"])
     if remote.family != family:
         raise InputError(f"the latent reward model served at {url} was built on an {remote.family} backbone, but "
-                         f"{base} is an {family} pipeline: their latent spaces differ.")
+                         f"{base} is a pipeline of the {family} family: their latent spaces differ.")
     return remote
 
 

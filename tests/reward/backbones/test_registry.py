@@ -62,7 +62,7 @@ def test_a_fine_tuned_denoiser_replaces_the_base_one(tiny_models_dir: Path, tmp_
     assert model.denoiser is model.pipeline.unet
     assert torch.equal(model.denoiser.conv_in.weight, unet.conv_in.weight)
     assert not torch.equal(load_generator(base).denoiser.conv_in.weight, unet.conv_in.weight)
-    with pytest.raises(InputError, match="is an sd15 pipeline, not sdxl"):
+    with pytest.raises(InputError, match="is a pipeline of the sd15 family, not sdxl"):
         load_generator(base, family=FAMILIES["sdxl"])
 
 
