@@ -29,6 +29,7 @@ from lpo.core import config as cfg
 from lpo.core.device import resolve_device, resolve_dtype
 from lpo.core.errors import InputError
 from lpo.core.files import write_text_atomic
+from lpo.core.progress import progress
 from lpo.curate import images
 from lpo.curate.config import ScoreConfig
 from lpo.curate.ingest import image_parts, is_curation_dir
@@ -227,13 +228,8 @@ def run(config: ScoreConfig) -> dict[str, Any]:
 
 
 def _score_with_progress(work_dir, metric, spec, todo, config, state, device, dtype) -> int:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     scorer = load_scorer(metric, spec, device=device, dtype=dtype)
     if not state.is_main_process:
         return score_metric(work_dir, metric, scorer, todo, config, state.process_index)
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, transient=True) as progress:
-        task = progress.add_task(f"{metric} (rank 0)", total=len(todo))
-        return score_metric(work_dir, metric, scorer, todo, config, state.process_index,
-                            progress=lambda n: progress.advance(task, n))
+    with progress(f"{metric} (rank 0)", len(todo), unit="images", transient=True) as tracker:
+        return score_metric(work_dir, metric, scorer, todo, config, state.process_index, progress=tracker.advance)

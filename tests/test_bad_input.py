@@ -89,3 +89,29 @@ def test_a_config_file_gives_the_required_options_and_names_a_wrong_value(curate
     assert wrong.exit_code == 2 and "max-steps: 'five' is not an integer" in " ".join(wrong.output.split())
     missing = invoke("reward", "train", "--base", tiny_models_dir / "sd15")
     assert missing.exit_code == 2 and "missing --manifest, --out" in " ".join(missing.output.split())
+
+
+@pytest.mark.slow  # two commands in processes of their own, as a batch job runs them
+def test_a_batch_log_keeps_the_progress(tiny_models_dir: Path, tmp_path: Path) -> None:
+    """With stdout and stderr going to a file (a cluster job's log) scoring, latent encoding and LRM training each
+    leave plain progress lines: items done of the total, the rate and the time left."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    log = tmp_path / "job.log"
+    with open(log, "w") as out:
+        for args in (["curate", "filter", str(SAMPLE), "--out", str(tmp_path / "cur"), "--models-dir",
+                      str(tiny_models_dir), "--metrics", "pickscore,clip", "--device", "cpu"],
+                     ["reward", "train", "--manifest", str(tmp_path / "cur" / "filtered.parquet"), "--base",
+                      str(tiny_models_dir / "sd15"), "--out", str(tmp_path / "lrm"), "--max-steps", "3",
+                      "--warmup-steps", "1", "--batch-size", "2", "--eval-every", "3", "--save-every", "3",
+                      "--text-projection-init", "", "--device", "cpu"]):
+            done = subprocess.run([sys.executable, "-m", "lpo", *args], stdout=out, stderr=subprocess.STDOUT, env=env,
+                                  timeout=600)
+            assert done.returncode == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    for line in ("pickscore (rank 0): 0/", "VAE latents (process 0): 0/", "LRM: 0/3 updates", "LRM: 3/3 updates"):
+        assert line in text, (line, text[-3000:])
+    assert "/s, " in text and " left)" in text

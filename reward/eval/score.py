@@ -17,13 +17,13 @@ from typing import Any
 import polars as pl
 import torch
 from PIL import Image
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from lpo.core import config as cfg
 from lpo.core import rundir
 from lpo.core.device import resolve_device, resolve_dtype
 from lpo.core.errors import InputError
 from lpo.core.files import write_text_atomic
+from lpo.core.progress import progress
 from lpo.curate.prompts import read_prompts
 from lpo.curate.scorers import METRICS, check_model_spec, load_scorer, prefetch, resolve_specs
 from lpo.curate.scorers.base import score_each
@@ -109,10 +109,8 @@ def _check_positive(**values: int | None) -> None:
 
 @contextmanager
 def _progress(description: str, total: int) -> Iterator[Any]:
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, transient=True) as progress:
-        task = progress.add_task(description, total=total)
-        yield lambda n: progress.advance(task, n)
+    with progress(description, total, unit="images", transient=True) as tracker:
+        yield tracker.advance
 
 
 def _read_scores(out: Path, metric: str, spec: str) -> dict[str, tuple[float | None, str | None]]:

@@ -31,12 +31,12 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, gather_object, set_seed
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from lpo.core import config as cfg
 from lpo.core import rundir
 from lpo.core.device import check_mixed_precision, mixed_precision, precision_dtype
 from lpo.core.errors import InputError, TrainingDiverged
+from lpo.core.progress import progress
 from lpo.curate.prompts import read_prompts
 from lpo.reward import checkpoints, engine
 from lpo.reward.backbones import FAMILIES, family_of, get_family, load_generator
@@ -267,17 +267,15 @@ def run(config: LPOConfig) -> dict[str, Any]:
         accelerator.init_trackers("lpo-optimize", config={k: str(v) for k, v in dataclasses.asdict(config).items()})
     validation_prompts = config.validation_prompts or prompts[:3]
 
-    columns = (TextColumn(f"[bold]{config.objective.upper()}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[info]}"), TimeRemainingColumn())
-    with Progress(*columns, disable=not accelerator.is_main_process) as progress:
-        task = progress.add_task("rounds", total=total_rounds, completed=state["round"], info="")
+    with progress(config.objective.upper(), total_rounds, completed=state["round"], unit="rounds",
+                  enabled=accelerator.is_main_process) as tracker:
         while state["round"] < total_rounds:
             record = run.round()
             state["rounds"].append(record)
             state[f"{unit}_trained"] += record[f"{unit}_trained"]
             state["round"] += 1
             accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=state["round"])
-            progress.update(task, completed=state["round"], info=objective.progress(record))
+            tracker.update(state["round"], objective.progress(record))
             epoch_done = state["round"] % per_epoch == 0
             if epoch_done or (config.save_every_rounds and state["round"] % config.save_every_rounds == 0):
                 checkpoints.save(accelerator, out, "round", state["round"], state)

@@ -37,6 +37,7 @@ from safetensors.torch import save_file
 from lpo.core.device import resolve_device
 from lpo.core.errors import InputError
 from lpo.core.files import atomic_path, write_text_atomic
+from lpo.core.progress import progress
 from lpo.curate import images as curate_images
 from lpo.curate.manifest import PAIRS_SCHEMA, check_schema, curation_dir_of, read_pairs
 from lpo.curate.score import shard_of
@@ -220,9 +221,10 @@ def build_cache(root: Path, sources: dict[Path, set[str]], vae_source: str, reso
             cache.write_part(pending["uids"], torch.cat(pending["mean"]), torch.cat(pending["std"]), rank)
             pending.update(uids=[], mean=[], std=[])
 
-    with torch.inference_mode():
+    with torch.inference_mode(), progress(f"VAE latents (process {rank})", count, unit="images") as tracker:
         for curation_dir, uids in todo.items():
             for batch in curate_images.prefetch(curate_images.iter_images(curation_dir, uids, batch_size, workers=2)):
+                tracker.advance(len(batch.uids))
                 good = [i for i, image in enumerate(batch.images) if image is not None]
                 failures.update((batch.uids[i], batch.errors[i]) for i in range(len(batch.uids)) if i not in good)
                 if not good:

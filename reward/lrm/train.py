@@ -24,12 +24,12 @@ import pyarrow.parquet as pq
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from lpo.core import config as cfg
 from lpo.core import rundir
 from lpo.core.device import check_mixed_precision, mixed_precision, precision_dtype
 from lpo.core.errors import InputError, TrainingDiverged
+from lpo.core.progress import progress
 from lpo.curate.manifest import PAIRS_SCHEMA, check_schema, curation_dir_of, read_pairs
 from lpo.reward import checkpoints, engine
 from lpo.reward.backbones import family_of, get_family, read_subfolder_config
@@ -277,12 +277,9 @@ class Training:
         candidates = torch.tensor(config.timesteps)
         micro = state["step"] * config.grad_accum
         running = {"loss": 0.0, "correct": 0.0, "count": 0}
-        columns = (TextColumn("[bold]LRM"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                   TimeRemainingColumn())
-        progress = Progress(*columns, disable=not accelerator.is_main_process, transient=False)
         metrics = checkpoints.MetricsLog(out, accelerator.is_main_process, state["step"])
-        with progress:
-            task = progress.add_task("train", total=config.max_steps, completed=state["step"], info="")
+        with progress("LRM", config.max_steps, completed=state["step"], unit="updates",
+                      enabled=accelerator.is_main_process) as tracker:
             while state["step"] < config.max_steps:
                 idx = batch_indices(micro, rank, world, n, config.batch_size, config.seed)
                 generator = torch.Generator().manual_seed(config.seed * 1_000_003 + micro * 1_009 + rank)
@@ -327,8 +324,7 @@ class Training:
                 running = {"loss": 0.0, "correct": 0.0, "count": 0}
                 accelerator.log(logs, step=state["step"])
                 metrics.write({"update": state["step"], **logs})
-                progress.update(task, completed=state["step"], info=f"loss {logs['loss']:.3f} acc "
-                                f"{logs['train_accuracy']:.2f}")
+                tracker.update(state["step"], f"loss {logs['loss']:.3f} acc {logs['train_accuracy']:.2f}")
                 final = state["step"] == config.max_steps
                 if self.val_pairs.height and (state["step"] % config.eval_every == 0 or final):
                     self._validate()
