@@ -116,7 +116,8 @@ def render() -> str:
         if help_text:
             lines += _wrap(_escape(help_text), "", "")
             lines.append("")
-        subcommands = list(getattr(command, "commands", {}))
+        subcommands = [name for name, sub in getattr(command, "commands", {}).items()
+                       if not getattr(sub, "hidden", False)]
         usage = title + (" [OPTIONS]" if command.params else "")
         usage += "".join(f" {p.name.upper()}" for p in command.params if type(p).__name__.endswith("Argument"))
         if subcommands:
