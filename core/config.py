@@ -154,6 +154,20 @@ def parse_key_values(values: list[str] | None, option_name: str) -> dict[str, fl
     return out
 
 
+def check_positive(**values: int | None) -> None:
+    """Each given count at least 1 (None: not given), or an InputError naming every one that is not."""
+    bad = [f"--{name.replace('_', '-')} {value}" for name, value in values.items() if value is not None and value < 1]
+    if bad:
+        raise InputError(f"{', '.join(bad)}: must be at least 1.")
+
+
+def check_rules(rules: list[tuple[str, Any, bool, str]]) -> None:
+    """Each (field, value, holds, rule): an InputError naming the first option whose value breaks its rule."""
+    for name, value, holds, rule in rules:
+        if not holds:
+            raise InputError(f"--{name.replace('_', '-')} {value} must be {rule}.")
+
+
 def to_dict(config: Any) -> dict[str, Any]:
     """A JSON-ready dict of a config (paths as strings)."""
     out = {}

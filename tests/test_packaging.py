@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -158,8 +159,19 @@ def test_library_modules_import_our_modules_at_their_top() -> None:
 def test_a_built_wheel_runs_the_demo_and_finds_the_suites_by_name(tmp_path: Path) -> None:
     """The toy models, suites and sample ship inside the wheel: installed outside the checkout (its dependencies
     from this environment), `lpo demo` with its default --models and `lpo eval suite`'s shipped names work."""
-    wheels, target = tmp_path / "wheels", tmp_path / "site"
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(REPO)],
+    wheels, target, source = tmp_path / "wheels", tmp_path / "site", tmp_path / "source"
+    # the tracked files only, copied: a build in the checkout would leave build/ there, and a stale build/ could
+    # put removed modules into the wheel
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True)
+    if tracked.returncode == 0:
+        for name in filter(None, tracked.stdout.split("\0")):
+            if (REPO / name).is_file():
+                (source / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(REPO / name, source / name)
+    else:  # not a git checkout: everything but environments, outputs and caches
+        shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "runs", ".site",
+                                                                    "*.egg-info", "__pycache__", ".*_cache"))
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(source)],
                            capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stderr[-2000:]
     (wheel,) = wheels.glob("lpo-*.whl")

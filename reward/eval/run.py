@@ -23,7 +23,6 @@ from lpo.reward.backbones import family_of
 from lpo.reward.eval.config import EvalConfig
 from lpo.reward.eval.items import IMAGES_DIR, RECORDS_FILE, RUN_FILE, EvalItem
 from lpo.reward.eval.score import (
-    _check_positive,
     _progress,
     _versions,
     check_records,
@@ -68,7 +67,7 @@ def validate(config: EvalConfig) -> Checked:
     if missing:
         raise InputError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required, e.g. "
                          "`lpo eval --base DIR --prompts prompts.txt --out runs/eval-base`.")
-    _check_positive(images_per_prompt=config.images_per_prompt, batch_size=config.batch_size,
+    cfg.check_positive(images_per_prompt=config.images_per_prompt, batch_size=config.batch_size,
                     score_batch_size=config.score_batch_size, max_prompts=config.max_prompts)
     if config.images_per_prompt > MAX_IMAGES_PER_PROMPT:
         raise InputError(f"--images-per-prompt {config.images_per_prompt}: at most {MAX_IMAGES_PER_PROMPT} (image i "

@@ -101,12 +101,6 @@ def resolve_metric_specs(metrics: Sequence[str], models: dict[str, str], models_
     return specs
 
 
-def _check_positive(**values: int | None) -> None:
-    bad = [f"--{name.replace('_', '-')} {value}" for name, value in values.items() if value is not None and value < 1]
-    if bad:
-        raise InputError(f"{', '.join(bad)}: must be at least 1.")
-
-
 @contextmanager
 def _progress(description: str, total: int) -> Iterator[Any]:
     with progress(description, total, unit="images", transient=True) as tracker:
@@ -324,7 +318,7 @@ def score_existing(config: EvalScoreConfig) -> dict[str, Any]:
 
     if not config.images or not config.out:
         raise InputError("--images and --out are required, e.g. `lpo eval score --images runs/samples --out DIR`.")
-    _check_positive(score_batch_size=config.score_batch_size)
+    cfg.check_positive(score_batch_size=config.score_batch_size)
     resolve_dtype(config.score_dtype, option="--score-dtype", auto=None)
     rundir.claim(config.out, "eval")
     resolve_device(config.device)

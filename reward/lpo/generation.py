@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lpo.core.config import check_positive
 from lpo.core.errors import InputError
 from lpo.reward.backbones import family_of, load_generator, resolve_denoiser, resolve_lora
 from lpo.reward.backbones.family import Family, check_base_resolution
@@ -33,10 +34,7 @@ def check(options: GenerationOptions, *, reward_url: str | None = None,
     weights are read (a run directory names its merged_*), or None."""
     if not options.base:
         raise InputError("--base is required: a diffusers pipeline (hub id or local directory).")
-    bad = [f"--{name} {value}" for name, value in (("candidates", options.candidates), ("steps", options.steps))
-           if value < 1]
-    if bad:
-        raise InputError(f"{', '.join(bad)}: must be at least 1.")
+    check_positive(candidates=options.candidates, steps=options.steps)
     if options.candidates > 1 and options.lrm is None and reward_url is None:
         raise InputError(f"--candidates > 1 needs --lrm{' (or --reward-url)' if has_reward_url else ''} to choose "
                          "between the candidates.")

@@ -98,11 +98,10 @@ def validate(config: LPOConfig) -> list[str]:
     if config.lora_alpha is not None and config.lora_alpha <= 0:
         raise InputError(f"--lora-alpha {config.lora_alpha} must be > 0 (the LoRA's scale is alpha / rank).")
     check_mixed_precision(config.mixed_precision)
-    for name, holds, rule in (("lr", resolved.lr > 0, "> 0"), ("weight_decay", config.weight_decay >= 0, ">= 0"),
-                              ("max_grad_norm", config.max_grad_norm >= 0, ">= 0 (0 turns clipping off)"),
-                              ("save_every_rounds", config.save_every_rounds >= 0, ">= 0 (0: each epoch)")):
-        if not holds:
-            raise InputError(f"--{name.replace('_', '-')} {getattr(resolved, name)} must be {rule}.")
+    cfg.check_rules([(name, getattr(resolved, name), holds, rule) for name, holds, rule in (
+        ("lr", resolved.lr > 0, "> 0"), ("weight_decay", config.weight_decay >= 0, ">= 0"),
+        ("max_grad_norm", config.max_grad_norm >= 0, ">= 0 (0 turns clipping off)"),
+        ("save_every_rounds", config.save_every_rounds >= 0, ">= 0 (0: each epoch)"))])
     if not 0 < config.clip_eps < 1 or config.grpo_kl < 0:
         raise InputError("--clip-eps must be in (0, 1) and --grpo-kl at least 0.")
     threshold = resolved.threshold

@@ -93,14 +93,11 @@ def validate(config: RewardTrainConfig) -> tuple[RewardTrainConfig, Any]:
 
 def _check_ranges(config: RewardTrainConfig) -> None:
     """Numbers that would train wrongly without an error: each refused with the option's name and its range."""
-    rules = [("lr", config.lr > 0, "> 0"), ("weight_decay", config.weight_decay >= 0, ">= 0"),
-             ("max_grad_norm", config.max_grad_norm >= 0, ">= 0 (0 turns clipping off)"),
-             ("warmup_steps", config.warmup_steps >= 0, ">= 0"), ("eval_every", config.eval_every >= 1, ">= 1"),
-             ("save_every", config.save_every >= 1, ">= 1"),
-             ("keep_checkpoints", config.keep_checkpoints >= 1, ">= 1")]
-    for name, holds, rule in rules:
-        if not holds:
-            raise InputError(f"--{name.replace('_', '-')} {getattr(config, name)} must be {rule}.")
+    cfg.check_rules([(name, getattr(config, name), holds, rule) for name, holds, rule in (
+        ("lr", config.lr > 0, "> 0"), ("weight_decay", config.weight_decay >= 0, ">= 0"),
+        ("max_grad_norm", config.max_grad_norm >= 0, ">= 0 (0 turns clipping off)"),
+        ("warmup_steps", config.warmup_steps >= 0, ">= 0"), ("eval_every", config.eval_every >= 1, ">= 1"),
+        ("save_every", config.save_every >= 1, ">= 1"), ("keep_checkpoints", config.keep_checkpoints >= 1, ">= 1"))])
     if config.warmup_steps > config.max_steps:
         logger.warning("--warmup-steps %d exceeds --max-steps %d: the run ends at lr %.3g, before its learning rate "
                        "reaches --lr %g; lower --warmup-steps to train at the full rate.", config.warmup_steps,
