@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -56,16 +57,47 @@ def resume(accelerator: Any, out: Path, prefix: str, fresh: dict[str, Any]) -> d
     return load_state(checkpoint)
 
 
+INPUTS_FILE = "run_inputs.json"
+
+
+def input_key(value: Any) -> Any:
+    """How a resumed run compares an input: a file by its content, a folder by its resolved path, anything else
+    (a hub id, a number) as it is; so the same manifest by a relative or an absolute path, or after the run
+    directory moved, is the same input."""
+    if isinstance(value, (str, Path)) and str(value) and Path(value).is_file():
+        digest = hashlib.blake2b(digest_size=16)
+        with open(value, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        return f"blake2b:{digest.hexdigest()}"
+    if isinstance(value, (str, Path)) and str(value) and Path(value).is_dir():
+        return str(Path(value).resolve())
+    return value
+
+
+def save_inputs(config: Any, out: Path) -> None:
+    """Beside the run's config: each setting as `input_key` sees it, what a --resume compares."""
+    write_text_atomic(json.dumps({k: input_key(v) for k, v in to_dict(config).items()}, indent=2, default=str) + "\n",
+                      Path(out) / INPUTS_FILE)
+
+
 def check_run_dir(config: Any, out: Path, config_file: str, resumable: set[str], prefix: str) -> None:
     """Before any model loads: `--resume` needs a run in `out` made with the same settings (bar the `resumable`
-    fields); without it, `out` must not hold checkpoints already."""
+    fields and `out` itself: a run directory may move), inputs compared by content (`input_key`); without it, `out`
+    must not hold checkpoints already."""
 
     path = Path(out) / config_file
     if config.resume:
         if not path.exists():
             raise InputError(f"--resume: {out} holds no run (no {config_file}); drop --resume.")
-        saved, now = json.loads(path.read_text()), to_dict(config)
-        changed = sorted(k for k in saved if k not in resumable and saved[k] != now.get(k))
+        skip = resumable | {"out"}
+        inputs = Path(out) / INPUTS_FILE
+        if inputs.is_file():  # the inputs as they were keyed when the run started
+            saved = json.loads(inputs.read_text())
+            now = {k: input_key(v) for k, v in to_dict(config).items()}
+        else:  # a run started before inputs were keyed: its settings as written
+            saved, now = json.loads(path.read_text()), to_dict(config)
+        changed = sorted(k for k in saved if k not in skip and saved[k] != now.get(k))
         if changed:
             raise InputError(f"--resume: {out} was run with different {changed}; resume with the same settings, or "
                              "use a new --out.")

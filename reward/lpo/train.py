@@ -212,6 +212,8 @@ def run(config: LPOConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
         cfg.save(config, out / CONFIG_FILE)
+        if not config.resume:
+            checkpoints.save_inputs(config, out)
     set_seed(config.seed)
     frozen_dtype = precision_dtype(precision)
     model = load_generator(config.base, family=family, dtype=frozen_dtype, device=str(accelerator.device))

@@ -186,6 +186,8 @@ def run(config: RewardTrainConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
         cfg.save(config, out / CONFIG_FILE)
+        if not config.resume:
+            checkpoints.save_inputs(config, out)
 
     # 1. latents, once per unique image: every process encodes its shard, then all read the whole cache
     resolution = base_resolution(config.base, family, config.resolution, config.vae)
