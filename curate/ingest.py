@@ -26,8 +26,9 @@ from lpo.core import config as cfg
 from lpo.core import rundir
 from lpo.core.errors import InputError
 from lpo.core.files import write_text_atomic
+from lpo.core.parts import Parts
 from lpo.curate.config import IngestConfig
-from lpo.curate.manifest import IMAGES_SCHEMA, PAIRS_SCHEMA, concat_atomic, write_atomic
+from lpo.curate.manifest import IMAGES_SCHEMA, PAIRS_SCHEMA, concat_atomic, to_arrow
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +55,18 @@ def is_curation_dir(path: str | Path) -> bool:
     return (Path(path) / PAIRS_FILE).is_file() and (Path(path) / IMAGES_DIR).is_dir()
 
 
+def _chunk(part: Path) -> list[int]:
+    """The chunk a part was written by: `part-000003.parquet` and `pairs-000003.parquet` hold chunk 3."""
+    return [int(part.stem.split("-")[1])]
+
+
+def image_chunks(work_dir: str | Path) -> Parts:
+    """`images/part-<chunk>.parquet`: the images a chunk saw first (a chunk of only repeated images writes none)."""
+    return Parts(Path(work_dir) / IMAGES_DIR, "part-*.parquet", keys=_chunk)
+
+
 def image_parts(work_dir: str | Path) -> list[Path]:
-    return sorted((Path(work_dir) / IMAGES_DIR).glob("part-*.parquet"))
+    return image_chunks(work_dir).paths()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -272,6 +283,9 @@ class _Ingester:
         self.source = source
         self.out = Path(config.out)
         self.state_path = self.out / STATE_DIR / "state.json"
+        # a chunk's parts count once state.json counts the chunk: parts of a chunk cut short before it are rewritten
+        self.pair_chunks = Parts(self.out / STATE_DIR, "pairs-*.parquet", keys=_chunk)
+        self.image_chunks = image_chunks(self.out)
         self.identity = {"source": source.description, "split": config.split, "limit": config.limit,
                          "chunk_rows": config.chunk_rows}
 
@@ -296,8 +310,8 @@ class _Ingester:
         """image_uid -> hash of its caption, for the images of the first `chunks` chunks (a hash, not the caption:
         at a million pairs the captions' Python strings would be most of ingest's memory)."""
         seen: dict[str, int] = {}
-        for part in image_parts(self.out):
-            if int(part.stem.split("-")[1]) < chunks:
+        for part in self.image_chunks.paths():
+            if _chunk(part)[0] < chunks:
                 table = pq.read_table(part, columns=["image_uid", "caption"])
                 seen.update(zip(table.column("image_uid").to_pylist(), map(hash, table.column("caption").to_pylist())))
         return seen
@@ -313,8 +327,8 @@ class _Ingester:
     def ingest(self, state: dict[str, Any]) -> None:
         seen = self.seen_images(state["chunks"])
         pair_ids: set[str] = set()
-        for part in sorted((self.out / STATE_DIR).glob("pairs-*.parquet")):
-            if int(part.stem.split("-")[1]) < state["chunks"]:
+        for part in self.pair_chunks.paths():
+            if _chunk(part)[0] < state["chunks"]:
                 pair_ids.update(pq.read_table(part, columns=["pair_id"]).column("pair_id").to_pylist())
         skipped = Counter(state["skipped"])
         limit = self.config.limit
@@ -328,14 +342,16 @@ class _Ingester:
             pairs, images, bad = self._new_rows(frame, seen, pair_ids)
             skipped.update(bad)
             chunk = state["chunks"]
-            write_atomic(pairs, self.out / STATE_DIR / f"pairs-{chunk:06d}.parquet", PAIRS_SCHEMA)
+            with self.pair_chunks.writing(f"pairs-{chunk:06d}.parquet") as tmp:
+                pq.write_table(to_arrow(pairs, PAIRS_SCHEMA), tmp, compression="zstd")
             if images.height:
-                write_atomic(images, self.out / IMAGES_DIR / f"part-{chunk:06d}.parquet", IMAGES_SCHEMA)
+                with self.image_chunks.writing(f"part-{chunk:06d}.parquet") as tmp:
+                    pq.write_table(to_arrow(images, IMAGES_SCHEMA), tmp, compression="zstd")
             state.update(rows_done=state["rows_done"] + batch.num_rows, rows_read=state["rows_read"] + batch.num_rows,
                          chunks=chunk + 1, skipped=dict(skipped))
             self.save_state(state)
             logger.info("ingested %d rows (%d unique images)", state["rows_done"], len(seen))
-        parts = sorted((self.out / STATE_DIR).glob("pairs-*.parquet"))
+        parts = [part for part in self.pair_chunks.paths() if _chunk(part)[0] < state["chunks"]]
         if not parts:
             raise InputError(f"source {self.source.description} yielded no rows; check --split and --limit.")
         pairs = concat_atomic(parts, self.out / PAIRS_FILE, PAIRS_SCHEMA)  # one chunk in memory at a time

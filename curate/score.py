@@ -29,6 +29,7 @@ from lpo.core import config as cfg
 from lpo.core.device import resolve_device, resolve_dtype
 from lpo.core.errors import InputError
 from lpo.core.files import write_text_atomic
+from lpo.core.parts import Parts
 from lpo.core.progress import progress
 from lpo.curate import images
 from lpo.curate.config import ScoreConfig
@@ -96,18 +97,24 @@ def shard_of(uid: str, world: int) -> int:
     return int.from_bytes(hashlib.blake2b(uid.encode(), digest_size=8).digest(), "little") % world
 
 
+def _uids(part: Path) -> list[str]:
+    return pq.read_table(part, columns=["image_uid"]).column("image_uid").to_pylist()
+
+
+def score_parts(work_dir: Path, metric: str) -> Parts:
+    """A metric's part files, each holding the uids it scored."""
+    return Parts(work_dir / SCORES_DIR / metric, "part-*.parquet", keys=_uids)
+
+
 def scored_uids(work_dir: Path, metric: str) -> set[str]:
-    done: set[str] = set()
-    for part in sorted((work_dir / SCORES_DIR / metric).glob("part-*.parquet")):
-        done.update(pq.read_table(part, columns=["image_uid"]).column("image_uid").to_pylist())
-    return done
+    return score_parts(work_dir, metric).done()
 
 
 class _PartWriter:
     """Collects scores and flushes them to atomic part files."""
 
-    def __init__(self, directory: Path, metric: str, rank: int, flush_every: int):
-        self.directory = directory
+    def __init__(self, parts: Parts, metric: str, rank: int, flush_every: int):
+        self.parts = parts
         self.metric = metric
         self.prefix = f"part-{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:6]}-r{rank:04d}"
         self.flush_every = flush_every
@@ -126,7 +133,8 @@ class _PartWriter:
         if not self.rows["image_uid"]:
             return
         table = pa.table(self.rows, schema=scores_schema([self.metric]))
-        write_atomic(table, self.directory / f"{self.prefix}-{self.seq:06d}.parquet")
+        with self.parts.writing(f"{self.prefix}-{self.seq:06d}.parquet") as tmp:
+            pq.write_table(table, tmp, compression="zstd")
         self.written += table.num_rows
         self.seq += 1
         self.rows = {k: [] for k in self.rows}
@@ -144,7 +152,7 @@ def score_metric(work_dir: Path, metric: str, scorer: Any, todo: set[str], confi
                  progress: Any = None) -> int:
     """Score the images in `todo` with `scorer`, writing part files as it goes. Returns the number scored."""
 
-    writer = _PartWriter(work_dir / SCORES_DIR / metric, metric, rank, config.flush_every)
+    writer = _PartWriter(score_parts(work_dir, metric), metric, rank, config.flush_every)
     try:
         batches = images.prefetch(images.iter_images(work_dir, todo, config.batch_size, config.decode_workers))
         for batch in batches:
@@ -163,7 +171,7 @@ def merge_scores(work_dir: Path) -> Path:
     frames = []
     metrics = []
     for directory in metric_dirs:
-        parts = sorted(directory.glob("part-*.parquet"))
+        parts = score_parts(work_dir, directory.name).paths()
         if not parts:
             continue
         metric = directory.name

@@ -18,7 +18,8 @@ from lpo.core import config as cfg
 from lpo.core import rundir
 from lpo.core.device import resolve_device, resolve_dtype
 from lpo.core.errors import InputError
-from lpo.core.files import write_text_atomic
+from lpo.core.files import atomic_path, write_text_atomic
+from lpo.core.parts import RecordLog
 from lpo.reward.backbones import family_of
 from lpo.reward.eval.config import EvalConfig
 from lpo.reward.eval.items import IMAGES_DIR, RECORDS_FILE, RUN_FILE, EvalItem
@@ -114,22 +115,7 @@ def plan(prompts: Sequence[str], images_per_prompt: int, seed: int, out: Path,
 def finished(out: Path, items: Sequence[EvalItem]) -> set[str]:
     """Keys of the items whose record and image file are on disk. A torn last record line (an interrupted write) is
     dropped; a record that names another prompt or seed than the plan stops the run."""
-    path = out / RECORDS_FILE
-    if not path.is_file():
-        return set()
-    lines = path.read_text().splitlines()
-    records, kept = {}, []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        records[record["key"]] = record
-        kept.append(line)
-    if len(kept) != len(lines):
-        logger.warning("%s: dropped %d unreadable record line(s) of an interrupted write", path,
-                       len(lines) - len(kept))
-        write_text_atomic("".join(f"{line}\n" for line in kept), path)
+    records = RecordLog(out / RECORDS_FILE).records()
     done = set()
     for item in items:
         record = records.get(item.key)
@@ -145,10 +131,8 @@ def finished(out: Path, items: Sequence[EvalItem]) -> set[str]:
 
 
 def _save_image_atomic(image: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
 
 
 def _generation_dtype(config: EvalConfig, device: str) -> Any:
@@ -181,7 +165,7 @@ def generate(config: EvalConfig, todo: Sequence[EvalItem], out: Path, device: st
     eta, guidance = settings["eta"], settings["guidance"]
     logger.info("generating %d images (%d steps, CFG %s, eta %s, batch %d) on %s", len(todo), config.steps,
                 guidance, eta, config.batch_size, device)
-    with open(out / RECORDS_FILE, "a") as records, _progress("generating", len(todo)) as advance:
+    with RecordLog(out / RECORDS_FILE).appending() as append, _progress("generating", len(todo)) as advance:
         for start in range(0, len(todo), config.batch_size):
             batch = todo[start : start + config.batch_size]
             prompts = [item.prompt for item in batch]
@@ -191,10 +175,9 @@ def generate(config: EvalConfig, todo: Sequence[EvalItem], out: Path, device: st
                              candidates=config.candidates)["latents"]
             for item, image in zip(batch, model.decode(latents), strict=True):
                 _save_image_atomic(image, item.path)
-                record = {"key": item.key, "prompt_index": item.prompt_index, "image_index": item.image_index,
-                          "prompt": item.prompt, "seed": item.seed, "path": f"{IMAGES_DIR}/{item.path.name}"}
-                records.write(json.dumps(record) + "\n")
-            records.flush()
+            append({"key": item.key, "prompt_index": item.prompt_index, "image_index": item.image_index,
+                    "prompt": item.prompt, "seed": item.seed, "path": f"{IMAGES_DIR}/{item.path.name}"}
+                   for item in batch)
             advance(len(batch))
 
 

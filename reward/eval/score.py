@@ -23,6 +23,7 @@ from lpo.core import rundir
 from lpo.core.device import resolve_device, resolve_dtype
 from lpo.core.errors import InputError
 from lpo.core.files import write_text_atomic
+from lpo.core.parts import RecordLog
 from lpo.core.progress import progress
 from lpo.curate.prompts import read_prompts
 from lpo.curate.scorers import METRICS, check_model_spec, load_scorer, prefetch, resolve_specs
@@ -116,14 +117,7 @@ def _read_scores(out: Path, metric: str, spec: str) -> dict[str, tuple[float | N
         logger.warning("%s: scored with another model before; rescoring every image with %s", metric, spec)
         lines.unlink()
         return {}
-    scores = {}
-    for line in lines.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # a torn last line: that image is scored again
-        scores[record["key"]] = (record["score"], record.get("error"))
-    return scores
+    return {key: (record["score"], record.get("error")) for key, record in RecordLog(lines).records().items()}
 
 
 def _open_images(batch: Sequence[EvalItem]) -> tuple[list[Any], list[str | None]]:
@@ -164,20 +158,20 @@ def score_items(items: Sequence[EvalItem], specs: dict[str, str], out: Path, bat
                                  f"this run scores as {scorer.model_id!r}, and the two would mix in one mean: "
                                  f"delete {out / SCORES_DIR / metric}.json and .jsonl to score {metric} again.")
             write_text_atomic(json.dumps(info, indent=2) + "\n", header)
-            with open(out / SCORES_DIR / f"{metric}.jsonl", "a") as lines, _progress(metric, len(todo)) as advance:
+            log = RecordLog(out / SCORES_DIR / f"{metric}.jsonl")
+            with log.appending() as append, _progress(metric, len(todo)) as advance:
                 for start in range(0, len(todo), batch_size):
                     batch = todo[start : start + batch_size]
                     images, errors = _open_images(batch)
                     texts = [item.record if by_record else item.prompt for item in batch]
                     scored = list(zip(*score_each(scorer, images, texts, errors), strict=True))
                     details = _details(scorer, images)
+                    lines = []
                     for j, (item, (score, error)) in enumerate(zip(batch, scored, strict=True)):
                         scores[item.key] = (score, error)
-                        line = {"key": item.key, "score": score, "error": error}
-                        if j in details:
-                            line["detail"] = details[j]
-                        lines.write(json.dumps(line) + "\n")
-                    lines.flush()
+                        lines.append({"key": item.key, "score": score, "error": error}
+                                     | ({"detail": details[j]} if j in details else {}))
+                    append(lines)
                     advance(len(batch))
             logger.info("%s: scored %d images with %s", metric, len(todo), scorer.model_id)
             del scorer

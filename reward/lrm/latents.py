@@ -36,7 +36,8 @@ from safetensors.torch import save_file
 
 from lpo.core.device import resolve_device
 from lpo.core.errors import InputError
-from lpo.core.files import atomic_path, write_text_atomic
+from lpo.core.files import write_text_atomic
+from lpo.core.parts import Parts
 from lpo.core.progress import progress
 from lpo.curate import images as curate_images
 from lpo.curate.manifest import PAIRS_SCHEMA, check_schema, curation_dir_of, read_pairs
@@ -117,12 +118,13 @@ class LatentCache:
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
-        self.index: dict[str, tuple[_Part, int]] = {}
+        self.parts = Parts(self.directory, "part-*.safetensors", keys=lambda path: _read_header(path)[1])
+        self.index: dict[str, tuple[_Part, int]] = {}  # what is done: every uid a part holds, and where
         self.refresh()
 
     def refresh(self) -> LatentCache:
         """Index the part files on disk (those other processes wrote too); reads headers only."""
-        for path in sorted(self.directory.glob("part-*.safetensors")):
+        for path in self.parts.paths():
             part, uids = _read_header(path)
             self.index.update((uid, (part, row)) for row, uid in enumerate(uids))
         return self
@@ -166,10 +168,9 @@ class LatentCache:
     def write_part(self, uids: list[str], mean: torch.Tensor, std: torch.Tensor, rank: int = 0) -> Path:
         """Write one part file atomically (a temp file, then a rename); its name is unique to its rank and uids."""
 
-        self.directory.mkdir(parents=True, exist_ok=True)
         digest = hashlib.blake2b("\n".join(uids).encode(), digest_size=8).hexdigest()
         path = self.directory / f"part-r{rank:03d}-{digest}.safetensors"
-        with atomic_path(path, prefix=".part-") as tmp:
+        with self.parts.writing(path.name) as tmp:
             save_file({"mean": mean.to(torch.float16).contiguous(), "std": std.to(torch.float16).contiguous()}, tmp,
                       metadata={"uids": json.dumps(uids)})
         part, _ = _read_header(path)

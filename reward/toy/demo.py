@@ -44,6 +44,7 @@ from transformers.utils import logging as transformers_logging
 from lpo.core import config as cfg
 from lpo.core import rundir
 from lpo.core.errors import InputError
+from lpo.core.parts import Parts
 from lpo.core.shipped import resolve_shipped
 from lpo.curate import filter as curate_filter
 from lpo.curate import ingest
@@ -175,18 +176,29 @@ def run(config: DemoConfig) -> dict[str, Any]:
         *([("grpo", lambda: optimize(config, out, "grpo"))] if config.grpo else []),
         ("samples", lambda: compare_generators(config, out, results)),
     ]
+    run_stages(stages, out / STAGES_DIR, results)
+    summary = report(config, out, results)
+    return summary
+
+
+def run_stages(stages: list[tuple[str, Callable[[], dict[str, Any]]]], directory: Path,
+               results: dict[str, Any]) -> dict[str, Any]:
+    """Run each stage not done in an earlier run, in order, into `results` (a later stage reads the earlier ones');
+    a finished stage is one part, `directory/<name>.json`, holding its results and seconds."""
+
+    parts = Parts(directory, "*.json")
+    done = parts.done()
     for index, (name, stage) in enumerate(stages, 1):
-        path = out / STAGES_DIR / f"{name}.json"
-        if path.is_file():
-            results[name] = json.loads(path.read_text())
+        if name in done:
+            results[name] = json.loads((directory / f"{name}.json").read_text())
             logger.info("stage %d/%d %s: done in an earlier run", index, len(stages), name)
             continue
         logger.info("stage %d/%d %s", index, len(stages), name)
         start = time.perf_counter()
         results[name] = stage() | {"seconds": round(time.perf_counter() - start, 1)}
-        path.write_text(json.dumps(results[name], indent=2) + "\n")
-    summary = report(config, out, results)
-    return summary
+        with parts.writing(f"{name}.json") as tmp:
+            tmp.write_text(json.dumps(results[name], indent=2) + "\n")
+    return results
 
 
 def _quiet_loading() -> None:

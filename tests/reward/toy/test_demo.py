@@ -161,3 +161,29 @@ def test_cli_rejects_a_models_folder_without_the_toy_models(tmp_path: Path) -> N
     assert result.exit_code == 2
     assert "lacks sd15/model_index.json" in " ".join(result.output.split())  # rich wraps long lines
     assert not (tmp_path / "run").exists()
+
+
+def test_demo_stages_resume_from_their_parts(tmp_path):
+    """A stage that finished is one part file and is not run again; a stage that failed leaves no part, so the
+    rerun starts there, with the earlier stages' results read back for the later ones."""
+    from lpo.reward.toy.demo import run_stages
+
+    calls = []
+
+    def stage(name, value, fail=False):
+        def run():
+            calls.append(name)
+            if fail:
+                raise RuntimeError(f"{name} died")
+            return {"value": value}
+        return run
+
+    results = {}
+    with pytest.raises(RuntimeError, match="lpo died"):
+        run_stages([("data", stage("data", 1)), ("lpo", stage("lpo", 2, fail=True))], tmp_path, results)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.json"]
+    results = {}
+    run_stages([("data", stage("data", 1)), ("lpo", stage("lpo", 2)),
+                ("samples", lambda: {"value": results["lpo"]["value"] + results["data"]["value"]})], tmp_path, results)
+    assert calls == ["data", "lpo", "lpo"]  # data ran once; lpo again after its failure
+    assert results["samples"]["value"] == 3 and results["data"]["value"] == 1
