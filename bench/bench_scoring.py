@@ -74,6 +74,7 @@ def main() -> None:
     from PIL import Image
 
     from lpo.curate import ingest, score, scorers
+    from lpo.curate.scorers.base import TextFeatureCache
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -94,7 +95,7 @@ def main() -> None:
         decoded = [(c, Image.open(io.BytesIO(b)).convert("RGB")) for c, b in rows]
 
         def pure_forward() -> float:
-            scorer.text_features = scorers.TextFeatureCache(scorer._encode_text)  # text encoded once per caption
+            scorer.text_features = TextFeatureCache(scorer._encode_text)  # text encoded once per caption
             start = time.perf_counter()
             for i in range(0, len(decoded), args.batch_size):
                 chunk = decoded[i:i + args.batch_size]
@@ -104,7 +105,7 @@ def main() -> None:
         def end_to_end() -> float:
             shutil.rmtree(work / "scores", ignore_errors=True)
             (work / "scores.parquet").unlink(missing_ok=True)
-            scorer.text_features = scorers.TextFeatureCache(scorer._encode_text)
+            scorer.text_features = TextFeatureCache(scorer._encode_text)
             original = scorers.load_scorer
             scorers.load_scorer = lambda *a, **k: scorer  # the same loaded model in both timings
             try:

@@ -13,6 +13,7 @@ from lpo.core import config as cfg
 from lpo.core import rundir
 from lpo.core.errors import InputError
 from lpo.core.files import write_text_atomic
+from lpo.core.plots import pyplot
 from lpo.curate import ingest, mpcf, score
 from lpo.curate.config import FilterConfig
 from lpo.curate.manifest import (
@@ -150,10 +151,7 @@ def summarise(scored: pl.DataFrame, rule: mpcf.Rule, work_dir: Path) -> dict[str
 
 
 def plot_gaps(scored: pl.DataFrame, rule: mpcf.Rule, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     labelled = scored.filter(pl.col("winner").is_not_null())
     fig, axes = plt.subplots(1, len(rule.metrics), figsize=(4 * len(rule.metrics), 3), squeeze=False)

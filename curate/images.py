@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
+from PIL import Image, UnidentifiedImageError
 
 from lpo.curate.ingest import image_parts
 
@@ -26,8 +27,6 @@ class ImageBatch:
 
 
 def decode(data: bytes | None) -> tuple[Any, str | None]:
-    from PIL import Image, UnidentifiedImageError
-
     if data is None:
         return None, "no image bytes"
     try:

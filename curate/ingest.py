@@ -21,6 +21,8 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
+from datasets import DatasetDict, load_dataset, load_from_disk
+from datasets import Image as ImageFeature
 
 from lpo.core import config as cfg
 from lpo.core import rundir
@@ -141,12 +143,10 @@ class DatasetsSource(Source):
 
 def _undecoded(dataset: Any) -> Any:
     """Image-typed columns come back as encoded bytes, never as decoded PIL images."""
-    from datasets import Image
-
     features = dataset.features or {}
     for col in ("jpg_0", "jpg_1"):
-        if isinstance(features.get(col), Image):
-            dataset = dataset.cast_column(col, Image(decode=False))
+        if isinstance(features.get(col), ImageFeature):
+            dataset = dataset.cast_column(col, ImageFeature(decode=False))
     return dataset
 
 
@@ -190,8 +190,6 @@ def _open_parquet(source: str, split: str) -> ParquetSource:
 
 
 def _open_saved(path: Path, split: str) -> DatasetsSource:
-    from datasets import DatasetDict, load_from_disk
-
     dataset = load_from_disk(str(path))
     if isinstance(dataset, DatasetDict):
         if split not in dataset:
@@ -201,8 +199,6 @@ def _open_saved(path: Path, split: str) -> DatasetsSource:
 
 
 def _open_hub(source: str, split: str) -> DatasetsSource:
-    from datasets import load_dataset
-
     try:
         dataset = load_dataset(source, split=split, streaming=True)
     except Exception as err:  # datasets raises many types for a missing id, offline mode or a bad split

@@ -24,6 +24,7 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
+from accelerate import PartialState
 
 from lpo.core import config as cfg
 from lpo.core.device import resolve_device, resolve_dtype
@@ -195,8 +196,6 @@ def merge_scores(work_dir: Path) -> Path:
 
 def run(config: ScoreConfig) -> dict[str, Any]:
     """Score the images of `config.work_dir` with each metric; resumable and shardable across processes."""
-    from accelerate import PartialState
-
     specs = validate(config)
     work_dir = Path(config.work_dir)
     cpu = config.device == "cpu"

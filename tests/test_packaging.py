@@ -155,6 +155,30 @@ def test_library_modules_import_our_modules_at_their_top() -> None:
     assert len(edge) <= 6, edge
 
 
+# Third-party imports below a module's top, each with its reason: the ground floor and the family registry are read by
+# the command line, which must not load torch or diffusers for `--help`; pyplot switches the process's matplotlib
+# backend when imported; the rest are optional extras (GenEval's spaCy parser, VQAScore's t2v_metrics, ImageReward's
+# timm), imported only by the scorer that needs them.
+LAZY_THIRD_PARTY = {
+    ("core/device.py", "torch"), ("core/plots.py", "matplotlib"), ("core/plots.py", "matplotlib.pyplot"),
+    ("reward/backbones/family.py", "torch"), ("reward/backbones/family.py", "diffusers"),
+    ("reward/backbones/family.py", "diffusers.utils"), ("curate/scorers/bvqa.py", "spacy"),
+    ("curate/scorers/vqa.py", "t2v_metrics"), ("curate/scorers/imagereward.py", "timm.models.vision_transformer"),
+    ("reward/toy/random_models.py", "timm.models.vision_transformer"),
+}
+
+
+def test_library_modules_import_third_party_libraries_at_their_top() -> None:
+    """Laziness only where the reason above holds: a new function-level import of torch, transformers, PIL, ... in a
+    library module fails here (move it to the module's top)."""
+    lazy = {(str(path.relative_to(REPO)), module)
+            for path in [*(REPO / "core").rglob("*.py"), *(REPO / "curate").rglob("*.py"),
+                         *(REPO / "reward").rglob("*.py")]
+            for _, module in _nested_imports(path) if module and not module.startswith("lpo")}
+    assert lazy - LAZY_THIRD_PARTY == set(), sorted(lazy - LAZY_THIRD_PARTY)
+    assert LAZY_THIRD_PARTY - lazy == set(), "an allowed lazy import is gone: drop it from LAZY_THIRD_PARTY"
+
+
 @pytest.mark.slow  # builds and installs a wheel, then runs the demo on a tiny budget
 def test_a_built_wheel_runs_the_demo_and_finds_the_suites_by_name(tmp_path: Path) -> None:
     """The toy models, suites and sample ship inside the wheel: installed outside the checkout (its dependencies

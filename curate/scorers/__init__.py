@@ -15,7 +15,9 @@
 Each metric is one `Metric` record in `specs.REGISTRY` (default model, option help, its scorer module's check,
 load and prefetch functions, load options, where it is used); every table below is a view of it. Curation (`lpo
 curate score`, MPCF, the reward service's image route) uses `CURATION_METRICS`; evaluation (`lpo eval`) all of them.
-`check_model_spec` validates a spec without reading weights; `load_scorer` loads.
+`check_model_spec` validates a spec without reading weights; `load_scorer` loads. The package itself stays light (the
+command line reads the registry to build its options): a scorer module, with its torch and model libraries, is
+imported when its record's check or load function is first called.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 
 from lpo.core.device import resolve_dtype
 from lpo.core.errors import InputError
-from lpo.curate.scorers.base import Scorer, TextFeatureCache, pooled_features
 from lpo.curate.scorers.specs import (
     CURATION_METRICS,
     DEFAULT_EVAL_METRICS,
@@ -40,9 +41,10 @@ from lpo.curate.scorers.specs import (
 if TYPE_CHECKING:
     import torch
 
+    from lpo.curate.scorers.base import Scorer
+
 __all__ = ["CURATION_METRICS", "DEFAULT_EVAL_METRICS", "DEFAULT_MODELS", "METRICS", "METRIC_RECORDS", "REGISTRY",
-           "Metric", "Scorer", "TextFeatureCache", "check_model_spec", "load_scorer", "pooled_features", "prefetch",
-           "resolve_specs"]
+           "Metric", "check_model_spec", "load_scorer", "prefetch", "resolve_specs"]
 
 def check_model_spec(metric: str, spec: str) -> None:
     """Validate a metric name and model spec before any weights load; raise InputError when unusable.

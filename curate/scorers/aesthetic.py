@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import torch
+from huggingface_hub import hf_hub_download
+from PIL import Image
+from transformers import AutoImageProcessor, CLIPModel
 
 from lpo.core.errors import InputError
 from lpo.curate.scorers.base import Scorer, laion_mlp_head, normalise, pooled_features, read_state_dict
@@ -17,10 +22,6 @@ from lpo.curate.scorers.specs import (
     resolve_relative,
     transformers_config,
 )
-
-if TYPE_CHECKING:
-    import PIL.Image
-    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ class AestheticScorer(Scorer):
         self.image_processor = image_processor
         self.head = head
 
-    def _score(self, images: list[PIL.Image.Image], captions: list[str]) -> torch.Tensor:
+    def _score(self, images: list[Image.Image], captions: list[str]) -> torch.Tensor:
         pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"].to(self.device, self.dtype)
         embedding = normalise(pooled_features(self.clip_model.get_image_features(pixel_values=pixels)))
         return self.head(embedding)[:, 0]
@@ -78,16 +79,12 @@ def check_aesthetic(spec: str) -> None:
 
 def load_aesthetic(spec: str, device: str, dtype: torch.dtype, clip_model: str | None = None,
                     head_file: str | None = None) -> Scorer:
-    from transformers import AutoImageProcessor, CLIPModel
-
     path = local_path("aesthetic", spec)
     if path is not None:
         config = _aesthetic_dir_config(path)
         head_path = path / (head_file or config["head_file"])
         clip_model = clip_model or resolve_relative(path, config["clip_model"])
     else:
-        from huggingface_hub import hf_hub_download
-
         head_path = Path(hf_hub_download(spec, head_file or AESTHETIC_HEAD_FILE))
         clip_model = clip_model or AESTHETIC_CLIP_MODEL
     transformers_config("aesthetic", clip_model, "a CLIP model (model_type 'clip')", lambda t: t == "clip")

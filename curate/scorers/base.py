@@ -7,14 +7,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file
 
 from lpo.core.errors import InputError
-
-if TYPE_CHECKING:
-    import numpy
-    import PIL.Image
-    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,6 @@ class TextFeatureCache:
 
     def __call__(self, captions: Sequence[str]) -> torch.Tensor:
         """Features for `captions`, one row each; only captions not seen before are encoded (in one batch)."""
-        import torch
 
         found = {c: self._features[c] for c in captions if c in self._features}
         missing = list(dict.fromkeys(c for c in captions if c not in found))
@@ -74,10 +73,8 @@ class Scorer:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(model_id={self.model_id!r}, device={self.device!r}, dtype={self.dtype})"
 
-    def score(self, images: list[PIL.Image.Image], captions: list[str]) -> numpy.ndarray:
+    def score(self, images: list[Image.Image], captions: list[str]) -> np.ndarray:
         """Score image i against captions[i]; images of any mode and size."""
-        import numpy as np
-        import torch
 
         if len(images) != len(captions):
             raise ValueError(f"{len(images)} images but {len(captions)} captions: pass one caption per image")
@@ -88,7 +85,7 @@ class Scorer:
             scores = self._score(rgb, list(captions))
         return scores.detach().to("cpu", torch.float64).numpy()
 
-    def _score(self, images: list[PIL.Image.Image], captions: list[str]) -> torch.Tensor:
+    def _score(self, images: list[Image.Image], captions: list[str]) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -105,7 +102,6 @@ def normalise(features: torch.Tensor) -> torch.Tensor:
 def laion_mlp_head(state_dict: dict[str, torch.Tensor], source: str, what: str) -> torch.nn.Module:
     """The 5-linear MLP of the LAION aesthetic predictor and of ImageReward (Linear, Dropout, Linear, Dropout,
     Linear, Dropout, Linear, Linear; no activations), sized from its weights (`layers.{0,2,4,6,7}.*`)."""
-    import torch
 
     if set(state_dict) != MLP_KEYS:
         raise InputError(
@@ -130,11 +126,8 @@ def laion_mlp_head(state_dict: dict[str, torch.Tensor], source: str, what: str) 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a .safetensors file or a torch checkpoint (read with weights_only; a `state_dict` entry and a
     DataParallel `module.` prefix are unwrapped)."""
-    import torch
 
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -147,7 +140,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def score_each(scorer: Any, images: Sequence[PIL.Image.Image | None], captions: Sequence[str],
+def score_each(scorer: Any, images: Sequence[Image.Image | None], captions: Sequence[str],
                errors: Sequence[str | None]) -> tuple[list[float | None], list[str | None]]:
     """Scores and errors of a batch whose undecodable images are None (their `errors` say why). The others are
     scored in one call; if the model rejects the batch, one by one, so only the image it rejects gets an error.

@@ -27,14 +27,15 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoTokenizer, BlipForQuestionAnswering, BlipProcessor
 
 from lpo.core.errors import InputError
 from lpo.curate.scorers.specs import checked_config
-
-if TYPE_CHECKING:
-    import numpy
-    import PIL.Image
 
 logger = logging.getLogger(__name__)
 
@@ -96,11 +97,8 @@ def run_image_size(image_size: int, patch_size: int) -> int:
     return max(1, round(image_size * RUN_SCALE / patch_size)) * patch_size
 
 
-def benchmark_pixels(images: list[PIL.Image.Image], size: int, mean: Sequence[float], std: Sequence[float]) -> Any:
+def benchmark_pixels(images: list[Image.Image], size: int, mean: Sequence[float], std: Sequence[float]) -> Any:
     """BLIP's `transform_test`: each image resized bicubic to size x size, scaled to 0-1, normalised (mean, std)."""
-    import numpy as np
-    import torch
-    from PIL import Image
 
     arrays = [np.asarray(image.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
               for image in images]
@@ -136,12 +134,11 @@ class BVQAScorer:
         self.scale = "product over the prompt's noun phrases of P(yes | image, '<phrase>?'), 0-1"
         self.details: list[dict[str, Any]] = []
 
-    def yes_probability(self, images: list[PIL.Image.Image], questions: list[str]) -> Any:
+    def yes_probability(self, images: list[Image.Image], questions: list[str]) -> Any:
         """P(yes) / (P(yes) + P(no)) of the first answer token, one per (image, question); an image object passed
         for several questions is encoded once. Questions run in groups of one token length, unpadded: transformers
         5's BLIP text layers drop the cross-attention mask, so a padded question's answer would attend to its
         padding and depend on what it was batched with (the benchmark masks padding; unpadded is the same)."""
-        import torch
 
         image_processor = self.processor.image_processor
         unique = list({id(image): image for image in images}.values())
@@ -167,10 +164,7 @@ class BVQAScorer:
             result[indices] = (probs[:, self.yes] / (probs[:, self.yes] + probs[:, self.no])).cpu()
         return result
 
-    def score(self, images: list[PIL.Image.Image], prompts: list[str]) -> numpy.ndarray:
-        import numpy as np
-        import torch
-
+    def score(self, images: list[Image.Image], prompts: list[str]) -> np.ndarray:
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
         asked = [(i, phrase) for i, prompt in enumerate(prompts) for phrase in noun_phrases(prompt, self.nlp)]
@@ -187,7 +181,6 @@ class BVQAScorer:
 def check_bvqa(metric: str, spec: str) -> None:
     """A BLIP VQA model whose encoder token exists (its tokenizer's `[ENC]` or `[DEC]` + 1); a hub model is checked
     where its config and tokenizer can be read."""
-    from transformers import AutoTokenizer
 
     path, config = checked_config(metric, spec, "a BLIP visual question answering model (model_type blip)",
                                   lambda model_type: model_type == "blip")
@@ -202,8 +195,6 @@ def check_bvqa(metric: str, spec: str) -> None:
 
 
 def load_bvqa(metric: str, spec: str, device: str, dtype: Any) -> BVQAScorer:
-    from transformers import BlipForQuestionAnswering, BlipProcessor
-
     logger.info("loading %s: %s on %s", metric, spec, device)
     model = BlipForQuestionAnswering.from_pretrained(spec, dtype=dtype).to(device).eval()
     return BVQAScorer(metric, model, BlipProcessor.from_pretrained(spec), spec, device, dtype, spacy_chunker())

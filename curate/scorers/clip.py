@@ -16,7 +16,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import numpy as np
+import open_clip
+import torch
+from PIL import Image
+from transformers import AutoModel, AutoProcessor
 
 from lpo.core.errors import InputError
 from lpo.curate.scorers.base import (
@@ -37,10 +43,6 @@ from lpo.curate.scorers.specs import (
     read_json,
     transformers_config,
 )
-
-if TYPE_CHECKING:
-    import PIL.Image
-    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +75,7 @@ class PickScoreScorer(Scorer):
         ).to(self.device)
         return normalise(pooled_features(self.model.get_text_features(**tokens)))
 
-    def _score(self, images: list[PIL.Image.Image], captions: list[str]) -> torch.Tensor:
+    def _score(self, images: list[Image.Image], captions: list[str]) -> torch.Tensor:
         pixels = self.processor(images=images, return_tensors="pt")["pixel_values"].to(self.device, self.dtype)
         image_features = normalise(pooled_features(self.model.get_image_features(pixel_values=pixels)))
         text_features = self.text_features(captions)
@@ -94,9 +96,7 @@ class ClipScorer(Scorer):
     def _encode_text(self, captions: list[str]) -> torch.Tensor:
         return normalise(self.model.encode_text(self.tokenizer(captions).to(self.device)))
 
-    def _score(self, images: list[PIL.Image.Image], captions: list[str]) -> torch.Tensor:
-        import torch
-
+    def _score(self, images: list[Image.Image], captions: list[str]) -> torch.Tensor:
         pixels = torch.stack([self.preprocess(image) for image in images]).to(self.device, self.dtype)
         image_features = normalise(self.model.encode_image(pixels))
         return (image_features * self.text_features(captions)).sum(-1)
@@ -111,11 +111,7 @@ class LongSideTransform:
     def __init__(self, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         self.size, self.mean, self.std = size, mean, std
 
-    def __call__(self, image: PIL.Image.Image) -> torch.Tensor:
-        import numpy as np
-        import torch
-        from PIL import Image
-
+    def __call__(self, image: Image.Image) -> torch.Tensor:
         scale = self.size / max(image.size)
         width, height = (round(side * scale) for side in image.size)
         square = Image.new("RGB", (self.size, self.size), (0, 0, 0))
@@ -135,7 +131,7 @@ class HpsScorer(ClipScorer):
         version = "v2.1" if metric == "hpsv21" else "v2"
         self.scale = f"100 x cosine (HPS {version}, as the HPS/LPO tables print it; ~24-32 for real images)"
 
-    def _score(self, images: list[PIL.Image.Image], captions: list[str]) -> torch.Tensor:
+    def _score(self, images: list[Image.Image], captions: list[str]) -> torch.Tensor:
         return HPS_SCALE * super()._score(images, captions)
 
 
@@ -210,8 +206,6 @@ def check_clip(spec: str) -> None:
         if config is not None and "model_cfg" not in config:
             raise InputError(f"clip model {spec!r}: its open_clip_config.json has no model_cfg; expected {expected}")
     else:
-        import open_clip
-
         if name not in open_clip.list_models():
             raise InputError(
                 f"clip model {spec!r}: {name!r} is not an open_clip architecture; expected ARCH:TAG with ARCH one "
@@ -286,8 +280,6 @@ def open_clip_precision(metric: str, dtype: torch.dtype) -> str:
 
 def load_pickscore(spec: str, device: str, dtype: torch.dtype, processor: str | None = None,
                     text_cache_size: int = TEXT_CACHE_SIZE) -> Scorer:
-    from transformers import AutoModel, AutoProcessor
-
     path = local_path("pickscore", spec)
     if processor is None:
         processor = spec if path is not None and _has_processor_config(path) else PICKSCORE_PROCESSOR
@@ -299,8 +291,6 @@ def load_pickscore(spec: str, device: str, dtype: torch.dtype, processor: str | 
 
 
 def load_clip(spec: str, device: str, dtype: torch.dtype, text_cache_size: int = TEXT_CACHE_SIZE) -> Scorer:
-    import open_clip
-
     name, tag, _ = _open_clip_spec(spec)
     precision = open_clip_precision("clip", dtype)
     logger.info("loading clip model %s on %s as %s", spec, device, dtype)
@@ -312,8 +302,6 @@ def load_clip(spec: str, device: str, dtype: torch.dtype, text_cache_size: int =
 
 
 def load_hps(metric: str, spec: str, device: str, dtype: torch.dtype) -> Scorer:
-    import open_clip
-
     name, checkpoint, model_id = _hps_source(metric, spec, download=True)
     precision = open_clip_precision(metric, dtype)
     logger.info("loading %s: %s on %s as %s", metric, model_id, device, dtype)

@@ -40,15 +40,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import numpy as np
+import open_clip
+import torch
+from PIL import Image
+from transformers import Mask2FormerForUniversalSegmentation
 
 from lpo.core.errors import InputError
 from lpo.curate.scorers.clip import _open_clip_spec, check_clip, open_clip_precision
 from lpo.curate.scorers.specs import checked_config
-
-if TYPE_CHECKING:
-    import numpy
-    import PIL.Image
 
 logger = logging.getLogger(__name__)
 
@@ -264,12 +266,10 @@ def detector_size(width: int, height: int) -> tuple[int, int]:
     return int(width * factor + 0.5), int(height * factor + 0.5)
 
 
-def detector_inputs(image: PIL.Image.Image) -> tuple[Any, Any]:
+def detector_inputs(image: Image.Image) -> tuple[Any, Any]:
     """(pixel_values [1, 3, H, W], pixel_mask [1, H, W]) of an RGB image as mmdetection's test pipeline feeds the
     detector: resized to `detector_size` (bilinear without antialiasing, rounded to 8 bits, as cv2's INTER_LINEAR),
     normalised, zero-padded at the bottom and right to multiples of 32; the mask is 1 on the image, 0 on padding."""
-    import numpy as np
-    import torch
 
     width, height = detector_size(*image.size)
     pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32)).permute(2, 0, 1)[None]
@@ -294,7 +294,6 @@ def instance_detections(class_logits: Any, mask_logits: Any, classes: Sequence[s
     image's size. The top `per_image` (query, class) pairs by class probability; the mask is its logits > 0; the
     score is the class probability times the mean mask probability inside the mask; the box is the mask's extent
     (x2, y2 one past its last pixel)."""
-    import torch
 
     probs = class_logits.float().softmax(-1)[:, :-1]
     n_classes = probs.shape[1]
@@ -319,9 +318,8 @@ def instance_detections(class_logits: Any, mask_logits: Any, classes: Sequence[s
 # the scorer
 
 
-def masked_crop(image: PIL.Image.Image, detection: Detection) -> PIL.Image.Image:
+def masked_crop(image: Image.Image, detection: Detection) -> Image.Image:
     """The object on the benchmark's grey background (outside its mask), cropped to its box."""
-    from PIL import Image
 
     if detection.mask is not None:
         blank = Image.new("RGB", image.size, CROP_BACKGROUND)
@@ -348,10 +346,7 @@ class GenEvalScorer:
         self._colour_weights: dict[str, Any] = {}
         self.details: list[dict[str, Any]] = []
 
-    def score(self, images: list[PIL.Image.Image], records: list[dict[str, Any] | None]) -> numpy.ndarray:
-        import numpy as np
-        import torch
-
+    def score(self, images: list[Image.Image], records: list[dict[str, Any] | None]) -> np.ndarray:
         if len(images) != len(records):
             raise ValueError(f"{len(images)} images but {len(records)} records")
         out, self.details = [], []
@@ -368,11 +363,10 @@ class GenEvalScorer:
                                      "detected": {name: len(found) for name, found in objects.items()}})
         return np.asarray(out, dtype=np.float64)
 
-    def detect(self, image: PIL.Image.Image) -> dict[str, list[Detection]]:
+    def detect(self, image: Image.Image) -> dict[str, list[Detection]]:
         """Scored detections per class of an RGB image, the masks at the image's size: the mask logits are
         upsampled to the padded input, cropped to the resized image and resized to the image, as mmdetection's
         Mask2Former post-processing does."""
-        import torch
 
         pixels, pixel_mask = detector_inputs(image)
         height, width = detector_size(*image.size)[::-1]
@@ -383,9 +377,8 @@ class GenEvalScorer:
                                                 align_corners=False)[0]
         return instance_detections(outputs.class_queries_logits[0].cpu(), masks.cpu(), self.classes)
 
-    def colours(self, image: PIL.Image.Image, found: list[Detection], name: str) -> list[str]:
+    def colours(self, image: Image.Image, found: list[Detection], name: str) -> list[str]:
         """Each detection's colour: CLIP zero-shot over the ten colours, three templates averaged per colour."""
-        import torch
 
         if name not in self._colour_weights:
             weights = []
@@ -448,9 +441,6 @@ def check_geneval(spec: str) -> None:
 
 
 def load_geneval(spec: str, device: str, dtype: Any) -> GenEvalScorer:
-    import open_clip
-    from transformers import Mask2FormerForUniversalSegmentation
-
     detector_spec, colour_spec = parse_spec(spec)
     logger.info("loading geneval: detector %s, colour classifier %s on %s", detector_spec, colour_spec, device)
     detector = Mask2FormerForUniversalSegmentation.from_pretrained(detector_spec, dtype=dtype).to(device).eval()

@@ -13,15 +13,16 @@ import importlib.util
 import logging
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import torch
+from PIL import Image
+from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
+from transformers import AutoTokenizer, BlipTextConfig, BlipTextModel
 
 from lpo.core.errors import InputError
 from lpo.curate.scorers.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Scorer, laion_mlp_head, read_state_dict
 from lpo.curate.scorers.specs import IMAGEREWARD_REPO, describe_dir, hub_file, local_path, read_json, resolve_relative
-
-if TYPE_CHECKING:
-    import PIL.Image
-    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +47,6 @@ class ImageRewardScorer(Scorer):
 
     def __init__(self, vision: torch.nn.Module, text_encoder: torch.nn.Module, head: torch.nn.Module, tokenizer: Any,
                  image_size: int, model_id: str, device: str, dtype: torch.dtype) -> None:
-        from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
-
         super().__init__("imagereward", model_id, f"(MLP(BLIP) - {IMAGEREWARD_MEAN:.4f}) / {IMAGEREWARD_STD:.4f}, "
                          "about N(0, 1) (SD1.5 ~0.0, SDXL ~0.5)", device, dtype)
         self.vision = vision
@@ -59,9 +58,8 @@ class ImageRewardScorer(Scorer):
             Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
         ])
 
-    def features(self, images: list[PIL.Image.Image], captions: list[str]) -> torch.Tensor:
+    def features(self, images: list[Image.Image], captions: list[str]) -> torch.Tensor:
         """The text encoder's [CLS] feature for each (image, caption), before the MLP."""
-        import torch
 
         pixels = torch.stack([self.transform(image) for image in images]).to(self.device, self.dtype)
         image_embeds = self.vision.forward_features(pixels)
@@ -72,7 +70,7 @@ class ImageRewardScorer(Scorer):
                                 encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask)
         return out.last_hidden_state[:, 0].float()
 
-    def _score(self, images: list[PIL.Image.Image], captions: list[str]) -> torch.Tensor:
+    def _score(self, images: list[Image.Image], captions: list[str]) -> torch.Tensor:
         return normalise_imagereward(self.head(self.features(images, captions))[:, 0])
 
 
@@ -124,9 +122,7 @@ def _load_part(module: torch.nn.Module, state: dict[str, torch.Tensor], prefix: 
 
 
 def load_imagereward(spec: str, device: str, dtype: torch.dtype) -> Scorer:
-    import torch
     from timm.models.vision_transformer import VisionTransformer
-    from transformers import AutoTokenizer, BlipTextConfig, BlipTextModel
 
     config, checkpoint, med_file, model_id = _imagereward_files(spec, download=True)
     vision_cfg = {**BLIP_VIT_LARGE, **config.get("vision", {})}
@@ -174,8 +170,6 @@ def prefetch_imagereward(spec: str) -> None:
     config, *_ = _imagereward_files(spec, download=True)
     tokenizer = config.get("tokenizer", IMAGEREWARD_TOKENIZER)
     if not Path(tokenizer).exists():
-        from transformers import AutoTokenizer
-
         try:
             AutoTokenizer.from_pretrained(tokenizer)
         except OSError as err:

@@ -14,15 +14,16 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 from lpo.core.errors import InputError
 from lpo.curate.scorers.base import Scorer
 from lpo.curate.scorers.specs import read_json, transformers_config
-
-if TYPE_CHECKING:
-    import PIL.Image
-    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class VqaScorer(Scorer):
             )
         return len(full_ids) - len(prompt_ids)
 
-    def _score(self, images: list[PIL.Image.Image], captions: list[str]) -> torch.Tensor:
+    def _score(self, images: list[Image.Image], captions: list[str]) -> torch.Tensor:
         texts = [self.prompt(caption) + self.answer for caption in captions]
         inputs = self.processor(
             images=images, text=texts, padding=True, add_special_tokens=self.add_special_tokens, return_tensors="pt"
@@ -90,7 +91,7 @@ class T2vVqaScorer(Scorer):
 
         self.t2v = t2v_metrics.VQAScore(model=model_name, device=device)
 
-    def _score(self, images: list[PIL.Image.Image], captions: list[str]) -> torch.Tensor:
+    def _score(self, images: list[Image.Image], captions: list[str]) -> torch.Tensor:
         # t2v_metrics takes image paths; batch_forward scores pair i alone (its __call__ scores all M x N pairs).
         with tempfile.TemporaryDirectory(prefix="lpo-t2v-") as tmp:
             paths = [os.path.join(tmp, f"{i}.png") for i in range(len(images))]
@@ -120,7 +121,6 @@ def check_vqa(spec: str) -> None:
                 f"`{T2V_INSTALL_HINT}` (in its own environment: it pins older torch/transformers)"
             )
         return
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
     path = transformers_config(
         "vqa", spec, "a vision-language model loadable with AutoModelForImageTextToText",
@@ -142,7 +142,6 @@ def load_vqa(spec: str, device: str, dtype: torch.dtype, question_template: str 
             f"vqa question_template {question_template!r} has no '{{}}' for the caption: expected e.g. "
             f"{VQA_QUESTION_TEMPLATE!r}"
         )
-    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     logger.info("loading vqa model %s on %s as %s", spec, device, dtype)
     processor = AutoProcessor.from_pretrained(spec)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,8 +58,6 @@ class Family:
     def threshold_at(self, pixels: int) -> list[float]:
         """LPO's default thresholds at an image side: the family's one range, or that of the nearest side in
         `thresholds_by_resolution` (on a log scale)."""
-        import math
-
         if not self.thresholds_by_resolution:
             return list(self.lpo_defaults["threshold"])
         side = min(self.thresholds_by_resolution, key=lambda s: abs(math.log(s / pixels)))

@@ -24,6 +24,7 @@ from lpo.core import rundir
 from lpo.core.config import _read_config_file, to_dict
 from lpo.core.errors import InputError
 from lpo.core.files import write_text_atomic
+from lpo.core.plots import pyplot
 from lpo.core.shipped import resolve_shipped, shipped
 from lpo.reward.backbones import family_of
 from lpo.reward.eval import run as evaluation
@@ -253,10 +254,7 @@ def table_markdown(table: dict[str, Any]) -> str:
 def plot_table(table: dict[str, Any], path: Path) -> Path:
     """One panel per metric: each row's mean with its 95% interval, the first row's mean as a dashed line, and the
     paper's number as a cross where the suite gives one."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     metrics, rows = table["metrics"], table["rows"]
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 0.5 * len(rows) + 1.6), squeeze=False)

@@ -17,6 +17,7 @@ from PIL import Image
 
 from lpo.core.device import resolve_device
 from lpo.core.errors import InputError
+from lpo.core.plots import pyplot
 from lpo.curate.ingest import PAIRS_FILE, IngestConfig
 from lpo.curate.ingest import run as ingest
 from lpo.curate.manifest import curation_dir_of, read_pairs
@@ -114,10 +115,7 @@ def plot_accuracy(curves: dict[str, dict[float, float]], path: Path, title: str 
                   sigma: bool = False) -> Path:
     """Accuracy against the noise level, one line per evaluation set: the timestep (DDPM families) or sigma =
     timestep / 1000 (flow matching)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for name, accuracy in curves.items():

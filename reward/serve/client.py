@@ -244,7 +244,8 @@ def _encode_image(image: Any) -> bytes:
 
 
 class RemoteScorer:
-    """A served metric with the interface of `lpo.curate.scorers.Scorer` (`score`, `name`, `model_id`, `scale`)."""
+    """A served metric with the interface of a `lpo.curate.scorers.base.Scorer` (`score`, `name`, `model_id`,
+    `scale`)."""
 
     def __init__(self, client: RewardClient, metric: str, info: dict[str, Any]) -> None:
         self.client = client

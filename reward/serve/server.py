@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import signal
 import socket
@@ -28,6 +29,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import litserve as ls
 
 from lpo.core.device import cuda_available
 from lpo.core.errors import InputError, RunFailed
@@ -190,10 +193,7 @@ def _stop_on_signal(server: Any, main_pid: int) -> Any:
 def run(config: ServeConfig) -> None:
     """Validate, then serve until Ctrl+C or SIGTERM, which shut every worker down; raise ServeFailed if a worker
     fails."""
-    import multiprocessing
-
     plan = validate(config)
-    import litserve as ls
 
     verbose = logger.isEnabledFor(logging.DEBUG)
     routes = bool(plan.specs) + (config.lrm is not None)

@@ -45,6 +45,7 @@ from lpo.core import config as cfg
 from lpo.core import rundir
 from lpo.core.errors import InputError
 from lpo.core.parts import Parts
+from lpo.core.plots import pyplot
 from lpo.core.shipped import resolve_shipped
 from lpo.curate import filter as curate_filter
 from lpo.curate import ingest
@@ -453,10 +454,7 @@ def markdown(summary: dict[str, Any]) -> str:
 
 
 def figure(summary: dict[str, Any], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     family = summary.get("family", "sd15")
     shown = [v for v in NAMES if v in summary["samples"]]

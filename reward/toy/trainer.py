@@ -36,8 +36,8 @@ from safetensors.torch import save_file
 from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTextModel
 
 from lpo.core.errors import InputError
-from lpo.curate.scorers import load_scorer, pooled_features
-from lpo.curate.scorers.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from lpo.curate.scorers import load_scorer
+from lpo.curate.scorers.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, pooled_features
 from lpo.reward.backbones import load_generator
 from lpo.reward.images import to_uint8
 from lpo.reward.lpo.sampler import sample

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from lpo.core.errors import InputError
-from lpo.curate import scorers
-from lpo.curate.scorers import CURATION_METRICS, METRICS, TextFeatureCache, check_model_spec, load_scorer
+from lpo.curate.scorers import CURATION_METRICS, METRICS, check_model_spec, load_scorer
+from lpo.curate.scorers.base import Scorer, TextFeatureCache
 
 CAPTIONS = ["a red cube on a table", "cat", "two dogs playing in the snow at night, photorealistic"]
 
@@ -31,11 +31,11 @@ def images() -> list[Image.Image]:
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_models_dir: Path) -> dict[str, scorers.Scorer]:
+def loaded(tiny_models_dir: Path) -> dict[str, Scorer]:
     return {metric: load_scorer(metric, str(tiny_models_dir / metric)) for metric in CURATION_METRICS}
 
 
-def test_scores_are_float64_one_per_image(loaded: dict[str, scorers.Scorer], images: list[Image.Image]) -> None:
+def test_scores_are_float64_one_per_image(loaded: dict[str, Scorer], images: list[Image.Image]) -> None:
     for metric, scorer in loaded.items():
         scores = scorer.score(images, CAPTIONS)
         assert scores.dtype == np.float64 and scores.shape == (3,), metric
