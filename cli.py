@@ -18,7 +18,7 @@ from lpo.curate.config import FilterConfig, IngestConfig, ScoreConfig
 from lpo.curate.options import model_options
 from lpo.curate.scorers.specs import CURATION_METRICS, METRICS
 from lpo.reward.eval.config import EvalCompareConfig, EvalConfig, EvalScoreConfig, EvalSuiteConfig
-from lpo.reward.lpo.config import LPOConfig, SampleConfig
+from lpo.reward.lpo.config import LPOConfig, SampleConfig, family_helps
 from lpo.reward.lrm.config import (
     ImportReferenceConfig,
     RewardCacheConfig,
@@ -226,6 +226,7 @@ def _optimize_commands() -> None:
         command(optimize_app, family.name, LPOConfig, lazy("lpo.reward.lpo.train", "run"), report_optimize,
                 failure="training stopped", required=("base", "prompts", "out"), fixed={"family": family.name},
                 repeatable=("validation_prompts",), flags={"validation_prompts": ("--validation-prompt",)},
+                helps=family_helps(family.name),
                 help=f"Fine-tune a {family.title} model with LPO: at every {family.sampler} step sample K children, "
                      "let the LRM pick winner and loser, train a DPO-style loss on the step's log-probability. "
                      "Resumable.")

@@ -206,6 +206,30 @@ def test_version_short_help_and_the_sd2_family_hint() -> None:
     assert sd2.exit_code == 2 and "belong to the sd15 family" in sd2.output
 
 
+def test_each_family_command_prints_its_own_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`lpo optimize <family> --help` shows that family's value of every field whose default is the family's, read
+    from the one `Family.lpo_defaults` record (a family that lacks one fails at --help, not silently)."""
+    import re
+
+    from lpo.reward.backbones import FAMILIES
+
+    monkeypatch.setenv("COLUMNS", "1000")  # one option per line
+    for family in FAMILIES.values():
+        text = invoke("optimize", family.name, "--help").output
+        shown = dict(re.findall(rf"--([a-z-]+) .*?\(default for {family.name}: ([^)]*)\)", text))
+        defaults = family.lpo_defaults
+        assert shown["lr"] == str(defaults["lr"]) and shown["lora-rank"] == str(defaults["lora_rank"])
+        assert shown["eta"] == str(defaults["eta"]) and shown["sampler"] == defaults["sampler"]
+        assert shown["gradient-checkpointing"] == ("on" if defaults["gradient_checkpointing"] else "off")
+        if family.thresholds_by_resolution:
+            assert shown["threshold"].startswith("0.35,0.5 at 512 px; 0.45,0.6 at 1024 px")
+        else:
+            assert shown["threshold"] == ",".join(map(str, defaults["threshold"]))
+        assert "Default: the family's" not in text and len(shown) == 11
+    assert "6e-05" in invoke("optimize", "sd15", "--help").output
+    assert "6e-05" not in invoke("optimize", "sdxl", "--help").output
+
+
 def test_one_prompt_reader_takes_a_curation_directory(filtered: Path) -> None:
     from lpo.curate.prompts import read_prompts
 

@@ -12,6 +12,9 @@ from lpo.reward.backbones import get_family
 
 BETA_SCHEDULES = ("constant", "kappa")  # --beta-schedule
 THRESHOLD_SCALES = ("std", "sigma")  # --threshold-scale
+# The help of a field whose default is the family's: `lpo optimize <family> --help` shows that family's value instead
+# (`family_helps`), so each family's command prints its own defaults from the one `Family.lpo_defaults` record.
+FAMILY_DEFAULT = "Default: the family's."
 
 
 def check_calibration(beta_schedule: str, threshold_scale: str, prefix: str = "") -> None:
@@ -21,6 +24,32 @@ def check_calibration(beta_schedule: str, threshold_scale: str, prefix: str = ""
     if beta_schedule not in BETA_SCHEDULES or threshold_scale not in THRESHOLD_SCALES:
         raise InputError(f"--{prefix}beta-schedule is {' or '.join(BETA_SCHEDULES)}; --{prefix}threshold-scale is "
                          f"{' or '.join(THRESHOLD_SCALES)}.")
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, list | tuple):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def family_helps(family: str) -> dict[str, str]:
+    """The help of each LPOConfig field whose default is the family's, with `family`'s value in it."""
+
+    record = get_family(family)
+    defaults = dict(record.lpo_defaults)
+    if record.thresholds_by_resolution:  # by the image side: the nearest side's
+        defaults["threshold"] = "; ".join(f"{_shown(v)} at {side} px" for side, v in
+                                          sorted(record.thresholds_by_resolution.items())) + ", the nearest side's"
+    helps = {}
+    for f in dataclasses.fields(LPOConfig):
+        text = f.metadata.get("help", "")
+        if FAMILY_DEFAULT in text:
+            if f.name not in defaults:
+                raise KeyError(f"LPOConfig.{f.name} says its default is the family's, but {family} sets none")
+            helps[f.name] = text.replace(FAMILY_DEFAULT, f"(default for {family}: {_shown(defaults[f.name])})")
+    return helps
 
 
 @dataclass
@@ -38,30 +67,29 @@ class LPOConfig:
                                    "(the paper's method); grpo: step-wise GRPO, every trained step's K children "
                                    "with group z-score advantages, a PPO clip (--clip-eps) and --grpo-kl.")
     epochs: int = option(5, "Passes over the prompts.")
-    sample_batch_size: int | None = option(None, "Prompts per process per sampling round (sd15 5, sdxl 4).")
-    train_batch_size: int | None = option(None, "Preference tuples (GRPO: groups) per process per optimizer step "
-                                                "(sd15 10, sdxl 4).")
+    sample_batch_size: int | None = option(None, f"Prompts per process per sampling round. {FAMILY_DEFAULT}")
+    train_batch_size: int | None = option(None, "Preference tuples (GRPO: groups) per process per optimizer step. "
+                                                f"{FAMILY_DEFAULT}")
     candidates: int = option(4, "K: children sampled from each x_t and scored by the LRM.")
     steps: int = option(20, "Sampler steps per trajectory.")
     resolution: int | None = option(None, "Image side in pixels to sample and train at (default: the pipeline's own: "
                                           "SD1.5 512, SDXL 1024, SD3.5-Medium 1024, FLUX.1-dev 1024).")
-    guidance: float | None = option(None, "Guidance in sampling and in the loss: classifier-free (sd15, sdxl 5.0; "
-                                          "sd3 4.5) or FLUX.1's embedded guidance (flux 3.5).")
+    guidance: float | None = option(None, "Guidance in sampling and in the loss: classifier-free (sd15, sdxl, sd3) "
+                                          f"or FLUX.1's embedded guidance (flux). {FAMILY_DEFAULT}")
     sampler: str | None = option(None, "The stochastic step: ddim (sd15, sdxl); for sd3 and flux cps (the "
-                                       "coefficients-preserving step: a child sits at its nominal noise level; the "
-                                       "default) or sde (Flow-GRPO's SDE). A flow sampler's last step, to sigma 0, "
-                                       "is deterministic.")
-    eta: float | None = option(None, "Step noise: DDIM eta (sd15, sdxl 1.0) or the flow step's noise level a (sd3 "
-                                     "0.7, flux 0.9); must be > 0, the step must be stochastic to have a "
-                                     "likelihood.")
+                                       "coefficients-preserving step: a child sits at its nominal noise level) or "
+                                       "sde (Flow-GRPO's SDE). A flow sampler's last step, to sigma 0, is "
+                                       f"deterministic. {FAMILY_DEFAULT}")
+    eta: float | None = option(None, "Step noise: DDIM eta (sd15, sdxl) or the flow step's noise level a (sd3, "
+                                     "flux); must be > 0, the step must be stochastic to have a likelihood. "
+                                     f"{FAMILY_DEFAULT}")
     beta: float = option(500.0, "LPO: DPO inverse temperature on the log-ratio difference (per latent element: with "
                                 "--logprob-reduction sum it is divided by the element count).")
     beta_schedule: str | None = option(None, "LPO: constant (one beta and one ratio clamp for every step, the "
                                              "paper's) or kappa (each step's log-ratio divided by its kappa / the "
                                              "median kappa of the trained steps before the clamp and beta, kappa = "
                                              "|d mean / d model output| / std: a unit change of the model's output "
-                                             "then weighs the same at every step). Default: the family's (sd15, "
-                                             "sdxl constant).")
+                                             f"then weighs the same at every step). {FAMILY_DEFAULT}")
     clip_eps: float = option(0.1, "Ratio clip: LPO clamps r = p_theta / p_ref to [1 - eps, 1 + eps]; GRPO clips "
                                   "r = p_theta / p_sampling there (PPO).")
     grpo_kl: float = option(0.1, "GRPO: weight of the exact KL of the policy's step to the reference's (mean over "
@@ -70,20 +98,18 @@ class LPOConfig:
                                  "less than the same number here.")
     grpo_filter: bool = option(False, "GRPO: train only the groups whose best and worst child pass LPO's "
                                       "--threshold (the rest carry little signal).")
-    threshold: list[float] | None = option(None, "LPO's softmax-gap thresholds at the least and the noisiest step "
-                                                 "(sd15 0.35,0.5; sdxl 0.45,0.6; sd3 and flux by the resolution: "
-                                                 "0.35,0.5 at 512 px, 0.45,0.6 at 1024, the nearest side's).")
+    threshold: list[float] | None = option(None, "LPO's softmax-gap thresholds at the least and the noisiest step. "
+                                                 f"{FAMILY_DEFAULT}")
     threshold_scale: str | None = option(None, "What the thresholds are linear in between the least and the noisiest "
                                          "trained step: std (the step's std, the paper's) or sigma (the forward "
                                          "process's noise share at the step: sigma for flow models, "
-                                         "sqrt(1 - alphas_cumprod) for DDPM). Default: the family's (sd15, "
-                                         "sdxl std).")
+                                         f"sqrt(1 - alphas_cumprod) for DDPM). {FAMILY_DEFAULT}")
     score_timestep: str = option("parent", "Timestep the LRM scores a child at: parent (reference) or child.")
     logprob_reduction: str = option("mean", "Reduce the step log-density over latent elements: mean (reference) "
                                             "or sum (the sample's likelihood; the ratio clip then bounds it; LPO "
                                             "only: GRPO's clip and KL weight are per element).")
-    lora_rank: int | None = option(None, "LoRA rank on attention q/k/v/out (sd15 4, sdxl 64; sd3 32 and flux 64, "
-                                         "both streams, flux also the MLPs); 0 = full fine-tuning.")
+    lora_rank: int | None = option(None, "LoRA rank on attention q/k/v/out (sd3 and flux: both streams, flux also "
+                                         f"the MLPs); 0 = full fine-tuning. {FAMILY_DEFAULT}")
     lora_alpha: float | None = option(None, "LoRA alpha, the update's scale being alpha / rank (default: the rank, "
                                             "scale 1, the reference's; Flow-GRPO and diffusers' scripts use 2 x "
                                             "rank). Saved with the LoRA, so `load_lora_weights` applies it.")
@@ -91,13 +117,12 @@ class LPOConfig:
                                              "proj_out; not the model's output head).")
     detach_uncond: bool = option(False, "CFG families: stop the gradient through the unconditional half of the "
                                         "training forward (Flow-GRPO does; the reference LPO code trains both).")
-    lr: float | None = option(None, "AdamW learning rate (sd15 6e-5; sdxl, sd3, flux 1e-5).")
+    lr: float | None = option(None, f"AdamW learning rate. {FAMILY_DEFAULT}")
     weight_decay: float = option(1e-4, "AdamW weight decay.")
     max_grad_norm: float = option(1.0, "Gradient clipping that really clips (the reference runs had it silently "
                                        "off); 0 disables.")
     mixed_precision: str = option("auto", "auto (on CUDA fp16, flux bf16; none on CPU), no, fp16, bf16.")
-    gradient_checkpointing: bool | None = option(None, "Gradient checkpointing in the denoiser (sd15 off; sdxl, sd3, "
-                                                       "flux on).")
+    gradient_checkpointing: bool | None = option(None, f"Gradient checkpointing in the denoiser. {FAMILY_DEFAULT}")
     save_every_rounds: int = option(0, "Also save_state every N sampling rounds (0: only each epoch).")
     validation_prompts: list[str] = option(help="Prompts of the per-epoch validation grid (default: the first "
                                                 "3 training prompts).", factory=list)
