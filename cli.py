@@ -225,7 +225,8 @@ def _optimize_commands() -> None:
     for family in FAMILIES.values():
         command(optimize_app, family.name, LPOConfig, lazy("lpo.reward.lpo.train", "run"), report_optimize,
                 failure="training stopped", required=("base", "prompts", "out"), fixed={"family": family.name},
-                repeatable=("validation_prompts",), flags={"validation_prompts": ("--validation-prompt",)},
+                repeatable=("validation_prompts",), flags={"validation_prompts": ("--validation-prompt",),
+                                                            "guidance": ("--guidance", "--cfg")},
                 helps=family_helps(family.name),
                 help=f"Fine-tune a {family.title} model with LPO: at every {family.sampler} step sample K children, "
                      "let the LRM pick winner and loser, train a DPO-style loss on the step's log-probability. "
@@ -244,7 +245,7 @@ def _sd2() -> None:
     raise typer.Exit(code=2)
 command(app, "sample", SampleConfig, lazy("lpo.reward.lpo.sample", "run"), report_sample,
         required=("base", "prompts", "out"), repeatable=("prompts",),
-        flags={"prompts": ("--prompt",), "denoiser": DENOISER_FLAGS},
+        flags={"prompts": ("--prompt",), "guidance": ("--guidance", "--cfg"), "denoiser": DENOISER_FLAGS},
         helps={"prompts": "Prompt to generate. Repeatable."},
         help="Generate images with per-image seeds; with --lrm and --candidates K, LRM-guided: continue from the best "
              "of K at each step.")
@@ -313,7 +314,7 @@ def report_suite(config: EvalSuiteConfig, result: dict[str, Any]) -> None:
 
 EVAL_MODELS = dict(options=model_options(METRICS))
 command(eval_app, None, EvalConfig, lazy("lpo.reward.eval.run", "run"), report_eval, callback=True,
-        flags={"guidance": ("--cfg", "--guidance"), "denoiser": DENOISER_FLAGS}, **EVAL_MODELS,
+        flags={"guidance": ("--guidance", "--cfg"), "denoiser": DENOISER_FLAGS}, **EVAL_MODELS,
         help="Generate every (prompt, image) with its own seed, score every image, write images.parquet, "
              "summary.json, summary.md and grid.png. Resumable: finished images are not generated again.")
 command(eval_app, "score", EvalScoreConfig, lazy("lpo.reward.eval.score", "score_existing"), report_eval,

@@ -52,9 +52,17 @@ class Row:
     note: str | None = None
 
 
+ALIASES = {"cfg": "guidance"}  # the command line's spellings: `lpo eval --cfg` is `--guidance`
+
+
 def _check_keys(mapping: Any, known: dict[str, Any], where: str) -> dict[str, Any]:
     if not isinstance(mapping, dict):
         raise InputError(f"{where} must be a mapping of keys to values, not {type(mapping).__name__}.")
+    for alias, key in ALIASES.items():
+        if alias in mapping:
+            if key in mapping:
+                raise InputError(f"{where} gives both {alias} and {key}, two names of one setting; keep one.")
+            mapping[key] = mapping.pop(alias)
     unknown = sorted(set(mapping) - set(known))
     if unknown:
         raise InputError(f"{where} has unknown keys {unknown}; the known keys are {sorted(known)}.")

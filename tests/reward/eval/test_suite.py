@@ -134,6 +134,7 @@ def test_a_suite_runs_every_kind_of_row_and_pairs_them_with_the_first(tiny_model
     ({"rows": [{"name": "a"}, {"name": "guided", "lrm": "/nowhere/lrm", "candidates": 2}]},
      "row 'guided': /nowhere/lrm does not exist"),
     ({"rows": [{"name": "a", "paper": {"hpsv2": 26.46}}]}, "paper numbers must be numbers for the suite's metrics"),
+    ({"rows": [{"name": "a", "cfg": 7.5, "guidance": 5.0}]}, "gives both cfg and guidance, two names of one setting"),
 ])
 def test_bad_suites_exit_2_before_any_model_loads(change, needle, tiny_models_dir, tmp_path, monkeypatch) -> None:
     prompts = tmp_path / "prompts.txt"
@@ -183,3 +184,15 @@ def test_a_shipped_suite_is_found_by_its_name_or_its_repository_path(tmp_path: P
     assert read_suite("lpo-sd15") == read_suite("manifests/suites/lpo-sd15.yaml")
     with pytest.raises(InputError):
         read_suite("no-such-suite")
+
+
+def test_a_suite_takes_cfg_as_the_command_line_does(tmp_path: Path) -> None:
+    """`lpo eval --cfg` and `--guidance` are one option; a suite takes both spellings too, at its top and in a row."""
+    from lpo.reward.eval.suite import read_suite
+
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump({"prompts": "p.txt", "metrics": ["clip"], "cfg": 4.0, "base": "owner/model",
+                                    "rows": [{"name": "base", "cfg": 7.5}, {"name": "other"}]}))
+    suite = read_suite(path)
+    assert suite["guidance"] == 4.0 and "cfg" not in suite
+    assert [row.get("guidance") for row in suite["rows"]] == [7.5, None]
