@@ -3,8 +3,14 @@ into messages that name the fix.
 
 A reference is a local path when it exists or reads as one (it starts with `/`, `./`, `../` or `~`, or holds a
 backslash); otherwise it is a hub repository, `owner/repo`, optionally with a folder inside it,
-`owner/repo/sub/folder` (the layout of released checkpoints such as `casiatao/LPO/lpo_sd15_merge/unet`). Hub files
-are fetched once per process: a second read of the same file does not ask the hub again.
+`owner/repo/sub/folder` (the layout of released checkpoints such as `casiatao/LPO/lpo_sd15_merge/unet`), and
+optionally pinned to a revision (a branch, tag or commit), `owner/repo@revision`. A pinned reference travels as one
+string into every config and run record that names the model, so a later command that reads it back loads the same
+files. Hub files are fetched once per process: a second read of the same file does not ask the hub again.
+
+Loaders take their `from_pretrained` arguments from here: `load_args(spec, subfolder)` gives the source and the
+`subfolder`/`revision` keywords, `weight_args` adds the weights' `variant` (diffusers' and transformers'
+`model.fp16.safetensors` files) chosen for that model with `use_variant`.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ class ModelRef:
     root: str
     subfolder: str | None
     local: bool
+    revision: str | None = None  # a hub reference's branch, tag or commit (None: the default branch)
 
     @classmethod
     def parse(cls, spec: str | Path) -> ModelRef:
@@ -52,11 +59,13 @@ class ModelRef:
         path = Path(spec).expanduser()
         if path.exists() or is_path_like(spec):
             return cls(spec, str(path), None, True)
-        parts = spec.strip("/").split("/")
-        if len(parts) < 2 or not all(parts):
+        name, at, revision = spec.partition("@")
+        parts = name.strip("/").split("/")
+        if len(parts) < 2 or not all(parts) or (at and not revision):
             raise InputError(f"{spec} is neither an existing folder nor a hub id (owner/repo, or "
-                             "owner/repo/sub/folder for a folder inside a repository).")
-        return cls(spec, "/".join(parts[:2]), "/".join(parts[2:]) or None, False)
+                             "owner/repo/sub/folder for a folder inside a repository, optionally pinned as "
+                             "owner/repo@revision).")
+        return cls(spec, "/".join(parts[:2]), "/".join(parts[2:]) or None, False, revision or None)
 
     def inside(self, name: str | None) -> str | None:
         """The hub subfolder of `name` (a folder inside the model), None for the model's own root."""
@@ -74,7 +83,8 @@ class ModelRef:
                 raise InputError(f"{self.spec} has no {name}; pass the folder that holds it.")
             return None
         folder, _, filename = name.rpartition("/")
-        return hub_file(self.root, filename, self.inside(folder or None), spec=self.spec, missing_ok=not required)
+        return hub_file(self.root, filename, self.inside(folder or None), spec=self.spec, missing_ok=not required,
+                        revision=self.revision)
 
     def read_json(self, name: str, *, required: bool = True) -> dict[str, Any] | None:
         path = self.file(name, required=required)
@@ -104,26 +114,83 @@ def hub_error(err: Exception, spec: str, filename: str) -> InputError:
     return InputError(f"{what}; pass a local folder or a reachable hub id.")
 
 
-_FETCHED: dict[tuple[str, str, str | None], str] = {}
+_FETCHED: dict[tuple[str, str, str | None, str | None], str] = {}
+_VARIANTS: dict[str, str] = {}  # model reference -> the weights variant its loaders read (`use_variant`)
 
 
-def cached_download(repo: str, filename: str, subfolder: str | None = None) -> str:
+def cached_download(repo: str, filename: str, subfolder: str | None = None, revision: str | None = None) -> str:
     """`hf_hub_download`, asked once per process for each file while its local copy exists (a failure is not
     remembered)."""
-    key = (repo, filename, subfolder)
+    key = (repo, filename, subfolder, revision)
     path = _FETCHED.get(key)
     if path is None or not os.path.exists(path):
-        path = _FETCHED[key] = huggingface_hub.hf_hub_download(repo, filename, subfolder=subfolder)
+        path = _FETCHED[key] = huggingface_hub.hf_hub_download(repo, filename, subfolder=subfolder,
+                                                               **({"revision": revision} if revision else {}))
     return path
 
 
 def forget_downloads() -> None:
-    """Ask the hub again for every file (a test that fakes the hub starts from here)."""
+    """Ask the hub again for every file, and forget every chosen variant (a test that fakes the hub starts here)."""
     _FETCHED.clear()
+    _VARIANTS.clear()
+
+
+def with_revision(spec: str | None, revision: str | None) -> str | None:
+    """`spec` pinned to `revision` (a command's `--revision` for its `--base`): `owner/repo@revision`. A local
+    folder has no revisions, and a reference pinned to another revision is two answers to one question."""
+    if spec is None or not revision:
+        return spec
+    ref = ModelRef.parse(spec)
+    if ref.local:
+        raise InputError(f"--revision {revision}: {spec} is a local folder, which has no revisions; drop --revision "
+                         "or pass a hub id.")
+    if ref.revision not in (None, revision):
+        raise InputError(f"{spec} is pinned to {ref.revision}, and --revision says {revision}; give one.")
+    return spec if ref.revision else f"{spec}@{revision}"
+
+
+def use_variant(spec: str | None, variant: str | None) -> None:
+    """Read the weights of `spec` from its `variant` files (`diffusion_pytorch_model.fp16.safetensors`,
+    `model.fp16.safetensors`) in this process: a command's `--variant` for its `--base`."""
+    if spec is not None and variant:
+        _VARIANTS[str(spec)] = variant
+
+
+REVISION_HELP = ("Hub revision of --base (a branch, tag or commit): the same as --base owner/repo@REVISION, which is "
+                 "how the run records it.")
+VARIANT_HELP = ("Weights variant of --base to read (the `*.fp16.safetensors` files diffusers and transformers load as "
+                "variant fp16; bf16 likewise); default: the full-precision files.")
+
+
+def pin_base(config: Any) -> None:
+    """A config's `__post_init__`: pin `config.base` to `config.revision` (the field then reads None: the revision
+    lives in the reference) and choose `config.variant` for it in this process."""
+    if config.revision and config.base is not None:
+        config.base = with_revision(config.base, config.revision)
+        config.revision = None
+    use_variant(config.base, config.variant)
+
+
+def load_args(spec: str | Path, subfolder: str | None = None) -> tuple[str, dict[str, Any]]:
+    """(source, keywords) for `from_pretrained` of the folder `subfolder` of `spec`: a local folder as itself, a hub
+    reference as its repository with the folder inside it and its revision."""
+    ref = ModelRef.parse(spec)
+    if ref.local:
+        return ref.root, {"subfolder": subfolder} if subfolder else {}
+    inside = ref.inside(subfolder)
+    return ref.root, {**({"subfolder": inside} if inside else {}), **({"revision": ref.revision} if ref.revision
+                                                                         else {})}
+
+
+def weight_args(spec: str | Path, subfolder: str | None = None) -> tuple[str, dict[str, Any]]:
+    """`load_args` for a load that reads weights, with the variant chosen for `spec` (`use_variant`)."""
+    source, kwargs = load_args(spec, subfolder)
+    variant = _VARIANTS.get(str(spec))
+    return source, kwargs | ({"variant": variant} if variant else {})
 
 
 def hub_file(repo: str, filename: str, subfolder: str | None = None, *, spec: str | None = None,
-             missing_ok: bool = False) -> Path | None:
+             missing_ok: bool = False, revision: str | None = None) -> Path | None:
     """A hub file from the local cache or the hub (fetched once per process); an InputError naming the fix when it
     cannot be read, or None when the repository lacks it and `missing_ok`."""
     spec = spec or repo
@@ -132,7 +199,7 @@ def hub_file(repo: str, filename: str, subfolder: str | None = None, *, spec: st
     inner = spec[len(repo) + 1:] if spec.startswith(f"{repo}/") else ""
     shown = shown[len(inner) + 1:] if inner and shown.startswith(f"{inner}/") else shown
     try:
-        return Path(cached_download(repo, filename, subfolder))
+        return Path(cached_download(repo, filename, subfolder, revision))
     except EntryNotFoundError as err:  # LocalEntryNotFoundError too: offline and not cached is not "absent"
         if missing_ok and not isinstance(err, LocalEntryNotFoundError):
             return None

@@ -26,7 +26,15 @@ from diffusers.utils import logging as diffusers_logging
 from torch import nn
 from transformers import AutoTokenizer
 
+from lpo.core.refs import load_args
 from lpo.reward.backbones.family import Family, check_resolution
+
+
+def load_tokenizer(spec: str | Path, subfolder: str) -> Any:
+    """The tokenizer in folder `subfolder` of a pipeline or a saved LRM (a local folder or a hub reference, pinned or
+    not)."""
+    source, where = load_args(spec, subfolder)
+    return AutoTokenizer.from_pretrained(source, **where)
 
 
 def load_lora_quietly(pipeline: Any, path: str | Path) -> None:
@@ -354,6 +362,5 @@ class LRMBackbone(nn.Module, ABC):
 
     def load_tokenizers(self, source: str | Path, subfolder: str | None = None) -> None:
         prefix = f"{subfolder}/" if subfolder else ""
-        self.tokenizers = [AutoTokenizer.from_pretrained(source, subfolder=prefix + name.replace("text_encoder",
-                                                                                                  "tokenizer"))
+        self.tokenizers = [load_tokenizer(source, prefix + name.replace("text_encoder", "tokenizer"))
                            for name in self.encoder_names]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lpo.core.errors import InputError
-from lpo.core.refs import ModelRef, hub_file
+from lpo.core.refs import ModelRef, hub_file, load_args, weight_args
 
 if TYPE_CHECKING:
     import torch
@@ -95,7 +95,8 @@ class Family:
         kwargs = diffusers_dtype(dtype) if dtype is not None else {}
         # a part saved as absent must be passed as None (diffusers' from_pretrained refuses to load it otherwise)
         kwargs |= {name: None for name in self.optional_components if not has_subfolder(base, name)}
-        pipeline = pipeline_class.from_pretrained(base, **kwargs, **self.pipeline_kwargs)
+        source, where = weight_args(base)
+        pipeline = pipeline_class.from_pretrained(source, **where, **kwargs, **self.pipeline_kwargs)
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
 
@@ -209,7 +210,9 @@ def read_subfolder_config(base: str, subfolder: str) -> dict[str, Any]:
             raise InputError(f"{base} has no {subfolder}/{CONFIG_FILE}; give a diffusers pipeline directory of a "
                              f"supported family ({_supported()}) with {subfolder}/, vae/, text_encoder/, tokenizer/.")
         return json.loads(local.read_text())
-    return json.loads(hub_file(base, CONFIG_FILE, subfolder, spec=base).read_text())
+    ref = ModelRef.parse(base)
+    return json.loads(hub_file(ref.root, CONFIG_FILE, ref.inside(subfolder), spec=base, revision=ref.revision)
+                      .read_text())
 
 
 def has_subfolder(base: str, subfolder: str) -> bool:
@@ -221,7 +224,9 @@ def has_subfolder(base: str, subfolder: str) -> bool:
             if not (isinstance(entry, list) and entry[0] is not None):
                 return False
         return (Path(base) / subfolder).is_dir()
-    index = json.loads(hub_file(base, "model_index.json", spec=base).read_text())
+    ref = ModelRef.parse(base)
+    index = json.loads(hub_file(ref.root, "model_index.json", ref.inside(None), spec=base, revision=ref.revision)
+                       .read_text())
     entry = index.get(subfolder)
     return isinstance(entry, list) and entry[0] is not None
 
@@ -260,7 +265,8 @@ def pixel_resolution(denoiser_config: dict[str, Any], base: str, vae: str | None
     if vae:
         from diffusers import AutoencoderKL
 
-        vae_config = dict(AutoencoderKL.load_config(vae))
+        source, where = load_args(vae)
+        vae_config = dict(AutoencoderKL.load_config(source, **where))
     else:
         vae_config = read_subfolder_config(base, "vae")
     if "sample_size" not in denoiser_config:
@@ -367,12 +373,13 @@ def _hub_denoiser(ref: ModelRef, inside: tuple[str | None, ...]) -> tuple[str, s
     unreadable = None
     for candidate in ((ref.subfolder,) if ref.subfolder else inside):
         try:
-            path = hub_file(ref.root, CONFIG_FILE, candidate, spec=ref.spec, missing_ok=True)
+            path = hub_file(ref.root, CONFIG_FILE, candidate, spec=ref.spec, missing_ok=True, revision=ref.revision)
         except InputError as err:  # unreadable (offline and not cached, gated, no such repository): try the rest
             unreadable = unreadable or err
             continue
-        if path is not None:
-            return ref.root, candidate, json.loads(path.read_text())
+        if path is not None:  # a pinned reference keeps its revision for the load: `owner/repo@revision`
+            pinned = f"{ref.root}@{ref.revision}" if ref.revision else ref.root
+            return pinned, candidate, json.loads(path.read_text())
     if unreadable is not None:
         raise unreadable
     where = ref.subfolder or " or ".join(str(c or "its root") for c in inside)
@@ -400,6 +407,7 @@ def load_generator(base: str, *, family: Family | None = None, lora: str | Path 
         model.load_lora(resolve_lora(lora))
     if denoiser is not None:
         source, subfolder, _ = resolve_denoiser(denoiser, found)
-        module = type(model.denoiser).from_pretrained(source, subfolder=subfolder, **diffusers_dtype(dtype))
+        source, where = load_args(source, subfolder)
+        module = type(model.denoiser).from_pretrained(source, **where, **diffusers_dtype(dtype))
         model.set_denoiser(module.to(device).eval())
     return model

@@ -43,6 +43,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from lpo.core.errors import InputError
+from lpo.core.refs import load_args
 from lpo.reward.backbones.base import StepStats
 
 SAMPLERS = ("sde", "cps")  # the stochastic steps of the flow families; the first is the default
@@ -168,7 +169,8 @@ class FlowNoise:
 
     @classmethod
     def from_pretrained(cls, source: str | Path, subfolder: str | None = "scheduler") -> FlowNoise:
-        return cls(FlowMatchEulerDiscreteScheduler.from_pretrained(source, subfolder=subfolder))
+        source, where = load_args(source, subfolder)
+        return cls(FlowMatchEulerDiscreteScheduler.from_pretrained(source, **where))
 
     @property
     def config(self) -> Any:

@@ -26,11 +26,19 @@ import torch
 from diffusers import SD3Transformer2DModel
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
+from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
 from lpo.core.errors import InputError
+from lpo.core.refs import weight_args
 from lpo.reward.backbones import flow
-from lpo.reward.backbones.base import Conditioning, Generator, LRMBackbone, StepStats, classifier_free
+from lpo.reward.backbones.base import (
+    Conditioning,
+    Generator,
+    LRMBackbone,
+    StepStats,
+    classifier_free,
+    load_tokenizer,
+)
 from lpo.reward.backbones.family import (
     diffusers_dtype,
     get_family,
@@ -254,8 +262,8 @@ class MMDiTLRMBackbone(LRMBackbone):
 
     @classmethod
     def load_encoders(cls, base: str, names: list[str], dtype: torch.dtype) -> dict[str, nn.Module]:
-        return {name: cls._encoder_class(name).from_pretrained(base, subfolder=name, torch_dtype=dtype)
-                for name in names}
+        return {name: cls._encoder_class(name).from_pretrained(source, **where, torch_dtype=dtype)
+                for name in names for source, where in [weight_args(base, name)]}
 
     @classmethod
     def from_base(cls, base: str, dtype: torch.dtype = torch.float32, pretrained: bool = True,
@@ -267,13 +275,13 @@ class MMDiTLRMBackbone(LRMBackbone):
         depth = depth or cls.default_depth(config)
         if pretrained:
             transformer_class = getattr(diffusers, cls.transformer_class)
-            transformer = cls.truncate(transformer_class.from_pretrained(base, subfolder="transformer",
-                                                                         **diffusers_dtype(dtype)), depth)
+            source, where = weight_args(base, "transformer")
+            transformer = cls.truncate(transformer_class.from_pretrained(source, **where, **diffusers_dtype(dtype)),
+                                       depth)
         else:
             transformer = cls.truncated_transformer(config, depth).to(dtype)
         names = cls._encoder_names(base)
-        tokenizers = [AutoTokenizer.from_pretrained(base, subfolder=name.replace("text_encoder", "tokenizer"))
-                      for name in names]
+        tokenizers = [load_tokenizer(base, name.replace("text_encoder", "tokenizer")) for name in names]
         encoders = cls.load_encoders(base, names, frozen_dtype or dtype)
         configs = {name: encoder.config.to_dict() for name, encoder in encoders.items()}
         return cls(transformer, pixel_resolution(config, base), depth, base, configs, tokenizers, encoders)

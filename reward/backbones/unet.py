@@ -18,11 +18,19 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.utils import convert_state_dict_to_diffusers
 from torch import nn
-from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from lpo.core.errors import InputError
+from lpo.core.refs import load_args, weight_args
 from lpo.reward.backbones import ddim
-from lpo.reward.backbones.base import Conditioning, Generator, LRMBackbone, StepStats, classifier_free
+from lpo.reward.backbones.base import (
+    Conditioning,
+    Generator,
+    LRMBackbone,
+    StepStats,
+    classifier_free,
+    load_tokenizer,
+)
 from lpo.reward.backbones.family import diffusers_dtype, get_family, pixel_resolution, read_subfolder_config
 from lpo.reward.images import to_pil
 from lpo.reward.lrm.config import CANDIDATE_TIMESTEPS, EVAL_TIMESTEPS
@@ -202,7 +210,8 @@ class UNetLRMBackbone(LRMBackbone):
     def from_base(cls, base: str, dtype: torch.dtype = torch.float32, pretrained: bool = True,
                   depth: int | None = None, frozen_dtype: torch.dtype | None = None) -> UNetLRMBackbone:
         if pretrained:
-            unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", **diffusers_dtype(dtype))
+            source, where = weight_args(base, "unet")
+            unet = UNet2DConditionModel.from_pretrained(source, **where, **diffusers_dtype(dtype))
         else:
             unet = UNet2DConditionModel.from_config(read_subfolder_config(base, "unet"))
             if dtype != torch.float32:  # diffusers warns about a cast even when there is nothing to cast
@@ -210,12 +219,13 @@ class UNetLRMBackbone(LRMBackbone):
         encoders = []
         for subfolder, encoder_class in zip(cls.text_encoders, cls._encoder_classes()):
             if pretrained:
-                encoders.append(encoder_class.from_pretrained(base, subfolder=subfolder, torch_dtype=dtype))
+                source, where = weight_args(base, subfolder)
+                encoders.append(encoder_class.from_pretrained(source, **where, torch_dtype=dtype))
             else:
-                config = encoder_class.config_class.from_pretrained(base, subfolder=subfolder)
+                source, where = load_args(base, subfolder)
+                config = encoder_class.config_class.from_pretrained(source, **where)
                 encoders.append(encoder_class(config).to(dtype))
-        tokenizers = [AutoTokenizer.from_pretrained(base, subfolder=name.replace("text_encoder", "tokenizer"))
-                      for name in cls.text_encoders]
+        tokenizers = [load_tokenizer(base, name.replace("text_encoder", "tokenizer")) for name in cls.text_encoders]
         return cls(unet, encoders, pixel_resolution(dict(unet.config), base), tokenizers)
 
     @classmethod
@@ -236,7 +246,8 @@ class UNetLRMBackbone(LRMBackbone):
 
     @staticmethod
     def noise_schedule(source: str | Path, subfolder: str = "scheduler") -> Any:
-        return DDPMScheduler.from_pretrained(source, subfolder=subfolder)
+        source, where = load_args(source, subfolder)
+        return DDPMScheduler.from_pretrained(source, **where)
 
     @classmethod
     def default_timesteps(cls, source: str | Path, subfolder: str | None,

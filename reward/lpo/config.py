@@ -8,6 +8,7 @@ from pathlib import Path
 
 from lpo.core.config import option
 from lpo.core.errors import InputError
+from lpo.core.refs import REVISION_HELP, VARIANT_HELP, pin_base
 from lpo.reward.backbones import get_family
 
 BETA_SCHEDULES = ("constant", "kappa")  # --beta-schedule
@@ -57,6 +58,8 @@ class LPOConfig:
     family: str = option("sd15", "Base model family (`lpo optimize <family>`): sd15 (SD1.x/2.x), sdxl, sd3 "
                                  "(SD3/SD3.5) or flux (FLUX.1).")
     base: str = option(None, "Diffusers pipeline to fine-tune (hub id or local directory).")
+    revision: str | None = option(None, REVISION_HELP)
+    variant: str | None = option(None, VARIANT_HELP)
     lrm: Path = option(None, "Latent reward model of the same latent space as --base: a folder or run "
                              "directory of `lpo reward train`, or a hub id.")
     reward_url: str | None = option(None, "Use the LRM of a running `lpo reward serve` at this URL instead of "
@@ -141,6 +144,9 @@ class LPOConfig:
                                    "run under FSDP).")
     gpu_memory_gb: float = option(80.0, "--dry-run: warn when the estimate per process exceeds this.")
 
+    def __post_init__(self) -> None:
+        pin_base(self)
+
     def resolved(self) -> LPOConfig:
         """A copy with the family's defaults filled in where a field is left at None."""
 
@@ -155,6 +161,8 @@ class GenerationOptions:
 
     base: str = option(None, "Diffusers pipeline of a supported family (SD1.x/2.x, SDXL, SD3/SD3.5, FLUX.1; hub id "
                              "or local directory) to generate with.")
+    revision: str | None = option(None, REVISION_HELP)
+    variant: str | None = option(None, VARIANT_HELP)
     lora: Path | None = option(None, "A LoRA to load into the pipeline: `lpo optimize`'s out/lora (or its run "
                                         "directory).")
     denoiser: str | None = option(None, "A fine-tuned UNet or transformer in place of the base's: a folder saved "
@@ -174,6 +182,9 @@ class GenerationOptions:
     eta: float | None = option(None, "Step noise: DDIM eta or the flow step's noise level (default: 0.0, as the "
                                      "reference; with --lrm, which needs a stochastic step, the family's LPO value: "
                                      "sd15/sdxl 1.0, sd3 0.7, flux 0.9).")
+
+    def __post_init__(self) -> None:
+        pin_base(self)
 
 
 @dataclass

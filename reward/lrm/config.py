@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lpo.core.config import option
+from lpo.core.refs import REVISION_HELP, VARIANT_HELP, pin_base
 from lpo.reward.backbones import get_family
 from lpo.reward.backbones.family import latent_side, latent_side_at, read_subfolder_config
 
@@ -19,6 +20,8 @@ class RewardTrainConfig:
     manifest: Path = option(None, "Kept pairs to train on: filtered.parquet from `lpo curate filter`.")
     base: str = option(None, "Diffusers pipeline of a supported family (SD1.x/2.x, SDXL, SD3/SD3.5, FLUX.1; hub id "
                              "or local directory) to build the LRM from.")
+    revision: str | None = option(None, REVISION_HELP)
+    variant: str | None = option(None, VARIANT_HELP)
     out: Path = option(None, "Run directory: checkpoints, latent cache, best/ and last/ exports, logs.")
     val_manifest: Path | None = option(None, "Validation pairs (e.g. filtered from validation_unique); default: "
                                              "hold out --val-fraction of the captions of --manifest.")
@@ -74,6 +77,9 @@ class RewardTrainConfig:
                                    "(default: what accelerate launch's config sets).")
     gpu_memory_gb: float = option(80.0, "--dry-run: warn when the estimate per process exceeds this.")
 
+    def __post_init__(self) -> None:
+        pin_base(self)
+
     def resolved(self, family: str) -> RewardTrainConfig:
         """A copy with the family's defaults filled in where a field is left at None."""
 
@@ -98,6 +104,8 @@ class RewardCacheConfig:
     manifests: list[Path] = option(help="Pairs manifests whose images to encode (filtered.parquet, pairs.parquet). "
                                         "Repeatable.", factory=list)
     base: str = option(None, "Diffusers pipeline whose VAE and resolution the LRM will use (hub id or folder).")
+    revision: str | None = option(None, REVISION_HELP)
+    variant: str | None = option(None, VARIANT_HELP)
     out: Path = option(None, "Root folder of the caches (one subfolder per VAE and resolution); pass it to "
                              "`lpo reward train --latent-cache`.")
     vae: str | None = option(None, "VAE to encode with instead of the base's vae/ (as `lpo reward train --vae`).")
@@ -106,6 +114,9 @@ class RewardCacheConfig:
     batch_size: int = option(16, "Images per VAE forward.")
     timeout_minutes: float = option(120.0, "Process-group timeout under accelerate launch.")
     device: str = option("auto", "auto, cpu or cuda (under accelerate launch, each process's own).")
+
+    def __post_init__(self) -> None:
+        pin_base(self)
 
 
 @dataclass
@@ -153,6 +164,11 @@ class ImportReferenceConfig:
     base: str = option(None, "The pipeline it was trained from, for its tokenizers, VAE and noise schedule "
                              "(LRM-1.5: sd-legacy/stable-diffusion-v1-5; LRM-XL: "
                              "stabilityai/stable-diffusion-xl-base-1.0).")
+    revision: str | None = option(None, REVISION_HELP)
+    variant: str | None = option(None, VARIANT_HELP)
     out: Path = option(None, "Folder to write the LRM to, in the toolkit's format (must not hold one already).")
     vae: str | None = option(None, "VAE saved beside it for scoring images (default: the base's; LRM-XL was "
                                    "trained with madebyollin/sdxl-vae-fp16-fix).")
+
+    def __post_init__(self) -> None:
+        pin_base(self)

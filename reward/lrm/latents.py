@@ -39,6 +39,7 @@ from lpo.core.errors import InputError
 from lpo.core.files import write_text_atomic
 from lpo.core.parts import Parts
 from lpo.core.progress import progress
+from lpo.core.refs import weight_args
 from lpo.curate import images as curate_images
 from lpo.curate.manifest import PAIRS_SCHEMA, check_schema, curation_dir_of, read_pairs
 from lpo.curate.score import shard_of
@@ -62,10 +63,13 @@ def vae_fingerprint(source: str, subfolder: str | None = None) -> str:
     if folder.is_dir():
         files = [folder / "config.json"] + [folder / name for name in WEIGHT_FILES if (folder / name).is_file()][:1]
     else:
-        files = [Path(hf_hub_download(source, "config.json", subfolder=subfolder))]
+        repo, where = weight_args(source, subfolder)
+        variant = where.pop("variant", None)
+        files = [Path(hf_hub_download(repo, "config.json", **where))]
         for name in WEIGHT_FILES:
+            name = name.replace(".", f".{variant}.", 1) if variant else name
             try:
-                files.append(Path(hf_hub_download(source, name, subfolder=subfolder)))
+                files.append(Path(hf_hub_download(repo, name, **where)))
                 break
             except Exception:  # the next format, or the VAE load reports it
                 continue
@@ -213,7 +217,8 @@ def build_cache(root: Path, sources: dict[Path, set[str]], vae_source: str, reso
     count = sum(len(uids) for uids in todo.values())
     logger.info("encoding %d images with the VAE of %s at %d px on process %d of %d (cached in %s)", count,
                 vae_source, resolution, rank, world, directory)
-    vae = AutoencoderKL.from_pretrained(vae_source, subfolder=subfolder).to(device).eval()
+    source, where = weight_args(vae_source, subfolder)
+    vae = AutoencoderKL.from_pretrained(source, **where).to(device).eval()
     pending: dict[str, list] = {"uids": [], "mean": [], "std": []}
     failures: dict[str, str] = {}
 

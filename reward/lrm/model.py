@@ -32,7 +32,7 @@ from torch import nn
 from transformers import CLIPModel
 
 from lpo.core.errors import InputError
-from lpo.core.refs import ModelRef, hub_file, is_path_like
+from lpo.core.refs import ModelRef, hub_file, is_path_like, weight_args
 from lpo.reward.backbones import diffusers_dtype, family_of, get_family, read_subfolder_config
 from lpo.reward.backbones.base import LRMBackbone
 from lpo.reward.backbones.family import check_resolution
@@ -174,7 +174,8 @@ class LatentRewardModel(ModelMixin, ConfigMixin):
         """Load a saved LRM (a folder, a run directory of `lpo reward train`, or a hub id); needs nothing else."""
         source, subfolder = resolve_lrm(source, subfolder)
         _read_config(source, subfolder)  # a clear refusal for a folder that holds no reward model
-        model = super().from_pretrained(source, subfolder=subfolder, **diffusers_dtype(dtype), **kwargs)
+        location, where = weight_args(source, subfolder)
+        model = super().from_pretrained(location, **where, **diffusers_dtype(dtype), **kwargs)
         model.backbone.load_tokenizers(source, subfolder)
         model.source = (source, subfolder)
         return model.eval()
@@ -273,7 +274,8 @@ class LatentRewardModel(ModelMixin, ConfigMixin):
                                  "from_pretrained); export the model with `lpo reward train`.")
             vae_source, vae_subfolder = component(*self.source, "vae")
             try:
-                vae = AutoencoderKL.from_pretrained(vae_source, subfolder=vae_subfolder)
+                location, where = weight_args(vae_source, vae_subfolder)
+                vae = AutoencoderKL.from_pretrained(location, **where)
             except OSError as err:
                 raise InputError(f"{self.source[0]} has no VAE beside the model (vae/); export the model with "
                                  "`lpo reward train`.") from err
@@ -300,8 +302,8 @@ def resolve_lrm(source: str | Path, subfolder: str | None = None) -> tuple[str, 
     """(folder or hub id, subfolder) of a saved LRM. A run directory of `lpo reward train` gives its `best/` export
     (else `last/`), and says so; a hub id may name a folder inside its repository (`owner/repo/sub/folder`)."""
     if not Path(source).exists() and not is_path_like(str(source)):
-        ref = ModelRef.parse(source)
-        return ref.root, ref.inside(subfolder)
+        ref = ModelRef.parse(source)  # a pinned reference keeps its revision: `owner/repo@revision`
+        return f"{ref.root}@{ref.revision}" if ref.revision else ref.root, ref.inside(subfolder)
     path = Path(source) / (subfolder or "")
     if path.is_dir() and not (path / CONFIG_FILE).is_file():
         for name in RUN_SUBFOLDERS:
@@ -333,7 +335,8 @@ def _read_config(source: str, subfolder: str | None) -> dict[str, Any]:
             raise InputError(f"{source} does not exist: pass a latent reward model directory (the folder "
                              "`lpo reward train` wrote, or its run directory) or a hub id.")
         try:
-            path = hub_file(str(source), CONFIG_FILE, subfolder)
+            ref = ModelRef.parse(source)
+            path = hub_file(ref.root, CONFIG_FILE, ref.inside(subfolder), revision=ref.revision)
         except InputError as err:
             raise InputError(f"{err} It is neither a latent reward model directory nor a readable hub repository: "
                              "pass the folder `lpo reward train` wrote (or its run directory).") from None
@@ -371,7 +374,8 @@ def export_components(directory: str | Path, base: str, vae: str | None = None) 
     """Copy the VAE and the noise schedule beside a saved LRM, so scoring images needs nothing else."""
 
     directory = Path(directory)
-    model = AutoencoderKL.from_pretrained(vae) if vae else AutoencoderKL.from_pretrained(base, subfolder="vae")
+    source, where = weight_args(vae) if vae else weight_args(base, "vae")
+    model = AutoencoderKL.from_pretrained(source, **where)
     model.save_pretrained(directory / "vae")
     family_of(base).noise_schedule(base).save_pretrained(directory / "scheduler")
 

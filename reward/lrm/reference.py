@@ -25,7 +25,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from lpo.core.errors import InputError
-from lpo.core.refs import ModelRef
+from lpo.core.refs import ModelRef, load_args, weight_args
 from lpo.reward.backbones import family_of, read_subfolder_config
 from lpo.reward.backbones.unet import default_taps, res_channels
 from lpo.reward.lrm.config import ImportReferenceConfig
@@ -47,12 +47,13 @@ def _file(spec: str, name: str, required: bool = True) -> Path | None:
     return path
 
 
-def _component(spec: str, name: str) -> tuple[str, str | None]:
-    """(path or repo, subfolder) for a `from_pretrained` of the checkpoint's `name/` folder."""
+def _component(spec: str, name: str) -> tuple[str, dict[str, Any]]:
+    """(path or repo, keywords) for a `from_pretrained` of the checkpoint's `name/` folder (a pinned reference's
+    revision included)."""
     ref = ModelRef.parse(spec)
     if ref.local:
-        return str(Path(ref.root) / name), None
-    return ref.root, ref.inside(name)
+        return str(Path(ref.root) / name), {}
+    return load_args(spec, name)
 
 
 def read_state(path: Path, family: str) -> dict[str, Any]:
@@ -133,8 +134,8 @@ def run(config: ImportReferenceConfig) -> dict[str, Any]:
     model = LatentRewardModel.from_base(config.base, **REFERENCE_SETTINGS, text_projection_init=None,
                                         pretrained=False)
     backbone = model.backbone
-    unet_source, unet_subfolder = _component(config.source, "unet")
-    unet = UNet2DConditionModel.from_pretrained(unet_source, subfolder=unet_subfolder)
+    unet_source, where = _component(config.source, "unet")
+    unet = UNet2DConditionModel.from_pretrained(unet_source, **where)
     missing, unexpected = backbone.unet.load_state_dict(unet.state_dict(), strict=False)
     dropped = ("up_blocks.", "conv_norm_out.", "conv_out.")
     if missing or [k for k in unexpected if not k.startswith(dropped)]:
@@ -144,10 +145,10 @@ def run(config: ImportReferenceConfig) -> dict[str, Any]:
     encoders = {}
     for name, encoder in zip(backbone.encoder_names, backbone._encoder_classes()):
         found = _file(config.source, f"{name}/config.json", required=False) is not None
-        source = _component(config.source, name) if found else (config.base, name)
+        source, where = _component(config.source, name) if found else weight_args(config.base, name)
         if not found:
             logger.info("%s has no %s/ (trained frozen): using the base's", config.source, name)
-        loaded = encoder.from_pretrained(source[0], **({"subfolder": source[1]} if source[1] else {}))
+        loaded = encoder.from_pretrained(source, **where)
         getattr(backbone, name).load_state_dict(loaded.state_dict())
         encoders[name] = "checkpoint" if found else "base"
     with torch.no_grad():

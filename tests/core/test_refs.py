@@ -86,3 +86,55 @@ def test_each_hub_failure_names_its_fix(error, fix, monkeypatch) -> None:
         with pytest.raises(InputError, match="HF_HUB_OFFLINE"):
             ModelRef.parse("owner/repo").file("x.json", required=False)
     refs.forget_downloads()
+
+
+def test_a_hub_reference_may_be_pinned_to_a_revision(tmp_path: Path, monkeypatch) -> None:
+    ref = ModelRef.parse("owner/repo@v1.0")
+    assert (ref.root, ref.subfolder, ref.revision, ref.local) == ("owner/repo", None, "v1.0", False)
+    ref = ModelRef.parse("casiatao/LPO/lpo_sd15_merge/unet@0123abc")
+    assert (ref.root, ref.subfolder, ref.revision) == ("casiatao/LPO", "lpo_sd15_merge/unet", "0123abc")
+    with pytest.raises(InputError, match="owner/repo@revision"):
+        ModelRef.parse("owner/repo@")
+    (tmp_path / "run@2").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert ModelRef.parse("run@2").local  # an existing folder is a folder, whatever its name holds
+
+
+def test_with_revision_pins_a_hub_id_once(tmp_path: Path) -> None:
+    assert refs.with_revision("owner/repo", "abc") == "owner/repo@abc"
+    assert refs.with_revision("owner/repo@abc", "abc") == "owner/repo@abc"
+    assert refs.with_revision("owner/repo", None) == "owner/repo" and refs.with_revision(None, "abc") is None
+    with pytest.raises(InputError, match="pinned to abc, and --revision says def"):
+        refs.with_revision("owner/repo@abc", "def")
+    with pytest.raises(InputError, match="local folder, which has no revisions"):
+        refs.with_revision(str(tmp_path), "abc")
+
+
+def test_load_args_carry_the_folder_revision_and_chosen_variant(tmp_path: Path) -> None:
+    refs.forget_downloads()
+    assert refs.load_args(str(tmp_path), "unet") == (str(tmp_path), {"subfolder": "unet"})
+    assert refs.load_args("owner/repo") == ("owner/repo", {})
+    assert refs.load_args("owner/repo/sub@abc", "vae") == ("owner/repo", {"subfolder": "sub/vae", "revision": "abc"})
+    assert refs.weight_args("owner/repo@abc", "unet") == ("owner/repo", {"subfolder": "unet", "revision": "abc"})
+    refs.use_variant("owner/repo@abc", "fp16")
+    assert refs.weight_args("owner/repo@abc", "unet")[1]["variant"] == "fp16"
+    assert "variant" not in refs.load_args("owner/repo@abc", "scheduler")[1]  # configs have no variants
+    assert "variant" not in refs.weight_args("owner/other", "unet")[1]  # chosen for one model only
+    refs.forget_downloads()
+
+
+def test_a_pinned_hub_file_is_read_at_its_revision(tmp_path: Path, monkeypatch) -> None:
+    calls = []
+    target = tmp_path / "config.json"
+    target.write_text('{"a": 1}')
+
+    def download(repo, filename, subfolder=None, revision=None):
+        calls.append((repo, filename, subfolder, revision))
+        return str(target)
+
+    refs.forget_downloads()
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    assert ModelRef.parse("owner/repo@abc").read_json("unet/config.json") == {"a": 1}
+    assert ModelRef.parse("owner/repo").read_json("unet/config.json") == {"a": 1}  # another revision: asked again
+    assert calls == [("owner/repo", "config.json", "unet", "abc"), ("owner/repo", "config.json", "unet", None)]
+    refs.forget_downloads()
