@@ -209,6 +209,15 @@ def report_optimize(config: LPOConfig, summary: dict[str, Any]) -> None:
     table(f"{config.objective.upper()} ({config.family}) -> {config.out}", columns, rows, right=columns)
     for name, path in summary["outputs"].items():
         out_console.print(f"{name}: {path}")
+    monitored = summary.get("monitor") or {}
+    if monitored:
+        metrics = ", ".join(monitored["metrics"]) or "no independent metric (the LRM reward only)"
+        out_console.print(f"monitor: {monitored['checks']} checks on {monitored['held_out_prompts']} held-out prompts "
+                          f"({metrics}) -> {monitored['log']}, {monitored['plot']}")
+        if monitored["best_round"] is not None:
+            out_console.print(f"best check: round {monitored['best_round']} -> {monitored['best']}")
+        if monitored["stopped"]:
+            out_console.print(f"[bold]stopped early[/bold]: {monitored['reason']}")
 
 
 def report_sample(config: SampleConfig, summary: dict[str, Any]) -> None:

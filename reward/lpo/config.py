@@ -132,6 +132,27 @@ class LPOConfig:
     validation_images: int = option(2, "Images per validation prompt (0: no per-epoch validation grid).")
     merge: bool = option(False, "Also write the full denoiser with the LoRA merged in (out/merged_unet or "
                                 "out/merged_transformer).")
+    monitor: bool = option(True, "Held-out monitor: at the start and every --monitor-every rounds, sample held-out "
+                                 "prompts with fixed seeds and score them with independent metrics and the LRM "
+                                 "(OUT/monitor.jsonl, OUT/monitor.png); keep the best check in OUT/best and stop "
+                                 "a run whose held-out metrics fall while its reward rises (--stop-patience).")
+    monitor_every: int = option(0, "Rounds between monitor checks (0: once per epoch).")
+    monitor_prompts: Path | None = option(None, "Held-out prompts of the monitor (a prompt file); default: up to "
+                                                "--monitor-held-out training prompts, one in ten at most, drawn "
+                                                "(seeded) out of training.")
+    monitor_held_out: int = option(32, "Training prompts held out for the monitor when --monitor-prompts is not "
+                                       "given.")
+    monitor_images: int = option(2, "Images per held-out prompt at each check (fixed seeds, eta 0).")
+    monitor_metrics: list[str] | None = option(None, "Independent metrics of the monitor, from the metric registry "
+                                                     "(default: pickscore,hpsv21, each where its weights can be "
+                                                     "had; named here, each must load).")
+    monitor_models: dict[str, str] = option(help="A monitor metric's model (a folder or hub id).", factory=dict)
+    monitor_models_dir: Path | None = option(None, "Folder with one model folder per monitor metric "
+                                                   "(<dir>/<metric>), as `lpo eval --models-dir`.")
+    stop_patience: int = option(3, "Stop after this many bad monitor checks in a row (held-out metrics fell while "
+                                   "the LRM reward rose, or more than --stop-margin below their best); 0: never.")
+    stop_margin: float = option(0.25, "How far below its best the held-out score may fall before a check counts as "
+                                      "bad, in per-image standard deviations of the first check's scores.")
     seed: int = option(42, "Seed for prompt order, sampling noise and child choice.")
     resume: bool = option(False, "Continue from the latest checkpoint in --out.")
     log_with: list[str] = option(help="accelerate trackers (tensorboard, wandb, ...).", factory=list)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import math
 import time
@@ -30,23 +29,23 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, gather_object, set_seed
 from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
 
 from lpo.core import config as cfg
 from lpo.core import rundir
 from lpo.core.device import check_mixed_precision, mixed_precision, precision_dtype
 from lpo.core.errors import InputError, TrainingDiverged
+from lpo.core.files import write_json_atomic
 from lpo.core.progress import progress
 from lpo.curate.prompts import read_prompts
 from lpo.reward import checkpoints, engine
 from lpo.reward.backbones import FAMILIES, family_of, get_family, load_generator
-from lpo.reward.backbones.base import load_lora_quietly
 from lpo.reward.backbones.family import check_base_resolution
 from lpo.reward.checkpoints import CHECKPOINTS
-from lpo.reward.images import save_image_grid
 from lpo.reward.lpo.config import BETA_SCHEDULES, THRESHOLD_SCALES, LPOConfig, check_calibration
+from lpo.reward.lpo.monitor import BEST_DIR, Monitor, Watch, check_monitor, split_prompts
 from lpo.reward.lpo.objectives import OBJECTIVES, Objective
-from lpo.reward.lpo.sampler import rollout, sample
+from lpo.reward.lpo.outputs import export, merge, save_best, validation_grid
+from lpo.reward.lpo.sampler import rollout
 from lpo.reward.lpo.step import threshold_schedule
 from lpo.reward.lrm.model import LatentRewardModel, check_lrm_matches
 from lpo.reward.plan import lpo_plan
@@ -55,7 +54,8 @@ from lpo.reward.serve.client import remote_lrm
 logger = logging.getLogger(__name__)
 
 RESUMABLE_FIELDS = {"resume", "epochs", "save_every_rounds", "log_with", "device", "merge", "timeout_minutes",
-                    "dry_run", "processes", "sharding", "gpu_memory_gb"}
+                    "dry_run", "processes", "sharding", "gpu_memory_gb", "monitor_every", "stop_patience",
+                    "stop_margin"}
 CONFIG_FILE = "lpo_config.json"
 
 
@@ -194,6 +194,8 @@ def run(config: LPOConfig) -> dict[str, Any]:
     """Fine-tune; returns a summary (rounds, tuples trained on, per-round logs, output paths)."""
 
     prompts = validate(config)
+    monitor_specs, monitor_required = check_monitor(config)
+    prompts, held_out = split_prompts(config, prompts)
     config = config.resolved()
     family = get_family(config.family)
     if config.dry_run:
@@ -260,6 +262,11 @@ def run(config: LPOConfig) -> dict[str, Any]:
               metrics, state)
     per_epoch = rounds_per_epoch(len(prompts), config.sample_batch_size, run.world)
     total_rounds = per_epoch * config.epochs
+    monitor = Monitor(config, out, held_out, monitor_specs, monitor_required, accelerator.device, frozen_dtype,
+                      per_epoch) if held_out and accelerator.is_main_process else None
+    watch = Watch(accelerator, monitor, bool(held_out), total_rounds,
+                  save_best=lambda row: save_best(config, model, accelerator.unwrap_model(denoiser), out, row),
+                  check=lambda: (model, accelerator.unwrap_model(denoiser), lrm, state["round"], state["updates"]))
     logger.info("%s on %d prompts: %d prompts/process/round x %d processes, %d rounds per epoch, %d epochs; "
                 "K=%d, %d steps, guidance %.1f, %s", config.objective.upper(), len(prompts), config.sample_batch_size,
                 run.world, per_epoch, config.epochs, config.candidates, config.steps, config.guidance,
@@ -270,7 +277,8 @@ def run(config: LPOConfig) -> dict[str, Any]:
 
     with progress(config.objective.upper(), total_rounds, completed=state["round"], unit="rounds",
                   enabled=accelerator.is_main_process) as tracker:
-        while state["round"] < total_rounds:
+        stop = watch.check()  # the start (or, resumed, where the history left off)
+        while state["round"] < total_rounds and not stop:
             record = run.round()
             state["rounds"].append(record)
             state[f"{unit}_trained"] += record[f"{unit}_trained"]
@@ -278,19 +286,23 @@ def run(config: LPOConfig) -> dict[str, Any]:
             accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=state["round"])
             tracker.update(state["round"], objective.progress(record))
             epoch_done = state["round"] % per_epoch == 0
-            if epoch_done or (config.save_every_rounds and state["round"] % config.save_every_rounds == 0):
+            stop = watch.check()
+            if epoch_done or stop or (config.save_every_rounds and state["round"] % config.save_every_rounds == 0):
                 checkpoints.save(accelerator, out, "round", state["round"], state)
             if epoch_done and accelerator.is_main_process and config.validation_images > 0:
-                _validation_grid(model, accelerator.unwrap_model(denoiser), validation_prompts, config,
+                validation_grid(model, accelerator.unwrap_model(denoiser), validation_prompts, config,
                                  out / "validation" / f"epoch-{state['round'] // per_epoch}.png")
             accelerator.wait_for_everyone()
-    outputs = _export(config, accelerator, model, denoiser, out)
+    outputs = export(config, accelerator, model, denoiser, out)
+    monitored = watch.summary()
+    if config.merge and monitored.get("best_round") is not None and accelerator.is_main_process:
+        outputs |= merge(config, model, out / BEST_DIR)
     if accelerator.is_main_process:
-        (out / "lpo_summary.json").write_text(json.dumps(state, indent=2) + "\n")
+        write_json_atomic(state | {"monitor": monitored}, out / "lpo_summary.json")
     accelerator.end_training()
     return {"rounds": state["round"], f"{unit}_trained": state[f"{unit}_trained"], "history": state["rounds"],
             "objective": {"unit": unit, "found": objective.found, "shared": objective.shared}, "outputs": outputs,
-            **outputs}
+            "monitor": monitored, **outputs}
 
 
 @dataclass
@@ -414,40 +426,3 @@ class Run:
                                 objective.unit: len(chunk) * self.world})
         return {**{key: sum(values) / len(values) for key, values in logs.items()},
                 **objective.summary(per_chunk, lambda tensor: accelerator.gather(tensor.to(accelerator.device)))}
-
-
-def _validation_grid(model, denoiser, prompts: list[str], config: LPOConfig, path: Path) -> Path:
-    denoiser.eval()
-    images = []
-    for i, prompt in enumerate(prompts):
-        cond = model.encode_prompts([prompt] * config.validation_images)
-        generators = [torch.Generator().manual_seed(10_000 + 100 * i + j) for j in range(config.validation_images)]
-        latents = sample(model, cond, generators, config.steps, config.guidance, eta=0.0, denoiser=denoiser)["latents"]
-        images += model.decode(latents)
-    return save_image_grid(images, len(prompts), path)
-
-
-def _export(config: LPOConfig, accelerator, model, denoiser, out: Path) -> dict[str, str]:
-    """A diffusers LoRA (`pipe.load_lora_weights(out / "lora")` accepts it), or the full denoiser; optionally
-    merged into a full denoiser too."""
-    outputs: dict[str, str] = {}
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        return outputs
-    policy = accelerator.unwrap_model(denoiser)
-    name = model.family.denoiser
-    if config.lora_rank > 0:
-        (adapter,) = policy.active_adapters()
-        model.save_lora(out / "lora", get_peft_model_state_dict(policy), policy.peft_config[adapter].to_dict())
-        outputs["lora"] = str(out / "lora")
-        if config.merge:
-            merged = model.family.load_pipeline(config.base)
-            load_lora_quietly(merged, out / "lora")
-            merged.fuse_lora()
-            merged.unload_lora_weights()
-            getattr(merged, name).save_pretrained(out / f"merged_{name}")
-            outputs[f"merged_{name}"] = str(out / f"merged_{name}")
-    else:
-        policy.save_pretrained(out / name)
-        outputs[name] = str(out / name)
-    return outputs

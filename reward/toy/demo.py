@@ -334,6 +334,7 @@ def optimize(config: DemoConfig, out: Path, objective: str) -> dict[str, Any]:
         beta_schedule=config.lpo_beta_schedule, threshold_scale=config.lpo_threshold_scale, grpo_kl=config.grpo_kl,
         lora_rank=config.lpo_lora_rank, lr=config.lpo_lr, threshold=list(config.lpo_threshold),
         score_timestep=config.score_timestep, validation_prompts=held_out[:3], seed=config.seed, device="cpu",
+        monitor=False,  # the demo compares the generators on its own held-out captions, after training
         resume=lpo_train.latest_checkpoint(run_dir) is not None))
     output = next(iter(summary["outputs"].values()))  # the LoRA, or the fully fine-tuned denoiser
     history = summary["history"]
