@@ -270,6 +270,10 @@ def test_two_processes_train_as_one_process_with_twice_the_batch(family, objecti
     common = ["--base", str(tiny_models_dir / family), "--lrm", str(lrms[family]), "--prompts", str(prompt_file),
               "--epochs", "1", "--candidates", "2", "--steps", "3", "--threshold", "0,0", "--lr", "1e-3",
               "--objective", objective, "--device", "cpu", "--seed", "5"]
+    held = tmp_path / "held.txt"  # the monitor checks on the main process while the other waits for its verdict
+    held.write_text("a blue circle\na red square\n")
+    common += ["--monitor-prompts", str(held), "--monitor-every", "1", "--monitor-metrics", "pickscore",
+               "--monitor-models-dir", str(tiny_models_dir)]
     two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lpo",
            "optimize", family, *common, "--out", str(tmp_path / "two"), "--sample-batch-size", "1",
            "--train-batch-size", "1"]
@@ -304,5 +308,11 @@ def test_two_processes_train_as_one_process_with_twice_the_batch(family, objecti
     if objective == "lpo":  # 2 trajectories x the 2 steps that form pairs (a flow sampler's last one forms none)
         assert runs["two"]["rounds"][0]["valid_pairs"] == 4
     assert [r["update"] for r in two_log] == list(range(1, runs["two"]["updates"] + 1))
+    checks = {name: [json.loads(line) for line in (tmp_path / name / "monitor.jsonl").read_text().splitlines()]
+              for name in ("one", "two")}
+    assert [c["round"] for c in checks["one"]] == [c["round"] for c in checks["two"]] == [0, 1, 2]
+    for key in ("lrm_reward", "pickscore"):  # the same held-out images from (up to float order) the same policy
+        assert [c[key] for c in checks["two"]] == pytest.approx([c[key] for c in checks["one"]], rel=1e-3, abs=1e-4)
+    assert runs["one"]["monitor"]["best_round"] == runs["two"]["monitor"]["best_round"]
     unit = "groups" if objective == "grpo" else "tuples"
     assert all(r["lr"] == 1e-3 and r[unit] == 2 and math.isfinite(r["loss"]) for r in two_log)
