@@ -200,6 +200,10 @@ def report_optimize(config: LPOConfig, summary: dict[str, Any]) -> None:
     if "plan" in summary:
         report_plan(summary["plan"])
         return
+    if "preflight" in summary:
+        table(f"pre-flight of {config.objective.upper()} ({config.family}): passed, nothing trained",
+              ("check", "value"), [(check["name"], check["value"]) for check in summary["preflight"]])
+        return
     described = summary["objective"]  # the round record's keys of this objective
     keys = (described["found"], f"{described['unit']}_trained", described["shared"])
     names = (keys[0].replace("_", " "), keys[2].replace("_", " "))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
+import time
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -123,3 +124,23 @@ class RecordLog:
                 handle.flush()
 
             yield append
+
+
+def run_stages(stages: list[tuple[str, Callable[[], dict[str, Any]]]], directory: Path,
+               results: dict[str, Any]) -> dict[str, Any]:
+    """Run each stage not done in an earlier run, in order, into `results` (a later stage reads the earlier ones');
+    a finished stage is one part, `directory/<name>.json`, holding its results (a JSON object) and seconds."""
+
+    parts = Parts(directory, "*.json")
+    done = parts.done()
+    for index, (name, stage) in enumerate(stages, 1):
+        if name in done:
+            results[name] = json.loads((directory / f"{name}.json").read_text())
+            logger.info("stage %d/%d %s: done in an earlier run", index, len(stages), name)
+            continue
+        logger.info("stage %d/%d %s", index, len(stages), name)
+        start = time.perf_counter()
+        results[name] = stage() | {"seconds": round(time.perf_counter() - start, 1)}
+        with parts.writing(f"{name}.json") as tmp:
+            tmp.write_text(json.dumps(results[name], indent=2) + "\n")
+    return results

@@ -151,8 +151,12 @@ class LPOConfig:
                                                    "(<dir>/<metric>), as `lpo eval --models-dir`.")
     stop_patience: int = option(3, "Stop after this many bad monitor checks in a row (held-out metrics fell while "
                                    "the LRM reward rose, or more than --stop-margin below their best); 0: never.")
-    stop_margin: float = option(0.25, "How far below its best the held-out score may fall before a check counts as "
+    stop_margin: float = option(0.1, "How far below its best the held-out score may fall before a check counts as "
                                       "bad, in per-image standard deviations of the first check's scores.")
+    preflight: bool | None = option(None, "Pre-flight checks on the first round's rollout before any update (stored "
+                                          "dtypes, the on-policy ratio, the LoRA's reach, the steps that pass the "
+                                          "threshold, the run's time): --preflight runs them and stops, "
+                                          "--no-preflight trains without them; default: check, then train.")
     seed: int = option(42, "Seed for prompt order, sampling noise and child choice.")
     resume: bool = option(False, "Continue from the latest checkpoint in --out.")
     log_with: list[str] = option(help="accelerate trackers (tensorboard, wandb, ...).", factory=list)

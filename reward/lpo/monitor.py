@@ -113,12 +113,12 @@ def split_prompts(config: LPOConfig, prompts: list[str]) -> tuple[list[str], lis
     return [p for i, p in enumerate(prompts) if i not in held], [prompts[i] for i in sorted(held)]
 
 
-def check_monitor(config: LPOConfig) -> tuple[dict[str, str], bool]:
-    """Validate the monitor's options before any model loads: (the model spec of each metric it will ask, whether
-    each must load). Metrics named with --monitor-metrics (or given models) must; the defaults are asked where
-    their weights can be had."""
+def check_monitor(config: LPOConfig, prompts: list[str]) -> tuple[list[str], list[str], dict[str, str], bool]:
+    """Validate the monitor's options before any model loads: (training prompts, held-out prompts, the model spec
+    of each metric the monitor will ask, whether each must load). Metrics named with --monitor-metrics (or given
+    models) must load; the defaults are asked where their weights can be had; without held-out prompts none is."""
     if not config.monitor:
-        return {}, False
+        return prompts, [], {}, False
     cfg.check_rules([(name, getattr(config, name), holds, rule) for name, holds, rule in (
         ("monitor_every", config.monitor_every >= 0, ">= 0 (0: each epoch)"),
         ("monitor_held_out", config.monitor_held_out >= 1, ">= 1"),
@@ -128,19 +128,20 @@ def check_monitor(config: LPOConfig) -> tuple[dict[str, str], bool]:
     if config.monitor_prompts is not None and not Path(config.monitor_prompts).exists():
         raise InputError(f"--monitor-prompts {config.monitor_prompts} does not exist; pass a prompt file (.txt, "
                          ".json or a manifest with `caption`).")
-    required = config.monitor_metrics is not None or bool(config.monitor_models) or config.monitor_models_dir
+    train, held = split_prompts(config, prompts)
+    required = config.monitor_metrics is not None or bool(config.monitor_models) or bool(config.monitor_models_dir)
     metrics = list(config.monitor_metrics if config.monitor_metrics is not None else DEFAULT_METRICS)
-    if not metrics:
-        return {}, True
+    if not held or not metrics:
+        return train, held, {}, required
     if required:
-        return resolve_metric_specs(metrics, config.monitor_models, config.monitor_models_dir), True
+        return train, held, resolve_metric_specs(metrics, config.monitor_models, config.monitor_models_dir), True
     specs = {}
     for metric in metrics:
         try:
             specs |= resolve_metric_specs([metric], {}, None)
         except InputError as err:
             logger.warning("monitor: %s is not available (%s); the monitor goes on without it", metric, err)
-    return specs, False
+    return train, held, specs, False
 
 
 class Monitor:

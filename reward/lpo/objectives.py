@@ -62,6 +62,7 @@ class Objective:
     fields: ClassVar[tuple[str, ...]]  # the rollout's per-item fields the loss reads (besides x_t, t, prompt)
     logged: ClassVar[tuple[str, ...]]  # the loss's outputs averaged into the round record
     shared: ClassVar[str]  # the loss output reduced over processes into each update's metrics line
+    sampled: ClassVar[str]  # the field holding the log-densities of the item's children as they were sampled
 
     def check(self, config: LPOConfig) -> None:
         """Refuse settings this objective cannot train (before any model loads)."""
@@ -72,6 +73,12 @@ class Objective:
 
     def forwards(self, config: LPOConfig) -> int:
         """Denoiser forwards per item trained on (a CFG forward, both halves in one batch, counts once)."""
+        raise NotImplementedError
+
+    def replayed_log_probs(self, model: Any, policy: Any, batch: dict[str, torch.Tensor], cond: Any,
+                           config: LPOConfig) -> torch.Tensor:
+        """log p_theta of the items' children by the training forward, the shape of `batch[self.sampled]`: before
+        the first update it must equal the sampling-time log-densities (the on-policy ratio is 1)."""
         raise NotImplementedError
 
     def settings(self, config: LPOConfig, thresholds: dict) -> str:
@@ -90,9 +97,10 @@ class Objective:
 
 class LPO(Objective):
     name, unit, noun, found = "lpo", "tuples", "tuples", "valid_pairs"
-    fields = ("x_w", "x_l")
+    fields = ("x_w", "x_l", "sample_log_prob")
     logged = ("loss", "implicit_accuracy", "margin", "ratio_w", "ratio_l")
     shared = "implicit_accuracy"
+    sampled = "sample_log_prob"
 
     def losses(self, model, denoiser, reference, batch, cond, config, scales):
         log_probs = step_log_probs(model, denoiser, reference, batch, cond, config)
@@ -102,6 +110,13 @@ class LPO(Objective):
 
     def forwards(self, config):
         return 2
+
+    def replayed_log_probs(self, model, policy, batch, cond, config):
+        step = model.step(model.predict(batch["x_t"], batch["t"], cond, config.guidance, denoiser=policy), batch["t"],
+                          batch["x_t"], config.eta)
+        reduce = config.logprob_reduction
+        return torch.stack([gaussian_log_prob(batch[name], step.mean, step.std, reduce) for name in ("x_w", "x_l")],
+                           dim=1)
 
     def settings(self, config, thresholds):
         return f"beta {config.beta:.0f}, thresholds {min(thresholds.values()):.3f}..{max(thresholds.values()):.3f}"
@@ -115,6 +130,7 @@ class GRPO(Objective):
     fields = ("children", "old_log_prob", "advantages")
     logged = ("loss", "policy_loss", "kl", "clip_fraction", "ratio")
     shared = "clip_fraction"
+    sampled = "old_log_prob"
 
     def check(self, config):
         if config.logprob_reduction == "sum":
@@ -131,6 +147,10 @@ class GRPO(Objective):
 
     def forwards(self, config):
         return 1 if config.grpo_kl == 0 else 2
+
+    def replayed_log_probs(self, model, policy, batch, cond, config):
+        return group_log_probs(model, policy, None, batch, cond, config.guidance, config.eta,
+                               config.logprob_reduction, with_kl=False)["log_prob"]
 
     def settings(self, config, thresholds):
         return f"clip {config.clip_eps}, KL {config.grpo_kl}"

@@ -79,7 +79,9 @@ class Rollout:
     x_l: list[torch.Tensor] = field(default_factory=list)
     children: list[torch.Tensor] = field(default_factory=list)
     old_log_prob: list[torch.Tensor] = field(default_factory=list)
+    sample_log_prob: list[torch.Tensor] = field(default_factory=list)  # LPO: log p of (x_w, x_l) as sampled [2]
     advantages: list[torch.Tensor] = field(default_factory=list)
+    spreads: list[float] = field(default_factory=list)  # GRPO: each kept group's softmax gap, tanh((best - worst) / 2)
     valid_per_band: dict[str, int] = field(default_factory=lambda: {name: 0 for *_, name in NOISE_BANDS})
     final: torch.Tensor | None = None
 
@@ -91,7 +93,7 @@ class Rollout:
             return {}
         out = {"x_t": torch.stack(self.x_t), "t": torch.tensor(self.timesteps),
                "prompt": torch.tensor(self.prompt_index)}
-        for name in ("x_w", "x_l", "children", "old_log_prob", "advantages"):
+        for name in ("x_w", "x_l", "children", "old_log_prob", "sample_log_prob", "advantages"):
             if getattr(self, name):
                 out[name] = torch.stack(getattr(self, name))
         return out
@@ -142,8 +144,13 @@ def _keep(result: Rollout, i: int, t: float, latents: torch.Tensor, stats: StepS
         result.prompt_index.append(b)
         result.step_index.append(i)
         if objective == "lpo":
-            result.x_w.append(children[best[b], b].cpu())
-            result.x_l.append(children[worst[b], b].cpu())
+            pair = torch.stack([children[best[b], b], children[worst[b], b]])
+            result.x_w.append(pair[0].cpu())
+            result.x_l.append(pair[1].cpu())
+            # the pair's log-density under the step it was sampled from: what a training forward must reproduce
+            result.sample_log_prob.append(gaussian_log_prob(pair, stats.mean[b:b + 1].expand(pair.shape),
+                                                            stats.std[b:b + 1].expand(2, *stats.std.shape[1:]),
+                                                            reduce).cpu())
         else:
             group = children[:, b]
             mean = stats.mean[b:b + 1].expand(group.shape)
@@ -151,6 +158,7 @@ def _keep(result: Rollout, i: int, t: float, latents: torch.Tensor, stats: StepS
             result.children.append(group.cpu())
             result.old_log_prob.append(gaussian_log_prob(group, mean, std, reduce).cpu())
             result.advantages.append(advantages(scores[:, b]))
+            result.spreads.append(torch.tanh(gap[b] / 2).item())
         result.valid_per_band[band_of(t)] += 1
 
 

@@ -42,9 +42,10 @@ from lpo.reward.backbones import FAMILIES, family_of, get_family, load_generator
 from lpo.reward.backbones.family import check_base_resolution
 from lpo.reward.checkpoints import CHECKPOINTS
 from lpo.reward.lpo.config import BETA_SCHEDULES, THRESHOLD_SCALES, LPOConfig, check_calibration
-from lpo.reward.lpo.monitor import BEST_DIR, Monitor, Watch, check_monitor, split_prompts
+from lpo.reward.lpo.monitor import BEST_DIR, Monitor, Watch, check_monitor
 from lpo.reward.lpo.objectives import OBJECTIVES, Objective
 from lpo.reward.lpo.outputs import export, merge, save_best, validation_grid
+from lpo.reward.lpo.preflight import Check, run_checks
 from lpo.reward.lpo.sampler import rollout
 from lpo.reward.lpo.step import threshold_schedule
 from lpo.reward.lrm.model import LatentRewardModel, check_lrm_matches
@@ -194,8 +195,7 @@ def run(config: LPOConfig) -> dict[str, Any]:
     """Fine-tune; returns a summary (rounds, tuples trained on, per-round logs, output paths)."""
 
     prompts = validate(config)
-    monitor_specs, monitor_required = check_monitor(config)
-    prompts, held_out = split_prompts(config, prompts)
+    prompts, held_out, monitor_specs, monitor_required = check_monitor(config, prompts)
     config = config.resolved()
     family = get_family(config.family)
     if config.dry_run:
@@ -262,6 +262,13 @@ def run(config: LPOConfig) -> dict[str, Any]:
               metrics, state)
     per_epoch = rounds_per_epoch(len(prompts), config.sample_batch_size, run.world)
     total_rounds = per_epoch * config.epochs
+    if config.preflight is not False and state["round"] < total_rounds:
+        checks = run.preflight(total_rounds, mixed=precision != "no")
+        for check in checks:
+            logger.info("pre-flight: %s: %s", check.name, check.value)
+        if config.preflight:
+            accelerator.end_training()
+            return {"preflight": [dataclasses.asdict(check) for check in checks], "rounds": state["round"]}
     monitor = Monitor(config, out, held_out, monitor_specs, monitor_required, accelerator.device, frozen_dtype,
                       per_epoch) if held_out and accelerator.is_main_process else None
     watch = Watch(accelerator, monitor, bool(held_out), total_rounds,
@@ -323,6 +330,8 @@ class Run:
     scales: dict | None
     metrics: checkpoints.MetricsLog
     state: dict[str, Any]
+    rolled: tuple | None = None  # the current round's rollout, made by the pre-flight
+    spreads: list[float] = dataclasses.field(default_factory=list)  # GRPO: the last rollout's groups' gaps
 
     @property
     def world(self) -> int:
@@ -332,18 +341,32 @@ class Run:
     def rank(self) -> int:
         return self.accelerator.process_index
 
-    def round(self) -> dict[str, Any]:
-        """Sample this round's trajectories with the current policy, gather the objective's items from every
-        process in one order, and train on them once; returns the round's record."""
+    def _base_seed(self) -> int:
+        return (self.config.seed * 1_000_003 + self.state["round"]) * 1_009 + self.rank
+
+    def rollout(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """This round's items (gathered from every process, in one order) and its record so far."""
         config, rank, world = self.config, self.rank, self.world
         epoch, indices = round_prompts(self.prompts, self.state["round"], rank, world, config.sample_batch_size,
                                        config.seed)
         batch_prompts = [self.prompts[i] for i in indices]
-        base_seed = (config.seed * 1_000_003 + self.state["round"]) * 1_009 + rank
         # trajectory j of rank r is trajectory r x batch + j of the round: the same noise for any number of processes
-        round_seed = (base_seed - rank) * 101 + rank * config.sample_batch_size
+        round_seed = (self._base_seed() - rank) * 101 + rank * config.sample_batch_size
         generators = [torch.Generator().manual_seed(round_seed + j) for j in range(len(batch_prompts))]
-        items, record = self._rollout(batch_prompts, generators, epoch)
+        return self._rollout(batch_prompts, generators, epoch)
+
+    def preflight(self, total_rounds: int, mixed: bool) -> list[Check]:
+        """The pre-flight checks on this round's rollout, which the round then trains on (no extra sampling)."""
+        self.rolled = self.rollout()
+        return run_checks(self, *self.rolled, self.spreads, total_rounds, mixed)
+
+    def round(self) -> dict[str, Any]:
+        """Sample this round's trajectories with the current policy, gather the objective's items from every
+        process in one order, and train on them once; returns the round's record."""
+        config, rank, world = self.config, self.rank, self.world
+        items, record = self.rolled or self.rollout()
+        self.rolled = None
+        base_seed = self._base_seed()
         share = len(items) // world
         if share == 0:
             return record
@@ -368,6 +391,7 @@ class Run:
         result = rollout(model, cond, batch_prompts, lrm, generators, self.thresholds, config.steps, config.guidance,
                          config.eta, config.candidates, config.score_timestep, denoiser=policy,
                          objective=objective.name, reduce=config.logprob_reduction, group_filter=config.grpo_filter)
+        self.spreads = result.spreads
         final_scores = lrm.score(result.final.to(lrm.device, lrm.dtype),
                                  torch.full((len(batch_prompts),), model.clean_timestep(), device=lrm.device),
                                  batch_prompts).float()

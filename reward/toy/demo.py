@@ -11,7 +11,8 @@ and resumes an interrupted trainer from its checkpoint):
    pairs, and on the kept pairs from a freshly initialised backbone; pairwise accuracy per timestep on the held-out
    pairs (`lpo reward eval` of the final models).
 4. `lpo`: `lpo optimize <family>` with the MPCF-trained LRM on the captions not held out; `grpo` (with
-   `--grpo`): the same with `--objective grpo`, on as many sampled trajectories.
+   `--grpo`): the same with `--objective grpo`, on as many sampled trajectories; `hacking` (with `--hacking`):
+   a reward-hacking run under the held-out monitor (`lpo.reward.toy.hacking`).
 5. `samples`: the base model, LRM-guided sampling and the LPO- (and GRPO-) tuned models on the held-out captions
    with the same seeds and sampler settings; oracle alignment read from the pixels and the LRM reward of each image.
 6. the report: `demo_summary.json`, `demo.md` (tables) and `demo.png` (accuracy against noise, sample grids).
@@ -27,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,7 @@ from transformers.utils import logging as transformers_logging
 from lpo.core import config as cfg
 from lpo.core import rundir
 from lpo.core.errors import InputError
-from lpo.core.parts import Parts
+from lpo.core.parts import run_stages
 from lpo.core.plots import pyplot
 from lpo.core.shipped import resolve_shipped
 from lpo.curate import filter as curate_filter
@@ -61,6 +61,7 @@ from lpo.reward.lrm import accuracy, train
 from lpo.reward.lrm.config import RewardEvalConfig, RewardTrainConfig
 from lpo.reward.lrm.model import LatentRewardModel, read_lrm_config, resolve_lrm
 from lpo.reward.toy import claims as judged
+from lpo.reward.toy import hacking
 from lpo.reward.toy.claims import noise_label
 from lpo.reward.toy.config import DemoConfig
 from lpo.reward.toy.world import (
@@ -145,6 +146,7 @@ def validate(config: DemoConfig) -> None:
         raise InputError(f"lpo_threshold {low_high} must be two values 0 <= low <= high < 1.")
     if config.score_timestep not in ("parent", "child"):
         raise InputError(f"score_timestep {config.score_timestep!r} is not parent or child.")
+    hacking.validate(config)
 
     get_family(config.family).check_sampler(config.sampler, f"the {config.family} toy model")
     check_calibration(config.lpo_beta_schedule, config.lpo_threshold_scale, "lpo-")
@@ -175,31 +177,13 @@ def run(config: DemoConfig) -> dict[str, Any]:
         *[(name, lambda name=name: train_lrm(config, out, name)) for name in LRM_RUNS],
         ("lpo", lambda: optimize(config, out, "lpo")),
         *([("grpo", lambda: optimize(config, out, "grpo"))] if config.grpo else []),
+        *([("hacking", lambda: hacking.hacking(config, out, lpo_settings(config, out, "lpo"), _generator(config),
+                                               split_prompts(config)[1]))] if config.hacking else []),
         ("samples", lambda: compare_generators(config, out, results)),
     ]
     run_stages(stages, out / STAGES_DIR, results)
     summary = report(config, out, results)
     return summary
-
-
-def run_stages(stages: list[tuple[str, Callable[[], dict[str, Any]]]], directory: Path,
-               results: dict[str, Any]) -> dict[str, Any]:
-    """Run each stage not done in an earlier run, in order, into `results` (a later stage reads the earlier ones');
-    a finished stage is one part, `directory/<name>.json`, holding its results and seconds."""
-
-    parts = Parts(directory, "*.json")
-    done = parts.done()
-    for index, (name, stage) in enumerate(stages, 1):
-        if name in done:
-            results[name] = json.loads((directory / f"{name}.json").read_text())
-            logger.info("stage %d/%d %s: done in an earlier run", index, len(stages), name)
-            continue
-        logger.info("stage %d/%d %s", index, len(stages), name)
-        start = time.perf_counter()
-        results[name] = stage() | {"seconds": round(time.perf_counter() - start, 1)}
-        with parts.writing(f"{name}.json") as tmp:
-            tmp.write_text(json.dumps(results[name], indent=2) + "\n")
-    return results
 
 
 def _quiet_loading() -> None:
@@ -322,20 +306,7 @@ def optimize(config: DemoConfig, out: Path, objective: str) -> dict[str, Any]:
     """`lpo optimize <family> --objective lpo|grpo` with the MPCF-trained LRM; both objectives sample as many
     trajectories (the same epochs, prompts and sampling batch)."""
 
-    train_prompts, held_out = split_prompts(config)
-    prompt_file = out / "lpo_prompts.txt"
-    prompt_file.write_text("\n".join(train_prompts) + "\n")
-    run_dir = out / objective
-    summary = lpo_train.run(LPOConfig(
-        family=config.family, base=_generator(config), lrm=out / "lrm-mpcf" / "last", prompts=prompt_file,
-        out=run_dir, objective=objective, epochs=config.lpo_epochs, sample_batch_size=config.lpo_sample_batch_size,
-        train_batch_size=config.lpo_train_batch_size, candidates=config.candidates, steps=config.steps,
-        guidance=config.guidance, sampler=config.sampler, eta=_eta(config), beta=config.lpo_beta,
-        beta_schedule=config.lpo_beta_schedule, threshold_scale=config.lpo_threshold_scale, grpo_kl=config.grpo_kl,
-        lora_rank=config.lpo_lora_rank, lr=config.lpo_lr, threshold=list(config.lpo_threshold),
-        score_timestep=config.score_timestep, validation_prompts=held_out[:3], seed=config.seed, device="cpu",
-        monitor=False,  # the demo compares the generators on its own held-out captions, after training
-        resume=lpo_train.latest_checkpoint(run_dir) is not None))
+    summary = lpo_train.run(lpo_settings(config, out, objective))
     output = next(iter(summary["outputs"].values()))  # the LoRA, or the fully fine-tuned denoiser
     history = summary["history"]
     unit = OBJECTIVES[objective].unit
@@ -346,6 +317,24 @@ def optimize(config: DemoConfig, out: Path, objective: str) -> dict[str, Any]:
             **{key: round(value, 1) for key, value in total.items()},
             "final_lrm_score_first_round": history[0]["final_lrm_score"] if history else None,
             "final_lrm_score_last_round": history[-1]["final_lrm_score"] if history else None}
+
+
+def lpo_settings(config: DemoConfig, out: Path, objective: str) -> LPOConfig:
+    """The demo's `lpo optimize` run of `objective` on the training captions, into `out/<objective>`."""
+    train_prompts, held_out = split_prompts(config)
+    prompt_file = out / "lpo_prompts.txt"
+    prompt_file.write_text("\n".join(train_prompts) + "\n")
+    run_dir = out / objective
+    return LPOConfig(
+        family=config.family, base=_generator(config), lrm=out / "lrm-mpcf" / "last", prompts=prompt_file,
+        out=run_dir, objective=objective, epochs=config.lpo_epochs, sample_batch_size=config.lpo_sample_batch_size,
+        train_batch_size=config.lpo_train_batch_size, candidates=config.candidates, steps=config.steps,
+        guidance=config.guidance, sampler=config.sampler, eta=_eta(config), beta=config.lpo_beta,
+        beta_schedule=config.lpo_beta_schedule, threshold_scale=config.lpo_threshold_scale, grpo_kl=config.grpo_kl,
+        lora_rank=config.lpo_lora_rank, lr=config.lpo_lr, threshold=list(config.lpo_threshold),
+        score_timestep=config.score_timestep, validation_prompts=held_out[:3], seed=config.seed, device="cpu",
+        monitor=False,  # the demo compares the generators on its own held-out captions, after training
+        resume=lpo_train.latest_checkpoint(run_dir) is not None)
 
 
 def _load_generator(base: str, lpo: dict[str, Any] | None, sampler: str | None) -> Any:

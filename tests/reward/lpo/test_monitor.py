@@ -71,15 +71,18 @@ def test_held_out_prompts_are_drawn_out_of_training_seeded(tmp_path: Path) -> No
 
 
 def test_monitor_options_are_checked_before_any_model_loads(tiny_models_dir: Path) -> None:
+    prompts = [f"prompt {i}" for i in range(20)]
     with pytest.raises(InputError, match="--monitor-images 0 must be >= 1"):
-        check_monitor(LPOConfig(monitor_images=0))
+        check_monitor(LPOConfig(monitor_images=0), prompts)
     with pytest.raises(InputError, match="--monitor-prompts /nowhere.txt does not exist"):
-        check_monitor(LPOConfig(monitor_prompts=Path("/nowhere.txt")))
+        check_monitor(LPOConfig(monitor_prompts=Path("/nowhere.txt")), prompts)
     with pytest.raises(InputError, match="unknown metric"):
-        check_monitor(LPOConfig(monitor_metrics=["pickscor"]))
-    specs, required = check_monitor(LPOConfig(monitor_metrics=["pickscore"], monitor_models_dir=tiny_models_dir))
-    assert specs == {"pickscore": str(tiny_models_dir / "pickscore")} and required
-    assert check_monitor(LPOConfig(monitor=False)) == ({}, False)
+        check_monitor(LPOConfig(monitor_metrics=["pickscor"]), prompts)
+    train, held, specs, required = check_monitor(LPOConfig(monitor_metrics=["pickscore"],
+                                                           monitor_models_dir=tiny_models_dir), prompts)
+    assert specs == {"pickscore": str(tiny_models_dir / "pickscore")} and required and len(held) == 2
+    assert check_monitor(LPOConfig(monitor=False), prompts) == (prompts, [], {}, False)
+    assert check_monitor(LPOConfig(), prompts[:5]) == (prompts[:5], [], {}, False)  # nothing held out: no metric
 
 
 def _config(tiny: Path, lrms: dict, prompt_file: Path, held: Path, out: Path, **kw) -> LPOConfig:

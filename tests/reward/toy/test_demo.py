@@ -129,24 +129,27 @@ def test_bad_settings_stop_before_anything_is_written(tmp_path: Path, change: di
 
 
 def test_every_stage_runs_from_the_command_line_grpo_included(tmp_path: Path) -> None:
-    """`lpo demo` end to end on a tiny budget (about 30 s): every stage, GRPO included, and a report whose claims
-    each carry a verdict from their interval."""
+    """`lpo demo` end to end on a tiny budget (about 40 s): every stage, GRPO and the monitored hacking run included,
+    and a report whose claims each carry a verdict from their interval."""
     from lpo.cli import app
 
     out = tmp_path / "run"
     args = ["demo", "--out", str(out), "--models", str(SHIPPED), "--train-prompts", "60", "--val-prompts", "20",
             "--lrm-steps", "5", "--lpo-epochs", "1", "--images-per-prompt", "2", "--held-out-prompts", "6",
-            "--steps", "4", "--grpo"]
+            "--steps", "4", "--grpo", "--hacking", "--hacking-epochs", "2", "--hacking-threshold", "0,0.05"]
     result = CliRunner().invoke(app, args, env={"COLUMNS": "300"})
     assert result.exit_code == 0, result.output
     stages = {p.stem for p in (out / "stages").glob("*.json")}
-    assert stages == {"data", "curate", "lrm-raw", "lrm-mpcf", "lrm-mpcf-fresh", "lpo", "grpo", "samples"}
+    assert stages == {"data", "curate", "lrm-raw", "lrm-mpcf", "lrm-mpcf-fresh", "lpo", "grpo", "hacking", "samples"}
     summary = json.loads((out / "demo_summary.json").read_text())
     assert summary["grpo"]["groups_trained"] > 0 and summary["grpo"]["updates"] > 0
     assert {"base", "guided", "lpo", "grpo"} <= set(summary["samples"]) and set(summary["costs"]) == {"lpo", "grpo"}
     assert len(summary["samples"]["grpo"]["oracle_per_image"]) == 6 * 2
     assert summary["lrm-mpcf"]["accuracy_blind"] is not None and summary["lrm-raw"]["accuracy_blind"] is None
-    assert len(summary["claims"]) == 7
+    hacked = summary["hacking"]
+    assert hacked["checks"] >= 3 and (out / "hacking" / "monitor.png").is_file() and (out / "hacking-kept").is_dir()
+    assert {len(v) for v in hacked["oracle_per_image"].values()} == {6 * 2}
+    assert len(summary["claims"]) == 8
     for claim in summary["claims"]:
         assert claim["verdict"] in ("yes", "no", "not shown") and claim["verdict"] in result.output
         assert claim["interval"][0] <= claim["effect"] <= claim["interval"][1]
@@ -166,7 +169,7 @@ def test_cli_rejects_a_models_folder_without_the_toy_models(tmp_path: Path) -> N
 def test_demo_stages_resume_from_their_parts(tmp_path):
     """A stage that finished is one part file and is not run again; a stage that failed leaves no part, so the
     rerun starts there, with the earlier stages' results read back for the later ones."""
-    from lpo.reward.toy.demo import run_stages
+    from lpo.core.parts import run_stages
 
     calls = []
 

@@ -1,0 +1,85 @@
+"""The demo's reward-hacking stage (`lpo demo --hacking`): the monitor of `lpo optimize` in a world with an oracle.
+
+LPO runs with the paper's SD1.5 thresholds (0.35, 0.5) for longer than the demo's own LPO, a setting in which the toy
+LRM's reward keeps rising while the images stop improving. The run is monitored with the toy world's `pickscore` and
+`clip` scorers as the independent metrics, on training captions held out of the run, with the stop rule's defaults.
+When the rule stops it, the run is continued without the rule to its last epoch, as an unmonitored run would have
+gone on (the same checkpoints, so the same trajectory up to the stop). The demo's held-out captions (which neither
+the run nor the monitor saw) then measure the oracle alignment of the base, of the checkpoint the monitor kept and of
+the unmonitored run's last one, with the same seeds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lpo.core.errors import InputError
+from lpo.core.shipped import resolve_shipped
+from lpo.reward.lpo import generation
+from lpo.reward.lpo import train as lpo_train
+from lpo.reward.lpo.config import GenerationOptions, LPOConfig
+from lpo.reward.lpo.monitor import BEST_DIR
+from lpo.reward.lpo.sample import image_seed
+from lpo.reward.lpo.sampler import sample
+from lpo.reward.toy.config import DemoConfig
+from lpo.reward.toy.world import Scene, agreement, perceive
+
+KEPT_DIR = "hacking-kept"
+MONITOR_METRICS = ["pickscore", "clip"]  # the toy world's scorers: independent of the LRM, trained on other data
+
+
+def validate(config: DemoConfig) -> None:
+    low_high = list(config.hacking_threshold)
+    if config.hacking_epochs < 1 or len(low_high) != 2 or not 0 <= low_high[0] <= low_high[1] < 1:
+        raise InputError(f"--hacking-epochs {config.hacking_epochs} must be at least 1 and --hacking-threshold "
+                         f"{low_high} two values 0 <= low <= high < 1.")
+
+
+def lpo_config(config: DemoConfig, out: Path, lpo: LPOConfig) -> LPOConfig:
+    """The monitored hacking run: the demo's LPO settings with the paper's thresholds and more epochs."""
+    return dataclasses.replace(lpo, out=out / "hacking", threshold=list(config.hacking_threshold),
+                               epochs=config.hacking_epochs, validation_images=0, monitor=True,
+                               monitor_metrics=MONITOR_METRICS, monitor_models_dir=resolve_shipped(config.models),
+                               monitor_images=4, resume=lpo_train.latest_checkpoint(out / "hacking") is not None)
+
+
+def oracle(config: DemoConfig, base: str, held_out: list[str], lora: str | None) -> list[float]:
+    """Per image, the oracle agreement of the generator (`lora` loaded) on the held-out captions, with the demo's
+    sampler settings and seeds (images stored caption by caption)."""
+    n = config.images_per_prompt
+    prompts = [p for p in held_out for _ in range(n)]
+    seeds = [image_seed(config.seed, p, i) for p in range(len(held_out)) for i in range(n)]
+    model = generation.load(GenerationOptions(base=base, sampler=config.sampler, lora=lora))
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    latents = sample(model, model.encode_prompts(prompts), generators, config.steps, config.guidance,
+                     eta=LPOConfig(family=config.family).resolved().eta)["latents"]
+    wanted, seen = [Scene.from_caption(p) for p in prompts], [perceive(np.asarray(i)) for i in model.decode(latents)]
+    return [agreement(w, s) for w, s in zip(wanted, seen, strict=True)]
+
+
+def hacking(config: DemoConfig, out: Path, lpo: LPOConfig, base: str, held_out: list[str]) -> dict[str, Any]:
+    """Run the monitored hacking run, keep what the monitor kept, continue it unmonitored, and measure the three
+    generators' oracle alignment on the held-out captions."""
+    monitored = lpo_config(config, out, lpo)
+    summary = lpo_train.run(monitored)
+    verdict = summary["monitor"]
+    kept = out / KEPT_DIR
+    if not kept.exists():  # a rerun of the stage finds it made (the run's best/ may change after the stop)
+        shutil.copytree(out / "hacking" / BEST_DIR, kept)
+    stop_round = summary["rounds"] if verdict["stopped"] else None
+    if verdict["stopped"]:  # on to the last epoch without the rule: the unmonitored run's last checkpoint
+        summary = lpo_train.run(dataclasses.replace(monitored, stop_patience=0, resume=True))
+    return {"threshold": list(config.hacking_threshold), "epochs": config.hacking_epochs,
+            "rounds": summary["rounds"], "stopped_round": stop_round, "reason": verdict["reason"],
+            "best_round": json.loads((kept / "monitor.json").read_text())["round"], "checks": verdict["checks"],
+            "monitor_plot": str(out / "hacking" / "monitor.png"),
+            "oracle_per_image": {"base": oracle(config, base, held_out, None),
+                                 "kept": oracle(config, base, held_out, str(kept / "lora")),
+                                 "last": oracle(config, base, held_out, str(out / "hacking" / "lora"))}}
