@@ -31,14 +31,7 @@ from transformers import CLIPTextModelWithProjection, T5EncoderModel
 from lpo.core.errors import InputError
 from lpo.core.refs import weight_args
 from lpo.reward.backbones import flow
-from lpo.reward.backbones.base import (
-    Conditioning,
-    Generator,
-    LRMBackbone,
-    StepStats,
-    classifier_free,
-    load_tokenizer,
-)
+from lpo.reward.backbones.base import Conditioning, Generator, LRMBackbone, StepStats, classifier_free, load_tokenizer
 from lpo.reward.backbones.family import (
     diffusers_dtype,
     get_family,

@@ -23,14 +23,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection
 from lpo.core.errors import InputError
 from lpo.core.refs import load_args, weight_args
 from lpo.reward.backbones import ddim
-from lpo.reward.backbones.base import (
-    Conditioning,
-    Generator,
-    LRMBackbone,
-    StepStats,
-    classifier_free,
-    load_tokenizer,
-)
+from lpo.reward.backbones.base import Conditioning, Generator, LRMBackbone, StepStats, classifier_free, load_tokenizer
 from lpo.reward.backbones.family import diffusers_dtype, get_family, pixel_resolution, read_subfolder_config
 from lpo.reward.images import to_pil
 from lpo.reward.lrm.config import CANDIDATE_TIMESTEPS, EVAL_TIMESTEPS

@@ -44,13 +44,14 @@ class DemoConfig:
                                "trajectories as LPO, and compare it (off by default: about 5 more minutes on 2 CPU "
                                "cores, and its numbers are reported, not claimed).")
     grpo_kl: float = option(0.1, "GRPO's KL weight (the paper's 0.1).")
-    hacking: bool = option(False, "Also run the reward-hacking stage: LPO with --hacking-threshold for "
+    hacking: bool = option(False, "Also run the reward-hacking stage: LPO pushed with --hacking-lr for "
                                   "--hacking-epochs under the held-out monitor (the toy pickscore and clip as its "
                                   "metrics), continued past the monitor's stop; the checkpoint the monitor kept "
                                   "against the unmonitored run's last (off by default: about 5 more minutes).")
-    hacking_epochs: int = option(40, "Epochs of the hacking run.")
-    hacking_threshold: list[float] = option(help="Thresholds of the hacking run (the paper's SD1.5 ones, far above "
-                                                 "the toy LRM's gaps).", factory=lambda: [0.35, 0.5])
+    hacking_epochs: int = option(30, "Epochs of the hacking run.")
+    hacking_lr: float = option(4e-3, "Learning rate of the hacking run (4x the demo's: the toy LRM's reward keeps "
+                                     "rising while the oracle alignment falls below the base's).")
+    hacking_threshold: list[float] | None = option(None, "Thresholds of the hacking run (default: --lpo-threshold).")
     score_timestep: str = option("parent", "Timestep the LRM scores candidates at in LPO and guided sampling: "
                                            "parent or child.")
     candidates: int = option(4, "K: candidates per step in LPO and in LRM-guided sampling.")

@@ -1,7 +1,10 @@
 """The demo's reward-hacking stage (`lpo demo --hacking`): the monitor of `lpo optimize` in a world with an oracle.
 
-LPO runs with the paper's SD1.5 thresholds (0.35, 0.5) for longer than the demo's own LPO, a setting in which the toy
-LRM's reward keeps rising while the images stop improving. The run is monitored with the toy world's `pickscore` and
+LPO runs with four times the demo's learning rate (`--hacking-lr`) for longer than the demo's own LPO, a setting in
+which the toy LRM's reward keeps rising while the images' oracle alignment falls below the base model's (seed 0: the
+LRM reward 10.19 -> 11.01 on the monitor's prompts, the oracle 0.630 -> 0.613 on the held-out captions after 30
+epochs). The paper's SD1.5 thresholds (0.35, 0.5) at the demo's rate did not hack here: after 30 and 40 epochs the
+oracle was 0.632 and 0.676 against the base's 0.630. The run is monitored with the toy world's `pickscore` and
 `clip` scorers as the independent metrics, on training captions held out of the run, with the stop rule's defaults.
 When the rule stops it, the run is continued without the rule to its last epoch, as an unmonitored run would have
 gone on (the same checkpoints, so the same trajectory up to the stop). The demo's held-out captions (which neither
@@ -36,16 +39,18 @@ MONITOR_METRICS = ["pickscore", "clip"]  # the toy world's scorers: independent 
 
 
 def validate(config: DemoConfig) -> None:
-    low_high = list(config.hacking_threshold)
-    if config.hacking_epochs < 1 or len(low_high) != 2 or not 0 <= low_high[0] <= low_high[1] < 1:
-        raise InputError(f"--hacking-epochs {config.hacking_epochs} must be at least 1 and --hacking-threshold "
-                         f"{low_high} two values 0 <= low <= high < 1.")
+    low_high = list(config.hacking_threshold or config.lpo_threshold)
+    if config.hacking_epochs < 1 or config.hacking_lr <= 0 or len(low_high) != 2 or \
+            not 0 <= low_high[0] <= low_high[1] < 1:
+        raise InputError(f"--hacking-epochs {config.hacking_epochs} must be at least 1, --hacking-lr "
+                         f"{config.hacking_lr} above 0 and --hacking-threshold {low_high} two values "
+                         "0 <= low <= high < 1.")
 
 
 def lpo_config(config: DemoConfig, out: Path, lpo: LPOConfig) -> LPOConfig:
-    """The monitored hacking run: the demo's LPO settings with the paper's thresholds and more epochs."""
-    return dataclasses.replace(lpo, out=out / "hacking", threshold=list(config.hacking_threshold),
-                               epochs=config.hacking_epochs, validation_images=0, monitor=True,
+    """The monitored hacking run: the demo's LPO settings with the hacking rate, thresholds and epochs."""
+    return dataclasses.replace(lpo, out=out / "hacking", threshold=list(config.hacking_threshold or lpo.threshold),
+                               lr=config.hacking_lr, epochs=config.hacking_epochs, validation_images=0, monitor=True,
                                monitor_metrics=MONITOR_METRICS, monitor_models_dir=resolve_shipped(config.models),
                                monitor_images=4, resume=lpo_train.latest_checkpoint(out / "hacking") is not None)
 
@@ -76,7 +81,7 @@ def hacking(config: DemoConfig, out: Path, lpo: LPOConfig, base: str, held_out: 
     stop_round = summary["rounds"] if verdict["stopped"] else None
     if verdict["stopped"]:  # on to the last epoch without the rule: the unmonitored run's last checkpoint
         summary = lpo_train.run(dataclasses.replace(monitored, stop_patience=0, resume=True))
-    return {"threshold": list(config.hacking_threshold), "epochs": config.hacking_epochs,
+    return {"threshold": monitored.threshold, "lr": monitored.lr, "epochs": config.hacking_epochs,
             "rounds": summary["rounds"], "stopped_round": stop_round, "reason": verdict["reason"],
             "best_round": json.loads((kept / "monitor.json").read_text())["round"], "checks": verdict["checks"],
             "monitor_plot": str(out / "hacking" / "monitor.png"),

@@ -107,9 +107,11 @@ def _rows(out: Path) -> list[dict]:
 def test_a_monitored_run_checks_every_round_and_keeps_the_best_check(tiny_models_dir, lrms, prompt_file, held,
                                                                      tmp_path) -> None:
     out = tmp_path / "run"
-    summary = lpo_train.run(_config(tiny_models_dir, lrms, prompt_file, held, out, stop_patience=0))
+    summary = lpo_train.run(_config(tiny_models_dir, lrms, prompt_file, held, out, stop_patience=0, merge=True))
     rows = _rows(out)
     assert [row["round"] for row in rows] == [0, 1, 2, 3]  # the start, each round, the trained model
+    assert (out / "best" / "merged_unet" / "config.json").is_file()  # --merge merges the best check's LoRA too
+    assert summary["outputs"]["best_merged_unet"] == str(out / "best" / "merged_unet")
     assert all(row["pickscore_std"] > 0 and np.isfinite(row["lrm_reward"]) for row in rows)
     monitored = summary["monitor"]
     first = rows[0]
