@@ -189,6 +189,22 @@ def weight_args(spec: str | Path, subfolder: str | None = None) -> tuple[str, di
     return source, kwargs | ({"variant": variant} if variant else {})
 
 
+def pinned_snapshot(spec: str) -> str:
+    """A model pinned to a hub revision, `owner/repo@revision` (or open_clip's `hf-hub:owner/repo@revision`), as the
+    local folder of that revision's files, downloaded once into the hub cache; any other spec as it is. For loaders
+    that take a folder or a hub id but no revision (the metric models: transformers, open_clip's `hf-hub:`)."""
+    prefix = "hf-hub:" if spec.startswith("hf-hub:") else ""
+    body = spec.removeprefix(prefix)
+    if "@" not in body or is_path_like(body) or Path(spec).expanduser().exists():
+        return spec
+    ref = ModelRef.parse(body)
+    try:
+        folder = Path(huggingface_hub.snapshot_download(ref.root, revision=ref.revision))
+    except Exception as err:  # the hub's errors come in many types; hub_error names the fix for each
+        raise hub_error(err, body, f"the files at revision {ref.revision}") from None
+    return str(folder / (ref.subfolder or ""))
+
+
 def hub_file(repo: str, filename: str, subfolder: str | None = None, *, spec: str | None = None,
              missing_ok: bool = False, revision: str | None = None) -> Path | None:
     """A hub file from the local cache or the hub (fetched once per process); an InputError naming the fix when it

@@ -15,9 +15,11 @@
 Each metric is one `Metric` record in `specs.REGISTRY` (default model, option help, its scorer module's check,
 load and prefetch functions, load options, where it is used); every table below is a view of it. Curation (`lpo
 curate score`, MPCF, the reward service's image route) uses `CURATION_METRICS`; evaluation (`lpo eval`) all of them.
-`check_model_spec` validates a spec without reading weights; `load_scorer` loads. The package itself stays light (the
-command line reads the registry to build its options): a scorer module, with its torch and model libraries, is
-imported when its record's check or load function is first called.
+`check_model_spec` validates a spec without reading weights; `load_scorer` loads. A spec pinned to a hub revision
+(`owner/repo@revision`, `hf-hub:owner/repo@revision`) is read from that revision's files
+(`lpo.core.refs.pinned_snapshot`). The package itself stays light (the command line reads the registry to build its
+options): a scorer module, with its torch and model libraries, is imported when its record's check or load function
+is first called.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from lpo.core.device import resolve_dtype
 from lpo.core.errors import InputError
+from lpo.core.refs import pinned_snapshot
 from lpo.curate.scorers.specs import (
     CURATION_METRICS,
     DEFAULT_EVAL_METRICS,
@@ -58,7 +61,7 @@ def check_model_spec(metric: str, spec: str) -> None:
             f"{metric} model spec {spec!r} is empty: expected a local path or a hub id such as "
             f"{DEFAULT_MODELS[metric]!r}"
         )
-    METRIC_RECORDS[metric].function("check")(spec)
+    METRIC_RECORDS[metric].function("check")(pinned_snapshot(spec))
 
 
 def prefetch(metric: str, spec: str) -> None:
@@ -66,7 +69,7 @@ def prefetch(metric: str, spec: str) -> None:
     its images are generated rather than after (the other metrics load from the hub's cache when scoring)."""
     download = METRIC_RECORDS[metric].function("prefetch")
     if download is not None:
-        download(spec)
+        download(pinned_snapshot(spec))
 
 
 def load_scorer(metric: str, spec: str | None = None, *, device: str = "cpu", dtype: torch.dtype | None = None,
@@ -86,4 +89,5 @@ def load_scorer(metric: str, spec: str | None = None, *, device: str = "cpu", dt
         )
     spec = spec or record.default_model
     check_model_spec(metric, spec)
-    return record.function("load")(spec, device=device, dtype=dtype or resolve_dtype("float32"), **options)
+    return record.function("load")(pinned_snapshot(spec), device=device, dtype=dtype or resolve_dtype("float32"),
+                                   **options)

@@ -138,3 +138,28 @@ def test_a_pinned_hub_file_is_read_at_its_revision(tmp_path: Path, monkeypatch) 
     assert ModelRef.parse("owner/repo").read_json("unet/config.json") == {"a": 1}  # another revision: asked again
     assert calls == [("owner/repo", "config.json", "unet", "abc"), ("owner/repo", "config.json", "unet", None)]
     refs.forget_downloads()
+
+
+def test_a_pinned_metric_model_is_read_from_its_revisions_snapshot(tmp_path: Path, monkeypatch) -> None:
+    calls = []
+
+    def snapshot(repo, revision=None, **_):
+        calls.append((repo, revision))
+        (tmp_path / "snap" / "sub").mkdir(parents=True, exist_ok=True)
+        return str(tmp_path / "snap")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    assert refs.pinned_snapshot("owner/model@v2") == str(tmp_path / "snap")
+    assert refs.pinned_snapshot("hf-hub:owner/clip@abc") == str(tmp_path / "snap")  # open_clip's hub spelling
+    assert refs.pinned_snapshot("owner/repo/sub@abc") == str(tmp_path / "snap" / "sub")
+    assert calls == [("owner/model", "v2"), ("owner/clip", "abc"), ("owner/repo", "abc")]
+    for unpinned in ("owner/model", "hf-hub:owner/clip", "ViT-H-14:laion2b", str(tmp_path)):
+        assert refs.pinned_snapshot(unpinned) == unpinned
+    assert len(calls) == 3
+
+    def missing(repo, revision=None, **_):
+        raise RevisionNotFoundError("no such revision", response=_response(404))
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", missing)
+    with pytest.raises(InputError, match="the revision does not exist"):
+        refs.pinned_snapshot("owner/model@nope")

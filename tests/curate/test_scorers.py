@@ -416,3 +416,24 @@ def test_check_hub_ids_from_their_config_only(fake_hub: dict[str, object]) -> No
         check_model_spec("pickscore", "org/typo")
     with pytest.raises(InputError, match="'org/pick' has no open_clip_config.json"):
         check_model_spec("clip", "org/pick")
+
+
+def test_a_metric_model_pinned_to_a_revision_loads_that_revisions_files(tiny_models_dir: Path, loaded, images,
+                                                                         monkeypatch) -> None:
+    """`--pickscore-model owner/repo@rev` (and open_clip's `hf-hub:owner/repo@rev`): checked and loaded from the
+    snapshot of that revision, scoring as the same model from its folder does."""
+    import huggingface_hub
+
+    calls = []
+
+    def snapshot(repo, revision=None, **_):
+        calls.append((repo, revision))
+        return str(tiny_models_dir / repo.split("/")[1])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    captions = ["a red circle"] * len(images)
+    for metric, spec in (("pickscore", "owner/pickscore@abc"), ("clip", "hf-hub:owner/clip@def")):
+        check_model_spec(metric, spec)
+        scores = load_scorer(metric, spec).score(images, captions)
+        np.testing.assert_allclose(scores, loaded[metric].score(images, captions), rtol=1e-6)
+    assert ("owner/pickscore", "abc") in calls and ("owner/clip", "def") in calls
