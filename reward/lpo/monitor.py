@@ -178,10 +178,13 @@ class Monitor:
         """A check at the start, every `every` rounds and after the last round, unless one was made there."""
         return self.active and (round_index % self.every == 0 or last) and round_index not in self.log.done()
 
+    def common(self, rows: list[dict[str, Any]]) -> list[str]:
+        """The metrics every check has (a resumed run whose metric became unavailable judges on the others)."""
+        return [m for m in self.metrics if all(m in row for row in rows)]
+
     def verdict(self) -> Verdict:
         rows = self.rows()
-        metrics = [m for m in self.metrics if all(m in row for row in rows)]
-        return judge(rows, metrics, self.config.stop_patience, self.config.stop_margin)
+        return judge(rows, self.common(rows), self.config.stop_patience, self.config.stop_margin)
 
     @torch.no_grad()
     def check(self, model: Any, policy: Any, lrm: Any, round_index: int, updates: int) -> dict[str, Any]:
@@ -209,7 +212,8 @@ class Monitor:
         row["seconds"] = round(time.perf_counter() - started, 2)
         with self.log.appending() as append:
             append([row])
-        plot(self.rows(), self.metrics, self.verdict(), self.out / MONITOR_PLOT)
+        rows = self.rows()
+        plot(rows, self.common(rows), self.verdict(), self.out / MONITOR_PLOT)
         return row
 
 
@@ -231,9 +235,11 @@ class Watch:
         stop = False
         if self.monitor is not None:
             model, policy, lrm, round_index, updates = self.arguments()
+            row = None
             if self.monitor.due(round_index, last=round_index >= self.total_rounds):
                 row = self.monitor.check(model, policy, lrm, round_index, updates)
-                verdict = self.monitor.verdict()
+            verdict = self.monitor.verdict()
+            if row is not None:
                 self.accelerator.log({f"monitor/{key}": value for key, value in row.items()
                                       if key != "round" and isinstance(value, int | float)}
                                      | ({"monitor/held_out_score": verdict.scores[round_index]}
@@ -242,7 +248,6 @@ class Watch:
                     self.save_best(row | {"held_out_score": verdict.best_score})
                     logger.info("monitor: round %d is the best check so far (held-out score %.3f): saved to %s/",
                                 round_index, verdict.best_score, BEST_DIR)
-            verdict = self.monitor.verdict()
             stop = verdict.stop
             if stop:
                 logger.warning("monitor: stopping: %s", verdict.reason)

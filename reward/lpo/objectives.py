@@ -38,6 +38,14 @@ def step_log_probs(model: Any, policy: Any, reference: Any, batch: dict[str, Any
     }
 
 
+def stack_items(items: list[dict[str, Any]], fields: tuple[str, ...], device: Any) -> dict[str, torch.Tensor]:
+    """A training batch of rollout items: x_t, t and the objective's `fields` stacked, the tensors moved to `device`
+    in the dtype they were stored in (the step maths runs in float32; the denoiser casts its own input)."""
+    return {"x_t": torch.stack([item["x_t"] for item in items]).to(device),
+            "t": torch.tensor([item["t"] for item in items]),
+            **{name: torch.stack([item[name] for item in items]).to(device) for name in fields}}
+
+
 def per_step(values: dict, timesteps: torch.Tensor) -> torch.Tensor:
     """The value of each timestep's nearest key (timesteps come back from tensors in float32) [B], float32."""
     keys = torch.tensor(list(values), dtype=torch.float64)

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from lpo.core.errors import InputError
+from lpo.reward.lpo.objectives import stack_items
 
 RATIO_TOLERANCE = 1e-5  # per latent element, full precision: the same computation up to float summation order
 # per latent element under fp16/bf16 autocast, where the training forward may round otherwise than the sampling one:
@@ -41,13 +42,6 @@ class Check:
     value: str
     ok: bool = True
     fix: str = ""
-
-
-def _batch(items: list[dict[str, Any]], fields: tuple[str, ...], device: Any) -> dict[str, torch.Tensor]:
-    """The items as the trainer stacks them: tensors moved to the device, their dtypes as stored."""
-    return {"x_t": torch.stack([item["x_t"] for item in items]).to(device),
-            "t": torch.tensor([item["t"] for item in items]),
-            **{name: torch.stack([item[name] for item in items]).to(device) for name in fields}}
 
 
 def dtypes(items: list[dict[str, Any]], fields: tuple[str, ...]) -> Check:
@@ -72,7 +66,7 @@ def on_policy_ratio(run: Any, items: list[dict[str, Any]], mixed: bool) -> tuple
     worst, seconds = 0.0, 0.0
     for start in range(0, len(items), config.train_batch_size):
         chunk = items[start:start + config.train_batch_size]
-        batch = _batch(chunk, objective.fields, run.accelerator.device)
+        batch = stack_items(chunk, objective.fields, run.accelerator.device)
         cond = model.encode_prompts([item["prompt"] for item in chunk])
         began = time.perf_counter()
         with torch.no_grad(), run.accelerator.autocast():

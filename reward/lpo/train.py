@@ -43,7 +43,7 @@ from lpo.reward.backbones.family import check_base_resolution
 from lpo.reward.checkpoints import CHECKPOINTS
 from lpo.reward.lpo.config import BETA_SCHEDULES, THRESHOLD_SCALES, LPOConfig, check_calibration
 from lpo.reward.lpo.monitor import BEST_DIR, Monitor, Watch, check_monitor
-from lpo.reward.lpo.objectives import OBJECTIVES, Objective
+from lpo.reward.lpo.objectives import OBJECTIVES, Objective, stack_items
 from lpo.reward.lpo.outputs import export, merge, save_best, validation_grid
 from lpo.reward.lpo.preflight import Check, run_checks
 from lpo.reward.lpo.sampler import rollout
@@ -420,9 +420,7 @@ class Run:
         for start in range(0, len(mine), config.train_batch_size):
             chunk = mine[start:start + config.train_batch_size]
             device = accelerator.device  # latents stay float32 for the step maths; the denoiser casts its input
-            batch = {"x_t": torch.stack([c["x_t"] for c in chunk]).to(device),
-                     "t": torch.tensor([c["t"] for c in chunk]),
-                     **{name: torch.stack([c[name] for c in chunk]).to(device) for name in objective.fields}}
+            batch = stack_items(chunk, objective.fields, device)
             chunk_cond = self.model.encode_prompts([c["prompt"] for c in chunk])
             with accelerator.autocast():
                 losses = objective.losses(self.model, denoiser, self.reference, batch, chunk_cond, config,
