@@ -29,53 +29,47 @@ def validation_grid(model, denoiser, prompts: list[str], config: LPOConfig, path
     return save_image_grid(images, len(prompts), path)
 
 
-def export(config: LPOConfig, accelerator, model, denoiser, out: Path) -> dict[str, str]:
-    """A diffusers LoRA (`pipe.load_lora_weights(out / "lora")` accepts it), or the full denoiser; optionally
-    merged into a full denoiser too."""
-    outputs: dict[str, str] = {}
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        return outputs
-    policy = accelerator.unwrap_model(denoiser)
-    name = model.family.denoiser
+def save_policy(config: LPOConfig, model: Any, policy: Any, folder: Path) -> dict[str, str]:
+    """The trained policy in `folder`: its LoRA in `lora/` (`pipe.load_lora_weights` accepts it), or the fully
+    fine-tuned denoiser in `<denoiser>/`; returns {name: path}."""
     if config.lora_rank > 0:
         (adapter,) = policy.active_adapters()
-        model.save_lora(out / "lora", get_peft_model_state_dict(policy), policy.peft_config[adapter].to_dict())
-        outputs["lora"] = str(out / "lora")
-        if config.merge:
-            outputs |= merge(config, model, out)
-    else:
-        policy.save_pretrained(out / name)
-        outputs[name] = str(out / name)
+        model.save_lora(folder / "lora", get_peft_model_state_dict(policy), policy.peft_config[adapter].to_dict())
+        return {"lora": str(folder / "lora")}
+    name = model.family.denoiser
+    policy.save_pretrained(folder / name)
+    return {name: str(folder / name)}
+
+
+def export(config: LPOConfig, accelerator, model, denoiser, out: Path) -> dict[str, str]:
+    """The policy in `out` (`save_policy`); with --merge a LoRA merged into a full denoiser too."""
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return {}
+    outputs = save_policy(config, model, accelerator.unwrap_model(denoiser), out)
+    if config.merge and "lora" in outputs:
+        outputs[f"merged_{model.family.denoiser}"] = merge(config, model, out)
     return outputs
 
 
-def merge(config: LPOConfig, model: Any, folder: Path) -> dict[str, str]:
-    """The full denoiser with `folder/lora` merged in, saved as `folder/merged_<denoiser>` (a LoRA run; nothing
-    for a fully fine-tuned denoiser, which is saved whole already)."""
-    if not (folder / "lora").is_dir():
-        return {}
+def merge(config: LPOConfig, model: Any, folder: Path) -> str:
+    """The full denoiser with `folder/lora` merged in, saved as `folder/merged_<denoiser>`; returns its path."""
     name = model.family.denoiser
     merged = model.family.load_pipeline(config.base)
     load_lora_quietly(merged, folder / "lora")
     merged.fuse_lora()
     merged.unload_lora_weights()
     getattr(merged, name).save_pretrained(folder / f"merged_{name}")
-    return {f"{folder.name}_merged_{name}" if folder.name == BEST_DIR else f"merged_{name}":
-            str(folder / f"merged_{name}")}
+    return str(folder / f"merged_{name}")
 
 
 def save_best(config: LPOConfig, model: Any, policy: Any, out: Path, row: dict[str, Any]) -> Path:
-    """The policy of the best monitor check as `OUT/best/` (its LoRA in `lora/`, or the fully fine-tuned
-    denoiser), with the check's row in `monitor.json`; the folder is replaced whole, so a kill leaves the old best."""
+    """The policy of the best monitor check as `OUT/best/` (`save_policy`), with the check's row in
+    `monitor.json`; the folder is replaced whole, so a kill leaves the old best."""
     best = out / BEST_DIR
     staging = out / f".{BEST_DIR}-new"
     shutil.rmtree(staging, ignore_errors=True)
-    if config.lora_rank > 0:
-        (adapter,) = policy.active_adapters()
-        model.save_lora(staging / "lora", get_peft_model_state_dict(policy), policy.peft_config[adapter].to_dict())
-    else:
-        policy.save_pretrained(staging / model.family.denoiser)
+    save_policy(config, model, policy, staging)
     write_json_atomic(row, staging / "monitor.json")
     old = out / f".{BEST_DIR}-old"
     shutil.rmtree(old, ignore_errors=True)

@@ -298,12 +298,12 @@ def run(config: LPOConfig) -> dict[str, Any]:
                 checkpoints.save(accelerator, out, "round", state["round"], state)
             if epoch_done and accelerator.is_main_process and config.validation_images > 0:
                 validation_grid(model, accelerator.unwrap_model(denoiser), validation_prompts, config,
-                                 out / "validation" / f"epoch-{state['round'] // per_epoch}.png")
+                                out / "validation" / f"epoch-{state['round'] // per_epoch}.png")
             accelerator.wait_for_everyone()
     outputs = export(config, accelerator, model, denoiser, out)
     monitored = watch.summary()
-    if config.merge and monitored.get("best_round") is not None and accelerator.is_main_process:
-        outputs |= merge(config, model, out / BEST_DIR)
+    if config.merge and (out / BEST_DIR / "lora").is_dir() and monitored.get("best_round") is not None:
+        outputs[f"{BEST_DIR}_merged_{family.denoiser}"] = merge(config, model, out / BEST_DIR)
     if accelerator.is_main_process:
         write_json_atomic(state | {"monitor": monitored}, out / "lpo_summary.json")
     accelerator.end_training()
