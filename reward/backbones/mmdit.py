@@ -336,6 +336,10 @@ class MMDiTLRMBackbone(LRMBackbone):
             self._encoders = {name: encoder.to(device) for name, encoder in encoders.items()}
         return [self._encoders[name] for name in self.encoder_names]
 
+    def release_encoders(self) -> None:
+        """Drop the loaded text encoders (T5-XXL alone holds 9.5 GB in bf16); the next prompt loads them again."""
+        self._encoders = None
+
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> MMDiTLRMBackbone:
         super()._apply(fn, *args, **kwargs)
         for encoder in (self._encoders or {}).values():  # moved and cast with the module

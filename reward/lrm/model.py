@@ -190,6 +190,25 @@ class LatentRewardModel(ModelMixin, ConfigMixin):
             out["text"] = self.text_projection(out["text"])
         return out
 
+    def text_from_embeddings(self, context: torch.Tensor, pooled: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What `encode_text` gives, from prompts the base pipeline has already encoded (a flow family's token
+        sequence [B, L, D] and pooled vector [B, P], as its `encode_prompt` returns them): no text encoder runs."""
+        conditioning = getattr(self.backbone, "conditioning", None)
+        if conditioning is None:
+            raise InputError(f"a {self.config.family} reward model reads prompts with its own text encoder; only the "
+                             "flow-matching families (sd3, flux) take a pipeline's prompt embeddings.")
+        out = conditioning(context, pooled)
+        if self.text_projection is not None:
+            out["text"] = self.text_projection(out["text"])
+        return out
+
+    def release_text_encoders(self) -> None:
+        """Drop the frozen text encoders of a flow family (the empty prompt's encoding stays cached); they load again
+        if a prompt must be encoded."""
+        release = getattr(self.backbone, "release_encoders", None)
+        if release is not None:
+            release()
+
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """`encode_text` with each distinct prompt encoded once (a training batch holds each caption twice, once per
         image of its pair), gathered back to one row per prompt."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import secrets
 import signal
 from collections import defaultdict
 from typing import Any
@@ -26,9 +27,25 @@ from starlette.responses import JSONResponse
 
 from lpo.core.device import resolve_dtype
 from lpo.curate.scorers import load_scorer
-from lpo.reward.lrm.model import LatentRewardModel
-from lpo.reward.serve.protocol import IMAGES_ROUTE, LATENT_DTYPES, LATENTS_ROUTE, Rejected, timestep_range
-from lpo.reward.serve.requests import ImageRequest, LatentRequest, decode_images, decode_latents
+from lpo.reward.backbones import get_family
+from lpo.reward.lrm.model import LatentRewardModel, component
+from lpo.reward.serve.protocol import (
+    DRM_ROUTE,
+    DRM_VERSION,
+    IMAGES_ROUTE,
+    LATENT_DTYPES,
+    LATENTS_ROUTE,
+    Rejected,
+    timestep_range,
+)
+from lpo.reward.serve.requests import (
+    DRMRequest,
+    ImageRequest,
+    LatentRequest,
+    decode_drm,
+    decode_images,
+    decode_latents,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -216,6 +233,66 @@ class LatentScoreAPI(_ScoringAPI):
                             "scores": [_number(v) for v in scores[start:end].tolist()]})
             start = end
         return outputs
+
+
+class DRMScoreAPI(_ScoringAPI):
+    """POST /drm/v1/score: VeRL-Omni's latent-reward protocol v1, for flow-matching LRMs (sd3, flux).
+
+    A request holds one clean latent, its prompt as the base pipeline encoded it (`prompt_embeds`,
+    `pooled_prompt_embeds`), the noise level `u` and optionally a seed. The latent is noised by the flow forward
+    process to sigma = u, x = (1 - u) x0 + u eps, with eps = torch.randn(latent shape, float32, on the CPU, from
+    torch.Generator().manual_seed(seed)) (the server draws the seed when none is sent, and returns it), and scored
+    at timestep u x num_train_timesteps from the given embeddings: no prompt is encoded per request. Feature
+    guidance's empty-prompt branch is the LRM's own encoding of "", computed once at start-up, after which the text
+    encoders are released; the request's token sequence must then have that encoding's length."""
+
+    route = DRM_ROUTE
+
+    def __init__(self, *, lrm: str, latent_shape: tuple[int, int, int], num_timesteps: int, **shared: Any) -> None:
+        super().__init__(**shared)
+        self.lrm = lrm
+        self.latent_shape = tuple(latent_shape)
+        self.num_timesteps = num_timesteps
+
+    def load(self, device: str) -> dict[str, dict[str, Any]]:
+        model = LatentRewardModel.from_pretrained(self.lrm, dtype=self.torch_dtype).to(device)
+        self.model = model
+        self.noise = get_family(model.config.family).noise_schedule(*component(*model.source, "scheduler"))
+        config = model.backbone.transformer.config
+        length = None
+        if model.config.vfe_scale != 1.0:
+            with torch.inference_mode():
+                length = int(model.empty_text()["context"].shape[1])
+            model.release_text_encoders()
+        self.context_shape = (length, int(config.joint_attention_dim))
+        self.pooled_width = int(config.pooled_projection_dim)
+        return {"drm": {"model_id": self.lrm, "family": model.config.family, "protocol_version": DRM_VERSION,
+                        "latent_shape": list(self.latent_shape), "prompt_embeds": list(self.context_shape),
+                        "pooled_prompt_embeds": [self.pooled_width], "u": [0.0, 1.0]}}
+
+    def decode(self, request: Any) -> DRMRequest:
+        return decode_drm(request, self.latent_shape, self.context_shape, self.pooled_width)
+
+    def score(self, requests: list[DRMRequest]) -> list[Any]:
+        seeds = [r.seed if r.seed is not None else secrets.randbits(63) for r in requests]
+        scores: list[float] = [0.0] * len(requests)
+        by_length: dict[int, list[int]] = defaultdict(list)  # one model call per prompt sequence length
+        for i, request in enumerate(requests):
+            by_length[request.context.shape[1]].append(i)
+        for members in by_length.values():
+            latents = torch.cat([requests[i].latents for i in members])
+            noise = torch.cat([torch.randn(requests[i].latents.shape,
+                                           generator=torch.Generator().manual_seed(seeds[i])) for i in members])
+            timesteps = torch.tensor([requests[i].u * self.num_timesteps for i in members], dtype=torch.float32)
+            noisy = self.noise.add_noise(latents, noise, timesteps)
+            text = self.model.text_from_embeddings(torch.cat([requests[i].context for i in members]).to(self.on),
+                                                   torch.cat([requests[i].pooled for i in members]).to(self.on))
+            values = self.model.score(noisy.to(self.on), timesteps.to(self.on), [""] * len(members), text=text)
+            for i, value in zip(members, values.float().cpu().tolist()):
+                scores[i] = value
+        return [{"protocol_version": DRM_VERSION, "raw_scores": [value], "seeds": [seed]} if math.isfinite(value)
+                else Rejected(500, f"the reward model gave a non-finite score ({value}) for this latent")
+                for value, seed in zip(scores, seeds)]
 
 
 # ---------------------------------------------------------------------------------------------------------------

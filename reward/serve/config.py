@@ -25,6 +25,8 @@ class ServeConfig:
     port: int = option(8000, "TCP port (1024-65535).")
     token: str | None = option(None, f"Bearer token clients must send. Required off loopback; prefer the {TOKEN_ENV} "
                                      "environment variable (a token on the command line shows in `ps`).")
+    drm: bool = option(True, "With a flow-matching --lrm (sd3, flux): also answer VeRL-Omni's latent-reward protocol "
+                             "v1 on POST /drm/v1/score (its worker holds a second copy of the LRM).")
     max_batch_size: int = option(8, "Requests a worker gathers into one model call (1 turns batching off).")
     batch_timeout_ms: float = option(10.0, "How long a worker waits to fill a batch before it runs what it has.")
     workers_per_device: int = option(1, "Inference workers per device and route (each holds its own model copy).")

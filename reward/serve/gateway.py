@@ -5,7 +5,11 @@ It also hands LitServe one canonical JSON body per route, whatever the client se
 - ``/score/images``: ``{"metric": str, "prompts": [str], "images": [base64 of encoded image files]}``;
 - ``/score/latents``: ``{"latents": {"data": base64, "shape": [B, C, H, W], "dtype": str} | {"safetensors":
   base64}, "timesteps": [int], "prompts": [str]}`` or ``{"safetensors": base64}`` (tensors ``latents`` and
-  ``timesteps``, prompts as JSON in the file's ``__metadata__["prompts"]``).
+  ``timesteps``, prompts as JSON in the file's ``__metadata__["prompts"]``);
+- ``/drm/v1/score`` (VeRL-Omni's latent-reward protocol): ``{"safetensors": base64}`` once the version header
+  (``x-drm-protocol-version: 1``, else 400) and the binary content type (else 415) have been checked.
+
+A route the server does not serve for its model (protocol v1 on a UNet LRM) is answered 404 with the reason.
 """
 
 from __future__ import annotations
@@ -18,7 +22,16 @@ import json
 from typing import Any
 from urllib.parse import parse_qs
 
-from lpo.reward.serve.protocol import IMAGES_ROUTE, LATENTS_ROUTE, OPEN_PATHS, SAFETENSORS_TYPES, Rejected
+from lpo.reward.serve.protocol import (
+    DRM_HEADER,
+    DRM_ROUTE,
+    DRM_VERSION,
+    IMAGES_ROUTE,
+    LATENTS_ROUTE,
+    OPEN_PATHS,
+    SAFETENSORS_TYPES,
+    Rejected,
+)
 
 DRAIN_FACTOR = 8  # an oversized body is read and dropped up to this multiple of the limit, so the client sees the 413
 
@@ -27,10 +40,11 @@ class Gateway:
     """ASGI middleware: bearer token (401), body size (413), content type (415), JSON and multipart syntax (400),
     and the rewrite of multipart, raw-image and safetensors bodies into the route's canonical JSON."""
 
-    def __init__(self, app: Any, *, token: str | None, max_bytes: int) -> None:
+    def __init__(self, app: Any, *, token: str | None, max_bytes: int, unserved: dict[str, str] | None = None) -> None:
         self.app = app
         self.token = token
         self.max_bytes = max_bytes
+        self.unserved = dict(unserved or {})  # route -> why this server does not answer it
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -41,9 +55,19 @@ class Gateway:
             await _reply(send, 401, "missing or wrong bearer token: send the header 'Authorization: Bearer <token>' "
                          "with the server's --token (or LPO_REWARD_TOKEN)", [(b"www-authenticate", b"Bearer")])
             return
-        if scope["method"] != "POST" or scope["path"] not in (IMAGES_ROUTE, LATENTS_ROUTE):
+        if scope["path"] in self.unserved:
+            await _reply(send, 404, self.unserved[scope["path"]])
+            return
+        if scope["method"] != "POST" or scope["path"] not in (IMAGES_ROUTE, LATENTS_ROUTE, DRM_ROUTE):
             await self.app(scope, receive, send)
             return
+        if scope["path"] == DRM_ROUTE:
+            version = headers.get(DRM_HEADER.encode(), b"").decode("latin-1").strip()
+            if version != DRM_VERSION:
+                said = f"says version {version!r}" if version else f"has no {DRM_HEADER} header"
+                await _reply(send, 400, f"the request {said}; this route speaks VeRL-Omni's latent-reward protocol "
+                                        f"version {DRM_VERSION}: send the header '{DRM_HEADER}: {DRM_VERSION}'")
+                return
         declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > DRAIN_FACTOR * self.max_bytes:
             await _reply(send, 413, self._too_large(int(declared)))
@@ -112,6 +136,11 @@ def _replay(body: bytes, receive: Any) -> Any:
 def canonical_body(path: str, content_type: str, body: bytes, query: str) -> bytes:
     """The route's canonical JSON body for what the client sent; raises Rejected for bodies that cannot be read."""
     media = content_type.partition(";")[0].strip().lower()
+    if path == DRM_ROUTE:
+        if media not in SAFETENSORS_TYPES:
+            raise Rejected(415, f"Content-Type {media!r} is not accepted on {path}; protocol v1 sends a safetensors "
+                                f"file as {' or '.join(SAFETENSORS_TYPES)}")
+        return json.dumps({"safetensors": _b64(body)}).encode()
     if media in ("", "application/json"):
         _check_json(body)
         return body

@@ -14,7 +14,15 @@ import torch
 from PIL import Image
 from safetensors.torch import load
 
-from lpo.reward.serve.protocol import IMAGES_ROUTE, LATENT_DTYPES, LATENTS_ROUTE, Rejected
+from lpo.reward.serve.protocol import (
+    DRM_OPTIONAL,
+    DRM_ROUTE,
+    DRM_TENSORS,
+    IMAGES_ROUTE,
+    LATENT_DTYPES,
+    LATENTS_ROUTE,
+    Rejected,
+)
 
 TORCH_DTYPES = {name: getattr(torch, name) for name in LATENT_DTYPES}
 
@@ -31,6 +39,17 @@ class LatentRequest:
     latents: torch.Tensor  # [B, C, H, W] in the dtype sent
     timesteps: torch.Tensor  # [B] int64
     prompts: list[str]
+
+
+@dataclass
+class DRMRequest:
+    """One protocol-v1 request: a clean latent, its prompt's pipeline encoding, the noise level and seed."""
+
+    latents: torch.Tensor  # [1, C, H, W] float32, clean (VAE-scaled)
+    context: torch.Tensor  # [1, L, D] float32: the pipeline's prompt_embeds
+    pooled: torch.Tensor  # [1, P] float32: its pooled_prompt_embeds
+    u: float  # the noise level, sigma, in [0, 1]
+    seed: int | None  # the noise seed; None: the server draws one
 
 
 def _object(request: Any, fields: set[str], route: str) -> dict[str, Any]:
@@ -201,3 +220,54 @@ def decode_latents(request: Any, latent_shape: tuple[int, int, int], num_timeste
     if not bool(torch.isfinite(latents).all()):
         raise Rejected(422, "latents hold NaN or infinite values")
     return LatentRequest(latents, steps, prompts)
+
+
+def decode_drm(request: Any, latent_shape: tuple[int, int, int], context_shape: tuple[int | None, int],
+               pooled_width: int) -> DRMRequest:
+    """Validate and decode one protocol-v1 request (the gateway has checked its version header and wrapped its
+    safetensors body as {"safetensors": base64}); raise Rejected naming the first problem. `context_shape` is
+    [L, D] with L None where any sequence length is taken."""
+    request = _object(request, {"safetensors"}, DRM_ROUTE)
+    tensors, _ = _safetensors(_base64(request.get("safetensors"), "the safetensors body"), "the body")
+    missing = sorted(set(DRM_TENSORS) - set(tensors))
+    unknown = sorted(set(tensors) - set(DRM_TENSORS) - set(DRM_OPTIONAL))
+    if missing or unknown:
+        raise Rejected(422, f"the body holds tensors {sorted(tensors)}; protocol v1 takes "
+                            f"{', '.join(DRM_TENSORS)} and optionally seeds" +
+                       (f" (missing: {', '.join(missing)})" if missing else "") +
+                       (f" (unknown: {', '.join(unknown)})" if unknown else ""))
+    for name, rank in {**DRM_TENSORS, **{k: v for k, v in DRM_OPTIONAL.items() if k in tensors}}.items():
+        value = tensors[name]
+        if value.dim() != rank:
+            raise Rejected(422, f"{name} has shape {list(value.shape)} (rank {value.dim()}); protocol v1 sends it "
+                                f"with rank {rank}, the batch first")
+        if value.shape[0] != 1:
+            raise Rejected(422, f"{name} has batch size {value.shape[0]}; protocol v1 scores one sample per request")
+    for name in DRM_TENSORS:
+        if tensors[name].dtype not in TORCH_DTYPES.values():
+            raise Rejected(422, f"{name} is {str(tensors[name].dtype).removeprefix('torch.')}; send "
+                                f"{', '.join(LATENT_DTYPES)}")
+        if not bool(torch.isfinite(tensors[name]).all()):
+            raise Rejected(422, f"{name} holds NaN or infinite values")
+    latents, context, pooled = tensors["latents"], tensors["prompt_embeds"], tensors["pooled_prompt_embeds"]
+    if tuple(latents.shape[1:]) != tuple(latent_shape):
+        raise Rejected(422, f"latents have shape {list(latents.shape)}; this model takes [1, "
+                            f"{', '.join(map(str, latent_shape))}] (GET /models)")
+    length, width = context_shape
+    if context.shape[2] != width or (length is not None and context.shape[1] != length):
+        wanted = f"[1, {length if length is not None else 'L'}, {width}]"
+        raise Rejected(422, f"prompt_embeds have shape {list(context.shape)}; this model takes {wanted}, the base "
+                            "pipeline's encode_prompt output at its default max_sequence_length (GET /models)")
+    if pooled.shape[1] != pooled_width:
+        raise Rejected(422, f"pooled_prompt_embeds have shape {list(pooled.shape)}; this model takes "
+                            f"[1, {pooled_width}] (GET /models)")
+    u = float(tensors["u"][0])
+    if not 0.0 <= u <= 1.0:
+        raise Rejected(422, f"u = {u} is outside [0, 1]; u is the noise level sigma the latent is scored at")
+    seed = None
+    if "seeds" in tensors:
+        seeds = tensors["seeds"]
+        if seeds.dtype != torch.int64:
+            raise Rejected(422, f"seeds is {str(seeds.dtype).removeprefix('torch.')}; send one int64")
+        seed = int(seeds[0])
+    return DRMRequest(latents.float(), context.float(), pooled.float(), u, seed)

@@ -9,6 +9,8 @@ Routes (request and response JSON in docs/serving.md):
   on one loaded metric; the scores of `lpo.curate.scorers.load_scorer(metric).score(images, prompts)`.
 - ``POST /score/latents``: noisy latents (a safetensors body, or base64 raw data with shape and dtype in JSON) with
   timesteps and prompts; the scores of `LatentRewardModel.score(latents, timesteps, prompts)`.
+- ``POST /drm/v1/score``: VeRL-Omni's latent-reward protocol v1 (flow-matching LRMs): one clean latent with its
+  pipeline prompt embeddings, noised to sigma = u and scored (`apis.DRMScoreAPI`).
 - ``GET /health`` (the process answers), ``GET /ready`` (every worker has loaded its models), ``GET /models`` (ids,
   scales and request limits), ``GET /stats`` (batches run per route and their sizes).
 
@@ -39,7 +41,14 @@ from lpo.reward.backbones import get_family
 from lpo.reward.lrm.model import read_lrm_config, resolve_lrm
 from lpo.reward.serve import apis, gateway
 from lpo.reward.serve.config import ServeConfig
-from lpo.reward.serve.protocol import DEFAULT_NUM_TIMESTEPS, IMAGES_ROUTE, LATENTS_ROUTE, TOKEN_ENV, timestep_range
+from lpo.reward.serve.protocol import (
+    DEFAULT_NUM_TIMESTEPS,
+    DRM_ROUTE,
+    IMAGES_ROUTE,
+    LATENTS_ROUTE,
+    TOKEN_ENV,
+    timestep_range,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +72,7 @@ class ServePlan:
     latent_shape: tuple[int, ...] | None
     num_timesteps: int
     continuous: bool = False  # flow matching: timesteps are sigma x num_timesteps, not integers
+    family: str | None = None  # the LRM's family
 
 
 def resolve_token(config: ServeConfig) -> str | None:
@@ -126,9 +136,9 @@ def _accelerator(device: str) -> str:
     return "cpu"
 
 
-def _lrm_inputs(lrm: Path) -> tuple[tuple[int, ...], int, bool]:
-    """The latent shape [C, H, W] the LRM takes, its number of diffusion timesteps and whether they are continuous
-    (flow matching), from its files alone."""
+def _lrm_inputs(lrm: Path) -> tuple[tuple[int, ...], int, bool, str]:
+    """The latent shape [C, H, W] the LRM takes, its number of diffusion timesteps, whether they are continuous
+    (flow matching) and its family, from its files alone."""
 
     config = read_lrm_config(lrm)
     source, subfolder = resolve_lrm(lrm)
@@ -136,7 +146,7 @@ def _lrm_inputs(lrm: Path) -> tuple[tuple[int, ...], int, bool]:
     steps = DEFAULT_NUM_TIMESTEPS
     if scheduler.is_file():
         steps = int(json.loads(scheduler.read_text()).get("num_train_timesteps", DEFAULT_NUM_TIMESTEPS))
-    return tuple(config["latent_shape"]), steps, get_family(config["family"]).flow_matching
+    return tuple(config["latent_shape"]), steps, get_family(config["family"]).flow_matching, config["family"]
 
 
 def validate(config: ServeConfig) -> ServePlan:
@@ -152,9 +162,29 @@ def validate(config: ServeConfig) -> ServePlan:
                                             models_dir=config.models_dir))
     elif config.models:
         raise InputError(f"models given for {sorted(config.models)} but no --metrics; add them to --metrics.")
-    latent_shape, steps, continuous = (_lrm_inputs(Path(config.lrm)) if config.lrm is not None
-                                       else (None, DEFAULT_NUM_TIMESTEPS, False))
-    return ServePlan(specs, host, token, _accelerator(config.device), latent_shape, steps, continuous)
+    latent_shape, steps, continuous, family = (_lrm_inputs(Path(config.lrm)) if config.lrm is not None
+                                               else (None, DEFAULT_NUM_TIMESTEPS, False, None))
+    return ServePlan(specs, host, token, _accelerator(config.device), latent_shape, steps, continuous, family)
+
+
+def serves_drm(config: ServeConfig, plan: ServePlan) -> bool:
+    return config.lrm is not None and plan.continuous and config.drm
+
+
+def unserved_routes(config: ServeConfig, plan: ServePlan) -> dict[str, str]:
+    """Why this server does not answer protocol v1, where it does not (the gateway's 404 message)."""
+    if serves_drm(config, plan):
+        return {}
+    if config.lrm is None:
+        why = "this server has no latent reward model (start it with --lrm DIR, an sd3 or flux LRM)"
+    elif not plan.continuous:
+        why = (f"this server's reward model is a {plan.family} LRM: protocol v1 noises a clean latent by the "
+               "flow-matching forward process to sigma = u and scores it from the prompt embeddings of an SD3/FLUX "
+               "pipeline, which a DDPM-trained UNet LRM was never trained on; serve an sd3 or flux LRM, or send "
+               f"noisy latents with timesteps to {LATENTS_ROUTE}")
+    else:
+        why = "this server was started with --no-drm; restart it without that option"
+    return {DRM_ROUTE: f"{DRM_ROUTE} is not served: {why}."}
 
 
 def limits(config: ServeConfig, plan: ServePlan) -> dict[str, Any]:
@@ -196,7 +226,7 @@ def run(config: ServeConfig) -> None:
     plan = validate(config)
 
     verbose = logger.isEnabledFor(logging.DEBUG)
-    routes = bool(plan.specs) + (config.lrm is not None)
+    routes = bool(plan.specs) + (config.lrm is not None) + serves_drm(config, plan)
     with multiprocessing.Manager() as manager:
         registry, stats = manager.dict(), manager.dict()  # filled by the workers, read by GET /models and /stats
         shared = {"registry": registry, "stats": stats, "max_batch_size": config.max_batch_size,
@@ -210,16 +240,22 @@ def run(config: ServeConfig) -> None:
             litapis.append(apis.LatentScoreAPI(lrm=str(config.lrm), latent_shape=plan.latent_shape,
                                                num_timesteps=plan.num_timesteps, continuous=plan.continuous,
                                                **shared))
-        checks = {"token": plan.token, "max_bytes": int(config.max_request_mb * 2**20)}
+        if serves_drm(config, plan):
+            litapis.append(apis.DRMScoreAPI(lrm=str(config.lrm), latent_shape=plan.latent_shape,
+                                            num_timesteps=plan.num_timesteps, **shared))
+        checks = {"token": plan.token, "max_bytes": int(config.max_request_mb * 2**20),
+                  "unserved": unserved_routes(config, plan)}
         server = ls.LitServer(litapis, accelerator=plan.accelerator, devices="auto",
                               workers_per_device=config.workers_per_device, timeout=config.request_timeout_s,
                               healthcheck_path="/ready", middlewares=[(gateway.Gateway, checks)])
         apis.add_routes(server.app, registry, stats, limits(config, plan),
-                              expected={**{m: IMAGES_ROUTE for m in plan.specs},
-                                        **({"lrm": LATENTS_ROUTE} if config.lrm is not None else {})})
+                       expected={**{m: IMAGES_ROUTE for m in plan.specs},
+                                 **({"lrm": LATENTS_ROUTE} if config.lrm is not None else {}),
+                                 **({"drm": DRM_ROUTE} if serves_drm(config, plan) else {})})
         shown = f"[{plan.host}]" if ":" in plan.host else plan.host
         logger.info("serving %s on http://%s:%d (%s, max batch %d, %s ms); routes %s", ", ".join(
-            [*plan.specs, *(["lrm"] if config.lrm is not None else [])]), shown, config.port, plan.accelerator,
+            [*plan.specs, *(["lrm"] if config.lrm is not None else []),
+             *(["lrm (protocol v1)"] if serves_drm(config, plan) else [])]), shown, config.port, plan.accelerator,
             config.max_batch_size, config.batch_timeout_ms, ", ".join(a.api_path for a in litapis))
         stop = _stop_on_signal(server, os.getpid())
         previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}

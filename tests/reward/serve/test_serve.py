@@ -7,6 +7,7 @@ import http.server
 import io
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -661,17 +662,31 @@ def test_flow_matching_timesteps_are_numbers_in_range() -> None:
         decode_latents(body, (16, 8, 8), 1000, 16)
 
 
-@pytest.mark.slow  # several processes (or a server) started: in the full run, not the quick loop
-def test_an_sd3_lrm_is_served_at_its_sigma_timesteps(start_server, tiny_models_dir: Path,
-                                                      tmp_path_factory: pytest.TempPathFactory) -> None:
+# ---------------------------------------------------------------------------------------------------------------
+# a flow-matching (sd3) LRM: its sigma timesteps, and VeRL-Omni's latent-reward protocol v1
+
+
+@pytest.fixture(scope="module")
+def sd3_lrm(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     from lpo.reward.lrm.model import LatentRewardModel, export_components
 
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("lrm-sd3")
-    model = LatentRewardModel.from_base(str(tiny_models_dir / "sd3")).eval()
+    model = LatentRewardModel.from_base(str(tiny_models_dir / "sd3"), vfe_scale=7.5).eval()
     model.save_pretrained(out)
     export_components(out, str(tiny_models_dir / "sd3"))
-    client = RewardClient(start_server("--lrm", out), retries=1, backoff=0.1)
+    return out, model
+
+
+@pytest.fixture(scope="module")
+def sd3_url(start_server, sd3_lrm) -> str:
+    return start_server("--lrm", sd3_lrm[0], "--batch-timeout-ms", "100")
+
+
+@pytest.mark.slow  # several processes (or a server) started: in the full run, not the quick loop
+def test_an_sd3_lrm_is_served_at_its_sigma_timesteps(sd3_url: str, sd3_lrm) -> None:
+    model = sd3_lrm[1]
+    client = RewardClient(sd3_url, retries=1, backoff=0.1)
     info = {m["name"]: m for m in client.models()["models"]}["lrm"]
     assert info["family"] == "sd3" and info["timesteps"] == [0.0, 1000.0] and info["latent_shape"] == [16, 8, 8]
     latents = torch.randn(3, 16, 8, 8, generator=torch.Generator().manual_seed(5))
@@ -680,3 +695,146 @@ def test_an_sd3_lrm_is_served_at_its_sigma_timesteps(start_server, tiny_models_d
     with torch.no_grad():
         expected = model.score(latents, timesteps, prompts)
     torch.testing.assert_close(client.score_latents(latents, timesteps, prompts), expected, rtol=RTOL, atol=ATOL)
+
+
+def _drm_post(url: str, tensors: dict, version: str | None = "1",
+              content_type: str = "application/octet-stream") -> tuple[int, dict]:
+    """A protocol-v1 client written from the protocol: a safetensors body, the version header, one JSON answer."""
+    headers = {"content-type": content_type}
+    if version is not None:
+        headers["x-drm-protocol-version"] = version
+    request = urllib.request.Request(url + "/drm/v1/score", data=save(tensors), headers=headers, method="POST")
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def _rollout(tiny_models_dir: Path, prompt: str, seed: int = 3) -> dict:
+    """What a VeRL-Omni SD3 rollout sends: a clean latent (bf16) and the pipeline's own encoding of its prompt."""
+    from diffusers import StableDiffusion3Pipeline
+
+    pipeline = StableDiffusion3Pipeline.from_pretrained(tiny_models_dir / "sd3")
+    with torch.no_grad():
+        context, _, pooled, _ = pipeline.encode_prompt(prompt, prompt_2=None, prompt_3=None,
+                                                       do_classifier_free_guidance=False)  # max_sequence_length 256
+    latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(seed))
+    return {"latents": latents.to(torch.bfloat16), "prompt_embeds": context, "pooled_prompt_embeds": pooled}
+
+
+@pytest.mark.slow  # several processes (or a server) started: in the full run, not the quick loop
+def test_protocol_v1_scores_equal_the_in_process_lrm_on_the_latent_noised_with_the_seed(
+        sd3_url: str, sd3_lrm, tiny_models_dir: Path) -> None:
+    """The served raw score is the LRM's score of the clean latent noised to sigma = u with torch.randn seeded by
+    `seeds`, the prompt read from the sent embeddings; here the in-process side encodes the prompt text itself."""
+    model = sd3_lrm[1]
+    prompt = "two blue squares"
+    rollout = _rollout(tiny_models_dir, prompt)
+    clean = rollout["latents"].float()
+    for u, seed in ((0.4, 0), (0.0, 7), (1.0, 123456789)):
+        status, answer = _drm_post(sd3_url, {**rollout, "u": torch.tensor([u]),
+                                             "seeds": torch.tensor([seed], dtype=torch.int64)})
+        assert status == 200, answer
+        assert answer["protocol_version"] == "1" and len(answer["raw_scores"]) == 1
+        noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed))
+        noisy = (1 - u) * clean + u * noise
+        with torch.no_grad():
+            expected = model.score(noisy, torch.tensor([u * 1000]), [prompt])
+        assert answer["raw_scores"][0] == pytest.approx(float(expected), rel=1e-4, abs=1e-4)
+    # embeddings sent in bf16 (a bf16 rollout) are read as sent: the score moves by their rounding only
+    half = {**rollout, "prompt_embeds": rollout["prompt_embeds"].to(torch.bfloat16),
+            "pooled_prompt_embeds": rollout["pooled_prompt_embeds"].to(torch.bfloat16)}
+    status, answer = _drm_post(sd3_url, {**half, "u": torch.tensor([1.0]),
+                                         "seeds": torch.tensor([123456789], dtype=torch.int64)})
+    assert status == 200 and answer["raw_scores"][0] == pytest.approx(float(expected), rel=1e-2)
+    # no seed: the server draws one and says which; the same seed sent again gives the same score
+    status, drawn = _drm_post(sd3_url, {**rollout, "u": torch.tensor([0.4])})
+    assert status == 200 and isinstance(drawn["seeds"][0], int)
+    _, again = _drm_post(sd3_url, {**rollout, "u": torch.tensor([0.4]),
+                                   "seeds": torch.tensor(drawn["seeds"], dtype=torch.int64)})
+    assert again["raw_scores"] == pytest.approx(drawn["raw_scores"], rel=1e-5, abs=1e-5)
+    info = {m["name"]: m for m in RewardClient(sd3_url).models()["models"]}["drm"]
+    assert info["protocol_version"] == "1" and info["prompt_embeds"] == list(rollout["prompt_embeds"].shape[1:])
+    assert info["pooled_prompt_embeds"] == list(rollout["pooled_prompt_embeds"].shape[1:])
+
+
+def _drm_refusals(info: dict) -> list:
+    """(tensors, version header, status, words of the answer) for a server whose GET /models entry is `info`."""
+    (length, width), (pooled,) = info["prompt_embeds"], info["pooled_prompt_embeds"]
+    good = {"latents": torch.zeros(1, *info["latent_shape"]), "prompt_embeds": torch.zeros(1, length, width),
+            "pooled_prompt_embeds": torch.zeros(1, pooled), "u": torch.tensor([0.5])}
+    return [
+        ({**good, "u": torch.tensor([1.5])}, "1", 422, "outside [0, 1]"),
+        ({**good, "u": torch.tensor([-0.1])}, "1", 422, "outside [0, 1]"),
+        ({**good, "u": torch.tensor([float("nan")])}, "1", 422, "u holds NaN"),
+        ({**good, "latents": torch.full((1, 16, 8, 8), float("nan"))}, "1", 422, "latents holds NaN"),
+        ({**good, "latents": torch.zeros(2, 16, 8, 8)}, "1", 422, "batch size 2"),
+        ({**good, "latents": torch.zeros(16, 8, 8)}, "1", 422, "rank 3"),
+        ({**good, "latents": torch.zeros(1, 4, 8, 8)}, "1", 422, "this model takes [1, 16, 8, 8]"),
+        ({**good, "prompt_embeds": torch.zeros(1, length, width + 1)}, "1", 422, "prompt_embeds have shape"),
+        ({**good, "prompt_embeds": torch.zeros(1, length - 1, width)}, "1", 422, "prompt_embeds have shape"),
+        ({**good, "pooled_prompt_embeds": torch.zeros(1, pooled - 1)}, "1", 422, "pooled_prompt_embeds have shape"),
+        ({k: v for k, v in good.items() if k != "u"}, "1", 422, "missing: u"),
+        ({**good, "extra": torch.zeros(1)}, "1", 422, "unknown: extra"),
+        ({**good, "seeds": torch.tensor([1.0])}, "1", 422, "seeds is float32"),
+        ({**good, "latents": torch.zeros(1, 16, 8, 8, dtype=torch.float64)}, "1", 422, "latents is float64"),
+        (good, "2", 400, "version '2'"),
+        (good, None, 400, "no x-drm-protocol-version header"),
+    ]
+
+
+@pytest.mark.slow  # several processes (or a server) started: in the full run, not the quick loop
+def test_protocol_v1_refusals_name_the_problem_and_the_server_keeps_serving(sd3_url: str, sd3_lrm,
+                                                                            tiny_models_dir: Path) -> None:
+    info = {m["name"]: m for m in RewardClient(sd3_url).models()["models"]}["drm"]
+    for tensors, version, status, needle in _drm_refusals(info):
+        got, answer = _drm_post(sd3_url, tensors, version)
+        assert (got, needle in answer["detail"]) == (status, True), (needle, answer)
+    got, answer = _drm_post(sd3_url, _drm_refusals(info)[0][0], content_type="application/json")
+    assert got == 415 and "safetensors" in answer["detail"]
+    rollout = _rollout(tiny_models_dir, "a cat")
+    status, answer = _drm_post(sd3_url, {**rollout, "u": torch.tensor([0.4])})
+    assert status == 200 and math.isfinite(answer["raw_scores"][0])
+
+
+def test_a_unet_lrm_server_refuses_protocol_v1_with_the_reason(url: str) -> None:
+    got, answer = _drm_post(url, {"latents": torch.zeros(1, 4, 8, 8), "u": torch.tensor([0.5])})
+    assert got == 404 and "sd15 LRM" in answer["detail"] and "flow-matching" in answer["detail"]
+
+
+
+def test_protocol_v1_reads_a_flux_rollout_as_the_in_process_lrm_scores_it(tiny_models_dir: Path,
+                                                                           tmp_path: Path) -> None:
+    """The route's worker, in process, on a FLUX LRM: the pipeline's T5 sequence and pooled CLIP vector as a rollout
+    sends them give the score the LRM gives reading the prompt itself, on the latent noised with the seed."""
+    from diffusers import FluxPipeline
+
+    from lpo.reward.lrm.model import LatentRewardModel, export_components
+    from lpo.reward.serve.apis import DRMScoreAPI
+
+    torch.manual_seed(0)
+    model = LatentRewardModel.from_base(str(tiny_models_dir / "flux"), vfe_scale=7.5,
+                                       text_projection_init=None).eval()
+    model.save_pretrained(tmp_path)
+    export_components(tmp_path, str(tiny_models_dir / "flux"))
+    api = DRMScoreAPI(lrm=str(tmp_path), latent_shape=tuple(model.config.latent_shape), num_timesteps=1000,
+                      registry={}, stats={}, max_batch_size=4, batch_timeout=0.01, dtype="float32", max_items=4,
+                      log_level=logging.WARNING)
+    api.setup("cpu")
+    prompt = "a red circle"
+    with torch.no_grad():
+        context, pooled, _ = FluxPipeline.from_pretrained(tiny_models_dir / "flux").encode_prompt(prompt, None)
+    latents = torch.randn(1, *model.config.latent_shape, generator=torch.Generator().manual_seed(1))
+    body = {"latents": latents, "prompt_embeds": context, "pooled_prompt_embeds": pooled,
+            "u": torch.tensor([0.6]), "seeds": torch.tensor([11], dtype=torch.int64)}
+    answer = api.predict([api.decode_request({"safetensors": _b64(save(body))})])[0]
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        expected = model.score(0.4 * latents + 0.6 * noise, torch.tensor([600.0]), [prompt])
+    assert answer["raw_scores"][0] == pytest.approx(float(expected), rel=1e-5, abs=1e-5)
+    entry = api.registry[next(iter(api.registry))]
+    assert entry["family"] == "flux" and entry["prompt_embeds"] == list(context.shape[1:])
+    wrong = api.decode_request({"safetensors": _b64(save({**body, "prompt_embeds": context[:, :-1]}))})
+    assert wrong.status == 422 and "prompt_embeds have shape" in wrong.detail
