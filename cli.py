@@ -22,6 +22,7 @@ from lpo.reward.lpo.config import LPOConfig, SampleConfig, family_helps
 from lpo.reward.lrm.config import (
     ImportReferenceConfig,
     RewardCacheConfig,
+    RewardCompareConfig,
     RewardEvalConfig,
     RewardScoreConfig,
     RewardTrainConfig,
@@ -154,6 +155,21 @@ def report_reward_eval(config: RewardEvalConfig, result: dict[str, Any]) -> None
               [(t, *(f"{s['accuracy_blind'][t]:.3f}" for s in sets.values())) for t in timesteps], right=columns)
 
 
+def report_reward_compare(config: RewardCompareConfig, result: dict[str, Any]) -> None:
+    models = result["models"]
+    columns = ("timestep", *models)
+    rows = []
+    for t in map(str, result["timesteps"]):
+        cells = []
+        for model in models.values():
+            level = model["accuracy"][t]
+            ci = level["ci95"]
+            cells.append(f"{level['accuracy']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""))
+        rows.append((t, *cells))
+    table(f"pairwise accuracy per noise level, {result['pairs']} pairs (95% intervals) -> {result['out']}", columns,
+          rows, right=columns)
+
+
 def report_reward_score(config: RewardScoreConfig, records: list[dict[str, Any]]) -> None:
     for record in records:
         typer.echo(json.dumps(record))
@@ -173,6 +189,11 @@ command(reward_app, "eval", RewardEvalConfig, lazy("lpo.reward.lrm.accuracy", "r
         required=("lrm",),
         help="Pairwise accuracy of an LRM per timestep (fixed noise seeds; ties count 0.5) on a manifest, or on "
              "Pick-a-Pic's validation_unique and test_unique (--dataset): JSON and a PNG plot.")
+command(reward_app, "compare", RewardCompareConfig, lazy("lpo.reward.lrm.compare", "run"), report_reward_compare,
+        required=("manifest", "out", "lrms"), repeatable=("lrms",), flags={"lrms": ("--lrm",)},
+        help="Compare reward models per noise level on one preference set: LRMs (ours, imported reference ones) "
+             "and image metrics (on the VAE-decoded noisy latents), each on the same pairs and noise seeds; "
+             "accuracy with 95% intervals, a table, a plot. Resumable.")
 command(reward_app, "score", RewardScoreConfig, lazy("lpo.reward.lrm.accuracy", "score"), report_reward_score,
         required=("lrm", "images", "prompts"), repeatable=("images", "prompts"), flags={"prompts": ("--prompt",)},
         help="Score image files against prompts with an LRM (encode, noise to t, score).")

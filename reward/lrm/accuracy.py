@@ -48,6 +48,17 @@ def pair_noise(seed: int, t: int, index: int, shape: tuple[int, ...]) -> tuple[t
 
 
 @torch.no_grad()
+def noised_pairs(mean: torch.Tensor, std: torch.Tensor, rows: list[int], t: float, seed: int, noise_scheduler: Any,
+                 to_latents: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """[2n, C, H, W]: image 0 of the n pairs `rows`, then image 1, each drawn from its VAE posterior (`mean`, `std`,
+    [2n, ...] in the same order) and noised to `t` with the pair's own seeds (`pair_noise`)."""
+    draws = [pair_noise(seed, t, index, tuple(mean.shape[1:])) for index in rows]
+    eps = torch.cat([torch.stack([d[0][0] for d in draws]), torch.stack([d[0][1] for d in draws])])
+    noise = torch.cat([torch.stack([d[1][0] for d in draws]), torch.stack([d[1][1] for d in draws])])
+    return noise_scheduler.add_noise(to_latents(mean + std * eps), noise, torch.full((2 * len(rows),), t))
+
+
+@torch.no_grad()
 def accuracy_per_timestep(model: Any, cache: LatentCache, pairs: pl.DataFrame, noise_scheduler: Any,
                           timesteps: tuple[float, ...] | list[float] = EVAL_TIMESTEPS, seed: int = 1234,
                           batch_size: int = 32, rank: int = 0, world: int = 1,
@@ -81,11 +92,8 @@ def accuracy_per_timestep(model: Any, cache: LatentCache, pairs: pl.DataFrame, n
         mean, std = cache.get(chunk["image_0_uid"].to_list() + chunk["image_1_uid"].to_list())
         captions = chunk["caption"].to_list() * 2
         for k, t in enumerate(timesteps):
-            draws = [pair_noise(seed, t, index, tuple(mean.shape[1:])) for index in rows]
-            eps = torch.cat([torch.stack([d[0][0] for d in draws]), torch.stack([d[0][1] for d in draws])])
-            noise = torch.cat([torch.stack([d[1][0] for d in draws]), torch.stack([d[1][1] for d in draws])])
+            noisy = noised_pairs(mean, std, rows, t, seed, noise_scheduler, to_latents)
             steps = torch.full((2 * n,), t)
-            noisy = noise_scheduler.add_noise(to_latents(mean + std * eps), noise, steps)
             given = steps if told is None else torch.full((2 * n,), told)
             scores = model(noisy.to(device), given.to(device), captions).float().cpu()
             if not padding:

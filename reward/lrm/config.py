@@ -145,6 +145,30 @@ class RewardEvalConfig:
 
 
 @dataclass
+class RewardCompareConfig:
+    manifest: Path = option(None, "Pairs manifest every model is scored on (filtered.parquet, or a curation dir's "
+                                  "pairs.parquet): the same pairs, the same noise.")
+    out: Path = option(None, "Where to write compare.json, compare.png and per_pair.parquet (resumable: a model "
+                             "already scored there is not scored again).")
+    lrms: list[Path] = option(help="Latent reward models to compare (folders or run directories of `lpo reward "
+                                   "train`, imported reference LRMs, hub ids); one latent space: the same family "
+                                   "and VAE.", factory=list)
+    metrics: list[str] = option(help="Image metrics to compare beside them (pickscore, hpsv21, clip, ...), scored on "
+                                     "the noisy latents decoded by the VAE at each noise level.", factory=list)
+    models: dict[str, str] = option(help="Model per metric (hub id or local directory).", factory=dict)
+    models_dir: Path | None = option(None, "A directory with one model folder per metric, for metrics without an "
+                                           "explicit model.")
+    timesteps: list[float] = option(help="Timesteps to evaluate (default: the first LRM's, as `lpo reward eval`).",
+                                    factory=list)
+    seed: int = option(1234, "Noise seed (the same seed gives the same noise for every model; `lpo reward eval`'s "
+                             "default).")
+    latent_cache: Path | None = option(None, "Root folder of VAE-latent caches to reuse and extend; default: "
+                                             "OUT/latent_cache.")
+    batch_size: int = option(32, "Pairs per forward.")
+    device: str = option("auto", "Device: auto, cpu, cuda.")
+
+
+@dataclass
 class RewardScoreConfig:
     lrm: Path = option(None, "Latent reward model: the folder `lpo reward train` wrote (its run directory, best/ or "
                              "last/) or a hub id.")
