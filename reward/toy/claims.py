@@ -147,8 +147,8 @@ def claims(evidence: dict[str, Any], family: str = "sd15") -> list[dict[str, Any
         diff = hacking["kept"] - hacking["last"]
         stop = f"stopped at round {hacking['stopped_round']}" if hacking["stopped_round"] is not None else \
             "not stopped"
-        claim = _claim("the held-out monitor stops a reward-hacking run and keeps a checkpoint with higher oracle "
-                       "alignment than the unmonitored run's last",
+        claim = _claim("the held-out monitor stops a reward-hacking run (an LRM with a planted bias) and keeps a "
+                       "checkpoint with higher oracle alignment than the unmonitored run's last",
                        f"{stop} of {hacking['rounds']} (best check round {hacking['best_round']}); base "
                        f"{hacking['base'].mean():.3f}, kept {hacking['kept'].mean():.3f}, unmonitored last "
                        f"{hacking['last'].mean():.3f}", diff.mean(), mean_interval(diff), "points", 100)

@@ -44,12 +44,14 @@ class DemoConfig:
                                "trajectories as LPO, and compare it (off by default: about 5 more minutes on 2 CPU "
                                "cores, and its numbers are reported, not claimed).")
     grpo_kl: float = option(0.1, "GRPO's KL weight (the paper's 0.1).")
-    hacking: bool = option(False, "Also run the reward-hacking stage: LPO pushed with --hacking-lr for "
-                                  "--hacking-epochs under the held-out monitor (the toy pickscore and clip as its "
-                                  "metrics), continued past the monitor's stop; the checkpoint the monitor kept "
-                                  "against the unmonitored run's last (off by default: about 5 more minutes).")
+    hacking: bool = option(False, "Also run the reward-hacking stage: an LRM trained on pairs from raters with a "
+                                  "planted bias (squares win, whatever the caption), then LPO on it with "
+                                  "--hacking-lr for --hacking-epochs under the held-out monitor (the toy pickscore "
+                                  "and clip as its metrics), continued past the monitor's stop; the checkpoint the "
+                                  "monitor kept against the unmonitored run's last (off by default: about 6 more "
+                                  "minutes).")
     hacking_epochs: int = option(30, "Epochs of the hacking run.")
-    hacking_lr: float = option(4e-3, "Learning rate of the hacking run (4x the demo's: the toy LRM's reward keeps "
+    hacking_lr: float = option(4e-3, "Learning rate of the hacking run (4x the demo's: the planted LRM's reward keeps "
                                      "rising while the oracle alignment falls below the base's).")
     hacking_threshold: list[float] | None = option(None, "Thresholds of the hacking run (default: --lpo-threshold).")
     score_timestep: str = option("parent", "Timestep the LRM scores candidates at in LPO and guided sampling: "

@@ -12,7 +12,8 @@ and resumes an interrupted trainer from its checkpoint):
    pairs (`lpo reward eval` of the final models).
 4. `lpo`: `lpo optimize <family>` with the MPCF-trained LRM on the captions not held out; `grpo` (with
    `--grpo`): the same with `--objective grpo`, on as many sampled trajectories; `hacking` (with `--hacking`):
-   a reward-hacking run under the held-out monitor (`lpo.reward.toy.hacking`).
+   a reward-hacking run (LPO on an LRM trained on raters with a planted bias) under the held-out monitor
+   (`lpo.reward.toy.hacking`).
 5. `samples`: the base model, LRM-guided sampling and the LPO- (and GRPO-) tuned models on the held-out captions
    with the same seeds and sampler settings; oracle alignment read from the pixels and the LRM reward of each image.
 6. the report: `demo_summary.json`, `demo.md` (tables) and `demo.png` (accuracy against noise, sample grids).
@@ -178,7 +179,7 @@ def run(config: DemoConfig) -> dict[str, Any]:
         ("lpo", lambda: optimize(config, out, "lpo")),
         *([("grpo", lambda: optimize(config, out, "grpo"))] if config.grpo else []),
         *([("hacking", lambda: hacking.hacking(config, out, lpo_settings(config, out, "lpo"), _generator(config),
-                                               split_prompts(config)[1]))] if config.hacking else []),
+                                               split_prompts(config)[1], fit_lrm))] if config.hacking else []),
         ("samples", lambda: compare_generators(config, out, results)),
     ]
     run_stages(stages, out / STAGES_DIR, results)
@@ -255,12 +256,7 @@ def train_lrm(config: DemoConfig, out: Path, name: str) -> dict[str, Any]:
 
     which, init = LRM_RUNS[name]
     run_dir = out / name
-    summary = train.run(RewardTrainConfig(
-        manifest=_manifest(out, which), base=_base(config), out=run_dir, val_fraction=0.0,
-        batch_size=config.lrm_batch_size, max_steps=config.lrm_steps, lr=config.lrm_lr, weight_decay=0.01,
-        warmup_steps=max(1, config.lrm_steps // 20), vfe_scale=config.vfe_scale, text_projection_init="", init=init,
-        save_every=max(1, config.lrm_steps // 4), seed=config.seed, device="cpu", latent_cache=out / LATENT_CACHE,
-        resume=train.latest_checkpoint(run_dir) is not None))
+    summary = fit_lrm(config, out, _manifest(out, which), run_dir, init)
     # the LRM the rest of the demo uses is also told the least noisy level at every level: a timestep-blind control
     blind = None
     if name == "lrm-mpcf":
@@ -273,6 +269,16 @@ def train_lrm(config: DemoConfig, out: Path, name: str) -> dict[str, Any]:
             "accuracy": evaluation["accuracy"], "accuracy_blind": evaluation.get("accuracy_blind"),
             "per_pair": str(run_dir / "eval" / accuracy.PER_PAIR_FILE), "eval_pairs": evaluation["pairs"],
             "model": str(run_dir / "last")}
+
+
+def fit_lrm(config: DemoConfig, out: Path, manifest: Path, run_dir: Path, init: str = "diffusion") -> dict[str, Any]:
+    """`lpo reward train` with the demo's LRM settings on `manifest` into `run_dir` (resumable)."""
+    return train.run(RewardTrainConfig(
+        manifest=manifest, base=_base(config), out=run_dir, val_fraction=0.0,
+        batch_size=config.lrm_batch_size, max_steps=config.lrm_steps, lr=config.lrm_lr, weight_decay=0.01,
+        warmup_steps=max(1, config.lrm_steps // 20), vfe_scale=config.vfe_scale, text_projection_init="", init=init,
+        save_every=max(1, config.lrm_steps // 4), seed=config.seed, device="cpu", latent_cache=out / LATENT_CACHE,
+        resume=train.latest_checkpoint(run_dir) is not None))
 
 
 def _base(config: DemoConfig) -> str:

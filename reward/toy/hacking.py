@@ -1,15 +1,22 @@
 """The demo's reward-hacking stage (`lpo demo --hacking`): the monitor of `lpo optimize` in a world with an oracle.
 
-LPO runs with four times the demo's learning rate (`--hacking-lr`) for longer than the demo's own LPO, a setting in
-which the toy LRM's reward keeps rising while the images' oracle alignment falls below the base model's (seed 0: the
-LRM reward 10.19 -> 11.01 on the monitor's prompts, the oracle 0.630 -> 0.613 on the held-out captions after 30
-epochs). The paper's SD1.5 thresholds (0.35, 0.5) at the demo's rate did not hack here: after 30 and 40 epochs the
-oracle was 0.632 and 0.676 against the base's 0.630. The run is monitored with the toy world's `pickscore` and
-`clip` scorers as the independent metrics, on training captions held out of the run, with the stop rule's defaults.
-When the rule stops it, the run is continued without the rule to its last epoch, as an unmonitored run would have
-gone on (the same checkpoints, so the same trajectory up to the stop). The demo's held-out captions (which neither
-the run nor the monitor saw) then measure the oracle alignment of the base, of the checkpoint the monitor kept and of
-the unmonitored run's last one, with the same seeds.
+A hacking run needs a reward with a flaw the policy can exploit. Here it is planted, so its cause is known: raters
+who favour squares (`PLANTED`). Each training caption of another shape gets one more image, its exact scene drawn as
+a square, and every pair in which exactly one image is a square is labelled for the square, whatever the caption
+asks; the other pairs follow the oracle (`make_pickapic_table(planted=...)`, seed + 2, no flips). An LRM trained on
+them with the demo's settings (`lrm-planted`) rewards squares. LPO then runs on it with four times the demo's
+learning rate (`--hacking-lr`) for `--hacking-epochs` under the held-out monitor, with the toy world's `pickscore`
+and `clip` scorers as the independent metrics (they never saw the biased labels), on training captions held out of
+the run, with the stop rule's defaults. When the rule stops it, the run is continued without the rule to its last
+epoch, as an unmonitored run would have gone on (the same checkpoints, so the same trajectory up to the stop). The
+demo's held-out captions (which neither the run nor the monitor saw) then measure the oracle alignment of the base,
+of the checkpoint the monitor kept and of the unmonitored run's last one, with the same seeds.
+
+Measured before the bias was planted: the demo's own LRM at the demo's rate did not hack (the paper's SD1.5
+thresholds, 0.35-0.5, after 30 and 40 epochs: oracle 0.632 and 0.676 against the base's 0.630), and at 4x the rate
+the policy swung by up to 12 oracle points from one epoch to the next, so the check the monitor kept was no better
+than the last (0.574 against 0.612). A bias planted in only the pairs that happen to hold one square (9% of the
+MPCF-kept pairs relabelled) moved the policy too little at the demo's rate (kept 0.642, last 0.622, base 0.630).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +33,7 @@ import torch
 
 from lpo.core.errors import InputError
 from lpo.core.shipped import resolve_shipped
+from lpo.curate import ingest
 from lpo.reward.lpo import generation
 from lpo.reward.lpo import train as lpo_train
 from lpo.reward.lpo.config import GenerationOptions, LPOConfig
@@ -32,9 +41,12 @@ from lpo.reward.lpo.monitor import BEST_DIR
 from lpo.reward.lpo.sample import image_seed
 from lpo.reward.lpo.sampler import sample
 from lpo.reward.toy.config import DemoConfig
-from lpo.reward.toy.world import Scene, agreement, perceive
+from lpo.reward.toy.world import Scene, agreement, perceive, write_pickapic_parquet
 
 KEPT_DIR = "hacking-kept"
+PLANTED = "square"  # the planted raters' favourite shape
+PLANTED_DIR = "hacking-data"  # the biased pairs: train.parquet and its ingested curation folder
+PLANTED_LRM = "lrm-planted"
 MONITOR_METRICS = ["pickscore", "clip"]  # the toy world's scorers: independent of the LRM, trained on other data
 
 
@@ -69,10 +81,23 @@ def oracle(config: DemoConfig, base: str, held_out: list[str], lora: str | None)
     return [agreement(w, s) for w, s in zip(wanted, seen, strict=True)]
 
 
-def hacking(config: DemoConfig, out: Path, lpo: LPOConfig, base: str, held_out: list[str]) -> dict[str, Any]:
-    """Run the monitored hacking run, keep what the monitor kept, continue it unmonitored, and measure the three
-    generators' oracle alignment on the held-out captions."""
-    monitored = lpo_config(config, out, lpo)
+def planted_lrm(config: DemoConfig, out: Path, fit_lrm: Callable[..., dict[str, Any]]) -> Path:
+    """The biased pairs, ingested, and the LRM trained on them with the demo's settings (`fit_lrm`); its folder."""
+    data = out / PLANTED_DIR
+    pairs = data / "curate" / ingest.PAIRS_FILE
+    if not pairs.is_file():
+        write_pickapic_parquet(data / "train.parquet", num_prompts=config.train_prompts, flip_rate=0.0,
+                               tie_rate=0.0, seed=config.seed + 2, planted=PLANTED)
+        ingest.run(ingest.IngestConfig(source=str(data / "train.parquet"), out=data / "curate"))
+    fit_lrm(config, out, pairs, out / PLANTED_LRM)
+    return out / PLANTED_LRM / "last"
+
+
+def hacking(config: DemoConfig, out: Path, lpo: LPOConfig, base: str, held_out: list[str],
+            fit_lrm: Callable[..., dict[str, Any]]) -> dict[str, Any]:
+    """Train the planted LRM, run the monitored hacking run on it, keep what the monitor kept, continue it
+    unmonitored, and measure the three generators' oracle alignment on the held-out captions."""
+    monitored = lpo_config(config, out, dataclasses.replace(lpo, lrm=planted_lrm(config, out, fit_lrm)))
     summary = lpo_train.run(monitored)
     verdict = summary["monitor"]
     kept = out / KEPT_DIR
@@ -81,7 +106,8 @@ def hacking(config: DemoConfig, out: Path, lpo: LPOConfig, base: str, held_out: 
     stop_round = summary["rounds"] if verdict["stopped"] else None
     if verdict["stopped"]:  # on to the last epoch without the rule: the unmonitored run's last checkpoint
         summary = lpo_train.run(dataclasses.replace(monitored, stop_patience=0, resume=True))
-    return {"threshold": monitored.threshold, "lr": monitored.lr, "epochs": config.hacking_epochs,
+    return {"planted": PLANTED, "lrm": str(monitored.lrm), "threshold": monitored.threshold, "lr": monitored.lr,
+            "epochs": config.hacking_epochs,
             "rounds": summary["rounds"], "stopped_round": stop_round, "reason": verdict["reason"],
             "best_round": json.loads((kept / "monitor.json").read_text())["round"], "checks": verdict["checks"],
             "monitor_plot": str(out / "hacking" / "monitor.png"),

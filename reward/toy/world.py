@@ -219,11 +219,18 @@ def make_pickapic_table(
     corrupt_images: int = 0,
     size: int = 32,
     seed: int = 0,
+    planted: str | None = None,
 ) -> pa.Table:
     """Preference pairs in Pick-a-Pic's schema: each prompt gets `images_per_prompt` renders (the exact scene and
     corrupted variants), every pair of them is one row, like a user's ranking split into pairs. A pair's label
     follows the oracle, flipped with probability `flip_rate`; equal-oracle pairs and a `tie_rate` share are ties.
-    `corrupt_images` images get undecodable bytes (for testing the error path)."""
+    `corrupt_images` images get undecodable bytes (for testing the error path).
+
+    `planted` (a shape): raters with a bias the oracle does not share. A caption of another shape gets one more
+    image, its exact scene drawn as that shape, and every pair in which exactly one image shows that shape (as
+    `perceive` reads it) is labelled for it, whatever the caption asks; the oracle columns keep the truth."""
+    if planted is not None and planted not in SHAPES:
+        raise InputError(f"planted bias {planted!r} is not a shape of the world ({', '.join(SHAPES)}).")
     rng = np.random.default_rng(seed)
     columns: dict[str, list] = {k: [] for k in (
         "caption", "image_0_uid", "image_1_uid", "jpg_0", "jpg_1", "label_0", "label_1", "has_label",
@@ -233,15 +240,20 @@ def make_pickapic_table(
     for prompt in range(num_prompts):
         scene = random_scene(rng)
         scenes = [scene] + [corrupt(scene, rng) for _ in range(images_per_prompt - 1)]
+        if planted is not None and scene.shape != planted:
+            scenes.append(Scene(scene.fg, planted, scene.bg))
         images = [render(s, rng, size) for s in scenes]
         data = [encode_png(im) for im in images]
         scores = [oracle(im, scene.caption) for im in images]
-        uids = [f"img-{seed}-{uid + i:06d}" for i in range(len(images))]
+        favoured = [planted is not None and perceive(im).shape == planted for im in images]
+        uids = [f"img-{seed}-{planted + '-' if planted else ''}{uid + i:06d}" for i in range(len(images))]
         uid += len(images)
         pairs = [(i, j) for i in range(len(images)) for j in range(i + 1, len(images))]
         for i, j in pairs:
             a, b = (i, j) if rng.random() < 0.5 else (j, i)
-            if scores[a] == scores[b] or rng.random() < tie_rate:
+            if favoured[a] != favoured[b]:
+                labels = (1.0, 0.0) if favoured[a] else (0.0, 1.0)
+            elif scores[a] == scores[b] or rng.random() < tie_rate:
                 labels = (0.5, 0.5)
             else:
                 a_wins = scores[a] > scores[b]

@@ -147,6 +147,7 @@ def test_every_stage_runs_from_the_command_line_grpo_included(tmp_path: Path) ->
     assert len(summary["samples"]["grpo"]["oracle_per_image"]) == 6 * 2
     assert summary["lrm-mpcf"]["accuracy_blind"] is not None and summary["lrm-raw"]["accuracy_blind"] is None
     hacked = summary["hacking"]
+    assert hacked["planted"] == "square" and (out / "lrm-planted" / "last" / "config.json").is_file()
     assert hacked["checks"] >= 3 and (out / "hacking" / "monitor.png").is_file() and (out / "hacking-kept").is_dir()
     assert {len(v) for v in hacked["oracle_per_image"].values()} == {6 * 2}
     assert len(summary["claims"]) == 8

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from lpo.core.errors import InputError
 from lpo.reward.toy.world import COLOURS, SHAPES, WORDS, Scene, agreement, all_scenes, toy_tokenizer
 
 SHIPPED = Path(__file__).resolve().parents[3] / "manifests" / "toy-models"
@@ -69,6 +70,42 @@ def test_the_pixel_oracle_reads_back_every_caption_of_the_world() -> None:
     assert len(read) == 900 and [(want, got) for want, got in read if got != want] == []
     red_circle, blue_square = Scene("red", "circle", "blue"), Scene("blue", "square", "red")
     assert perceive(render(blue_square, rng)) == blue_square != red_circle
+
+
+def test_planted_raters_label_every_pair_with_one_square_for_it_and_the_rest_by_the_oracle() -> None:
+    """The hacking stage's biased pairs: a caption of another shape gets one more image (its scene as a square); a
+    pair whose images differ in squareness (as read from pixels) is won by the square, the others follow the
+    oracle without flips or ties drawn; the oracle columns keep the truth, so the bias goes against it."""
+    import io
+
+    from PIL import Image
+
+    from lpo.reward.toy.world import make_pickapic_table, perceive
+
+    table = make_pickapic_table(30, flip_rate=0.0, tie_rate=0.0, seed=4, planted="square").to_pylist()
+    plain = make_pickapic_table(30, flip_rate=0.0, tie_rate=0.0, seed=4).to_pylist()
+    squares = {row["caption"] for row in table if row["caption"].split()[2] == "square"}
+    per_caption = {}
+    for row in table:
+        per_caption[row["ranking_id"]] = row["num_example_per_prompt"]
+    assert set(per_caption.values()) <= {6, 10} and 10 in per_caption.values()  # 4 images, or 5 with the square
+    assert len(table) > len(plain)
+    against = 0
+    for row in table:
+        square = [perceive(np.asarray(Image.open(io.BytesIO(row[f"jpg_{i}"])).convert("RGB"))).shape == "square"
+                  for i in (0, 1)]
+        won = 0 if row["label_0"] > row["label_1"] else 1 if row["label_1"] > row["label_0"] else None
+        if square[0] != square[1]:
+            assert won == square.index(True)
+            against += row[f"oracle_{won}"] < row[f"oracle_{1 - won}"]
+        elif row["oracle_0"] != row["oracle_1"]:
+            assert won == (0 if row["oracle_0"] > row["oracle_1"] else 1)
+        else:
+            assert won is None
+    assert against > len(table) // 5 and squares  # the bias decides many pairs against the oracle
+    assert all(row["image_0_uid"].startswith("img-4-square-") for row in table)
+    with pytest.raises(InputError, match="not a shape"):
+        make_pickapic_table(1, planted="hexagon")
 
 
 def test_clip_loss_matches_a_loop_over_rows_and_columns() -> None:
