@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 
@@ -16,3 +17,12 @@ def pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig: Any, path: Path, rect: tuple[float, float, float, float] | None = None) -> Path:
+    """Lay `fig` out (within `rect`, when given), write it to `path` (its folder made) at 100 dpi, close it."""
+    fig.tight_layout(**({"rect": rect} if rect else {}))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    pyplot().close(fig)
+    return Path(path)

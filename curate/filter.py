@@ -13,7 +13,7 @@ from lpo.core import config as cfg
 from lpo.core import rundir
 from lpo.core.errors import InputError
 from lpo.core.files import write_text_atomic
-from lpo.core.plots import pyplot
+from lpo.core.plots import pyplot, save_figure
 from lpo.curate import ingest, mpcf, score
 from lpo.curate.config import FilterConfig
 from lpo.curate.manifest import (
@@ -163,8 +163,4 @@ def plot_gaps(scored: pl.DataFrame, rule: mpcf.Rule, path: Path) -> Path:
         ax.set_xlabel("gap")
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel("labelled pairs")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

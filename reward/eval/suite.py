@@ -24,7 +24,7 @@ from lpo.core import rundir
 from lpo.core.config import _read_config_file, to_dict
 from lpo.core.errors import InputError
 from lpo.core.files import write_text_atomic
-from lpo.core.plots import pyplot
+from lpo.core.plots import pyplot, save_figure
 from lpo.core.shipped import resolve_shipped, shipped
 from lpo.reward.backbones import family_of
 from lpo.reward.eval import run as evaluation
@@ -288,7 +288,4 @@ def plot_table(table: dict[str, Any], path: Path) -> Path:
         handles.append(plt.Line2D([], [], marker="x", color="tab:red", linestyle="", label="paper"))
     fig.legend(handles=handles, loc="lower center", ncol=2, frameon=False)
     fig.suptitle(table["title"])
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, rect=(0, 0.08, 1, 1))

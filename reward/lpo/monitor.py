@@ -30,7 +30,7 @@ from accelerate.utils import broadcast_object_list
 from lpo.core import config as cfg
 from lpo.core.errors import InputError
 from lpo.core.parts import RecordLog
-from lpo.core.plots import pyplot
+from lpo.core.plots import pyplot, save_figure
 from lpo.curate.prompts import read_prompts
 from lpo.curate.scorers import load_scorer
 from lpo.reward.eval.score import resolve_metric_specs
@@ -290,8 +290,4 @@ def plot(rows: Sequence[dict[str, Any]], metrics: Sequence[str], verdict: Verdic
         ax.set_xlabel("round")
         if not math.isnan(values[0]) and ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

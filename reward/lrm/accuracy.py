@@ -17,7 +17,7 @@ from PIL import Image
 
 from lpo.core.device import resolve_device
 from lpo.core.errors import InputError
-from lpo.core.plots import pyplot
+from lpo.core.plots import pyplot, save_figure
 from lpo.curate.ingest import PAIRS_FILE, IngestConfig
 from lpo.curate.ingest import run as ingest
 from lpo.curate.manifest import curation_dir_of, read_pairs
@@ -135,11 +135,7 @@ def plot_accuracy(curves: dict[str, dict[float, float]], path: Path, title: str 
     ax.set_ylim(0, 1)
     ax.set_title(title)
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def evaluation_sets(config: RewardEvalConfig, out: Path) -> dict[str, Path]:

@@ -34,7 +34,7 @@ from lpo.core.device import resolve_device
 from lpo.core.errors import InputError
 from lpo.core.files import write_json_atomic
 from lpo.core.parts import Parts, stem_key
-from lpo.core.plots import pyplot
+from lpo.core.plots import pyplot, save_figure
 from lpo.core.refs import weight_args
 from lpo.curate.manifest import curation_dir_of, read_pairs
 from lpo.curate.scorers import load_scorer
@@ -203,11 +203,7 @@ def plot(summary: dict[str, dict[str, Any]], path: Path, sigma: bool) -> Path:
     ax.set_ylim(0, 1)
     ax.set_title("reward models per noise level (95% intervals)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def run(config: RewardCompareConfig) -> dict[str, Any]:

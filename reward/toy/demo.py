@@ -46,7 +46,7 @@ from lpo.core import config as cfg
 from lpo.core import rundir
 from lpo.core.errors import InputError
 from lpo.core.parts import run_stages
-from lpo.core.plots import pyplot
+from lpo.core.plots import pyplot, save_figure
 from lpo.core.shipped import resolve_shipped
 from lpo.curate import filter as curate_filter
 from lpo.curate import ingest
@@ -480,7 +480,4 @@ def figure(summary: dict[str, Any], path: Path) -> Path:
         ax.set_yticklabels([c.removeprefix("a ").replace(" background", "") for c in captions] if ax is axes[1]
                            else [], fontsize=7)
         ax.tick_params(length=0)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
