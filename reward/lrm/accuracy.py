@@ -39,6 +39,11 @@ def usable_pairs(pairs: pl.DataFrame) -> pl.DataFrame:
     return pairs.filter(pl.col("winner").is_not_null() | pl.col("is_tie"))
 
 
+def manifest_labels(pairs: pl.DataFrame) -> torch.Tensor:
+    """Soft labels [pairs, 2] of a manifest's pairs (`pair_labels` of its winner and tie columns)."""
+    return pair_labels(torch.tensor(pairs["winner"].fill_null(-1).to_list()), torch.tensor(pairs["is_tie"].to_list()))
+
+
 @torch.no_grad()
 def pair_noise(seed: int, t: int, index: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """(posterior draw, forward-process noise), each [2, *shape] (image 0, image 1), of pair `index` at timestep
@@ -77,8 +82,7 @@ def accuracy_per_timestep(model: Any, cache: LatentCache, pairs: pl.DataFrame, n
     model_was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    labels_all = pair_labels(torch.tensor(pairs["winner"].fill_null(-1).to_list()),
-                             torch.tensor(pairs["is_tie"].to_list()))
+    labels_all = manifest_labels(pairs)
     to_latents = model.to_latents if to_latents is None else to_latents
     mine = list(range(rank, pairs.height, world))
     calls = math.ceil(math.ceil(pairs.height / world) / batch_size)  # the most chunks any process has

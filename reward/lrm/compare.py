@@ -43,11 +43,17 @@ from lpo.reward.backbones import get_family
 from lpo.reward.eval.score import resolve_metric_specs
 from lpo.reward.eval.stats import clustered_mean_ci
 from lpo.reward.images import to_pil
-from lpo.reward.lrm.accuracy import accuracy_per_timestep, default_timesteps, noised_pairs, usable_pairs
+from lpo.reward.lrm.accuracy import (
+    accuracy_per_timestep,
+    default_timesteps,
+    manifest_labels,
+    noised_pairs,
+    usable_pairs,
+)
 from lpo.reward.lrm.config import RewardCompareConfig
 from lpo.reward.lrm.latents import LatentCache, build_cache, only_encoded, pair_uids, vae_fingerprint
-from lpo.reward.lrm.loss import pair_labels, pairwise_correct
-from lpo.reward.lrm.model import LatentRewardModel, component, read_lrm_config, resolve_lrm
+from lpo.reward.lrm.loss import pairwise_correct
+from lpo.reward.lrm.model import RUN_SUBFOLDERS, LatentRewardModel, component, read_lrm_config, resolve_lrm
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +75,7 @@ def part_key(model: dict[str, Any]) -> str:
 def _lrm_name(path: Path) -> str:
     """A run's best/ or last/ is named with its run: lrm-sd15/best."""
     path = Path(path)
-    return f"{path.parent.name}/{path.name}" if path.name in ("best", "last") and path.parent.name else path.name
+    return f"{path.parent.name}/{path.name}" if path.name in RUN_SUBFOLDERS and path.parent.name else path.name
 
 
 def plan(config: RewardCompareConfig) -> dict[str, Any]:
@@ -137,8 +143,7 @@ def metric_accuracy(scorer: Any, vae: Any, scale: float, shift: float, cache: La
     """An image metric's correctness per timestep and pair (into `per_pair` [len(timesteps), pairs]): the pairs'
     latents noised as `accuracy_per_timestep` noises them (the denoiser's latent space: (z - shift) x scale),
     decoded by the VAE, scored against the caption."""
-    labels = pair_labels(torch.tensor(pairs["winner"].fill_null(-1).to_list()),
-                         torch.tensor(pairs["is_tie"].to_list()))
+    labels = manifest_labels(pairs)
     for start in range(0, pairs.height, batch_size):
         rows = list(range(start, min(start + batch_size, pairs.height)))
         chunk = pairs[rows]

@@ -226,7 +226,8 @@ def run(config: ServeConfig) -> None:
     plan = validate(config)
 
     verbose = logger.isEnabledFor(logging.DEBUG)
-    routes = bool(plan.specs) + (config.lrm is not None) + serves_drm(config, plan)
+    drm = serves_drm(config, plan)
+    routes = bool(plan.specs) + (config.lrm is not None) + drm
     with multiprocessing.Manager() as manager:
         registry, stats = manager.dict(), manager.dict()  # filled by the workers, read by GET /models and /stats
         shared = {"registry": registry, "stats": stats, "max_batch_size": config.max_batch_size,
@@ -240,7 +241,7 @@ def run(config: ServeConfig) -> None:
             litapis.append(apis.LatentScoreAPI(lrm=str(config.lrm), latent_shape=plan.latent_shape,
                                                num_timesteps=plan.num_timesteps, continuous=plan.continuous,
                                                **shared))
-        if serves_drm(config, plan):
+        if drm:
             litapis.append(apis.DRMScoreAPI(lrm=str(config.lrm), latent_shape=plan.latent_shape,
                                             num_timesteps=plan.num_timesteps, **shared))
         checks = {"token": plan.token, "max_bytes": int(config.max_request_mb * 2**20),
@@ -251,11 +252,11 @@ def run(config: ServeConfig) -> None:
         apis.add_routes(server.app, registry, stats, limits(config, plan),
                        expected={**{m: IMAGES_ROUTE for m in plan.specs},
                                  **({"lrm": LATENTS_ROUTE} if config.lrm is not None else {}),
-                                 **({"drm": DRM_ROUTE} if serves_drm(config, plan) else {})})
+                                 **({"drm": DRM_ROUTE} if drm else {})})
         shown = f"[{plan.host}]" if ":" in plan.host else plan.host
         logger.info("serving %s on http://%s:%d (%s, max batch %d, %s ms); routes %s", ", ".join(
             [*plan.specs, *(["lrm"] if config.lrm is not None else []),
-             *(["lrm (protocol v1)"] if serves_drm(config, plan) else [])]), shown, config.port, plan.accelerator,
+             *(["lrm (protocol v1)"] if drm else [])]), shown, config.port, plan.accelerator,
             config.max_batch_size, config.batch_timeout_ms, ", ".join(a.api_path for a in litapis))
         stop = _stop_on_signal(server, os.getpid())
         previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}

@@ -700,16 +700,8 @@ def test_an_sd3_lrm_is_served_at_its_sigma_timesteps(sd3_url: str, sd3_lrm) -> N
 def _drm_post(url: str, tensors: dict, version: str | None = "1",
               content_type: str = "application/octet-stream") -> tuple[int, dict]:
     """A protocol-v1 client written from the protocol: a safetensors body, the version header, one JSON answer."""
-    headers = {"content-type": content_type}
-    if version is not None:
-        headers["x-drm-protocol-version"] = version
-    request = urllib.request.Request(url + "/drm/v1/score", data=save(tensors), headers=headers, method="POST")
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(request, timeout=120) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
+    return _post(url + "/drm/v1/score", save(tensors), content_type,
+                 headers={} if version is None else {"x-drm-protocol-version": version})
 
 
 def _rollout(tiny_models_dir: Path, prompt: str, seed: int = 3) -> dict:
