@@ -153,6 +153,9 @@ class LPOConfig:
                                    "the LRM reward rose, or more than --stop-margin below their best); 0: never.")
     stop_margin: float = option(0.1, "How far below its best the held-out score may fall before a check counts as "
                                       "bad, in per-image standard deviations of the first check's scores.")
+    stop_noise: float = option(2.0, "How many standard errors of the paired per-image change (the same prompts and "
+                                    "seeds at every check) a fall must also exceed to count, below the previous "
+                                    "check or below the best (0: every fall counts).")
     preflight: bool | None = option(None, "Pre-flight checks on the first round's rollout before any update (stored "
                                           "dtypes, the on-policy ratio, the LoRA's reach, the steps that pass the "
                                           "threshold, the run's time): --preflight runs them and stops, "

@@ -7,10 +7,14 @@ metrics from the metric registry (default PickScore and HPSv2.1, where their wei
 with the LRM's own reward, and appends one row per check to `OUT/monitor.jsonl` (plot: `OUT/monitor.png`).
 
 The held-out score of a check is the mean over the metrics of (metric - first check's) / (first check's per-image
-std): each metric in units of its own spread, so metrics of different scales count alike. The stop rule
-(`judge`): a check is bad when the held-out score fell since the previous check while the LRM reward rose, or when
-it is more than `--stop-margin` below the best so far; `--stop-patience` bad checks in a row stop the run. The
-check with the best held-out score is kept in `OUT/best/` (the trainer saves it when the check is made).
+std): each metric in units of its own spread, so metrics of different scales count alike. Every check draws the
+same prompts with the same seeds, so two checks are compared image by image: each row keeps its per-image scores,
+and a fall counts only where it exceeds `--stop-noise` standard errors of the paired per-image differences (a
+check's images are few, and without this the rule fired on their noise). The stop rule (`judge`): a check is bad
+when the held-out score fell since the previous check while the LRM reward rose, or when it is more than
+`--stop-margin` below the best so far, each beyond the noise; `--stop-patience` bad checks in a row stop the run.
+The check with the best held-out score is kept in `OUT/best/` (the trainer saves it when the check is made), and
+the check at which the rule fired says so (`stopped` in its row), so a run continued past the stop still shows it.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ MONITOR_PLOT = "monitor.png"
 BEST_DIR = "best"
 HELD_OUT_SHARE = 10  # without --monitor-prompts, at most one training prompt in this many is held out
 DEFAULT_METRICS = ("pickscore", "hpsv21")
+PER_IMAGE = "_per_image"  # a row's per-image scores of a metric: f"{metric}{PER_IMAGE}"
 
 
 @dataclass(frozen=True)
@@ -64,21 +69,43 @@ def held_out_score(row: dict[str, Any], first: dict[str, Any], metrics: Sequence
     return float(np.mean([(row[m] - first[m]) / max(first[f"{m}_std"], 1e-12) for m in metrics]))
 
 
-def judge(rows: Sequence[dict[str, Any]], metrics: Sequence[str], patience: int, margin: float) -> Verdict:
+def per_image_scores(row: dict[str, Any], first: dict[str, Any], metrics: Sequence[str]) -> np.ndarray | None:
+    """Each image's held-out score (the mean over `metrics` of (its score - first's mean) / first's std), whose mean
+    is `held_out_score`; None for a row without per-image scores (a check made before they were kept)."""
+    if not all(f"{m}{PER_IMAGE}" in row for m in metrics):
+        return None
+    return np.mean([(np.asarray(row[f"{m}{PER_IMAGE}"], dtype=np.float64) - first[m]) / max(first[f"{m}_std"], 1e-12)
+                    for m in metrics], axis=0)
+
+
+def change_noise(after: np.ndarray | None, before: np.ndarray | None) -> float:
+    """The standard error of the mean of the paired per-image differences `after - before` (the same prompts and
+    seeds at both checks); 0 where either check lacks per-image scores or they do not pair."""
+    if after is None or before is None or after.shape != before.shape or after.size < 2:
+        return 0.0
+    return float(np.std(after - before, ddof=1) / np.sqrt(after.size))
+
+
+def judge(rows: Sequence[dict[str, Any]], metrics: Sequence[str], patience: int, margin: float,
+          noise: float = 0.0) -> Verdict:
     """The stop rule over the checks `rows` (one per round, in round order). A check after the first is bad when its
-    held-out score is below the previous check's while the LRM reward is above it, or when the score is more than
-    `margin` below the best before it; `patience` bad checks in a row stop the run (0: never). Without a held-out
-    metric there is no best check and no stop."""
+    held-out score is below the previous check's by more than `noise` standard errors of their paired per-image
+    difference while the LRM reward is above it, or when the score is more than `margin` below the best before it and
+    that fall too is more than `noise` standard errors (paired with the best check); `patience` bad checks in a row
+    stop the run (0: never). Rows without per-image scores count every fall (no noise). Without a held-out metric there
+    is no best check and no stop."""
     if not rows or not metrics:
         return Verdict(None, None, {}, 0, False, None)
     first = rows[0]
     scores = {row["round"]: held_out_score(row, first, metrics) for row in rows}
+    images = {row["round"]: per_image_scores(row, first, metrics) for row in rows}
     best_round, best = rows[0]["round"], scores[rows[0]["round"]]
     streak, reasons = 0, []
     for previous, row in zip(rows, rows[1:]):
         score, before = scores[row["round"]], scores[previous["round"]]
-        hacked = score < before and row["lrm_reward"] > previous["lrm_reward"]
-        sunk = best - score > margin
+        fell = before - score > noise * change_noise(images[row["round"]], images[previous["round"]])
+        hacked = fell and row["lrm_reward"] > previous["lrm_reward"]
+        sunk = best - score > max(margin, noise * change_noise(images[row["round"]], images[best_round]))
         streak = streak + 1 if hacked or sunk else 0
         reasons = reasons + [(row["round"], hacked, sunk)] if streak else []
         if score > best:
@@ -124,7 +151,8 @@ def check_monitor(config: LPOConfig, prompts: list[str]) -> tuple[list[str], lis
         ("monitor_held_out", config.monitor_held_out >= 1, ">= 1"),
         ("monitor_images", config.monitor_images >= 1, ">= 1"),
         ("stop_patience", config.stop_patience >= 0, ">= 0 (0: never stop)"),
-        ("stop_margin", config.stop_margin >= 0, ">= 0"))])
+        ("stop_margin", config.stop_margin >= 0, ">= 0"),
+        ("stop_noise", config.stop_noise >= 0, ">= 0 (0: every fall counts)"))])
     if config.monitor_prompts is not None and not Path(config.monitor_prompts).exists():
         raise InputError(f"--monitor-prompts {config.monitor_prompts} does not exist; pass a prompt file (.txt, "
                          ".json or a manifest with `caption`).")
@@ -184,7 +212,8 @@ class Monitor:
 
     def verdict(self) -> Verdict:
         rows = self.rows()
-        return judge(rows, self.common(rows), self.config.stop_patience, self.config.stop_margin)
+        return judge(rows, self.common(rows), self.config.stop_patience, self.config.stop_margin,
+                     self.config.stop_noise)
 
     @torch.no_grad()
     def check(self, model: Any, policy: Any, lrm: Any, round_index: int, updates: int) -> dict[str, Any]:
@@ -209,7 +238,11 @@ class Monitor:
             scores = np.asarray(scorer.score(images, prompts), dtype=np.float64)
             row[metric] = float(scores.mean())
             row[f"{metric}_std"] = float(scores.std(ddof=1)) if len(scores) > 1 else 0.0
+            row[f"{metric}{PER_IMAGE}"] = [round(float(v), 6) for v in scores]
         row["seconds"] = round(time.perf_counter() - started, 2)
+        rows = self.rows() + [row]
+        row["stopped"] = judge(rows, self.common(rows), self.config.stop_patience, self.config.stop_margin,
+                               self.config.stop_noise).stop  # kept in the row: a continued run still shows the stop
         with self.log.appending() as append:
             append([row])
         rows = self.rows()
@@ -271,7 +304,7 @@ class Watch:
 
 def plot(rows: Sequence[dict[str, Any]], metrics: Sequence[str], verdict: Verdict, path: Path) -> Path:
     """One panel per series over the rounds (the LRM reward, then each held-out metric, and the held-out score);
-    the best check marked, and the stop where the rule fired."""
+    the best check marked, and the stop where the rule fired (also when the run was continued past it)."""
     plt = pyplot()
     series = [("lrm_reward", "LRM reward (trained on)")] + [(m, f"held-out {m}") for m in metrics]
     if verdict.scores:
@@ -284,8 +317,8 @@ def plot(rows: Sequence[dict[str, Any]], metrics: Sequence[str], verdict: Verdic
         if verdict.best_round is not None:
             ax.axvline(verdict.best_round, color="tab:green", linestyle="--",
                        label=f"best (round {verdict.best_round})")
-        if verdict.stop:
-            ax.axvline(rounds[-1], color="black", linestyle=":", label="stopped")
+        for stop in [row["round"] for row in rows if row.get("stopped")] or ([rounds[-1]] if verdict.stop else []):
+            ax.axvline(stop, color="black", linestyle=":", label=f"stopped (round {stop})")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("round")
         if not math.isnan(values[0]) and ax.get_legend_handles_labels()[0]:

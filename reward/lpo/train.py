@@ -56,7 +56,7 @@ logger = logging.getLogger(__name__)
 
 RESUMABLE_FIELDS = {"resume", "epochs", "save_every_rounds", "log_with", "device", "merge", "timeout_minutes",
                     "dry_run", "processes", "sharding", "gpu_memory_gb", "monitor_every", "stop_patience",
-                    "stop_margin"}
+                    "stop_margin", "stop_noise"}
 CONFIG_FILE = "lpo_config.json"
 
 

@@ -56,6 +56,56 @@ def test_metrics_count_in_units_of_their_own_spread() -> None:
     assert judge(rows, [], 3, 1.0) == Verdict(None, None, {}, 0, False, None)  # no held-out metric: no verdict
 
 
+def _paired(means: list[float], spread: list[float], reward: list[float], n: int = 16) -> list[dict]:
+    """Checks whose per-image scores are a fixed pattern (std 1) plus the check's mean plus a per-image wobble of
+    size spread[check]: the same images at every check, as the monitor's fixed prompts and seeds give."""
+    rng = np.random.default_rng(0)
+    pattern = rng.standard_normal(n)
+    pattern = (pattern - pattern.mean()) / pattern.std(ddof=1)
+    rows = []
+    for r, (mean, wobble, w) in enumerate(zip(means, spread, reward, strict=True)):
+        noise = rng.standard_normal(n) * wobble
+        images = pattern + mean + noise - noise.mean()  # the check's mean stays exactly `mean`
+        rows.append({"round": r, "lrm_reward": w, "pick": float(images.mean()), "pick_std": float(images.std(ddof=1)),
+                     "pick_per_image": images.tolist()})
+    return rows
+
+
+def test_a_fall_counts_only_beyond_the_noise_of_the_paired_per_image_change() -> None:
+    rows = _paired([0.0, -0.1, -0.2, -0.3], [0.0, 0.5, 0.5, 0.5], [1.0, 1.1, 1.2, 1.3])
+    first = rows[0]
+    # an independent reading: each fall of 0.1 (in the first check's std) against twice its paired standard error
+    for before, after in zip(rows, rows[1:]):
+        d = (np.asarray(after["pick_per_image"]) - np.asarray(before["pick_per_image"])) / first["pick_std"]
+        assert d.std(ddof=1) / np.sqrt(d.size) > 0.05  # 0.1 is within 2 standard errors: noise
+    assert not judge(rows, ["pick"], patience=3, margin=10.0, noise=2.0).stop
+    assert judge(rows, ["pick"], patience=3, margin=10.0, noise=0.0).stop  # every fall counts: the old rule
+    # the same falls with a small wobble are beyond the noise: three bad checks in a row
+    quiet = _paired([0.0, -0.1, -0.2, -0.3], [0.0, 0.01, 0.01, 0.01], [1.0, 1.1, 1.2, 1.3])
+    verdict = judge(quiet, ["pick"], patience=3, margin=10.0, noise=2.0)
+    assert verdict.stop and "fell at 3 checks in a row (rounds 1-3)" in verdict.reason
+
+
+def test_sinking_below_the_best_counts_past_the_margin_and_beyond_the_noise() -> None:
+    # the best is round 1 (+0.5); rounds 2-4 sit 0.4 below it, past the 0.1 margin, with a per-image wobble whose
+    # paired standard error against round 1 is about 0.25: 0.4 < 2 x 0.25 is noise, 0.4 > 2 x 0.01 is not
+    noisy = _paired([0.0, 0.5, 0.1, 0.1, 0.1], [0.0, 0.0, 1.0, 1.0, 1.0], [1.0, 0.9, 0.8, 0.7, 0.6])
+    se = [np.std(np.subtract(row["pick_per_image"], noisy[1]["pick_per_image"]), ddof=1) / 4.0 for row in noisy[2:]]
+    assert all(s > 0.2 for s in se)
+    assert not judge(noisy, ["pick"], patience=3, margin=0.1, noise=2.0).stop
+    quiet = _paired([0.0, 0.5, 0.1, 0.1, 0.1], [0.0, 0.0, 0.01, 0.01, 0.01], [1.0, 0.9, 0.8, 0.7, 0.6])
+    verdict = judge(quiet, ["pick"], patience=3, margin=0.1, noise=2.0)
+    assert verdict.stop and verdict.best_round == 1 and "more than 0.1" in verdict.reason
+    # beyond the noise but within the margin: not bad
+    assert not judge(quiet, ["pick"], patience=3, margin=0.5, noise=2.0).stop
+
+
+def test_rows_without_per_image_scores_count_every_fall() -> None:
+    rows = _paired([0.0, -0.1, -0.2, -0.3], [0.0, 0.5, 0.5, 0.5], [1.0, 1.1, 1.2, 1.3])
+    bare = [{k: v for k, v in row.items() if k != "pick_per_image"} for row in rows]  # checks of an older run
+    assert judge(bare, ["pick"], patience=3, margin=10.0, noise=2.0).stop
+
+
 def test_held_out_prompts_are_drawn_out_of_training_seeded(tmp_path: Path) -> None:
     prompts = [f"prompt {i}" for i in range(50)]
     config = LPOConfig(seed=1)
@@ -113,6 +163,10 @@ def test_a_monitored_run_checks_every_round_and_keeps_the_best_check(tiny_models
     assert (out / "best" / "merged_unet" / "config.json").is_file()  # --merge merges the best check's LoRA too
     assert summary["outputs"]["best_merged_unet"] == str(out / "best" / "merged_unet")
     assert all(row["pickscore_std"] > 0 and np.isfinite(row["lrm_reward"]) for row in rows)
+    for row in rows:  # each image's score, kept for the paired comparison of checks (2 prompts x 2 images)
+        assert len(row["pickscore_per_image"]) == 4
+        assert np.mean(row["pickscore_per_image"]) == pytest.approx(row["pickscore"], abs=1e-5)
+        assert np.std(row["pickscore_per_image"], ddof=1) == pytest.approx(row["pickscore_std"], abs=1e-5)
     monitored = summary["monitor"]
     first = rows[0]
     scores = {row["round"]: (row["pickscore"] - first["pickscore"]) / first["pickscore_std"] for row in rows}
@@ -162,6 +216,10 @@ def test_a_scripted_fall_stops_the_run_at_the_kth_bad_check(tiny_models_dir, lrm
     again = lpo_train.run(_config(tiny_models_dir, lrms, prompt_file, held, out, epochs=8, stop_patience=3,
                                   stop_margin=0.25, resume=True))
     assert again["rounds"] == 4 and len(_rows(out)) == 5  # the rule still says stop: nothing trained, no new check
+    # continued past the stop without the rule (as the demo's hacking stage does): the check that fired keeps saying so
+    lpo_train.run(_config(tiny_models_dir, lrms, prompt_file, held, out, epochs=6, stop_patience=0, stop_margin=0.25,
+                          resume=True))
+    assert [row["stopped"] for row in _rows(out)] == [False, False, False, False, True, False, False]
 
 
 def test_a_resumed_run_continues_the_monitor_without_repeating_a_check(tiny_models_dir, lrms, prompt_file, held,
