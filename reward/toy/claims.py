@@ -92,11 +92,17 @@ def evidence(results: dict[str, Any]) -> dict[str, Any]:
     curate = results["curate"]
     hacking = results.get("hacking")
     if hacking is not None:  # the same captions and seeds as the samples stage
-        hacking = hacking | {name: per_caption(values, n) for name, values in hacking["oracle_per_image"].items()}
+        hacking = hacking_evidence(hacking, n)
     return {"hacking": hacking, "curate": {"agree": np.asarray(curate["raw"]["per_pair_agree"], dtype=np.float64),
                        "kept": np.asarray(curate["raw"]["per_pair_kept"], dtype=bool),
                        "kept_share": curate["kept_share"]},
             "lrm": lrm, "generators": generators}
+
+
+def hacking_evidence(hacking: dict[str, Any], images_per_prompt: int) -> dict[str, Any]:
+    """The hacking stage's result with each generator's oracle alignment per caption (`base`, `kept`, `last`)."""
+    return hacking | {name: per_caption(values, images_per_prompt)
+                      for name, values in hacking["oracle_per_image"].items()}
 
 
 def claims(evidence: dict[str, Any], family: str = "sd15") -> list[dict[str, Any]]:
@@ -142,17 +148,21 @@ def claims(evidence: dict[str, Any], family: str = "sd15") -> list[dict[str, Any
         before, after = base[key].mean(), generators[variant][key].mean()
         measured = f"{before:.{digits}f} {names[0]} -> {after:.{digits}f} {names[1]}"
         out.append(_claim(text, measured, diff.mean(), mean_interval(diff), unit, scale))
-    hacking = evidence.get("hacking")
-    if hacking is not None:
-        diff = hacking["kept"] - hacking["last"]
-        stop = f"stopped at round {hacking['stopped_round']}" if hacking["stopped_round"] is not None else \
-            "not stopped"
-        claim = _claim("the held-out monitor stops a reward-hacking run (an LRM with a planted bias) and keeps a "
-                       "checkpoint with higher oracle alignment than the unmonitored run's last",
-                       f"{stop} of {hacking['rounds']} (best check round {hacking['best_round']}); base "
-                       f"{hacking['base'].mean():.3f}, kept {hacking['kept'].mean():.3f}, unmonitored last "
-                       f"{hacking['last'].mean():.3f}", diff.mean(), mean_interval(diff), "points", 100)
-        if hacking["stopped_round"] is None:  # a run the rule did not stop does not show the claim, whatever it kept
-            claim |= {"verdict": "no", "holds": False}
-        out.append(claim)
+    if evidence.get("hacking") is not None:
+        out.append(hacking_claim(evidence["hacking"]))
     return out
+
+
+def hacking_claim(hacking: dict[str, Any]) -> dict[str, Any]:
+    """The monitor's claim on the hacking stage's evidence (its result with per-caption `base`, `kept`, `last`): the
+    rule stopped the run, and the kept checkpoint's oracle alignment is above the unmonitored run's last one."""
+    diff = hacking["kept"] - hacking["last"]
+    stop = f"stopped at round {hacking['stopped_round']}" if hacking["stopped_round"] is not None else "not stopped"
+    claim = _claim("the held-out monitor stops a reward-hacking run (an LRM with a planted bias) and keeps a "
+                   "checkpoint with higher oracle alignment than the unmonitored run's last",
+                   f"{stop} of {hacking['rounds']} (best check round {hacking['best_round']}); base "
+                   f"{hacking['base'].mean():.3f}, kept {hacking['kept'].mean():.3f}, unmonitored last "
+                   f"{hacking['last'].mean():.3f}", diff.mean(), mean_interval(diff), "points", 100)
+    if hacking["stopped_round"] is None:  # a run the rule did not stop does not show the claim, whatever it kept
+        claim |= {"verdict": "no", "holds": False}
+    return claim

@@ -48,11 +48,11 @@ class DemoConfig:
                                   "planted bias (squares win, whatever the caption), then LPO on it with "
                                   "--hacking-lr for --hacking-epochs under the held-out monitor (the toy pickscore "
                                   "and clip as its metrics), continued past the monitor's stop; the checkpoint the "
-                                  "monitor kept against the unmonitored run's last (off by default: about 6 more "
+                                  "monitor kept against the unmonitored run's last (off by default: about 2-3 more "
                                   "minutes).")
-    hacking_epochs: int = option(30, "Epochs of the hacking run.")
-    hacking_lr: float = option(4e-3, "Learning rate of the hacking run (4x the demo's: the planted LRM's reward keeps "
-                                     "rising while the oracle alignment falls below the base's).")
+    hacking_epochs: int = option(6, "Epochs of the hacking run.")
+    hacking_lr: float = option(8e-3, "Learning rate of the hacking run (8x the demo's: the planted LRM's reward rises "
+                                     "while the oracle alignment falls far below the base's within a few epochs).")
     hacking_threshold: list[float] | None = option(None, "Thresholds of the hacking run (default: --lpo-threshold).")
     score_timestep: str = option("parent", "Timestep the LRM scores candidates at in LPO and guided sampling: "
                                            "parent or child.")

@@ -1,22 +1,25 @@
 """The demo's reward-hacking stage (`lpo demo --hacking`): the monitor of `lpo optimize` in a world with an oracle.
 
-A hacking run needs a reward with a flaw the policy can exploit. Here it is planted, so its cause is known: raters
-who favour squares (`PLANTED`). Each training caption of another shape gets one more image, its exact scene drawn as
-a square, and every pair in which exactly one image is a square is labelled for the square, whatever the caption
-asks; the other pairs follow the oracle (`make_pickapic_table(planted=...)`, seed + 2, no flips). An LRM trained on
-them with the demo's settings (`lrm-planted`) rewards squares. LPO then runs on it with four times the demo's
-learning rate (`--hacking-lr`) for `--hacking-epochs` under the held-out monitor, with the toy world's `pickscore`
-and `clip` scorers as the independent metrics (they never saw the biased labels), on training captions held out of
-the run, with the stop rule's defaults. When the rule stops it, the run is continued without the rule to its last
-epoch, as an unmonitored run would have gone on (the same checkpoints, so the same trajectory up to the stop). The
-demo's held-out captions (which neither the run nor the monitor saw) then measure the oracle alignment of the base,
-of the checkpoint the monitor kept and of the unmonitored run's last one, with the same seeds.
+A hacking run needs a reward with a flaw the policy can exploit. Here it is planted, so its cause is known: raters who
+favour squares (`PLANTED`). Each training caption of another shape gets one more image, its exact scene drawn as a
+square, and every pair in which exactly one image is a square is labelled for the square, whatever the caption asks;
+the other pairs follow the oracle (`make_pickapic_table(planted=...)`, seed + 2, no flips). An LRM trained on them with
+the demo's settings (`lrm-planted`) rewards squares. LPO then runs on it with eight times the demo's learning rate
+(`--hacking-lr`) for `--hacking-epochs` under the held-out monitor, with the toy world's `pickscore` and `clip` scorers
+as the independent metrics (they never saw the biased labels), on training captions held out of the run (x
+`MONITOR_IMAGES`), with the stop rule's defaults. When the rule stops it, the run is continued without the rule to its
+last epoch, as an unmonitored run would have gone on (the same checkpoints, so the same trajectory up to the stop). The
+demo's held-out captions (which neither the run nor the monitor saw) then measure the oracle alignment of the base, of
+the checkpoint the monitor kept and of the unmonitored run's last one, with the same seeds.
 
 Measured before the bias was planted: the demo's own LRM at the demo's rate did not hack (the paper's SD1.5
 thresholds, 0.35-0.5, after 30 and 40 epochs: oracle 0.632 and 0.676 against the base's 0.630), and at 4x the rate
 the policy swung by up to 12 oracle points from one epoch to the next, so the check the monitor kept was no better
 than the last (0.574 against 0.612). A bias planted in only the pairs that happen to hold one square (9% of the
 MPCF-kept pairs relabelled) moved the policy too little at the demo's rate (kept 0.642, last 0.622, base 0.630).
+With the planted bias, four times the demo's rate took 30 epochs to fall 10-13 oracle points (kept - last +4.9
+[-0.8, +11.8] after 10 epochs, seed 0); eight times the rate falls 25-30 points within 5 epochs, so the stage and
+its claims test stay short.
 """
 
 from __future__ import annotations
@@ -48,6 +51,10 @@ PLANTED = "square"  # the planted raters' favourite shape
 PLANTED_DIR = "hacking-data"  # the biased pairs: train.parquet and its ingested curation folder
 PLANTED_LRM = "lrm-planted"
 MONITOR_METRICS = ["pickscore", "clip"]  # the toy world's scorers: independent of the LRM, trained on other data
+# images per held-out caption at each check: 7 captions x 16 = 112 images, about 3 s a check; with 4 (28 images) a
+# check's paired standard error (about 0.2 per-image std) was as large as the run's fall, and the noise-aware rule
+# could not tell it from noise
+MONITOR_IMAGES = 16
 
 
 def validate(config: DemoConfig) -> None:
@@ -64,7 +71,8 @@ def lpo_config(config: DemoConfig, out: Path, lpo: LPOConfig) -> LPOConfig:
     return dataclasses.replace(lpo, out=out / "hacking", threshold=list(config.hacking_threshold or lpo.threshold),
                                lr=config.hacking_lr, epochs=config.hacking_epochs, validation_images=0, monitor=True,
                                monitor_metrics=MONITOR_METRICS, monitor_models_dir=resolve_shipped(config.models),
-                               monitor_images=4, resume=lpo_train.latest_checkpoint(out / "hacking") is not None)
+                               monitor_images=MONITOR_IMAGES,
+                               resume=lpo_train.latest_checkpoint(out / "hacking") is not None)
 
 
 def oracle(config: DemoConfig, base: str, held_out: list[str], lora: str | None) -> list[float]:

@@ -1,6 +1,6 @@
-"""`lpo demo` on a reduced configuration: the paper's claims in miniature, each asserted by the lower end of its 95%
-interval (marked `slow`: the demo runs once, about 8 minutes on 2 CPU cores); every stage on a tiny budget from the
-command line, GRPO included, and the input checks (fast)."""
+"""`lpo demo --hacking` on a reduced configuration: the paper's claims in miniature and the monitor's, each asserted by
+the lower end of its 95% interval (marked `slow`: the demo runs once, about 7-10 minutes on 2 CPU cores); every stage
+on a tiny budget from the command line, GRPO included, and the input checks (fast)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ from lpo.reward.toy.config import DemoConfig
 
 SHIPPED = Path(__file__).resolve().parents[3] / "manifests" / "toy-models"
 # The demo's own budget (smaller budgets leave the LPO and backbone effects within seed noise), with a smaller
-# held-out pair set: about 7 minutes on 2 CPU cores.
-REDUCED = {"val_prompts": 100, "grpo": False}  # GRPO is reported, not claimed: the tiny-budget test runs its stage
+# held-out pair set, and the hacking stage at its own settings. GRPO is reported, not claimed: the tiny-budget test
+# runs its stage.
+REDUCED = {"val_prompts": 100, "grpo": False, "hacking": True}
 
 
 @pytest.fixture(scope="module")
@@ -91,13 +92,30 @@ def test_guided_sampling_and_lpo_improve_the_generator(demo_run) -> None:
 
 
 @pytest.mark.slow
+def test_the_monitor_stops_the_hacking_run_and_keeps_a_better_checkpoint(demo_run) -> None:
+    """The planted-bias LRM is exploited (its reward rises at the monitor's checks while the held-out metrics fall);
+    the rule stops the run before its last round and keeps a checkpoint above the unmonitored run's last in oracle
+    alignment. Seeds 0 / 1 (the stage alone, 6 epochs at 8e-3): stopped at round 9 / 15 of 18, kept round 0 / 0,
+    kept - last +17.9 [+7.6, +28.8] / +27.3 [+20.3, +34.4] oracle points."""
+    config, summary = demo_run
+    hacked = summary["hacking"]
+    assert hacked["stopped_round"] is not None and hacked["stopped_round"] < hacked["rounds"] == 3 * 6
+    rows = [json.loads(line) for line in (Path(config.out) / "hacking" / "monitor.jsonl").read_text().splitlines()]
+    stop = next(row for row in rows if row.get("stopped"))
+    assert stop["round"] == hacked["stopped_round"] and stop["lrm_reward"] > rows[0]["lrm_reward"]
+    assert stop["pickscore"] < rows[0]["pickscore"]  # the trained-on reward up, an independent metric down
+    kept = claim(summary, "the held-out monitor stops a reward-hacking run")
+    assert kept["verdict"] == "yes" and kept["interval"][0] > 0
+
+
+@pytest.mark.slow
 def test_report_files_and_claims(demo_run) -> None:
     config, summary = demo_run
     out = Path(config.out)
     assert {"demo.md", "demo.png", "demo_summary.json"} <= {p.name for p in out.iterdir()}
     saved = json.loads((out / "demo_summary.json").read_text())
     assert [c["verdict"] for c in saved["claims"]] == [c["verdict"] for c in summary["claims"]]
-    assert len(summary["claims"]) == 7
+    assert len(summary["claims"]) == 8  # the hacking stage's claim too
     text = (out / "demo.md").read_text()
     assert "| LRM (held-out pairs, accuracy) |" in text
     assert all(f"| {c['claim']} | {c['measured']} | {c['verdict']} |" in text for c in summary["claims"])
