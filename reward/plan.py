@@ -13,6 +13,16 @@ Activations: the sum of every leaf module's output in one forward (what autograd
 dtype; with gradient checkpointing, the checkpointed blocks' outputs plus the largest block's inside (recomputed
 one block at a time). The text encoders' activations, small next to the denoiser's, are not counted. It is an
 estimate: allocator slack and temporary buffers come on top.
+
+Compute: the same traced forward is counted by torch's FLOP counter (`torch.utils.flop_counter`: 2 FLOPs per
+multiply-add of every matmul, convolution and attention; elementwise work is not counted), per latent. A training
+forward costs 3x its forward where every weight trains (the forward, the gradients of the activations and of the
+weights), 2x where only a LoRA's do (the frozen weights need no weight gradients), and a frozen reference's forward 1x.
+An LRM update: 3x the LRM's forward on every latent of the effective batch. An LPO/GRPO round: sampling (each step one
+denoiser forward per prompt, both CFG halves, and the LRM on the K candidates) plus training (per item, the
+objective's forwards and the policy's backward; LPO trains at most one tuple per step and prompt, GRPO one group per
+step and prompt). Text encoders, the VAE, validation and monitor sampling are not counted. GPU-hours = FLOPs /
+(the GPU's dense bf16 peak x `--mfu`), summed over the processes; `--mfu` is an assumption, printed with the result.
 """
 
 from __future__ import annotations
@@ -27,6 +37,8 @@ import torch
 import transformers
 from accelerate import init_empty_weights
 from torch import nn
+from torch.utils import flop_counter
+from torch.utils.flop_counter import FlopCounterMode
 
 from lpo.core.errors import InputError
 from lpo.reward.backbones import pixel_resolution, read_subfolder_config
@@ -34,6 +46,21 @@ from lpo.reward.lrm.model import LatentRewardModel, read_lrm_config
 
 SHARDINGS = ("auto", "none", "zero2", "fsdp")
 GB = 1e9
+# dense bf16/fp16 tensor-core peaks, FLOP/s, without sparsity (A100 SXM; H100 and H200 SXM share one compute die)
+GPUS = {"a100": 312e12, "h100": 989e12, "h200": 989e12}
+# torch's counter knows the CUDA attention kernels; the CPU's own (which F.scaled_dot_product_attention calls there)
+# costs the same multiply-adds, so counts on the CPU agree with those on the meta device (where it decomposes)
+_CPU_ATTENTION = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+if _CPU_ATTENTION not in flop_counter.flop_registry:
+    @flop_counter.register_flop_formula(_CPU_ATTENTION)
+    def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    @flop_counter.register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward)
+    def _cpu_attention_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
+                                      **kwargs) -> int:
+        return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
 # the modules diffusers checkpoints one at a time under gradient checkpointing
 CHECKPOINTED = ("ResnetBlock2D", "Transformer2DModel", "DualTransformer2DModel",  # UNets
                 "JointTransformerBlock", "FluxTransformerBlock", "FluxSingleTransformerBlock")  # MMDiTs
@@ -46,6 +73,7 @@ class Plan:
     title: str
     rows: list[tuple[str, str]] = field(default_factory=list)
     total_bytes: float = 0.0
+    gpu_hours: float = 0.0
     warnings: list[str] = field(default_factory=list)
 
     def add(self, what: str, value: Any) -> None:
@@ -80,9 +108,10 @@ def count(module: nn.Module) -> tuple[int, int]:
     return trained, sum(p.numel() for p in module.parameters()) - trained
 
 
-def activation_bytes(module: nn.Module, forward: Callable[[], Any], element_bytes: int,
-                     checkpointing: bool) -> float:
-    """Bytes of the activations one `forward` leaves for backward (see the module docstring)."""
+def trace(module: nn.Module, forward: Callable[[], Any], element_bytes: int,
+          checkpointing: bool) -> tuple[float, float]:
+    """(bytes of the activations one `forward` leaves for backward, FLOPs of the forward); see the module
+    docstring."""
     totals = {"leaves": 0, "boundaries": 0, "largest": 0}
     inside: list[int] = []
 
@@ -108,14 +137,51 @@ def activation_bytes(module: nn.Module, forward: Callable[[], Any], element_byte
             hooks.append(sub.register_forward_hook(leaf))
         if type(sub).__name__ in CHECKPOINTED:
             hooks += [sub.register_forward_pre_hook(enter), sub.register_forward_hook(leave)]
+    counter = FlopCounterMode(display=False)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), counter:
             forward()
     finally:
         for hook in hooks:
             hook.remove()
     elements = totals["boundaries"] + totals["largest"] if checkpointing else totals["leaves"]
-    return float(elements * element_bytes)
+    return float(elements * element_bytes), float(counter.get_total_flops())
+
+
+def forward_flops(forward: Callable[[], Any]) -> float:
+    """FLOPs of one `forward`, counted by torch's FLOP counter (works on the meta device: shapes suffice)."""
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        forward()
+    return float(counter.get_total_flops())
+
+
+def flops(n: float) -> str:
+    """FLOPs in the largest unit that keeps a number >= 1: 3.2 TFLOP, 1.4 PFLOP, 2.1 EFLOP."""
+    for unit, scale in (("EFLOP", 1e18), ("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n:,.0f} FLOP"
+
+
+def check_time_settings(config: Any) -> float:
+    """The GPU's peak FLOP/s, after checking --gpu and --mfu (InputError, exit 2)."""
+    if config.gpu not in GPUS:
+        raise InputError(f"--gpu {config.gpu} is not one of {', '.join(GPUS)}.")
+    if not 0 < config.mfu <= 1:
+        raise InputError(f"--mfu {config.mfu} must be in (0, 1]: the share of the GPU's peak the run achieves.")
+    return GPUS[config.gpu]
+
+
+def time_rows(plan: Plan, total_flops: float, world: int, config: Any) -> None:
+    """The run's FLOPs turned into GPU-hours (all processes) and wall-clock hours at `world` processes."""
+    peak = GPUS[config.gpu]
+    hours = total_flops / (peak * config.mfu) / 3600
+    plan.gpu_hours = hours
+    plan.add("training FLOPs, whole run", flops(total_flops))
+    plan.add(f"GPU-hours on {config.gpu.upper()} at MFU {config.mfu:g} (assumed; --gpu, --mfu)",
+             f"{hours:,.1f} ({hours / world:,.1f} h wall-clock on {world} process(es); "
+             f"{config.gpu.upper()} dense bf16 peak {peak / 1e12:,.0f} TFLOP/s)")
 
 
 def memory_rows(plan: Plan, trained: int, frozen: int, frozen_bytes: int, world: int, sharding: str,
@@ -148,27 +214,19 @@ def lrm_plan(config: Any, family: Any, train_pairs: int, images: int, processes:
     """The plan of `lpo reward train`: the reward model on the meta device, one training micro-step traced."""
 
     world, sharding = launch_setup(processes, sharding)
-    backbone_class = family.lrm_backbone
-    components = backbone_class.components_from_base(config.base)
-    resolution = pixel_resolution(components[family.denoiser], config.base, config.vae)
-
-    def build() -> LatentRewardModel:
-        backbone = backbone_class.from_components(components, resolution, config.depth, config.base)
-        width = backbone.text_width if backbone.text_projected else backbone.projection_dim
-        return LatentRewardModel(family=family.name, base=config.base, taps=backbone.default_taps(),
-                                 projection_dim=width, resolution=resolution, components=components,
-                                 multi_scale=config.multi_scale, vfe_scale=config.vfe_scale, vfe_down=config.vfe_down,
-                                 latent_shape=list(backbone.latent_shape), depth=backbone.depth, backbone=backbone)
-
-    model = _meta(build)
+    check_time_settings(config)
+    model = meta_lrm(family, config.base, config.vae, config.depth, config.multi_scale, config.vfe_scale,
+                     config.vfe_down)
+    resolution = model.config.resolution
     trained, frozen = count(model)
     # frozen parts the reward model holds outside its module (SD3's text encoders), on every process
     frozen += sum(component_parameters(part) for part in model.backbone.external_components().values())
     half = config.mixed_precision in ("bf16", "fp16") or (config.mixed_precision == "auto")
     latents = 2 * config.batch_size * (2 if config.vfe_scale != 1.0 else 1)  # both images; VFE doubles the batch
-    activations = activation_bytes(model.backbone, lambda: model.backbone.trace(latents), 2 if half else 4,
-                                   config.gradient_checkpointing)
+    activations, forward = trace(model.backbone, lambda: model.backbone.trace(latents), 2 if half else 4,
+                                 config.gradient_checkpointing)
     effective = config.batch_size * config.grad_accum * world
+    per_update = 3 * forward / latents * (latents // config.batch_size) * effective  # every weight trains
     plan = Plan(f"lpo reward train --dry-run: {family.title} LRM, {world} process(es), sharding {sharding}")
     plan.add("base", config.base)
     plan.add("resolution / latent", f"{resolution} px / {list(model.config.latent_shape)}")
@@ -182,10 +240,32 @@ def lrm_plan(config: Any, family: Any, train_pairs: int, images: int, processes:
     plan.add("optimizer updates", f"{config.max_steps} ({config.max_steps * effective / max(train_pairs, 1):.2f} "
                                   f"epochs of {train_pairs:,} pairs)")
     plan.add("gradient checkpointing", "on" if config.gradient_checkpointing else "off")
+    plan.add("FLOPs of one LRM forward (one latent)", flops(forward / latents))
+    plan.add("training FLOPs per update (3x the forward, every latent of the effective batch)", flops(per_update))
+    time_rows(plan, per_update * config.max_steps, world, config)
     latent_bytes = 2 * 2 * int(torch.Size(model.config.latent_shape).numel())  # mean and std, float16
     plan.add("images to encode", f"{images:,} (those not in the cache yet)")
     plan.add("latent cache on disk", size(images * latent_bytes))
     return plan
+
+
+def meta_lrm(family: Any, base: str, vae: str | None = None, depth: int | None = None, multi_scale: bool = True,
+             vfe_scale: float = 7.5, vfe_down: bool = False) -> LatentRewardModel:
+    """The LRM `lpo reward train` would build from `base`, on the meta device (from its configs alone); its
+    `save_config(folder)` writes a config-only LRM that `--dry-run` plans read as the trained one."""
+    backbone_class = family.lrm_backbone
+    components = backbone_class.components_from_base(base)
+    resolution = pixel_resolution(components[family.denoiser], base, vae)
+
+    def build() -> LatentRewardModel:
+        backbone = backbone_class.from_components(components, resolution, depth, base)
+        width = backbone.text_width if backbone.text_projected else backbone.projection_dim
+        return LatentRewardModel(family=family.name, base=base, taps=backbone.default_taps(), projection_dim=width,
+                                 resolution=resolution, components=components, multi_scale=multi_scale,
+                                 vfe_scale=vfe_scale, vfe_down=vfe_down, latent_shape=list(backbone.latent_shape),
+                                 depth=backbone.depth, backbone=backbone)
+
+    return _meta(build)
 
 
 def lora_parameters(denoiser: nn.Module, targets: tuple[str, ...], rank: int) -> int:
@@ -231,12 +311,13 @@ def resolution_note(plan: Plan, asked: int | None, native: int) -> None:
                          f"{(asked / native) ** 2:.2f}x (more where attention is quadratic in the tokens)")
 
 
-def lpo_plan(config: Any, family: Any, rounds_per_epoch: Callable[[int], int], processes: int | None,
-             sharding: str) -> Plan:
+def lpo_plan(config: Any, family: Any, objective: Any, rounds_per_epoch: Callable[[int], int],
+             processes: int | None, sharding: str) -> Plan:
     """The plan of `lpo optimize <family>`: the denoiser on the meta device, one training forward traced;
-    `rounds_per_epoch(processes)` is the trainer's."""
+    `objective` the run's (its forwards per item), `rounds_per_epoch(processes)` the trainer's."""
 
     world, sharding = launch_setup(processes, sharding)
+    check_time_settings(config)
     if sharding == "fsdp":
         raise InputError("lpo optimize does not run under FSDP (its sampler runs the policy outside the training "
                          "wrapper); plan it with --sharding none or zero2.")
@@ -251,8 +332,8 @@ def lpo_plan(config: Any, family: Any, rounds_per_epoch: Callable[[int], int], p
     half = config.mixed_precision in ("fp16", "bf16") or config.mixed_precision == "auto"
     cfg = family.generator.classifier_free and config.guidance != 1.0
     batch = config.train_batch_size * (2 if cfg else 1)  # CFG runs both halves in one batch
-    activations = activation_bytes(denoiser, lambda: family.generator.trace(denoiser, batch), 2 if half else 4,
-                                   bool(config.gradient_checkpointing))
+    activations, forward = trace(denoiser, lambda: family.generator.trace(denoiser, batch), 2 if half else 4,
+                                 bool(config.gradient_checkpointing))
     plan = Plan(f"lpo optimize {family.name} --dry-run: {world} process(es), sharding {sharding}")
     plan.add("base", config.base)
     native = pixel_resolution(denoiser_config, config.base)
@@ -267,4 +348,32 @@ def lpo_plan(config: Any, family: Any, rounds_per_epoch: Callable[[int], int], p
                                    f"K = {config.candidates}")
     plan.add("rounds", f"{per_epoch} per epoch x {config.epochs} epochs = {per_epoch * config.epochs}")
     plan.add("gradient checkpointing", "on" if config.gradient_checkpointing else "off")
+    rounds = per_epoch * config.epochs
+    per_round = round_flops(config, forward / batch * (2 if cfg else 1), lrm_forward(config), objective)
+    plan.add("FLOPs of one denoiser forward (one latent, both CFG halves)",
+             flops(forward / batch * (2 if cfg else 1)))
+    plan.add("sampling FLOPs per round and process", flops(per_round["sampling"]))
+    plan.add("training FLOPs per round and process" + (" (at most: every step's pair passes the threshold)"
+                                                      if config.objective == "lpo" else ""),
+             flops(per_round["training"]))
+    time_rows(plan, (per_round["sampling"] + per_round["training"]) * rounds * world, world, config)
     return plan
+
+
+def lrm_forward(config: Any) -> float:
+    """FLOPs of the local LRM's scoring of one latent (twice with its feature guidance); 0 for a served LRM."""
+    if config.lrm is None:
+        return 0.0
+    lrm_config = {k: v for k, v in read_lrm_config(config.lrm).items() if not k.startswith("_")}
+    lrm = _meta(lambda: LatentRewardModel(**lrm_config))
+    guided = 2 if lrm.config.vfe_scale != 1.0 else 1
+    return guided * forward_flops(lambda: lrm.backbone.trace(1))
+
+
+def round_flops(config: Any, denoiser: float, lrm: float, objective: Any) -> dict[str, float]:
+    """FLOPs of one round on one process: `denoiser` is one denoiser forward on one latent with both CFG halves,
+    `lrm` the LRM's score of one latent (see the module docstring)."""
+    items = config.sample_batch_size * config.steps  # LPO: at most one tuple per step; GRPO: one group per step
+    backward = 1 if config.lora_rank > 0 else 2
+    return {"sampling": config.sample_batch_size * config.steps * (denoiser + config.candidates * lrm),
+            "training": items * denoiser * (objective.forwards(config) + backward)}

@@ -89,3 +89,15 @@ def test_the_check_builds_sd35_medium_at_512_px(gpu_check) -> None:
     assert sum(p.numel() for p in model.transformer.parameters()) / 1e9 == pytest.approx(2.243, abs=0.0005)
     lrm = gpu_check.reward_model(model)
     assert lrm.backbone.depth == 18 and len(lrm.backbone.transformer.transformer_blocks) == 18
+
+
+def test_the_compute_bench_plans_the_paper_recipe_beside_its_a100_hours(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("plan_compute", ROOT / "bench" / "plan_compute.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    text = module.main(["--only", "sd15", "--mfu", "0.5", "--out", str(tmp_path / "compute.md")])
+    row = next(line for line in text.splitlines() if line.startswith("| SD1.5 |")).strip("|").split("|")
+    lpo_hours, paper, ratio, agree = float(row[4].split()[0]), float(row[6]), float(row[7]), float(row[8])
+    assert paper == 23.0 and ratio == pytest.approx(lpo_hours / paper, abs=0.01)
+    assert agree == pytest.approx(0.5 * ratio, abs=0.01)  # the MFU at which plan and paper agree
+    assert (tmp_path / "compute.md").read_text() == text

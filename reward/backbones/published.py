@@ -1,7 +1,8 @@
-"""The published configs of the SD1.5, SDXL and SD3.5-Medium base pipelines (`sd-legacy/stable-diffusion-v1-5`,
-`stabilityai/stable-diffusion-xl-base-1.0`, `stabilityai/stable-diffusion-3.5-medium`): the architectures at their
-real size, for planning, tests and benchmarks without a download. `write_pipeline_configs` writes them as a
-config-only pipeline folder (no weights), which `--dry-run` reads as it would the real pipeline."""
+"""The published configs of the SD1.5, SDXL, SD3.5-Medium, SD3.5-Large and FLUX.1-dev base pipelines
+(`sd-legacy/stable-diffusion-v1-5`, `stabilityai/stable-diffusion-xl-base-1.0`,
+`stabilityai/stable-diffusion-3.5-medium`, `stabilityai/stable-diffusion-3.5-large`, `black-forest-labs/FLUX.1-dev`):
+the architectures at their real size, for planning, tests and benchmarks without a download. `write_pipeline_configs`
+writes them as a config-only pipeline folder (no weights), which `--dry-run` reads as it would the real pipeline."""
 
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ SD_VAE = {
 SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
              "beta_schedule": "scaled_linear", "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}
 FLOW_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+FLUX_SCHEDULER = {**FLOW_SCHEDULER, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
+                  "base_image_seq_len": 256, "max_image_seq_len": 4096}
 T5_XXL = {  # google/t5-v1_1-xxl's encoder: SD3's third text encoder, FLUX.1's second
     "architectures": ["T5EncoderModel"], "model_type": "t5", "vocab_size": 32128, "d_model": 4096, "d_ff": 10240,
     "d_kv": 64, "num_heads": 64, "num_layers": 24, "feed_forward_proj": "gated-gelu", "is_gated_act": True,
@@ -77,10 +80,34 @@ PIPELINES: dict[str, dict[str, Any]] = {
         "scheduler": FLOW_SCHEDULER,
     },
 }
+SD3_VAE = PIPELINES["sd35m"]["vae"]
+PIPELINES["sd35l"] = {  # SD3.5-Large: 38 joint blocks of 38 heads, none with the second (dual) attention
+    **PIPELINES["sd35m"],
+    "transformer": {
+        "_class_name": "SD3Transformer2DModel", "sample_size": 128, "patch_size": 2, "in_channels": 16,
+        "out_channels": 16, "num_layers": 38, "attention_head_dim": 64, "num_attention_heads": 38,
+        "joint_attention_dim": 4096, "caption_projection_dim": 2432, "pooled_projection_dim": 2048,
+        "pos_embed_max_size": 192, "dual_attention_layers": [], "qk_norm": "rms_norm",
+    },
+}
+PIPELINES["flux"] = {  # FLUX.1-dev: 19 double- and 38 single-stream blocks, guidance-distilled
+    "model_index": {"_class_name": "FluxPipeline"},
+    "transformer": {
+        "_class_name": "FluxTransformer2DModel", "patch_size": 1, "in_channels": 64, "num_layers": 19,
+        "num_single_layers": 38, "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 4096,
+        "pooled_projection_dim": 768, "guidance_embeds": True, "axes_dims_rope": [16, 56, 56],
+    },
+    "vae": {**SD_VAE, "latent_channels": 16, "sample_size": 1024, "scaling_factor": 0.3611, "shift_factor": 0.1159,
+            "use_quant_conv": False, "use_post_quant_conv": False},
+    "text_encoder": CLIP_L_TEXT,
+    "text_encoder_2": T5_XXL,
+    "scheduler": FLUX_SCHEDULER,
+}
 
 
 def write_pipeline_configs(family: str, out: str | Path) -> Path:
-    """A pipeline folder holding the published configs of `family` (sd15, sdxl or sd35m) and no weights."""
+    """A pipeline folder holding the published configs of `family` (sd15, sdxl, sd35m, sd35l or flux) and no
+    weights."""
     out = Path(out)
     components = PIPELINES[family]
     out.mkdir(parents=True, exist_ok=True)

@@ -55,8 +55,8 @@ from lpo.reward.serve.client import remote_lrm
 logger = logging.getLogger(__name__)
 
 RESUMABLE_FIELDS = {"resume", "epochs", "save_every_rounds", "log_with", "device", "merge", "timeout_minutes",
-                    "dry_run", "processes", "sharding", "gpu_memory_gb", "monitor_every", "stop_patience",
-                    "stop_margin", "stop_noise"}
+                    "dry_run", "processes", "sharding", "gpu_memory_gb", "gpu", "mfu", "monitor_every",
+                    "stop_patience", "stop_margin", "stop_noise"}
 CONFIG_FILE = "lpo_config.json"
 
 
@@ -199,8 +199,8 @@ def run(config: LPOConfig) -> dict[str, Any]:
     config = config.resolved()
     family = get_family(config.family)
     if config.dry_run:
-        return {"plan": lpo_plan(config, family, lambda world: rounds_per_epoch(len(prompts), config.sample_batch_size,
-                                                                                 world),
+        return {"plan": lpo_plan(config, family, OBJECTIVES[config.objective],
+                                 lambda world: rounds_per_epoch(len(prompts), config.sample_batch_size, world),
                                  config.processes, config.sharding)}
     out = Path(config.out)
     cuda = torch.cuda.is_available() and config.device != "cpu"

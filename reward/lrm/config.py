@@ -76,6 +76,10 @@ class RewardTrainConfig:
     sharding: str = option("auto", "--dry-run: none, zero2 (DeepSpeed ZeRO-2) or fsdp (full shard) to plan for "
                                    "(default: what accelerate launch's config sets).")
     gpu_memory_gb: float = option(80.0, "--dry-run: warn when the estimate per process exceeds this.")
+    gpu: str = option("a100", "--dry-run: GPU the time is planned on: a100, h100 or h200 (dense bf16 peaks 312, 989 "
+                              "and 989 TFLOP/s).")
+    mfu: float = option(0.3, "--dry-run: model-FLOPs utilisation assumed for the GPU-hours: the share of the GPU's "
+                             "peak the run achieves.")
 
     def __post_init__(self) -> None:
         pin_base(self)

@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 # Fields that may change between a run and its resume; any other change makes it a different run.
 RESUMABLE_FIELDS = {"resume", "max_steps", "eval_every", "save_every", "log_with", "device", "latent_cache",
-                    "timeout_minutes", "dry_run", "processes", "sharding", "gpu_memory_gb"}
+                    "timeout_minutes", "dry_run", "processes", "sharding", "gpu_memory_gb", "gpu", "mfu"}
 CONFIG_FILE = "train_config.json"
 
 

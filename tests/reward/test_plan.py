@@ -3,9 +3,12 @@ match a direct count on the tiny models and on the real SD1.5 and SDXL architect
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 from typer.testing import CliRunner
 
 from lpo.cli import app
@@ -14,7 +17,7 @@ from lpo.reward.backbones import FAMILIES
 from lpo.reward.backbones.published import write_pipeline_configs
 from lpo.reward.lrm import train
 from lpo.reward.lrm.config import RewardTrainConfig
-from lpo.reward.plan import lora_parameters
+from lpo.reward.plan import forward_flops, lora_parameters
 from lpo.reward.toy.world import write_pickapic_parquet
 
 GB = 1e9
@@ -173,3 +176,143 @@ def test_optimize_dry_run_through_the_command_line(tiny_models_dir: Path, tmp_pa
                                     "--prompts", str(prompts), "--out", str(tmp_path / "run"), "--dry-run",
                                     "--sharding", "fsdp", "--device", "cpu"], env={"COLUMNS": "200"})
     assert fsdp.exit_code == 2 and "does not run under FSDP" in " ".join(fsdp.output.split())
+
+
+class _Small(nn.Module):
+    """A convolution, a linear layer and a two-head attention over the 64 positions of an 8x8 map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.proj = nn.Linear(8, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.proj(self.conv(x).flatten(2).transpose(1, 2))  # [B, 64, 16]
+        heads = tokens.view(x.shape[0], 64, 2, 8).transpose(1, 2)  # [B, 2, 64, 8]
+        return nn.functional.scaled_dot_product_attention(heads, heads, heads)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_forward_flops_equal_a_hand_count(device: str) -> None:
+    model, batch = _Small().to(device), 3
+    conv = 2 * batch * 8 * 3 * 3 * 3 * 64  # 2 x out x in x k^2 per output position
+    linear = 2 * batch * 64 * 8 * 16
+    attention = 2 * (2 * batch * 2 * 64 * 64 * 8)  # q k^T and the weights times v, per head
+    assert forward_flops(lambda: model(torch.zeros(batch, 3, 8, 8, device=device))) == conv + linear + attention
+
+
+def test_training_costs_three_forwards_and_a_lora_two(tiny_models_dir: Path) -> None:
+    """The plan's training factors against torch's count of a real backward on the tiny SD1.5 UNet: every weight
+    trained, about 3x the forward; a LoRA alone trained, about 2x (the frozen weights need no weight gradients)."""
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+    from torch.utils.flop_counter import FlopCounterMode
+
+    unet = UNet2DConditionModel.from_pretrained(str(tiny_models_dir / "sd15"), subfolder="unet")
+    side = unet.config.sample_size
+
+    def step(backward: bool) -> float:
+        with FlopCounterMode(display=False) as counter:
+            x = torch.zeros(2, unet.config.in_channels, side, side)
+            out = unet(x, torch.zeros(2, dtype=torch.long),
+                       encoder_hidden_states=torch.zeros(2, 77, unet.config.cross_attention_dim)).sample
+            if backward:
+                out.sum().backward()
+        return counter.get_total_flops()
+
+    forward = step(False)
+    assert step(True) / forward == pytest.approx(3.0, rel=0.1)
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=list(FAMILIES["sd15"].lora_targets)))
+    assert step(True) / step(False) == pytest.approx(2.0, rel=0.15)
+
+
+def test_plans_count_flops_and_turn_them_into_gpu_hours(manifest: Path, tiny_models_dir: Path,
+                                                       tmp_path: Path) -> None:
+    from lpo.reward.lpo import train as lpo_train
+    from lpo.reward.lpo.config import LPOConfig
+    from lpo.reward.lrm.model import LatentRewardModel
+
+    base = str(tiny_models_dir / "sd15")
+    lrm_config = RewardTrainConfig(manifest=manifest, base=base, out=tmp_path / "run", text_projection_init="",
+                                   dry_run=True, batch_size=4, grad_accum=2, max_steps=10, processes=2, device="cpu",
+                                   vfe_scale=1.0, gpu="h100", mfu=0.5)
+    plan = train.run(lrm_config)["plan"]
+    built = LatentRewardModel.from_base(base, text_projection_init=None, vfe_scale=1.0)
+    one = forward_flops(lambda: built.backbone.trace(1))
+    per_update = 3 * one * 2 * 16  # both images of every pair of the effective batch (4 x 2 x 2)
+    assert plan.gpu_hours == pytest.approx(per_update * 10 / (989e12 * 0.5) / 3600, rel=1e-6)
+    rows = _rows(plan)
+    assert "H100 at MFU 0.5" in next(k for k in rows if k.startswith("GPU-hours"))
+    lrm = tmp_path / "lrm"
+    built.save_pretrained(lrm)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"prompt {i}\n" for i in range(10)))
+    settings = dict(family="sd15", base=base, lrm=lrm, prompts=prompts, out=tmp_path / "lpo", dry_run=True,
+                    epochs=2, sample_batch_size=5, steps=4, candidates=3, guidance=5.0, device="cpu", monitor=False,
+                    gpu="a100", mfu=0.25)
+    from diffusers import UNet2DConditionModel
+
+    denoiser = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    cfg_forward = forward_flops(lambda: FAMILIES["sd15"].generator.trace(denoiser, 2))
+    for objective, forwards in (("lpo", 2), ("grpo", 2)):  # GRPO's KL to the reference: 2 forwards an item
+        plan = lpo_train.run(LPOConfig(**settings, objective=objective))["plan"]
+        rounds = 2 * 2  # 10 prompts in rounds of 5, 2 epochs
+        sampling = 5 * 4 * (cfg_forward + 3 * one)
+        training = 5 * 4 * cfg_forward * (forwards + 1)  # LoRA: the backward costs one forward
+        assert plan.gpu_hours == pytest.approx((sampling + training) * rounds / (312e12 * 0.25) / 3600, rel=1e-6)
+    bad = CliRunner().invoke(app, ["optimize", "sd15", "--base", base, "--lrm", str(lrm), "--prompts", str(prompts),
+                                   "--out", str(tmp_path / "x"), "--dry-run", "--gpu", "v100"])
+    assert bad.exit_code == 2 and "--gpu v100 is not one of a100, h100, h200" in " ".join(bad.output.split())
+
+
+@pytest.mark.slow  # builds FLUX.1-dev (12B) and SD3.5-Large (8B) with their text encoders on the meta device
+@pytest.mark.parametrize(("family", "name", "published"), [("flux", "flux", 12e9), ("sd3", "sd35l", 8.1e9)])
+def test_flux_and_sd35_large_are_planned_at_their_published_size(family: str, name: str, published: float,
+                                                                 tmp_path: Path) -> None:
+    """The LPO plan of FLUX.1-dev and SD3.5-Large from their published configs (a config-only LRM of each): the
+    LoRA counted as peft would, the denoiser at its published size, and one forward's FLOPs equal to a count by hand:
+    2 x in x out for every linear layer times the tokens it sees (image tokens, text tokens, both in FLUX's
+    single-stream blocks, or one per sample for the timestep, guidance and pooled-text embedders and the adaptive
+    norms' modulation), the patch embedding's convolution, and the joint attention's 4 T^2 D per block."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    from lpo.reward.lpo import train as lpo_train
+    from lpo.reward.lpo.config import LPOConfig
+    from lpo.reward.plan import meta_lrm
+
+    base = write_pipeline_configs(name, tmp_path / name)
+    lrm = tmp_path / "lrm"
+    meta_lrm(FAMILIES[family], str(base)).save_config(lrm)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    plan = lpo_train.run(LPOConfig(family=family, base=str(base), lrm=lrm, prompts=prompts, out=tmp_path / "run",
+                                   dry_run=True, lora_rank=32, device="cpu", monitor=False))["plan"]
+    rows = _rows(plan)
+    with torch.device("meta"):
+        stock = (FluxTransformer2DModel if family == "flux" else SD3Transformer2DModel).from_config(
+            json.loads((base / "transformer" / "config.json").read_text()))
+    total = sum(p.numel() for p in stock.parameters())
+    assert total == pytest.approx(published, rel=0.02)
+    trained, _ = _millions(rows["parameters trained / frozen"])
+    assert trained == pytest.approx(lora_parameters(stock, FAMILIES[family].lora_targets, 32) / 1e6, abs=0.05)
+    image, text = 4096, 512 if family == "flux" else 77 + 256  # 1024 px in 2x2 patches; the pipelines' prompt length
+    once = ("norm", "time_text_embed")  # the adaptive norms' modulation and the embedders: one vector a sample
+    stream = ("context", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")  # the text stream's own weights
+    by_hand = 0
+    for layer_name, layer in stock.named_modules():
+        if isinstance(layer, nn.Linear):
+            tokens = 1 if any(part in layer_name for part in once) else text if any(
+                part in layer_name for part in stream) else image + text if layer_name.startswith(
+                "single_transformer_blocks") else image
+            by_hand += 2 * layer.in_features * layer.out_features * tokens
+        elif isinstance(layer, nn.Conv2d):  # SD3's patch embedding: one output position per image token
+            by_hand += 2 * layer.out_channels * layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1] * image
+    blocks = len(stock.transformer_blocks) + len(getattr(stock, "single_transformer_blocks", []))
+    by_hand += blocks * 4 * (image + text) ** 2 * stock.inner_dim if hasattr(stock, "inner_dim") else \
+        blocks * 4 * (image + text) ** 2 * stock.config.num_attention_heads * stock.config.attention_head_dim
+    value, unit = rows["FLOPs of one denoiser forward (one latent, both CFG halves)"].split()
+    halves = 2 if family == "sd3" else 1  # SD3.5 samples with classifier-free guidance; FLUX.1-dev is distilled
+    forward = float(value.replace(",", "")) * {"TFLOP": 1e12, "PFLOP": 1e15}[unit] / halves
+    assert forward == pytest.approx(by_hand, rel=2e-3), (forward / 1e12, by_hand / 1e12)
+    assert plan.gpu_hours > 0
