@@ -10,7 +10,8 @@ not quality:
 1. `scoring`: the LRM's score of a batch of noisy latents (bf16, VFE 7.5) at batch 1, 8 and 32, against the pixel
    route on the same batch: VAE decode to 512 px and an open_clip ViT-H-14 image forward at 224 px. SD1.5.
 2. `lrm_training`: one LRM training step (bf16 autocast, AdamW over every parameter) with and without gradient
-   checkpointing, SD1.5 (4 pairs) and SDXL (1 pair), with the peak memory of each.
+   checkpointing, SD1.5 (4 pairs) and SDXL (1 pair), with the peak memory of each: the step's own peak (above what
+   the process held before the LRM was built) beside what `--dry-run` plans for it, and their ratio.
 3. `lpo`: the LPO loss step (float16 base, float32 LoRA rank 4, 4 tuples: one policy and one reference forward),
    and one SD1.5 LPO round (20 DDIM steps, K = 4, 5 prompts, then training on every tuple) split into sampling,
    LRM scoring and training time, with its peak memory.
@@ -72,6 +73,22 @@ class Clock:
 
     def peak_gb(self) -> float | None:
         return torch.cuda.max_memory_allocated() / 1e9 if self.device.startswith("cuda") else None
+
+    def allocated_gb(self) -> float | None:
+        return torch.cuda.memory_allocated() / 1e9 if self.device.startswith("cuda") else None
+
+
+def planned_lrm_gb(base: Path, manifest: Path, pairs: int, checkpointing: bool, work: Path) -> float:
+    """What `lpo reward train --dry-run` plans for one process of the step `lrm_step` makes (bf16 autocast over float32
+    weights, feature guidance 7.5, AdamW), in GB."""
+    from lpo.reward.lrm import train
+    from lpo.reward.lrm.config import RewardTrainConfig
+
+    plan = train.run(RewardTrainConfig(manifest=manifest, base=str(base), out=work / "plan-run", dry_run=True,
+                                       batch_size=pairs, processes=1, mixed_precision="bf16", vfe_scale=7.5,
+                                       gradient_checkpointing=checkpointing, text_projection_init="",
+                                       device="cpu"))["plan"]
+    return plan.total_bytes / 1e9
 
 
 def timed(clock: Clock, timers: dict[str, float], name: str, fn: Callable) -> Callable:
@@ -248,9 +265,14 @@ def scoring(model: Any, clock: Clock, tiny: Path | None, batches: list[int]) -> 
     return out
 
 
-def lrm_step(model: Any, clock: Clock, pairs: int, checkpointing: bool) -> dict[str, Any]:
+def lrm_step(model: Any, clock: Clock, pairs: int, checkpointing: bool,
+             planned_gb: float | None = None) -> dict[str, Any]:
+    """One LRM update, timed; its peak memory above what the process held before the LRM was built (the step's own:
+    the LRM's weights, gradients and moments and the activations), beside the plan's `planned_gb` where given (the
+    SD3.5 step runs at 512 px without T5, which the plan of the published pipeline does not describe)."""
     from lpo.reward.lrm.loss import bradley_terry_loss, pair_labels, pair_weights
 
+    before = clock.allocated_gb()
     lrm = reward_model(model).train()
     if checkpointing:
         lrm.backbone.enable_gradient_checkpointing()
@@ -273,15 +295,22 @@ def lrm_step(model: Any, clock: Clock, pairs: int, checkpointing: bool) -> dict[
 
     clock.reset_peak()
     seconds = clock.fastest(step)
-    result = {"pairs": pairs, "gradient_checkpointing": checkpointing, "step_s": seconds,
-              "peak_memory_gb": clock.peak_gb(), "parameters_trained": sum(p.numel() for p in params)}
+    peak = clock.peak_gb()
+    result = {"pairs": pairs, "gradient_checkpointing": checkpointing, "step_s": seconds, "peak_memory_gb": peak,
+              "step_peak_gb": None if peak is None else peak - before, "planned_gb": planned_gb,
+              "parameters_trained": sum(p.numel() for p in params)}
+    if peak is not None and planned_gb is not None:
+        result["measured_over_planned"] = (peak - before) / planned_gb
     return result
 
 
-def lrm_training(sd15: Any, sdxl: Any, clock: Clock, tiny: bool) -> dict[str, Any]:
+def lrm_training(sd15: Any, sdxl: Any, clock: Clock, bases: dict[str, Path], manifest: Path,
+                 work: Path) -> dict[str, Any]:
     out = {}
     for name, model, pairs in (("sd15", sd15, 4), ("sdxl", sdxl, 1)):
-        runs = [lrm_step(model, clock, pairs, checkpointing) for checkpointing in (False, True)]
+        runs = [lrm_step(model, clock, pairs, checkpointing,
+                         planned_lrm_gb(bases[name], manifest, pairs, checkpointing, work))
+                for checkpointing in (False, True)]
         out[name] = {"plain": runs[0], "checkpointed": runs[1],
                      "checkpointing_time_cost": runs[1]["step_s"] / runs[0]["step_s"]}
         peaks = [r["peak_memory_gb"] for r in runs]
@@ -289,7 +318,25 @@ def lrm_training(sd15: Any, sdxl: Any, clock: Clock, tiny: bool) -> dict[str, An
             out[name]["checkpointing_memory_saving"] = peaks[0] / peaks[1]
         print(f"LRM step {name} ({pairs} pair(s)): {runs[0]['step_s']:.3f} s plain, {runs[1]['step_s']:.3f} s "
               f"checkpointed; peak memory {peaks}", flush=True)
+        for run in runs:
+            measured = "not measured (CPU)" if run["step_peak_gb"] is None else \
+                f"{run['step_peak_gb']:.2f} GB measured, ratio {run['measured_over_planned']:.2f}"
+            print(f"  planned vs measured ({'checkpointed' if run['gradient_checkpointing'] else 'plain'}): "
+                  f"{run['planned_gb']:.2f} GB planned, {measured}", flush=True)
     return out
+
+
+def plan_inputs(tiny: Path | None, work: Path) -> tuple[dict[str, Path], Path, Path]:
+    """The pipelines the plans read (the tiny ones, or the published configs) and a small manifest."""
+    from lpo.curate import ingest
+    from lpo.reward.backbones.published import write_pipeline_configs
+    from lpo.reward.toy.world import write_pickapic_parquet
+
+    bases = {family: tiny / family if tiny is not None else write_pipeline_configs(family, work / "plans" / family)
+             for family in ("sd15", "sdxl")}
+    source = write_pickapic_parquet(work / "plans" / "pairs.parquet", num_prompts=2, flip_rate=0.0, corrupt_images=0)
+    ingest.run(ingest.IngestConfig(source=str(source), out=work / "plans" / "curate"))
+    return bases, work / "plans" / "curate" / ingest.PAIRS_FILE, work / "plans"
 
 
 def lpo(model: Any, clock: Clock, steps: int, prompts: int, k: int) -> dict[str, Any]:
@@ -498,7 +545,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sd15 = generator("sd15", tiny, args.device, torch.float32)
         report["scoring"] = scoring(sd15, clock, tiny, [1, 8, 32])
         sdxl = generator("sdxl", tiny, args.device, torch.float32)
-        report["lrm_training"] = lrm_training(sd15, sdxl, clock, args.tiny)
+        report["lrm_training"] = lrm_training(sd15, sdxl, clock, *plan_inputs(tiny, Path(tmp)))
         del sdxl
         half = torch.float16 if args.device.startswith("cuda") else torch.float32
         report["lpo"] = lpo(generator("sd15", tiny, args.device, half), clock, steps=20, prompts=5, k=4)

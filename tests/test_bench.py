@@ -53,6 +53,8 @@ def test_the_check_runs_on_the_tiny_models(gpu_check, tmp_path: Path) -> None:
         assert runs["plain"]["pairs"] == runs["checkpointed"]["pairs"] == pairs
         assert runs["plain"]["parameters_trained"] == runs["checkpointed"]["parameters_trained"] > 0
         assert not runs["plain"]["gradient_checkpointing"] and runs["checkpointed"]["gradient_checkpointing"]
+        assert runs["plain"]["planned_gb"] > runs["checkpointed"]["planned_gb"] > 0  # the plan beside each step
+        assert runs["plain"]["step_peak_gb"] is None  # measured on CUDA only
     lpo = report["lpo"]["round"]
     assert lpo["tuples"] == lpo["prompts"] * lpo["steps"] == 100  # every step kept, one tuple each
     parts = lpo["sampling_s"] + lpo["scoring_s"] + lpo["step_maths_s"] + lpo["training_s"]
