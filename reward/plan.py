@@ -137,15 +137,13 @@ def trace(module: nn.Module, forward: Callable[[], Any], element_bytes: int,
             hooks.append(sub.register_forward_hook(leaf))
         if type(sub).__name__ in CHECKPOINTED:
             hooks += [sub.register_forward_pre_hook(enter), sub.register_forward_hook(leave)]
-    counter = FlopCounterMode(display=False)
     try:
-        with torch.no_grad(), counter:
-            forward()
+        counted = forward_flops(forward)
     finally:
         for hook in hooks:
             hook.remove()
     elements = totals["boundaries"] + totals["largest"] if checkpointing else totals["leaves"]
-    return float(elements * element_bytes), float(counter.get_total_flops())
+    return float(elements * element_bytes), counted
 
 
 def forward_flops(forward: Callable[[], Any]) -> float:
@@ -164,13 +162,12 @@ def flops(n: float) -> str:
     return f"{n:,.0f} FLOP"
 
 
-def check_time_settings(config: Any) -> float:
-    """The GPU's peak FLOP/s, after checking --gpu and --mfu (InputError, exit 2)."""
+def check_time_settings(config: Any) -> None:
+    """--gpu and --mfu, checked before any model is built (InputError, exit 2)."""
     if config.gpu not in GPUS:
         raise InputError(f"--gpu {config.gpu} is not one of {', '.join(GPUS)}.")
     if not 0 < config.mfu <= 1:
         raise InputError(f"--mfu {config.mfu} must be in (0, 1]: the share of the GPU's peak the run achieves.")
-    return GPUS[config.gpu]
 
 
 def time_rows(plan: Plan, total_flops: float, world: int, config: Any) -> None:
@@ -178,7 +175,7 @@ def time_rows(plan: Plan, total_flops: float, world: int, config: Any) -> None:
     peak = GPUS[config.gpu]
     hours = total_flops / (peak * config.mfu) / 3600
     plan.gpu_hours = hours
-    plan.add("training FLOPs, whole run", flops(total_flops))
+    plan.add("FLOPs, whole run", flops(total_flops))
     plan.add(f"GPU-hours on {config.gpu.upper()} at MFU {config.mfu:g} (assumed; --gpu, --mfu)",
              f"{hours:,.1f} ({hours / world:,.1f} h wall-clock on {world} process(es); "
              f"{config.gpu.upper()} dense bf16 peak {peak / 1e12:,.0f} TFLOP/s)")
