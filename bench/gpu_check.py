@@ -12,7 +12,8 @@ not quality:
 2. `lrm_training`: one LRM training step (bf16 autocast, AdamW over every parameter) with and without gradient
    checkpointing, SD1.5 (4 pairs) and SDXL (1 pair), with the peak memory of each: the step's own peak (above what
    the process held before the LRM was built) beside what `--dry-run` plans for it, and their ratio.
-3. `lpo`: the LPO loss step (float16 base, float32 LoRA rank 4, 4 tuples: one policy and one reference forward),
+3. `lpo`: the LPO loss step (float16 base, float32 LoRA rank 4, 4 tuples: one policy and one reference forward;
+   its peak above what the process held before the generator was built, beside the plan),
    and one SD1.5 LPO round (20 DDIM steps, K = 4, 5 prompts, then training on every tuple) split into sampling,
    LRM scoring and training time, with its peak memory.
 4. `flow`: Stable Diffusion 3.5-Medium at 512 px (its published config; the pipeline without T5, which feeds the
@@ -339,7 +340,27 @@ def plan_inputs(tiny: Path | None, work: Path) -> tuple[dict[str, Path], Path, P
     return bases, work / "plans" / "curate" / ingest.PAIRS_FILE, work / "plans"
 
 
-def lpo(model: Any, clock: Clock, steps: int, prompts: int, k: int) -> dict[str, Any]:
+def planned_lpo_gb(base: Path, family: str, tuples: int, work: Path) -> float:
+    """What `lpo optimize --dry-run` plans for one process of the loss step `lpo` makes (fp16 frozen weights and
+    compute, rank-4 LoRA, CFG 5, no checkpointing), an LRM of the base held, in GB."""
+    from lpo.reward.backbones import get_family
+    from lpo.reward.lpo import train
+    from lpo.reward.lpo.config import LPOConfig
+    from lpo.reward.plan import meta_lrm
+
+    meta_lrm(get_family(family), str(base)).save_config(work / f"lrm-{family}")
+    (work / "prompts.txt").write_text("a castle on a hill at dawn\n")
+    plan = train.run(LPOConfig(family=family, base=str(base), lrm=work / f"lrm-{family}", prompts=work / "prompts.txt",
+                               out=work / "plan-lpo", dry_run=True, train_batch_size=tuples, processes=1,
+                               guidance=5.0, mixed_precision="fp16", lora_rank=4, gradient_checkpointing=False,
+                               device="cpu", monitor=False))["plan"]
+    return plan.total_bytes / 1e9
+
+
+def lpo(model: Any, clock: Clock, steps: int, prompts: int, k: int, before_gb: float | None = None,
+        planned_gb: float | None = None) -> dict[str, Any]:
+    """The LPO loss step and one round; `before_gb`: what the process held before `model` was built, so the loss
+    step's peak above it (the generator, the LRM, the LoRA and the step's activations) stands beside `planned_gb`."""
     from peft import LoraConfig
 
     from lpo.reward.lpo import sampler
@@ -379,6 +400,10 @@ def lpo(model: Any, clock: Clock, steps: int, prompts: int, k: int) -> dict[str,
     loss_s = clock.fastest(lambda: train_on(batch, cond))
     loss_peak = clock.peak_gb()
     print(f"LPO loss step (4 tuples, fp16 base, fp32 LoRA): {loss_s:.3f} s, peak {loss_peak}", flush=True)
+    own = None if loss_peak is None or before_gb is None else loss_peak - before_gb
+    if planned_gb is not None:
+        measured = "not measured (CPU)" if own is None else f"{own:.2f} GB measured, ratio {own / planned_gb:.2f}"
+        print(f"  planned vs measured: {planned_gb:.2f} GB planned, {measured}", flush=True)
 
     def train_round(result: Any) -> None:
         tuples = result.tensors()
@@ -396,7 +421,9 @@ def lpo(model: Any, clock: Clock, steps: int, prompts: int, k: int) -> dict[str,
     total = split.pop("total_s")
     print(f"LPO round ({len(texts)} prompts, {steps} steps, K={k}, {len(result)} tuples): {total:.2f} s = "
           + ", ".join(f"{name.removesuffix('_s')} {100 * s / total:.0f}%" for name, s in split.items()), flush=True)
-    return {"loss_step": {"tuples": 4, "step_s": loss_s, "peak_memory_gb": loss_peak},
+    return {"loss_step": {"tuples": 4, "step_s": loss_s, "peak_memory_gb": loss_peak, "step_peak_gb": own,
+                          "planned_gb": planned_gb,
+                          "measured_over_planned": None if own is None or not planned_gb else own / planned_gb},
             "round": {"prompts": len(texts), "steps": steps, "candidates": k, "tuples": len(result),
                       "total_s": total, **split, "peak_memory_gb": clock.peak_gb()}}
 
@@ -545,10 +572,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sd15 = generator("sd15", tiny, args.device, torch.float32)
         report["scoring"] = scoring(sd15, clock, tiny, [1, 8, 32])
         sdxl = generator("sdxl", tiny, args.device, torch.float32)
-        report["lrm_training"] = lrm_training(sd15, sdxl, clock, *plan_inputs(tiny, Path(tmp)))
+        bases, manifest, plans = plan_inputs(tiny, Path(tmp))
+        report["lrm_training"] = lrm_training(sd15, sdxl, clock, bases, manifest, plans)
         del sdxl
         half = torch.float16 if args.device.startswith("cuda") else torch.float32
-        report["lpo"] = lpo(generator("sd15", tiny, args.device, half), clock, steps=20, prompts=5, k=4)
+        before = clock.allocated_gb()  # the fp32 SD1.5 of the scoring part is still held
+        report["lpo"] = lpo(generator("sd15", tiny, args.device, half), clock, steps=20, prompts=5, k=4,
+                            before_gb=before, planned_gb=planned_lpo_gb(bases["sd15"], "sd15", 4, plans))
         report["flow"] = flow(generator("sd3", tiny, args.device, torch.float32), clock, tiny)
     report["seconds"] = round(time.perf_counter() - started, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -60,6 +60,7 @@ def test_the_check_runs_on_the_tiny_models(gpu_check, tmp_path: Path) -> None:
     parts = lpo["sampling_s"] + lpo["scoring_s"] + lpo["step_maths_s"] + lpo["training_s"]
     assert parts == pytest.approx(lpo["total_s"]) and min(lpo["sampling_s"], lpo["scoring_s"], lpo["training_s"]) > 0
     assert report["lpo"]["loss_step"]["step_s"] > 0
+    assert report["lpo"]["loss_step"]["planned_gb"] > 0 and report["lpo"]["loss_step"]["step_peak_gb"] is None
     flow = report["flow"]  # on the tiny SD3.5-Medium-style pipeline
     assert set(flow["scoring"]) == {"1", "4"} and all(row["lrm_s"] > 0 for row in flow["scoring"].values())
     assert flow["lrm_training"]["checkpointed"]["parameters_trained"] > 0
