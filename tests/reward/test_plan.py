@@ -264,6 +264,9 @@ def test_plans_count_flops_and_turn_them_into_gpu_hours(manifest: Path, tiny_mod
     bad = CliRunner().invoke(app, ["optimize", "sd15", "--base", base, "--lrm", str(lrm), "--prompts", str(prompts),
                                    "--out", str(tmp_path / "x"), "--dry-run", "--gpu", "v100"])
     assert bad.exit_code == 2 and "--gpu v100 is not one of a100, h100, h200" in " ".join(bad.output.split())
+    bad = CliRunner().invoke(app, ["reward", "train", "--manifest", str(manifest), "--base", base, "--out",
+                                   str(tmp_path / "y"), "--text-projection-init", "", "--dry-run", "--mfu", "1.5"])
+    assert bad.exit_code == 2 and "--mfu 1.5 must be in (0, 1]" in " ".join(bad.output.split())
 
 
 @pytest.mark.slow  # builds FLUX.1-dev (12B) and SD3.5-Large (8B) with their text encoders on the meta device

@@ -124,6 +124,8 @@ def test_monitor_options_are_checked_before_any_model_loads(tiny_models_dir: Pat
     prompts = [f"prompt {i}" for i in range(20)]
     with pytest.raises(InputError, match="--monitor-images 0 must be >= 1"):
         check_monitor(LPOConfig(monitor_images=0), prompts)
+    with pytest.raises(InputError, match=r"--stop-noise -1.0 must be >= 0 \(0: every fall counts\)"):
+        check_monitor(LPOConfig(stop_noise=-1.0), prompts)
     with pytest.raises(InputError, match="--monitor-prompts /nowhere.txt does not exist"):
         check_monitor(LPOConfig(monitor_prompts=Path("/nowhere.txt")), prompts)
     with pytest.raises(InputError, match="unknown metric"):
