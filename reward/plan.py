@@ -223,7 +223,7 @@ def lrm_plan(config: Any, family: Any, train_pairs: int, images: int, processes:
     activations, forward = trace(model.backbone, lambda: model.backbone.trace(latents), 2 if half else 4,
                                  config.gradient_checkpointing)
     effective = config.batch_size * config.grad_accum * world
-    per_update = 3 * forward / latents * (latents // config.batch_size) * effective  # every weight trains
+    per_update = 3 * forward / config.batch_size * effective  # every weight trains; `forward` ran one micro-batch
     plan = Plan(f"lpo reward train --dry-run: {family.title} LRM, {world} process(es), sharding {sharding}")
     plan.add("base", config.base)
     plan.add("resolution / latent", f"{resolution} px / {list(model.config.latent_shape)}")

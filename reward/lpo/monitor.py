@@ -210,8 +210,9 @@ class Monitor:
         """The metrics every check has (a resumed run whose metric became unavailable judges on the others)."""
         return [m for m in self.metrics if all(m in row for row in rows)]
 
-    def verdict(self) -> Verdict:
-        rows = self.rows()
+    def verdict(self, rows: list[dict[str, Any]] | None = None) -> Verdict:
+        """The stop rule over `rows` (default: the checks made so far) with the run's settings."""
+        rows = self.rows() if rows is None else rows
         return judge(rows, self.common(rows), self.config.stop_patience, self.config.stop_margin,
                      self.config.stop_noise)
 
@@ -240,13 +241,12 @@ class Monitor:
             row[f"{metric}_std"] = float(scores.std(ddof=1)) if len(scores) > 1 else 0.0
             row[f"{metric}{PER_IMAGE}"] = [round(float(v), 6) for v in scores]
         row["seconds"] = round(time.perf_counter() - started, 2)
-        rows = self.rows() + [row]
-        row["stopped"] = judge(rows, self.common(rows), self.config.stop_patience, self.config.stop_margin,
-                               self.config.stop_noise).stop  # kept in the row: a continued run still shows the stop
+        rows = self.rows() + [row]  # the checks once this one is appended
+        verdict = self.verdict(rows)
+        row["stopped"] = verdict.stop  # kept in the row: a run continued past the stop still shows it
         with self.log.appending() as append:
             append([row])
-        rows = self.rows()
-        plot(rows, self.common(rows), self.verdict(), self.out / MONITOR_PLOT)
+        plot(rows, self.common(rows), verdict, self.out / MONITOR_PLOT)
         return row
 
 
