@@ -42,7 +42,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lpo.core.errors import InputError
 from lpo.reward.backbones import pixel_resolution, read_subfolder_config
-from lpo.reward.lrm.model import LatentRewardModel, read_lrm_config
+from lpo.reward.backbones.family import latent_side_at
+from lpo.reward.lrm.model import LatentRewardModel, latent_shape_at, read_lrm_config
 
 SHARDINGS = ("auto", "none", "zero2", "fsdp")
 GB = 1e9
@@ -213,21 +214,21 @@ def lrm_plan(config: Any, family: Any, train_pairs: int, images: int, processes:
     world, sharding = launch_setup(processes, sharding)
     check_time_settings(config)
     model = meta_lrm(family, config.base, config.vae, config.depth, config.multi_scale, config.vfe_scale,
-                     config.vfe_down)
+                     config.vfe_down, config.resolution)
     resolution = model.config.resolution
     trained, frozen = count(model)
     # frozen parts the reward model holds outside its module (SD3's text encoders), on every process
     frozen += sum(component_parameters(part) for part in model.backbone.external_components().values())
     half = config.mixed_precision in ("bf16", "fp16") or (config.mixed_precision == "auto")
     latents = 2 * config.batch_size * (2 if config.vfe_scale != 1.0 else 1)  # both images; VFE doubles the batch
-    activations, forward = trace(model.backbone, lambda: model.backbone.trace(latents), 2 if half else 4,
+    activations, forward = trace(model.backbone, lambda: model.backbone.trace(latents, model.config.latent_shape),
+                                 2 if half else 4,
                                  config.gradient_checkpointing)
     effective = config.batch_size * config.grad_accum * world
     per_update = 3 * forward / config.batch_size * effective  # every weight trains; `forward` ran one micro-batch
     plan = Plan(f"lpo reward train --dry-run: {family.title} LRM, {world} process(es), sharding {sharding}")
     plan.add("base", config.base)
     plan.add("resolution / latent", f"{resolution} px / {list(model.config.latent_shape)}")
-    resolution_note(plan, getattr(config, "resolution", None), resolution)
     # the frozen parts (SD3's and FLUX's text encoders) are loaded in the run's half precision
     memory_rows(plan, trained, frozen, 2 if half else 4, world, sharding, activations, config.gpu_memory_gb)
     plan.add("micro-batch per process", f"{config.batch_size} pairs ({latents} latents through the "
@@ -247,19 +248,21 @@ def lrm_plan(config: Any, family: Any, train_pairs: int, images: int, processes:
 
 
 def meta_lrm(family: Any, base: str, vae: str | None = None, depth: int | None = None, multi_scale: bool = True,
-             vfe_scale: float = 7.5, vfe_down: bool = False) -> LatentRewardModel:
-    """The LRM `lpo reward train` would build from `base`, on the meta device (from its configs alone); its
-    `save_config(folder)` writes a config-only LRM that `--dry-run` plans read as the trained one."""
+             vfe_scale: float = 7.5, vfe_down: bool = False, resolution: int | None = None) -> LatentRewardModel:
+    """The LRM `lpo reward train` would build from `base` (reading images of side `resolution`, default the base's
+    own), on the meta device (from its configs alone); its `save_config(folder)` writes a config-only LRM that
+    `--dry-run` plans read as the trained one."""
     backbone_class = family.lrm_backbone
     components = backbone_class.components_from_base(base)
-    resolution = pixel_resolution(components[family.denoiser], base, vae)
+    native = pixel_resolution(components[family.denoiser], base, vae)
 
     def build() -> LatentRewardModel:
-        backbone = backbone_class.from_components(components, resolution, depth, base)
+        backbone = backbone_class.from_components(components, native, depth, base)
+        latent_shape = latent_shape_at(backbone, family, base, resolution)
         width = backbone.text_width if backbone.text_projected else backbone.projection_dim
         return LatentRewardModel(family=family.name, base=base, taps=backbone.default_taps(), projection_dim=width,
-                                 resolution=resolution, components=components, multi_scale=multi_scale,
-                                 vfe_scale=vfe_scale, vfe_down=vfe_down, latent_shape=list(backbone.latent_shape),
+                                 resolution=backbone.resolution, components=components, multi_scale=multi_scale,
+                                 vfe_scale=vfe_scale, vfe_down=vfe_down, latent_shape=latent_shape,
                                  depth=backbone.depth, backbone=backbone)
 
     return _meta(build)
@@ -301,13 +304,6 @@ def _frozen_parts(config: Any, family: Any) -> int:
     return frozen
 
 
-def resolution_note(plan: Plan, asked: int | None, native: int) -> None:
-    """Say so where the run's side differs from the one the activations were traced at (the pipeline's own)."""
-    if asked is not None and asked != native:
-        plan.add("note", f"activations are traced at the pipeline's {native} px; at {asked} px they scale by about "
-                         f"{(asked / native) ** 2:.2f}x (more where attention is quadratic in the tokens)")
-
-
 def lpo_plan(config: Any, family: Any, objective: Any, rounds_per_epoch: Callable[[int], int],
              processes: int | None, sharding: str) -> Plan:
     """The plan of `lpo optimize <family>`: the denoiser on the meta device, one training forward traced;
@@ -329,13 +325,13 @@ def lpo_plan(config: Any, family: Any, objective: Any, rounds_per_epoch: Callabl
     half = config.mixed_precision in ("fp16", "bf16") or config.mixed_precision == "auto"
     cfg = family.generator.classifier_free and config.guidance != 1.0
     batch = config.train_batch_size * (2 if cfg else 1)  # CFG runs both halves in one batch
-    activations, forward = trace(denoiser, lambda: family.generator.trace(denoiser, batch), 2 if half else 4,
+    native = pixel_resolution(denoiser_config, config.base)
+    side = latent_side_at(config.base, config.resolution or native)  # where the policy samples and the LRM scores
+    activations, forward = trace(denoiser, lambda: family.generator.trace(denoiser, batch, side), 2 if half else 4,
                                  bool(config.gradient_checkpointing))
     plan = Plan(f"lpo optimize {family.name} --dry-run: {world} process(es), sharding {sharding}")
     plan.add("base", config.base)
-    native = pixel_resolution(denoiser_config, config.base)
     plan.add("resolution", f"{config.resolution or native} px")
-    resolution_note(plan, config.resolution, native)
     memory_rows(plan, trained, frozen, 2 if half else 4, world, sharding, activations, config.gpu_memory_gb)
     per_epoch = rounds_per_epoch(world)
     plan.add("LoRA", f"rank {config.lora_rank} on {', '.join(family.lora_targets)}" if config.lora_rank else
@@ -346,7 +342,7 @@ def lpo_plan(config: Any, family: Any, objective: Any, rounds_per_epoch: Callabl
     plan.add("rounds", f"{per_epoch} per epoch x {config.epochs} epochs = {per_epoch * config.epochs}")
     plan.add("gradient checkpointing", "on" if config.gradient_checkpointing else "off")
     rounds = per_epoch * config.epochs
-    per_round = round_flops(config, forward / batch * (2 if cfg else 1), lrm_forward(config), objective)
+    per_round = round_flops(config, forward / batch * (2 if cfg else 1), lrm_forward(config, side), objective)
     plan.add("FLOPs of one denoiser forward (one latent, both CFG halves)",
              flops(forward / batch * (2 if cfg else 1)))
     plan.add("sampling FLOPs per round and process", flops(per_round["sampling"]))
@@ -357,14 +353,16 @@ def lpo_plan(config: Any, family: Any, objective: Any, rounds_per_epoch: Callabl
     return plan
 
 
-def lrm_forward(config: Any) -> float:
-    """FLOPs of the local LRM's scoring of one latent (twice with its feature guidance); 0 for a served LRM."""
+def lrm_forward(config: Any, side: int | None = None) -> float:
+    """FLOPs of the local LRM's scoring of one latent of side `side` (default: the side the LRM was trained at), twice
+    with its feature guidance; 0 for a served LRM."""
     if config.lrm is None:
         return 0.0
     lrm_config = {k: v for k, v in read_lrm_config(config.lrm).items() if not k.startswith("_")}
     lrm = _meta(lambda: LatentRewardModel(**lrm_config))
     guided = 2 if lrm.config.vfe_scale != 1.0 else 1
-    return guided * forward_flops(lambda: lrm.backbone.trace(1))
+    channels, *own = lrm.config.latent_shape
+    return guided * forward_flops(lambda: lrm.backbone.trace(1, [channels, side, side] if side else [channels, *own]))
 
 
 def round_flops(config: Any, denoiser: float, lrm: float, objective: Any) -> dict[str, float]:

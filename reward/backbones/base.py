@@ -16,6 +16,7 @@ interfaces. A new family is one module with a `Generator`, an `LRMBackbone` and 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -223,9 +224,10 @@ class Generator(ABC):
 
     @classmethod
     @abstractmethod
-    def trace(cls, denoiser: nn.Module, n: int) -> torch.Tensor:
-        """One forward of `denoiser` on n latents with conditioning of the right shapes, on the denoiser's own device
-        (the meta device when planning a run), to size a training step."""
+    def trace(cls, denoiser: nn.Module, n: int, side: int | None = None) -> torch.Tensor:
+        """One forward of `denoiser` on n latents of side `side` (default: the pipeline's own) with conditioning of
+        the right shapes, on the denoiser's own device (the meta device when planning a run), to size a training
+        step."""
 
     @staticmethod
     def check_lpo(base: str) -> None:
@@ -343,9 +345,10 @@ class LRMBackbone(nn.Module, ABC):
         """Pooled [B, width] features at `taps`, then the deepest feature the backbone computes (always last)."""
 
     @abstractmethod
-    def trace(self, n: int) -> list[torch.Tensor]:
-        """`pooled_features` of n latents with conditioning of the right shapes on the backbone's own device (the
-        meta device when planning a run), to size a training step."""
+    def trace(self, n: int, shape: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """`pooled_features` of n latents of `shape` (default: `latent_shape`, the base's own side) with conditioning
+        of the right shapes on the backbone's own device (the meta device when planning a run), to size a training
+        step."""
 
     @abstractmethod
     def enable_gradient_checkpointing(self) -> None: ...

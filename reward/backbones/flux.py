@@ -99,9 +99,9 @@ class FluxGenerator(FlowGenerator):
         return unpack(out, height, width)
 
     @classmethod
-    def trace(cls, denoiser: nn.Module, n: int) -> torch.Tensor:
+    def trace(cls, denoiser: nn.Module, n: int, side: int | None = None) -> torch.Tensor:
         config, device = denoiser.config, denoiser.device
-        side = DEFAULT_SIDE
+        side = side or DEFAULT_SIDE
         return denoiser(hidden_states=torch.zeros(n, (side // 2) ** 2, config.in_channels, device=device),
                         timestep=torch.zeros(n, device=device),
                         guidance=guidance_input(config, DEFAULT_GUIDANCE, n, device),

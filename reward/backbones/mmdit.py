@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 from abc import abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -143,9 +144,9 @@ class SD3Generator(FlowGenerator):
         return classifier_free(out, guidance, detach_uncond)
 
     @classmethod
-    def trace(cls, denoiser: nn.Module, n: int) -> torch.Tensor:
+    def trace(cls, denoiser: nn.Module, n: int, side: int | None = None) -> torch.Tensor:
         config, device = denoiser.config, denoiser.device
-        side = int(config.sample_size)
+        side = side or int(config.sample_size)
         return denoiser(hidden_states=torch.zeros(n, config.in_channels, side, side, device=device),
                         encoder_hidden_states=torch.zeros(n, SD3_TEXT_TOKENS, config.joint_attention_dim,
                                                           device=device),
@@ -384,10 +385,10 @@ class MMDiTLRMBackbone(LRMBackbone):
         dtype = self.transformer.dtype
         return {"context": context.to(dtype), "pooled": pooled.to(dtype), "text": pooled.to(dtype)}
 
-    def trace(self, n: int) -> list[torch.Tensor]:
+    def trace(self, n: int, shape: Sequence[int] | None = None) -> list[torch.Tensor]:
         device = self.transformer.device
         config = self.transformer.config
-        latents = torch.zeros(n, *self.latent_shape, device=device)
+        latents = torch.zeros(n, *(shape or self.latent_shape), device=device)
         cond = {"context": torch.zeros(n, self.text_tokens, config.joint_attention_dim, device=device),
                 "pooled": torch.zeros(n, config.pooled_projection_dim, device=device)}
         return self.pooled_features(latents, torch.zeros(n, device=device), cond, self.default_taps())

@@ -11,6 +11,7 @@ on SD1.5, 2, 5, 8 on SDXL) and the mid block. The pooled text feature is the fir
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,9 +72,9 @@ class UNetGenerator(Generator):
         return classifier_free(out, guidance, detach_uncond)
 
     @classmethod
-    def trace(cls, denoiser: nn.Module, n: int) -> torch.Tensor:
+    def trace(cls, denoiser: nn.Module, n: int, side: int | None = None) -> torch.Tensor:
         config, device = denoiser.config, denoiser.device
-        side = int(config.sample_size)
+        side = side or int(config.sample_size)
         kwargs = {}
         if config.addition_embed_type == "text_time":  # SDXL: the pooled text and the six size ids
             pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
@@ -334,9 +335,9 @@ class UNetLRMBackbone(LRMBackbone):
         mid = unet.mid_block(sample, emb, encoder_hidden_states=context)
         return res, mid
 
-    def trace(self, n: int) -> list[torch.Tensor]:
+    def trace(self, n: int, shape: Sequence[int] | None = None) -> list[torch.Tensor]:
         device = self.unet.device
-        latents = torch.zeros(n, *self.latent_shape, device=device)
+        latents = torch.zeros(n, *(shape or self.latent_shape), device=device)
         return self.pooled_features(latents, torch.zeros(n, dtype=torch.long, device=device),
                                     self._blank_cond(n, device), self.default_taps())
 

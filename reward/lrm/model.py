@@ -46,6 +46,18 @@ DEFAULT_TEXT_PROJECTION_INIT = "openai/clip-vit-large-patch14"
 RUN_SUBFOLDERS = ("best", "last")  # where `lpo reward train` exports the model in its run directory
 
 
+def latent_shape_at(backbone: LRMBackbone, family: Any, base: str, resolution: int | None) -> list[int]:
+    """The [C, H, W] latents an LRM on `backbone` reads at image side `resolution` (checked against the pipeline;
+    None: the base's own side), the backbone's resolution set to it."""
+    latent_shape = list(backbone.latent_shape)
+    if resolution is not None:
+        vae_config = read_subfolder_config(base, "vae")
+        check_resolution(resolution, family, read_subfolder_config(base, family.denoiser), vae_config)
+        side = resolution // 2 ** (len(vae_config["block_out_channels"]) - 1)
+        backbone.resolution, latent_shape = resolution, [latent_shape[0], side, side]
+    return latent_shape
+
+
 class LatentRewardModel(ModelMixin, ConfigMixin):
     """Scores noisy latents against prompts. Build with `from_base` (a diffusers pipeline of a supported family) or
     `from_pretrained` (a saved LRM: a local folder or a hub id)."""
@@ -104,11 +116,7 @@ class LatentRewardModel(ModelMixin, ConfigMixin):
         backbone = family.lrm_backbone.from_base(base, dtype=dtype, pretrained=pretrained, depth=depth,
                                                  frozen_dtype=frozen_dtype)
         vae_config = read_subfolder_config(base, "vae")
-        latent_shape = list(backbone.latent_shape)
-        if resolution is not None:
-            check_resolution(resolution, family, read_subfolder_config(base, family.denoiser), vae_config)
-            side = resolution // 2 ** (len(vae_config["block_out_channels"]) - 1)
-            backbone.resolution, latent_shape = resolution, [latent_shape[0], side, side]
+        latent_shape = latent_shape_at(backbone, family, base, resolution)
         text_dim = backbone.text_width if backbone.text_projected else (projection_dim or backbone.projection_dim)
         model = cls(
             family=family.name, base=base, taps=list(taps) if taps is not None else backbone.default_taps(),

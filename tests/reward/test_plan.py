@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -267,6 +268,57 @@ def test_plans_count_flops_and_turn_them_into_gpu_hours(manifest: Path, tiny_mod
     bad = CliRunner().invoke(app, ["reward", "train", "--manifest", str(manifest), "--base", base, "--out",
                                    str(tmp_path / "y"), "--text-projection-init", "", "--dry-run", "--mfu", "1.5"])
     assert bad.exit_code == 2 and "--mfu 1.5 must be in (0, 1]" in " ".join(bad.output.split())
+
+
+def _at_native_side(base: Path, pixels: int, out: Path) -> Path:
+    """A copy of the pipeline `base` whose own image side is `pixels` (its UNet's sample_size changed): what a plan
+    at `--resolution pixels` must size, found without the resolution option."""
+    import shutil
+
+    shutil.copytree(base, out)
+    config_file = out / "unet" / "config.json"
+    unet = json.loads(config_file.read_text())
+    vae = json.loads((out / "vae" / "config.json").read_text())
+    unet["sample_size"] = pixels // 2 ** (len(vae["block_out_channels"]) - 1)
+    config_file.write_text(json.dumps(unet))
+    return out
+
+
+def test_plans_trace_at_the_resolution_asked(manifest: Path, tiny_models_dir: Path, tmp_path: Path) -> None:
+    """--resolution sizes the activations and FLOPs (the plans traced the pipeline's own side and only said so):
+    both plans at twice the tiny SDXL's side equal the plans of a copy whose own side is that."""
+    from lpo.reward.lpo import train as lpo_train
+    from lpo.reward.lpo.config import LPOConfig
+    from lpo.reward.lrm.model import LatentRewardModel
+
+    base = tiny_models_dir / "sdxl"
+    native = json.loads((base / "unet" / "config.json").read_text())["sample_size"] * 2 ** (
+        len(json.loads((base / "vae" / "config.json").read_text())["block_out_channels"]) - 1)
+    wide = _at_native_side(base, 2 * native, tmp_path / "wide")
+
+    def lrm_plan(pipeline: Path, resolution: int | None) -> Any:
+        return train.run(RewardTrainConfig(manifest=manifest, base=str(pipeline), out=tmp_path / "run",
+                                           dry_run=True, batch_size=2, device="cpu", resolution=resolution,
+                                           text_projection_init=""))["plan"]
+
+    asked, own, small = lrm_plan(base, 2 * native), lrm_plan(wide, None), lrm_plan(base, None)
+    # bytes (weights and activations) and GPU-hours (the traced forward's FLOPs; 4x the pixels: more than 2x)
+    assert (asked.total_bytes, asked.gpu_hours) == (own.total_bytes, own.gpu_hours)
+    assert asked.total_bytes > small.total_bytes and asked.gpu_hours > 2 * small.gpu_hours
+    lrm = tmp_path / "lrm"
+    LatentRewardModel.from_base(str(base), text_projection_init=None).save_pretrained(lrm)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+
+    def lpo_plan(pipeline: Path, resolution: int | None) -> Any:
+        return lpo_train.run(LPOConfig(family="sdxl", base=str(pipeline), lrm=lrm, prompts=prompts,
+                                       out=tmp_path / "lpo", dry_run=True, resolution=resolution, device="cpu",
+                                       monitor=False))["plan"]
+
+    asked, own, small = lpo_plan(base, 2 * native), lpo_plan(wide, None), lpo_plan(base, None)
+    assert (asked.total_bytes, asked.gpu_hours) == (own.total_bytes, own.gpu_hours)
+    assert asked.total_bytes > small.total_bytes and asked.gpu_hours > 2 * small.gpu_hours
+    assert _rows(asked)["resolution"] == f"{2 * native} px"
 
 
 @pytest.mark.slow  # builds FLUX.1-dev (12B) and SD3.5-Large (8B) with their text encoders on the meta device
