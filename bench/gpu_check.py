@@ -79,7 +79,8 @@ class Clock:
         return torch.cuda.memory_allocated() / 1e9 if self.device.startswith("cuda") else None
 
 
-def planned_lrm_gb(base: Path, manifest: Path, pairs: int, checkpointing: bool, work: Path) -> float:
+def planned_lrm_gb(base: Path, manifest: Path, pairs: int, checkpointing: bool, work: Path,
+                   resolution: int | None = None) -> float:
     """What `lpo reward train --dry-run` plans for one process of the step `lrm_step` makes (bf16 autocast over float32
     weights, feature guidance 7.5, AdamW), in GB."""
     from lpo.reward.lrm import train
@@ -88,7 +89,7 @@ def planned_lrm_gb(base: Path, manifest: Path, pairs: int, checkpointing: bool, 
     plan = train.run(RewardTrainConfig(manifest=manifest, base=str(base), out=work / "plan-run", dry_run=True,
                                        batch_size=pairs, processes=1, mixed_precision="bf16", vfe_scale=7.5,
                                        gradient_checkpointing=checkpointing, text_projection_init="",
-                                       device="cpu"))["plan"]
+                                       device="cpu", resolution=resolution))["plan"]
     return plan.total_bytes / 1e9
 
 
@@ -216,7 +217,10 @@ def reward_model(model: Any, vfe_scale: float = 7.5) -> Any:
                                 projection_dim=backbone.projection_dim, resolution=model.resolution,
                                 components=backbone.components, vfe_scale=vfe_scale,
                                 latent_shape=list(model.latent_shape), depth=backbone.depth, backbone=backbone)
-        return lrm.to(model.device, torch.float32).requires_grad_(True)
+        lrm = lrm.to(model.device, torch.float32).requires_grad_(True)
+        for encoder in backbone._encoders.values():  # the frozen encoders in half precision, as the trainer holds
+            encoder.to(torch.bfloat16)
+        return lrm
     encoders = [copy.deepcopy(getattr(pipeline, name)) for name in family.lrm_backbone.text_encoders]
     tokenizers = [pipeline.tokenizer] + ([pipeline.tokenizer_2] if len(encoders) > 1 else [])
     backbone = family.lrm_backbone(copy.deepcopy(pipeline.unet), encoders, model.resolution, tokenizers)
@@ -269,8 +273,7 @@ def scoring(model: Any, clock: Clock, tiny: Path | None, batches: list[int]) -> 
 def lrm_step(model: Any, clock: Clock, pairs: int, checkpointing: bool,
              planned_gb: float | None = None) -> dict[str, Any]:
     """One LRM update, timed; its peak memory above what the process held before the LRM was built (the step's own:
-    the LRM's weights, gradients and moments and the activations), beside the plan's `planned_gb` where given (the
-    SD3.5 step runs at 512 px without T5, which the plan of the published pipeline does not describe)."""
+    the LRM's weights, gradients and moments and the activations), beside the plan's `planned_gb`."""
     from lpo.reward.lrm.loss import bradley_terry_loss, pair_labels, pair_weights
 
     before = clock.allocated_gb()
@@ -320,10 +323,8 @@ def lrm_training(sd15: Any, sdxl: Any, clock: Clock, bases: dict[str, Path], man
         print(f"LRM step {name} ({pairs} pair(s)): {runs[0]['step_s']:.3f} s plain, {runs[1]['step_s']:.3f} s "
               f"checkpointed; peak memory {peaks}", flush=True)
         for run in runs:
-            measured = "not measured (CPU)" if run["step_peak_gb"] is None else \
-                f"{run['step_peak_gb']:.2f} GB measured, ratio {run['measured_over_planned']:.2f}"
             print(f"  planned vs measured ({'checkpointed' if run['gradient_checkpointing'] else 'plain'}): "
-                  f"{run['planned_gb']:.2f} GB planned, {measured}", flush=True)
+                  + planned_against(run["planned_gb"], run["step_peak_gb"]), flush=True)
     return out
 
 
@@ -340,9 +341,10 @@ def plan_inputs(tiny: Path | None, work: Path) -> tuple[dict[str, Path], Path, P
     return bases, work / "plans" / "curate" / ingest.PAIRS_FILE, work / "plans"
 
 
-def planned_lpo_gb(base: Path, family: str, tuples: int, work: Path) -> float:
-    """What `lpo optimize --dry-run` plans for one process of the loss step `lpo` makes (fp16 frozen weights and
-    compute, rank-4 LoRA, CFG 5, no checkpointing), an LRM of the base held, in GB."""
+def planned_lpo_gb(base: Path, family: str, tuples: int, work: Path, objective: str = "lpo", lora_rank: int = 4,
+                   checkpointing: bool = False, resolution: int | None = None) -> float:
+    """What `lpo optimize --dry-run` plans for one process of a loss step (fp16 frozen weights and compute, CFG 5): by
+    default `lpo`'s (rank-4 LoRA, no checkpointing), an LRM of the base held, in GB."""
     from lpo.reward.backbones import get_family
     from lpo.reward.lpo import train
     from lpo.reward.lpo.config import LPOConfig
@@ -352,9 +354,16 @@ def planned_lpo_gb(base: Path, family: str, tuples: int, work: Path) -> float:
     (work / "prompts.txt").write_text("a castle on a hill at dawn\n")
     plan = train.run(LPOConfig(family=family, base=str(base), lrm=work / f"lrm-{family}", prompts=work / "prompts.txt",
                                out=work / "plan-lpo", dry_run=True, train_batch_size=tuples, processes=1,
-                               guidance=5.0, mixed_precision="fp16", lora_rank=4, gradient_checkpointing=False,
-                               device="cpu", monitor=False))["plan"]
+                               guidance=5.0, mixed_precision="fp16", lora_rank=lora_rank, objective=objective,
+                               gradient_checkpointing=checkpointing, resolution=resolution, device="cpu",
+                               monitor=False))["plan"]
     return plan.total_bytes / 1e9
+
+
+def planned_against(planned_gb: float, measured_gb: float | None) -> str:
+    measured = "not measured (CPU)" if measured_gb is None else \
+        f"{measured_gb:.2f} GB measured, ratio {measured_gb / planned_gb:.2f}"
+    return f"{planned_gb:.2f} GB planned, {measured}"
 
 
 def lpo(model: Any, clock: Clock, steps: int, prompts: int, k: int, before_gb: float | None = None,
@@ -402,8 +411,7 @@ def lpo(model: Any, clock: Clock, steps: int, prompts: int, k: int, before_gb: f
     print(f"LPO loss step (4 tuples, fp16 base, fp32 LoRA): {loss_s:.3f} s, peak {loss_peak}", flush=True)
     own = None if loss_peak is None or before_gb is None else loss_peak - before_gb
     if planned_gb is not None:
-        measured = "not measured (CPU)" if own is None else f"{own:.2f} GB measured, ratio {own / planned_gb:.2f}"
-        print(f"  planned vs measured: {planned_gb:.2f} GB planned, {measured}", flush=True)
+        print("  planned vs measured: " + planned_against(planned_gb, own), flush=True)
 
     def train_round(result: Any) -> None:
         tuples = result.tensors()
@@ -428,13 +436,17 @@ def lpo(model: Any, clock: Clock, steps: int, prompts: int, k: int, before_gb: f
                       "total_s": total, **split, "peak_memory_gb": clock.peak_gb()}}
 
 
-def flow(model: Any, clock: Clock, tiny: Path | None, steps: int = 20, prompts: int = 2, k: int = 4) -> dict[str, Any]:
-    """Section 4 on an SD3 generator (SD3.5-Medium, or the tiny sd3 pipeline with --tiny)."""
+def flow(model: Any, clock: Clock, tiny: Path | None, manifest: Path, work: Path, before_gb: float | None = None,
+         steps: int = 20, prompts: int = 2, k: int = 4) -> dict[str, Any]:
+    """Section 4 on an SD3 generator (SD3.5-Medium at 512 px without T5, or the tiny sd3 pipeline with --tiny);
+    `before_gb`: what the process held before `model` was built, so the loss steps' peaks above it stand beside
+    their plans, planned on the same pipeline (`manifest` and `work` for the plans)."""
     import copy
 
     import torch.nn.functional as F
     from peft import LoraConfig
 
+    from lpo.reward.backbones.published import write_pipeline_configs
     from lpo.reward.lpo import sampler
     from lpo.reward.lpo.config import LPOConfig
     from lpo.reward.lpo.objectives import GRPO, LPO
@@ -466,15 +478,23 @@ def flow(model: Any, clock: Clock, tiny: Path | None, steps: int = 20, prompts: 
         print(f"flow scoring, batch {batch}: LRM {lrm_s:.4f} s, decode + CLIP {decode_s + clip_s:.4f} s: "
               f"{(decode_s + clip_s) / lrm_s:.1f}x", flush=True)
     lrm = clip = vae = None  # free them before the training sections
-    # 2. an LRM training step
-    runs = [lrm_step(model, clock, 1, checkpointing) for checkpointing in (False, True)]
+    # 2. an LRM training step, planned on the pipeline it runs: the published configs without T5, at 512 px
+    base, resolution = ((tiny / "sd3", None) if tiny is not None else
+                        (write_pipeline_configs("sd35m", work / "sd35m", ("text_encoder_3",)), model.resolution))
+    runs = [lrm_step(model, clock, 1, checkpointing,
+                     planned_lrm_gb(base, manifest, 1, checkpointing, work, resolution))
+            for checkpointing in (False, True)]
     out["lrm_training"] = {"plain": runs[0], "checkpointed": runs[1]}
     print(f"flow LRM step (1 pair): {runs[0]['step_s']:.3f} s plain, {runs[1]['step_s']:.3f} s checkpointed; peak "
           f"memory {[r['peak_memory_gb'] for r in runs]}", flush=True)
-    # 3. LPO and GRPO: half-precision base, float32 LoRA rank 32 on both streams, checkpointing
+    for run in runs:
+        print(f"  planned vs measured ({'checkpointed' if run['gradient_checkpointing'] else 'plain'}): "
+              + planned_against(run["planned_gb"], run["step_peak_gb"]), flush=True)
+    # 3. LPO and GRPO: half-precision base, float32 LoRA rank 32 on both streams, checkpointing, an LRM held
     half = torch.float16 if model.device.type == "cuda" else torch.float32
     model.pipeline.to(dtype=half)
     model.vae.to(torch.float32)
+    lrm = reward_model(model).eval().requires_grad_(False).to(half)
     denoiser = model.transformer
     denoiser.requires_grad_(False)
     denoiser.add_adapter(LoraConfig(r=32, lora_alpha=32, init_lora_weights="gaussian",
@@ -508,11 +528,17 @@ def flow(model: Any, clock: Clock, tiny: Path | None, steps: int = 20, prompts: 
     for objective in ("lpo", "grpo"):
         clock.reset_peak()
         seconds = clock.fastest(lambda o=objective: train_on(o, batches[o], cond))
-        out["loss_steps"][objective] = {"items": 2, "step_s": seconds, "peak_memory_gb": clock.peak_gb()}
+        peak = clock.peak_gb()
+        own = None if peak is None or before_gb is None else peak - before_gb
+        planned = planned_lpo_gb(base, "sd3", 2, work, objective, lora_rank=32, checkpointing=True,
+                                 resolution=resolution)
+        out["loss_steps"][objective] = {"items": 2, "step_s": seconds, "peak_memory_gb": peak, "step_peak_gb": own,
+                                        "planned_gb": planned,
+                                        "measured_over_planned": None if own is None else own / planned}
         print(f"flow {objective.upper()} loss step (2 {'parents of K' if objective == 'grpo' else 'tuples'}): "
-              f"{seconds:.3f} s, peak {out['loss_steps'][objective]['peak_memory_gb']}", flush=True)
+              f"{seconds:.3f} s, peak {peak}", flush=True)
+        print("  planned vs measured: " + planned_against(planned, own), flush=True)
     # 4. one round: sampling and scoring (timed inside the rollout), then training on every item
-    lrm = reward_model(model).eval().requires_grad_(False).to(half)
     keep_all = {step: -1.0 for step in model.step_stds(configs["lpo"].eta)[0]}
     out["round"] = {}
     for objective in ("lpo", "grpo"):
@@ -579,7 +605,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         before = clock.allocated_gb()  # the fp32 SD1.5 of the scoring part is still held
         report["lpo"] = lpo(generator("sd15", tiny, args.device, half), clock, steps=20, prompts=5, k=4,
                             before_gb=before, planned_gb=planned_lpo_gb(bases["sd15"], "sd15", 4, plans))
-        report["flow"] = flow(generator("sd3", tiny, args.device, torch.float32), clock, tiny)
+        before = clock.allocated_gb()
+        report["flow"] = flow(generator("sd3", tiny, args.device, torch.float32), clock, tiny, manifest, plans, before)
     report["seconds"] = round(time.perf_counter() - started, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

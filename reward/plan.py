@@ -7,7 +7,9 @@ sharding, the activations of one micro-batch, the effective batch, the number of
 the latent cache's size on disk; and a warning when the total passes `--gpu-memory-gb`.
 
 Memory model (bytes per parameter): trained weights are float32 (mixed precision computes in half precision from
-float32 masters), frozen ones take the run's dtype; gradients 4 and AdamW's moments 8 per trained parameter.
+float32 masters), frozen ones take the run's dtype; gradients 4 and AdamW's moments 8 per trained parameter. Fixed
+tables kept as buffers (SD3's sin-cos position embedding, 0.45 GB in half precision in each SD3.5 transformer) take
+the frozen dtype too.
 `zero2` (DeepSpeed ZeRO-2) shards gradients and moments over the processes, `fsdp` (full shard) the weights too.
 Activations: the sum of every leaf module's output in one forward (what autograd keeps, roughly), in the compute
 dtype; with gradient checkpointing, the checkpointed blocks' outputs plus the largest block's inside (recomputed
@@ -183,18 +185,22 @@ def time_rows(plan: Plan, total_flops: float, world: int, config: Any) -> None:
 
 
 def memory_rows(plan: Plan, trained: int, frozen: int, frozen_bytes: int, world: int, sharding: str,
-                activations: float, gpu_memory_gb: float) -> None:
-    """Add the per-process memory of the parameters, gradients, moments and activations, and the warning."""
+                activations: float, gpu_memory_gb: float, buffers: int = 0) -> None:
+    """Add the per-process memory of the parameters, gradients, moments, fixed tables (`buffers`: floating-point
+    buffers, in the frozen dtype and never sharded) and activations, and the warning."""
     shard = world if sharding in ("zero2", "fsdp") else 1
     weights = (trained * 4 + frozen * frozen_bytes) / (world if sharding == "fsdp" else 1)
     gradients = trained * 4 / shard
     moments = trained * 8 / shard
+    tables = buffers * frozen_bytes
     plan.add("parameters trained / frozen", f"{trained / 1e6:,.1f}M / {frozen / 1e6:,.1f}M")
     plan.add(f"weights (trained float32, frozen {frozen_bytes} B)", size(weights))
+    if tables:
+        plan.add("fixed tables (buffers: SD3's position embeddings)", size(tables))
     plan.add("gradients (float32)", size(gradients))
     plan.add("AdamW moments (2 x float32)", size(moments))
     plan.add("activations of one micro-batch", size(activations))
-    plan.total_bytes = weights + gradients + moments + activations
+    plan.total_bytes = weights + tables + gradients + moments + activations
     plan.add("total per process (estimate)", size(plan.total_bytes))
     if plan.total_bytes > gpu_memory_gb * GB:
         plan.warnings.append(f"the estimate, {size(plan.total_bytes)} per process, exceeds --gpu-memory-gb "
@@ -218,7 +224,9 @@ def lrm_plan(config: Any, family: Any, train_pairs: int, images: int, processes:
     resolution = model.config.resolution
     trained, frozen = count(model)
     # frozen parts the reward model holds outside its module (SD3's text encoders), on every process
-    frozen += sum(component_parameters(part) for part in model.backbone.external_components().values())
+    externals = [component_module(part) for part in model.backbone.external_components().values()]
+    frozen += sum(p.numel() for part in externals for p in part.parameters())
+    buffers = buffer_elements(model) + sum(buffer_elements(part) for part in externals)
     half = config.mixed_precision in ("bf16", "fp16") or (config.mixed_precision == "auto")
     latents = 2 * config.batch_size * (2 if config.vfe_scale != 1.0 else 1)  # both images; VFE doubles the batch
     activations, forward = trace(model.backbone, lambda: model.backbone.trace(latents, model.config.latent_shape),
@@ -230,7 +238,7 @@ def lrm_plan(config: Any, family: Any, train_pairs: int, images: int, processes:
     plan.add("base", config.base)
     plan.add("resolution / latent", f"{resolution} px / {list(model.config.latent_shape)}")
     # the frozen parts (SD3's and FLUX's text encoders) are loaded in the run's half precision
-    memory_rows(plan, trained, frozen, 2 if half else 4, world, sharding, activations, config.gpu_memory_gb)
+    memory_rows(plan, trained, frozen, 2 if half else 4, world, sharding, activations, config.gpu_memory_gb, buffers)
     plan.add("micro-batch per process", f"{config.batch_size} pairs ({latents} latents through the "
                                         f"{family.denoiser})")
     plan.add("effective batch", f"{config.batch_size} x {config.grad_accum} accumulation x {world} = {effective} "
@@ -274,34 +282,38 @@ def lora_parameters(denoiser: nn.Module, targets: tuple[str, ...], rank: int) ->
                if isinstance(module, nn.Linear) and any(name == t or name.endswith(f".{t}") for t in targets))
 
 
-def component_parameters(part: dict[str, Any]) -> int:
-    """Parameters of a pipeline component (a diffusers or transformers model) from its config, built on meta."""
+def component_module(part: dict[str, Any]) -> nn.Module:
+    """A pipeline component (a diffusers or transformers model) built from its config on the meta device."""
 
     if "_class_name" in part:
-        module = _meta(lambda: getattr(diffusers, part["_class_name"]).from_config(part))
-    else:
-        architecture = (part.get("architectures") or ["CLIPTextModel"])[0]
-        config_class = getattr(transformers, architecture).config_class
-        module = _meta(lambda: getattr(transformers, architecture)(config_class.from_dict(part)))
-    return sum(p.numel() for p in module.parameters())
+        return _meta(lambda: getattr(diffusers, part["_class_name"]).from_config(part))
+    architecture = (part.get("architectures") or ["CLIPTextModel"])[0]
+    config_class = getattr(transformers, architecture).config_class
+    return _meta(lambda: getattr(transformers, architecture)(config_class.from_dict(part)))
 
 
-def _frozen_parts(config: Any, family: Any) -> int:
-    """Parameters of what LPO keeps frozen besides the denoiser: text encoders, VAE, and the local LRM."""
+def buffer_elements(module: nn.Module) -> int:
+    """Elements of the module's floating-point buffers (fixed tables such as SD3's sin-cos position embedding: 226M
+    in SD3.5's transformer, 0.45 GB in half precision), which a parameter count leaves out."""
+    return sum(b.numel() for b in module.buffers() if b.is_floating_point())
 
-    frozen = 0
+
+def _frozen_parts(config: Any, family: Any) -> tuple[int, int]:
+    """(parameters, buffer elements) of what LPO keeps frozen besides the denoiser: text encoders, VAE, and the
+    local LRM with the text encoders it loads for itself."""
+
+    parts = []
     for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae"):
         try:
-            part = read_subfolder_config(config.base, name)
+            parts.append(component_module(read_subfolder_config(config.base, name)))
         except InputError:
             continue  # the pipeline has no such component
-        frozen += component_parameters(part)
     if config.lrm is not None:
         lrm_config = {k: v for k, v in read_lrm_config(config.lrm).items() if not k.startswith("_")}
         lrm = _meta(lambda: LatentRewardModel(**lrm_config))
-        frozen += sum(p.numel() for p in lrm.parameters())
-        frozen += sum(component_parameters(part) for part in lrm.backbone.external_components().values())
-    return frozen
+        parts += [lrm, *(component_module(part) for part in lrm.backbone.external_components().values())]
+    return (sum(p.numel() for part in parts for p in part.parameters()),
+            sum(buffer_elements(part) for part in parts))
 
 
 def lpo_plan(config: Any, family: Any, objective: Any, rounds_per_epoch: Callable[[int], int],
@@ -321,7 +333,9 @@ def lpo_plan(config: Any, family: Any, objective: Any, rounds_per_epoch: Callabl
         trained, frozen = lora_parameters(denoiser, family.lora_targets, config.lora_rank), total
     else:
         trained, frozen = total, total  # full fine-tuning: the reference is a frozen copy
-    frozen += _frozen_parts(config, family)
+    frozen_parts, buffers = _frozen_parts(config, family)
+    frozen += frozen_parts
+    buffers += buffer_elements(denoiser) * (1 if config.lora_rank > 0 else 2)  # full fine-tuning: a reference copy
     half = config.mixed_precision in ("fp16", "bf16") or config.mixed_precision == "auto"
     cfg = family.generator.classifier_free and config.guidance != 1.0
     batch = config.train_batch_size * (2 if cfg else 1)  # CFG runs both halves in one batch
@@ -332,7 +346,7 @@ def lpo_plan(config: Any, family: Any, objective: Any, rounds_per_epoch: Callabl
     plan = Plan(f"lpo optimize {family.name} --dry-run: {world} process(es), sharding {sharding}")
     plan.add("base", config.base)
     plan.add("resolution", f"{config.resolution or native} px")
-    memory_rows(plan, trained, frozen, 2 if half else 4, world, sharding, activations, config.gpu_memory_gb)
+    memory_rows(plan, trained, frozen, 2 if half else 4, world, sharding, activations, config.gpu_memory_gb, buffers)
     per_epoch = rounds_per_epoch(world)
     plan.add("LoRA", f"rank {config.lora_rank} on {', '.join(family.lora_targets)}" if config.lora_rank else
              "none: the whole denoiser is trained")

@@ -65,6 +65,9 @@ def test_the_check_runs_on_the_tiny_models(gpu_check, tmp_path: Path) -> None:
     assert set(flow["scoring"]) == {"1", "4"} and all(row["lrm_s"] > 0 for row in flow["scoring"].values())
     assert flow["lrm_training"]["checkpointed"]["parameters_trained"] > 0
     assert set(flow["loss_steps"]) == {"lpo", "grpo"} and all(v["step_s"] > 0 for v in flow["loss_steps"].values())
+    # the flow steps' plans beside them too (the LRM's plain above its checkpointed one; LPO's and GRPO's alike)
+    assert flow["lrm_training"]["plain"]["planned_gb"] > flow["lrm_training"]["checkpointed"]["planned_gb"] > 0
+    assert all(v["planned_gb"] > 0 and v["step_peak_gb"] is None for v in flow["loss_steps"].values())
     for objective in ("lpo", "grpo"):
         row = flow["round"][objective]
         assert row["items"] == row["prompts"] * (row["steps"] - 1)  # every step but the last (to sigma 0)

@@ -105,11 +105,11 @@ PIPELINES["flux"] = {  # FLUX.1-dev: 19 double- and 38 single-stream blocks, gui
 }
 
 
-def write_pipeline_configs(family: str, out: str | Path) -> Path:
+def write_pipeline_configs(family: str, out: str | Path, without: tuple[str, ...] = ()) -> Path:
     """A pipeline folder holding the published configs of `family` (sd15, sdxl, sd35m, sd35l or flux) and no
-    weights."""
+    weights; `without`: components left out (SD3's pipeline runs without its T5, `text_encoder_3`)."""
     out = Path(out)
-    components = PIPELINES[family]
+    components = {name: config for name, config in PIPELINES[family].items() if name not in without}
     out.mkdir(parents=True, exist_ok=True)
     index = dict(components["model_index"])
     scheduler = components.get("scheduler", SCHEDULER)

@@ -321,6 +321,33 @@ def test_plans_trace_at_the_resolution_asked(manifest: Path, tiny_models_dir: Pa
     assert _rows(asked)["resolution"] == f"{2 * native} px"
 
 
+def test_fixed_tables_are_planned(manifest: Path, tmp_path: Path) -> None:
+    """SD3's sin-cos position table is a buffer, not a parameter: pos_embed_max_size^2 x the width, 0.45 GB in half
+    precision, held by the policy and by the LRM's truncated transformer (measured: bench/results/plan_memory.md)."""
+    from lpo.reward.backbones.published import PIPELINES
+    from lpo.reward.lpo import train as lpo_train
+    from lpo.reward.lpo.config import LPOConfig
+    from lpo.reward.plan import meta_lrm
+
+    base = write_pipeline_configs("sd35m", tmp_path / "sd35m", ("text_encoder_3",))
+    config = PIPELINES["sd35m"]["transformer"]
+    table = config["pos_embed_max_size"] ** 2 * config["num_attention_heads"] * config["attention_head_dim"]
+    plan = train.run(RewardTrainConfig(manifest=manifest, base=str(base), out=tmp_path / "run", dry_run=True,
+                                       mixed_precision="bf16", resolution=512, text_projection_init="",
+                                       device="cpu"))["plan"]
+    assert _rows(plan)["fixed tables (buffers: SD3's position embeddings)"] == f"{2 * table / GB:.2f} GB"
+    meta_lrm(FAMILIES["sd3"], str(base), resolution=512).save_config(tmp_path / "lrm")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    plan = lpo_train.run(LPOConfig(family="sd3", base=str(base), lrm=tmp_path / "lrm", prompts=prompts,
+                                   out=tmp_path / "lpo", dry_run=True, resolution=512, mixed_precision="bf16",
+                                   device="cpu", monitor=False))["plan"]
+    assert _rows(plan)["fixed tables (buffers: SD3's position embeddings)"] == f"{2 * 2 * table / GB:.2f} GB"
+    sd15 = train.run(RewardTrainConfig(manifest=manifest, base=str(write_pipeline_configs("sd15", tmp_path / "sd15")),
+                                       out=tmp_path / "run15", dry_run=True, text_projection_init="", device="cpu"))
+    assert not any(key.startswith("fixed tables") for key in _rows(sd15["plan"]))  # a UNet has none
+
+
 @pytest.mark.slow  # builds FLUX.1-dev (12B) and SD3.5-Large (8B) with their text encoders on the meta device
 @pytest.mark.parametrize(("family", "name", "published"), [("flux", "flux", 12e9), ("sd3", "sd35l", 8.1e9)])
 def test_flux_and_sd35_large_are_planned_at_their_published_size(family: str, name: str, published: float,
