@@ -4,8 +4,9 @@
                                 [--out bench/results/plan_memory.md]
 
 Each case builds the architecture from its published config (`reward/backbones/published.py`) with random weights and
-runs a training step at each batch size in a process of its own, on the CPU: the peak resident memory above the
-process's baseline (taken after the imports, before the model is built), with glibc's malloc returning every freed
+runs a training step at each batch size in a process of its own, on the CPU: the step's peak resident memory (the
+peak restarted when the step starts, so a transient of building the models is not counted) above the process's
+baseline (taken after the imports, before the model is built), with glibc's malloc returning every freed
 block of 64 KB or more (`RETURNING`), so the peak is the live memory, what CUDA's `max_memory_allocated` reports (the
 GPU side: `bench/gpu_check.py`), and (`--allocators default`) with its default settings, whose heap keeps the
 transients' slack. The plan is the real `--dry-run` of the same run. Two batch sizes separate what is fixed (weights,
@@ -35,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -53,8 +53,16 @@ def resident() -> int:
 
 
 def peak_resident() -> int:
-    """This process's peak resident memory since it started, in bytes (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's peak resident memory since it started or since `restart_peak`, in bytes (Linux reports KiB)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def restart_peak() -> None:
+    """Start the peak again from the memory resident now (Linux: 5 to clear_refs resets VmHWM), so a step's peak is
+    its own and not a transient of building the models."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def materialize(model: Any, dtype: Any = None) -> Any:
@@ -189,6 +197,7 @@ def measure_lrm(case: Case, pairs: int, work: Path) -> dict:
     latents = torch.randn(2 * pairs, *model.config.latent_shape)
     steps = torch.full((2 * pairs,), 501)
     labels = pair_labels(torch.zeros(pairs, dtype=torch.long), torch.zeros(pairs, dtype=torch.bool))
+    restart_peak()
     for _ in range(2):  # the second update runs with AdamW's moments already held: the run's steady peak
         with autocast(case):
             if flow:  # the frozen encoders' output: the token sequence and pooled vector of the backbone's shapes
@@ -288,6 +297,7 @@ def measure_step(case: Case, items: int, work: Path) -> dict:
     with torch.no_grad():
         cond = model.encode_prompts(["a castle on a hill at dawn"] * items)
     # one update: the LoRA's moments (a few MB) change nothing the second time
+    restart_peak()
     with autocast(case):
         loss = OBJECTIVES[case.kind].losses(model, denoiser, reference, batch, cond, config, None)["loss"]
     loss.backward()
