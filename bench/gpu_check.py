@@ -30,6 +30,7 @@ benchmarks in bench/ print them. `--tiny` runs every part on the tiny models of 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -79,18 +80,31 @@ class Clock:
         return torch.cuda.memory_allocated() / 1e9 if self.device.startswith("cuda") else None
 
 
-def planned_lrm_gb(base: Path, manifest: Path, pairs: int, checkpointing: bool, work: Path,
+def plan_memory() -> Any:
+    """bench/plan_memory.py as a module: its planners of one training step."""
+    spec = importlib.util.spec_from_file_location("plan_memory", Path(__file__).with_name("plan_memory.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def planned_lrm_gb(base: Path, family: str, pairs: int, checkpointing: bool, work: Path,
                    resolution: int | None = None) -> float:
     """What `lpo reward train --dry-run` plans for one process of the step `lrm_step` makes (bf16 autocast over float32
     weights, feature guidance 7.5, AdamW), in GB."""
-    from lpo.reward.lrm import train
-    from lpo.reward.lrm.config import RewardTrainConfig
+    memory = plan_memory()
+    case = memory.Case("lrm", family, family, "bf16", checkpointing, resolution, vfe_scale=7.5)
+    return memory.plan_lrm(case, pairs, work, base)["planned_bytes"] / 1e9
 
-    plan = train.run(RewardTrainConfig(manifest=manifest, base=str(base), out=work / "plan-run", dry_run=True,
-                                       batch_size=pairs, processes=1, mixed_precision="bf16", vfe_scale=7.5,
-                                       gradient_checkpointing=checkpointing, text_projection_init="",
-                                       device="cpu", resolution=resolution))["plan"]
-    return plan.total_bytes / 1e9
+
+def planned_lpo_gb(base: Path, family: str, items: int, work: Path, objective: str = "lpo",
+                   checkpointing: bool = False, resolution: int | None = None) -> float:
+    """What `lpo optimize --dry-run` plans for one process of a loss step (fp16 frozen weights and compute, CFG 5,
+    the family's LoRA rank), an LRM of the base held, in GB."""
+    memory = plan_memory()
+    case = memory.Case(objective, family, family, "fp16", checkpointing, resolution)
+    return memory.plan_step(case, items, work, base)["planned_bytes"] / 1e9
 
 
 def timed(clock: Clock, timers: dict[str, float], name: str, fn: Callable) -> Callable:
@@ -308,12 +322,12 @@ def lrm_step(model: Any, clock: Clock, pairs: int, checkpointing: bool,
     return result
 
 
-def lrm_training(sd15: Any, sdxl: Any, clock: Clock, bases: dict[str, Path], manifest: Path,
+def lrm_training(sd15: Any, sdxl: Any, clock: Clock, bases: dict[str, Path],
                  work: Path) -> dict[str, Any]:
     out = {}
     for name, model, pairs in (("sd15", sd15, 4), ("sdxl", sdxl, 1)):
         runs = [lrm_step(model, clock, pairs, checkpointing,
-                         planned_lrm_gb(bases[name], manifest, pairs, checkpointing, work))
+                         planned_lrm_gb(bases[name], name, pairs, checkpointing, work))
                 for checkpointing in (False, True)]
         out[name] = {"plain": runs[0], "checkpointed": runs[1],
                      "checkpointing_time_cost": runs[1]["step_s"] / runs[0]["step_s"]}
@@ -328,36 +342,13 @@ def lrm_training(sd15: Any, sdxl: Any, clock: Clock, bases: dict[str, Path], man
     return out
 
 
-def plan_inputs(tiny: Path | None, work: Path) -> tuple[dict[str, Path], Path, Path]:
-    """The pipelines the plans read (the tiny ones, or the published configs) and a small manifest."""
-    from lpo.curate import ingest
+def plan_inputs(tiny: Path | None, work: Path) -> tuple[dict[str, Path], Path]:
+    """The pipelines the plans read (the tiny ones, or the published configs) and the plans' folder."""
     from lpo.reward.backbones.published import write_pipeline_configs
-    from lpo.reward.toy.world import write_pickapic_parquet
 
     bases = {family: tiny / family if tiny is not None else write_pipeline_configs(family, work / "plans" / family)
              for family in ("sd15", "sdxl")}
-    source = write_pickapic_parquet(work / "plans" / "pairs.parquet", num_prompts=2, flip_rate=0.0, corrupt_images=0)
-    ingest.run(ingest.IngestConfig(source=str(source), out=work / "plans" / "curate"))
-    return bases, work / "plans" / "curate" / ingest.PAIRS_FILE, work / "plans"
-
-
-def planned_lpo_gb(base: Path, family: str, tuples: int, work: Path, objective: str = "lpo", lora_rank: int = 4,
-                   checkpointing: bool = False, resolution: int | None = None) -> float:
-    """What `lpo optimize --dry-run` plans for one process of a loss step (fp16 frozen weights and compute, CFG 5): by
-    default `lpo`'s (rank-4 LoRA, no checkpointing), an LRM of the base held, in GB."""
-    from lpo.reward.backbones import get_family
-    from lpo.reward.lpo import train
-    from lpo.reward.lpo.config import LPOConfig
-    from lpo.reward.plan import meta_lrm
-
-    meta_lrm(get_family(family), str(base)).save_config(work / f"lrm-{family}")
-    (work / "prompts.txt").write_text("a castle on a hill at dawn\n")
-    plan = train.run(LPOConfig(family=family, base=str(base), lrm=work / f"lrm-{family}", prompts=work / "prompts.txt",
-                               out=work / "plan-lpo", dry_run=True, train_batch_size=tuples, processes=1,
-                               guidance=5.0, mixed_precision="fp16", lora_rank=lora_rank, objective=objective,
-                               gradient_checkpointing=checkpointing, resolution=resolution, device="cpu",
-                               monitor=False))["plan"]
-    return plan.total_bytes / 1e9
+    return bases, work / "plans"
 
 
 def planned_against(planned_gb: float, measured_gb: float | None) -> str:
@@ -436,11 +427,11 @@ def lpo(model: Any, clock: Clock, steps: int, prompts: int, k: int, before_gb: f
                       "total_s": total, **split, "peak_memory_gb": clock.peak_gb()}}
 
 
-def flow(model: Any, clock: Clock, tiny: Path | None, manifest: Path, work: Path, before_gb: float | None = None,
+def flow(model: Any, clock: Clock, tiny: Path | None, work: Path, before_gb: float | None = None,
          steps: int = 20, prompts: int = 2, k: int = 4) -> dict[str, Any]:
     """Section 4 on an SD3 generator (SD3.5-Medium at 512 px without T5, or the tiny sd3 pipeline with --tiny);
     `before_gb`: what the process held before `model` was built, so the loss steps' peaks above it stand beside
-    their plans, planned on the same pipeline (`manifest` and `work` for the plans)."""
+    their plans, planned on the same pipeline (in `work`)."""
     import copy
 
     import torch.nn.functional as F
@@ -482,7 +473,7 @@ def flow(model: Any, clock: Clock, tiny: Path | None, manifest: Path, work: Path
     base, resolution = ((tiny / "sd3", None) if tiny is not None else
                         (write_pipeline_configs("sd35m", work / "sd35m", ("text_encoder_3",)), model.resolution))
     runs = [lrm_step(model, clock, 1, checkpointing,
-                     planned_lrm_gb(base, manifest, 1, checkpointing, work, resolution))
+                     planned_lrm_gb(base, "sd3", 1, checkpointing, work, resolution))
             for checkpointing in (False, True)]
     out["lrm_training"] = {"plain": runs[0], "checkpointed": runs[1]}
     print(f"flow LRM step (1 pair): {runs[0]['step_s']:.3f} s plain, {runs[1]['step_s']:.3f} s checkpointed; peak "
@@ -530,8 +521,7 @@ def flow(model: Any, clock: Clock, tiny: Path | None, manifest: Path, work: Path
         seconds = clock.fastest(lambda o=objective: train_on(o, batches[o], cond))
         peak = clock.peak_gb()
         own = None if peak is None or before_gb is None else peak - before_gb
-        planned = planned_lpo_gb(base, "sd3", 2, work, objective, lora_rank=32, checkpointing=True,
-                                 resolution=resolution)
+        planned = planned_lpo_gb(base, "sd3", 2, work, objective, checkpointing=True, resolution=resolution)
         out["loss_steps"][objective] = {"items": 2, "step_s": seconds, "peak_memory_gb": peak, "step_peak_gb": own,
                                         "planned_gb": planned,
                                         "measured_over_planned": None if own is None else own / planned}
@@ -598,15 +588,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sd15 = generator("sd15", tiny, args.device, torch.float32)
         report["scoring"] = scoring(sd15, clock, tiny, [1, 8, 32])
         sdxl = generator("sdxl", tiny, args.device, torch.float32)
-        bases, manifest, plans = plan_inputs(tiny, Path(tmp))
-        report["lrm_training"] = lrm_training(sd15, sdxl, clock, bases, manifest, plans)
+        bases, plans = plan_inputs(tiny, Path(tmp))
+        report["lrm_training"] = lrm_training(sd15, sdxl, clock, bases, plans)
         del sdxl
         half = torch.float16 if args.device.startswith("cuda") else torch.float32
         before = clock.allocated_gb()  # the fp32 SD1.5 of the scoring part is still held
         report["lpo"] = lpo(generator("sd15", tiny, args.device, half), clock, steps=20, prompts=5, k=4,
                             before_gb=before, planned_gb=planned_lpo_gb(bases["sd15"], "sd15", 4, plans))
         before = clock.allocated_gb()
-        report["flow"] = flow(generator("sd3", tiny, args.device, torch.float32), clock, tiny, manifest, plans, before)
+        report["flow"] = flow(generator("sd3", tiny, args.device, torch.float32), clock, tiny, plans, before)
     report["seconds"] = round(time.perf_counter() - started, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -100,6 +100,7 @@ class Case:
     depth: int | None = None
     t5: bool = True
     batches: tuple[int, ...] = (1, 2)
+    vfe_scale: float = 1.0  # the LRM's feature guidance (1: none)
 
 
 CASES = {"lrm-sd15": Case("lrm", "sd15", "sd15", batches=(1, 2, 4)),
@@ -152,10 +153,6 @@ def random_generator(case: Case, base: Path) -> Any:
         parts[name] = materialize(component_module(config), dtype).requires_grad_(False).eval()
         if name.startswith("text_encoder"):
             parts[name.replace("text_encoder", "tokenizer")] = clip_tokenizer()
-    if "scheduler" not in parts:
-        from lpo.reward.backbones.published import SCHEDULER
-
-        parts["scheduler"] = diffusers.DDIMScheduler.from_config(SCHEDULER)
     if case.family == "sd15":
         parts |= {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     if case.family == "sd3" and "text_encoder_3" not in parts:
@@ -220,20 +217,30 @@ def measure_lrm(case: Case, pairs: int, work: Path) -> dict:
             "parameters_trained": sum(p.numel() for p in params)}
 
 
-def plan_lrm(case: Case, pairs: int, work: Path) -> dict:
+def pairs_manifest(work: Path) -> Path:
+    """A small manifest for the LRM plans (its size changes no byte of a plan), written once in `work`."""
     from lpo.curate import ingest
-    from lpo.reward.lrm import train
-    from lpo.reward.lrm.config import RewardTrainConfig
     from lpo.reward.toy.world import write_pickapic_parquet
 
-    source = write_pickapic_parquet(work / "pairs.parquet", num_prompts=2, flip_rate=0.0, corrupt_images=0, seed=0)
-    ingest.run(ingest.IngestConfig(source=str(source), out=work / "curate"))
-    base = published_base(case, work)
-    plan = train.run(RewardTrainConfig(manifest=work / "curate" / ingest.PAIRS_FILE, base=str(base), out=work / "run",
+    manifest = work / "curate" / ingest.PAIRS_FILE
+    if not manifest.exists():
+        source = write_pickapic_parquet(work / "pairs.parquet", num_prompts=2, flip_rate=0.0, corrupt_images=0,
+                                        seed=0)
+        ingest.run(ingest.IngestConfig(source=str(source), out=work / "curate"))
+    return manifest
+
+
+def plan_lrm(case: Case, pairs: int, work: Path, base: Path | None = None) -> dict:
+    """The `lpo reward train --dry-run` of the case's step on `base` (default: its published configs)."""
+    from lpo.reward.lrm import train
+    from lpo.reward.lrm.config import RewardTrainConfig
+
+    base = base or published_base(case, work)
+    plan = train.run(RewardTrainConfig(manifest=pairs_manifest(work), base=str(base), out=work / "plan-lrm",
                                        dry_run=True, batch_size=pairs, processes=1, mixed_precision=case.precision,
-                                       vfe_scale=1.0,
-                                       gradient_checkpointing=case.checkpointing, text_projection_init="",
-                                       device="cpu", depth=case.depth, resolution=case.resolution))["plan"]
+                                       vfe_scale=case.vfe_scale, gradient_checkpointing=case.checkpointing,
+                                       text_projection_init="", device="cpu", depth=case.depth,
+                                       resolution=case.resolution))["plan"]
     return {"planned_bytes": plan.total_bytes, "rows": {k: v for k, v in plan.rows if k != "base"}}  # no tmp path
 
 
@@ -307,15 +314,18 @@ def measure_step(case: Case, items: int, work: Path) -> dict:
             "parameters_trained": sum(p.numel() for p in params)}
 
 
-def plan_step(case: Case, items: int, work: Path) -> dict:
+def plan_step(case: Case, items: int, work: Path, base: Path | None = None) -> dict:
+    """The `lpo optimize --dry-run` of the case's step on `base` (default: its published configs), a config-only LRM
+    of the base held."""
     from lpo.reward.backbones import FAMILIES
     from lpo.reward.lpo import train
     from lpo.reward.plan import meta_lrm
 
-    base = published_base(case, work)
-    meta_lrm(FAMILIES[case.family], str(base)).save_config(work / "lrm")
+    base = base or published_base(case, work)
+    lrm = work / f"lrm-{case.family}"
+    meta_lrm(FAMILIES[case.family], str(base)).save_config(lrm)
     (work / "prompts.txt").write_text("a castle on a hill at dawn\n")
-    plan = train.run(step_config(case, base, items, work / "lrm", work / "prompts.txt", work / "run"))["plan"]
+    plan = train.run(step_config(case, base, items, lrm, work / "prompts.txt", work / "plan-step"))["plan"]
     return {"planned_bytes": plan.total_bytes, "rows": {k: v for k, v in plan.rows if k != "base"}}
 
 
