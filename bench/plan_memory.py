@@ -15,11 +15,12 @@ gradients, moments) from what grows with the batch (activations). Cases (`CASES`
 - `lrm-sd15`: the SD1.5 LRM (the truncated UNet and CLIP-L, 476M parameters, all trained) at 512 px in float32,
   without feature guidance, AdamW, no gradient checkpointing: two Bradley-Terry updates (the second with AdamW's
   moments held, as every later one) on `pairs` pairs.
+- `lrm-sd15-bf16`: the same under bf16 autocast (the trained weights stay float32).
 - `lpo-sd15`, `grpo-sd15`: one LPO update on `pairs` tuples, one GRPO update on `pairs` groups of 4 (with its KL to
   the reference), SD1.5 at 512 px in float32: the pipeline (UNet, VAE, CLIP-L) and an LRM held, a rank-4 LoRA
   trained, CFG 5, no checkpointing.
 - `lrm-sd35m`: SD3.5-Medium's LRM at 512 px, bf16 autocast over float32 trained weights, its frozen CLIP-L and
-  CLIP-G held in bf16; `--depth 6` and no T5 (below).
+  CLIP-G held in bf16; `--depth 6` and no T5 (below); `lrm-sd35m-fp32` the same in float32.
 - `lpo-sd35m`, `lpo-sdxl`: one LPO update at 512 px with gradient checkpointing, the frozen weights in bf16 and bf16
   autocast, the family's LoRA rank (32 and 64) in float32, an LRM held (SD3.5-Medium without T5, below).
 
@@ -104,9 +105,11 @@ class Case:
 
 
 CASES = {"lrm-sd15": Case("lrm", "sd15", "sd15", batches=(1, 2, 4)),
+         "lrm-sd15-bf16": Case("lrm", "sd15", "sd15", "bf16", batches=(1, 2, 4)),
          "lpo-sd15": Case("lpo", "sd15", "sd15"),  # at 4 tuples it plans 20 GB
          "grpo-sd15": Case("grpo", "sd15", "sd15"),
          "lrm-sd35m": Case("lrm", "sd3", "sd35m", "bf16", resolution=512, depth=6, t5=False),
+         "lrm-sd35m-fp32": Case("lrm", "sd3", "sd35m", resolution=512, depth=6, t5=False),
          "lpo-sd35m": Case("lpo", "sd3", "sd35m", "bf16", checkpointing=True, resolution=512, t5=False),
          "lpo-sdxl": Case("lpo", "sdxl", "sdxl", "bf16", checkpointing=True, resolution=512)}
 K = 4  # GRPO's group size
