@@ -19,9 +19,10 @@ not quality:
 4. `flow`: Stable Diffusion 3.5-Medium at 512 px (its published config; the pipeline without T5, which feeds the
    transformer 256 zero tokens in its place, so the transformer's cost is the real one): the LRM (18 of 24 joint
    blocks, VFE 7.5, bf16) against the pixel route (SD3 VAE decode and ViT-H-14) at batch 1 and 4; one LRM training
-   step (1 pair) with and without gradient checkpointing; the LPO and GRPO loss steps (float16 base, float32 LoRA
-   rank 32, checkpointing: 2 tuples, or 2 parents of K = 4 children); one round of 2 prompts (20 flow SDE steps,
-   K = 4) split into sampling, scoring and training with LPO, then GRPO's training on the same round's groups.
+   step (1 pair) with and without gradient checkpointing, and 2 pairs without; the LPO and GRPO loss steps
+   (float16 base, float32 LoRA rank 32, checkpointing: 2 tuples, or 2 parents of K = 4 children); one round of 2
+   prompts (20 flow SDE steps, K = 4) split into sampling, scoring and training with LPO, then GRPO's training on
+   the same round's groups.
 
 Times are the fastest of `--repeats` after a warm-up, synchronised on the device; ratios are printed as the
 benchmarks in bench/ print them. `--tiny` runs every part on the tiny models of `lpo dev tiny-models`.
@@ -30,6 +31,7 @@ benchmarks in bench/ print them. `--tiny` runs every part on the tiny models of 
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import json
 import os
@@ -70,6 +72,7 @@ class Clock:
 
     def reset_peak(self) -> None:
         if self.device.startswith("cuda"):
+            gc.collect()  # models dropped in a reference cycle are freed now, not inside the next section
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
 
@@ -77,6 +80,7 @@ class Clock:
         return torch.cuda.max_memory_allocated() / 1e9 if self.device.startswith("cuda") else None
 
     def allocated_gb(self) -> float | None:
+        gc.collect()  # what is held, not what waits for the cycle collector
         return torch.cuda.memory_allocated() / 1e9 if self.device.startswith("cuda") else None
 
 
@@ -89,21 +93,21 @@ def plan_memory() -> Any:
     return module
 
 
-def planned_lrm_gb(base: Path, family: str, pairs: int, checkpointing: bool, work: Path,
+def planned_lrm_gb(base: Path, family: str, pairs: int, checkpointing: bool, work: Path, device: str,
                    resolution: int | None = None) -> float:
     """What `lpo reward train --dry-run` plans for one process of the step `lrm_step` makes (bf16 autocast over float32
     weights, feature guidance 7.5, AdamW), in GB."""
     memory = plan_memory()
-    case = memory.Case("lrm", family, family, "bf16", checkpointing, resolution, vfe_scale=7.5)
+    case = memory.Case("lrm", family, family, "bf16", checkpointing, resolution, vfe_scale=7.5, device=device)
     return memory.plan_lrm(case, pairs, work, base)["planned_bytes"] / 1e9
 
 
-def planned_lpo_gb(base: Path, family: str, items: int, work: Path, objective: str = "lpo",
+def planned_lpo_gb(base: Path, family: str, items: int, work: Path, device: str, objective: str = "lpo",
                    checkpointing: bool = False, resolution: int | None = None) -> float:
     """What `lpo optimize --dry-run` plans for one process of a loss step (fp16 frozen weights and compute, CFG 5,
     the family's LoRA rank), an LRM of the base held, in GB."""
     memory = plan_memory()
-    case = memory.Case(objective, family, family, "fp16", checkpointing, resolution)
+    case = memory.Case(objective, family, family, "fp16", checkpointing, resolution, device=device)
     return memory.plan_step(case, items, work, base)["planned_bytes"] / 1e9
 
 
@@ -327,7 +331,7 @@ def lrm_training(sd15: Any, sdxl: Any, clock: Clock, bases: dict[str, Path],
     out = {}
     for name, model, pairs in (("sd15", sd15, 4), ("sdxl", sdxl, 1)):
         runs = [lrm_step(model, clock, pairs, checkpointing,
-                         planned_lrm_gb(bases[name], name, pairs, checkpointing, work))
+                         planned_lrm_gb(bases[name], name, pairs, checkpointing, work, clock.device))
                 for checkpointing in (False, True)]
         out[name] = {"plain": runs[0], "checkpointed": runs[1],
                      "checkpointing_time_cost": runs[1]["step_s"] / runs[0]["step_s"]}
@@ -472,15 +476,16 @@ def flow(model: Any, clock: Clock, tiny: Path | None, work: Path, before_gb: flo
     # 2. an LRM training step, planned on the pipeline it runs: the published configs without T5, at 512 px
     base, resolution = ((tiny / "sd3", None) if tiny is not None else
                         (write_pipeline_configs("sd35m", work / "sd35m", ("text_encoder_3",)), model.resolution))
-    runs = [lrm_step(model, clock, 1, checkpointing,
-                     planned_lrm_gb(base, "sd3", 1, checkpointing, work, resolution))
-            for checkpointing in (False, True)]
-    out["lrm_training"] = {"plain": runs[0], "checkpointed": runs[1]}
+    # (2 pairs too, plain: what a pair adds, where the MMDiT's activations are most of the step)
+    runs = [lrm_step(model, clock, pairs, checkpointing,
+                     planned_lrm_gb(base, "sd3", pairs, checkpointing, work, clock.device, resolution))
+            for pairs, checkpointing in ((1, False), (1, True), (2, False))]
+    out["lrm_training"] = {"plain": runs[0], "checkpointed": runs[1], "plain_2_pairs": runs[2]}
     print(f"flow LRM step (1 pair): {runs[0]['step_s']:.3f} s plain, {runs[1]['step_s']:.3f} s checkpointed; peak "
           f"memory {[r['peak_memory_gb'] for r in runs]}", flush=True)
     for run in runs:
-        print(f"  planned vs measured ({'checkpointed' if run['gradient_checkpointing'] else 'plain'}): "
-              + planned_against(run["planned_gb"], run["step_peak_gb"]), flush=True)
+        print(f"  planned vs measured ({'checkpointed' if run['gradient_checkpointing'] else 'plain'}, "
+              f"{run['pairs']} pair(s)): " + planned_against(run["planned_gb"], run["step_peak_gb"]), flush=True)
     # 3. LPO and GRPO: half-precision base, float32 LoRA rank 32 on both streams, checkpointing, an LRM held
     half = torch.float16 if model.device.type == "cuda" else torch.float32
     model.pipeline.to(dtype=half)
@@ -521,7 +526,8 @@ def flow(model: Any, clock: Clock, tiny: Path | None, work: Path, before_gb: flo
         seconds = clock.fastest(lambda o=objective: train_on(o, batches[o], cond))
         peak = clock.peak_gb()
         own = None if peak is None or before_gb is None else peak - before_gb
-        planned = planned_lpo_gb(base, "sd3", 2, work, objective, checkpointing=True, resolution=resolution)
+        planned = planned_lpo_gb(base, "sd3", 2, work, clock.device, objective, checkpointing=True,
+                                 resolution=resolution)
         out["loss_steps"][objective] = {"items": 2, "step_s": seconds, "peak_memory_gb": peak, "step_peak_gb": own,
                                         "planned_gb": planned,
                                         "measured_over_planned": None if own is None else own / planned}
@@ -594,7 +600,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         half = torch.float16 if args.device.startswith("cuda") else torch.float32
         before = clock.allocated_gb()  # the fp32 SD1.5 of the scoring part is still held
         report["lpo"] = lpo(generator("sd15", tiny, args.device, half), clock, steps=20, prompts=5, k=4,
-                            before_gb=before, planned_gb=planned_lpo_gb(bases["sd15"], "sd15", 4, plans))
+                            before_gb=before, planned_gb=planned_lpo_gb(bases["sd15"], "sd15", 4, plans, args.device))
         before = clock.allocated_gb()
         report["flow"] = flow(generator("sd3", tiny, args.device, torch.float32), clock, tiny, plans, before)
     report["seconds"] = round(time.perf_counter() - started, 1)

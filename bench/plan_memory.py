@@ -2,6 +2,7 @@
 
     python bench/plan_memory.py [--cases lrm-sd15 lpo-sd15 ...] [--pairs 1 2] [--allocators live default]
                                 [--out bench/results/plan_memory.md]
+    python bench/plan_memory.py --replan --out bench/results/plan_memory.md  # the same measurements, planned again
 
 Each case builds the architecture from its published config (`reward/backbones/published.py`) with random weights and
 runs a training step at each batch size in a process of its own, on the CPU: the step's peak resident memory (the
@@ -102,6 +103,7 @@ class Case:
     t5: bool = True
     batches: tuple[int, ...] = (1, 2)
     vfe_scale: float = 1.0  # the LRM's feature guidance (1: none)
+    device: str = "cpu"  # where the step runs: the plan follows that device's autocast and AdamW
 
 
 CASES = {"lrm-sd15": Case("lrm", "sd15", "sd15", batches=(1, 2, 4)),
@@ -242,7 +244,7 @@ def plan_lrm(case: Case, pairs: int, work: Path, base: Path | None = None) -> di
     plan = train.run(RewardTrainConfig(manifest=pairs_manifest(work), base=str(base), out=work / "plan-lrm",
                                        dry_run=True, batch_size=pairs, processes=1, mixed_precision=case.precision,
                                        vfe_scale=case.vfe_scale, gradient_checkpointing=case.checkpointing,
-                                       text_projection_init="", device="cpu", depth=case.depth,
+                                       text_projection_init="", device=case.device, depth=case.depth,
                                        resolution=case.resolution))["plan"]
     return {"planned_bytes": plan.total_bytes, "rows": {k: v for k, v in plan.rows if k != "base"}}  # no tmp path
 
@@ -257,7 +259,7 @@ def step_config(case: Case, base: Path, items: int, lrm: Path | None = None, pro
                      objective=case.kind,
                      train_batch_size=items, processes=1, guidance=5.0, mixed_precision=case.precision,
                      gradient_checkpointing=case.checkpointing, resolution=case.resolution, candidates=K,
-                     device="cpu", monitor=False).resolved()
+                     device=case.device, monitor=False).resolved()
 
 
 def measure_step(case: Case, items: int, work: Path) -> dict:
@@ -342,6 +344,14 @@ def one(case: str, pairs: int) -> dict:
     return {"case": case, "pairs": pairs, **measured, **planned}
 
 
+def replan(row: dict) -> dict:
+    """An earlier row with its plan made again by today's `--dry-run`."""
+    spec = CASES[row["case"]]
+    plan = plan_lrm if spec.kind == "lrm" else plan_step
+    with tempfile.TemporaryDirectory() as work:
+        return row | plan(spec, row["pairs"], Path(work) / "p")
+
+
 # glibc's malloc keeps freed memory in its heap (and raises its mmap threshold as large blocks are freed), so the
 # resident peak counts the transients' slack too; with a fixed mmap threshold every block of 64 KB or more is
 # returned when freed, and the resident peak is the live memory, what CUDA's max_memory_allocated reports
@@ -396,13 +406,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--allocators", nargs="*", default=["live", "default"], choices=list(ALLOCATORS))
     parser.add_argument("--out", type=Path, help="a table (.md) and the rows (.json); rows of cases not run this "
                                                  "time are kept from the file's earlier run")
+    parser.add_argument("--replan", action="store_true",
+                        help="plan again every row of --out, keeping its measurements (a step's peak does not depend "
+                             "on the plan): after a change to the memory model, in seconds")
     parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
         print(json.dumps(one(args.one[0], int(args.one[1]))))
         return []
-    results = run(args.cases, args.pairs, args.allocators)
-    if args.out and args.out.with_suffix(".json").exists():
+    if args.replan:
+        if not (args.out and args.out.with_suffix(".json").exists()):
+            parser.error("--replan reads the rows of --out's .json: name an earlier run's table with --out")
+        results = [replan(row) for row in json.loads(args.out.with_suffix(".json").read_text())]
+    else:
+        results = run(args.cases, args.pairs, args.allocators)
+    if args.out and args.out.with_suffix(".json").exists() and not args.replan:
         ran = {(r["case"], r["pairs"]) for r in results}
         earlier = [r for r in json.loads(args.out.with_suffix(".json").read_text())
                    if (r["case"], r["pairs"]) not in ran and r["case"] in CASES]

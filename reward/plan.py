@@ -39,6 +39,9 @@ import torch
 import transformers
 from accelerate import init_empty_weights
 from torch import nn
+from torch.autograd.graph import saved_tensors_hooks
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -111,42 +114,187 @@ def count(module: nn.Module) -> tuple[int, int]:
     return trained, sum(p.numel() for p in module.parameters()) - trained
 
 
-def trace(module: nn.Module, forward: Callable[[], Any], element_bytes: int,
-          checkpointing: bool) -> tuple[float, float]:
-    """(bytes of the activations one `forward` leaves for backward, FLOPs of the forward); see the module
-    docstring."""
-    totals = {"leaves": 0, "boundaries": 0, "largest": 0}
-    inside: list[int] = []
+# autocast's casts (torch/csrc/autograd/autocast_mode.cpp): these run in the half dtype on either device...
+_TO_HALF = (F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+            torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm, torch.bmm,
+            torch.Tensor.bmm, torch.baddbmm, torch.Tensor.baddbmm, torch.addmm, torch.Tensor.addmm)
+# ...and these in float32 on CUDA only (the CPU's list has no normalisation and no softmax)
+_TO_FLOAT_ON_CUDA = (F.layer_norm, F.group_norm, F.softmax, torch.softmax, torch.Tensor.softmax, F.log_softmax,
+                     torch.log_softmax, torch.Tensor.log_softmax)
 
-    def numel(output: Any) -> int:
-        outputs = output if isinstance(output, (tuple, list)) else [output]
-        return sum(t.numel() for t in outputs if torch.is_tensor(t))
 
-    def leaf(_module: nn.Module, _inputs: Any, output: Any) -> None:
-        totals["leaves"] += numel(output)
-        if inside:
-            inside[-1] += numel(output)
+class _FusedAttention(torch.autograd.Function):
+    """`scaled_dot_product_attention` as the fused kernels keep it for backward (query, key, value, output and the
+    float32 log-sum-exp of each query row), where the meta device would run the math path and keep every attention
+    matrix."""
 
-    def enter(_module: nn.Module, _inputs: Any) -> None:
-        inside.append(0)
+    @staticmethod
+    def forward(ctx: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        output = F.scaled_dot_product_attention(query, key, value, **kwargs)  # no autograd inside: nothing kept
+        if output.dim() == 4:  # the kernels write (batch, tokens, heads, dim): merging the heads after is a view
+            batch, heads, tokens, dim = output.shape
+            output = output.new_empty(batch, tokens, heads, dim).transpose(1, 2)
+        logsumexp = query.new_empty(query.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(query, key, value, output, logsumexp)
+        return output
 
-    def leave(_module: nn.Module, _inputs: Any, output: Any) -> None:
-        totals["largest"] = max(totals["largest"], inside.pop())
-        totals["boundaries"] += numel(output)
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> Any:
+        raise RuntimeError("a plan's trace is never differentiated")
 
+
+class _Timeline:
+    """What one traced forward leaves for backward, in the order it is kept: each storage autograd saves (first
+    save, bytes, the checkpointed block it was saved in or -1) and where each trained weight is used. Backward runs
+    the forward in reverse: at forward event e, what was saved up to e is still held and the gradients of weights
+    used from e on are already made."""
+
+    def __init__(self, held: set[int]):
+        self.held = held  # storages of weights and tables: held anyway
+        self.events = 0
+        self.saved: dict[int, tuple[int, int, int, torch.Tensor]] = {}  # storage -> (event, bytes, block, tensor)
+        self.uses: dict[int, tuple[int, int]] = {}  # id(weight) -> (event, elements)
+        self.blocks: list[int] = []  # the checkpointed blocks open now
+        self.opened = 0
+        self.boundaries: dict[int, tuple[int, int, int, torch.Tensor]] = {}  # blocks' outputs
+        self.latest = -1  # the latest event among what the running operation keeps
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        key = t.untyped_storage()._cdata
+        if key not in self.held:
+            if key not in self.saved:
+                self.saved[key] = (self.events, t.untyped_storage().nbytes(), self.blocks[-1] if self.blocks else -1,
+                                   t)
+                self.events += 1
+            self.latest = max(self.latest, self.saved[key][0])
+        return t
+
+    def op(self, weights: list[tuple[nn.Parameter, bool]], run: Callable[[], Any]) -> Any:
+        """Run one operation that uses `weights` (each with: is this use its gradient's last); the gradient of a
+        weight is made when backward reaches the operation, while what the operation kept is still held. A weight's
+        last use counts, or its first where autocast's cached cast (made at the first use) carries every use."""
+        self.latest = -1
+        result = run()
+        event = self.latest if self.latest >= 0 else self.events - 1
+        for weight, last in weights:
+            if weight.requires_grad and (last or id(weight) not in self.uses):
+                self.uses[id(weight)] = (event, weight.numel())
+        return result
+
+    def enter(self, _module: nn.Module, _inputs: Any) -> None:
+        self.blocks.append(self.opened)
+        self.opened += 1
+
+    def leave(self, _module: nn.Module, _inputs: Any, output: Any) -> None:
+        self.blocks.pop()
+        for t in output if isinstance(output, (tuple, list)) else [output]:
+            if torch.is_tensor(t):
+                self.boundaries[t.untyped_storage()._cdata] = (self.events, t.untyped_storage().nbytes(), -1, t)
+
+    def curve(self, checkpointing: bool) -> list[tuple[float, float]]:
+        """(saved bytes held, trained elements whose gradients are made) at each event of the backward sweep.
+        With checkpointing a block keeps only its output; its inside is recomputed whole when backward reaches it."""
+        outside = dict(self.saved) if not checkpointing else \
+            {**{k: v for k, v in self.saved.items() if v[2] < 0}, **self.boundaries}
+        inside: dict[int, int] = {}
+        for key, (_, size, block, _) in self.saved.items():
+            if checkpointing and block >= 0 and key not in outside:
+                inside[block] = inside.get(block, 0) + size
+        block_at = [-1] * (self.events + 1)
+        for _, (event, _, block, _) in self.saved.items():
+            block_at[event] = block
+        held = [0.0] * (self.events + 1)
+        for event, size, _, _ in outside.values():
+            held[min(event, self.events)] += size
+        made = [0.0] * (self.events + 2)
+        for event, elements in self.uses.values():
+            made[event] += elements
+        for e in range(1, self.events + 1):
+            held[e] += held[e - 1]  # saved up to e
+        for e in range(self.events - 1, -1, -1):
+            made[e] += made[e + 1]  # used from e on
+        return [(held[e] + (inside.get(block_at[e], 0) if checkpointing else 0), made[e])
+                for e in range(self.events + 1)]
+
+
+class _Precision(TorchFunctionMode):
+    """The casts `torch.autocast(device_type, half)` makes, above autograd, so that a meta trace (where autocast does
+    not run) keeps what a run keeps in the dtypes it keeps; a trained weight's cast is made once per forward, as
+    autocast caches it. `half` None: a float32 run, no casts. Attention runs as `_FusedAttention` either way; each
+    operation runs through `timeline`, which places the gradients of the weights it uses."""
+
+    def __init__(self, half: torch.dtype | None, device_type: str, timeline: _Timeline):
+        super().__init__()
+        self.half, self.device_type, self.timeline = half, device_type, timeline
+        self.weights: dict[int, torch.Tensor] = {}
+
+    def cast(self, value: Any, dtype: torch.dtype | None, weights: list[tuple[nn.Parameter, bool]]) -> Any:
+        if isinstance(value, nn.Parameter):
+            if dtype is None or value.dtype == dtype or not value.is_floating_point():
+                weights.append((value, True))
+                return value
+            if id(value) not in self.weights:
+                weights.append((value, False))
+                self.weights[id(value)] = value.to(dtype)
+            return self.weights[id(value)]
+        if dtype is None or not (torch.is_tensor(value) and value.is_floating_point()) or value.dtype == dtype:
+            return value
+        return value.to(dtype)
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        dtype = None
+        if self.half is not None and (func in _TO_HALF or func is F.scaled_dot_product_attention):
+            dtype = self.half
+        elif self.half is not None and self.device_type == "cuda" and func in _TO_FLOAT_ON_CUDA:
+            dtype = torch.float32
+        weights: list[tuple[nn.Parameter, bool]] = []
+        args = tuple(self.cast(a, dtype, weights) for a in args)
+        kwargs = {k: self.cast(v, dtype, weights) for k, v in kwargs.items()}
+        if func is F.scaled_dot_product_attention:
+            named = dict(zip(("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"),
+                             args), **kwargs)
+            return _FusedAttention.apply(named.pop("query"), named.pop("key"), named.pop("value"), named)
+        return self.timeline.op(weights, lambda: func(*args, **kwargs))
+
+
+@dataclass
+class Trace:
+    """One traced training forward: its FLOPs, the activations held when backward starts, and along the backward
+    sweep (saved bytes held, trained elements whose gradients exist)."""
+
+    flops: float
+    activations: float
+    sweep: list[tuple[float, float]]
+
+    def peak(self, gradient_bytes: float, trained: int) -> float:
+        """The most that activations and gradients (`gradient_bytes` each of `trained` elements: 4, divided by the
+        processes when sharded) hold together during backward: the gradients are made as the activations are
+        freed; at the end every gradient is held."""
+        during = max((held + made * gradient_bytes for held, made in self.sweep), default=0.0)
+        return max(during, trained * gradient_bytes)
+
+
+def trace(module: nn.Module, forward: Callable[[], Any], checkpointing: bool, half: torch.dtype | None = None,
+          device_type: str = "cuda") -> Trace:
+    """One training `forward` of `module` on the meta device, as the run would make it; see the module docstring.
+    The parameters of `module` that require gradients are the trained ones (autograd keeps less around a frozen one);
+    `half` is the autocast dtype of a mixed-precision run on `device_type`, None a float32 one."""
+    timeline = _Timeline({t.untyped_storage()._cdata for t in [*module.parameters(), *module.buffers()]})
     hooks = []
     for sub in module.modules():
-        if not list(sub.children()):
-            hooks.append(sub.register_forward_hook(leaf))
         if type(sub).__name__ in CHECKPOINTED:
-            hooks += [sub.register_forward_pre_hook(enter), sub.register_forward_hook(leave)]
+            hooks += [sub.register_forward_pre_hook(timeline.enter), sub.register_forward_hook(timeline.leave)]
+    counter = FlopCounterMode(display=False)
     try:
-        counted = forward_flops(forward)
+        with (torch.enable_grad(), saved_tensors_hooks(timeline.pack, lambda t: t), counter,
+              _Precision(half, device_type, timeline)):
+            forward()
     finally:
         for hook in hooks:
             hook.remove()
-    elements = totals["boundaries"] + totals["largest"] if checkpointing else totals["leaves"]
-    return float(elements * element_bytes), counted
+    sweep = timeline.curve(checkpointing)
+    return Trace(float(counter.get_total_flops()), max((held for held, _ in sweep), default=0.0), sweep)
 
 
 def forward_flops(forward: Callable[[], Any]) -> float:
@@ -185,28 +333,63 @@ def time_rows(plan: Plan, total_flops: float, world: int, config: Any) -> None:
 
 
 def memory_rows(plan: Plan, trained: int, frozen: int, frozen_bytes: int, world: int, sharding: str,
-                activations: float, gpu_memory_gb: float, buffers: int = 0) -> None:
+                traced: Trace, gpu_memory_gb: float, buffers: int = 0, device_type: str = "cuda",
+                traced_weights_train: bool = True) -> None:
     """Add the per-process memory of the parameters, gradients, moments, fixed tables (`buffers`: floating-point
-    buffers, in the frozen dtype and never sharded) and activations, and the warning."""
+    buffers, in the frozen dtype and never sharded) and activations, and the warning. `traced_weights_train`: the
+    weights that required gradients in `traced` are the trained ones (not a LoRA's stand-ins), so their gradients
+    are placed along the backward sweep."""
     shard = world if sharding in ("zero2", "fsdp") else 1
     weights = (trained * 4 + frozen * frozen_bytes) / (world if sharding == "fsdp" else 1)
     gradients = trained * 4 / shard
     moments = trained * 8 / shard
     tables = buffers * frozen_bytes
+    backward = traced.peak(4 / shard, trained) if traced_weights_train else traced.peak(0, 0) + gradients
+    # AdamW on CUDA runs foreach: its step makes one float32 temporary per trained parameter (the CPU's loops)
+    step = gradients + (trained * 4 / shard if device_type == "cuda" else 0)
     plan.add("parameters trained / frozen", f"{trained / 1e6:,.1f}M / {frozen / 1e6:,.1f}M")
     plan.add(f"weights (trained float32, frozen {frozen_bytes} B)", size(weights))
     if tables:
         plan.add("fixed tables (buffers: SD3's position embeddings)", size(tables))
     plan.add("gradients (float32)", size(gradients))
     plan.add("AdamW moments (2 x float32)", size(moments))
-    plan.add("activations of one micro-batch", size(activations))
-    plan.total_bytes = weights + tables + gradients + moments + activations
+    plan.add("activations of one micro-batch", size(traced.activations))
+    plan.add("activations and gradients at their peak (backward frees the one as it makes the other)",
+             size(backward))
+    plan.add("optimizer step (gradients" + (" and foreach AdamW's float32 temporary)" if device_type == "cuda"
+                                            else ")"), size(step))
+    plan.total_bytes = weights + tables + moments + max(backward, step)
     plan.add("total per process (estimate)", size(plan.total_bytes))
     if plan.total_bytes > gpu_memory_gb * GB:
         plan.warnings.append(f"the estimate, {size(plan.total_bytes)} per process, exceeds --gpu-memory-gb "
                              f"{gpu_memory_gb:g}: turn on --gradient-checkpointing, lower --batch-size (with "
                              "--grad-accum for the same effective batch), or shard (accelerate config with "
                              "DeepSpeed ZeRO-2 or FSDP, see examples/accelerate/).")
+
+
+def half_dtype(config: Any) -> torch.dtype:
+    """The half dtype of a mixed-precision run (`auto` runs bf16)."""
+    return torch.float16 if config.mixed_precision == "fp16" else torch.bfloat16
+
+
+def device_type(config: Any) -> str:
+    """Whose autocast rules the run follows: the CPU's for `--device cpu`, else CUDA's."""
+    return "cpu" if str(config.device).startswith("cpu") else "cuda"
+
+
+def train_as_run(denoiser: nn.Module, lora_targets: tuple[str, ...] | None, half: torch.dtype | None) -> None:
+    """Make the meta denoiser's weights what a run trains and holds, so its trace keeps what the run's keeps: under a
+    LoRA the base is frozen in the run's dtype and the targeted layers' inputs are kept (a trained weight stands in
+    for each adapter, whose own rank-r tensors are negligible); under full fine-tuning every weight trains in float32
+    (autocast casts it)."""
+    if lora_targets is None:
+        denoiser.requires_grad_(True)
+        return
+    if half is not None:
+        nn.Module.to(denoiser, half)  # (diffusers' own `to` warns about modules kept in float32: these have none)
+    denoiser.requires_grad_(False)
+    for layer in lora_layers(denoiser, lora_targets):
+        layer.weight.requires_grad_(True)
 
 
 def _meta(build: Callable[[], nn.Module]) -> nn.Module:
@@ -229,16 +412,17 @@ def lrm_plan(config: Any, family: Any, train_pairs: int, images: int, processes:
     buffers = buffer_elements(model) + sum(buffer_elements(part) for part in externals)
     half = config.mixed_precision in ("bf16", "fp16") or (config.mixed_precision == "auto")
     latents = 2 * config.batch_size * (2 if config.vfe_scale != 1.0 else 1)  # both images; VFE doubles the batch
-    activations, forward = trace(model.backbone, lambda: model.backbone.trace(latents, model.config.latent_shape),
-                                 2 if half else 4,
-                                 config.gradient_checkpointing)
+    traced = trace(model.backbone, lambda: model.backbone.trace(latents, model.config.latent_shape),
+                   config.gradient_checkpointing, half_dtype(config) if half else None, device_type(config))
+    forward = traced.flops
     effective = config.batch_size * config.grad_accum * world
     per_update = 3 * forward / config.batch_size * effective  # every weight trains; `forward` ran one micro-batch
     plan = Plan(f"lpo reward train --dry-run: {family.title} LRM, {world} process(es), sharding {sharding}")
     plan.add("base", config.base)
     plan.add("resolution / latent", f"{resolution} px / {list(model.config.latent_shape)}")
     # the frozen parts (SD3's and FLUX's text encoders) are loaded in the run's half precision
-    memory_rows(plan, trained, frozen, 2 if half else 4, world, sharding, activations, config.gpu_memory_gb, buffers)
+    memory_rows(plan, trained, frozen, 2 if half else 4, world, sharding, traced, config.gpu_memory_gb, buffers,
+                device_type(config))
     plan.add("micro-batch per process", f"{config.batch_size} pairs ({latents} latents through the "
                                         f"{family.denoiser})")
     plan.add("effective batch", f"{config.batch_size} x {config.grad_accum} accumulation x {world} = {effective} "
@@ -276,10 +460,15 @@ def meta_lrm(family: Any, base: str, vae: str | None = None, depth: int | None =
     return _meta(build)
 
 
+def lora_layers(denoiser: nn.Module, targets: tuple[str, ...]) -> list[nn.Linear]:
+    """The Linear layers a LoRA on `targets` (PEFT's names: a layer's name or its last parts) adapts."""
+    return [module for name, module in denoiser.named_modules()
+            if isinstance(module, nn.Linear) and any(name == t or name.endswith(f".{t}") for t in targets)]
+
+
 def lora_parameters(denoiser: nn.Module, targets: tuple[str, ...], rank: int) -> int:
     """Parameters of a rank-`rank` LoRA on the Linear layers named by `targets`: r x (in + out) each."""
-    return sum(rank * (module.in_features + module.out_features) for name, module in denoiser.named_modules()
-               if isinstance(module, nn.Linear) and any(name == t or name.endswith(f".{t}") for t in targets))
+    return sum(rank * (module.in_features + module.out_features) for module in lora_layers(denoiser, targets))
 
 
 def component_module(part: dict[str, Any]) -> nn.Module:
@@ -341,12 +530,15 @@ def lpo_plan(config: Any, family: Any, objective: Any, rounds_per_epoch: Callabl
     batch = config.train_batch_size * (2 if cfg else 1)  # CFG runs both halves in one batch
     native = pixel_resolution(denoiser_config, config.base)
     side = latent_side_at(config.base, config.resolution or native)  # where the policy samples and the LRM scores
-    activations, forward = trace(denoiser, lambda: family.generator.trace(denoiser, batch, side), 2 if half else 4,
-                                 bool(config.gradient_checkpointing))
+    train_as_run(denoiser, family.lora_targets if config.lora_rank > 0 else None, half_dtype(config) if half else None)
+    traced = trace(denoiser, lambda: family.generator.trace(denoiser, batch, side),
+                   bool(config.gradient_checkpointing), half_dtype(config) if half else None, device_type(config))
+    forward = traced.flops
     plan = Plan(f"lpo optimize {family.name} --dry-run: {world} process(es), sharding {sharding}")
     plan.add("base", config.base)
     plan.add("resolution", f"{config.resolution or native} px")
-    memory_rows(plan, trained, frozen, 2 if half else 4, world, sharding, activations, config.gpu_memory_gb, buffers)
+    memory_rows(plan, trained, frozen, 2 if half else 4, world, sharding, traced, config.gpu_memory_gb, buffers,
+                device_type(config), traced_weights_train=config.lora_rank == 0)
     per_epoch = rounds_per_epoch(world)
     plan.add("LoRA", f"rank {config.lora_rank} on {', '.join(family.lora_targets)}" if config.lora_rank else
              "none: the whole denoiser is trained")

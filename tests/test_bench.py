@@ -1,4 +1,5 @@
-"""The prepared GPU check (bench/gpu_check.py): its real-size models, and a whole run on the tiny models."""
+"""The prepared GPU check (bench/gpu_check.py): its real-size models, and a whole run on the tiny models; the memory
+bench's replanning (bench/plan_memory.py)."""
 
 from __future__ import annotations
 
@@ -67,6 +68,7 @@ def test_the_check_runs_on_the_tiny_models(gpu_check, tmp_path: Path) -> None:
     assert set(flow["loss_steps"]) == {"lpo", "grpo"} and all(v["step_s"] > 0 for v in flow["loss_steps"].values())
     # the flow steps' plans beside them too (the LRM's plain above its checkpointed one; LPO's and GRPO's alike)
     assert flow["lrm_training"]["plain"]["planned_gb"] > flow["lrm_training"]["checkpointed"]["planned_gb"] > 0
+    assert flow["lrm_training"]["plain_2_pairs"]["planned_gb"] > flow["lrm_training"]["plain"]["planned_gb"]
     assert all(v["planned_gb"] > 0 and v["step_peak_gb"] is None for v in flow["loss_steps"].values())
     for objective in ("lpo", "grpo"):
         row = flow["round"][objective]
@@ -107,3 +109,16 @@ def test_the_compute_bench_plans_the_paper_recipe_beside_its_a100_hours(tmp_path
     assert paper == 23.0 and ratio == pytest.approx(lpo_hours / paper, abs=0.01)
     assert agree == pytest.approx(0.5 * ratio, abs=0.01)  # the MFU at which plan and paper agree
     assert (tmp_path / "compute.md").read_text() == text
+
+
+def test_the_memory_bench_plans_again_and_keeps_its_measurements(gpu_check, tmp_path: Path) -> None:
+    """`plan_memory.py --replan`: every row of an earlier run planned by today's `--dry-run`, its measurement kept."""
+    memory = gpu_check.plan_memory()
+    out = tmp_path / "plan_memory.md"
+    out.with_suffix(".json").write_text(json.dumps([{"case": "lrm-sd15", "pairs": 2, "measured_bytes": 9.0e9,
+                                                     "planned_bytes": 1.0}]))
+    rows = memory.main(["--replan", "--out", str(out)])
+    planned = memory.plan_lrm(memory.CASES["lrm-sd15"], 2, tmp_path / "direct")["planned_bytes"]
+    assert rows[0]["measured_bytes"] == 9.0e9 and rows[0]["planned_bytes"] == planned > 1e9
+    assert json.loads(out.with_suffix(".json").read_text()) == rows
+    assert f"| lrm-sd15 | 2 | {planned / 1e9:.2f} GB | 9.00 GB |" in out.read_text()

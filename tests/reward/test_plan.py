@@ -18,7 +18,7 @@ from lpo.reward.backbones import FAMILIES
 from lpo.reward.backbones.published import write_pipeline_configs
 from lpo.reward.lrm import train
 from lpo.reward.lrm.config import RewardTrainConfig
-from lpo.reward.plan import forward_flops, lora_parameters
+from lpo.reward.plan import forward_flops, lora_parameters, meta_lrm, trace, train_as_run
 from lpo.reward.toy.world import write_pickapic_parquet
 
 GB = 1e9
@@ -200,6 +200,83 @@ def test_forward_flops_equal_a_hand_count(device: str) -> None:
     linear = 2 * batch * 64 * 8 * 16
     attention = 2 * (2 * batch * 2 * 64 * 64 * 8)  # q k^T and the weights times v, per head
     assert forward_flops(lambda: model(torch.zeros(batch, 3, 8, 8, device=device))) == conv + linear + attention
+
+
+def _saved_by_autograd(module: nn.Module, forward: Any, autocast: bool) -> int:
+    """Bytes autograd keeps for backward in a real forward on the CPU (its saved tensors, one count per storage,
+    weights and tables left out), under the CPU's own bf16 autocast where asked."""
+    held = {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()]}
+    kept: dict[int, tuple[int, torch.Tensor]] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in held:
+            kept[t.untyped_storage().data_ptr()] = (t.untyped_storage().nbytes(), t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        forward()
+    return sum(size for size, _ in kept.values())
+
+
+@pytest.mark.parametrize("family", ["sd15", "sd3"])
+def test_the_trace_keeps_what_autograd_keeps(family: str, tiny_models_dir: Path) -> None:
+    """The meta trace (fused attention stood in, autocast's casts emulated) against a real forward of the same LRM
+    on the CPU, in float32 and under bf16 autocast: the same bytes, up to the norms' per-row statistics (which the
+    CPU keeps in another dtype). On CUDA's rules a bf16 MMDiT keeps more: its layer norms run in float32."""
+    from lpo.reward.lrm.model import LatentRewardModel
+
+    base = str(tiny_models_dir / family)
+    real = LatentRewardModel.from_base(base, text_projection_init=None)
+    meta = meta_lrm(FAMILIES[family], base)
+    for half in (None, torch.bfloat16):
+        kept = _saved_by_autograd(real.backbone, lambda: real.backbone.trace(4), half is not None)
+        traced = trace(meta.backbone, lambda: meta.backbone.trace(4), False, half, "cpu")
+        assert traced.activations == pytest.approx(kept, rel=0.01)
+    on_cuda = trace(meta.backbone, lambda: meta.backbone.trace(4), False, torch.bfloat16, "cuda").activations
+    on_cpu = trace(meta.backbone, lambda: meta.backbone.trace(4), False, torch.bfloat16, "cpu").activations
+    assert (on_cuda > 1.05 * on_cpu) if family == "sd3" else on_cuda >= on_cpu
+
+
+def test_a_lora_trace_keeps_what_a_peft_lora_keeps(tiny_models_dir: Path) -> None:
+    """Under a LoRA the plan's trace trains the targeted layers' weights in place of the adapters: autograd keeps
+    those layers' inputs, as PEFT's adapters do. Their rank-r outputs come on top, r / width of the inputs: rank 1
+    here, where the tiny UNet is 32 wide (a real rank 4 to 64 on 320 to 1280 channels is as small a share)."""
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    base = str(tiny_models_dir / "sd15")
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    unet.requires_grad_(False)
+    targets = FAMILIES["sd15"].lora_targets
+    unet.add_adapter(LoraConfig(r=1, lora_alpha=1, target_modules=list(targets)))
+    kept = _saved_by_autograd(unet, lambda: FAMILIES["sd15"].generator.trace(unet, 4), False)
+    stand_in = UNet2DConditionModel.from_config(unet.config).to("meta")
+    train_as_run(stand_in, targets, None)
+    traced = trace(stand_in, lambda: FAMILIES["sd15"].generator.trace(stand_in, 4), False)
+    assert traced.activations == pytest.approx(kept, rel=0.05)
+    train_as_run(stand_in, None, None)  # every weight trained keeps more: the convolutions' inputs too
+    assert trace(stand_in, lambda: FAMILIES["sd15"].generator.trace(stand_in, 4), False).activations > \
+        1.1 * traced.activations
+
+
+def test_the_backward_sweep_equals_a_hand_count() -> None:
+    """A chain of n Linear layers with ReLUs between them, float32, every weight trained. Autograd keeps each layer's
+    input (B x D floats; a ReLU's output is the next layer's input, kept once), and each ReLU's output; backward frees
+    them last to first while it makes each layer's gradients ((D + 1) x D floats). During layer k's backward it holds
+    the inputs of layers 1..k and the gradients of layers k..n; during the last ReLU's, every activation and no
+    gradient."""
+    batch, width, layers = 64, 32, 4
+    chain = [module for _ in range(layers) for module in (nn.Linear(width, width), nn.ReLU())]
+    model = nn.Sequential(*chain).to("meta")
+    traced = trace(model, lambda: model(torch.zeros(batch, width, device="meta")), False, None)
+    row, grads = batch * width * 4, (width + 1) * width  # bytes of one activation, elements of one layer's grads
+    assert traced.activations == (layers + 1) * row  # the input and the n ReLU outputs
+    held = [k * row + (layers - k + 1) * grads * 4 for k in range(1, layers + 1)]
+    held.append((layers + 1) * row + 0)  # the last ReLU's backward, before any gradient
+    assert traced.peak(4, layers * grads) == max(max(held), layers * grads * 4)
+    assert traced.peak(2, layers * grads) == max([k * row + (layers - k + 1) * grads * 2
+                                                 for k in range(1, layers + 1)] + [(layers + 1) * row])
 
 
 def test_training_costs_three_forwards_and_a_lora_two(tiny_models_dir: Path) -> None:
