@@ -11,10 +11,18 @@ float32 masters), frozen ones take the run's dtype; gradients 4 and AdamW's mome
 tables kept as buffers (SD3's sin-cos position embedding, 0.45 GB in half precision in each SD3.5 transformer) take
 the frozen dtype too.
 `zero2` (DeepSpeed ZeRO-2) shards gradients and moments over the processes, `fsdp` (full shard) the weights too.
-Activations: the sum of every leaf module's output in one forward (what autograd keeps, roughly), in the compute
-dtype; with gradient checkpointing, the checkpointed blocks' outputs plus the largest block's inside (recomputed
-one block at a time). The text encoders' activations, small next to the denoiser's, are not counted. It is an
-estimate: allocator slack and temporary buffers come on top.
+Activations: what autograd keeps for backward in one training forward traced on the meta device
+(`saved_tensors_hooks`: each saved storage once, weights and tables left out), with the run's trained weights
+requiring gradients (under a LoRA the targeted layers stand in for its adapters), attention kept as the fused kernels
+keep it (query, key, value, output, log-sum-exp; the meta device would keep every attention matrix), and autocast's
+casts made as on the run's device (CUDA's: matmuls and convolutions in half precision, norms and softmax in float32;
+the CPU's: no float32 list), trained weights' half copies included. With gradient checkpointing, a checkpointed
+block keeps its output, and its inside is held again while backward recomputes it. Backward frees activations as it
+makes gradients, last layer first: the plan holds the most the two hold together along that sweep (at the end, every
+gradient), or at the optimizer step the gradients and, on CUDA, foreach AdamW's float32 temporary, whichever is
+more. The text encoders' activations, small next to the denoiser's, are not counted. It is an estimate: allocator
+slack and kernels' workspaces come on top (measured against real peaks in `bench/plan_memory.py` on the CPU and
+`bench/gpu_check.py` on a GPU: within 0.96-1.11).
 
 Compute: the same traced forward is counted by torch's FLOP counter (`torch.utils.flop_counter`: 2 FLOPs per
 multiply-add of every matmul, convolution and attention; elementwise work is not counted), per latent. A training
@@ -39,39 +47,17 @@ import torch
 import transformers
 from accelerate import init_empty_weights
 from torch import nn
-from torch.autograd.graph import saved_tensors_hooks
-from torch.nn import functional as F
-from torch.overrides import TorchFunctionMode
-from torch.utils import flop_counter
-from torch.utils.flop_counter import FlopCounterMode
 
 from lpo.core.errors import InputError
 from lpo.reward.backbones import pixel_resolution, read_subfolder_config
 from lpo.reward.backbones.family import latent_side_at
 from lpo.reward.lrm.model import LatentRewardModel, latent_shape_at, read_lrm_config
+from lpo.reward.tracing import Trace, forward_flops, trace
 
 SHARDINGS = ("auto", "none", "zero2", "fsdp")
 GB = 1e9
 # dense bf16/fp16 tensor-core peaks, FLOP/s, without sparsity (A100 SXM; H100 and H200 SXM share one compute die)
 GPUS = {"a100": 312e12, "h100": 989e12, "h200": 989e12}
-# torch's counter knows the CUDA attention kernels; the CPU's own (which F.scaled_dot_product_attention calls there)
-# costs the same multiply-adds, so counts on the CPU agree with those on the meta device (where it decomposes)
-_CPU_ATTENTION = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-if _CPU_ATTENTION not in flop_counter.flop_registry:
-    @flop_counter.register_flop_formula(_CPU_ATTENTION)
-    def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
-
-    @flop_counter.register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward)
-    def _cpu_attention_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
-                                      **kwargs) -> int:
-        return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
-
-# the modules diffusers checkpoints one at a time under gradient checkpointing
-CHECKPOINTED = ("ResnetBlock2D", "Transformer2DModel", "DualTransformer2DModel",  # UNets
-                "JointTransformerBlock", "FluxTransformerBlock", "FluxSingleTransformerBlock")  # MMDiTs
-
-
 @dataclass
 class Plan:
     """What one process will hold and do; `rows` are printed in order."""
@@ -112,197 +98,6 @@ def count(module: nn.Module) -> tuple[int, int]:
     """(trained, frozen) parameter counts."""
     trained = sum(p.numel() for p in module.parameters() if p.requires_grad)
     return trained, sum(p.numel() for p in module.parameters()) - trained
-
-
-# autocast's casts (torch/csrc/autograd/autocast_mode.cpp): these run in the half dtype on either device...
-_TO_HALF = (F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
-            torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm, torch.bmm,
-            torch.Tensor.bmm, torch.baddbmm, torch.Tensor.baddbmm, torch.addmm, torch.Tensor.addmm)
-# ...and these in float32 on CUDA only (the CPU's list has no normalisation and no softmax)
-_TO_FLOAT_ON_CUDA = (F.layer_norm, F.group_norm, F.softmax, torch.softmax, torch.Tensor.softmax, F.log_softmax,
-                     torch.log_softmax, torch.Tensor.log_softmax)
-
-
-class _FusedAttention(torch.autograd.Function):
-    """`scaled_dot_product_attention` as the fused kernels keep it for backward (query, key, value, output and the
-    float32 log-sum-exp of each query row), where the meta device would run the math path and keep every attention
-    matrix."""
-
-    @staticmethod
-    def forward(ctx: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        output = F.scaled_dot_product_attention(query, key, value, **kwargs)  # no autograd inside: nothing kept
-        if output.dim() == 4:  # the kernels write (batch, tokens, heads, dim): merging the heads after is a view
-            batch, heads, tokens, dim = output.shape
-            output = output.new_empty(batch, tokens, heads, dim).transpose(1, 2)
-        logsumexp = query.new_empty(query.shape[:-1], dtype=torch.float32)
-        ctx.save_for_backward(query, key, value, output, logsumexp)
-        return output
-
-    @staticmethod
-    def backward(ctx: Any, *grads: Any) -> Any:
-        raise RuntimeError("a plan's trace is never differentiated")
-
-
-class _Timeline:
-    """What one traced forward leaves for backward, in the order it is kept: each storage autograd saves (first
-    save, bytes, the checkpointed block it was saved in or -1) and where each trained weight is used. Backward runs
-    the forward in reverse: at forward event e, what was saved up to e is still held and the gradients of weights
-    used from e on are already made."""
-
-    def __init__(self, held: set[int]):
-        self.held = held  # storages of weights and tables: held anyway
-        self.events = 0
-        self.saved: dict[int, tuple[int, int, int, torch.Tensor]] = {}  # storage -> (event, bytes, block, tensor)
-        self.uses: dict[int, tuple[int, int]] = {}  # id(weight) -> (event, elements)
-        self.blocks: list[int] = []  # the checkpointed blocks open now
-        self.opened = 0
-        self.boundaries: dict[int, tuple[int, int, int, torch.Tensor]] = {}  # blocks' outputs
-        self.latest = -1  # the latest event among what the running operation keeps
-
-    def pack(self, t: torch.Tensor) -> torch.Tensor:
-        key = t.untyped_storage()._cdata
-        if key not in self.held:
-            if key not in self.saved:
-                self.saved[key] = (self.events, t.untyped_storage().nbytes(), self.blocks[-1] if self.blocks else -1,
-                                   t)
-                self.events += 1
-            self.latest = max(self.latest, self.saved[key][0])
-        return t
-
-    def op(self, weights: list[tuple[nn.Parameter, bool]], run: Callable[[], Any]) -> Any:
-        """Run one operation that uses `weights` (each with: is this use its gradient's last); the gradient of a
-        weight is made when backward reaches the operation, while what the operation kept is still held. A weight's
-        last use counts, or its first where autocast's cached cast (made at the first use) carries every use."""
-        self.latest = -1
-        result = run()
-        event = self.latest if self.latest >= 0 else self.events - 1
-        for weight, last in weights:
-            if weight.requires_grad and (last or id(weight) not in self.uses):
-                self.uses[id(weight)] = (event, weight.numel())
-        return result
-
-    def enter(self, _module: nn.Module, _inputs: Any) -> None:
-        self.blocks.append(self.opened)
-        self.opened += 1
-
-    def leave(self, _module: nn.Module, _inputs: Any, output: Any) -> None:
-        self.blocks.pop()
-        for t in output if isinstance(output, (tuple, list)) else [output]:
-            if torch.is_tensor(t):
-                self.boundaries[t.untyped_storage()._cdata] = (self.events, t.untyped_storage().nbytes(), -1, t)
-
-    def curve(self, checkpointing: bool) -> list[tuple[float, float]]:
-        """(saved bytes held, trained elements whose gradients are made) at each event of the backward sweep.
-        With checkpointing a block keeps only its output; its inside is recomputed whole when backward reaches it."""
-        outside = dict(self.saved) if not checkpointing else \
-            {**{k: v for k, v in self.saved.items() if v[2] < 0}, **self.boundaries}
-        inside: dict[int, int] = {}
-        for key, (_, size, block, _) in self.saved.items():
-            if checkpointing and block >= 0 and key not in outside:
-                inside[block] = inside.get(block, 0) + size
-        block_at = [-1] * (self.events + 1)
-        for _, (event, _, block, _) in self.saved.items():
-            block_at[event] = block
-        held = [0.0] * (self.events + 1)
-        for event, size, _, _ in outside.values():
-            held[min(event, self.events)] += size
-        made = [0.0] * (self.events + 2)
-        for event, elements in self.uses.values():
-            made[event] += elements
-        for e in range(1, self.events + 1):
-            held[e] += held[e - 1]  # saved up to e
-        for e in range(self.events - 1, -1, -1):
-            made[e] += made[e + 1]  # used from e on
-        return [(held[e] + (inside.get(block_at[e], 0) if checkpointing else 0), made[e])
-                for e in range(self.events + 1)]
-
-
-class _Precision(TorchFunctionMode):
-    """The casts `torch.autocast(device_type, half)` makes, above autograd, so that a meta trace (where autocast does
-    not run) keeps what a run keeps in the dtypes it keeps; a trained weight's cast is made once per forward, as
-    autocast caches it. `half` None: a float32 run, no casts. Attention runs as `_FusedAttention` either way; each
-    operation runs through `timeline`, which places the gradients of the weights it uses."""
-
-    def __init__(self, half: torch.dtype | None, device_type: str, timeline: _Timeline):
-        super().__init__()
-        self.half, self.device_type, self.timeline = half, device_type, timeline
-        self.weights: dict[int, torch.Tensor] = {}
-
-    def cast(self, value: Any, dtype: torch.dtype | None, weights: list[tuple[nn.Parameter, bool]]) -> Any:
-        if isinstance(value, nn.Parameter):
-            if dtype is None or value.dtype == dtype or not value.is_floating_point():
-                weights.append((value, True))
-                return value
-            if id(value) not in self.weights:
-                weights.append((value, False))
-                self.weights[id(value)] = value.to(dtype)
-            return self.weights[id(value)]
-        if dtype is None or not (torch.is_tensor(value) and value.is_floating_point()) or value.dtype == dtype:
-            return value
-        return value.to(dtype)
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
-        dtype = None
-        if self.half is not None and (func in _TO_HALF or func is F.scaled_dot_product_attention):
-            dtype = self.half
-        elif self.half is not None and self.device_type == "cuda" and func in _TO_FLOAT_ON_CUDA:
-            dtype = torch.float32
-        weights: list[tuple[nn.Parameter, bool]] = []
-        args = tuple(self.cast(a, dtype, weights) for a in args)
-        kwargs = {k: self.cast(v, dtype, weights) for k, v in kwargs.items()}
-        if func is F.scaled_dot_product_attention:
-            named = dict(zip(("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"),
-                             args), **kwargs)
-            return _FusedAttention.apply(named.pop("query"), named.pop("key"), named.pop("value"), named)
-        return self.timeline.op(weights, lambda: func(*args, **kwargs))
-
-
-@dataclass
-class Trace:
-    """One traced training forward: its FLOPs, the activations held when backward starts, and along the backward
-    sweep (saved bytes held, trained elements whose gradients exist)."""
-
-    flops: float
-    activations: float
-    sweep: list[tuple[float, float]]
-
-    def peak(self, gradient_bytes: float, trained: int) -> float:
-        """The most that activations and gradients (`gradient_bytes` each of `trained` elements: 4, divided by the
-        processes when sharded) hold together during backward: the gradients are made as the activations are
-        freed; at the end every gradient is held."""
-        during = max((held + made * gradient_bytes for held, made in self.sweep), default=0.0)
-        return max(during, trained * gradient_bytes)
-
-
-def trace(module: nn.Module, forward: Callable[[], Any], checkpointing: bool, half: torch.dtype | None = None,
-          device_type: str = "cuda") -> Trace:
-    """One training `forward` of `module` on the meta device, as the run would make it; see the module docstring.
-    The parameters of `module` that require gradients are the trained ones (autograd keeps less around a frozen one);
-    `half` is the autocast dtype of a mixed-precision run on `device_type`, None a float32 one."""
-    timeline = _Timeline({t.untyped_storage()._cdata for t in [*module.parameters(), *module.buffers()]})
-    hooks = []
-    for sub in module.modules():
-        if type(sub).__name__ in CHECKPOINTED:
-            hooks += [sub.register_forward_pre_hook(timeline.enter), sub.register_forward_hook(timeline.leave)]
-    counter = FlopCounterMode(display=False)
-    try:
-        with (torch.enable_grad(), saved_tensors_hooks(timeline.pack, lambda t: t), counter,
-              _Precision(half, device_type, timeline)):
-            forward()
-    finally:
-        for hook in hooks:
-            hook.remove()
-    sweep = timeline.curve(checkpointing)
-    return Trace(float(counter.get_total_flops()), max((held for held, _ in sweep), default=0.0), sweep)
-
-
-def forward_flops(forward: Callable[[], Any]) -> float:
-    """FLOPs of one `forward`, counted by torch's FLOP counter (works on the meta device: shapes suffice)."""
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        forward()
-    return float(counter.get_total_flops())
 
 
 def flops(n: float) -> str:

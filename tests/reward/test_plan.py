@@ -18,8 +18,9 @@ from lpo.reward.backbones import FAMILIES
 from lpo.reward.backbones.published import write_pipeline_configs
 from lpo.reward.lrm import train
 from lpo.reward.lrm.config import RewardTrainConfig
-from lpo.reward.plan import forward_flops, lora_parameters, meta_lrm, trace, train_as_run
+from lpo.reward.plan import lora_parameters, meta_lrm, train_as_run
 from lpo.reward.toy.world import write_pickapic_parquet
+from lpo.reward.tracing import forward_flops, trace
 
 GB = 1e9
 
@@ -404,7 +405,6 @@ def test_fixed_tables_are_planned(manifest: Path, tmp_path: Path) -> None:
     from lpo.reward.backbones.published import PIPELINES
     from lpo.reward.lpo import train as lpo_train
     from lpo.reward.lpo.config import LPOConfig
-    from lpo.reward.plan import meta_lrm
 
     base = write_pipeline_configs("sd35m", tmp_path / "sd35m", ("text_encoder_3",))
     config = PIPELINES["sd35m"]["transformer"]
@@ -438,7 +438,6 @@ def test_flux_and_sd35_large_are_planned_at_their_published_size(family: str, na
 
     from lpo.reward.lpo import train as lpo_train
     from lpo.reward.lpo.config import LPOConfig
-    from lpo.reward.plan import meta_lrm
 
     base = write_pipeline_configs(name, tmp_path / name)
     lrm = tmp_path / "lrm"
