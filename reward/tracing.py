@@ -34,13 +34,21 @@ CHECKPOINTED = ("ResnetBlock2D", "Transformer2DModel", "DualTransformer2DModel",
                 "JointTransformerBlock", "FluxTransformerBlock", "FluxSingleTransformerBlock")  # MMDiTs
 
 
-# autocast's casts (torch/csrc/autograd/autocast_mode.cpp): these run in the half dtype on either device...
+# autocast's casts (aten/src/ATen/autocast_mode.{h,cpp}), at the level of the Python calls a model makes: these run
+# in the half dtype on either device (einsum and matmul decompose into the listed products, which autocast casts)...
 _TO_HALF = (F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
-            torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm, torch.bmm,
-            torch.Tensor.bmm, torch.baddbmm, torch.Tensor.baddbmm, torch.addmm, torch.Tensor.addmm)
-# ...and these in float32 on CUDA only (the CPU's list has no normalisation and no softmax)
-_TO_FLOAT_ON_CUDA = (F.layer_norm, F.group_norm, F.softmax, torch.softmax, torch.Tensor.softmax, F.log_softmax,
-                     torch.log_softmax, torch.Tensor.log_softmax)
+            F.prelu, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__, torch.mm,
+            torch.Tensor.mm, torch.bmm, torch.Tensor.bmm, torch.baddbmm, torch.Tensor.baddbmm, torch.addmm,
+            torch.Tensor.addmm, torch.addbmm, torch.Tensor.addbmm, torch.einsum, F.scaled_dot_product_attention)
+# ...and these in float32 on CUDA only (the CPU's float32 list has none of them): norms, softmax, upsampling,
+# exponentials, powers and reductions, and the losses
+_TO_FLOAT_ON_CUDA = (F.layer_norm, F.group_norm, getattr(F, "rms_norm", F.layer_norm), F.softmax, torch.softmax,
+                     torch.Tensor.softmax, F.log_softmax, torch.log_softmax, torch.Tensor.log_softmax, F.interpolate,
+                     F.softplus, torch.exp, torch.Tensor.exp, torch.log, torch.Tensor.log, torch.pow, torch.Tensor.pow,
+                     torch.Tensor.__pow__, torch.rsqrt, torch.Tensor.rsqrt, torch.sum, torch.Tensor.sum, torch.cumsum,
+                     torch.Tensor.cumsum, torch.prod, torch.Tensor.prod, torch.logsumexp, torch.Tensor.logsumexp,
+                     F.cosine_similarity, F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.kl_div,
+                     F.binary_cross_entropy_with_logits)
 
 
 class _FusedAttention(torch.autograd.Function):
@@ -164,7 +172,7 @@ class _Precision(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         dtype = None
-        if self.half is not None and (func in _TO_HALF or func is F.scaled_dot_product_attention):
+        if self.half is not None and func in _TO_HALF:
             dtype = self.half
         elif self.half is not None and self.device_type == "cuda" and func in _TO_FLOAT_ON_CUDA:
             dtype = torch.float32
