@@ -188,8 +188,9 @@ class _Precision(TorchFunctionMode):
 
 @dataclass
 class Trace:
-    """One traced training forward: its FLOPs, the activations held when backward starts, and along the backward
-    sweep (saved bytes held, trained elements whose gradients exist)."""
+    """One traced training forward: its FLOPs, the most activations held at once (when backward starts; with
+    checkpointing, while it recomputes a block), and along the backward sweep (saved bytes held, trained elements
+    whose gradients exist)."""
 
     flops: float
     activations: float
@@ -205,7 +206,8 @@ class Trace:
 
 def trace(module: nn.Module, forward: Callable[[], Any], checkpointing: bool, half: torch.dtype | None = None,
           device_type: str = "cuda") -> Trace:
-    """One training `forward` of `module` on the meta device, as the run would make it; see the module docstring.
+    """One training `forward` of `module` on the meta device, as the run would make it (the memory model:
+    `lpo.reward.plan`'s docstring).
     The parameters of `module` that require gradients are the trained ones (autograd keeps less around a frozen one);
     `half` is the autocast dtype of a mixed-precision run on `device_type`, None a float32 one."""
     timeline = _Timeline({t.untyped_storage()._cdata for t in [*module.parameters(), *module.buffers()]})
