@@ -80,8 +80,10 @@ class Clock:
         return torch.cuda.max_memory_allocated() / 1e9 if self.device.startswith("cuda") else None
 
     def allocated_gb(self) -> float | None:
+        if not self.device.startswith("cuda"):
+            return None
         gc.collect()  # what is held, not what waits for the cycle collector
-        return torch.cuda.memory_allocated() / 1e9 if self.device.startswith("cuda") else None
+        return torch.cuda.memory_allocated() / 1e9
 
 
 def plan_memory() -> Any:

@@ -420,12 +420,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         results = [replan(row) for row in json.loads(args.out.with_suffix(".json").read_text())]
     else:
         results = run(args.cases, args.pairs, args.allocators)
-    if args.out and args.out.with_suffix(".json").exists() and not args.replan:
-        ran = {(r["case"], r["pairs"]) for r in results}
-        earlier = [r for r in json.loads(args.out.with_suffix(".json").read_text())
-                   if (r["case"], r["pairs"]) not in ran and r["case"] in CASES]
-        order = list(CASES)
-        results = sorted(earlier + results, key=lambda r: (order.index(r["case"]), r["pairs"]))
+        if args.out and args.out.with_suffix(".json").exists():
+            ran = {(r["case"], r["pairs"]) for r in results}
+            earlier = [r for r in json.loads(args.out.with_suffix(".json").read_text())
+                       if (r["case"], r["pairs"]) not in ran and r["case"] in CASES]
+            order = list(CASES)
+            results = sorted(earlier + results, key=lambda r: (order.index(r["case"]), r["pairs"]))
     text = table(results)
     print(text)
     if args.out:

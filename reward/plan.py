@@ -162,9 +162,12 @@ def memory_rows(plan: Plan, trained: int, frozen: int, frozen_bytes: int, world:
                              "DeepSpeed ZeRO-2 or FSDP, see examples/accelerate/).")
 
 
-def half_dtype(config: Any) -> torch.dtype:
-    """The half dtype of a mixed-precision run (`auto` runs bf16)."""
-    return torch.float16 if config.mixed_precision == "fp16" else torch.bfloat16
+def half_dtype(config: Any) -> torch.dtype | None:
+    """The half dtype of a mixed-precision run, None for a float32 one; `auto` is planned as bf16 (LPO picks fp16
+    on CUDA for the UNets: the same 2 bytes, cast at the same places)."""
+    if config.mixed_precision == "fp16":
+        return torch.float16
+    return torch.bfloat16 if config.mixed_precision in ("bf16", "auto") else None
 
 
 def device_type(config: Any) -> str:
@@ -205,10 +208,10 @@ def lrm_plan(config: Any, family: Any, train_pairs: int, images: int, processes:
     externals = [component_module(part) for part in model.backbone.external_components().values()]
     frozen += sum(p.numel() for part in externals for p in part.parameters())
     buffers = buffer_elements(model) + sum(buffer_elements(part) for part in externals)
-    half = config.mixed_precision in ("bf16", "fp16") or (config.mixed_precision == "auto")
+    half = half_dtype(config)
     latents = 2 * config.batch_size * (2 if config.vfe_scale != 1.0 else 1)  # both images; VFE doubles the batch
     traced = trace(model.backbone, lambda: model.backbone.trace(latents, model.config.latent_shape),
-                   config.gradient_checkpointing, half_dtype(config) if half else None, device_type(config))
+                   config.gradient_checkpointing, half, device_type(config))
     forward = traced.flops
     effective = config.batch_size * config.grad_accum * world
     per_update = 3 * forward / config.batch_size * effective  # every weight trains; `forward` ran one micro-batch
@@ -320,14 +323,14 @@ def lpo_plan(config: Any, family: Any, objective: Any, rounds_per_epoch: Callabl
     frozen_parts, buffers = _frozen_parts(config, family)
     frozen += frozen_parts
     buffers += buffer_elements(denoiser) * (1 if config.lora_rank > 0 else 2)  # full fine-tuning: a reference copy
-    half = config.mixed_precision in ("fp16", "bf16") or config.mixed_precision == "auto"
+    half = half_dtype(config)
     cfg = family.generator.classifier_free and config.guidance != 1.0
     batch = config.train_batch_size * (2 if cfg else 1)  # CFG runs both halves in one batch
     native = pixel_resolution(denoiser_config, config.base)
     side = latent_side_at(config.base, config.resolution or native)  # where the policy samples and the LRM scores
-    train_as_run(denoiser, family.lora_targets if config.lora_rank > 0 else None, half_dtype(config) if half else None)
+    train_as_run(denoiser, family.lora_targets if config.lora_rank > 0 else None, half)
     traced = trace(denoiser, lambda: family.generator.trace(denoiser, batch, side),
-                   bool(config.gradient_checkpointing), half_dtype(config) if half else None, device_type(config))
+                   bool(config.gradient_checkpointing), half, device_type(config))
     forward = traced.flops
     plan = Plan(f"lpo optimize {family.name} --dry-run: {world} process(es), sharding {sharding}")
     plan.add("base", config.base)
