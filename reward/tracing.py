@@ -193,8 +193,11 @@ class Trace:
     whose gradients exist)."""
 
     flops: float
-    activations: float
     sweep: list[tuple[float, float]]
+
+    @property
+    def activations(self) -> float:
+        return max((held for held, _ in self.sweep), default=0.0)
 
     def peak(self, gradient_bytes: float, trained: int) -> float:
         """The most that activations and gradients (`gradient_bytes` each of `trained` elements: 4, divided by the
@@ -223,8 +226,7 @@ def trace(module: nn.Module, forward: Callable[[], Any], checkpointing: bool, ha
     finally:
         for hook in hooks:
             hook.remove()
-    sweep = timeline.curve(checkpointing)
-    return Trace(float(counter.get_total_flops()), max((held for held, _ in sweep), default=0.0), sweep)
+    return Trace(float(counter.get_total_flops()), timeline.curve(checkpointing))
 
 
 def forward_flops(forward: Callable[[], Any]) -> float:
